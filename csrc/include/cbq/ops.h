@@ -1,0 +1,34 @@
+// The entry points implemented by pack_cpu.cpp and pack.cu, called by bindings.cpp after
+// its checks. Pointers are raw device or host addresses; all tensors are contiguous.
+//   codes:  uint8  (n, k)            unsigned codes
+//   packed: int32  (n, packed_words(k, bits))
+//   scales: fp32   (n, num_groups(k, group_size))
+//   zeros:  fp32   same shape as scales, or null (z = default_zero_point(bits))
+//   out:    fp32 / fp16 / bf16 (n, k)
+#pragma once
+
+#include <cstdint>
+
+#include "cbq/format.h"
+
+namespace cbq {
+
+// Returns the number of codes that were >= 2^bits (they are stored masked to b bits).
+int64_t pack_cpu(const uint8_t* codes, int32_t* packed, int64_t n, int64_t k, int bits);
+void unpack_cpu(const int32_t* packed, uint8_t* codes, int64_t n, int64_t k, int bits);
+void dequantize_cpu(const int32_t* packed, const float* scales, const float* zeros, void* out,
+                    int64_t n, int64_t k, int bits, int64_t group_size, DType out_dtype);
+
+#ifdef CBQ_WITH_CUDA
+// Asynchronous on `stream` (a cudaStream_t) of device `device`. pack_cuda ORs 1 into the
+// device int32 *error_flag when a code is >= 2^bits.
+void pack_cuda(const uint8_t* codes, int32_t* packed, int32_t* error_flag, int64_t n, int64_t k,
+               int bits, int device, std::uintptr_t stream);
+void unpack_cuda(const int32_t* packed, uint8_t* codes, int64_t n, int64_t k, int bits,
+                 int device, std::uintptr_t stream);
+void dequantize_cuda(const int32_t* packed, const float* scales, const float* zeros, void* out,
+                     int64_t n, int64_t k, int bits, int64_t group_size, DType out_dtype,
+                     int device, std::uintptr_t stream);
+#endif
+
+}  // namespace cbq

@@ -1,0 +1,103 @@
+// CPU implementations of pack / unpack / dequantize. Plain loops over rows and words: the
+// packed layout is the spec (format.h), and these are written to mirror it line by line.
+#include <cstring>
+
+#include "cbq/format.h"
+#include "cbq/numeric.h"
+#include "cbq/ops.h"
+
+namespace cbq {
+
+int64_t pack_cpu(const uint8_t* codes, int32_t* packed, int64_t n, int64_t k, int bits) {
+  const int b = container_bits(bits);
+  const int per_word = codes_per_word(bits);
+  const int64_t words = packed_words(k, bits);
+  const uint32_t mask = (1u << b) - 1u;
+  const uint32_t limit = 1u << bits;  // 3-bit codes must stay below 8 in their 4-bit container
+  int64_t bad = 0;
+  for (int64_t row = 0; row < n; ++row) {
+    const uint8_t* src = codes + row * k;
+    int32_t* dst = packed + row * words;
+    for (int64_t w = 0; w < words; ++w) {
+      uint32_t word = 0;
+      const int64_t k0 = w * per_word;
+      const int64_t count = (k - k0) < per_word ? (k - k0) : per_word;
+      for (int64_t j = 0; j < count; ++j) {
+        const uint32_t code = src[k0 + j];
+        bad += code >= limit;
+        word |= (code & mask) << (j * b);
+      }
+      std::memcpy(&dst[w], &word, sizeof word);
+    }
+  }
+  return bad;
+}
+
+void unpack_cpu(const int32_t* packed, uint8_t* codes, int64_t n, int64_t k, int bits) {
+  const int b = container_bits(bits);
+  const int per_word = codes_per_word(bits);
+  const int64_t words = packed_words(k, bits);
+  const uint32_t mask = (1u << b) - 1u;
+  for (int64_t row = 0; row < n; ++row) {
+    const int32_t* src = packed + row * words;
+    uint8_t* dst = codes + row * k;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      uint32_t word;
+      std::memcpy(&word, &src[kk / per_word], sizeof word);
+      dst[kk] = static_cast<uint8_t>((word >> ((kk % per_word) * b)) & mask);
+    }
+  }
+}
+
+namespace {
+
+template <typename Store>
+void dequantize_rows(const int32_t* packed, const float* scales, const float* zeros, int64_t n,
+                     int64_t k, int bits, int64_t group_size, Store store) {
+  const int b = container_bits(bits);
+  const int per_word = codes_per_word(bits);
+  const int64_t words = packed_words(k, bits);
+  const int64_t groups = num_groups(k, group_size);
+  const uint32_t mask = (1u << b) - 1u;
+  const float z_default = default_zero_point(bits);
+  for (int64_t row = 0; row < n; ++row) {
+    const int32_t* src = packed + row * words;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      uint32_t word;
+      std::memcpy(&word, &src[kk / per_word], sizeof word);
+      const float q = static_cast<float>((word >> ((kk % per_word) * b)) & mask);
+      const int64_t g = row * groups + kk / group_size;
+      const float z = zeros ? zeros[g] : z_default;
+      // (q - z) * s, in this order, is the contract shared with the reference and CUDA.
+      store(row * k + kk, (q - z) * scales[g]);
+    }
+  }
+}
+
+}  // namespace
+
+void dequantize_cpu(const int32_t* packed, const float* scales, const float* zeros, void* out,
+                    int64_t n, int64_t k, int bits, int64_t group_size, DType out_dtype) {
+  switch (out_dtype) {
+    case DType::kFloat32: {
+      float* o = static_cast<float*>(out);
+      dequantize_rows(packed, scales, zeros, n, k, bits, group_size,
+                      [o](int64_t i, float v) { o[i] = v; });
+      break;
+    }
+    case DType::kFloat16: {
+      uint16_t* o = static_cast<uint16_t*>(out);
+      dequantize_rows(packed, scales, zeros, n, k, bits, group_size,
+                      [o](int64_t i, float v) { o[i] = float_to_fp16_bits(v); });
+      break;
+    }
+    case DType::kBFloat16: {
+      uint16_t* o = static_cast<uint16_t*>(out);
+      dequantize_rows(packed, scales, zeros, n, k, bits, group_size,
+                      [o](int64_t i, float v) { o[i] = float_to_bf16_bits(v); });
+      break;
+    }
+  }
+}
+
+}  // namespace cbq
