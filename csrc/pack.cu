@@ -77,6 +77,25 @@ __device__ __forceinline__ uint32_t spread2(uint32_t x) {
   return (x | (x << 6)) & 0x03030303u;
 }
 
+// ---------------------------------------------------------------- rows paths
+
+// Word i of the rows layout: its row, the first code it holds and how many it holds (the
+// last word of a row may be partial).
+template <typename Index>
+struct RowWords {
+  Index k, per_word, words_per_row;
+  __device__ RowWords(Index k_, int cb)
+      : k(k_), per_word(32 / cb), words_per_row((k_ + 32 / cb - 1) / (32 / cb)) {}
+  struct Word {
+    Index row, k0, count;
+  };
+  __device__ Word operator[](Index i) const {
+    const Index row = i / words_per_row;
+    const Index k0 = (i - row * words_per_row) * per_word;
+    return {row, k0, k - k0 < per_word ? k - k0 : per_word};
+  }
+};
+
 // ---------------------------------------------------------------- pack
 
 // `limit` holds, per byte, the largest valid code (2^bits - 1); any bit above it is an error.
@@ -110,14 +129,11 @@ template <typename Index>
 __global__ void pack_rows_kernel(const uint8_t* __restrict__ codes, uint32_t* __restrict__ packed,
                                  Index n, Index k, int cb, uint32_t limit,
                                  int32_t* __restrict__ error_flag) {
-  const Index per_word = 32 / cb;
-  const Index words_per_row = (k + per_word - 1) / per_word;
+  const RowWords<Index> words(k, cb);
   const uint32_t keep = (1u << cb) - 1u;
-  for (Index i = blockIdx.x * Index{kThreads} + threadIdx.x; i < n * words_per_row;
+  for (Index i = blockIdx.x * Index{kThreads} + threadIdx.x; i < n * words.words_per_row;
        i += Index{gridDim.x} * kThreads) {
-    const Index row = i / words_per_row;
-    const Index k0 = (i - row * words_per_row) * per_word;
-    const Index count = k - k0 < per_word ? k - k0 : per_word;
+    const auto [row, k0, count] = words[i];
     const uint8_t* src = codes + row * k + k0;
     uint32_t word = 0;
     uint32_t bad = 0;
@@ -154,14 +170,11 @@ __global__ void unpack_flat_kernel(const uint32_t* __restrict__ packed, uint8_t*
 template <typename Index>
 __global__ void unpack_rows_kernel(const uint32_t* __restrict__ packed, uint8_t* __restrict__ codes,
                                    Index n, Index k, int cb) {
-  const Index per_word = 32 / cb;
-  const Index words_per_row = (k + per_word - 1) / per_word;
+  const RowWords<Index> words(k, cb);
   const uint32_t keep = (1u << cb) - 1u;
-  for (Index i = blockIdx.x * Index{kThreads} + threadIdx.x; i < n * words_per_row;
+  for (Index i = blockIdx.x * Index{kThreads} + threadIdx.x; i < n * words.words_per_row;
        i += Index{gridDim.x} * kThreads) {
-    const Index row = i / words_per_row;
-    const Index k0 = (i - row * words_per_row) * per_word;
-    const Index count = k - k0 < per_word ? k - k0 : per_word;
+    const auto [row, k0, count] = words[i];
     const uint32_t w = packed[i];
     uint8_t* dst = codes + row * k + k0;
     for (Index j = 0; j < count; ++j) dst[j] = static_cast<uint8_t>((w >> (j * cb)) & keep);
@@ -232,14 +245,11 @@ __global__ void dequantize_rows_kernel(const uint32_t* __restrict__ packed,
                                        const float* __restrict__ zeros, T* __restrict__ out,
                                        Index n, Index k, int cb, Index group_size, Index groups,
                                        float z_default) {
-  const Index per_word = 32 / cb;
-  const Index words_per_row = (k + per_word - 1) / per_word;
+  const RowWords<Index> words(k, cb);
   const uint32_t keep = (1u << cb) - 1u;
-  for (Index i = blockIdx.x * Index{kThreads} + threadIdx.x; i < n * words_per_row;
+  for (Index i = blockIdx.x * Index{kThreads} + threadIdx.x; i < n * words.words_per_row;
        i += Index{gridDim.x} * kThreads) {
-    const Index row = i / words_per_row;
-    const Index k0 = (i - row * words_per_row) * per_word;
-    const Index count = k - k0 < per_word ? k - k0 : per_word;
+    const auto [row, k0, count] = words[i];
     const uint32_t w = packed[i];
     for (Index j = 0; j < count; ++j) {
       const Index g = row * groups + (k0 + j) / group_size;
