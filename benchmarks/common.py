@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 import platform
 import subprocess
 from collections.abc import Callable
@@ -48,8 +49,10 @@ class Environment:
             "nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,"
             "power.draw,temperature.gpu", "--format=csv,noheader",
         ])  # fmt: skip
-        commit = _run(["git", "rev-parse", "--short=12", "HEAD"]) or "unknown"
-        dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+        # CBQ_COMMIT: for copies of a checkout without its git history (the lent GPU machine).
+        commit = os.environ.get("CBQ_COMMIT") or _run(["git", "rev-parse", "--short=12", "HEAD"])
+        dirty = "" if os.environ.get("CBQ_COMMIT") else _run(["git", "status", "--porcelain"])
+        commit = commit or "unknown"
         return Environment(
             gpu=gpu,
             clocks=clocks.replace(",", ";"),
