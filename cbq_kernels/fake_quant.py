@@ -1,0 +1,588 @@
+"""Fused fake-quantization (quantize -> dequantize) with straight-through gradients.
+
+One Triton kernel pair serves weights and activations. The data is cut into *segments*, each
+with its own scale: a segment is one row (per-channel weights, per-token activations) or one
+group of ``group_size`` consecutive elements of a row (the last group may be shorter). For a
+segment with maximum ``vmax`` and minimum ``vmin`` and clipping factors ``fmax``, ``fmin``
+(``sigmoid`` of learnable logits; 1 when not learned), following METHOD.md section 1:
+
+asymmetric (weights, integer zero point), ``Q = 2**b - 1``::
+
+    s = max((fmax*vmax - fmin*vmin) / Q, floor),  z = round(-fmin*vmin / s)
+    q = clamp(round(x / s) + z, 0, Q),          y = (q - z) * s
+
+symmetric (weights optionally; activations always), ``P = 2**(b-1) - 1``::
+
+    s = max(fmax * max(|vmax|, |vmin|) / P, floor),  q = clamp(round(x / s), -P-1, P),  y = q * s
+
+with ``floor = max(2**-20 * max(|vmax|, |vmin|), 1e-8)``.
+
+Gradients (straight-through estimator, ``round`` treated as identity; the statistics
+vmax/vmin are treated as constants, i.e. no gradient flows through the arg-max element):
+
+* ``dx = dy`` where ``q`` was not clamped, 0 where it was;
+* ``ds = sum(dy * (round(x/s) - x/s))`` over unclamped elements plus
+  ``sum(dy * (q_c - z + zt))`` over clamped ones (``zt = -fmin*vmin/s``, the unrounded zero
+  point, whose dependence on s is the LSQ term of the zero point);
+* the zero point adds ``sum(dy)`` over clamped elements to ``d(fmin*vmin)``;
+* chained to the factors: ``dfmax = vmax * ds/Q``, ``dfmin = vmin * (-ds/Q + sum_clamped dy)``
+  (asymmetric) and ``dfmax = max|v| * ds / P`` (symmetric).
+
+Forward and backward each read the data once from DRAM (the second sweep over a segment, after
+its statistics, hits L2), compute in fp32 whatever the storage dtype (Triton's CPU
+interpreter gets bf16 arithmetic wrong, see KERNELS.md), and round to nearest even with the
+``(x + 1.5*2**23) - 1.5*2**23`` trick, which matches ``torch.round``. Divisions are IEEE
+(``div_rn``) and FMA contraction is off, so the forward pass equals the PyTorch reference
+bit for bit on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = [
+    "fake_quant",
+    "fake_quant_act",
+    "fake_quant_act_ref",
+    "fake_quant_ref",
+    "fake_quant_weight",
+    "fake_quant_weight_ref",
+]
+
+# The step is floored at max(EPS_REL * max|v|, EPS) per segment. The relative floor keeps
+# |x / s| <= 2**20, inside the range where the rounding trick of the kernels is exact
+# (|t| < 2**22), and makes a constant segment quantize to itself exactly.
+EPS = 1e-8
+EPS_REL = 2.0**-20
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Factor modes (constexpr): no learned clipping, one factor per segment, one for all.
+_NO_FACTOR, _PER_SEGMENT, _SHARED = 0, 1, 2
+
+
+# ------------------------------------------------------------------------------ kernels
+
+
+@triton.jit
+def _segment_view(seg, n_seg, K, G, GS):
+    """Start offset (int64) and length of each segment id in `seg`, and its validity."""
+    ok = seg < n_seg
+    row = seg // G
+    grp = seg - row * G
+    start = row.to(tl.int64) * K + grp * GS
+    length = tl.minimum(GS, K - grp * GS)
+    return ok, start, length
+
+
+@triton.jit
+def _segment_params(x_ptr, fmax_ptr, fmin_ptr, seg, ok, start, length, GS, QLO, QHI,
+                    SYM: tl.constexpr, FACTOR: tl.constexpr, BLOCK_S: tl.constexpr,
+                    BLOCK_E: tl.constexpr):  # fmt: skip
+    """First sweep: statistics, then step s, zero point z (and its unrounded value zt)."""
+    vmax = tl.full((BLOCK_S,), float("-inf"), tl.float32)
+    vmin = tl.full((BLOCK_S,), float("inf"), tl.float32)
+    for e0 in range(0, GS, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        m = ok[:, None] & (e[None, :] < length[:, None])
+        x = tl.load(x_ptr + start[:, None] + e[None, :], mask=m, other=0.0).to(tl.float32)
+        vmax = tl.maximum(vmax, tl.max(tl.where(m, x, float("-inf")), axis=1))
+        vmin = tl.minimum(vmin, tl.min(tl.where(m, x, float("inf")), axis=1))
+    vmax = tl.where(ok, vmax, 0.0)
+    vmin = tl.where(ok, vmin, 0.0)
+    if FACTOR == 1:
+        fmax = tl.load(fmax_ptr + seg, mask=ok, other=1.0)
+        fmin = tl.load(fmin_ptr + seg, mask=ok, other=1.0)
+    elif FACTOR == 2:
+        fmax = tl.load(fmax_ptr + seg * 0)
+        fmin = tl.load(fmin_ptr + seg * 0)
+    else:
+        fmax = tl.full((BLOCK_S,), 1.0, tl.float32)
+        fmin = tl.full((BLOCK_S,), 1.0, tl.float32)
+    vabs = tl.maximum(tl.abs(vmax), tl.abs(vmin))
+    floor = tl.maximum(vabs * 9.5367431640625e-07, 1e-8)  # EPS_REL = 2**-20, EPS
+    if SYM:
+        raw = tl.math.div_rn(fmax * vabs, QHI)
+        s = tl.maximum(raw, floor)
+        zt = tl.zeros((BLOCK_S,), tl.float32)
+        z = zt
+    else:
+        lo = fmin * vmin
+        raw = tl.math.div_rn(fmax * vmax - lo, QHI)
+        s = tl.maximum(raw, floor)
+        zt = tl.math.div_rn(-lo, s)
+        z = (zt + 12582912.0) - 12582912.0  # |zt| <= 2**20: exact round half to even
+    return vmax, vmin, s, z, zt, raw > floor
+
+
+@triton.jit
+def _to_store(y, ptr):
+    """y (fp32) in the element type of ptr, rounded to nearest even. For bf16 the rounding is
+    done here on the bits, because Triton's CPU interpreter truncates fp32 -> bf16; the
+    result is then exactly representable and the conversion exact everywhere."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        b = y.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        y = b.to(tl.float32, bitcast=True)
+    return y.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _quantize(x, s, z, QLO, QHI):
+    u = tl.math.div_rn(x, s[:, None])  # |u| <= 2**20 thanks to the floor on s
+    r = (u + 12582912.0) - 12582912.0
+    v = r + z[:, None]
+    q = tl.minimum(tl.maximum(v, QLO), QHI)
+    return u, r, v, q
+
+
+@triton.jit
+def _fake_quant_fwd_kernel(x_ptr, y_ptr, fmax_ptr, fmin_ptr, n_seg, K, G, GS, QLO, QHI,
+                           SYM: tl.constexpr, FACTOR: tl.constexpr, BLOCK_S: tl.constexpr,
+                           BLOCK_E: tl.constexpr):  # fmt: skip
+    seg = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    ok, start, length = _segment_view(seg, n_seg, K, G, GS)
+    _, _, s, z, _, _ = _segment_params(
+        x_ptr, fmax_ptr, fmin_ptr, seg, ok, start, length, GS, QLO, QHI, SYM, FACTOR,
+        BLOCK_S, BLOCK_E,
+    )  # fmt: skip
+    for e0 in range(0, GS, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        m = ok[:, None] & (e[None, :] < length[:, None])
+        offs = start[:, None] + e[None, :]
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        _, _, _, q = _quantize(x, s, z, QLO, QHI)
+        y = (q - z[:, None]) * s[:, None]
+        tl.store(y_ptr + offs, _to_store(y, y_ptr), mask=m)
+
+
+@triton.jit
+def _fake_quant_bwd_kernel(x_ptr, dy_ptr, dx_ptr, fmax_ptr, fmin_ptr, dfmax_ptr, dfmin_ptr,
+                           n_seg, K, G, GS, QLO, QHI, SYM: tl.constexpr, FACTOR: tl.constexpr,
+                           BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
+    seg = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    ok, start, length = _segment_view(seg, n_seg, K, G, GS)
+    vmax, vmin, s, z, zt, s_free = _segment_params(
+        x_ptr, fmax_ptr, fmin_ptr, seg, ok, start, length, GS, QLO, QHI, SYM, FACTOR,
+        BLOCK_S, BLOCK_E,
+    )  # fmt: skip
+    g_s = tl.zeros((BLOCK_S,), tl.float32)  # dL/ds
+    g_z = tl.zeros((BLOCK_S,), tl.float32)  # sum of dy over clamped elements
+    for e0 in range(0, GS, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        m = ok[:, None] & (e[None, :] < length[:, None])
+        offs = start[:, None] + e[None, :]
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        u, r, v, q = _quantize(x, s, z, QLO, QHI)
+        inside = (v >= QLO) & (v <= QHI)
+        tl.store(dx_ptr + offs, tl.where(inside, dy, 0.0).to(dx_ptr.dtype.element_ty), mask=m)
+        ds = tl.where(inside, r - u, q - z[:, None] + zt[:, None])
+        g_s += tl.sum(dy * ds, axis=1)
+        g_z += tl.sum(tl.where(inside, 0.0, dy), axis=1)
+    if FACTOR != 0:
+        g_s = tl.where(s_free, g_s, 0.0)  # s at its floor: no gradient reaches the factors
+        if SYM:
+            dfmax = g_s * tl.math.div_rn(tl.maximum(tl.abs(vmax), tl.abs(vmin)), QHI)
+            dfmin = tl.zeros((BLOCK_S,), tl.float32)
+        else:
+            d_hi = tl.math.div_rn(g_s, QHI)
+            dfmax = d_hi * vmax
+            dfmin = (g_z - d_hi) * vmin
+        tl.store(dfmax_ptr + seg, dfmax, mask=ok)
+        tl.store(dfmin_ptr + seg, dfmin, mask=ok)
+
+
+# ------------------------------------------------------------------------------ launch
+
+
+def _grid_config(group: int) -> tuple[int, int, int]:
+    """(BLOCK_S, BLOCK_E, num_warps): about 4K elements per program, whole groups per tile."""
+    block_e = min(triton.next_power_of_2(max(group, 1)), 2048)
+    block_s = max(1, 4096 // block_e)
+    return block_s, block_e, 8 if block_e >= 1024 else 4
+
+
+def _qrange(bits: int, symmetric: bool) -> tuple[float, float]:
+    if symmetric:
+        return float(-(1 << (bits - 1))), float((1 << (bits - 1)) - 1)
+    return 0.0, float((1 << bits) - 1)
+
+
+def _factor_mode(fmax: Tensor | None) -> int:
+    if fmax is None:
+        return _NO_FACTOR
+    return _SHARED if fmax.numel() == 1 else _PER_SEGMENT
+
+
+class _Plan:
+    """Segment layout and launch configuration shared by the forward and backward launches."""
+
+    def __init__(self, x2d: Tensor, group_size: int | None, bits: int, symmetric: bool,
+                 fmax: Tensor | None) -> None:  # fmt: skip
+        n, self.k = x2d.shape
+        self.gs = self.k if group_size is None else group_size
+        self.groups = -(-self.k // self.gs) if self.k else 0
+        self.n_seg = n * self.groups
+        self.qlo, self.qhi = _qrange(bits, symmetric)
+        self.symmetric = symmetric
+        self.mode = _factor_mode(fmax)
+        self.block_s, self.block_e, self.warps = _grid_config(self.gs)
+        self.grid = (triton.cdiv(self.n_seg, self.block_s),)
+
+    def scalars(self) -> tuple[int, int, int, int, float, float]:
+        return self.n_seg, self.k, self.groups, self.gs, self.qlo, self.qhi
+
+    def meta(self) -> dict[str, object]:
+        return {
+            "SYM": self.symmetric, "FACTOR": self.mode, "BLOCK_S": self.block_s,
+            "BLOCK_E": self.block_e, "num_warps": self.warps, "enable_fp_fusion": False,
+        }  # fmt: skip
+
+
+def _launch_fwd(plan: _Plan, x: Tensor, y: Tensor, fmax: Tensor | None,
+                fmin: Tensor | None) -> None:  # fmt: skip
+    if plan.n_seg:
+        # Without factors the pointers are never read; any tensor will do.
+        fa = x if fmax is None else fmax
+        fb = fa if fmin is None else fmin
+        _fake_quant_fwd_kernel[plan.grid](x, y, fa, fb, *plan.scalars(), **plan.meta())
+
+
+def _launch_bwd(plan: _Plan, x: Tensor, dy: Tensor, dx: Tensor, fmax: Tensor | None,
+                fmin: Tensor | None, dfmax: Tensor, dfmin: Tensor) -> None:  # fmt: skip
+    if plan.n_seg:
+        fa = x if fmax is None else fmax
+        fb = fa if fmin is None else fmin
+        _fake_quant_bwd_kernel[plan.grid](
+            x, dy, dx, fa, fb, dfmax, dfmin, *plan.scalars(), **plan.meta()
+        )
+
+
+# ------------------------------------------------------------------------------ torch math
+# The same formulas in PyTorch, segment by segment: the CPU implementation when Triton's
+# interpreter is off, and the explicit form of the kernels' contract.
+
+
+def _interpreted() -> bool:
+    # TRITON_INTERPRET=1 at import time makes triton.jit return interpreter functions, which
+    # run on CPU tensors (tests); otherwise CPU tensors take the PyTorch path.
+    return type(_fake_quant_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _segment_index(k: int, group_size: int | None, device: torch.device) -> tuple[Tensor, int]:
+    gs = k if group_size is None else group_size
+    return torch.arange(k, device=device) // max(gs, 1), (-(-k // gs) if k else 0)
+
+
+def _round_ste(t: Tensor) -> Tensor:
+    """round(t) in value, identity in gradient (exact: t + (round(t) - t) == round(t))."""
+    return t + (torch.round(t) - t).detach()
+
+
+def _per_segment(f: Tensor | None, n: int, groups: int, dtype: torch.dtype) -> Tensor | float:
+    if f is None:
+        return 1.0
+    f = f.to(dtype)
+    return f.reshape(1, 1).expand(n, groups) if f.numel() == 1 else f.reshape(n, groups)
+
+
+def _params(x: Tensor, group_size: int | None, bits: int, symmetric: bool,
+            fmax: Tensor | None, fmin: Tensor | None):  # fmt: skip
+    """Per-segment (vmax, vmin, s, z, zt), each (N, G) fp32, and the column -> group index."""
+    n, k = x.shape
+    gid, groups = _segment_index(k, group_size, x.device)
+    idx = gid.expand(n, k)
+    xs = x.detach()  # the statistics are constants for the gradients
+    vmax = xs.new_full((n, groups), float("-inf")).scatter_reduce(1, idx, xs, "amax")
+    vmin = xs.new_full((n, groups), float("inf")).scatter_reduce(1, idx, xs, "amin")
+    fa, fb = _per_segment(fmax, n, groups, x.dtype), _per_segment(fmin, n, groups, x.dtype)
+    _, qhi = _qrange(bits, symmetric)
+    vabs = torch.maximum(vmax.abs(), vmin.abs())
+    floor = (vabs * EPS_REL).clamp_min(EPS)
+    if symmetric:
+        raw = fa * vabs / qhi
+        s = torch.where(raw > floor, raw, floor)
+        zt = torch.zeros_like(s)
+        z = zt
+    else:
+        lo = fb * vmin
+        raw = (fa * vmax - lo) / qhi
+        s = torch.where(raw > floor, raw, floor)
+        zt = -lo / s
+        z = _round_ste(zt)
+    return vmax, vmin, raw > floor, s, z, zt, gid
+
+
+def _fake_quant_torch(x: Tensor, bits: int, group_size: int | None, fmax: Tensor | None,
+                      fmin: Tensor | None, symmetric: bool) -> Tensor:  # fmt: skip
+    x32 = x.float()
+    _, _, _, s, z, _, gid = _params(x32, group_size, bits, symmetric, fmax, fmin)
+    qlo, qhi = _qrange(bits, symmetric)
+    s_e, z_e = s[:, gid], z[:, gid]
+    q = (torch.round(x32 / s_e) + z_e).clamp(qlo, qhi)
+    return ((q - z_e) * s_e).to(x.dtype)
+
+
+def _fake_quant_backward_torch(dy: Tensor, x: Tensor, bits: int, group_size: int | None,
+                               fmax: Tensor | None, fmin: Tensor | None,
+                               symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    x32, dy32 = x.float(), dy.float()
+    vmax, vmin, s_free, s, z, zt, gid = _params(x32, group_size, bits, symmetric, fmax, fmin)
+    qlo, qhi = _qrange(bits, symmetric)
+    s_e, z_e = s[:, gid], z[:, gid]
+    u = x32 / s_e
+    r = torch.round(u)
+    v = r + z_e
+    q = v.clamp(qlo, qhi)
+    inside = (v >= qlo) & (v <= qhi)
+    dx = torch.where(inside, dy32, 0.0).to(x.dtype)
+    ds = torch.where(inside, r - u, q - z_e + zt[:, gid])
+    idx = gid.expand_as(x32)
+    g_s = torch.zeros_like(s).scatter_add_(1, idx, dy32 * ds)
+    g_z = torch.zeros_like(s).scatter_add_(1, idx, torch.where(inside, 0.0, dy32))
+    g_s = torch.where(s_free, g_s, 0.0)
+    if symmetric:
+        dfmax = g_s * (torch.maximum(vmax.abs(), vmin.abs()) / qhi)
+        dfmin = torch.zeros_like(dfmax)
+    else:
+        d_hi = g_s / qhi
+        dfmax, dfmin = d_hi * vmax, (g_z - d_hi) * vmin
+    return dx, dfmax.reshape(-1), dfmin.reshape(-1)
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def _check(x: object, bits: object, group_size: object, fmax: object, fmin: object,
+           symmetric: object, min_bits: int = 2) -> None:  # fmt: skip
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    desc = f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {desc}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (rows, K), got {desc}")
+    if not x.is_contiguous():
+        raise ValueError(f"x must be contiguous (call .contiguous() first), got {desc}")
+    if x.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"x: only cpu and cuda tensors are supported, got {desc}")
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
+    if not min_bits <= bits <= 8:
+        raise ValueError(f"bits must be in [{min_bits}, 8], got {bits}")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"group_size must be an int or None, got {type(group_size).__name__}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+    n, k = x.shape
+    groups = 1 if group_size is None else -(-k // group_size)
+    for name, f in (("max factor", fmax), ("min factor", fmin)):
+        if f is None:
+            continue
+        if not isinstance(f, Tensor) or f.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float tensor, got {f!r:.80}")
+        if f.device != x.device:
+            raise ValueError(f"{name} is on {f.device} but x is on {x.device}")
+        if f.numel() != 1 and tuple(f.shape) != (n, groups):
+            raise ValueError(
+                f"{name} must have one element (shared) or shape (rows, groups) = "
+                f"{(n, groups)} for x of {desc} and group_size={group_size}; "
+                f"got shape {tuple(f.shape)}"
+            )
+    if symmetric and fmin is not None:
+        raise ValueError("a min factor is meaningless for symmetric quantization: pass None")
+
+
+def _factors(fmax: Tensor | None, fmin: Tensor | None, symmetric: bool):
+    """fp32 contiguous factors; with one of the pair given (asymmetric), the other is 1."""
+    if fmax is None and fmin is None:
+        return None, None
+    if symmetric:
+        return fmax.float().contiguous(), None  # type: ignore[union-attr]
+    ref = fmax if fmax is not None else fmin
+    fa = torch.ones_like(ref, dtype=torch.float32) if fmax is None else fmax.float()
+    fb = torch.ones_like(ref, dtype=torch.float32) if fmin is None else fmin.float()
+    return fa.contiguous(), fb.contiguous()
+
+
+# ------------------------------------------------------------------------------ ops
+
+
+@torch.library.custom_op("cbq::fake_quant", mutates_args=())
+def fake_quant(
+    x: Tensor,
+    bits: int,
+    group_size: int | None = None,
+    fmax: Tensor | None = None,
+    fmin: Tensor | None = None,
+    symmetric: bool = False,
+) -> Tensor:
+    """Fake-quantize x (rows, K) per row or per group of K; differentiable (STE).
+
+    Args:
+        x: (N, K) float32/float16/bfloat16, contiguous.
+        bits: 2..8.
+        group_size: elements per group along K (the last one may be shorter), None per row.
+        fmax, fmin: clipping factors in (0, 1] (the sigmoid of the learnable logits), fp32,
+            shape (N, G) or one element shared by all segments; None means 1 (min-max).
+            ``fmin`` only for asymmetric quantization.
+        symmetric: signed codes, ``y = s * clamp(round(x/s), -2**(b-1), 2**(b-1)-1)``.
+
+    Returns:
+        (N, K) tensor of x's dtype.
+    """
+    _check(x, bits, group_size, fmax, fmin, symmetric)
+    fa, fb = _factors(fmax, fmin, symmetric)
+    if x.device.type == "cpu" and not _interpreted():
+        return _fake_quant_torch(x, bits, group_size, fa, fb, symmetric)
+    y = torch.empty_like(x)
+    plan = _Plan(x, group_size, bits, symmetric, fa)
+    _launch_fwd(plan, x, y, fa, fb)
+    return y
+
+
+@fake_quant.register_fake
+def _(x, bits, group_size=None, fmax=None, fmin=None, symmetric=False):
+    _check(x, bits, group_size, fmax, fmin, symmetric)
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("cbq::fake_quant_backward", mutates_args=())
+def fake_quant_backward(
+    dy: Tensor,
+    x: Tensor,
+    bits: int,
+    group_size: int | None,
+    fmax: Tensor | None,
+    fmin: Tensor | None,
+    symmetric: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`fake_quant`: (dx like x, dfmax and dfmin per segment, fp32 (N*G,))."""
+    _check(x, bits, group_size, fmax, fmin, symmetric)
+    if dy.shape != x.shape or dy.dtype != x.dtype or dy.device != x.device:
+        raise ValueError(f"dy must match x: got {dy.shape} {dy.dtype} vs {x.shape} {x.dtype}")
+    dy = dy.contiguous()
+    fa, fb = _factors(fmax, fmin, symmetric)
+    if x.device.type == "cpu" and not _interpreted():
+        return _fake_quant_backward_torch(dy, x, bits, group_size, fa, fb, symmetric)
+    plan = _Plan(x, group_size, bits, symmetric, fa)
+    dx = torch.empty_like(x)
+    dfmax = torch.zeros(plan.n_seg, dtype=torch.float32, device=x.device)
+    dfmin = torch.zeros(plan.n_seg, dtype=torch.float32, device=x.device)
+    _launch_bwd(plan, x, dy, dx, fa, fb, dfmax, dfmin)
+    return dx, dfmax, dfmin
+
+
+@fake_quant_backward.register_fake
+def _(dy, x, bits, group_size, fmax, fmin, symmetric):
+    _check(x, bits, group_size, fmax, fmin, symmetric)
+    groups = 1 if group_size is None else -(-x.shape[1] // group_size)
+    n_seg = x.shape[0] * groups
+    return (torch.empty_like(x), x.new_empty(n_seg, dtype=torch.float32),
+            x.new_empty(n_seg, dtype=torch.float32))  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output):
+    x, bits, group_size, fmax, fmin, symmetric = inputs
+    ctx.save_for_backward(x, fmax, fmin)
+    ctx.config = (bits, group_size, symmetric)
+
+
+def _factor_grad(partial: Tensor, f: Tensor | None) -> Tensor | None:
+    if f is None:
+        return None
+    total = partial.sum() if f.numel() == 1 else partial
+    return total.reshape(f.shape).to(f.dtype)
+
+
+def _backward(ctx, dy):
+    x, fmax, fmin = ctx.saved_tensors
+    bits, group_size, symmetric = ctx.config
+    dx, dfmax, dfmin = fake_quant_backward(dy, x, bits, group_size, fmax, fmin, symmetric)
+    return dx, None, None, _factor_grad(dfmax, fmax), _factor_grad(dfmin, fmin), None
+
+
+fake_quant.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------ public API
+
+
+def fake_quant_weight(
+    w: Tensor,
+    bits: int,
+    group_size: int | None = None,
+    clip_max_logit: Tensor | None = None,
+    clip_min_logit: Tensor | None = None,
+    symmetric: bool = False,
+) -> Tensor:
+    """Fake-quantized weight (N, K), per output channel or per group of K (METHOD.md 1).
+
+    The learnable clipping bounds are ``sigmoid(clip_max_logit) * max`` and
+    ``sigmoid(clip_min_logit) * min`` per row or group; logits of shape (N, G) or one
+    element; None means plain min-max. Gradients reach ``w`` (straight-through, zero where
+    clamped) and both logits.
+    """
+    fmax = None if clip_max_logit is None else torch.sigmoid(clip_max_logit)
+    fmin = None if clip_min_logit is None else torch.sigmoid(clip_min_logit)
+    return fake_quant(w, bits, group_size, fmax, fmin, symmetric)
+
+
+def fake_quant_act(x: Tensor, bits: int, clip_logit: Tensor | None = None) -> Tensor:
+    """Per-token symmetric fake-quantized activation (..., K), bits 4..8 (METHOD.md 1).
+
+    ``s_t = sigmoid(clip_logit) * max_k |x_tk| / (2**(b-1) - 1)``, one learnable clipping
+    ratio (a one-element logit) per layer input; None means ratio 1.
+    """
+    if isinstance(bits, int) and not isinstance(bits, bool) and not 4 <= bits <= 8:
+        raise ValueError(f"activation bits must be in [4, 8], got {bits}")
+    if clip_logit is not None and clip_logit.numel() != 1:
+        raise ValueError(f"clip_logit must have one element, got shape {tuple(clip_logit.shape)}")
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise ValueError("x must be a tensor of shape (..., K)")
+    ratio = None if clip_logit is None else torch.sigmoid(clip_logit)
+    y = fake_quant(x.reshape(-1, x.shape[-1]), bits, None, ratio, None, True)
+    return y.reshape(x.shape)
+
+
+# ------------------------------------------------------------------------------ references
+
+
+def fake_quant_ref(
+    x: Tensor,
+    bits: int,
+    group_size: int | None = None,
+    fmax: Tensor | None = None,
+    fmin: Tensor | None = None,
+    symmetric: bool = False,
+) -> Tensor:
+    """Plain PyTorch :func:`fake_quant`, differentiable by autograd (round straight-through).
+
+    Computes in fp32, or in fp64 for fp64 input (gradcheck)."""
+    x32 = x if x.dtype == torch.float64 else x.float()
+    _, _, _, s, z, _, gid = _params(x32, group_size, bits, symmetric, fmax, fmin)
+    qlo, qhi = _qrange(bits, symmetric)
+    s_e, z_e = s[:, gid], z[:, gid]
+    q = (_round_ste(x32 / s_e) + z_e).clamp(qlo, qhi)
+    return ((q - z_e) * s_e).to(x.dtype)
+
+
+def fake_quant_weight_ref(w, bits, group_size=None, clip_max_logit=None, clip_min_logit=None,
+                          symmetric=False):  # fmt: skip
+    """Plain PyTorch :func:`fake_quant_weight`."""
+    fmax = None if clip_max_logit is None else torch.sigmoid(clip_max_logit)
+    fmin = None if clip_min_logit is None else torch.sigmoid(clip_min_logit)
+    return fake_quant_ref(w, bits, group_size, fmax, fmin, symmetric)
+
+
+def fake_quant_act_ref(x: Tensor, bits: int, clip_logit: Tensor | None = None) -> Tensor:
+    """Plain PyTorch :func:`fake_quant_act`."""
+    ratio = None if clip_logit is None else torch.sigmoid(clip_logit)
+    y = fake_quant_ref(x.reshape(-1, x.shape[-1]), bits, None, ratio, None, True)
+    return y.reshape(x.shape)
