@@ -405,9 +405,12 @@ def _factors(fmax: Tensor | None, fmin: Tensor | None, symmetric: bool):
         return None, None
     if symmetric:
         return fmax.float().contiguous(), None  # type: ignore[union-attr]
-    ref = fmax if fmax is not None else fmin
-    fa = torch.ones_like(ref, dtype=torch.float32) if fmax is None else fmax.float()
-    fb = torch.ones_like(ref, dtype=torch.float32) if fmin is None else fmin.float()
+    if fmax is None:
+        assert fmin is not None
+        fmax = torch.ones_like(fmin, dtype=torch.float32)
+    if fmin is None:
+        fmin = torch.ones_like(fmax, dtype=torch.float32)
+    fa, fb = fmax.float(), fmin.float()
     return fa.contiguous(), fb.contiguous()
 
 

@@ -34,8 +34,10 @@ python3 -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tee "$out/pytest.txt" 
 rc_tests=${PIPESTATUS[0]}
 
 echo "== benchmarks"
-python3 benchmarks/bench_packing.py --out "$out"
-rc_bench=$?
+rc_bench=0
+for bench in ${CBQ_BENCHES:-packing fake_quant}; do
+  python3 "benchmarks/bench_$bench.py" --out "$out" || rc_bench=1
+done
 
 echo "tests rc=$rc_tests bench rc=$rc_bench"
 exit $(( rc_tests != 0 || rc_bench != 0 ))

@@ -1,0 +1,92 @@
+"""Fake-quantization forward + backward (targets: >= 3x eager, >= 80% of copy bandwidth).
+
+Weights 4096x11008 (per channel and g128, 4-bit asymmetric, learnable clipping) and
+activations 16384x4096 (per token, 8-bit, learnable ratio), bf16. Providers: the fused
+Triton kernels through the autograd op ("cbq"), the eager PyTorch reference with autograd
+("eager_ref"), and torch.compile of that reference ("compiled_ref"). Bytes counted: forward
+reads x and writes y, backward reads x and dy and writes dx (10 bytes per bf16 element).
+
+    python benchmarks/bench_fake_quant.py --out benchmarks/results/h100
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import Environment, Table, bench
+from cbq_kernels.fake_quant import fake_quant, fake_quant_ref
+
+
+def copy_bandwidth(table: Table, numel: int) -> float:
+    src = torch.randn(numel, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    gbps = 4 * numel / t.p50_ms / 1e6
+    table.add("copy", "torch.copy_", str(numel), "bf16", t, nbytes=4 * numel, copy_gbps=gbps)
+    return gbps
+
+
+def case(table: Table, name: str, shape, bits, group_size, symmetric, shared, copy_gbps):
+    n, k = shape
+    groups = 1 if group_size is None else -(-k // group_size)
+    fshape = (1,) if shared else (n, groups)
+    x = (torch.randn(shape, device="cuda") * 0.05).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(shape, device="cuda").to(torch.bfloat16)
+    fa = (torch.rand(fshape, device="cuda") * 0.3 + 0.7).requires_grad_()
+    fb = None if symmetric else (torch.rand(fshape, device="cuda") * 0.3 + 0.7).requires_grad_()
+    params = [x, fa] + ([fb] if fb is not None else [])
+
+    def step(fn):
+        def run():
+            y = fn(x, bits, group_size, fa, fb, symmetric)
+            return torch.autograd.grad(y, params, dy)
+
+        return run
+
+    compiled = torch.compile(fake_quant_ref)
+    nbytes = 10 * x.numel()
+    shape_s = f"{n}x{k}"
+    eager = bench(step(fake_quant_ref))
+    table.add(name, "eager_ref", shape_s, "bf16", eager, nbytes=nbytes, copy_gbps=copy_gbps)
+    comp = bench(step(compiled))
+    table.add(name, "compiled_ref", shape_s, "bf16", comp, nbytes=nbytes, copy_gbps=copy_gbps,
+              baseline=eager, baseline_name="eager_ref")  # fmt: skip
+    ours = bench(step(fake_quant))
+    table.add(name, "cbq", shape_s, "bf16", ours, nbytes=nbytes, copy_gbps=copy_gbps,
+              baseline=eager, baseline_name="eager_ref")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    table = Table(Environment.detect())
+    copy_gbps = copy_bandwidth(table, 4096 * 11008)
+    case(table, "fq_w4_perchannel", (4096, 11008), 4, None, False, False, copy_gbps)
+    case(table, "fq_w4_g128", (4096, 11008), 4, 128, False, False, copy_gbps)
+    case(table, "fq_w2_g128", (11008, 4096), 2, 128, False, False, copy_gbps)
+    case(table, "fq_a8_pertoken", (16384, 4096), 8, None, True, True, copy_gbps)
+    table.write_csv(args.out / "bench_fake_quant.csv")
+    env = table.env
+    text = (
+        f"# Fake-quantization forward + backward\n\nGPU: {env.gpu}; clocks as found: "
+        f"{env.clocks}\ntorch {env.torch}, triton {env.triton}, CUDA {env.cuda}, commit "
+        f"{env.commit}\nCommand: python benchmarks/bench_fake_quant.py --out {args.out}\n"
+        f"Targets: cbq >= 3x eager_ref and >= 80% of copy bandwidth ({copy_gbps:.0f} GB/s).\n\n"
+        + table.markdown(("op", "provider", "shape", "p50_ms", "gbps", "frac_copy_bw", "speedup"))
+        + "\n"
+    )
+    (args.out / "bench_fake_quant.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
