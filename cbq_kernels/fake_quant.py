@@ -144,7 +144,8 @@ def _fake_quant_fwd_kernel(x_ptr, y_ptr, fmax_ptr, fmin_ptr, n_seg, K, G, GS, QL
                            BLOCK_E: tl.constexpr):  # fmt: skip
     seg = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     ok, start, length = _segment_view(seg, n_seg, K, G, GS)
-    _, _, s, z, _, _ = _segment_params(
+    # Distinct names: Triton rejects a name (such as `_`) whose type changes in a loop.
+    _vmax, _vmin, s, z, _zt, _s_free = _segment_params(
         x_ptr, fmax_ptr, fmin_ptr, seg, ok, start, length, GS, QLO, QHI, SYM, FACTOR,
         BLOCK_S, BLOCK_E,
     )  # fmt: skip
@@ -153,7 +154,7 @@ def _fake_quant_fwd_kernel(x_ptr, y_ptr, fmax_ptr, fmin_ptr, n_seg, K, G, GS, QL
         m = ok[:, None] & (e[None, :] < length[:, None])
         offs = start[:, None] + e[None, :]
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        _, _, _, q = _quantize(x, s, z, QLO, QHI)
+        _u, _r, _v, q = _quantize(x, s, z, QLO, QHI)
         y = (q - z[:, None]) * s[:, None]
         tl.store(y_ptr + offs, _to_store(y, y_ptr), mask=m)
 
