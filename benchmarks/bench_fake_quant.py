@@ -49,7 +49,8 @@ def case(table: Table, name: str, shape, bits, group_size, symmetric, shared, co
 
         return run
 
-    compiled = torch.compile(fake_quant_ref)
+    # dynamic=False: after the first recompile Dynamo would make `bits` symbolic.
+    compiled = torch.compile(fake_quant_ref, dynamic=False)
     nbytes = 10 * x.numel()
     shape_s = f"{n}x{k}"
     eager = bench(step(fake_quant_ref))

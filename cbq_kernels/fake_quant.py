@@ -300,7 +300,9 @@ def _params(x: Tensor, group_size: int | None, bits: int, symmetric: bool,
     vmax = xs.new_full((n, groups), float("-inf")).scatter_reduce(1, idx, xs, "amax")
     vmin = xs.new_full((n, groups), float("inf")).scatter_reduce(1, idx, xs, "amin")
     fa, fb = _per_segment(fmax, n, groups, x.dtype), _per_segment(fmin, n, groups, x.dtype)
-    _, qhi = _qrange(bits, symmetric)
+    # Divide by a tensor, not a Python float: on CUDA, PyTorch divides by a CPU scalar through
+    # its reciprocal, which is not correctly rounded, while the kernels divide exactly.
+    qhi = torch.full_like(vmax, _qrange(bits, symmetric)[1])
     vabs = torch.maximum(vmax.abs(), vmin.abs())
     floor = (vabs * EPS_REL).clamp_min(EPS)
     if symmetric:
