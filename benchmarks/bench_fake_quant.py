@@ -2,7 +2,7 @@
 
 Weights 4096x11008 (per channel and g128, 4-bit asymmetric, learnable clipping) and
 activations 16384x4096 (per token, 8-bit, learnable ratio), bf16. Providers: the fused
-Triton kernels through the autograd op ("cbq"), the eager PyTorch reference with autograd
+Triton kernels through the autograd op ("cbq"), the two kernels alone ("cbq_kernels"), the eager PyTorch reference with autograd
 ("eager_ref"), and torch.compile of that reference ("compiled_ref"). Bytes counted: forward
 reads x and writes y, backward reads x and dy and writes dx (10 bytes per bf16 element).
 
@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import Environment, Table, bench
-from cbq_kernels.fake_quant import fake_quant, fake_quant_ref
+from cbq_kernels.fake_quant import _launch_bwd, _launch_fwd, _Plan, fake_quant, fake_quant_ref
 
 
 def copy_bandwidth(table: Table, numel: int) -> float:
@@ -61,6 +61,21 @@ def case(table: Table, name: str, shape, bits, group_size, symmetric, shared, co
     ours = bench(step(fake_quant))
     table.add(name, "cbq", shape_s, "bf16", ours, nbytes=nbytes, copy_gbps=copy_gbps,
               baseline=eager, baseline_name="eager_ref")  # fmt: skip
+    # The two kernels alone, outputs preallocated: GPU time without the host-side cost of
+    # the autograd op (argument checks, torch.library dispatch, allocations).
+    xd, fad = x.detach(), fa.detach().float().contiguous()
+    fbd = None if fb is None else fb.detach().float().contiguous()
+    plan = _Plan(xd, group_size, bits, symmetric, fad)
+    y, dx = torch.empty_like(xd), torch.empty_like(xd)
+    dfa = torch.empty(plan.n_seg, device="cuda")
+    dfb = torch.empty(plan.n_seg, device="cuda")
+
+    def kernels():
+        _launch_fwd(plan, xd, y, fad, fbd)
+        _launch_bwd(plan, xd, dy, dx, fad, fbd, dfa, dfb)
+
+    table.add(name, "cbq_kernels", shape_s, "bf16", bench(kernels), nbytes=nbytes,
+              copy_gbps=copy_gbps, baseline=eager, baseline_name="eager_ref")  # fmt: skip
 
 
 def main() -> None:
