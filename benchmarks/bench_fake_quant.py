@@ -2,8 +2,9 @@
 
 Weights 4096x11008 (per channel and g128, 4-bit asymmetric, learnable clipping) and
 activations 16384x4096 (per token, 8-bit, learnable ratio), bf16. Providers: the fused
-Triton kernels through the autograd op ("cbq"), the two kernels alone ("cbq_kernels"), the eager PyTorch reference with autograd
-("eager_ref"), and torch.compile of that reference ("compiled_ref"). Bytes counted: forward
+Triton kernels through the autograd op ("cbq"), the two kernels alone ("cbq_kernels"), the
+eager PyTorch reference with autograd ("eager_ref"), and torch.compile of that reference
+("compiled_ref"). Bytes counted: forward
 reads x and writes y, backward reads x and dy and writes dx (10 bytes per bf16 element).
 
     python benchmarks/bench_fake_quant.py --out benchmarks/results/h100
