@@ -1,0 +1,244 @@
+"""Per-token dynamic activation quantization to int8 codes or packed int4 (METHOD.md 1, 6).
+
+For each token (row) t of x (T, K), with optional fused RMSNorm ``y = x / sqrt(mean(x^2) +
+eps) * w`` (the input of q/k/v and gate/up in Llama blocks) and optional CrossQuant channel
+factors ``f_k = c_k^(1 - alpha)`` (c_k: per-channel maxima from calibration; the factors are
+folded into the weight columns, so the GEMM keeps one scale per token)::
+
+    r_t = max_k |y_tk|,   s_t = max(ratio * r_t^alpha / P, 1e-8),   P = 2^(b-1) - 1
+    q_tk = clamp(round(y_tk / (f_k * s_t)), -P - 1, P)
+
+so that ``y_tk ~= q_tk * s_t * f_k``. With alpha = 1 and no factors this is plain per-token
+symmetric quantization with clipping ratio ``ratio``.
+
+Outputs: codes and ``s`` (fp32, (T,)). For 8 bits the codes are int8 (T, K). For 4 bits they
+are stored in the packed format of :mod:`cbq_kernels.formats` (signed values offset by 8,
+8 codes per little-endian int32 word along K): (T, ceil(K / 8)) int32, identical to
+``pack(q + 8, 4)``.
+
+Exactness: without RMSNorm and with alpha = 1 the kernel equals the reference bit for bit
+(IEEE division, no FMA contraction). The RMSNorm's sum of squares and ``r^alpha`` are computed
+in another order / with other math functions than PyTorch, so there codes may differ by one
+level for elements within an ulp of a rounding boundary (tests bound how many).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from cbq_kernels.formats import packed_words
+
+__all__ = ["act_quant", "act_quant_ref", "dequantize_act_ref", "quant_kernel_fraction"]
+
+EPS = 1e-8
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_K = 65536  # one row lives in registers
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, w_ptr, f_ptr, q_ptr, s_ptr, K, ratio, alpha, norm_eps, P,
+                      BITS: tl.constexpr, NORM: tl.constexpr, FACTORS: tl.constexpr,
+                      POW: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, BLOCK_K)
+    m = k < K
+    y = tl.load(x_ptr + row * K + k, mask=m, other=0.0).to(tl.float32)
+    if NORM:
+        ms = tl.math.div_rn(tl.sum(y * y, axis=0), K.to(tl.float32))
+        w = tl.load(w_ptr + k, mask=m, other=0.0).to(tl.float32)
+        y = tl.math.div_rn(y, tl.sqrt_rn(ms + norm_eps)) * w
+    r = tl.max(tl.abs(y), axis=0)
+    if POW:  # CrossQuant: r^alpha (r = 0 gives 0)
+        r = tl.where(r > 0, tl.exp2(alpha * tl.log2(r)), 0.0)
+    s = tl.maximum(tl.math.div_rn(ratio * r, P), 1e-8)
+    if FACTORS:
+        f = tl.load(f_ptr + k, mask=m, other=1.0)
+        step = f * s
+    else:
+        step = tl.zeros((BLOCK_K,), tl.float32) + s
+    u = tl.math.div_rn(y, step)
+    u = tl.minimum(tl.maximum(u, -4194304.0), 4194304.0)  # keeps the rounding trick valid
+    q = tl.minimum(tl.maximum((u + 12582912.0) - 12582912.0, -P - 1.0), P)
+    tl.store(s_ptr + row, s)
+    if BITS == 8:
+        tl.store(q_ptr + row * K + k, q.to(tl.int8), mask=m)
+    else:
+        # Signed 4-bit codes offset by 8, 8 per int32 word, code j at bits 4j; padding is 0.
+        code = tl.where(m, q.to(tl.int32) + 8, 0)
+        words = tl.reshape(code, (BLOCK_K // 8, 8))
+        shifts = tl.arange(0, 8) * 4
+        packed = tl.sum(words << shifts[None, :], axis=1)  # disjoint bits: sum == or
+        n_words = (K + 7) // 8
+        w_idx = tl.arange(0, BLOCK_K // 8)
+        tl.store(q_ptr + row * n_words + w_idx, packed, mask=w_idx < n_words)
+
+
+def _interpreted() -> bool:
+    return type(_act_quant_kernel).__name__ == "InterpretedFunction"
+
+
+def _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    desc = f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {desc}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (tokens, K), got {desc}")
+    if not x.is_contiguous():
+        raise ValueError(f"x must be contiguous (call .contiguous() first), got {desc}")
+    if x.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"x: only cpu and cuda tensors are supported, got {desc}")
+    if x.shape[1] > _MAX_K:
+        raise ValueError(f"K = {x.shape[1]} exceeds the supported {_MAX_K}")
+    if bits not in (4, 8) or isinstance(bits, bool):
+        raise ValueError(f"bits must be 4 or 8 (int8 codes or packed int4), got {bits!r}")
+    if not 0.0 < clip_ratio <= 1.0:
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    if norm_eps <= 0:
+        raise ValueError(f"norm_eps must be > 0, got {norm_eps}")
+    k = x.shape[1]
+    for name, t in (("norm_weight", norm_weight), ("channel_factor", channel_factor)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (k,):
+            raise ValueError(f"{name} must have shape (K,) = ({k},), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if alpha != 1.0 and channel_factor is None:
+        raise ValueError("CrossQuant (alpha < 1) needs channel_factor = c^(1 - alpha)")
+
+
+def _out_shapes(x: Tensor, bits: int) -> tuple[tuple[int, int], torch.dtype]:
+    t, k = x.shape
+    return ((t, k), torch.int8) if bits == 8 else ((t, packed_words(k, 4)), torch.int32)
+
+
+@torch.library.custom_op("cbq::act_quant", mutates_args=())
+def _act_quant_op(
+    x: Tensor,
+    bits: int,
+    clip_ratio: float,
+    norm_weight: Tensor | None,
+    norm_eps: float,
+    channel_factor: Tensor | None,
+    alpha: float,
+) -> tuple[Tensor, Tensor]:
+    _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha)
+    if x.device.type == "cpu" and not _interpreted():
+        return act_quant_ref(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha)
+    shape, dtype = _out_shapes(x, bits)
+    codes = torch.empty(shape, dtype=dtype, device=x.device)
+    scales = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    if x.numel():
+        block_k = max(triton.next_power_of_2(x.shape[1]), 16)
+        w = x if norm_weight is None else norm_weight.float().contiguous()
+        f = x if channel_factor is None else channel_factor.float().contiguous()
+        _act_quant_kernel[(x.shape[0],)](
+            x, w, f, codes, scales, x.shape[1], float(clip_ratio), float(alpha),
+            float(norm_eps), float((1 << (bits - 1)) - 1),
+            BITS=bits, NORM=norm_weight is not None, FACTORS=channel_factor is not None,
+            POW=alpha != 1.0, BLOCK_K=block_k, num_warps=min(16, max(1, block_k // 512)),
+            enable_fp_fusion=False,
+        )  # fmt: skip
+    return codes, scales
+
+
+@_act_quant_op.register_fake
+def _(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha):
+    _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha)
+    shape, dtype = _out_shapes(x, bits)
+    return x.new_empty(shape, dtype=dtype), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+def act_quant(
+    x: Tensor,
+    bits: int = 8,
+    *,
+    clip_ratio: float | Tensor = 1.0,
+    norm_weight: Tensor | None = None,
+    norm_eps: float = 1e-6,
+    channel_factor: Tensor | None = None,
+    alpha: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Quantize activations per token (see the module docstring).
+
+    Args:
+        x: (..., K) float32/float16/bfloat16, contiguous; leading dims are tokens.
+        bits: 8 (int8 codes) or 4 (packed int4 codes).
+        clip_ratio: clipping ratio in (0, 1] (a learned one: ``sigmoid(logit)``).
+        norm_weight: (K,) RMSNorm weight to apply first, or None.
+        norm_eps: RMSNorm epsilon.
+        channel_factor: (K,) CrossQuant factors ``c^(1 - alpha)``, or None.
+        alpha: CrossQuant exponent in (0, 1]; 1 is plain per-token quantization.
+
+    Returns:
+        (codes, scales): codes (T, K) int8 or (T, ceil(K/8)) int32, scales (T,) fp32, T the
+        product of the leading dims.
+    """
+    if isinstance(clip_ratio, Tensor):
+        clip_ratio = float(clip_ratio)
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise TypeError("x must be a tensor of shape (..., K)")
+    return _act_quant_op(x.reshape(-1, x.shape[-1]), bits, float(clip_ratio), norm_weight,
+                         float(norm_eps), channel_factor, float(alpha))  # fmt: skip
+
+
+def act_quant_ref(
+    x: Tensor,
+    bits: int = 8,
+    clip_ratio: float = 1.0,
+    norm_weight: Tensor | None = None,
+    norm_eps: float = 1e-6,
+    channel_factor: Tensor | None = None,
+    alpha: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Plain PyTorch :func:`act_quant` on (T, K) input (fp32 inside)."""
+    from cbq_kernels.packing import pack_ref
+
+    y = x.float()
+    k = y.shape[1]
+    full = torch.full_like  # divide by tensors: CUDA divides by Python scalars via reciprocals
+    if norm_weight is not None:
+        ms = (y * y).sum(1, keepdim=True) / full(y[:, :1], k)
+        y = y / torch.sqrt(ms + norm_eps) * norm_weight.float()
+    r = y.abs().amax(1, keepdim=True) if k else y.new_zeros(y.shape[0], 1)
+    if alpha != 1.0:
+        r = torch.where(r > 0, r.pow(alpha), 0.0)
+    p = (1 << (bits - 1)) - 1
+    s = (clip_ratio * r / full(r, p)).clamp_min(EPS)
+    step = s if channel_factor is None else channel_factor.float()[None, :] * s
+    q = torch.round((y / step).clamp(-4194304.0, 4194304.0)).clamp(-p - 1, p)
+    codes = q.to(torch.int8) if bits == 8 else pack_ref((q + 8).to(torch.uint8), 4)
+    return codes, s.reshape(-1)
+
+
+def dequantize_act_ref(
+    codes: Tensor, scales: Tensor, bits: int, k: int, channel_factor: Tensor | None = None
+) -> Tensor:
+    """fp32 (T, K) values ``q * s_t * f_k`` of codes produced by :func:`act_quant`."""
+    from cbq_kernels.packing import unpack_ref
+
+    q = codes.float() if bits == 8 else unpack_ref(codes, 4, k).float() - 8
+    y = q * scales.float()[:, None]
+    return y if channel_factor is None else y * channel_factor.float()[None, :]
+
+
+def quant_kernel_fraction(x: Tensor, bits: int = 8, **kwargs) -> float:
+    """Fraction of the non-zero elements of x whose quantized code is 0 (CrossQuant's
+    "quantization kernel"); keyword arguments as for :func:`act_quant`."""
+    from cbq_kernels.packing import unpack_ref
+
+    x2 = x.reshape(-1, x.shape[-1])
+    codes, _ = act_quant(x2, bits, **kwargs)
+    q = codes if bits == 8 else unpack_ref(codes, 4, x2.shape[1]).to(torch.int16) - 8
+    nonzero = x2 != 0
+    total = int(nonzero.sum())
+    return float(((q == 0) & nonzero).sum()) / total if total else 0.0
