@@ -29,12 +29,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cbq_kernels._validate import FLOAT_DTYPES, check_tensor
 from cbq_kernels.formats import packed_words
 
 __all__ = ["act_quant", "act_quant_ref", "dequantize_act_ref", "quant_kernel_fraction"]
 
 EPS = 1e-8
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = FLOAT_DTYPES
 _MAX_K = 65536  # one row lives in registers
 
 
@@ -81,17 +82,8 @@ def _interpreted() -> bool:
 
 
 def _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    desc = f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {desc}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D (tokens, K), got {desc}")
-    if not x.is_contiguous():
-        raise ValueError(f"x must be contiguous (call .contiguous() first), got {desc}")
-    if x.device.type not in ("cpu", "cuda", "meta"):
-        raise ValueError(f"x: only cpu and cuda tensors are supported, got {desc}")
+    check_tensor(x, "x", _FLOAT_DTYPES, 2, "tokens, K")
+    assert isinstance(x, Tensor)
     if x.shape[1] > _MAX_K:
         raise ValueError(f"K = {x.shape[1]} exceeds the supported {_MAX_K}")
     if bits not in (4, 8) or isinstance(bits, bool):

@@ -43,6 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, describe
+
 __all__ = [
     "fake_quant",
     "fake_quant_act",
@@ -57,7 +59,7 @@ __all__ = [
 # (|t| < 2**22), and makes a constant segment quantize to itself exactly.
 EPS = 1e-8
 EPS_REL = 2.0**-20
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = FLOAT_DTYPES
 
 # Factor modes (constexpr): no learned clipping, one factor per segment, one for all.
 _NO_FACTOR, _PER_SEGMENT, _SHARED = 0, 1, 2
@@ -361,17 +363,8 @@ def _fake_quant_backward_torch(dy: Tensor, x: Tensor, bits: int, group_size: int
 
 def _check(x: object, bits: object, group_size: object, fmax: object, fmin: object,
            symmetric: object, min_bits: int = 2) -> None:  # fmt: skip
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    desc = f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {desc}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D (rows, K), got {desc}")
-    if not x.is_contiguous():
-        raise ValueError(f"x must be contiguous (call .contiguous() first), got {desc}")
-    if x.device.type not in ("cpu", "cuda", "meta"):
-        raise ValueError(f"x: only cpu and cuda tensors are supported, got {desc}")
+    check_tensor(x, "x", _FLOAT_DTYPES, 2, "rows, K")
+    assert isinstance(x, Tensor)
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise TypeError(f"bits must be an int, got {type(bits).__name__}")
     if not min_bits <= bits <= 8:
@@ -395,7 +388,7 @@ def _check(x: object, bits: object, group_size: object, fmax: object, fmin: obje
         if f.numel() != 1 and tuple(f.shape) != (n, groups):
             raise ValueError(
                 f"{name} must have one element (shared) or shape (rows, groups) = "
-                f"{(n, groups)} for x of {desc} and group_size={group_size}; "
+                f"{(n, groups)} for x of {describe(x)} and group_size={group_size}; "
                 f"got shape {tuple(f.shape)}"
             )
     if symmetric and fmin is not None:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from cbq_kernels import formats
+from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, describe
 from cbq_kernels.formats import codes_per_word, container_bits, packed_words
 
 __all__ = [
@@ -34,7 +35,7 @@ __all__ = [
     "unpack_ref",
 ]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = FLOAT_DTYPES
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # The dtype codes of the binding (cbq::DType in format.h).
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -69,28 +70,6 @@ def _lib_for(device: torch.device) -> ModuleType:
 # ------------------------------------------------------------------------------ checks
 
 
-def _describe(t: Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-
-
-def _check_tensor(t: object, name: str, dtypes: tuple[torch.dtype, ...], ndim: int) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        allowed = ", ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({allowed}), got {_describe(t)}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got {_describe(t)}")
-    if t.device.type not in ("cpu", "cuda", "meta"):
-        raise ValueError(f"{name}: only cpu and cuda tensors are supported, got {_describe(t)}")
-    if not t.is_contiguous():
-        raise ValueError(
-            f"{name} must be contiguous (call .contiguous() first), got {_describe(t)} "
-            f"with strides {t.stride()}"
-        )
-    return t
-
-
 def _check_same_device(first: Tensor, first_name: str, other: Tensor, name: str) -> None:
     if other.device != first.device:
         raise ValueError(
@@ -108,19 +87,19 @@ def _check_int(value: object, name: str, minimum: int) -> int:
 
 
 def _check_packed(packed: object, bits: int, k: int) -> Tensor:
-    packed = _check_tensor(packed, "packed", (torch.int32,), 2)
+    packed = check_tensor(packed, "packed", (torch.int32,), 2)
     expected = packed_words(k, bits)
     if packed.shape[1] != expected:
         raise ValueError(
             f"packed has {packed.shape[1]} words per row but K={k} codes of {bits} bits need "
-            f"{expected} ({codes_per_word(bits)} per int32 word); got packed {_describe(packed)}"
+            f"{expected} ({codes_per_word(bits)} per int32 word); got packed {describe(packed)}"
         )
     return packed
 
 
 def _check_pack_args(codes: object, bits: object) -> None:
     formats.check_bits(bits)
-    _check_tensor(codes, "codes", _INT_DTYPES, 2)
+    check_tensor(codes, "codes", _INT_DTYPES, 2)
 
 
 def _check_unpack_args(packed: object, bits: object, k: object) -> None:
@@ -156,12 +135,12 @@ def _check_dequantize_args(
     ):
         if t is None and name == "zeros":
             continue
-        t = _check_tensor(t, name, dtypes, 2)
+        t = check_tensor(t, name, dtypes, 2)
         _check_same_device(packed, "packed", t, name)
         if tuple(t.shape) != expected:
             raise ValueError(
                 f"{name} must have shape (N, groups) = {expected} for N={expected[0]} rows, "
-                f"K={k}, {what}; got {_describe(t)}"
+                f"K={k}, {what}; got {describe(t)}"
             )
 
 
@@ -170,7 +149,7 @@ def _raise_out_of_range(codes: Tensor, bits: int) -> None:
     bad = codes.lt(0) | codes.gt(top)
     raise ValueError(
         f"codes hold {int(bad.sum())} values outside [0, {top}] for {bits}-bit codes "
-        f"(min {int(codes.min())}, max {int(codes.max())}); got codes {_describe(codes)}"
+        f"(min {int(codes.min())}, max {int(codes.max())}); got codes {describe(codes)}"
     )
 
 

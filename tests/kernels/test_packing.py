@@ -273,7 +273,7 @@ def test_dequantize_bad_input():
         dequantize(packed, 4, 20, s)
     with pytest.raises(ValueError, match="scales must be contiguous"):
         dequantize(packed, 4, 20, torch.ones((3, 4)).t(), None, 8)
-    with pytest.raises(TypeError, match="scales must have dtype"):
+    with pytest.raises(TypeError, match="scales must be float32, float16 or bfloat16, got"):
         dequantize(packed, 4, 20, s.to(torch.int32), None, 8)
     with pytest.raises(ValueError, match=r"zeros must have shape.*got shape \(4, 2\)"):
         dequantize(packed, 4, 20, s, torch.zeros((4, 2)), 8)

@@ -1,0 +1,37 @@
+"""Argument checks shared by the ops: one wording for every error about a tensor argument."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def describe(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(
+    t: object, name: str, dtypes: tuple[torch.dtype, ...], ndim: int, layout: str = ""
+) -> Tensor:
+    """t must be a contiguous cpu/cuda (or meta, for tracing) tensor of one of `dtypes` with
+    `ndim` dimensions (`layout` names them in the message); raises TypeError / ValueError."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        if dtypes == FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {describe(t)}")
+        allowed = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {describe(t)}")
+    if t.dim() != ndim:
+        dims = f" ({layout})" if layout else ""
+        raise ValueError(f"{name} must be {ndim}-D{dims}, got {describe(t)}")
+    if t.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{name}: only cpu and cuda tensors are supported, got {describe(t)}")
+    if not t.is_contiguous():
+        raise ValueError(
+            f"{name} must be contiguous (call .contiguous() first), got {describe(t)} "
+            f"with strides {t.stride()}"
+        )
+    return t
