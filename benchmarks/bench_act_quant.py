@@ -9,7 +9,6 @@ scales written, RMSNorm weight read.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,15 +16,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Environment, Table, bench
+from benchmarks.common import Environment, Table, bench, cli, write_report
 from cbq_kernels.act_quant import act_quant, act_quant_ref
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = cli(__doc__)
     torch.manual_seed(0)
     t, k = 8192, 4096
     table = Table(Environment.detect())
@@ -52,18 +48,10 @@ def main() -> None:
             ours = bench(lambda b=bits, n=norm: act_quant(x, b, norm_weight=n))
             table.add(name, "cbq", f"{t}x{k}", "bf16", ours, nbytes=nbytes,
                       copy_gbps=copy_gbps, baseline=eager, baseline_name="eager_ref")  # fmt: skip
-    table.write_csv(args.out / "bench_act_quant.csv")
-    env = table.env
-    text = (
-        f"# Activation quantization\n\nGPU: {env.gpu}; clocks as found: {env.clocks}\n"
-        f"torch {env.torch}, triton {env.triton}, CUDA {env.cuda}, commit {env.commit}\n"
-        f"Command: python benchmarks/bench_act_quant.py --out {args.out}\n"
-        f"Target: >= 80% of copy bandwidth ({copy_gbps:.0f} GB/s).\n\n"
-        + table.markdown(("op", "provider", "p50_ms", "gbps", "frac_copy_bw", "speedup"))
-        + "\n"
-    )
-    (args.out / "bench_act_quant.md").write_text(text)
-    print(text)
+    note = f"Target: >= 80% of copy bandwidth ({copy_gbps:.0f} GB/s)."
+    columns = ("op", "provider", "p50_ms", "gbps", "frac_copy_bw", "speedup")
+    print(write_report(table, out, "bench_act_quant", "Activation quantization",
+                       "benchmarks/bench_act_quant.py", columns, [note]))  # fmt: skip
 
 
 if __name__ == "__main__":

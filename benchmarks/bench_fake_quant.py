@@ -12,7 +12,6 @@ reads x and writes y, backward reads x and dy and writes dx (10 bytes per bf16 e
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Environment, Table, bench
+from benchmarks.common import Environment, Table, bench, cli, write_report
 from cbq_kernels.fake_quant import _launch_bwd, _launch_fwd, _Plan, fake_quant, fake_quant_ref
 
 
@@ -80,10 +79,7 @@ def case(table: Table, name: str, shape, bits, group_size, symmetric, shared, co
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = cli(__doc__)
     torch.manual_seed(0)
     table = Table(Environment.detect())
     copy_gbps = copy_bandwidth(table, 4096 * 11008)
@@ -91,18 +87,10 @@ def main() -> None:
     case(table, "fq_w4_g128", (4096, 11008), 4, 128, False, False, copy_gbps)
     case(table, "fq_w2_g128", (11008, 4096), 2, 128, False, False, copy_gbps)
     case(table, "fq_a8_pertoken", (16384, 4096), 8, None, True, True, copy_gbps)
-    table.write_csv(args.out / "bench_fake_quant.csv")
-    env = table.env
-    text = (
-        f"# Fake-quantization forward + backward\n\nGPU: {env.gpu}; clocks as found: "
-        f"{env.clocks}\ntorch {env.torch}, triton {env.triton}, CUDA {env.cuda}, commit "
-        f"{env.commit}\nCommand: python benchmarks/bench_fake_quant.py --out {args.out}\n"
-        f"Targets: cbq >= 3x eager_ref and >= 80% of copy bandwidth ({copy_gbps:.0f} GB/s).\n\n"
-        + table.markdown(("op", "provider", "shape", "p50_ms", "gbps", "frac_copy_bw", "speedup"))
-        + "\n"
-    )
-    (args.out / "bench_fake_quant.md").write_text(text)
-    print(text)
+    note = f"Targets: cbq >= 3x eager_ref and >= 80% of copy bandwidth ({copy_gbps:.0f} GB/s)."
+    columns = ("op", "provider", "shape", "p50_ms", "gbps", "frac_copy_bw", "speedup")
+    print(write_report(table, out, "bench_fake_quant", "Fake-quantization forward + backward",
+                       "benchmarks/bench_fake_quant.py", columns, [note]))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ torch.compile of it ("compiled_ref"); peak extra memory of each is reported in t
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Environment, Table, bench
+from benchmarks.common import Environment, Table, bench, cli, write_report
 from cbq_kernels.lora_round import lora_round, lora_round_params, lora_round_ref
 
 
@@ -31,10 +30,7 @@ def peak_extra_mb(fn) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = cli(__doc__)
     torch.manual_seed(0)
     table = Table(Environment.detect())
     notes = []
@@ -69,19 +65,10 @@ def main() -> None:
                 f"{name} {shape}: peak extra memory eager {mem['eager_ref']:.0f} MiB, "
                 f"cbq {mem['cbq']:.0f} MiB (output alone {out_mb:.0f} MiB)"
             )
-    table.write_csv(args.out / "bench_lora_round.csv")
-    env = table.env
-    text = (
-        f"# LoRA-Rounding forward + backward\n\nGPU: {env.gpu}; clocks as found: {env.clocks}\n"
-        f"torch {env.torch}, triton {env.triton}, CUDA {env.cuda}, commit {env.commit}\n"
-        f"Command: python benchmarks/bench_lora_round.py --out {args.out}\n\n"
-        + table.markdown(("op", "provider", "shape", "p50_ms", "speedup"))
-        + "\n\n"
-        + "\n".join(f"- {line}" for line in notes)
-        + "\n"
-    )
-    (args.out / "bench_lora_round.md").write_text(text)
-    print(text)
+    columns = ("op", "provider", "shape", "p50_ms", "speedup")
+    print(write_report(table, out, "bench_lora_round", "LoRA-Rounding forward + backward",
+                       "benchmarks/bench_lora_round.py", columns,
+                       [f"- {line}" for line in notes]))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ synchronises the stream).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Environment, Table, bench
+from benchmarks.common import Environment, Table, bench, cli, write_report
 from cbq_kernels import formats
 from cbq_kernels.packing import (
     _lib,
@@ -94,34 +93,22 @@ def bench_bits(table: Table, n: int, k: int, bits: int, copy_gbps: float) -> Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = cli(__doc__)
 
     torch.manual_seed(0)
     n, k = PACK_BENCH_SHAPE
     table = Table(Environment.detect())
     copy_gbps = bench_copy(table, n, k)
-    for bits in args.bits:
+    for bits in (2, 4):
         bench_bits(table, n, k, bits, copy_gbps)
 
-    table.write_csv(args.out / "bench_packing.csv")
-    env = table.env
-    summary = table.markdown(
-        ("op", "provider", "p50_ms", "gbps", "frac_copy_bw", "speedup", "baseline")
-    )
-    text = (
-        f"# Packing benchmark\n\nGPU: {env.gpu}; clocks as found (sm, mem, max sm, max mem, "
-        f"power, temp): {env.clocks}\ntorch {env.torch}, triton {env.triton}, CUDA {env.cuda}, "
-        f"commit {env.commit}\nCommand: python benchmarks/bench_packing.py --out {args.out}\n"
+    note = (
         f"Shape {n}x{k} codes; target >= {TARGET:.0%} of the copy bandwidth "
-        f"({copy_gbps:.0f} GB/s measured here); GB/s counts bytes read + written.\n\n"
-        f"{summary}\n"
+        f"({copy_gbps:.0f} GB/s measured here); GB/s counts bytes read + written."
     )
-    (args.out / "bench_packing.md").write_text(text)
-    print(text)
+    columns = ("op", "provider", "p50_ms", "gbps", "frac_copy_bw", "speedup", "baseline")
+    print(write_report(table, out, "bench_packing", "Packing benchmark",
+                       "benchmarks/bench_packing.py", columns, [note]))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ counting. Every row carries the GPU, clocks as found, library versions and the g
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import os
@@ -129,3 +130,43 @@ class Table:
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in self.rows]
         return "\n".join(lines)
+
+
+def cli(doc: str | None) -> Path:
+    """The benchmarks' command line: --out DIR (created), default benchmarks/results."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    out = parser.parse_args().out
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_report(
+    table: Table,
+    out: Path,
+    stem: str,
+    title: str,
+    script: str,
+    columns: tuple[str, ...],
+    notes: list[str] | tuple[str, ...] = (),
+) -> str:
+    """Writes OUT/STEM.csv and OUT/STEM.md (environment, command, notes, table); returns the
+    markdown, which the scripts also print."""
+    table.write_csv(out / f"{stem}.csv")
+    env = table.env
+    text = "\n".join(
+        [
+            f"# {title}",
+            "",
+            f"GPU: {env.gpu}; clocks as found (sm, mem, max sm, max mem, power, temp): "
+            f"{env.clocks}",
+            f"torch {env.torch}, triton {env.triton}, CUDA {env.cuda}, commit {env.commit}",
+            f"Command: python {script} --out {out}",
+            *notes,
+            "",
+            table.markdown(columns),
+            "",
+        ]
+    )
+    (out / f"{stem}.md").write_text(text)
+    return text
