@@ -513,6 +513,15 @@ fake_quant.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------ public API
 
 
+def clip_factors(
+    clip_max_logit: Tensor | None, clip_min_logit: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """Learnable clipping factors ``sigmoid(logit)`` (None stays None: no clipping)."""
+    fmax = None if clip_max_logit is None else torch.sigmoid(clip_max_logit)
+    fmin = None if clip_min_logit is None else torch.sigmoid(clip_min_logit)
+    return fmax, fmin
+
+
 def fake_quant_weight(
     w: Tensor,
     bits: int,
@@ -528,8 +537,7 @@ def fake_quant_weight(
     element; None means plain min-max. Gradients reach ``w`` (straight-through, zero where
     clamped) and both logits.
     """
-    fmax = None if clip_max_logit is None else torch.sigmoid(clip_max_logit)
-    fmin = None if clip_min_logit is None else torch.sigmoid(clip_min_logit)
+    fmax, fmin = clip_factors(clip_max_logit, clip_min_logit)
     return fake_quant(w, bits, group_size, fmax, fmin, symmetric)
 
 
@@ -575,8 +583,7 @@ def fake_quant_ref(
 def fake_quant_weight_ref(w, bits, group_size=None, clip_max_logit=None, clip_min_logit=None,
                           symmetric=False):  # fmt: skip
     """Plain PyTorch :func:`fake_quant_weight`."""
-    fmax = None if clip_max_logit is None else torch.sigmoid(clip_max_logit)
-    fmin = None if clip_min_logit is None else torch.sigmoid(clip_min_logit)
+    fmax, fmin = clip_factors(clip_max_logit, clip_min_logit)
     return fake_quant_ref(w, bits, group_size, fmax, fmin, symmetric)
 
 

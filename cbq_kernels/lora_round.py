@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cbq_kernels.fake_quant import _params
+from cbq_kernels.fake_quant import _params, clip_factors
 
 __all__ = [
     "harden",
@@ -376,8 +376,7 @@ def lora_round_params(
 ) -> tuple[Tensor, Tensor]:
     """Per-segment step ``s`` and zero point ``z`` (N, G) fp32 of the asymmetric quantizer of
     METHOD.md section 1, differentiable in the clipping logits (``z`` straight-through)."""
-    fmax = None if clip_max_logit is None else torch.sigmoid(clip_max_logit)
-    fmin = None if clip_min_logit is None else torch.sigmoid(clip_min_logit)
+    fmax, fmin = clip_factors(clip_max_logit, clip_min_logit)
     _, _, _, s, z, _, _ = _params(w.float(), group_size, bits, False, fmax, fmin)
     return s, z
 
