@@ -1,4 +1,5 @@
-"""Argument checks shared by the ops: one wording for every error about a tensor argument."""
+"""Argument checks shared by the ops (one wording for every tensor error), and the choice
+between a Triton kernel and the PyTorch formulas for a device."""
 
 from __future__ import annotations
 
@@ -35,3 +36,11 @@ def check_tensor(
             f"with strides {t.stride()}"
         )
     return t
+
+
+def use_triton(kernel: object, device: torch.device) -> bool:
+    """Whether a Triton kernel runs for tensors on `device`: always on cuda; on cpu only
+    through Triton's interpreter (TRITON_INTERPRET=1 when the kernel module was imported,
+    which makes triton.jit return interpreter functions). Otherwise the op runs its
+    PyTorch formulas."""
+    return device.type != "cpu" or type(kernel).__name__ == "InterpretedFunction"

@@ -29,13 +29,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cbq_kernels._validate import FLOAT_DTYPES, check_tensor
+from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, use_triton
 from cbq_kernels.formats import packed_words
 
 __all__ = ["act_quant", "act_quant_ref", "dequantize_act_ref", "quant_kernel_fraction"]
 
 EPS = 1e-8
-_FLOAT_DTYPES = FLOAT_DTYPES
 _MAX_K = 65536  # one row lives in registers
 
 
@@ -77,12 +76,8 @@ def _act_quant_kernel(x_ptr, w_ptr, f_ptr, q_ptr, s_ptr, K, ratio, alpha, norm_e
         tl.store(q_ptr + row * n_words + w_idx, packed, mask=w_idx < n_words)
 
 
-def _interpreted() -> bool:
-    return type(_act_quant_kernel).__name__ == "InterpretedFunction"
-
-
 def _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha) -> None:
-    check_tensor(x, "x", _FLOAT_DTYPES, 2, "tokens, K")
+    check_tensor(x, "x", FLOAT_DTYPES, 2, "tokens, K")
     assert isinstance(x, Tensor)
     if x.shape[1] > _MAX_K:
         raise ValueError(f"K = {x.shape[1]} exceeds the supported {_MAX_K}")
@@ -98,7 +93,7 @@ def _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha) ->
     for name, t in (("norm_weight", norm_weight), ("channel_factor", channel_factor)):
         if t is None:
             continue
-        if not isinstance(t, Tensor) or t.dtype not in _FLOAT_DTYPES:
+        if not isinstance(t, Tensor) or t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a float tensor, got {type(t).__name__}")
         if tuple(t.shape) != (k,):
             raise ValueError(f"{name} must have shape (K,) = ({k},), got {tuple(t.shape)}")
@@ -124,7 +119,7 @@ def _act_quant_op(
     alpha: float,
 ) -> tuple[Tensor, Tensor]:
     _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha)
-    if x.device.type == "cpu" and not _interpreted():
+    if not use_triton(_act_quant_kernel, x.device):
         return act_quant_ref(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha)
     shape, dtype = _out_shapes(x, bits)
     codes = torch.empty(shape, dtype=dtype, device=x.device)

@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, describe
+from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, describe, use_triton
+from cbq_kernels.formats import groups_per_row
 
 __all__ = [
     "fake_quant",
@@ -59,7 +60,6 @@ __all__ = [
 # (|t| < 2**22), and makes a constant segment quantize to itself exactly.
 EPS = 1e-8
 EPS_REL = 2.0**-20
-_FLOAT_DTYPES = FLOAT_DTYPES
 
 # Factor modes (constexpr): no learned clipping, one factor per segment, one for all.
 _NO_FACTOR, _PER_SEGMENT, _SHARED = 0, 1, 2
@@ -269,12 +269,6 @@ def _launch_bwd(plan: _Plan, x: Tensor, dy: Tensor, dx: Tensor, fmax: Tensor | N
 # interpreter is off, and the explicit form of the kernels' contract.
 
 
-def _interpreted() -> bool:
-    # TRITON_INTERPRET=1 at import time makes triton.jit return interpreter functions, which
-    # run on CPU tensors (tests); otherwise CPU tensors take the PyTorch path.
-    return type(_fake_quant_fwd_kernel).__name__ == "InterpretedFunction"
-
-
 def _segment_index(k: int, group_size: int | None, device: torch.device) -> tuple[Tensor, int]:
     gs = k if group_size is None else group_size
     return torch.arange(k, device=device) // max(gs, 1), (-(-k // gs) if k else 0)
@@ -363,7 +357,7 @@ def _fake_quant_backward_torch(dy: Tensor, x: Tensor, bits: int, group_size: int
 
 def _check(x: object, bits: object, group_size: object, fmax: object, fmin: object,
            symmetric: object, min_bits: int = 2) -> None:  # fmt: skip
-    check_tensor(x, "x", _FLOAT_DTYPES, 2, "rows, K")
+    check_tensor(x, "x", FLOAT_DTYPES, 2, "rows, K")
     assert isinstance(x, Tensor)
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise TypeError(f"bits must be an int, got {type(bits).__name__}")
@@ -377,11 +371,11 @@ def _check(x: object, bits: object, group_size: object, fmax: object, fmin: obje
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
     n, k = x.shape
-    groups = 1 if group_size is None else -(-k // group_size)
+    groups = groups_per_row(k, group_size)
     for name, f in (("max factor", fmax), ("min factor", fmin)):
         if f is None:
             continue
-        if not isinstance(f, Tensor) or f.dtype not in _FLOAT_DTYPES:
+        if not isinstance(f, Tensor) or f.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a float tensor, got {f!r:.80}")
         if f.device != x.device:
             raise ValueError(f"{name} is on {f.device} but x is on {x.device}")
@@ -438,7 +432,7 @@ def fake_quant(
     """
     _check(x, bits, group_size, fmax, fmin, symmetric)
     fa, fb = _factors(fmax, fmin, symmetric)
-    if x.device.type == "cpu" and not _interpreted():
+    if not use_triton(_fake_quant_fwd_kernel, x.device):
         return _fake_quant_torch(x, bits, group_size, fa, fb, symmetric)
     y = torch.empty_like(x)
     plan = _Plan(x, group_size, bits, symmetric, fa)
@@ -468,7 +462,7 @@ def fake_quant_backward(
         raise ValueError(f"dy must match x: got {dy.shape} {dy.dtype} vs {x.shape} {x.dtype}")
     dy = dy.contiguous()
     fa, fb = _factors(fmax, fmin, symmetric)
-    if x.device.type == "cpu" and not _interpreted():
+    if not use_triton(_fake_quant_fwd_kernel, x.device):
         return _fake_quant_backward_torch(dy, x, bits, group_size, fa, fb, symmetric)
     plan = _Plan(x, group_size, bits, symmetric, fa)
     dx = torch.empty_like(x)
@@ -481,7 +475,7 @@ def fake_quant_backward(
 @fake_quant_backward.register_fake
 def _(dy, x, bits, group_size, fmax, fmin, symmetric):
     _check(x, bits, group_size, fmax, fmin, symmetric)
-    groups = 1 if group_size is None else -(-x.shape[1] // group_size)
+    groups = groups_per_row(x.shape[1], group_size)
     n_seg = x.shape[0] * groups
     return (torch.empty_like(x), x.new_empty(n_seg, dtype=torch.float32),
             x.new_empty(n_seg, dtype=torch.float32))  # fmt: skip

@@ -57,6 +57,11 @@ def num_groups(k: int, group_size: int) -> int:
     return (k + group_size - 1) // group_size
 
 
+def groups_per_row(k: int, group_size: int | None) -> int:
+    """Scale groups per row: 1 per channel (``group_size=None``), else :func:`num_groups`."""
+    return 1 if group_size is None else num_groups(k, group_size)
+
+
 def default_zero_point(bits: int) -> int:
     """Zero point used when none is given: the offset of signed (symmetric) codes."""
     return 1 << (check_bits(bits) - 1)

@@ -37,7 +37,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cbq_kernels.fake_quant import _params, clip_factors
+from cbq_kernels._validate import FLOAT_DTYPES, use_triton
+from cbq_kernels.fake_quant import _params, _segment_index, clip_factors
+from cbq_kernels.formats import groups_per_row
 
 __all__ = [
     "harden",
@@ -49,7 +51,6 @@ __all__ = [
 ]
 
 ZETA, GAMMA = 1.1, -0.1
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -177,10 +178,6 @@ def _lora_round_bwd_cols_kernel(w_ptr, a_ptr, b_ptr, s_ptr, z_ptr, dy_ptr, db_pt
 # ------------------------------------------------------------------------------ launch
 
 
-def _interpreted() -> bool:
-    return type(_lora_round_fwd_kernel).__name__ == "InterpretedFunction"
-
-
 def _blocks(k: int, group_size: int | None) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_K); BLOCK_K divides the group size so a tile row has one segment."""
     block_k = 64
@@ -194,7 +191,7 @@ def _check(w, a, b, scales, zeros, bits, group_size, beta) -> None:
     for name, t in tensors.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a float tensor, got dtype {t.dtype}")
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
@@ -220,7 +217,7 @@ def _check(w, a, b, scales, zeros, bits, group_size, beta) -> None:
             raise ValueError(f"group_size must be None or an int >= 16, got {group_size!r}")
         if group_size % 16:
             raise ValueError(f"group_size must be a multiple of 16, got {group_size}")
-    groups = 1 if group_size is None else -(-k // group_size)
+    groups = groups_per_row(k, group_size)
     for name, t in (("scales", scales), ("zeros", zeros)):
         if tuple(t.shape) != (n, groups):
             raise ValueError(
@@ -235,7 +232,7 @@ class _Launch:
         self.n, self.k = w.shape
         self.r = r
         self.gs = self.k if group_size is None else group_size
-        self.g = 1 if group_size is None else -(-self.k // group_size)
+        self.g = groups_per_row(self.k, group_size)
         self.qmax = float((1 << bits) - 1)
         self.r_pad = max(16, triton.next_power_of_2(r))
         self.block_n, self.block_k = _blocks(self.k, group_size)
@@ -259,7 +256,7 @@ def _lora_round_op(
     group_size: int | None, beta: float,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     _check(w, a, b, scales, zeros, bits, group_size, beta)
-    if w.device.type == "cpu" and not _interpreted():
+    if not use_triton(_lora_round_fwd_kernel, w.device):
         with torch.no_grad():
             y, reg = lora_round_ref(w, a, b, scales, zeros, bits, group_size, beta)
         return y, reg.float()
@@ -289,7 +286,7 @@ def _lora_round_backward_op(
     if dy.shape != w.shape or d_reg.numel() != 1:
         raise ValueError(f"dy must be {tuple(w.shape)} and d_reg one element: got "
                          f"{tuple(dy.shape)}, {tuple(d_reg.shape)}")  # fmt: skip
-    if w.device.type == "cpu" and not _interpreted():
+    if not use_triton(_lora_round_fwd_kernel, w.device):
         return _backward_torch(dy, d_reg, w, a, b, scales, zeros, bits, group_size, beta)
     a, b, scales, zeros = _prep(a, b, scales, zeros)
     dy = dy.contiguous()
@@ -316,7 +313,7 @@ def _backward_torch(dy, d_reg, w, a, b, scales, zeros, bits, group_size, beta):
     """The kernels' backward formulas in PyTorch (CPU without Triton's interpreter; autograd
     is not available inside a custom op's implementation)."""
     n, k = w.shape
-    gid = torch.arange(k, device=w.device) // (k if group_size is None else group_size)
+    gid = _segment_index(k, group_size, w.device)[0]
     a, b = a.float(), b.float()
     s, z = scales.float()[:, gid], zeros.float()[:, gid]
     sig = torch.sigmoid(a @ b)
@@ -414,7 +411,7 @@ def lora_round_init(w: Tensor, scales: Tensor, group_size: int | None, rank: int
     n, k = w.shape
     if zero:
         return torch.zeros(n, rank, device=w.device), torch.randn(rank, k, device=w.device) * 1e-3
-    gid = torch.arange(k, device=w.device) // (k if group_size is None else group_size)
+    gid = _segment_index(k, group_size, w.device)[0]
     u = w.float() / scales.float()[:, gid]
     frac = (u - torch.floor(u)).clamp(0.01, 0.99)
     target = torch.logit((frac - GAMMA) / (ZETA - GAMMA))
@@ -442,7 +439,7 @@ def lora_round_ref(w, a, b, scales, zeros, bits, group_size=None, beta=2.0):
     """Plain PyTorch :func:`lora_round`, differentiable by autograd (floor straight-through)."""
     k = w.shape[1]
     cd = torch.float64 if w.dtype == torch.float64 else torch.float32  # fp64 for gradcheck
-    gid = torch.arange(k, device=w.device) // (k if group_size is None else group_size)
+    gid = _segment_index(k, group_size, w.device)[0]
     s, z = scales.to(cd)[:, gid], zeros.to(cd)[:, gid]
     h = (torch.sigmoid(a.to(cd) @ b.to(cd)) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
     u = w.to(cd) / s
@@ -455,7 +452,7 @@ def lora_round_ref(w, a, b, scales, zeros, bits, group_size=None, beta=2.0):
 def harden_ref(w, a, b, scales, zeros, bits, group_size=None):
     """Plain PyTorch :func:`harden`."""
     k = w.shape[1]
-    gid = torch.arange(k, device=w.device) // (k if group_size is None else group_size)
+    gid = _segment_index(k, group_size, w.device)[0]
     s, z = scales.float()[:, gid], zeros.float()[:, gid]
     up = (a.float() @ b.float() >= 0).float()
     q = (torch.floor(w.float() / s) + up + z).clamp(0, (1 << bits) - 1)

@@ -35,7 +35,6 @@ __all__ = [
     "unpack_ref",
 ]
 
-_FLOAT_DTYPES = FLOAT_DTYPES
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # The dtype codes of the binding (cbq::DType in format.h).
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -107,10 +106,6 @@ def _check_unpack_args(packed: object, bits: object, k: object) -> None:
     _check_packed(packed, bits, _check_int(k, "k", 0))  # type: ignore[arg-type]
 
 
-def _groups(k: int, group_size: int | None) -> int:
-    return 1 if group_size is None else formats.num_groups(k, group_size)
-
-
 def _check_dequantize_args(
     packed: object,
     bits: object,
@@ -125,13 +120,13 @@ def _check_dequantize_args(
     packed = _check_packed(packed, bits, k)  # type: ignore[arg-type]
     if group_size is not None:
         _check_int(group_size, "group_size", 1)
-    if out_dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"out_dtype must be one of {_FLOAT_DTYPES}, got {out_dtype}")
-    expected = (packed.shape[0], _groups(k, group_size))  # type: ignore[arg-type]
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {FLOAT_DTYPES}, got {out_dtype}")
+    expected = (packed.shape[0], formats.groups_per_row(k, group_size))  # type: ignore[arg-type]
     what = "per channel" if group_size is None else f"group_size={group_size}"
     for name, t, dtypes in (
-        ("scales", scales, _FLOAT_DTYPES),
-        ("zeros", zeros, _FLOAT_DTYPES + _INT_DTYPES),
+        ("scales", scales, FLOAT_DTYPES),
+        ("zeros", zeros, FLOAT_DTYPES + _INT_DTYPES),
     ):
         if t is None and name == "zeros":
             continue
