@@ -2,6 +2,7 @@
 # On a CUDA machine: build cbq_kernels._C in place, run the whole test suite (the
 # cuda-marked tests included), run the benchmarks, and write everything to one folder.
 #   bash scripts/gpu_check.sh [OUT_DIR]       (default: gpu_results)
+# CBQ_TESTS (default: tests) selects the tests, CBQ_BENCHES the benchmark scripts.
 # CBQ_CUDA_ARCHS defaults to 90a here (Hopper) to keep the build short.
 set -uo pipefail
 out=${1:-gpu_results}
@@ -30,7 +31,7 @@ fi
 grep -E "nvcc|spill|warning" "$out/build.log" | tail -5
 
 echo "== tests"
-python3 -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tee "$out/pytest.txt" | tail -15
+python3 -m pytest ${CBQ_TESTS:-tests} -q -p no:cacheprovider -rs 2>&1 | tee "$out/pytest.txt" | tail -15
 rc_tests=${PIPESTATUS[0]}
 
 echo "== benchmarks"
