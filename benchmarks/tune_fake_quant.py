@@ -50,6 +50,27 @@ def triton_next(n: int) -> int:
     return p
 
 
+def measure(plan, cfg, x, y, dy, dx, fa, fb, dfa, dfb, copy, lines):
+    bs, be, w = cfg
+    meta = dict(SYM=plan.symmetric, FACTOR=plan.mode, BLOCK_S=bs, BLOCK_E=be,
+                ONE_TILE=be >= plan.gs, num_warps=w, enable_fp_fusion=False)  # fmt: skip
+    grid = (-(-plan.n_seg // bs),)
+
+    def fwd():
+        _fake_quant_fwd_kernel[grid](x, y, fa, fb, *plan.scalars(), **meta)
+
+    def bwd():
+        _fake_quant_bwd_kernel[grid](x, dy, dx, fa, fb, dfa, dfb, *plan.scalars(), **meta)
+
+    try:
+        tf, tb = bench(fwd, 10, 60).p50_ms, bench(bwd, 10, 60).p50_ms
+    except Exception as exc:  # a configuration may not compile (registers, shared memory)
+        lines.append(f"{bs}x{be} w{w}: {type(exc).__name__}")
+        return None
+    gb = x.numel() * 2 / 1e6
+    return (tf + tb, bs, be, w, tf, tb, 2 * gb / tf / copy, 3 * gb / tb / copy)
+
+
 def main() -> None:
     out = cli(__doc__)
     torch.manual_seed(0)
@@ -71,34 +92,23 @@ def main() -> None:
         dfa = torch.empty(plan.n_seg, device="cuda")
         dfb = torch.empty(plan.n_seg, device="cuda")
         default = (plan.block_s, plan.block_e, plan.warps)
-        rows = []
-        for bs, be, w in configs(plan.gs):
-            meta = dict(SYM=sym, FACTOR=plan.mode, BLOCK_S=bs, BLOCK_E=be, num_warps=w,
-                        enable_fp_fusion=False)
-            grid = (-(-plan.n_seg // bs),)
-
-            def fwd(meta=meta, grid=grid):
-                _fake_quant_fwd_kernel[grid](x, y, fa, fb, *plan.scalars(), **meta)
-
-            def bwd(meta=meta, grid=grid):
-                _fake_quant_bwd_kernel[grid](x, dy, dx, fa, fb, dfa, dfb, *plan.scalars(), **meta)
-
-            try:
-                tf, tb = bench(fwd, 10, 60).p50_ms, bench(bwd, 10, 60).p50_ms
-            except Exception as exc:  # noqa: BLE001 - a config may not compile (registers)
-                lines.append(f"{name} {bs}x{be} w{w}: {type(exc).__name__}")
-                continue
-            gb = x.numel() * 2 / 1e6
-            rows.append((tf + tb, bs, be, w, tf, tb, 2 * gb / tf / copy, 3 * gb / tb / copy))
+        rows = [
+            r
+            for cfg in configs(plan.gs)
+            if (r := measure(plan, cfg, x, y, dy, dx, fa, fb, dfa, dfb, copy, lines))
+        ]
         rows.sort()
         lines.append(f"\n{name} {shape} bits={bits} gs={gs} sym={sym} default={default}")
         lines.append("BLOCK_S BLOCK_E warps  fwd_ms  bwd_ms  fwd_frac  bwd_frac  total_frac")
-        for tot, bs, be, w, tf, tb, ff, fb_ in rows[:12] + [r for r in rows[12:]
-                                                           if (r[1], r[2], r[3]) == default]:
+        for tot, bs, be, w, tf, tb, ff, fb_ in rows[:12] + [
+            r for r in rows[12:] if (r[1], r[2], r[3]) == default
+        ]:
             mark = " *" if (bs, be, w) == default else ""
             tfrac = 5 * x.numel() * 2 / 1e6 / tot / copy
-            lines.append(f"{bs:7d} {be:7d} {w:5d}  {tf:6.3f}  {tb:6.3f}  {ff:8.2f}  {fb_:8.2f}"
-                         f"  {tfrac:10.2f}{mark}")
+            lines.append(
+                f"{bs:7d} {be:7d} {w:5d}  {tf:6.3f}  {tb:6.3f}  {ff:8.2f}  {fb_:8.2f}"
+                f"  {tfrac:10.2f}{mark}"
+            )
     text = "\n".join(lines)
     print(text)
     if out:

@@ -6,7 +6,7 @@ factors ``f_k = c_k^(1 - alpha)`` (c_k: per-channel maxima from calibration; the
 folded into the weight columns, so the GEMM keeps one scale per token)::
 
     r_t = max_k |y_tk|,   s_t = max(ratio * r_t^alpha / P, 1e-8),   P = 2^(b-1) - 1
-    q_tk = clamp(round(y_tk / (f_k * s_t)), -P - 1, P)
+    q_tk = clamp(round((y_tk * (1 / f_k)) * (1 / s_t)), -P - 1, P)
 
 so that ``y_tk ~= q_tk * s_t * f_k``. With alpha = 1 and no factors this is plain per-token
 symmetric quantization with clipping ratio ``ratio``.
@@ -16,10 +16,12 @@ are stored in the packed format of :mod:`cbq_kernels.formats` (signed values off
 8 codes per little-endian int32 word along K): (T, ceil(K / 8)) int32, identical to
 ``pack(q + 8, 4)``.
 
-Exactness: without RMSNorm and with alpha = 1 the kernel equals the reference bit for bit
-(IEEE division, no FMA contraction). The RMSNorm's sum of squares and ``r^alpha`` are computed
-in another order / with other math functions than PyTorch, so there codes may differ by one
-level for elements within an ulp of a rounding boundary (tests bound how many).
+Divisions are by reciprocals computed once (correctly rounded) per token, per channel, or per
+row of the RMSNorm, in the kernel and the reference alike: one IEEE division per element made
+the kernel ALU-bound. Exactness: without RMSNorm and with alpha = 1 the kernel equals the
+reference bit for bit (no FMA contraction). The RMSNorm's sum of squares and ``r^alpha`` are
+computed in another order / with other math functions than PyTorch, so there codes may differ
+by one level for elements within an ulp of a rounding boundary (tests bound how many).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ _MAX_K = 65536  # one row lives in registers
 @triton.jit
 def _act_quant_kernel(x_ptr, w_ptr, f_ptr, q_ptr, s_ptr, K, ratio, alpha, norm_eps, P,
                       BITS: tl.constexpr, NORM: tl.constexpr, FACTORS: tl.constexpr,
-                      POW: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                      POW: tl.constexpr, PER_WORD: tl.constexpr,
+                      BLOCK_K: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK_K)
     m = k < K
@@ -49,31 +52,39 @@ def _act_quant_kernel(x_ptr, w_ptr, f_ptr, q_ptr, s_ptr, K, ratio, alpha, norm_e
     if NORM:
         ms = tl.math.div_rn(tl.sum(y * y, axis=0), K.to(tl.float32))
         w = tl.load(w_ptr + k, mask=m, other=0.0).to(tl.float32)
-        y = tl.math.div_rn(y, tl.sqrt_rn(ms + norm_eps)) * w
+        y = (y * tl.math.div_rn(1.0, tl.sqrt_rn(ms + norm_eps))) * w
     r = tl.max(tl.abs(y), axis=0)
     if POW:  # CrossQuant: r^alpha (r = 0 gives 0)
         r = tl.where(r > 0, tl.exp2(alpha * tl.log2(r)), 0.0)
     s = tl.maximum(tl.math.div_rn(ratio * r, P), 1e-8)
-    if FACTORS:
-        f = tl.load(f_ptr + k, mask=m, other=1.0)
-        step = f * s
-    else:
-        step = tl.zeros((BLOCK_K,), tl.float32) + s
-    u = tl.math.div_rn(y, step)
+    inv_s = tl.math.div_rn(1.0, s)
+    if FACTORS:  # f_ptr holds 1 / f, computed once by the caller
+        y = y * tl.load(f_ptr + k, mask=m, other=1.0)
+    u = y * inv_s
     u = tl.minimum(tl.maximum(u, -4194304.0), 4194304.0)  # keeps the rounding trick valid
     q = tl.minimum(tl.maximum((u + 12582912.0) - 12582912.0, -P - 1.0), P)
     tl.store(s_ptr + row, s)
-    if BITS == 8:
-        tl.store(q_ptr + row * K + k, q.to(tl.int8), mask=m)
+    if BITS == 8 and K % 4 != 0:
+        tl.store(q_ptr + row * K + k, q.to(tl.int32).to(tl.int8), mask=m)
     else:
-        # Signed 4-bit codes offset by 8, 8 per int32 word, code j at bits 4j; padding is 0.
-        code = tl.where(m, q.to(tl.int32) + 8, 0)
-        words = tl.reshape(code, (BLOCK_K // 8, 8))
-        shifts = tl.arange(0, 8) * 4
+        # Whole int32 words: 4 int8 codes (two's complement bytes) or 8 int4 codes (offset by
+        # 8), code j of a word at bit CODE_BITS * j, little endian; padding codes are 0.
+        if BITS == 8:
+            code = q.to(tl.int32) & 0xFF
+        else:
+            code = tl.where(m, q.to(tl.int32) + 8, 0)
+        words = tl.reshape(code, (BLOCK_K // PER_WORD, PER_WORD))
+        shifts = tl.arange(0, PER_WORD) * (32 // PER_WORD)
         packed = tl.sum(words << shifts[None, :], axis=1)  # disjoint bits: sum == or
-        n_words = (K + 7) // 8
-        w_idx = tl.arange(0, BLOCK_K // 8)
+        n_words = (K + PER_WORD - 1) // PER_WORD
+        w_idx = tl.arange(0, BLOCK_K // PER_WORD)
         tl.store(q_ptr + row * n_words + w_idx, packed, mask=w_idx < n_words)
+
+
+def _inverse(t: Tensor) -> Tensor:
+    """fp32 1 / t, correctly rounded (tensor by tensor, as ``div_rn``)."""
+    t = t.float()
+    return (torch.ones_like(t) / t).contiguous()
 
 
 def _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha) -> None:
@@ -127,12 +138,15 @@ def _act_quant_op(
     if x.numel():
         block_k = max(triton.next_power_of_2(x.shape[1]), 16)
         w = x if norm_weight is None else norm_weight.float().contiguous()
-        f = x if channel_factor is None else channel_factor.float().contiguous()
+        f = x if channel_factor is None else _inverse(channel_factor)
+        # int8 codes are written as int32 words of 4 when K allows (full-width stores).
+        out = codes.view(torch.int32) if bits == 8 and x.shape[1] % 4 == 0 else codes
         _act_quant_kernel[(x.shape[0],)](
-            x, w, f, codes, scales, x.shape[1], float(clip_ratio), float(alpha),
+            x, w, f, out, scales, x.shape[1], float(clip_ratio), float(alpha),
             float(norm_eps), float((1 << (bits - 1)) - 1),
             BITS=bits, NORM=norm_weight is not None, FACTORS=channel_factor is not None,
-            POW=alpha != 1.0, BLOCK_K=block_k, num_warps=min(16, max(1, block_k // 512)),
+            POW=alpha != 1.0, PER_WORD=4 if bits == 8 else 8, BLOCK_K=block_k,
+            num_warps=min(16, max(1, block_k // 512)),
             enable_fp_fusion=False,
         )  # fmt: skip
     return codes, scales
@@ -195,14 +209,15 @@ def act_quant_ref(
     full = torch.full_like  # divide by tensors: CUDA divides by Python scalars via reciprocals
     if norm_weight is not None:
         ms = (y * y).sum(1, keepdim=True) / full(y[:, :1], k)
-        y = y / torch.sqrt(ms + norm_eps) * norm_weight.float()
+        y = (y * _inverse(torch.sqrt(ms + norm_eps))) * norm_weight.float()
     r = y.abs().amax(1, keepdim=True) if k else y.new_zeros(y.shape[0], 1)
     if alpha != 1.0:
         r = torch.where(r > 0, r.pow(alpha), 0.0)
     p = (1 << (bits - 1)) - 1
     s = (clip_ratio * r / full(r, p)).clamp_min(EPS)
-    step = s if channel_factor is None else channel_factor.float()[None, :] * s
-    q = torch.round((y / step).clamp(-4194304.0, 4194304.0)).clamp(-p - 1, p)
+    if channel_factor is not None:
+        y = y * _inverse(channel_factor)[None, :]
+    q = torch.round((y * _inverse(s)).clamp(-4194304.0, 4194304.0)).clamp(-p - 1, p)
     codes = q.to(torch.int8) if bits == 8 else pack_ref((q + 8).to(torch.uint8), 4)
     return codes, s.reshape(-1)
 

@@ -31,9 +31,10 @@ vmax/vmin are treated as constants, i.e. no gradient flows through the arg-max e
 Forward and backward each read the data once from DRAM (the second sweep over a segment, after
 its statistics, hits L2), compute in fp32 whatever the storage dtype (Triton's CPU
 interpreter gets bf16 arithmetic wrong, see KERNELS.md), and round to nearest even with the
-``(x + 1.5*2**23) - 1.5*2**23`` trick, which matches ``torch.round``. Divisions are IEEE
-(``div_rn``) and FMA contraction is off, so the forward pass equals the PyTorch reference
-bit for bit on CPU and GPU.
+``(x + 1.5*2**23) - 1.5*2**23`` trick, which matches ``torch.round``. ``x / s`` is computed
+as ``x * (1/s)`` with the reciprocal correctly rounded once per segment (IEEE ``div_rn``),
+in the reference too; with FMA contraction off, the forward pass equals the PyTorch
+reference bit for bit on CPU and GPU.
 """
 
 from __future__ import annotations
@@ -80,18 +81,29 @@ def _segment_view(seg, n_seg, K, G, GS):
 
 
 @triton.jit
-def _segment_params(x_ptr, fmax_ptr, fmin_ptr, seg, ok, start, length, GS, QLO, QHI,
-                    SYM: tl.constexpr, FACTOR: tl.constexpr, BLOCK_S: tl.constexpr,
-                    BLOCK_E: tl.constexpr):  # fmt: skip
-    """First sweep: statistics, then step s, zero point z (and its unrounded value zt)."""
-    vmax = tl.full((BLOCK_S,), float("-inf"), tl.float32)
-    vmin = tl.full((BLOCK_S,), float("inf"), tl.float32)
+def _tile_view(ok, start, length, e0, BLOCK_E: tl.constexpr):
+    e = e0 + tl.arange(0, BLOCK_E)
+    m = ok[:, None] & (e[None, :] < length[:, None])
+    return m, start[:, None] + e[None, :]
+
+
+@triton.jit
+def _stats_loop(x_ptr, ok, start, length, GS, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Segment max and min over a loop of tiles; elementwise accumulators, one reduction."""
+    acc_max = tl.full((BLOCK_S, BLOCK_E), float("-inf"), tl.float32)
+    acc_min = tl.full((BLOCK_S, BLOCK_E), float("inf"), tl.float32)
     for e0 in range(0, GS, BLOCK_E):
-        e = e0 + tl.arange(0, BLOCK_E)
-        m = ok[:, None] & (e[None, :] < length[:, None])
-        x = tl.load(x_ptr + start[:, None] + e[None, :], mask=m, other=0.0).to(tl.float32)
-        vmax = tl.maximum(vmax, tl.max(tl.where(m, x, float("-inf")), axis=1))
-        vmin = tl.minimum(vmin, tl.min(tl.where(m, x, float("inf")), axis=1))
+        m, offs = _tile_view(ok, start, length, e0, BLOCK_E)
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        acc_max = tl.maximum(acc_max, tl.where(m, x, float("-inf")))
+        acc_min = tl.minimum(acc_min, tl.where(m, x, float("inf")))
+    return tl.max(acc_max, axis=1), tl.min(acc_min, axis=1)
+
+
+@triton.jit
+def _segment_params(vmax, vmin, fmax_ptr, fmin_ptr, seg, ok, QHI, SYM: tl.constexpr,
+                    FACTOR: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    """Step s, its reciprocal, zero point z (and its unrounded value zt) from the stats."""
     vmax = tl.where(ok, vmax, 0.0)
     vmin = tl.where(ok, vmin, 0.0)
     if FACTOR == 1:
@@ -116,7 +128,8 @@ def _segment_params(x_ptr, fmax_ptr, fmin_ptr, seg, ok, start, length, GS, QLO, 
         s = tl.maximum(raw, floor)
         zt = tl.math.div_rn(-lo, s)
         z = (zt + 12582912.0) - 12582912.0  # |zt| <= 2**20: exact round half to even
-    return vmax, vmin, s, z, zt, raw > floor
+    inv_s = tl.math.div_rn(tl.full((BLOCK_S,), 1.0, tl.float32), s)
+    return vmax, vmin, s, inv_s, z, zt, raw > floor
 
 
 @triton.jit
@@ -132,8 +145,8 @@ def _to_store(y, ptr):
 
 
 @triton.jit
-def _quantize(x, s, z, QLO, QHI):
-    u = tl.math.div_rn(x, s[:, None])  # |u| <= 2**20 thanks to the floor on s
+def _quantize(x, inv_s, z, QLO, QHI):
+    u = x * inv_s[:, None]  # |u| <= 2**20 (1 + 2**-23) thanks to the floor on s
     r = (u + 12582912.0) - 12582912.0
     v = r + z[:, None]
     q = tl.minimum(tl.maximum(v, QLO), QHI)
@@ -141,51 +154,82 @@ def _quantize(x, s, z, QLO, QHI):
 
 
 @triton.jit
+def _fwd_tile(x, m, offs, y_ptr, s, inv_s, z, QLO, QHI):
+    _u, _r, _v, q = _quantize(x, inv_s, z, QLO, QHI)
+    y = (q - z[:, None]) * s[:, None]
+    tl.store(y_ptr + offs, _to_store(y, y_ptr), mask=m)
+
+
+@triton.jit
+def _bwd_tile(x, m, offs, dy_ptr, dx_ptr, inv_s, z, zt, QLO, QHI, acc_s, acc_z):
+    """Stores dx of a tile; adds its elementwise terms of dL/ds and of the clamped sum."""
+    dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    u, r, v, q = _quantize(x, inv_s, z, QLO, QHI)
+    inside = (v >= QLO) & (v <= QHI)
+    tl.store(dx_ptr + offs, tl.where(inside, dy, 0.0).to(dx_ptr.dtype.element_ty), mask=m)
+    ds = tl.where(inside, r - u, q - z[:, None] + zt[:, None])
+    return acc_s + dy * ds, acc_z + tl.where(inside, 0.0, dy)
+
+
+@triton.jit
 def _fake_quant_fwd_kernel(x_ptr, y_ptr, fmax_ptr, fmin_ptr, n_seg, K, G, GS, QLO, QHI,
                            SYM: tl.constexpr, FACTOR: tl.constexpr, BLOCK_S: tl.constexpr,
-                           BLOCK_E: tl.constexpr):  # fmt: skip
+                           BLOCK_E: tl.constexpr, ONE_TILE: tl.constexpr):  # fmt: skip
     seg = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     ok, start, length = _segment_view(seg, n_seg, K, G, GS)
-    # Distinct names: Triton rejects a name (such as `_`) whose type changes in a loop.
-    _vmax, _vmin, s, z, _zt, _s_free = _segment_params(
-        x_ptr, fmax_ptr, fmin_ptr, seg, ok, start, length, GS, QLO, QHI, SYM, FACTOR,
-        BLOCK_S, BLOCK_E,
-    )  # fmt: skip
-    for e0 in range(0, GS, BLOCK_E):
-        e = e0 + tl.arange(0, BLOCK_E)
-        m = ok[:, None] & (e[None, :] < length[:, None])
-        offs = start[:, None] + e[None, :]
+    if ONE_TILE:  # the segment fits in one tile: read x once, keep it in registers
+        m, offs = _tile_view(ok, start, length, 0, BLOCK_E)
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        _u, _r, _v, q = _quantize(x, s, z, QLO, QHI)
-        y = (q - z[:, None]) * s[:, None]
-        tl.store(y_ptr + offs, _to_store(y, y_ptr), mask=m)
+        vmax = tl.max(tl.where(m, x, float("-inf")), axis=1)
+        vmin = tl.min(tl.where(m, x, float("inf")), axis=1)
+        # Distinct names: Triton rejects a name (such as `_`) whose type changes in a loop.
+        _a, _b, s, inv_s, z, _zt, _free = _segment_params(
+            vmax, vmin, fmax_ptr, fmin_ptr, seg, ok, QHI, SYM, FACTOR, BLOCK_S
+        )
+        _fwd_tile(x, m, offs, y_ptr, s, inv_s, z, QLO, QHI)
+    else:
+        vmax, vmin = _stats_loop(x_ptr, ok, start, length, GS, BLOCK_S, BLOCK_E)
+        _c, _d, s, inv_s, z, _zt2, _free2 = _segment_params(
+            vmax, vmin, fmax_ptr, fmin_ptr, seg, ok, QHI, SYM, FACTOR, BLOCK_S
+        )
+        for e0 in range(0, GS, BLOCK_E):  # second sweep: the segment's data is in L2
+            m2, offs2 = _tile_view(ok, start, length, e0, BLOCK_E)
+            x2 = tl.load(x_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+            _fwd_tile(x2, m2, offs2, y_ptr, s, inv_s, z, QLO, QHI)
 
 
 @triton.jit
 def _fake_quant_bwd_kernel(x_ptr, dy_ptr, dx_ptr, fmax_ptr, fmin_ptr, dfmax_ptr, dfmin_ptr,
                            n_seg, K, G, GS, QLO, QHI, SYM: tl.constexpr, FACTOR: tl.constexpr,
-                           BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
+                           BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+                           ONE_TILE: tl.constexpr):  # fmt: skip
     seg = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     ok, start, length = _segment_view(seg, n_seg, K, G, GS)
-    vmax, vmin, s, z, zt, s_free = _segment_params(
-        x_ptr, fmax_ptr, fmin_ptr, seg, ok, start, length, GS, QLO, QHI, SYM, FACTOR,
-        BLOCK_S, BLOCK_E,
-    )  # fmt: skip
-    g_s = tl.zeros((BLOCK_S,), tl.float32)  # dL/ds
-    g_z = tl.zeros((BLOCK_S,), tl.float32)  # sum of dy over clamped elements
-    for e0 in range(0, GS, BLOCK_E):
-        e = e0 + tl.arange(0, BLOCK_E)
-        m = ok[:, None] & (e[None, :] < length[:, None])
-        offs = start[:, None] + e[None, :]
+    acc_s = tl.zeros((BLOCK_S, BLOCK_E), tl.float32)  # elementwise terms of dL/ds
+    acc_z = tl.zeros((BLOCK_S, BLOCK_E), tl.float32)  # dy over clamped elements
+    if ONE_TILE:
+        m, offs = _tile_view(ok, start, length, 0, BLOCK_E)
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        u, r, v, q = _quantize(x, s, z, QLO, QHI)
-        inside = (v >= QLO) & (v <= QHI)
-        tl.store(dx_ptr + offs, tl.where(inside, dy, 0.0).to(dx_ptr.dtype.element_ty), mask=m)
-        ds = tl.where(inside, r - u, q - z[:, None] + zt[:, None])
-        g_s += tl.sum(dy * ds, axis=1)
-        g_z += tl.sum(tl.where(inside, 0.0, dy), axis=1)
+        vmax = tl.max(tl.where(m, x, float("-inf")), axis=1)
+        vmin = tl.min(tl.where(m, x, float("inf")), axis=1)
+        vmax, vmin, _s1, inv_s, z, zt, s_free = _segment_params(
+            vmax, vmin, fmax_ptr, fmin_ptr, seg, ok, QHI, SYM, FACTOR, BLOCK_S
+        )
+        acc_s, acc_z = _bwd_tile(x, m, offs, dy_ptr, dx_ptr, inv_s, z, zt, QLO, QHI, acc_s,
+                                 acc_z)  # fmt: skip
+    else:
+        vmax, vmin = _stats_loop(x_ptr, ok, start, length, GS, BLOCK_S, BLOCK_E)
+        vmax, vmin, _s, inv_s, z, zt, s_free = _segment_params(
+            vmax, vmin, fmax_ptr, fmin_ptr, seg, ok, QHI, SYM, FACTOR, BLOCK_S
+        )
+        for e0 in range(0, GS, BLOCK_E):
+            m2, offs2 = _tile_view(ok, start, length, e0, BLOCK_E)
+            x2 = tl.load(x_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+            acc_s, acc_z = _bwd_tile(x2, m2, offs2, dy_ptr, dx_ptr, inv_s, z, zt, QLO, QHI,
+                                     acc_s, acc_z)  # fmt: skip
     if FACTOR != 0:
+        g_s = tl.sum(acc_s, axis=1)
+        g_z = tl.sum(acc_z, axis=1)
         g_s = tl.where(s_free, g_s, 0.0)  # s at its floor: no gradient reaches the factors
         if SYM:
             dfmax = g_s * tl.math.div_rn(tl.maximum(tl.abs(vmax), tl.abs(vmin)), QHI)
@@ -201,11 +245,16 @@ def _fake_quant_bwd_kernel(x_ptr, dy_ptr, dx_ptr, fmax_ptr, fmin_ptr, dfmax_ptr,
 # ------------------------------------------------------------------------------ launch
 
 
-def _grid_config(group: int) -> tuple[int, int, int]:
-    """(BLOCK_S, BLOCK_E, num_warps): about 4K elements per program, whole groups per tile."""
-    block_e = min(triton.next_power_of_2(max(group, 1)), 2048)
-    block_s = max(1, 4096 // block_e)
-    return block_s, block_e, 8 if block_e >= 1024 else 4
+def _grid_config(group: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_S, BLOCK_E, num_warps, ONE_TILE), from the sweep of benchmarks/tune_fake_quant.py
+    on the H100 (results/h100/tune_fake_quant.txt): about 2K elements per program and 4 warps
+    beat larger tiles; a segment of up to 4096 elements is one tile (read from DRAM once,
+    kept in registers), a longer one is swept twice in tiles of 2048."""
+    full = triton.next_power_of_2(max(group, 1))
+    if full <= 4096:
+        block_s = max(1, 2048 // full)
+        return block_s, full, max(4, block_s * full // 512), True
+    return 1, 2048, 4, False
 
 
 def _qrange(bits: int, symmetric: bool) -> tuple[float, float]:
@@ -232,7 +281,7 @@ class _Plan:
         self.qlo, self.qhi = _qrange(bits, symmetric)
         self.symmetric = symmetric
         self.mode = _factor_mode(fmax)
-        self.block_s, self.block_e, self.warps = _grid_config(self.gs)
+        self.block_s, self.block_e, self.warps, self.one_tile = _grid_config(self.gs)
         self.grid = (triton.cdiv(self.n_seg, self.block_s),)
 
     def scalars(self) -> tuple[int, int, int, int, float, float]:
@@ -241,7 +290,8 @@ class _Plan:
     def meta(self) -> dict[str, object]:
         return {
             "SYM": self.symmetric, "FACTOR": self.mode, "BLOCK_S": self.block_s,
-            "BLOCK_E": self.block_e, "num_warps": self.warps, "enable_fp_fusion": False,
+            "BLOCK_E": self.block_e, "ONE_TILE": self.one_tile, "num_warps": self.warps,
+            "enable_fp_fusion": False,
         }  # fmt: skip
 
 
@@ -272,6 +322,13 @@ def _launch_bwd(plan: _Plan, x: Tensor, dy: Tensor, dx: Tensor, fmax: Tensor | N
 def _segment_index(k: int, group_size: int | None, device: torch.device) -> tuple[Tensor, int]:
     gs = k if group_size is None else group_size
     return torch.arange(k, device=device) // max(gs, 1), (-(-k // gs) if k else 0)
+
+
+def _reciprocal(s: Tensor) -> Tensor:
+    """1 / s correctly rounded (a tensor divided by a tensor, as the kernels' ``div_rn``).
+    Elements are quantized as ``round(x * (1/s))``: one division per segment instead of one
+    per element (the kernels were ALU-bound with a division per element)."""
+    return torch.ones_like(s) / s
 
 
 def _round_ste(t: Tensor) -> Tensor:
@@ -321,7 +378,7 @@ def _fake_quant_torch(x: Tensor, bits: int, group_size: int | None, fmax: Tensor
     _, _, _, s, z, _, gid = _params(x32, group_size, bits, symmetric, fmax, fmin)
     qlo, qhi = _qrange(bits, symmetric)
     s_e, z_e = s[:, gid], z[:, gid]
-    q = (torch.round(x32 / s_e) + z_e).clamp(qlo, qhi)
+    q = (torch.round(x32 * _reciprocal(s)[:, gid]) + z_e).clamp(qlo, qhi)
     return ((q - z_e) * s_e).to(x.dtype)
 
 
@@ -331,8 +388,8 @@ def _fake_quant_backward_torch(dy: Tensor, x: Tensor, bits: int, group_size: int
     x32, dy32 = x.float(), dy.float()
     vmax, vmin, s_free, s, z, zt, gid = _params(x32, group_size, bits, symmetric, fmax, fmin)
     qlo, qhi = _qrange(bits, symmetric)
-    s_e, z_e = s[:, gid], z[:, gid]
-    u = x32 / s_e
+    z_e = z[:, gid]
+    u = x32 * _reciprocal(s)[:, gid]
     r = torch.round(u)
     v = r + z_e
     q = v.clamp(qlo, qhi)
@@ -570,7 +627,7 @@ def fake_quant_ref(
     _, _, _, s, z, _, gid = _params(x32, group_size, bits, symmetric, fmax, fmin)
     qlo, qhi = _qrange(bits, symmetric)
     s_e, z_e = s[:, gid], z[:, gid]
-    q = (_round_ste(x32 / s_e) + z_e).clamp(qlo, qhi)
+    q = (_round_ste(x32 * _reciprocal(s)[:, gid]) + z_e).clamp(qlo, qhi)
     return ((q - z_e) * s_e).to(x.dtype)
 
 

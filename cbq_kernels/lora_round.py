@@ -38,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cbq_kernels._validate import FLOAT_DTYPES, use_triton
-from cbq_kernels.fake_quant import _params, _segment_index, clip_factors
+from cbq_kernels.fake_quant import _params, _reciprocal, _segment_index, clip_factors
 from cbq_kernels.formats import groups_per_row
 
 __all__ = [
@@ -57,9 +57,12 @@ ZETA, GAMMA = 1.1, -0.1
 
 
 @triton.jit
-def _tile(w_ptr, a_ptr, b_ptr, s_ptr, z_ptr, rows, cols, N, K, R, G, GS,
-          R_PAD: tl.constexpr):  # fmt: skip
-    """Loads a tile and computes V, h and the quantities the passes share."""
+def _tile(w_ptr, a_ptr, b_ptr, s_ptr, z_ptr, rows, k0, N, K, R, G, GS, R_PAD: tl.constexpr,
+          BLOCK_K: tl.constexpr):  # fmt: skip
+    """Loads the tile (rows, k0 : k0 + BLOCK_K) and computes V, h and the shared quantities.
+    BLOCK_K divides the segment length, so each tile row lies in one segment: s and z are
+    loaded once per row."""
+    cols = k0 + tl.arange(0, BLOCK_K)
     mr, mc = rows < N, cols < K
     m = mr[:, None] & mc[None, :]
     rr = tl.arange(0, R_PAD)
@@ -68,17 +71,17 @@ def _tile(w_ptr, a_ptr, b_ptr, s_ptr, z_ptr, rows, cols, N, K, R, G, GS,
     b = tl.load(b_ptr + rr[:, None] * K + cols[None, :], mask=(rr[:, None] < R) & mc[None, :],
                 other=0.0).to(tl.float32)  # fmt: skip
     v = tl.dot(a, b, input_precision="ieee")
-    seg = rows[:, None].to(tl.int64) * G + cols[None, :] // GS
-    s = tl.load(s_ptr + seg, mask=m, other=1.0)
-    z = tl.load(z_ptr + seg, mask=m, other=0.0)
+    seg = rows.to(tl.int64) * G + k0 // GS
+    s = tl.load(s_ptr + seg, mask=mr, other=1.0)
+    z = tl.load(z_ptr + seg, mask=mr, other=0.0)
     w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m,
                 other=0.0).to(tl.float32)  # fmt: skip
-    u = tl.math.div_rn(w, s)
+    u = w * tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)[:, None]  # W * (1/s)
     fl = tl.floor(u)
     sig = tl.sigmoid(v)
     h_raw = sig * 1.2 - 0.1  # zeta - gamma = 1.2, gamma = -0.1
     h = tl.minimum(tl.maximum(h_raw, 0.0), 1.0)
-    return m, a, b, s, z, u, fl, sig, h_raw, h
+    return m, cols, a, b, s, z, u, fl, sig, h_raw, h
 
 
 @triton.jit
@@ -93,15 +96,15 @@ def _reg_terms(h, beta):
 
 
 @triton.jit
-def _grad_v(dy_ptr, rows, cols, m, K, s, z, u, fl, sig, h_raw, h, QMAX, beta, d_reg):
+def _grad_v(dy_ptr, rows, cols, m, K, s, z, fl, sig, h_raw, h, QMAX, beta, d_reg):
     """dL/dV of a tile (d_reg: the incoming gradient of the regulariser, a scalar)."""
     dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=m,
                  other=0.0).to(tl.float32)  # fmt: skip
-    t = fl + h + z
+    t = fl + h + z[:, None]
     inside = (t >= 0.0) & (t <= QMAX)
     dh_dv = tl.where((h_raw > 0.0) & (h_raw < 1.0), sig * (1.0 - sig) * 1.2, 0.0)
     _, dreg_dh = _reg_terms(h, beta)
-    g_v = (tl.where(inside, dy * s, 0.0) + d_reg * dreg_dh) * dh_dv
+    g_v = (tl.where(inside, dy * s[:, None], 0.0) + d_reg * dreg_dh) * dh_dv
     return tl.where(m, g_v, 0.0), dy, t, inside
 
 
@@ -111,12 +114,11 @@ def _lora_round_fwd_kernel(w_ptr, a_ptr, b_ptr, s_ptr, z_ptr, y_ptr, reg_ptr, N,
                            BLOCK_K: tl.constexpr):  # fmt: skip
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m, _a, _b, s, z, _u, fl, _sig, _h_raw, h = _tile(
-        w_ptr, a_ptr, b_ptr, s_ptr, z_ptr, rows, cols, N, K, R, G, GS, R_PAD
+    m, cols, _a, _b, s, z, _u, fl, _sig, _h_raw, h = _tile(
+        w_ptr, a_ptr, b_ptr, s_ptr, z_ptr, rows, pid_k * BLOCK_K, N, K, R, G, GS, R_PAD, BLOCK_K
     )
-    q = tl.minimum(tl.maximum(fl + h + z, 0.0), QMAX)
-    y = s * (q - z)
+    q = tl.minimum(tl.maximum(fl + h + z[:, None], 0.0), QMAX)
+    y = s[:, None] * (q - z[:, None])
     tl.store(y_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
              y.to(y_ptr.dtype.element_ty), mask=m)  # fmt: skip
     reg, _dreg = _reg_terms(h, beta)
@@ -125,53 +127,65 @@ def _lora_round_fwd_kernel(w_ptr, a_ptr, b_ptr, s_ptr, z_ptr, y_ptr, reg_ptr, N,
 
 @triton.jit
 def _lora_round_bwd_rows_kernel(w_ptr, a_ptr, b_ptr, s_ptr, z_ptr, dy_ptr, da_ptr, ds_ptr,
-                                dz_ptr, N, K, R, G, GS, QMAX, beta, dreg_ptr, R_PAD: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """Row block: dA, and dL/ds, dL/dz per segment (GS % BLOCK_K == 0: a tile row is in one
-    segment; this program owns its rows, so read-modify-write is race free)."""
+                                dz_ptr, N, K, R, G, GS, QMAX, beta, dreg_ptr, TILES_PER_SPLIT,
+                                R_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr):  # fmt: skip
+    """Row block x chunk of K (grid: row blocks, splits): partial dA (split, N, r) and partial
+    dL/ds, dL/dz (split, N, G), summed by the caller; every partial has one writer."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    mr = rows < N
     d_reg = tl.load(dreg_ptr)
+    k_begin = split * TILES_PER_SPLIT * BLOCK_K
+    k_end = tl.minimum(K, k_begin + TILES_PER_SPLIT * BLOCK_K)
     da = tl.zeros((BLOCK_N, R_PAD), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        m, _a, b, s, z, u, fl, sig, h_raw, h = _tile(
-            w_ptr, a_ptr, b_ptr, s_ptr, z_ptr, rows, cols, N, K, R, G, GS, R_PAD
+    acc_s = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc_z = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    part = split.to(tl.int64) * N * G
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        m, cols, _a, b, s, z, u, fl, sig, h_raw, h = _tile(
+            w_ptr, a_ptr, b_ptr, s_ptr, z_ptr, rows, k0, N, K, R, G, GS, R_PAD, BLOCK_K
         )
-        g_v, dy, t, inside = _grad_v(dy_ptr, rows, cols, m, K, s, z, u, fl, sig, h_raw, h,
+        g_v, dy, t, inside = _grad_v(dy_ptr, rows, cols, m, K, s, z, fl, sig, h_raw, h,
                                      QMAX, beta, d_reg)  # fmt: skip
         da += tl.dot(g_v, tl.trans(b), input_precision="ieee")
         q = tl.minimum(tl.maximum(t, 0.0), QMAX)
-        ds_e = tl.where(inside, fl + h - u, q - z)
-        dz_e = tl.where(inside, 0.0, -s)
-        seg = rows.to(tl.int64) * G + k0 // GS
-        mr = rows < N
-        ds_old = tl.load(ds_ptr + seg, mask=mr, other=0.0)
-        dz_old = tl.load(dz_ptr + seg, mask=mr, other=0.0)
-        tl.store(ds_ptr + seg, ds_old + tl.sum(tl.where(m, dy * ds_e, 0.0), axis=1), mask=mr)
-        tl.store(dz_ptr + seg, dz_old + tl.sum(tl.where(m, dy * dz_e, 0.0), axis=1), mask=mr)
+        acc_s += tl.where(m, dy * tl.where(inside, fl + h - u, q - z[:, None]), 0.0)
+        acc_z += tl.where(m & ~inside, -dy * s[:, None], 0.0)
+        nxt = k0 + BLOCK_K
+        if (nxt % GS == 0) | (nxt >= k_end):  # the segment ends here (or the chunk does)
+            seg = part + rows.to(tl.int64) * G + k0 // GS
+            tl.store(ds_ptr + seg, tl.sum(acc_s, axis=1), mask=mr)
+            tl.store(dz_ptr + seg, tl.sum(acc_z, axis=1), mask=mr)
+            acc_s = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+            acc_z = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     rr = tl.arange(0, R_PAD)
-    tl.store(da_ptr + rows[:, None] * R + rr[None, :], da,
-             mask=(rows[:, None] < N) & (rr[None, :] < R))  # fmt: skip
+    tl.store(da_ptr + split.to(tl.int64) * N * R + rows[:, None] * R + rr[None, :], da,
+             mask=mr[:, None] & (rr[None, :] < R))  # fmt: skip
 
 
 @triton.jit
 def _lora_round_bwd_cols_kernel(w_ptr, a_ptr, b_ptr, s_ptr, z_ptr, dy_ptr, db_ptr, N, K, R, G,
-                                GS, QMAX, beta, dreg_ptr, R_PAD: tl.constexpr,
+                                GS, QMAX, beta, dreg_ptr, TILES_PER_SPLIT, R_PAD: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    """Column block: dB = A^T dL/dV, accumulated over all row blocks."""
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    """Column block x chunk of N (grid: column blocks, splits): partial dB (split, r, K)."""
+    k0 = tl.program_id(0) * BLOCK_K
+    split = tl.program_id(1)
     d_reg = tl.load(dreg_ptr)
+    n_begin = split * TILES_PER_SPLIT * BLOCK_N
+    n_end = tl.minimum(N, n_begin + TILES_PER_SPLIT * BLOCK_N)
     db = tl.zeros((R_PAD, BLOCK_K), tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_begin, n_end, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
-        m, a, _b, s, z, u, fl, sig, h_raw, h = _tile(
-            w_ptr, a_ptr, b_ptr, s_ptr, z_ptr, rows, cols, N, K, R, G, GS, R_PAD
+        m, cols, a, _b, s, z, _u, fl, sig, h_raw, h = _tile(
+            w_ptr, a_ptr, b_ptr, s_ptr, z_ptr, rows, k0, N, K, R, G, GS, R_PAD, BLOCK_K
         )
-        g_v, _dy, _t, _inside = _grad_v(dy_ptr, rows, cols, m, K, s, z, u, fl, sig, h_raw, h,
+        g_v, _dy, _t, _inside = _grad_v(dy_ptr, rows, cols, m, K, s, z, fl, sig, h_raw, h,
                                         QMAX, beta, d_reg)  # fmt: skip
         db += tl.dot(tl.trans(a), g_v, input_precision="ieee")
     rr = tl.arange(0, R_PAD)
-    tl.store(db_ptr + rr[:, None] * K + cols[None, :], db,
+    cols = k0 + tl.arange(0, BLOCK_K)
+    tl.store(db_ptr + split.to(tl.int64) * R * K + rr[:, None] * K + cols[None, :], db,
              mask=(rr[:, None] < R) & (cols[None, :] < K))  # fmt: skip
 
 
@@ -184,6 +198,20 @@ def _blocks(k: int, group_size: int | None) -> tuple[int, int]:
     if group_size is not None:
         block_k = min(64, group_size & -group_size)  # largest power of 2 dividing it
     return 32, block_k
+
+
+def _splits(blocks: int, tiles: int, device: torch.device) -> tuple[int, int]:
+    """(splits, tiles per split) so that blocks x splits programs fill the GPU about 4 times
+    over: the backward kernels loop over the other dimension, and one program per row (or
+    column) block leaves most SMs idle (128 programs for N = 4096). The partial sums take
+    splits x (N or K) x r floats, at most ~4 x SMs x BLOCK x r: O((N + K) r) still."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    splits = max(1, min(tiles, -(-target // max(blocks, 1))))
+    per = -(-tiles // splits)
+    return -(-tiles // per), per
 
 
 def _check(w, a, b, scales, zeros, bits, group_size, beta) -> None:
@@ -291,16 +319,22 @@ def _lora_round_backward_op(
     a, b, scales, zeros = _prep(a, b, scales, zeros)
     dy = dy.contiguous()
     p = _Launch(w, a.shape[1], group_size, bits)
-    da = torch.zeros_like(a)
-    db = torch.zeros_like(b)
-    ds = torch.zeros_like(scales)
-    dz = torch.zeros_like(zeros)
-    if w.numel():
-        args = (w, a, b, scales, zeros, dy)
-        scalars = (p.n, p.k, p.r, p.g, p.gs, p.qmax, float(beta), d_reg.float().reshape(()))
-        _lora_round_bwd_rows_kernel[(p.tiles[0],)](*args, da, ds, dz, *scalars, **p.consts())
-        _lora_round_bwd_cols_kernel[(p.tiles[1],)](*args, db, *scalars, **p.consts())
-    return da, db, ds, dz
+    if not w.numel():
+        return torch.zeros_like(a), torch.zeros_like(b), torch.zeros_like(scales), \
+            torch.zeros_like(zeros)  # fmt: skip
+    split_k, per_k = _splits(p.tiles[0], p.tiles[1], w.device)
+    split_n, per_n = _splits(p.tiles[1], p.tiles[0], w.device)
+    da = torch.empty((split_k, *a.shape), dtype=torch.float32, device=w.device)
+    db = torch.empty((split_n, *b.shape), dtype=torch.float32, device=w.device)
+    # Segments a split does not reach keep their zero.
+    ds = torch.zeros((split_k, *scales.shape), dtype=torch.float32, device=w.device)
+    dz = torch.zeros((split_k, *zeros.shape), dtype=torch.float32, device=w.device)
+    args = (w, a, b, scales, zeros, dy)
+    scalars = (p.n, p.k, p.r, p.g, p.gs, p.qmax, float(beta), d_reg.float().reshape(()))
+    _lora_round_bwd_rows_kernel[(p.tiles[0], split_k)](*args, da, ds, dz, *scalars, per_k,
+                                                       **p.consts())  # fmt: skip
+    _lora_round_bwd_cols_kernel[(p.tiles[1], split_n)](*args, db, *scalars, per_n, **p.consts())
+    return da.sum(0), db.sum(0), ds.sum(0), dz.sum(0)
 
 
 @_lora_round_backward_op.register_fake
@@ -319,7 +353,7 @@ def _backward_torch(dy, d_reg, w, a, b, scales, zeros, bits, group_size, beta):
     sig = torch.sigmoid(a @ b)
     h_raw = sig * (ZETA - GAMMA) + GAMMA
     h = h_raw.clamp(0, 1)
-    u = w.float() / s
+    u = w.float() * _reciprocal(scales.float())[:, gid]
     fl = torch.floor(u)
     t = fl + h + z
     qmax = (1 << bits) - 1
@@ -412,7 +446,7 @@ def lora_round_init(w: Tensor, scales: Tensor, group_size: int | None, rank: int
     if zero:
         return torch.zeros(n, rank, device=w.device), torch.randn(rank, k, device=w.device) * 1e-3
     gid = _segment_index(k, group_size, w.device)[0]
-    u = w.float() / scales.float()[:, gid]
+    u = w.float() * _reciprocal(scales.float())[:, gid]
     frac = (u - torch.floor(u)).clamp(0.01, 0.99)
     target = torch.logit((frac - GAMMA) / (ZETA - GAMMA))
     left, sv, right = torch.linalg.svd(target, full_matrices=False)
@@ -442,7 +476,7 @@ def lora_round_ref(w, a, b, scales, zeros, bits, group_size=None, beta=2.0):
     gid = _segment_index(k, group_size, w.device)[0]
     s, z = scales.to(cd)[:, gid], zeros.to(cd)[:, gid]
     h = (torch.sigmoid(a.to(cd) @ b.to(cd)) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
-    u = w.to(cd) / s
+    u = w.to(cd) * _reciprocal(scales.to(cd))[:, gid]
     fl = u + (torch.floor(u) - u).detach()
     q = (fl + h + z).clamp(0, (1 << bits) - 1)
     reg = (1 - (2 * h - 1).abs().pow(beta)).sum()
@@ -453,7 +487,8 @@ def harden_ref(w, a, b, scales, zeros, bits, group_size=None):
     """Plain PyTorch :func:`harden`."""
     k = w.shape[1]
     gid = _segment_index(k, group_size, w.device)[0]
-    s, z = scales.float()[:, gid], zeros.float()[:, gid]
+    z = zeros.float()[:, gid]
     up = (a.float() @ b.float() >= 0).float()
-    q = (torch.floor(w.float() / s) + up + z).clamp(0, (1 << bits) - 1)
+    q = torch.floor(w.float() * _reciprocal(scales.float())[:, gid]) + up + z
+    q = q.clamp(0, (1 << bits) - 1)
     return q.to(torch.uint8)

@@ -234,3 +234,27 @@ def test_opcheck_and_compile():
     want = loss(x, a, b)
     (wa,) = torch.autograd.grad(want, [a])
     assert torch.equal(got, want) and torch.allclose(ga, wa)
+
+
+@pytest.mark.parametrize("layout", [(5, 37, None), (4, 100, 32), (3, 50, 7)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_two_sweep_path(layout, symmetric):
+    """Segments longer than one tile (K > 4096 per channel on the GPU) take the looped
+    two-sweep path; small tiles force it here on small shapes."""
+    n, k, gs = layout
+    x, fmax, fmin = make_case(n, k, gs, "segment", symmetric, seed=3)
+    dy = torch.randn(n, k, generator=torch.Generator().manual_seed(2))
+
+    def ref(x, a, b):
+        return fake_quant_ref(x, 4, gs, a, b, symmetric)
+
+    def kern(x, a, b):
+        return fake_quant(x, 4, gs, a, b, symmetric)
+
+    with mock.patch.object(fq_module, "_grid_config", return_value=(2, 4, 1, False)):
+        y, g = grads(kern, x, fmax, fmin, dy)
+    y_ref, g_ref = grads(ref, x, fmax, fmin, dy)
+    assert torch.equal(y, y_ref)
+    assert torch.equal(g[0], torch.where(g_ref[0] != 0, dy, 0.0))
+    for got, want in zip(g[1:], g_ref[1:], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * want.abs().max())

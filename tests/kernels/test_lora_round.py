@@ -13,7 +13,9 @@ from cbq_kernels.lora_round import (
 )
 
 # (N, K, group_size, rank): odd sizes, ragged last groups, per-channel.
-CASES = ((37, 70, None, 8), (40, 96, 32, 4), (33, 100, 16, 16), (5, 48, 64, 1), (64, 17, None, 32))
+# (9, 400, 192, 8): segments of 3 tiles cut by the split of the backward over K.
+CASES = ((37, 70, None, 8), (40, 96, 32, 4), (33, 100, 16, 16), (5, 48, 64, 1), (64, 17, None, 32),
+         (9, 400, 192, 8))  # fmt: skip
 
 
 def setup(n, k, gs, r, bits, dtype=torch.float32, seed=0):
