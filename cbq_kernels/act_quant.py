@@ -119,8 +119,7 @@ def _out_shapes(x: Tensor, bits: int) -> tuple[tuple[int, int], torch.dtype]:
     return ((t, k), torch.int8) if bits == 8 else ((t, packed_words(k, 4)), torch.int32)
 
 
-@torch.library.custom_op("cbq::act_quant", mutates_args=())
-def _act_quant_op(
+def _act_quant_impl(
     x: Tensor,
     bits: int,
     clip_ratio: float,
@@ -150,6 +149,9 @@ def _act_quant_op(
             enable_fp_fusion=False,
         )  # fmt: skip
     return codes, scales
+
+
+_act_quant_op = torch.library.custom_op("cbq::act_quant", mutates_args=())(_act_quant_impl)
 
 
 @_act_quant_op.register_fake
@@ -188,8 +190,10 @@ def act_quant(
         clip_ratio = float(clip_ratio)
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise TypeError("x must be a tensor of shape (..., K)")
-    return _act_quant_op(x.reshape(-1, x.shape[-1]), bits, float(clip_ratio), norm_weight,
-                         float(norm_eps), channel_factor, float(alpha))  # fmt: skip
+    # Eager calls skip torch.library's dispatch (host time); torch.compile sees the op.
+    op = _act_quant_op if torch.compiler.is_compiling() else _act_quant_impl
+    return op(x.reshape(-1, x.shape[-1]), bits, float(clip_ratio), norm_weight,
+              float(norm_eps), channel_factor, float(alpha))  # fmt: skip
 
 
 def act_quant_ref(
