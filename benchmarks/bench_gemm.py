@@ -1,0 +1,123 @@
+"""Quantized GEMMs against cuBLAS bf16, torch._int_mm (int8) and torch._scaled_mm (fp8), at
+Llama-2 7B / 13B / 70B linear-layer shapes and M in {1, 4, 16, 64, 256, 1024, 4096, 8192}.
+
+Providers: cublas_bf16 (F.linear, bf16 weight), int_mm (int8 x int8 -> int32; M <= 16 is
+padded to 32 rows, its minimum), scaled_mm (fp8 e4m3 x e4m3 -> bf16, unit scales), and the
+cbq kernels: w4a8 (4-bit per-channel weight, int8 activation codes), w4a8_g128, w4a4
+(packed int4 activation codes), w4a16_g128 and w2a16_g128 (weight-only, bf16 activations).
+Activation quantization is not included in the kernel times (it is a separate, fused-with-
+RMSNorm op, benchmarked in bench_act_quant.py). TFLOP/s counts 2*M*N*K; GB/s counts the
+activation, the (packed) weight with its scales, and the output.
+
+    python benchmarks/bench_gemm.py --out benchmarks/results/h100
+    CBQ_BENCH_QUICK=1 ...   (two shapes, M in {1, 16, 4096}: a smoke run)
+"""
+
+# ruff: noqa: B023 - every closure below is timed at once, inside its loop iteration
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import Environment, Table, bench, cli, write_report
+from cbq_kernels.act_quant import act_quant
+from cbq_kernels.gemm import gemm_w4a4, gemm_w4a8, gemm_wonly, prepare_weight
+from cbq_kernels.packing import pack
+from cbq_kernels.testing import LLAMA_LINEAR_SHAPES
+
+MS = (1, 4, 16, 64, 256, 1024, 4096, 8192)
+
+
+def weight(n, k, bits, group_size, g):
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g, device="cuda", dtype=torch.uint8)
+    groups = 1 if group_size is None else -(-k // group_size)
+    scales = torch.rand(n, groups, generator=g, device="cuda") * 0.01 + 0.001
+    zeros = torch.randint(0, 1 << bits, (n, groups), generator=g, device="cuda").float()
+    return prepare_weight(pack(codes, bits), bits, k, scales, zeros, group_size)
+
+
+def wbytes(w) -> int:
+    return w.packed.numel() * 4 + w.scales.numel() * 4 + w.zeros.numel() * 4
+
+
+def timed(fn):
+    return bench(fn, warmup_ms=10, rep_ms=60)
+
+
+def main() -> None:
+    out = cli(__doc__)
+    quick = bool(os.environ.get("CBQ_BENCH_QUICK"))
+    torch.manual_seed(0)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    table = Table(Environment.detect())
+    shapes = [(f"{model}_{layer}", n, k) for model, layers in LLAMA_LINEAR_SHAPES.items()
+              for layer, (n, k) in layers.items()]  # fmt: skip
+    ms = MS
+    if quick:
+        shapes = [s for s in shapes if s[0] in ("70b_gate_up", "7b_qkvo")]
+        ms = (1, 16, 4096)
+    notes = []
+    for name, n, k in shapes:
+        w_bf16 = (torch.randn(n, k, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+        w_i8_t = torch.randint(-127, 128, (n, k), generator=g, device="cuda",
+                               dtype=torch.int8).t()  # fmt: skip
+        w_f8_t = w_bf16.to(torch.float8_e4m3fn).t()
+        w4 = weight(n, k, 4, None, g)
+        w4g = weight(n, k, 4, 128, g)
+        w2g = weight(n, k, 2, 128, g)
+        one = torch.ones((), device="cuda")
+        for m in ms:
+            shape = f"{m}x{n}x{k}"
+            flops = 2 * m * n * k
+            x = (torch.randn(m, k, generator=g, device="cuda")).to(torch.bfloat16)
+            xq8, xs8 = act_quant(x, 8)
+            xq4, xs4 = act_quant(x, 4)
+            out_b = m * n * 2
+            base = timed(lambda x=x: F.linear(x, w_bf16))
+            table.add(name, "cublas_bf16", shape, "bf16", base, flops=flops,
+                      nbytes=m * k * 2 + n * k * 2 + out_b)  # fmt: skip
+            mp = max(m, 32)
+            xi = xq8 if m >= 32 else torch.zeros(mp, k, dtype=torch.int8, device="cuda")
+            t = timed(lambda xi=xi: torch._int_mm(xi, w_i8_t))
+            table.add(name, "int_mm", shape, "int8", t, flops=flops, nbytes=mp * k + n * k +
+                      mp * n * 4, baseline=base, baseline_name="cublas_bf16")  # fmt: skip
+            xf8 = x.to(torch.float8_e4m3fn)
+            try:
+                t = timed(
+                    lambda xf8=xf8: torch._scaled_mm(
+                        xf8, w_f8_t, one, one, out_dtype=torch.bfloat16
+                    )
+                )
+                table.add(name, "scaled_mm", shape, "fp8", t, flops=flops,
+                          nbytes=m * k + n * k + out_b, baseline=base,
+                          baseline_name="cublas_bf16")  # fmt: skip
+            except RuntimeError as exc:
+                notes.append(f"- scaled_mm {shape}: not run ({str(exc).splitlines()[0][:80]})")
+            cases = (
+                ("w4a8", lambda: gemm_w4a8(xq8, xs8, w4), m * k + wbytes(w4)),
+                ("w4a8_g128", lambda: gemm_w4a8(xq8, xs8, w4g), m * k + wbytes(w4g)),
+                ("w4a4", lambda: gemm_w4a4(xq4, xs4, w4), m * k // 2 + wbytes(w4)),
+                ("w4a16_g128", lambda: gemm_wonly(x, w4g), m * k * 2 + wbytes(w4g)),
+                ("w2a16_g128", lambda: gemm_wonly(x, w2g), m * k * 2 + wbytes(w2g)),
+            )
+            for prov, fn, nbytes in cases:
+                t = timed(fn)
+                table.add(name, prov, shape, "int4" if "a16" not in prov else "bf16", t,
+                          flops=flops, nbytes=nbytes + out_b, baseline=base,
+                          baseline_name="cublas_bf16")  # fmt: skip
+            print(f"{name} M={m} done", flush=True)
+    columns = ("op", "provider", "shape", "p50_ms", "tflops", "gbps", "speedup")
+    notes.insert(0, "speedup: cuBLAS bf16 time / this time, same M, N, K, same process.")
+    print(write_report(table, out, "bench_gemm", "Quantized GEMMs", "benchmarks/bench_gemm.py",
+                       columns, notes))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,571 @@
+"""Inference GEMMs on quantized weights: W4A8 and W4A4 on int8 tensor cores, W4A16 / W3A16 /
+W2A16 weight-only, with a decode (small M) path and a dispatcher.
+
+Shapes: activations x (M, K), weight W (N, K) (``out_features, in_features``, as
+``nn.Linear``), output (M, N) = x @ W^T.
+
+Weights stay in the canonical packed format of :mod:`cbq_kernels.formats` (rows of W packed
+along K into int32 words, 8 codes of 4 bits or 16 of 2 bits per word, 3-bit codes in 4-bit
+containers). That layout is already K-major (row n of W contiguous along K), the layout the
+fast int8 ``tl.dot`` on Hopper needs (KERNELS.md), so :func:`prepare_weight` does not re-layout
+the codes; it checks them once, converts scales to fp32 and zero points to int32 (default
+``2**(b-1)``), and returns a :class:`PreparedWeight` that every kernel reads. The kernels unpack
+a (BLOCK_K, BLOCK_N) tile of codes in registers (each word loaded once per code it holds, from
+L1) and subtract the zero point:
+
+* integer path (W4A8, W4A4): ``w = q - z`` in [-15, 15] and the activation codes are int8
+  (W4A8) or int4 unpacked to int8 (W4A4, codes from :func:`cbq_kernels.act_quant.act_quant`
+  with ``bits=4``, offset 8); ``tl.dot`` multiplies int8 x int8 into int32 (Hopper has no int4
+  tensor cores). Per-channel weights accumulate the whole K in int32 and scale once:
+  ``out = acc * s_x[m] * s_w[n]``; grouped weights (BLOCK_K divides the group) scale each
+  K tile's int32 product by ``s_w[n, g]`` into an fp32 accumulator.
+* weight-only path (W4A16, W2A16): ``w = (q - z)`` is exact in bf16/fp16, the tile product
+  runs on bf16/fp16 tensor cores with fp32 accumulation, and the scale is applied per K tile
+  (grouped) or once in the epilogue (per-channel).
+
+Split-K: the decode path (M <= 16) cuts K into ``SPLIT_K`` slices so that M = 1 still starts
+enough programs to read the weight at full bandwidth; the slices write fp32 partials that are
+summed in a fixed order (deterministic). ``debug=True`` returns the raw int32 accumulator
+``x_codes @ (q - z)^T`` (whole K, no scales) of the integer kernels, for exactness tests.
+
+Triton's CPU interpreter computes bf16 arithmetic wrongly (KERNELS.md); there the weight-only
+kernel multiplies in fp32 (``DOT_F32``). Integer ``tl.dot`` is exact in the interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from cbq_kernels import formats
+from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, describe, use_triton
+from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpreter gets right
+
+__all__ = [
+    "PreparedWeight",
+    "gemm_ref",
+    "gemm_w4a4",
+    "gemm_w4a8",
+    "gemm_wonly",
+    "linear",
+    "prepare_weight",
+]
+
+_A_INT8, _A_INT4, _A_FLOAT = 0, 1, 2
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# ------------------------------------------------------------------------------ kernel
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, K, KW_X, KW_W,
+                 G, GS, A_MODE: tl.constexpr, W_BITS: tl.constexpr, GROUPED: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr, SPLIT_K: tl.constexpr,
+                 DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+    """out (M, N) = x (M, K) @ W^T, W packed (N, KW_W) int32. See the module docstring.
+
+    SPLIT_K > 1: out_ptr is an fp32 (SPLIT_K, M, N) buffer of partials (bias not added).
+    DEBUG: out_ptr is int32 (M, N), the raw accumulator."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row blocks share the weight tiles they read (L2 reuse).
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm, mn = rm < M, rn < N
+    rm64, rn64 = rm.to(tl.int64), rn.to(tl.int64)
+    PER_W: tl.constexpr = 32 // W_BITS
+    W_MASK: tl.constexpr = (1 << W_BITS) - 1
+    INT_PATH: tl.constexpr = A_MODE != 2
+
+    if INT_PATH:
+        acc_i = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if not GROUPED:  # one zero point (and scale) per output channel
+        z_n = tl.load(wz_ptr + rn64 * G, mask=mn, other=0)
+
+    k_step = BLOCK_K * SPLIT_K
+    for k0 in range(split * BLOCK_K, K, k_step):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < K
+        # ---- activation tile (BLOCK_M, BLOCK_K)
+        if A_MODE == 0:
+            a = tl.load(x_ptr + rm64[:, None] * K + rk[None, :], mask=mm[:, None] & mk[None, :],
+                        other=0)  # fmt: skip
+        elif A_MODE == 1:
+            xw = tl.load(x_ptr + rm64[:, None] * KW_X + (rk // 8)[None, :],
+                         mask=mm[:, None] & mk[None, :], other=0)  # fmt: skip
+            a4 = ((xw >> ((rk % 8) * 4)[None, :]) & 0xF) - 8
+            a = tl.where(mk[None, :], a4, 0).to(tl.int8)
+        else:
+            a = tl.load(x_ptr + rm64[:, None] * K + rk[None, :], mask=mm[:, None] & mk[None, :],
+                        other=0.0)  # fmt: skip
+        # ---- weight tile (BLOCK_K, BLOCK_N): unpack, subtract the zero point
+        ww = tl.load(w_ptr + rn64[None, :] * KW_W + (rk // PER_W)[:, None],
+                     mask=mk[:, None] & mn[None, :], other=0)  # fmt: skip
+        q = (ww >> ((rk % PER_W) * W_BITS)[:, None]) & W_MASK
+        if GROUPED:
+            g = k0 // GS  # BLOCK_K divides GS: one group per tile
+            z = tl.load(wz_ptr + rn64 * G + g, mask=mn, other=0)
+            s_w = tl.load(ws_ptr + rn64 * G + g, mask=mn, other=0.0)
+            wq = tl.where(mk[:, None], q - z[None, :], 0)
+        else:
+            wq = tl.where(mk[:, None], q - z_n[None, :], 0)
+        # ---- multiply
+        if INT_PATH:
+            b = wq.to(tl.int8)
+            if GROUPED and not DEBUG:
+                part = tl.dot(a, b, out_dtype=tl.int32)
+                acc += part.to(tl.float32) * s_w[None, :]
+            else:
+                acc_i = tl.dot(a, b, acc_i, out_dtype=tl.int32)
+        else:
+            if DOT_F32:
+                part = tl.dot(a.to(tl.float32), wq.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(a, wq.to(a.dtype))
+            if GROUPED:
+                acc += part * s_w[None, :]
+            else:
+                acc += part
+
+    # ---- epilogue
+    mo = mm[:, None] & mn[None, :]
+    if DEBUG:
+        tl.store(out_ptr + rm64[:, None] * N + rn64[None, :], acc_i, mask=mo)
+    else:
+        if INT_PATH:
+            if not GROUPED:
+                s_n = tl.load(ws_ptr + rn64 * G, mask=mn, other=0.0)
+                acc = acc_i.to(tl.float32) * s_n[None, :]
+            acc = acc * tl.load(xs_ptr + rm64, mask=mm, other=0.0)[:, None]
+        elif not GROUPED:
+            acc = acc * tl.load(ws_ptr + rn64 * G, mask=mn, other=0.0)[None, :]
+        if SPLIT_K > 1:
+            tl.store(out_ptr + split.to(tl.int64) * M * N + rm64[:, None] * N + rn64[None, :],
+                     acc, mask=mo)  # fmt: skip
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn64, mask=mn, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + rm64[:, None] * N + rn64[None, :], _to_store(acc, out_ptr),
+                     mask=mo)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ configs
+
+_AUTOTUNE_CACHE = (
+    {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters
+    else {}
+)  # fmt: skip
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)  # fmt: skip
+
+
+# Large M (compute-bound): tiles for the int8 / bf16 tensor cores. Small M (decode): one
+# 16-row tile, wide N and K tiles, split-K chosen on the host. For grouped weights the
+# pruning below keeps the configs whose BLOCK_K divides the group size (each list has a
+# BLOCK_K = 32 config, and prepare_weight requires groups of a multiple of 32).
+_LARGE_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3),
+    _cfg(128, 128, 128, 8, 3), _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4),
+    _cfg(128, 128, 32, 8, 4),
+]  # fmt: skip
+_SMALL_CONFIGS = [
+    _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 64, 4, 4), _cfg(16, 128, 128, 4, 3),
+    _cfg(16, 256, 64, 8, 3), _cfg(32, 64, 128, 4, 4), _cfg(64, 64, 64, 4, 4),
+    _cfg(16, 128, 32, 4, 4),
+]  # fmt: skip
+
+
+def _prune(configs, named_args, **kwargs):
+    gs = named_args["GS"]
+    grouped = kwargs.get("GROUPED", named_args.get("GROUPED"))
+    return [c for c in configs if not grouped or gs % c.kwargs["BLOCK_K"] == 0]
+
+
+def _tune_bench(kernel_call, quantiles):
+    """Short timing runs for the autotuner (the default 25/100 ms per config makes a first
+    call at a new shape take seconds)."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _tuned(configs):
+    return triton.autotune(
+        configs=configs,
+        key=["M_BUCKET", "N", "K", "A_MODE", "W_BITS", "GROUPED", "SPLIT_K"],
+        prune_configs_by={"early_config_prune": _prune},
+        do_bench=_tune_bench,
+        **_AUTOTUNE_CACHE,
+    )
+
+
+@triton.jit
+def _gemm_entry(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, K, KW_X, KW_W,
+                G, GS, M_BUCKET, A_MODE: tl.constexpr, W_BITS: tl.constexpr,
+                GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
+                SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+    """The kernel with an M bucket argument, the autotuning key (tuning once per bucket)."""
+    _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, K, KW_X, KW_W,
+                 G, GS, A_MODE, W_BITS, GROUPED, HAS_BIAS, DEBUG, SPLIT_K, DOT_F32, BLOCK_M,
+                 BLOCK_N, BLOCK_K, GROUP_M)  # fmt: skip
+
+
+_gemm_large = _tuned(_LARGE_CONFIGS)(_gemm_entry)
+_gemm_small = _tuned(_SMALL_CONFIGS)(_gemm_entry)
+
+# The interpreter (CPU tests) runs one small fixed configuration instead of autotuning.
+_CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+SMALL_M = 16  # M <= SMALL_M takes the decode configurations (and split-K)
+
+
+def _m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(max(m, 1)), 8192)
+
+
+# ------------------------------------------------------------------------------ weights
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedWeight:
+    """A quantized linear weight in the form the GEMM kernels read (see prepare_weight).
+
+    packed: (N, ceil(K / C)) int32, canonical packed codes. scales: (N, G) fp32.
+    zeros: (N, G) int32. bits: 2, 3 or 4. k: in_features. group_size: None (per channel) or
+    the group length along K."""
+
+    packed: Tensor
+    scales: Tensor
+    zeros: Tensor
+    bits: int
+    k: int
+    group_size: int | None
+
+    @property
+    def n(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def groups(self) -> int:
+        return self.scales.shape[1]
+
+    @property
+    def container_bits(self) -> int:
+        return formats.container_bits(self.bits)
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+        """(N, K) ``(q - z) * s`` in ``dtype`` (fp32 arithmetic, one rounding)."""
+        from cbq_kernels.packing import dequantize
+
+        return dequantize(self.packed, self.bits, self.k, self.scales, self.zeros.float(),
+                          self.group_size, dtype)  # fmt: skip
+
+
+def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Tensor | None = None,
+                   group_size: int | None = None) -> PreparedWeight:  # fmt: skip
+    """Check a packed weight once and convert its parameters for the GEMM kernels.
+
+    Args:
+        packed: (N, ceil(K / C)) int32 in the canonical format (``cbq_kernels.pack``).
+        bits: 2, 3 or 4 (3 in 4-bit containers). The integer kernels take 3 and 4.
+        k: in_features K.
+        scales: (N, G) float, G = 1 per channel or ceil(K / group_size).
+        zeros: (N, G) integer-valued zero points in [0, 2**bits - 1]; None means 2**(bits-1).
+        group_size: None (per channel) or a multiple of 32 (one group per K tile).
+    """
+    bits = formats.check_bits(bits)
+    if bits == 8:
+        raise ValueError("bits=8 weights are not supported by the GEMM kernels (2, 3 or 4)")
+    check_tensor(packed, "packed", (torch.int32,), 2, "N, words")
+    n = packed.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if packed.shape[1] != formats.packed_words(k, bits):
+        raise ValueError(
+            f"packed must have {formats.packed_words(k, bits)} words per row for K={k} at "
+            f"{bits} bits, got {describe(packed)}"
+        )
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be None or a positive int, got {group_size!r}")
+        if group_size % 32:
+            raise ValueError(
+                f"group_size must be a multiple of 32 for the GEMM kernels (one group per K "
+                f"tile), got {group_size}"
+            )
+    groups = formats.groups_per_row(k, group_size)
+    if not isinstance(scales, Tensor) or scales.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"scales must be a float tensor, got {scales!r:.60}")
+    if tuple(scales.shape) != (n, groups):
+        raise ValueError(f"scales must have shape (N, G) = {(n, groups)}, got {describe(scales)}")
+    if scales.device != packed.device:
+        raise ValueError(f"scales is on {scales.device} but packed is on {packed.device}")
+    qmax = (1 << bits) - 1
+    if zeros is None:
+        z = torch.full((n, groups), formats.default_zero_point(bits), dtype=torch.int32,
+                       device=packed.device)  # fmt: skip
+    else:
+        if not isinstance(zeros, Tensor) or tuple(zeros.shape) != (n, groups):
+            raise ValueError(f"zeros must have shape (N, G) = {(n, groups)}, got {zeros!r:.80}")
+        if zeros.device != packed.device:
+            raise ValueError(f"zeros is on {zeros.device} but packed is on {packed.device}")
+        zf = zeros.float()
+        if zeros.numel() and (
+            bool((zf != torch.round(zf)).any()) or float(zf.min()) < 0 or float(zf.max()) > qmax
+        ):
+            raise ValueError(f"zeros must be integers in [0, {qmax}] for {bits}-bit codes")
+        z = zf.to(torch.int32)
+    return PreparedWeight(packed, scales.float().contiguous(), z.contiguous(), bits, k, group_size)
+
+
+# ------------------------------------------------------------------------------ launch
+
+
+def _check_out_dtype(out_dtype: torch.dtype) -> None:
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+
+
+def _check_bias(bias: Tensor | None, n: int, device: torch.device) -> None:
+    if bias is None:
+        return
+    check_tensor(bias, "bias", FLOAT_DTYPES, 1, "N")
+    if bias.shape[0] != n or bias.device != device:
+        raise ValueError(f"bias must be (N,) = ({n},) on {device}, got {describe(bias)}")
+
+
+def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
+    """Slices of K for the decode path: enough programs (about 2 per SM with 128-wide N
+    tiles) to stream the weight at full bandwidth; 1 for large M."""
+    if m > SMALL_M or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(n, 128)
+    split = 1
+    while tiles * split < 2 * sms and k // (split * 2) >= 512:
+        split *= 2
+    return split
+
+
+def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWeight,
+            bias: Tensor | None, out_dtype: torch.dtype, debug: bool,
+            split_k: int | None) -> Tensor:  # fmt: skip
+    m, n, k = x.shape[0], weight.n, weight.k
+    device = x.device
+    if debug and a_mode == _A_FLOAT:
+        raise ValueError("debug (raw int32 accumulator) exists for the integer GEMMs only")
+    if weight.packed.device != device:
+        raise ValueError(f"weight is on {weight.packed.device} but x is on {device}")
+    _check_bias(bias, n, device)
+    _check_out_dtype(out_dtype)
+    split = _split_k(m, n, k, device) if split_k is None else split_k
+    if debug:
+        split = 1
+    if m == 0 or n == 0:
+        return torch.zeros((m, n), dtype=torch.int32 if debug else out_dtype, device=device)
+    if debug:
+        out = torch.empty((m, n), dtype=torch.int32, device=device)
+    elif split > 1:
+        out = torch.empty((split, m, n), dtype=torch.float32, device=device)
+    else:
+        out = torch.empty((m, n), dtype=out_dtype, device=device)
+    grouped = weight.group_size is not None and weight.groups > 1
+    gs = weight.group_size if grouped else k
+    xs = x_scales if x_scales is not None else weight.scales
+    kw_x = x.shape[1]
+    args = (x, xs, weight.packed, weight.scales, weight.zeros, bias if bias is not None else xs,
+            out, m, n, k, kw_x, weight.packed.shape[1], weight.groups, gs)  # fmt: skip
+    consts = {"A_MODE": a_mode, "W_BITS": weight.container_bits, "GROUPED": grouped,
+              "HAS_BIAS": bias is not None, "DEBUG": debug, "SPLIT_K": split}  # fmt: skip
+    # fp32 activations multiply in IEEE fp32 (tl.dot would use tf32); on the CPU the
+    # interpreter gets bf16 arithmetic wrong, so it multiplies in fp32 too.
+    dot_f32 = device.type == "cpu" or x.dtype == torch.float32
+    if device.type == "cpu":  # Triton's interpreter
+        grid = (triton.cdiv(m, 16) * triton.cdiv(n, 32), split)
+        _gemm_kernel[grid](*args, **consts, DOT_F32=dot_f32, **_CPU_CONFIG)
+    else:
+        kernel = _gemm_small if m <= SMALL_M else _gemm_large
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
+
+        kernel[grid](*args, _m_bucket(m), **consts, DOT_F32=dot_f32)
+    if split > 1 and not debug:
+        total = out.sum(0)
+        if bias is not None:
+            total += bias.float()
+        return total.to(out_dtype)
+    return out
+
+
+def _check_weight(weight: object, int_path: bool) -> PreparedWeight:
+    if not isinstance(weight, PreparedWeight):
+        raise TypeError(
+            f"weight must be a PreparedWeight (see prepare_weight), got {type(weight).__name__}"
+        )
+    if int_path and weight.container_bits != 4:
+        raise ValueError(
+            f"the integer GEMMs take 3- or 4-bit weights (4-bit containers), got {weight.bits}"
+        )
+    return weight
+
+
+def _check_act_scales(x_scales: object, m: int, device: torch.device) -> Tensor:
+    check_tensor(x_scales, "x_scales", FLOAT_DTYPES, 1, "M")
+    assert isinstance(x_scales, Tensor)
+    if x_scales.shape[0] != m or x_scales.device != device:
+        raise ValueError(f"x_scales must be (M,) = ({m},) on {device}, got {describe(x_scales)}")
+    return x_scales.float()
+
+
+def gemm_w4a8(x_codes: Tensor, x_scales: Tensor, weight: PreparedWeight,
+              bias: Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+              debug: bool = False, split_k: int | None = None) -> Tensor:  # fmt: skip
+    """W4A8: int8 activation codes (M, K) with per-token scales (M,) times a 3/4-bit weight.
+
+    Returns (M, N) ``out_dtype`` = ``(x_codes * s_x) @ ((q - z) * s_w)^T + bias``, or with
+    ``debug=True`` the int32 accumulator ``x_codes @ (q - z)^T``. ``split_k`` overrides the
+    dispatcher's choice (tests)."""
+    weight = _check_weight(weight, True)
+    check_tensor(x_codes, "x_codes", (torch.int8,), 2, "M, K")
+    if x_codes.shape[1] != weight.k:
+        raise ValueError(f"x_codes must have K = {weight.k} columns, got {describe(x_codes)}")
+    xs = _check_act_scales(x_scales, x_codes.shape[0], x_codes.device)
+    if not use_triton(_gemm_kernel, x_codes.device):
+        return _int_gemm_torch(x_codes.to(torch.int32), xs, weight, bias, out_dtype, debug)
+    return _launch(x_codes, xs, _A_INT8, weight, bias, out_dtype, debug, split_k)
+
+
+def gemm_w4a4(x_packed: Tensor, x_scales: Tensor, weight: PreparedWeight,
+              bias: Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+              debug: bool = False, split_k: int | None = None) -> Tensor:  # fmt: skip
+    """W4A4: packed int4 activation codes (M, ceil(K/8)) int32, as returned by
+    ``act_quant(x, 4)`` (signed codes offset by 8), per-token scales (M,); else as
+    :func:`gemm_w4a8`."""
+    weight = _check_weight(weight, True)
+    check_tensor(x_packed, "x_packed", (torch.int32,), 2, "M, ceil(K/8)")
+    if x_packed.shape[1] != formats.packed_words(weight.k, 4):
+        raise ValueError(
+            f"x_packed must have {formats.packed_words(weight.k, 4)} words per row for K = "
+            f"{weight.k}, got {describe(x_packed)}"
+        )
+    xs = _check_act_scales(x_scales, x_packed.shape[0], x_packed.device)
+    if not use_triton(_gemm_kernel, x_packed.device):
+        from cbq_kernels.packing import unpack_ref
+
+        codes = unpack_ref(x_packed, 4, weight.k).to(torch.int32) - 8
+        return _int_gemm_torch(codes, xs, weight, bias, out_dtype, debug)
+    return _launch(x_packed, xs, _A_INT4, weight, bias, out_dtype, debug, split_k)
+
+
+def gemm_wonly(x: Tensor, weight: PreparedWeight, bias: Tensor | None = None,
+               split_k: int | None = None) -> Tensor:  # fmt: skip
+    """Weight-only W4A16 / W3A16 / W2A16: x (M, K) bf16/fp16 (fp32 accepted) times the
+    dequantized weight, dequantization in registers, fp32 accumulation; output x's dtype."""
+    weight = _check_weight(weight, False)
+    check_tensor(x, "x", FLOAT_DTYPES, 2, "M, K")
+    if x.shape[1] != weight.k:
+        raise ValueError(f"x must have K = {weight.k} columns, got {describe(x)}")
+    if not use_triton(_gemm_kernel, x.device):
+        out = x.float() @ weight.dequantize(torch.float32).t()
+        return (out + bias.float() if bias is not None else out).to(x.dtype)
+    return _launch(x, None, _A_FLOAT, weight, bias, x.dtype, False, split_k)
+
+
+def _int_gemm_torch(codes: Tensor, xs: Tensor, weight: PreparedWeight, bias: Tensor | None,
+                    out_dtype: torch.dtype, debug: bool) -> Tensor:  # fmt: skip
+    """The integer GEMM in PyTorch (CPU without the interpreter): exact int64 products."""
+    from cbq_kernels.packing import unpack_ref
+
+    _check_bias(bias, weight.n, codes.device)
+    _check_out_dtype(out_dtype)
+    q = unpack_ref(weight.packed, weight.bits, weight.k).to(torch.int64)
+    gid = torch.arange(weight.k, device=codes.device) // (weight.group_size or weight.k)
+    wq = q - weight.zeros.to(torch.int64)[:, gid]
+    if debug:
+        return (codes.to(torch.int64) @ wq.t()).to(torch.int32)
+    w = wq.double() * weight.scales.double()[:, gid]
+    out = (codes.double() @ w.t()) * xs.double()[:, None]
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(out_dtype)
+
+
+# ------------------------------------------------------------------------------ reference
+
+
+def gemm_ref(x: Tensor, weight: PreparedWeight, x_scales: Tensor | None = None,
+             act_bits: int | None = None, bias: Tensor | None = None,
+             dtype: torch.dtype = torch.float64) -> Tensor:  # fmt: skip
+    """Plain PyTorch product in ``dtype`` (fp64 by default: the exact value to compare with).
+
+    ``act_bits`` None: x is a float activation (weight-only); 8: x is int8 codes; 4: x is
+    packed int4 codes (offset 8); x_scales (M,) for the last two."""
+    from cbq_kernels.packing import unpack_ref
+
+    if act_bits is None:
+        xa = x.to(dtype)
+    else:
+        codes = x if act_bits == 8 else unpack_ref(x, 4, weight.k).to(torch.int32) - 8
+        xa = codes.to(dtype) * x_scales.to(dtype)[:, None]  # type: ignore[union-attr]
+    q = unpack_ref(weight.packed, weight.bits, weight.k).to(dtype)
+    gid = torch.arange(weight.k, device=q.device) // (weight.group_size or weight.k)
+    w = (q - weight.zeros.to(dtype)[:, gid]) * weight.scales.to(dtype)[:, gid]
+    out = xa @ w.t()
+    return out + bias.to(dtype) if bias is not None else out
+
+
+# ------------------------------------------------------------------------------ dispatcher
+
+
+def linear(x: Tensor, weight: PreparedWeight, act_bits: int | None = None,
+           bias: Tensor | None = None, **act_kwargs) -> Tensor:  # fmt: skip
+    """``y = x @ W^T + bias`` for x (..., K) bf16/fp16, the path chosen by (M, N, K):
+
+    * ``act_bits=None``: weight-only GEMM (decode configurations and split-K at M <= 16);
+      at large M, dequantize + cuBLAS where the table :data:`WONLY_CUBLAS_MIN_M` says it is
+      faster (measured, benchmarks/results/h100/bench_gemm.md).
+    * ``act_bits`` 8 or 4: per-token activation quantization (:func:`act_quant`, keyword
+      arguments passed on: ``norm_weight``, ``clip_ratio``, CrossQuant ``channel_factor`` /
+      ``alpha``) then the W4A8 / W4A4 integer GEMM.
+    """
+    from cbq_kernels.act_quant import act_quant
+
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be a float tensor of shape (..., K), got {x!r:.80}")
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    m = x2.shape[0]
+    if act_bits is None:
+        if x.device.type == "cuda" and m >= WONLY_CUBLAS_MIN_M:
+            y = torch.nn.functional.linear(x2, weight.dequantize(x.dtype), bias)
+        else:
+            y = gemm_wonly(x2, weight, bias)
+    elif act_bits in (4, 8):
+        codes, scales = act_quant(x2, act_bits, **act_kwargs)
+        fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
+        y = fn(codes, scales, weight, bias, out_dtype=x.dtype)
+    else:
+        raise ValueError(f"act_bits must be None, 4 or 8, got {act_bits!r}")
+    return y.reshape(*x.shape[:-1], weight.n)
+
+
+# M from which the weight-only path dequantizes and calls cuBLAS (bf16). Set from the
+# H100 benchmark (bench_gemm.py): see DECISIONS.md.
+WONLY_CUBLAS_MIN_M = 1024

@@ -1,0 +1,155 @@
+"""Inference GEMMs on the CPU (Triton's interpreter), small and odd shapes."""
+
+import pytest
+import torch
+
+from cbq_kernels.act_quant import act_quant
+from cbq_kernels.gemm import (
+    _A_FLOAT,
+    PreparedWeight,
+    _launch,
+    gemm_ref,
+    gemm_w4a4,
+    gemm_w4a8,
+    gemm_wonly,
+    linear,
+    prepare_weight,
+)
+from cbq_kernels.packing import pack_ref, unpack_ref
+
+# (M, N, K): M in {1, 3, 13, 67}; N, K not multiples of the tiles, words or 32.
+SHAPES = ((1, 33, 100), (3, 40, 64), (13, 5, 7), (67, 33, 200))
+
+
+def make_weight(n, k, bits, group_size=None, seed=0, zeros=True):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
+    groups = 1 if group_size is None else -(-k // group_size)
+    scales = torch.rand(n, groups, generator=g) * 0.02 + 0.005
+    z = torch.randint(0, 1 << bits, (n, groups), generator=g).float() if zeros else None
+    return prepare_weight(pack_ref(codes, bits), bits, k, scales, z, group_size), codes
+
+
+def act_codes(m, k, bits, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 3
+    return act_quant(x, bits)
+
+
+def signed_weight(w: PreparedWeight, codes):
+    gid = torch.arange(w.k) // (w.group_size or w.k)
+    return codes.to(torch.int64) - w.zeros.to(torch.int64)[:, gid]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("act_bits", [8, 4])
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_int32_accumulator_exact(shape, act_bits, group_size):
+    m, n, k = shape
+    w, codes = make_weight(n, k, 4, group_size, seed=m)
+    xq, xs = act_codes(m, k, act_bits)
+    fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
+    acc = fn(xq, xs, w, debug=True)
+    x_int = xq.to(torch.int64) if act_bits == 8 else unpack_ref(xq, 4, k).to(torch.int64) - 8
+    assert acc.dtype == torch.int32
+    assert torch.equal(acc.to(torch.int64), x_int @ signed_weight(w, codes).t())
+
+
+def max_err(got, exact):
+    return float((got.double() - exact).abs().max())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("act_bits", [8, 4])
+@pytest.mark.parametrize("group_size", [None, 32, 64])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_scaled_output_within_twice_the_torch_error(shape, act_bits, group_size, out_dtype):
+    m, n, k = shape
+    w, _ = make_weight(n, k, 4, group_size, seed=n)
+    xq, xs = act_codes(m, k, act_bits, seed=k)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
+    out = fn(xq, xs, w, bias, out_dtype=out_dtype)
+    exact = gemm_ref(xq, w, xs, act_bits, bias)
+    # The same computation in PyTorch at the output dtype: fp32 math, one rounding.
+    torch_out = gemm_ref(xq, w, xs, act_bits, bias, dtype=torch.float32).to(out_dtype)
+    assert out.dtype == out_dtype and out.shape == (m, n)
+    assert max_err(out, exact) <= 2 * max_err(torch_out, exact) + 1e-6 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [None, 32, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_weight_only(bits, group_size, dtype):
+    m, n, k = 13, 33, 100
+    w, _ = make_weight(n, k, bits, group_size, seed=bits, zeros=group_size != 64)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(4))).to(dtype)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(5)).to(dtype)
+    out = gemm_wonly(x, w, bias)
+    exact = gemm_ref(x, w, bias=bias)
+    torch_out = (x @ w.dequantize(dtype).t() + bias).to(dtype)  # PyTorch at the same dtype
+    assert out.dtype == dtype
+    tol = 1e-5 * float(exact.abs().max())
+    assert max_err(out, exact) <= 2 * max_err(torch_out, exact) + tol
+
+
+@pytest.mark.parametrize("split", [2, 3])
+def test_split_k_partials_sum_to_the_same_result(split):
+    m, n, k = 3, 40, 200
+    w, _ = make_weight(n, k, 4, 32)
+    xq, xs = act_codes(m, k, 8)
+    one = gemm_w4a8(xq, xs, w, out_dtype=torch.float32, split_k=1)
+    many = gemm_w4a8(xq, xs, w, out_dtype=torch.float32, split_k=split)
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
+    x = torch.randn(m, k)
+    torch.testing.assert_close(gemm_wonly(x, w, split_k=split), gemm_wonly(x, w, split_k=1),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("act_bits", [None, 8, 4])
+def test_linear_dispatcher(act_bits):
+    w, _ = make_weight(24, 64, 4, 32)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    y = linear(x, w, act_bits)
+    assert y.shape == (2, 5, 24) and y.dtype == torch.bfloat16
+    x2 = x.reshape(-1, 64)
+    if act_bits is None:
+        want = gemm_ref(x2, w)
+    else:
+        q, s = act_quant(x2, act_bits)
+        want = gemm_ref(q, w, s, act_bits)
+    torch.testing.assert_close(y.reshape(-1, 24).double(), want, rtol=2e-2, atol=1e-2)
+
+
+def test_bad_input():
+    w, _ = make_weight(8, 64, 4, None)
+    xq, xs = act_codes(3, 64, 8)
+    with pytest.raises(TypeError, match="x_codes must have dtype"):
+        gemm_w4a8(xq.float(), xs, w)
+    with pytest.raises(ValueError, match="K = 64 columns"):
+        gemm_w4a8(xq[:, :32].contiguous(), xs, w)
+    with pytest.raises(ValueError, match=r"x_scales must be \(M,\)"):
+        gemm_w4a8(xq, xs[:2].contiguous(), w)
+    with pytest.raises(ValueError, match="words per row"):
+        gemm_w4a4(torch.zeros(3, 7, dtype=torch.int32), xs, w)
+    with pytest.raises(TypeError, match="PreparedWeight"):
+        gemm_w4a8(xq, xs, w.packed)
+    w2, _ = make_weight(8, 64, 2, None)
+    with pytest.raises(ValueError, match="3- or 4-bit weights"):
+        gemm_w4a8(xq, xs, w2)
+    with pytest.raises(ValueError, match="integer GEMMs only"):
+        _launch(torch.zeros(3, 64), None, _A_FLOAT, w, None, torch.float32, True, None)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        make_weight(8, 64, 4, 48)
+    with pytest.raises(ValueError, match="zeros must be integers"):
+        prepare_weight(w.packed, 4, 64, w.scales, torch.full((8, 1), 16.0))
+    with pytest.raises(ValueError, match="words per row"):
+        prepare_weight(w.packed, 4, 100, w.scales)
+    with pytest.raises(ValueError, match="bits=8"):
+        prepare_weight(w.packed, 8, 64, w.scales)
+    with pytest.raises(ValueError, match=r"bias must be \(N,\)"):
+        gemm_w4a8(xq, xs, w, torch.zeros(9))
+    with pytest.raises(TypeError, match="out_dtype"):
+        gemm_w4a8(xq, xs, w, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="act_bits"):
+        linear(torch.randn(2, 64), w, 6)

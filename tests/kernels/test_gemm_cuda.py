@@ -1,0 +1,97 @@
+"""Inference GEMMs on the GPU at real shapes (the CPU contracts, at Llama sizes)."""
+
+import pytest
+import torch
+
+from cbq_kernels.act_quant import act_quant
+from cbq_kernels.gemm import gemm_ref, gemm_w4a4, gemm_w4a8, gemm_wonly, linear, prepare_weight
+from cbq_kernels.packing import pack, unpack
+
+pytestmark = pytest.mark.cuda
+
+# (M, N, K): decode and prefill sizes at Llama-2 shapes (70B gate/up, 7B gate/up, 70B kv).
+SHAPES = ((1, 28672, 8192), (13, 1024, 8192), (67, 11008, 4096), (4096, 4096, 4096))
+
+
+def make_weight(n, k, bits, group_size, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g, device="cuda", dtype=torch.uint8)
+    groups = 1 if group_size is None else -(-k // group_size)
+    scales = torch.rand(n, groups, generator=g, device="cuda") * 0.02 + 0.005
+    zeros = torch.randint(0, 1 << bits, (n, groups), generator=g, device="cuda").float()
+    return prepare_weight(pack(codes, bits), bits, k, scales, zeros, group_size), codes
+
+
+def activations(m, k, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.randn(m, k, generator=g, device="cuda") * 3).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("act_bits", [8, 4])
+def test_int32_accumulator_exact(shape, act_bits):
+    m, n, k = shape
+    w, codes = make_weight(n, k, 4, 128)
+    xq, xs = act_quant(activations(m, k), act_bits)
+    fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
+    acc = fn(xq, xs, w, debug=True)
+    x_int = xq.double() if act_bits == 8 else unpack(xq, 4, k).double() - 8
+    gid = torch.arange(k, device="cuda") // 128
+    w_int = codes.double() - w.zeros.double()[:, gid]
+    # fp64 products and sums of these integers are exact (|sum| < 127 * 15 * K < 2**53).
+    assert torch.equal(acc.double(), x_int @ w_int.t())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("act_bits", [8, 4])
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_scaled_output(shape, act_bits, group_size):
+    m, n, k = shape
+    w, _ = make_weight(n, k, 4, group_size, seed=2)
+    xq, xs = act_quant(activations(m, k, seed=3), act_bits)
+    bias = torch.randn(n, device="cuda")
+    out = (gemm_w4a8 if act_bits == 8 else gemm_w4a4)(xq, xs, w, bias)
+    exact = gemm_ref(xq, w, xs, act_bits, bias)
+    torch_out = gemm_ref(xq, w, xs, act_bits, bias, dtype=torch.float32).to(torch.bfloat16)
+    err = (out.double() - exact).abs().max()
+    torch_err = (torch_out.double() - exact).abs().max()
+    assert float(err) <= 2 * float(torch_err) + 1e-6 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_weight_only(shape, bits, group_size):
+    m, n, k = shape
+    w, _ = make_weight(n, k, bits, group_size, seed=4)
+    x = activations(m, k, seed=5)
+    out = gemm_wonly(x, w)
+    exact = gemm_ref(x, w)
+    torch_out = x @ w.dequantize(torch.bfloat16).t()  # cuBLAS at the same dtype
+    err = (out.double() - exact).abs().max()
+    torch_err = (torch_out.double() - exact).abs().max()
+    assert float(err) <= 2 * float(torch_err) + 1e-6 * float(exact.abs().max())
+
+
+def test_split_k_matches_one_slice():
+    w, _ = make_weight(28672, 8192, 4, 128, seed=6)
+    x = activations(1, 8192, seed=7)
+    xq, xs = act_quant(x, 8)
+    for fn, args in ((gemm_w4a8, (xq, xs, w)), (gemm_wonly, (x, w))):
+        one = fn(*args, split_k=1)
+        many = fn(*args, split_k=4)
+        torch.testing.assert_close(many.float(), one.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("act_bits", [None, 8, 4])
+def test_linear(act_bits):
+    w, _ = make_weight(4096, 4096, 4, 128, seed=8)
+    for m in (1, 2048):
+        x = activations(m, 4096, seed=m)
+        y = linear(x, w, act_bits)
+        if act_bits is None:
+            want = gemm_ref(x, w)
+        else:
+            q, s = act_quant(x, act_bits)
+            want = gemm_ref(q, w, s, act_bits)
+        torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max())
