@@ -36,7 +36,7 @@ rc_tests=${PIPESTATUS[0]}
 
 echo "== benchmarks"
 rc_bench=0
-for bench in ${CBQ_BENCHES:-packing fake_quant act_quant lora_round}; do
+for bench in ${CBQ_BENCHES-packing fake_quant act_quant lora_round}; do
   python3 "benchmarks/bench_$bench.py" --out "$out" || rc_bench=1
 done
 
