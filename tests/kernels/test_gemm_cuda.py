@@ -5,8 +5,8 @@ import torch
 
 from cbq_kernels.act_quant import act_quant
 from cbq_kernels.gemm import gemm_ref, gemm_w4a4, gemm_w4a8, gemm_wonly, linear, prepare_weight
-from cbq_kernels.packing import pack_ref as pack  # no compiled extension needed
 from cbq_kernels.packing import dequantize_ref
+from cbq_kernels.packing import pack_ref as pack  # no compiled extension needed
 from cbq_kernels.packing import unpack_ref as unpack
 
 pytestmark = pytest.mark.cuda
