@@ -11,6 +11,7 @@ activation, the (packed) weight with its scales, and the output.
 
     python benchmarks/bench_gemm.py --out benchmarks/results/h100
     CBQ_BENCH_QUICK=1 ...   (70B gate/up, M in {1, 16, 4096}: a smoke run)
+    CBQ_BENCH_MS=1,4096 CBQ_BENCH_KERNELS=w4a8,w4a16_g128 ...   (subsets)
 """
 
 # ruff: noqa: B023 - every closure below is timed at once, inside its loop iteration
@@ -63,6 +64,9 @@ def main() -> None:
     if quick:
         shapes = [s for s in shapes if s[0] == "70b_gate_up"]
         ms = (1, 16, 4096)
+    if os.environ.get("CBQ_BENCH_MS"):
+        ms = tuple(int(v) for v in os.environ["CBQ_BENCH_MS"].split(","))
+    only = os.environ.get("CBQ_BENCH_KERNELS", "").split(",")
     notes = []
     for name, n, k in shapes:
         w_bf16 = (torch.randn(n, k, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
@@ -108,6 +112,8 @@ def main() -> None:
                 ("w2a16_g128", lambda: gemm_wonly(x, w2g), m * k * 2 + wbytes(w2g)),
             )
             for prov, fn, nbytes in cases:
+                if only != [""] and prov not in only:
+                    continue
                 t = timed(fn)
                 table.add(name, prov, shape, "int4" if "a16" not in prov else "bf16", t,
                           flops=flops, nbytes=nbytes + out_b, baseline=base,
