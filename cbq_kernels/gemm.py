@@ -408,8 +408,8 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
     # interpreter gets bf16 arithmetic wrong, so it multiplies in fp32 too.
     dot_f32 = device.type == "cpu" or x.dtype == torch.float32
     if device.type == "cpu":  # Triton's interpreter
-        grid = (triton.cdiv(m, 16) * triton.cdiv(n, 32), split)
-        _gemm_kernel[grid](*args, **consts, DOT_F32=dot_f32, **_CPU_CONFIG)
+        cpu_grid = (triton.cdiv(m, 16) * triton.cdiv(n, 32), split)
+        _gemm_kernel[cpu_grid](*args, **consts, DOT_F32=dot_f32, **_CPU_CONFIG)
     else:
         kernel = _gemm_small if m <= SMALL_M else _gemm_large
 

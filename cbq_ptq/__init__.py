@@ -1,1 +1,2 @@
-"""cbq_ptq: the CBQ post-training quantization driver (built on cbq_kernels; not yet implemented)."""
+"""cbq_ptq: the CBQ post-training quantization driver (built on cbq_kernels; not yet
+implemented)."""
