@@ -10,6 +10,7 @@ RMSNorm op, benchmarked in bench_act_quant.py). TFLOP/s counts 2*M*N*K; GB/s cou
 activation, the (packed) weight with its scales, and the output.
 
     python benchmarks/bench_gemm.py --out benchmarks/results/h100
+    python benchmarks/summarize_gemm.py benchmarks/results/h100/bench_gemm.csv   (targets, plot)
     CBQ_BENCH_QUICK=1 ...   (70B gate/up, M in {1, 16, 4096}: a smoke run)
     CBQ_BENCH_MS=1,4096 CBQ_BENCH_KERNELS=w4a8,w4a16_g128 ...   (subsets)
 """

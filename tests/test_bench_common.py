@@ -22,3 +22,26 @@ def test_rows_and_report(tmp_path):
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == COLUMNS and rows[1]["commit"] == "abc123"
     assert (tmp_path / "bench_x.md").read_text() == text
+
+
+def test_gemm_summary_checks_the_targets(tmp_path):
+    from benchmarks.summarize_gemm import load, speedup_by_m, summarize
+
+    env = Environment("TestGPU", "", "2.13", "3.9", "13.0", "abc")
+    table = Table(env)
+    for m, bf16, int_mm, ours in ((4096, 2.0, 1.5, 1.0), (1, 0.18, 0.1, 0.04)):
+        shape = f"{m}x28672x8192"
+        base = Timing(bf16, bf16, bf16)
+        table.add("70b_gate_up", "cublas_bf16", shape, "bf16", base)
+        table.add("70b_gate_up", "int_mm", shape, "int8", Timing(int_mm, int_mm, int_mm))
+        table.add("70b_gate_up", "w4a8", shape, "int4", Timing(ours, ours, ours))
+        table.add("70b_gate_up", "w2a16_g128", shape, "bf16", Timing(ours, ours, ours))
+    table.write_csv(tmp_path / "bench_gemm.csv")
+    times = load(tmp_path / "bench_gemm.csv")
+    text = summarize(times)
+    # M=4096: 2.0x bf16 and 1.5x int_mm -> met; M=1: w4a8 40 us <= 50 met, w2a16 40 > 30 not.
+    assert "| 70b_gate_up | 4096 | 28672 | 8192 | w4a8 | 2.00 | 1.5 | None | yes |" in text
+    assert "| 1 | w4a8 | 40.0 | 50 | 180.0 | yes |" in text
+    assert "| 1 | w2a16_g128 | 40.0 | 30 | 180.0 | no |" in text
+    assert "| 70b_gate_up | 28672 | 8192 | w2a16_g128 | 2.00 | yes |" in text
+    assert speedup_by_m(times)["w4a8"] == {1: 4.5, 4096: 2.0}
