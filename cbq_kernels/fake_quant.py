@@ -464,8 +464,9 @@ def _factors(fmax: Tensor | None, fmin: Tensor | None, symmetric: bool):
 # ------------------------------------------------------------------------------ ops
 
 
-def _fake_quant_impl(x: Tensor, bits: int, group_size: int | None, fmax: Tensor | None,
-                     fmin: Tensor | None, symmetric: bool) -> Tensor:  # fmt: skip
+def _fake_quant_impl(x: Tensor, bits: int, group_size: int | None = None,
+                     fmax: Tensor | None = None, fmin: Tensor | None = None,
+                     symmetric: bool = False) -> Tensor:  # fmt: skip
     _check(x, bits, group_size, fmax, fmin, symmetric)
     fa, fb = _factors(fmax, fmin, symmetric)
     if not use_triton(_fake_quant_fwd_kernel, x.device):
@@ -496,16 +497,7 @@ def _fake_quant_backward_impl(dy: Tensor, x: Tensor, bits: int, group_size: int 
     return dx, dfmax, dfmin
 
 
-@torch.library.custom_op("cbq::fake_quant", mutates_args=())
-def _fake_quant_op(
-    x: Tensor,
-    bits: int,
-    group_size: int | None = None,
-    fmax: Tensor | None = None,
-    fmin: Tensor | None = None,
-    symmetric: bool = False,
-) -> Tensor:
-    return _fake_quant_impl(x, bits, group_size, fmax, fmin, symmetric)
+_fake_quant_op = torch.library.custom_op("cbq::fake_quant", mutates_args=())(_fake_quant_impl)
 
 
 @_fake_quant_op.register_fake
@@ -550,10 +542,11 @@ def _factor_grad(partial: Tensor, f: Tensor | None) -> Tensor | None:
     return total.reshape(f.shape).to(f.dtype)
 
 
-def _backward(ctx, dy):
+def _backward(ctx, dy, backward_op=None):
     x, fmax, fmin = ctx.saved_tensors
     bits, group_size, symmetric = ctx.config
-    dx, dfmax, dfmin = fake_quant_backward(dy, x, bits, group_size, fmax, fmin, symmetric)
+    op = fake_quant_backward if backward_op is None else backward_op
+    dx, dfmax, dfmin = op(dy, x, bits, group_size, fmax, fmin, symmetric)
     return dx, None, None, _factor_grad(dfmax, fmax), _factor_grad(dfmin, fmin), None
 
 
@@ -570,16 +563,12 @@ class _FakeQuantEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bits, group_size, fmax, fmin, symmetric):
-        ctx.save_for_backward(x, fmax, fmin)
-        ctx.config = (bits, group_size, symmetric)
+        _setup_context(ctx, (x, bits, group_size, fmax, fmin, symmetric), None)
         return _fake_quant_impl(x, bits, group_size, fmax, fmin, symmetric)
 
     @staticmethod
     def backward(ctx, dy):
-        x, fmax, fmin = ctx.saved_tensors
-        bits, group_size, symmetric = ctx.config
-        dx, dfmax, dfmin = _fake_quant_backward_impl(dy, x, bits, group_size, fmax, fmin, symmetric)
-        return dx, None, None, _factor_grad(dfmax, fmax), _factor_grad(dfmin, fmin), None
+        return _backward(ctx, dy, _fake_quant_backward_impl)
 
 
 def fake_quant(
