@@ -32,6 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, use_triton
+from cbq_kernels.fake_quant import _reciprocal
 from cbq_kernels.formats import packed_words
 
 __all__ = ["act_quant", "act_quant_ref", "dequantize_act_ref", "quant_kernel_fraction"]
@@ -79,12 +80,6 @@ def _act_quant_kernel(x_ptr, w_ptr, f_ptr, q_ptr, s_ptr, K, ratio, alpha, norm_e
         n_words = (K + PER_WORD - 1) // PER_WORD
         w_idx = tl.arange(0, BLOCK_K // PER_WORD)
         tl.store(q_ptr + row * n_words + w_idx, packed, mask=w_idx < n_words)
-
-
-def _inverse(t: Tensor) -> Tensor:
-    """fp32 1 / t, correctly rounded (tensor by tensor, as ``div_rn``)."""
-    t = t.float()
-    return (torch.ones_like(t) / t).contiguous()
 
 
 def _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha) -> None:
@@ -137,7 +132,7 @@ def _act_quant_impl(
     if x.numel():
         block_k = max(triton.next_power_of_2(x.shape[1]), 16)
         w = x if norm_weight is None else norm_weight.float().contiguous()
-        f = x if channel_factor is None else _inverse(channel_factor)
+        f = x if channel_factor is None else _reciprocal(channel_factor.float()).contiguous()
         # int8 codes are written as int32 words of 4 when K allows (full-width stores).
         out = codes.view(torch.int32) if bits == 8 and x.shape[1] % 4 == 0 else codes
         _act_quant_kernel[(x.shape[0],)](
@@ -213,15 +208,15 @@ def act_quant_ref(
     full = torch.full_like  # divide by tensors: CUDA divides by Python scalars via reciprocals
     if norm_weight is not None:
         ms = (y * y).sum(1, keepdim=True) / full(y[:, :1], k)
-        y = (y * _inverse(torch.sqrt(ms + norm_eps))) * norm_weight.float()
+        y = (y * _reciprocal(torch.sqrt(ms + norm_eps))) * norm_weight.float()
     r = y.abs().amax(1, keepdim=True) if k else y.new_zeros(y.shape[0], 1)
     if alpha != 1.0:
         r = torch.where(r > 0, r.pow(alpha), 0.0)
     p = (1 << (bits - 1)) - 1
     s = (clip_ratio * r / full(r, p)).clamp_min(EPS)
     if channel_factor is not None:
-        y = y * _inverse(channel_factor)[None, :]
-    q = torch.round((y * _inverse(s)).clamp(-4194304.0, 4194304.0)).clamp(-p - 1, p)
+        y = y * _reciprocal(channel_factor.float())[None, :]
+    q = torch.round((y * _reciprocal(s)).clamp(-4194304.0, 4194304.0)).clamp(-p - 1, p)
     codes = q.to(torch.int8) if bits == 8 else pack_ref((q + 8).to(torch.uint8), 4)
     return codes, s.reshape(-1)
 

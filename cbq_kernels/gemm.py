@@ -501,21 +501,17 @@ def gemm_wonly(x: Tensor, weight: PreparedWeight, bias: Tensor | None = None,
 
 def _int_gemm_torch(codes: Tensor, xs: Tensor, weight: PreparedWeight, bias: Tensor | None,
                     out_dtype: torch.dtype, debug: bool) -> Tensor:  # fmt: skip
-    """The integer GEMM in PyTorch (CPU without the interpreter): exact int64 products."""
+    """The integer GEMM in PyTorch (CPU without the interpreter); codes are signed int32."""
     from cbq_kernels.packing import unpack_ref
 
     _check_bias(bias, weight.n, codes.device)
     _check_out_dtype(out_dtype)
+    if not debug:  # fp64 products of these integers and scales, one rounding
+        return gemm_ref(codes, weight, xs, 8, bias).to(out_dtype)
     q = unpack_ref(weight.packed, weight.bits, weight.k).to(torch.int64)
     gid = torch.arange(weight.k, device=codes.device) // (weight.group_size or weight.k)
     wq = q - weight.zeros.to(torch.int64)[:, gid]
-    if debug:
-        return (codes.to(torch.int64) @ wq.t()).to(torch.int32)
-    w = wq.double() * weight.scales.double()[:, gid]
-    out = (codes.double() @ w.t()) * xs.double()[:, None]
-    if bias is not None:
-        out = out + bias.double()
-    return out.to(out_dtype)
+    return (codes.to(torch.int64) @ wq.t()).to(torch.int32)
 
 
 # ------------------------------------------------------------------------------ reference
@@ -526,8 +522,8 @@ def gemm_ref(x: Tensor, weight: PreparedWeight, x_scales: Tensor | None = None,
              dtype: torch.dtype = torch.float64) -> Tensor:  # fmt: skip
     """Plain PyTorch product in ``dtype`` (fp64 by default: the exact value to compare with).
 
-    ``act_bits`` None: x is a float activation (weight-only); 8: x is int8 codes; 4: x is
-    packed int4 codes (offset 8); x_scales (M,) for the last two."""
+    ``act_bits`` None: x is a float activation (weight-only); 8: x is integer codes (int8, or
+    signed int32); 4: x is packed int4 codes (offset 8); x_scales (M,) for the last two."""
     from cbq_kernels.packing import unpack_ref
 
     if act_bits is None:

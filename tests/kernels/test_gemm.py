@@ -153,3 +153,22 @@ def test_bad_input():
         gemm_w4a8(xq, xs, w, out_dtype=torch.int32)
     with pytest.raises(ValueError, match="act_bits"):
         linear(torch.randn(2, 64), w, 6)
+
+
+@pytest.mark.parametrize("act_bits", [8, 4])
+def test_pytorch_fallback_matches_the_kernel(act_bits):
+    """Without Triton's interpreter, CPU tensors take PyTorch formulas: same contracts."""
+    from unittest import mock
+
+    import cbq_kernels.gemm as gemm_module
+
+    w, _ = make_weight(9, 40, 4, 32, seed=9)
+    xq, xs = act_codes(5, 40, act_bits, seed=10)
+    fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
+    acc, out = fn(xq, xs, w, debug=True), fn(xq, xs, w, out_dtype=torch.float32)
+    x = torch.randn(5, 40)
+    wo = gemm_wonly(x, w)
+    with mock.patch.object(gemm_module, "use_triton", return_value=False):
+        assert torch.equal(fn(xq, xs, w, debug=True), acc)
+        torch.testing.assert_close(fn(xq, xs, w, out_dtype=torch.float32), out)
+        torch.testing.assert_close(gemm_wonly(x, w), wo)
