@@ -185,10 +185,8 @@ def act_quant(
         clip_ratio = float(clip_ratio)
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise TypeError("x must be a tensor of shape (..., K)")
-    # Eager calls skip torch.library's dispatch (host time); torch.compile sees the op.
-    op = _act_quant_op if torch.compiler.is_compiling() else _act_quant_impl
-    return op(x.reshape(-1, x.shape[-1]), bits, float(clip_ratio), norm_weight,
-              float(norm_eps), channel_factor, float(alpha))  # fmt: skip
+    return _act_quant_op(x.reshape(-1, x.shape[-1]), bits, float(clip_ratio), norm_weight,
+                         float(norm_eps), channel_factor, float(alpha))  # fmt: skip
 
 
 def act_quant_ref(

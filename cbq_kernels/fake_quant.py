@@ -542,33 +542,14 @@ def _factor_grad(partial: Tensor, f: Tensor | None) -> Tensor | None:
     return total.reshape(f.shape).to(f.dtype)
 
 
-def _backward(ctx, dy, backward_op=None):
+def _backward(ctx, dy):
     x, fmax, fmin = ctx.saved_tensors
     bits, group_size, symmetric = ctx.config
-    op = fake_quant_backward if backward_op is None else backward_op
-    dx, dfmax, dfmin = op(dy, x, bits, group_size, fmax, fmin, symmetric)
+    dx, dfmax, dfmin = fake_quant_backward(dy, x, bits, group_size, fmax, fmin, symmetric)
     return dx, None, None, _factor_grad(dfmax, fmax), _factor_grad(dfmin, fmin), None
 
 
 _fake_quant_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _FakeQuantEager(torch.autograd.Function):
-    """The same forward and backward as the registered op, without torch.library's dispatch.
-
-    In eager mode a custom op with registered autograd costs about 0.6 ms of host time per
-    forward + backward on the H100 machine (benchmarks/results/h100/profile_host.txt), more
-    than the kernels' GPU time on a 4096 x 11008 weight; this path calls the same
-    implementation functions directly. Under torch.compile the registered op is used."""
-
-    @staticmethod
-    def forward(ctx, x, bits, group_size, fmax, fmin, symmetric):
-        _setup_context(ctx, (x, bits, group_size, fmax, fmin, symmetric), None)
-        return _fake_quant_impl(x, bits, group_size, fmax, fmin, symmetric)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _backward(ctx, dy, _fake_quant_backward_impl)
 
 
 def fake_quant(
@@ -591,12 +572,9 @@ def fake_quant(
         symmetric: signed codes, ``y = s * clamp(round(x/s), -2**(b-1), 2**(b-1)-1)``.
 
     Returns:
-        (N, K) tensor of x's dtype. ``torch.ops.cbq.fake_quant`` is the same op registered
-        with torch.library (used here under torch.compile).
+        (N, K) tensor of x's dtype (the op ``torch.ops.cbq.fake_quant``).
     """
-    if torch.compiler.is_compiling():
-        return _fake_quant_op(x, bits, group_size, fmax, fmin, symmetric)
-    return _FakeQuantEager.apply(x, bits, group_size, fmax, fmin, symmetric)
+    return _fake_quant_op(x, bits, group_size, fmax, fmin, symmetric)
 
 
 # ------------------------------------------------------------------------------ public API

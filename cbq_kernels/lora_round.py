@@ -386,35 +386,19 @@ def _setup_context(ctx, inputs, output):
     ctx.dtypes = (a.dtype, b.dtype, scales.dtype, zeros.dtype)
 
 
-def _backward(ctx, dy, d_reg, backward_op=None):
+def _backward(ctx, dy, d_reg):
     w, a, b, scales, zeros = ctx.saved_tensors
     bits, group_size, beta = ctx.config
     if dy is None:
         dy = torch.zeros_like(w)
     if d_reg is None:  # the regulariser was not used: a tensor, never a Python float (tracing)
         d_reg = torch.zeros((), dtype=torch.float32, device=w.device)
-    op = _lora_round_backward_op if backward_op is None else backward_op
-    grads = op(dy, d_reg, w, a, b, scales, zeros, bits, group_size, beta)
+    grads = _lora_round_backward_op(dy, d_reg, w, a, b, scales, zeros, bits, group_size, beta)
     da, db, ds, dz = (g.to(dt) for g, dt in zip(grads, ctx.dtypes, strict=True))
     return None, da, db, ds, dz, None, None, None
 
 
 _lora_round_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _LoraRoundEager(torch.autograd.Function):
-    """The registered op's forward and backward without torch.library's dispatch, whose host
-    time (~0.9 ms per forward + backward on the H100 machine) rivals the kernels' GPU time;
-    torch.compile uses the registered op."""
-
-    @staticmethod
-    def forward(ctx, w, a, b, scales, zeros, bits, group_size, beta):
-        _setup_context(ctx, (w, a, b, scales, zeros, bits, group_size, beta), None)
-        return _lora_round_impl(w, a, b, scales, zeros, bits, group_size, beta)
-
-    @staticmethod
-    def backward(ctx, dy, d_reg):
-        return _backward(ctx, dy, d_reg, _lora_round_backward_impl)
 
 
 # ------------------------------------------------------------------------------ public API
@@ -456,9 +440,7 @@ def lora_round(
     Returns:
         (W_hat (N, K) in w's dtype, R: fp32 scalar).
     """
-    if torch.compiler.is_compiling():
-        return _lora_round_op(w, a, b, scales, zeros, bits, group_size, float(beta))
-    return _LoraRoundEager.apply(w, a, b, scales, zeros, bits, group_size, float(beta))
+    return _lora_round_op(w, a, b, scales, zeros, bits, group_size, float(beta))
 
 
 def lora_round_init(w: Tensor, scales: Tensor, group_size: int | None, rank: int,

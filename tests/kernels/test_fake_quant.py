@@ -258,16 +258,3 @@ def test_two_sweep_path(layout, symmetric):
     assert torch.equal(g[0], torch.where(g_ref[0] != 0, dy, 0.0))
     for got, want in zip(g[1:], g_ref[1:], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * want.abs().max())
-
-
-def test_eager_path_equals_registered_op():
-    """fake_quant() runs an autograd.Function in eager mode (no torch.library dispatch):
-    values and gradients must equal those of torch.ops.cbq.fake_quant with its autograd."""
-    x, fmax, fmin = make_case(6, 64, 16, "segment", False, seed=5)
-    dy = torch.randn(6, 64, generator=torch.Generator().manual_seed(6))
-    y, g = grads(lambda x, a, b: fake_quant(x, 3, 16, a, b), x, fmax, fmin, dy)
-    y_op, g_op = grads(lambda x, a, b: torch.ops.cbq.fake_quant(x, 3, 16, a, b), x, fmax, fmin,
-                       dy)  # fmt: skip
-    assert torch.equal(y, y_op)
-    for got, want in zip(g, g_op, strict=True):
-        assert torch.equal(got, want)

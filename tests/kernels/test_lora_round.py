@@ -137,13 +137,3 @@ def test_opcheck_and_compile():
     (wa,) = torch.autograd.grad(want, [a])
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(ga, wa)
-
-
-def test_eager_path_equals_registered_op():
-    w, la, lc, a, b = setup(24, 80, 16, 4, 3, seed=7)
-    dy = torch.randn(24, 80, generator=torch.Generator().manual_seed(8))
-    got = loss_and_grads(lora_round, w, la, lc, a, b, 3, 16, 3.0, dy)
-    want = loss_and_grads(torch.ops.cbq.lora_round, w, la, lc, a, b, 3, 16, 3.0, dy)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    for g, h in zip(got[2], want[2], strict=True):
-        assert torch.equal(g, h)
