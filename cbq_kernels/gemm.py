@@ -68,11 +68,14 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
                  G, GS, A_MODE: tl.constexpr, W_BITS: tl.constexpr, GROUPED: tl.constexpr,
                  HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr, SPLIT_K: tl.constexpr,
                  DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr):  # fmt: skip
     """out (M, N) = x (M, K) @ W^T, W packed (N, KW_W) int32. See the module docstring.
 
     SPLIT_K > 1: out_ptr is an fp32 (SPLIT_K, M, N) buffer of partials (bias not added).
-    DEBUG: out_ptr is int32 (M, N), the raw accumulator."""
+    DEBUG: out_ptr is int32 (M, N), the raw accumulator.
+    SWAP: compute the transposed tile W x^T (BLOCK_N, BLOCK_M): the unpacked weight is the
+    first operand of the MMA (on Hopper it can stay in registers instead of going through
+    shared memory) and M = 1..16 fills the MMA's narrow N side instead of its 64-row M side."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -92,9 +95,13 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
     W_MASK: tl.constexpr = (1 << W_BITS) - 1
     INT_PATH: tl.constexpr = A_MODE != 2
 
-    if INT_PATH:
+    # Accumulators are (BLOCK_M, BLOCK_N), or (BLOCK_N, BLOCK_M) when SWAP.
+    if SWAP:
+        acc_i = tl.zeros((BLOCK_N, BLOCK_M), tl.int32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    else:
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if not GROUPED:  # one zero point (and scale) per output channel
         z_n = tl.load(wz_ptr + rn64 * G, mask=mn, other=0)
 
@@ -118,41 +125,55 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
         else:
             a = tl.load(x_ptr + rm64[:, None] * K + rk[None, :], mask=mm[:, None] & mk[None, :],
                         other=0.0)  # fmt: skip
-        # ---- weight tile (BLOCK_K, BLOCK_N): unpack, subtract the zero point
+        # ---- weight tile: unpack, subtract the zero point
         # Row n's words for this K tile are contiguous: load (BLOCK_N, words) tiles (rows of
-        # W are K-major), unpack to (BLOCK_N, BLOCK_K) by a row-major reshape, transpose.
-        # (Loading one word per code, indexed k // PER_W, made each warp touch 32 rows:
-        # 10-40x slower on the H100.)
+        # W are K-major) and unpack to (BLOCK_N, BLOCK_K) by a row-major reshape. (Loading
+        # one word per code, indexed k // PER_W, made each warp touch 32 rows: 10-40x slower
+        # on the H100.)
         rkw = k0 // PER_W + tl.arange(0, BLOCK_K // PER_W)
         ww = tl.load(w_ptr + rn64[:, None] * KW_W + rkw[None, :],
                      mask=mn[:, None] & (rkw[None, :] < KW_W), other=0)  # fmt: skip
         q3 = (ww[:, :, None] >> (tl.arange(0, PER_W) * W_BITS)[None, None, :]) & W_MASK
-        q = tl.trans(tl.reshape(q3, (BLOCK_N, BLOCK_K)))
+        q = tl.reshape(q3, (BLOCK_N, BLOCK_K))
         if GROUPED:
             g = k0 // GS  # BLOCK_K divides GS: one group per tile
             z = tl.load(wz_ptr + rn64 * G + g, mask=mn, other=0)
             s_w = tl.load(ws_ptr + rn64 * G + g, mask=mn, other=0.0)
-            wq = tl.where(mk[:, None], q - z[None, :], 0)
+            wq = tl.where(mk[None, :], q - z[:, None], 0)
+            # the per-channel scale broadcast against the accumulator
+            s_acc = s_w[:, None] if SWAP else s_w[None, :]
         else:
-            wq = tl.where(mk[:, None], q - z_n[None, :], 0)
-        # ---- multiply
+            wq = tl.where(mk[None, :], q - z_n[:, None], 0)
+        # ---- multiply: (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N), or swapped
         if INT_PATH:
             b = wq.to(tl.int8)
+            lhs = b if SWAP else a
+            rhs = tl.trans(a) if SWAP else tl.trans(b)
             if GROUPED and not DEBUG:
-                part = tl.dot(a, b, out_dtype=tl.int32)
-                acc += part.to(tl.float32) * s_w[None, :]
+                part = tl.dot(lhs, rhs, out_dtype=tl.int32)
+                acc += part.to(tl.float32) * s_acc
             else:
-                acc_i = tl.dot(a, b, acc_i, out_dtype=tl.int32)
+                acc_i = tl.dot(lhs, rhs, acc_i, out_dtype=tl.int32)
         else:
             if DOT_F32:
-                part = tl.dot(a.to(tl.float32), wq.to(tl.float32), input_precision="ieee")
+                b = wq.to(tl.float32)
+                a = a.to(tl.float32)
             else:
-                part = tl.dot(a, wq.to(a.dtype))
+                b = wq.to(a.dtype)
+            lhs = b if SWAP else a
+            rhs = tl.trans(a) if SWAP else tl.trans(b)
+            if DOT_F32:
+                part = tl.dot(lhs, rhs, input_precision="ieee")
+            else:
+                part = tl.dot(lhs, rhs)
             if GROUPED:
-                acc += part * s_w[None, :]
+                acc += part * s_acc
             else:
                 acc += part
 
+    if SWAP:  # back to (BLOCK_M, BLOCK_N) for the epilogue
+        acc = tl.trans(acc)
+        acc_i = tl.trans(acc_i)
     # ---- epilogue
     mo = mm[:, None] & mn[None, :]
     if DEBUG:
@@ -183,9 +204,9 @@ _AUTOTUNE_CACHE = (
 )  # fmt: skip
 
 
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                         num_warps=warps, num_stages=stages)  # fmt: skip
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool = False) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+                          "SWAP": swap}, num_warps=warps, num_stages=stages)  # fmt: skip
 
 
 # Large M (compute-bound): tiles for the int8 / bf16 tensor cores. Small M (decode): one
@@ -231,18 +252,19 @@ def _gemm_entry(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, K
                 G, GS, M_BUCKET, A_MODE: tl.constexpr, W_BITS: tl.constexpr,
                 GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
                 SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                SWAP: tl.constexpr):  # fmt: skip
     """The kernel with an M bucket argument, the autotuning key (tuning once per bucket)."""
     _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, K, KW_X, KW_W,
                  G, GS, A_MODE, W_BITS, GROUPED, HAS_BIAS, DEBUG, SPLIT_K, DOT_F32, BLOCK_M,
-                 BLOCK_N, BLOCK_K, GROUP_M)  # fmt: skip
+                 BLOCK_N, BLOCK_K, GROUP_M, SWAP)  # fmt: skip
 
 
 _gemm_large = _tuned(_LARGE_CONFIGS)(_gemm_entry)
 _gemm_small = _tuned(_SMALL_CONFIGS)(_gemm_entry)
 
 # The interpreter (CPU tests) runs one small fixed configuration instead of autotuning.
-_CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+_CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "SWAP": False}
 SMALL_M = 16  # M <= SMALL_M takes the decode configurations (and split-K)
 
 
@@ -376,7 +398,10 @@ def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
 
 def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWeight,
             bias: Tensor | None, out_dtype: torch.dtype, debug: bool,
-            split_k: int | None) -> Tensor:  # fmt: skip
+            split_k: int | None, config: dict | None = None) -> Tensor:  # fmt: skip
+    """Launch the kernel. ``config`` (BLOCK_M/N/K, GROUP_M, SWAP, num_warps, num_stages)
+    bypasses the autotuner: for the configuration sweep (benchmarks/sweep_gemm.py) and the
+    GPU tests that check every configuration."""
     m, n, k = x.shape[0], weight.n, weight.k
     device = x.device
     if debug and a_mode == _A_FLOAT:
@@ -407,9 +432,10 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
     # fp32 activations multiply in IEEE fp32 (tl.dot would use tf32); on the CPU the
     # interpreter gets bf16 arithmetic wrong, so it multiplies in fp32 too.
     dot_f32 = device.type == "cpu" or x.dtype == torch.float32
-    if device.type == "cpu":  # Triton's interpreter
-        cpu_grid = (triton.cdiv(m, 16) * triton.cdiv(n, 32), split)
-        _gemm_kernel[cpu_grid](*args, **consts, DOT_F32=dot_f32, **_CPU_CONFIG)
+    if device.type == "cpu" or config is not None:  # Triton's interpreter, or a fixed config
+        meta = dict(config if config is not None else _CPU_CONFIG)
+        fixed_grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
+        _gemm_kernel[fixed_grid](*args, **consts, DOT_F32=dot_f32, **meta)
     else:
         kernel = _gemm_small if m <= SMALL_M else _gemm_large
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from cbq_kernels import gemm as gemm_module
 from cbq_kernels.act_quant import act_quant
 from cbq_kernels.gemm import (
     _A_FLOAT,
@@ -36,6 +37,11 @@ def act_codes(m, k, bits, seed=1):
     return act_quant(x, bits)
 
 
+def use_swap(monkeypatch, swap):
+    """Run the interpreter with the operand-swapped kernel (W x^T) or the plain one."""
+    monkeypatch.setitem(gemm_module._CPU_CONFIG, "SWAP", swap)
+
+
 def signed_weight(w: PreparedWeight, codes):
     gid = torch.arange(w.k) // (w.group_size or w.k)
     return codes.to(torch.int64) - w.zeros.to(torch.int64)[:, gid]
@@ -44,7 +50,9 @@ def signed_weight(w: PreparedWeight, codes):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("act_bits", [8, 4])
 @pytest.mark.parametrize("group_size", [None, 32])
-def test_int32_accumulator_exact(shape, act_bits, group_size):
+@pytest.mark.parametrize("swap", [False, True])
+def test_int32_accumulator_exact(shape, act_bits, group_size, swap, monkeypatch):
+    use_swap(monkeypatch, swap)
     m, n, k = shape
     w, codes = make_weight(n, k, 4, group_size, seed=m)
     xq, xs = act_codes(m, k, act_bits)
@@ -63,7 +71,10 @@ def max_err(got, exact):
 @pytest.mark.parametrize("act_bits", [8, 4])
 @pytest.mark.parametrize("group_size", [None, 32, 64])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
-def test_scaled_output_within_twice_the_torch_error(shape, act_bits, group_size, out_dtype):
+@pytest.mark.parametrize("swap", [False, True])
+def test_scaled_output_within_twice_the_torch_error(shape, act_bits, group_size, out_dtype, swap,
+                                                     monkeypatch):  # fmt: skip
+    use_swap(monkeypatch, swap)
     m, n, k = shape
     w, _ = make_weight(n, k, 4, group_size, seed=n)
     xq, xs = act_codes(m, k, act_bits, seed=k)
@@ -80,7 +91,9 @@ def test_scaled_output_within_twice_the_torch_error(shape, act_bits, group_size,
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [None, 32, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_weight_only(bits, group_size, dtype):
+@pytest.mark.parametrize("swap", [False, True])
+def test_weight_only(bits, group_size, dtype, swap, monkeypatch):
+    use_swap(monkeypatch, swap)
     m, n, k = 13, 33, 100
     w, _ = make_weight(n, k, bits, group_size, seed=bits, zeros=group_size != 64)
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(4))).to(dtype)
@@ -94,7 +107,9 @@ def test_weight_only(bits, group_size, dtype):
 
 
 @pytest.mark.parametrize("split", [2, 3])
-def test_split_k_partials_sum_to_the_same_result(split):
+@pytest.mark.parametrize("swap", [False, True])
+def test_split_k_partials_sum_to_the_same_result(split, swap, monkeypatch):
+    use_swap(monkeypatch, swap)
     m, n, k = 3, 40, 200
     w, _ = make_weight(n, k, 4, 32)
     xq, xs = act_codes(m, k, 8)
