@@ -29,19 +29,11 @@ from cbq_kernels.act_quant import act_quant
 from cbq_kernels.gemm import _A_FLOAT, _A_INT4, _A_INT8, _launch, prepare_weight
 from cbq_kernels.packing import pack_ref
 
-# (bm, bn, bk, warps, stages, swap)
-LARGE = [
-    (128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False), (256, 128, 64, 8, 3, False),
-    (128, 128, 128, 8, 3, False), (128, 256, 128, 8, 3, False), (128, 128, 64, 4, 4, False),
-    (128, 128, 64, 8, 3, True), (128, 256, 64, 8, 3, True), (256, 128, 64, 8, 3, True),
-    (128, 128, 128, 8, 3, True), (256, 128, 128, 8, 3, True), (64, 128, 128, 4, 4, True),
-    (128, 128, 128, 4, 4, True),
-]  # fmt: skip
-DECODE = [
-    (16, 64, 128, 4, 4, False), (16, 128, 128, 4, 3, False), (16, 64, 128, 4, 4, True),
-    (16, 128, 128, 4, 3, True), (16, 64, 256, 4, 3, True), (16, 128, 256, 8, 3, True),
-]  # fmt: skip
-SPLITS = (1, 2, 4, 8)
+# (bm, bn, bk, warps, stages); each with SWAP in {False, True} and UNPACK in {0, 1}
+LARGE = [(256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (128, 128, 64, 8, 3),
+         (256, 128, 128, 8, 3)]  # fmt: skip
+DECODE = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (16, 128, 64, 4, 4)]
+SPLITS = (1, 2, 4)
 
 
 def weight(n, k, bits, group_size, g):
@@ -86,14 +78,19 @@ def sweep(name, m, n, k, configs, splits, lines, g, only, path):
             continue
         ref = None
         best = (float("inf"), "")
-        for bm, bn, bk, warps, stages, swap in configs:
+        variants = [(c, swap, unpack) for c in configs for swap in (False, True)
+                    for unpack in (0, 1)]  # fmt: skip
+        for (bm, bn, bk, warps, stages), swap, unpack in variants:
+            if w.group_size is not None and w.group_size % bk:
+                continue  # one group per K tile
             for split in splits:
                 if split > 1 and k // (bk * split) < 2:
                     continue
                 cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
-                       "SWAP": swap, "num_warps": warps, "num_stages": stages}  # fmt: skip
+                       "SWAP": swap, "UNPACK": unpack, "num_warps": warps,
+                       "num_stages": stages}  # fmt: skip
                 label = f"{bm}x{bn}x{bk} w{warps} s{stages} {'swap' if swap else 'plain'} " \
-                        f"split{split}"  # fmt: skip
+                        f"u{unpack} split{split}"  # fmt: skip
 
                 def call(cfg=cfg, split=split, xa=xa, xs=xs, mode=mode, w=w):
                     return _launch(xa, xs, mode, w, None, torch.bfloat16, False, split, cfg)
@@ -108,11 +105,11 @@ def sweep(name, m, n, k, configs, splits, lines, g, only, path):
                         ref.abs().max()))  # fmt: skip
                     t = timed(call)
                 except Exception as exc:  # a failing configuration is reported
-                    lines.append(f"{kind:11s} {label:36s} FAILED {str(exc).splitlines()[0][:90]}")
+                    lines.append(f"{kind:11s} {label:40s} FAILED {str(exc).splitlines()[0][:90]}")
                     continue
                 tf = flops / t / 1e9
                 flag = "  WRONG" if bad else ""
-                lines.append(f"{kind:11s} {label:36s} {t * 1e3:9.1f} us {tf:7.0f} TFLOP/s "
+                lines.append(f"{kind:11s} {label:40s} {t * 1e3:9.1f} us {tf:7.0f} TFLOP/s "
                              f"x{base / t:5.2f} bf16 x{t_int / t:5.2f} int_mm "
                              f"(first call {compile_s:.1f} s){flag}")  # fmt: skip
                 if not bad and t < best[0]:
@@ -140,7 +137,7 @@ def main() -> None:
     if "large" in cases:
         sweep("70b_gate_up", 4096, 28672, 8192, LARGE, (1,), lines, g, kinds, path)
     if "decode" in cases:
-        for m in (1, 16):
+        for m in (1,):
             sweep("70b_gate_up", m, 28672, 8192, DECODE, SPLITS, lines, g, kinds, path)
     path.write_text("\n".join(lines) + "\n")
 

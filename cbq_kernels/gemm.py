@@ -68,8 +68,10 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
                  G, GS, A_MODE: tl.constexpr, W_BITS: tl.constexpr, GROUPED: tl.constexpr,
                  HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr, SPLIT_K: tl.constexpr,
                  DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr):  # fmt: skip
-    """out (M, N) = x (M, K) @ W^T, W packed (N, KW_W) int32. See the module docstring.
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
+                 UNPACK: tl.constexpr):  # fmt: skip
+    """out (M, N) = x (M, K) @ W^T, W as prepared words (KW_W, N) int32. See the module
+    docstring.
 
     SPLIT_K > 1: out_ptr is an fp32 (SPLIT_K, M, N) buffer of partials (bias not added).
     DEBUG: out_ptr is int32 (M, N), the raw accumulator.
@@ -125,30 +127,36 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
         else:
             a = tl.load(x_ptr + rm64[:, None] * K + rk[None, :], mask=mm[:, None] & mk[None, :],
                         other=0.0)  # fmt: skip
-        # ---- weight tile: unpack, subtract the zero point
-        # Row n's words for this K tile are contiguous: load (BLOCK_N, words) tiles (rows of
-        # W are K-major) and unpack to (BLOCK_N, BLOCK_K) by a row-major reshape. (Loading
-        # one word per code, indexed k // PER_W, made each warp touch 32 rows: 10-40x slower
-        # on the H100.)
-        rkw = k0 // PER_W + tl.arange(0, BLOCK_K // PER_W)
-        ww = tl.load(w_ptr + rn64[:, None] * KW_W + rkw[None, :],
-                     mask=mn[:, None] & (rkw[None, :] < KW_W), other=0)  # fmt: skip
-        q3 = (ww[:, :, None] >> (tl.arange(0, PER_W) * W_BITS)[None, None, :]) & W_MASK
-        q = tl.reshape(q3, (BLOCK_N, BLOCK_K))
+        # ---- weight tile (BLOCK_K, BLOCK_N): unpack, subtract the zero point
+        # Prepared layout: words (KW_W, N), word row kw holds codes kw*C .. kw*C + C-1 of every
+        # column (N contiguous, so every load is coalesced along N).
+        if UNPACK == 0:
+            # One word per code, re-read from L1 by the C codes it holds; the shift depends
+            # on the row only: no reshape, the tile is born in (BLOCK_K, BLOCK_N) layout.
+            ww = tl.load(w_ptr + (rk // PER_W).to(tl.int64)[:, None] * N + rn64[None, :],
+                         mask=mk[:, None] & mn[None, :], other=0)  # fmt: skip
+            q = (ww >> ((rk % PER_W) * W_BITS)[:, None]) & W_MASK
+        else:
+            # Each word loaded once, split into (words, C, BLOCK_N), rows merged by reshape.
+            rkw = k0 // PER_W + tl.arange(0, BLOCK_K // PER_W)
+            ww = tl.load(w_ptr + rkw.to(tl.int64)[:, None] * N + rn64[None, :],
+                         mask=(rkw < KW_W)[:, None] & mn[None, :], other=0)  # fmt: skip
+            q3 = (ww[:, None, :] >> (tl.arange(0, PER_W) * W_BITS)[None, :, None]) & W_MASK
+            q = tl.reshape(q3, (BLOCK_K, BLOCK_N))
         if GROUPED:
             g = k0 // GS  # BLOCK_K divides GS: one group per tile
             z = tl.load(wz_ptr + rn64 * G + g, mask=mn, other=0)
             s_w = tl.load(ws_ptr + rn64 * G + g, mask=mn, other=0.0)
-            wq = tl.where(mk[None, :], q - z[:, None], 0)
+            wq = tl.where(mk[:, None], q - z[None, :], 0)
             # the per-channel scale broadcast against the accumulator
             s_acc = s_w[:, None] if SWAP else s_w[None, :]
         else:
-            wq = tl.where(mk[None, :], q - z_n[:, None], 0)
+            wq = tl.where(mk[:, None], q - z_n[None, :], 0)
         # ---- multiply: (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N), or swapped
         if INT_PATH:
             b = wq.to(tl.int8)
-            lhs = b if SWAP else a
-            rhs = tl.trans(a) if SWAP else tl.trans(b)
+            lhs = tl.trans(b) if SWAP else a
+            rhs = tl.trans(a) if SWAP else b
             if GROUPED and not DEBUG:
                 part = tl.dot(lhs, rhs, out_dtype=tl.int32)
                 acc += part.to(tl.float32) * s_acc
@@ -160,8 +168,8 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
                 a = a.to(tl.float32)
             else:
                 b = wq.to(a.dtype)
-            lhs = b if SWAP else a
-            rhs = tl.trans(a) if SWAP else tl.trans(b)
+            lhs = tl.trans(b) if SWAP else a
+            rhs = tl.trans(a) if SWAP else b
             if DOT_F32:
                 part = tl.dot(lhs, rhs, input_precision="ieee")
             else:
@@ -204,9 +212,11 @@ _AUTOTUNE_CACHE = (
 )  # fmt: skip
 
 
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool = False) -> triton.Config:
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool = False,
+         unpack: int = 0) -> triton.Config:  # fmt: skip
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
-                          "SWAP": swap}, num_warps=warps, num_stages=stages)  # fmt: skip
+                          "SWAP": swap, "UNPACK": unpack}, num_warps=warps,
+                         num_stages=stages)  # fmt: skip
 
 
 # Large M (compute-bound): tiles for the int8 / bf16 tensor cores. Small M (decode): one
@@ -253,18 +263,19 @@ def _gemm_entry(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, K
                 GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
                 SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                SWAP: tl.constexpr):  # fmt: skip
+                SWAP: tl.constexpr, UNPACK: tl.constexpr):  # fmt: skip
     """The kernel with an M bucket argument, the autotuning key (tuning once per bucket)."""
     _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, K, KW_X, KW_W,
                  G, GS, A_MODE, W_BITS, GROUPED, HAS_BIAS, DEBUG, SPLIT_K, DOT_F32, BLOCK_M,
-                 BLOCK_N, BLOCK_K, GROUP_M, SWAP)  # fmt: skip
+                 BLOCK_N, BLOCK_K, GROUP_M, SWAP, UNPACK)  # fmt: skip
 
 
 _gemm_large = _tuned(_LARGE_CONFIGS)(_gemm_entry)
 _gemm_small = _tuned(_SMALL_CONFIGS)(_gemm_entry)
 
 # The interpreter (CPU tests) runs one small fixed configuration instead of autotuning.
-_CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "SWAP": False}
+_CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "SWAP": False,
+               "UNPACK": 0}  # fmt: skip
 SMALL_M = 16  # M <= SMALL_M takes the decode configurations (and split-K)
 
 
@@ -279,11 +290,12 @@ def _m_bucket(m: int) -> int:
 class PreparedWeight:
     """A quantized linear weight in the form the GEMM kernels read (see prepare_weight).
 
-    packed: (N, ceil(K / C)) int32, canonical packed codes. scales: (N, G) fp32.
-    zeros: (N, G) int32. bits: 2, 3 or 4. k: in_features. group_size: None (per channel) or
-    the group length along K."""
+    words: (ceil(K / C), N) int32, the canonical packed words transposed: word row kw holds
+    codes kw*C .. kw*C + C - 1 of every output channel, N contiguous (C codes per word).
+    scales: (N, G) fp32. zeros: (N, G) int32. bits: 2, 3 or 4. k: in_features.
+    group_size: None (per channel) or the group length along K."""
 
-    packed: Tensor
+    words: Tensor
     scales: Tensor
     zeros: Tensor
     bits: int
@@ -291,8 +303,13 @@ class PreparedWeight:
     group_size: int | None
 
     @property
+    def packed(self) -> Tensor:
+        """(N, ceil(K / C)) int32, the canonical storage format (a transposed view)."""
+        return self.words.t()
+
+    @property
     def n(self) -> int:
-        return self.packed.shape[0]
+        return self.words.shape[1]
 
     @property
     def groups(self) -> int:
@@ -306,8 +323,8 @@ class PreparedWeight:
         """(N, K) ``(q - z) * s`` in ``dtype`` (fp32 arithmetic, one rounding)."""
         from cbq_kernels.packing import dequantize
 
-        return dequantize(self.packed, self.bits, self.k, self.scales, self.zeros.float(),
-                          self.group_size, dtype)  # fmt: skip
+        return dequantize(self.packed.contiguous(), self.bits, self.k, self.scales,
+                          self.zeros.float(), self.group_size, dtype)  # fmt: skip
 
 
 def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Tensor | None = None,
@@ -364,7 +381,8 @@ def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Ten
         ):
             raise ValueError(f"zeros must be integers in [0, {qmax}] for {bits}-bit codes")
         z = zf.to(torch.int32)
-    return PreparedWeight(packed, scales.float().contiguous(), z.contiguous(), bits, k, group_size)
+    words = packed.t().contiguous()  # the kernels' layout: N contiguous (coalesced loads)
+    return PreparedWeight(words, scales.float().contiguous(), z.contiguous(), bits, k, group_size)
 
 
 # ------------------------------------------------------------------------------ launch
@@ -406,8 +424,8 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
     device = x.device
     if debug and a_mode == _A_FLOAT:
         raise ValueError("debug (raw int32 accumulator) exists for the integer GEMMs only")
-    if weight.packed.device != device:
-        raise ValueError(f"weight is on {weight.packed.device} but x is on {device}")
+    if weight.words.device != device:
+        raise ValueError(f"weight is on {weight.words.device} but x is on {device}")
     _check_bias(bias, n, device)
     _check_out_dtype(out_dtype)
     split = _split_k(m, n, k, device) if split_k is None else split_k
@@ -425,8 +443,8 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
     gs = weight.group_size if grouped else k
     xs = x_scales if x_scales is not None else weight.scales
     kw_x = x.shape[1]
-    args = (x, xs, weight.packed, weight.scales, weight.zeros, bias if bias is not None else xs,
-            out, m, n, k, kw_x, weight.packed.shape[1], weight.groups, gs)  # fmt: skip
+    args = (x, xs, weight.words, weight.scales, weight.zeros, bias if bias is not None else xs,
+            out, m, n, k, kw_x, weight.words.shape[0], weight.groups, gs)  # fmt: skip
     consts = {"A_MODE": a_mode, "W_BITS": weight.container_bits, "GROUPED": grouped,
               "HAS_BIAS": bias is not None, "DEBUG": debug, "SPLIT_K": split}  # fmt: skip
     # fp32 activations multiply in IEEE fp32 (tl.dot would use tf32); on the CPU the

@@ -37,9 +37,11 @@ def act_codes(m, k, bits, seed=1):
     return act_quant(x, bits)
 
 
-def use_swap(monkeypatch, swap):
-    """Run the interpreter with the operand-swapped kernel (W x^T) or the plain one."""
+def use_swap(monkeypatch, swap, unpack=0):
+    """Run the interpreter with the operand-swapped kernel (W x^T) or the plain one, and one
+    of the two weight-unpacking variants."""
     monkeypatch.setitem(gemm_module._CPU_CONFIG, "SWAP", swap)
+    monkeypatch.setitem(gemm_module._CPU_CONFIG, "UNPACK", unpack)
 
 
 def signed_weight(w: PreparedWeight, codes):
@@ -51,8 +53,9 @@ def signed_weight(w: PreparedWeight, codes):
 @pytest.mark.parametrize("act_bits", [8, 4])
 @pytest.mark.parametrize("group_size", [None, 32])
 @pytest.mark.parametrize("swap", [False, True])
-def test_int32_accumulator_exact(shape, act_bits, group_size, swap, monkeypatch):
-    use_swap(monkeypatch, swap)
+@pytest.mark.parametrize("unpack", [0, 1])
+def test_int32_accumulator_exact(shape, act_bits, group_size, swap, unpack, monkeypatch):
+    use_swap(monkeypatch, swap, unpack)
     m, n, k = shape
     w, codes = make_weight(n, k, 4, group_size, seed=m)
     xq, xs = act_codes(m, k, act_bits)
@@ -92,8 +95,9 @@ def test_scaled_output_within_twice_the_torch_error(shape, act_bits, group_size,
 @pytest.mark.parametrize("group_size", [None, 32, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("swap", [False, True])
-def test_weight_only(bits, group_size, dtype, swap, monkeypatch):
-    use_swap(monkeypatch, swap)
+@pytest.mark.parametrize("unpack", [0, 1])
+def test_weight_only(bits, group_size, dtype, swap, unpack, monkeypatch):
+    use_swap(monkeypatch, swap, unpack)
     m, n, k = 13, 33, 100
     w, _ = make_weight(n, k, bits, group_size, seed=bits, zeros=group_size != 64)
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(4))).to(dtype)
@@ -157,11 +161,11 @@ def test_bad_input():
     with pytest.raises(ValueError, match="multiple of 32"):
         make_weight(8, 64, 4, 48)
     with pytest.raises(ValueError, match="zeros must be integers"):
-        prepare_weight(w.packed, 4, 64, w.scales, torch.full((8, 1), 16.0))
+        prepare_weight(w.packed.contiguous(), 4, 64, w.scales, torch.full((8, 1), 16.0))
     with pytest.raises(ValueError, match="words per row"):
-        prepare_weight(w.packed, 4, 100, w.scales)
+        prepare_weight(w.packed.contiguous(), 4, 100, w.scales)
     with pytest.raises(ValueError, match="bits=8"):
-        prepare_weight(w.packed, 8, 64, w.scales)
+        prepare_weight(w.packed.contiguous(), 8, 64, w.scales)
     with pytest.raises(ValueError, match=r"bias must be \(N,\)"):
         gemm_w4a8(xq, xs, w, torch.zeros(9))
     with pytest.raises(TypeError, match="out_dtype"):
