@@ -26,12 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import Environment
 from cbq_kernels.act_quant import act_quant
-from cbq_kernels.gemm import _A_FLOAT, _A_INT4, _A_INT8, _launch, prepare_weight
+from cbq_kernels.gemm import _A_FLOAT, _A_INT4, _A_INT8, _expand, _launch, prepare_weight
 from cbq_kernels.packing import pack_ref
 
 # (bm, bn, bk, warps, stages); each with SWAP in {False, True} and UNPACK in {0, 1}
 LARGE = [(256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (128, 128, 64, 8, 3),
          (256, 128, 128, 8, 3)]  # fmt: skip
+# int8 x int8 after expansion (no unpacking in the K loop)
+LARGE_X = [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4),
+           (128, 128, 128, 4, 4), (128, 128, 128, 8, 4), (128, 128, 64, 4, 4)]  # fmt: skip
 DECODE = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (16, 128, 64, 4, 4)]
 SPLITS = (1, 2, 4)
 
@@ -66,20 +69,28 @@ def sweep(name, m, n, k, configs, splits, lines, g, only, path):
     flops = 2 * m * n * k
     lines.append(f"\n## {name}: M={m} N={n} K={k}; cublas_bf16 {base * 1e3:.1f} us "
                  f"({flops / base / 1e9:.0f} TFLOP/s), int_mm {t_int * 1e3:.1f} us")  # fmt: skip
+    t_exp = timed(lambda: _expand(w4.words, n, k, 4, 1, n, w4.zeros, k))
+    lines.append(f"expand 4-bit weight to int8 (N, K): {t_exp * 1e3:.1f} us")
     kinds = (
         ("w4a8", xq8, xs8, _A_INT8, w4),
         ("w4a8_g128", xq8, xs8, _A_INT8, w4g),
         ("w4a4", xq4, xs4, _A_INT4, w4),
         ("w4a16_g128", x, None, _A_FLOAT, w4g),
         ("w2a16_g128", x, None, _A_FLOAT, w2g),
+        # _x: expanded to int8 first (the expansion is part of the time)
+        ("w4a8_x", xq8, xs8, _A_INT8, w4),
+        ("w4a8_g128_x", xq8, xs8, _A_INT8, w4g),
+        ("w4a4_x", xq4, xs4, _A_INT4, w4),
     )
     for kind, xa, xs, mode, w in kinds:
         if kind not in only:
             continue
         ref = None
         best = (float("inf"), "")
-        variants = [(c, swap, unpack) for c in configs for swap in (False, True)
-                    for unpack in (0, 1)]  # fmt: skip
+        expand = kind.endswith("_x")
+        unpacks = (0,) if expand else (0, 1)
+        variants = [(c, swap, unpack) for c in (LARGE_X if expand else configs)
+                    for swap in (False, True) for unpack in unpacks]  # fmt: skip
         for (bm, bn, bk, warps, stages), swap, unpack in variants:
             if w.group_size is not None and w.group_size % bk:
                 continue  # one group per K tile
@@ -91,9 +102,12 @@ def sweep(name, m, n, k, configs, splits, lines, g, only, path):
                        "num_stages": stages}  # fmt: skip
                 label = f"{bm}x{bn}x{bk} w{warps} s{stages} {'swap' if swap else 'plain'} " \
                         f"u{unpack} split{split}"  # fmt: skip
+                if expand and m < 256:
+                    continue
 
-                def call(cfg=cfg, split=split, xa=xa, xs=xs, mode=mode, w=w):
-                    return _launch(xa, xs, mode, w, None, torch.bfloat16, False, split, cfg)
+                def call(cfg=cfg, split=split, xa=xa, xs=xs, mode=mode, w=w, expand=expand):
+                    return _launch(xa, xs, mode, w, None, torch.bfloat16, False, split, cfg,
+                                   expand)  # fmt: skip
 
                 try:
                     t0 = time.time()

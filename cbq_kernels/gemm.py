@@ -93,7 +93,7 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mm, mn = rm < M, rn < N
     rm64, rn64 = rm.to(tl.int64), rn.to(tl.int64)
-    PER_W: tl.constexpr = 32 // W_BITS
+    PER_W: tl.constexpr = 32 // W_BITS  # codes per word (W_BITS 2, 4; 8 = expanded int8)
     W_MASK: tl.constexpr = (1 << W_BITS) - 1
     INT_PATH: tl.constexpr = A_MODE != 2
 
@@ -104,7 +104,7 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
     else:
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    if not GROUPED:  # one zero point (and scale) per output channel
+    if not GROUPED and W_BITS != 8:  # one zero point (and scale) per output channel
         z_n = tl.load(wz_ptr + rn64 * G, mask=mn, other=0)
 
     k_step = BLOCK_K * SPLIT_K
@@ -130,7 +130,11 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
         # ---- weight tile (BLOCK_K, BLOCK_N): unpack, subtract the zero point
         # Prepared layout: words (KW_W, N), word row kw holds codes kw*C .. kw*C + C-1 of every
         # column (N contiguous, so every load is coalesced along N).
-        if UNPACK == 0:
+        if W_BITS == 8:
+            # Expanded weight (see _expand): int8 (N, K) codes minus zero points, K-major.
+            wq = tl.load(w_ptr + rn64[None, :] * K + rk[:, None], mask=mk[:, None] & mn[None, :],
+                         other=0)  # fmt: skip
+        elif UNPACK == 0:
             # One word per code, re-read from L1 by the C codes it holds; the shift depends
             # on the row only: no reshape, the tile is born in (BLOCK_K, BLOCK_N) layout.
             ww = tl.load(w_ptr + (rk // PER_W).to(tl.int64)[:, None] * N + rn64[None, :],
@@ -145,12 +149,13 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
             q = tl.reshape(q3, (BLOCK_K, BLOCK_N))
         if GROUPED:
             g = k0 // GS  # BLOCK_K divides GS: one group per tile
-            z = tl.load(wz_ptr + rn64 * G + g, mask=mn, other=0)
             s_w = tl.load(ws_ptr + rn64 * G + g, mask=mn, other=0.0)
-            wq = tl.where(mk[:, None], q - z[None, :], 0)
+            if W_BITS != 8:
+                z = tl.load(wz_ptr + rn64 * G + g, mask=mn, other=0)
+                wq = tl.where(mk[:, None], q - z[None, :], 0)
             # the per-channel scale broadcast against the accumulator
             s_acc = s_w[:, None] if SWAP else s_w[None, :]
-        else:
+        elif W_BITS != 8:
             wq = tl.where(mk[:, None], q - z_n[None, :], 0)
         # ---- multiply: (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N), or swapped
         if INT_PATH:
@@ -202,6 +207,48 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
                 acc += tl.load(bias_ptr + rn64, mask=mn, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptr + rm64[:, None] * N + rn64[None, :], _to_store(acc, out_ptr),
                      mask=mo)  # fmt: skip
+
+
+@triton.jit
+def _expand_kernel(w_ptr, z_ptr, out_ptr, R, K, KW, G, GS, S_R, S_KW, Z_CONST,
+                   W_BITS: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_K: tl.constexpr):  # fmt: skip
+    """out (R, K) int8 = codes - zero point, from packed words: word (r, kw) at
+    w_ptr + r * S_R + kw * S_KW holds codes kw*C .. kw*C + C - 1 of row r. Zero points
+    z (R, G) int32 per group of GS, or the constant Z_CONST."""
+    PER_W: tl.constexpr = 32 // W_BITS
+    W_MASK: tl.constexpr = (1 << W_BITS) - 1
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rkw = tl.program_id(1) * (BLOCK_K // PER_W) + tl.arange(0, BLOCK_K // PER_W)
+    rr64 = rr.to(tl.int64)
+    mr = rr < R
+    ww = tl.load(w_ptr + rr64[:, None] * S_R + rkw.to(tl.int64)[None, :] * S_KW,
+                 mask=mr[:, None] & (rkw < KW)[None, :], other=0)  # fmt: skip
+    q3 = (ww[:, :, None] >> (tl.arange(0, PER_W) * W_BITS)[None, None, :]) & W_MASK
+    q = tl.reshape(q3, (BLOCK_R, BLOCK_K))
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mo = mr[:, None] & (rk < K)[None, :]
+    if HAS_Z:
+        q -= tl.load(z_ptr + rr64[:, None] * G + (rk // GS)[None, :], mask=mo, other=0)
+    else:
+        q -= Z_CONST
+    tl.store(out_ptr + rr64[:, None] * K + rk[None, :], q.to(tl.int8), mask=mo)
+
+
+def _expand(words: Tensor, rows: int, k: int, bits: int, s_r: int, s_kw: int,
+            zeros: Tensor | None, group_size: int, z_const: int = 0) -> Tensor:  # fmt: skip
+    """(rows, K) int8 signed codes from packed words (see _expand_kernel)."""
+    out = torch.empty((rows, k), dtype=torch.int8, device=words.device)
+    if rows == 0 or k == 0:
+        return out
+    br, bk = (16, 32) if words.device.type == "cpu" else (32, 256)
+    kw = formats.packed_words(k, bits)
+    grid = (triton.cdiv(rows, br), triton.cdiv(k, bk))
+    _expand_kernel[grid](words, zeros if zeros is not None else words, out, rows, k, kw,
+                         zeros.shape[1] if zeros is not None else 1, group_size, s_r, s_kw,
+                         z_const, W_BITS=formats.container_bits(bits),
+                         HAS_Z=zeros is not None, BLOCK_R=br, BLOCK_K=bk)  # fmt: skip
+    return out
 
 
 # ------------------------------------------------------------------------------ configs
@@ -416,10 +463,14 @@ def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
 
 def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWeight,
             bias: Tensor | None, out_dtype: torch.dtype, debug: bool,
-            split_k: int | None, config: dict | None = None) -> Tensor:  # fmt: skip
-    """Launch the kernel. ``config`` (BLOCK_M/N/K, GROUP_M, SWAP, num_warps, num_stages)
-    bypasses the autotuner: for the configuration sweep (benchmarks/sweep_gemm.py) and the
-    GPU tests that check every configuration."""
+            split_k: int | None, config: dict | None = None,
+            expand: bool | None = None) -> Tensor:  # fmt: skip
+    """Launch the kernel. ``config`` (BLOCK_M/N/K, GROUP_M, SWAP, UNPACK, num_warps,
+    num_stages) bypasses the autotuner: for the configuration sweep
+    (benchmarks/sweep_gemm.py) and the GPU tests that check every configuration.
+    ``expand`` (integer GEMMs; default: M >= EXPAND_MIN_M) first expands the 4-bit codes to an
+    int8 scratch copy (and packed int4 activations to int8), then runs the int8 x int8 kernel
+    without unpacking in the K loop."""
     m, n, k = x.shape[0], weight.n, weight.k
     device = x.device
     if debug and a_mode == _A_FLOAT:
@@ -443,9 +494,16 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
     gs = weight.group_size if grouped else k
     xs = x_scales if x_scales is not None else weight.scales
     kw_x = x.shape[1]
-    args = (x, xs, weight.words, weight.scales, weight.zeros, bias if bias is not None else xs,
+    w_words, w_bits = weight.words, weight.container_bits
+    if expand is None:
+        expand = m >= EXPAND_MIN_M
+    if expand and a_mode != _A_FLOAT:
+        w_words, w_bits = _expand(w_words, n, k, weight.bits, 1, n, weight.zeros, gs), 8
+        if a_mode == _A_INT4:
+            x, a_mode = _expand(x, m, k, 4, kw_x, 1, None, k, z_const=8), _A_INT8
+    args = (x, xs, w_words, weight.scales, weight.zeros, bias if bias is not None else xs,
             out, m, n, k, kw_x, weight.words.shape[0], weight.groups, gs)  # fmt: skip
-    consts = {"A_MODE": a_mode, "W_BITS": weight.container_bits, "GROUPED": grouped,
+    consts = {"A_MODE": a_mode, "W_BITS": w_bits, "GROUPED": grouped,
               "HAS_BIAS": bias is not None, "DEBUG": debug, "SPLIT_K": split}  # fmt: skip
     # fp32 activations multiply in IEEE fp32 (tl.dot would use tf32); on the CPU the
     # interpreter gets bf16 arithmetic wrong, so it multiplies in fp32 too.
@@ -615,6 +673,10 @@ def linear(x: Tensor, weight: PreparedWeight, act_bits: int | None = None,
         raise ValueError(f"act_bits must be None, 4 or 8, got {act_bits!r}")
     return y.reshape(*x.shape[:-1], weight.n)
 
+
+# M from which the integer GEMMs expand the 4-bit weight (and int4 activations) to an int8
+# scratch copy before the K loop (see _launch); set from the H100 sweep (DECISIONS.md).
+EXPAND_MIN_M = 256
 
 # M from which the weight-only path dequantizes and calls cuBLAS (bf16). Set from the
 # H100 benchmark (bench_gemm.py): see DECISIONS.md.

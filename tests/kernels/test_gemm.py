@@ -52,10 +52,13 @@ def signed_weight(w: PreparedWeight, codes):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("act_bits", [8, 4])
 @pytest.mark.parametrize("group_size", [None, 32])
-@pytest.mark.parametrize("swap", [False, True])
-@pytest.mark.parametrize("unpack", [0, 1])
-def test_int32_accumulator_exact(shape, act_bits, group_size, swap, unpack, monkeypatch):
+@pytest.mark.parametrize(("swap", "unpack", "expand"),
+                         [(False, 0, False), (True, 0, False), (False, 1, False),
+                          (True, 1, False), (False, 0, True), (True, 0, True)])  # fmt: skip
+def test_int32_accumulator_exact(shape, act_bits, group_size, swap, unpack, expand, monkeypatch):
     use_swap(monkeypatch, swap, unpack)
+    # expand: 4-bit codes (and int4 activations) expanded to int8 before the K loop
+    monkeypatch.setattr(gemm_module, "EXPAND_MIN_M", 1 if expand else 1 << 30)
     m, n, k = shape
     w, codes = make_weight(n, k, 4, group_size, seed=m)
     xq, xs = act_codes(m, k, act_bits)
@@ -74,10 +77,11 @@ def max_err(got, exact):
 @pytest.mark.parametrize("act_bits", [8, 4])
 @pytest.mark.parametrize("group_size", [None, 32, 64])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize(("swap", "expand"), [(False, False), (True, False), (False, True)])
 def test_scaled_output_within_twice_the_torch_error(shape, act_bits, group_size, out_dtype, swap,
-                                                     monkeypatch):  # fmt: skip
+                                                     expand, monkeypatch):  # fmt: skip
     use_swap(monkeypatch, swap)
+    monkeypatch.setattr(gemm_module, "EXPAND_MIN_M", 1 if expand else 1 << 30)
     m, n, k = shape
     w, _ = make_weight(n, k, 4, group_size, seed=n)
     xq, xs = act_codes(m, k, act_bits, seed=k)
