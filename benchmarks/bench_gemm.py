@@ -4,7 +4,12 @@ Llama-2 7B / 13B / 70B linear-layer shapes and M in {1, 4, 16, 64, 256, 1024, 40
 Providers: cublas_bf16 (F.linear, bf16 weight), int_mm (int8 x int8 -> int32; M <= 16 is
 padded to 32 rows, its minimum), scaled_mm (fp8 e4m3 x e4m3 -> bf16, unit scales), and the
 cbq kernels: w4a8 (4-bit per-channel weight, int8 activation codes), w4a8_g128, w4a4
-(packed int4 activation codes), w4a16_g128 and w2a16_g128 (weight-only, bf16 activations).
+(packed int4 activation codes), w4a16_g128 and w2a16_g128 (weight-only, bf16 activations),
+each as its public function dispatches it; at M in {256, 1024, 4096} also the other side of
+the dispatch thresholds (EXPAND_MIN_M, WONLY_CUBLAS_MIN_M): w4a8_inloop (codes unpacked in the
+K loop, no int8 expansion) and w4a16_g128_inloop (the Triton kernel, no dequantize + cuBLAS).
+Times are CUDA-graph replays (``do_bench_cudagraph``): the GPU time, without the Python
+launch cost, as a served model replays its decode step.
 Activation quantization is not included in the kernel times (it is a separate, fused-with-
 RMSNorm op, benchmarked in bench_act_quant.py). TFLOP/s counts 2*M*N*K; GB/s counts the
 activation, the (packed) weight with its scales, and the output.
@@ -28,9 +33,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Environment, Table, bench, cli, write_report
+from benchmarks.common import Environment, Table, Timing, cli, write_report
 from cbq_kernels.act_quant import act_quant
-from cbq_kernels.gemm import gemm_w4a4, gemm_w4a8, gemm_wonly, prepare_weight
+from cbq_kernels.gemm import (
+    _A_FLOAT,
+    _A_INT8,
+    _launch,
+    gemm_w4a4,
+    gemm_w4a8,
+    gemm_wonly,
+    prepare_weight,
+)
 from cbq_kernels.packing import pack_ref as pack  # no compiled extension needed
 from cbq_kernels.testing import LLAMA_LINEAR_SHAPES
 
@@ -50,7 +63,13 @@ def wbytes(w) -> int:
 
 
 def timed(fn):
-    return bench(fn, warmup_ms=10, rep_ms=60)
+    from triton.testing import do_bench_cudagraph
+
+    fn()  # autotune and compile outside the graph
+    torch.cuda.synchronize()
+    times = [do_bench_cudagraph(fn, rep=40) for _ in range(3)]
+    times.sort()
+    return Timing(times[1], times[0], times[2])
 
 
 def main() -> None:
@@ -112,6 +131,15 @@ def main() -> None:
                 ("w4a16_g128", lambda: gemm_wonly(x, w4g), m * k * 2 + wbytes(w4g)),
                 ("w2a16_g128", lambda: gemm_wonly(x, w2g), m * k * 2 + wbytes(w2g)),
             )
+            if m in (256, 1024, 4096):  # the other side of the dispatch thresholds
+                cases += (
+                    ("w4a8_inloop", lambda: _launch(xq8, xs8.float(), _A_INT8, w4, None,
+                                                    torch.bfloat16, False, None, None, False),
+                     m * k + wbytes(w4)),
+                    ("w4a16_g128_inloop", lambda: _launch(x, None, _A_FLOAT, w4g, None,
+                                                          torch.bfloat16, False, None),
+                     m * k * 2 + wbytes(w4g)),
+                )  # fmt: skip
             for prov, fn, nbytes in cases:
                 if only != [""] and prov not in only:
                     continue
@@ -121,7 +149,11 @@ def main() -> None:
                           baseline_name="cublas_bf16")  # fmt: skip
             print(f"{name} M={m} done", flush=True)
     columns = ("op", "provider", "shape", "p50_ms", "tflops", "gbps", "speedup")
-    notes.insert(0, "speedup: cuBLAS bf16 time / this time, same M, N, K, same process.")
+    notes.insert(
+        0,
+        "speedup: cuBLAS bf16 time / this time, same M, N, K, same process. Times: "
+        "CUDA-graph replays (GPU time), median of 3 (p20/p80 columns: min/max).",
+    )
     print(write_report(table, out, "bench_gemm", "Quantized GEMMs", "benchmarks/bench_gemm.py",
                        columns, notes))  # fmt: skip
 

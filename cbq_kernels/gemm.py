@@ -68,8 +68,7 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
                  G, GS, A_MODE: tl.constexpr, W_BITS: tl.constexpr, GROUPED: tl.constexpr,
                  HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr, SPLIT_K: tl.constexpr,
                  DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr,
-                 UNPACK: tl.constexpr):  # fmt: skip
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr):  # fmt: skip
     """out (M, N) = x (M, K) @ W^T, W as prepared words (KW_W, N) int32. See the module
     docstring.
 
@@ -134,14 +133,11 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
             # Expanded weight (see _expand): int8 (N, K) codes minus zero points, K-major.
             wq = tl.load(w_ptr + rn64[None, :] * K + rk[:, None], mask=mk[:, None] & mn[None, :],
                          other=0)  # fmt: skip
-        elif UNPACK == 0:
-            # One word per code, re-read from L1 by the C codes it holds; the shift depends
-            # on the row only: no reshape, the tile is born in (BLOCK_K, BLOCK_N) layout.
-            ww = tl.load(w_ptr + (rk // PER_W).to(tl.int64)[:, None] * N + rn64[None, :],
-                         mask=mk[:, None] & mn[None, :], other=0)  # fmt: skip
-            q = (ww >> ((rk % PER_W) * W_BITS)[:, None]) & W_MASK
         else:
-            # Each word loaded once, split into (words, C, BLOCK_N), rows merged by reshape.
+            # Each word loaded once (N contiguous: coalesced), split into (words, C, BLOCK_N)
+            # codes, the first two dims merged by a reshape. (Loading one word per code and
+            # shifting by row, or the canonical (N, words) layout, measured 1.2-2x slower on
+            # the H100: benchmarks/results/h100/sweep_gemm_*.txt.)
             rkw = k0 // PER_W + tl.arange(0, BLOCK_K // PER_W)
             ww = tl.load(w_ptr + rkw.to(tl.int64)[:, None] * N + rn64[None, :],
                          mask=(rkw < KW_W)[:, None] & mn[None, :], other=0)  # fmt: skip
@@ -210,12 +206,13 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
 
 
 @triton.jit
-def _expand_kernel(w_ptr, z_ptr, out_ptr, R, K, KW, G, GS, S_R, S_KW, Z_CONST,
-                   W_BITS: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_K: tl.constexpr):  # fmt: skip
+def _expand_kernel(w_ptr, z_ptr, s_ptr, out_ptr, R, K, KW, G, GS, S_R, S_KW, Z_CONST,
+                   W_BITS: tl.constexpr, HAS_Z: tl.constexpr, SCALED: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """out (R, K) int8 = codes - zero point, from packed words: word (r, kw) at
     w_ptr + r * S_R + kw * S_KW holds codes kw*C .. kw*C + C - 1 of row r. Zero points
-    z (R, G) int32 per group of GS, or the constant Z_CONST."""
+    z (R, G) int32 per group of GS, or the constant Z_CONST. SCALED: out is float,
+    (codes - z) * s with fp32 scales s (R, G), one rounding (the dequantized weight)."""
     PER_W: tl.constexpr = 32 // W_BITS
     W_MASK: tl.constexpr = (1 << W_BITS) - 1
     rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -228,26 +225,36 @@ def _expand_kernel(w_ptr, z_ptr, out_ptr, R, K, KW, G, GS, S_R, S_KW, Z_CONST,
     q = tl.reshape(q3, (BLOCK_R, BLOCK_K))
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mo = mr[:, None] & (rk < K)[None, :]
+    gidx = rr64[:, None] * G + (rk // GS)[None, :]
     if HAS_Z:
-        q -= tl.load(z_ptr + rr64[:, None] * G + (rk // GS)[None, :], mask=mo, other=0)
+        q -= tl.load(z_ptr + gidx, mask=mo, other=0)
     else:
         q -= Z_CONST
-    tl.store(out_ptr + rr64[:, None] * K + rk[None, :], q.to(tl.int8), mask=mo)
+    if SCALED:
+        v = q.to(tl.float32) * tl.load(s_ptr + gidx, mask=mo, other=0.0)
+        tl.store(out_ptr + rr64[:, None] * K + rk[None, :], _to_store(v, out_ptr), mask=mo)
+    else:
+        tl.store(out_ptr + rr64[:, None] * K + rk[None, :], q.to(tl.int8), mask=mo)
 
 
 def _expand(words: Tensor, rows: int, k: int, bits: int, s_r: int, s_kw: int,
-            zeros: Tensor | None, group_size: int, z_const: int = 0) -> Tensor:  # fmt: skip
-    """(rows, K) int8 signed codes from packed words (see _expand_kernel)."""
-    out = torch.empty((rows, k), dtype=torch.int8, device=words.device)
+            zeros: Tensor | None, group_size: int, z_const: int = 0,
+            scales: Tensor | None = None,
+            dtype: torch.dtype = torch.int8) -> Tensor:  # fmt: skip
+    """(rows, K) int8 signed codes from packed words, or with ``scales`` the dequantized
+    (rows, K) ``dtype`` weight (see _expand_kernel)."""
+    out = torch.empty((rows, k), dtype=dtype, device=words.device)
     if rows == 0 or k == 0:
         return out
     br, bk = (16, 32) if words.device.type == "cpu" else (32, 256)
     kw = formats.packed_words(k, bits)
     grid = (triton.cdiv(rows, br), triton.cdiv(k, bk))
-    _expand_kernel[grid](words, zeros if zeros is not None else words, out, rows, k, kw,
+    _expand_kernel[grid](words, zeros if zeros is not None else words,
+                         scales if scales is not None else out, out, rows, k, kw,
                          zeros.shape[1] if zeros is not None else 1, group_size, s_r, s_kw,
                          z_const, W_BITS=formats.container_bits(bits),
-                         HAS_Z=zeros is not None, BLOCK_R=br, BLOCK_K=bk)  # fmt: skip
+                         HAS_Z=zeros is not None, SCALED=scales is not None, BLOCK_R=br,
+                         BLOCK_K=bk)  # fmt: skip
     return out
 
 
@@ -259,26 +266,32 @@ _AUTOTUNE_CACHE = (
 )  # fmt: skip
 
 
-def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool = False,
-         unpack: int = 0) -> triton.Config:  # fmt: skip
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
-                          "SWAP": swap, "UNPACK": unpack}, num_warps=warps,
-                         num_stages=stages)  # fmt: skip
+                          "SWAP": swap}, num_warps=warps, num_stages=stages)  # fmt: skip
 
 
-# Large M (compute-bound): tiles for the int8 / bf16 tensor cores. Small M (decode): one
-# 16-row tile, wide N and K tiles, split-K chosen on the host. For grouped weights the
-# pruning below keeps the configs whose BLOCK_K divides the group size (each list has a
-# BLOCK_K = 32 config, and prepare_weight requires groups of a multiple of 32).
+# Chosen from the H100 sweep (benchmarks/sweep_gemm.py, results/h100/sweep_gemm_*.txt).
+# Large M, codes unpacked in the K loop (weight-only, and integer GEMMs below EXPAND_MIN_M):
+# the swapped kernel (W x^T) with wide tiles won. Expanded int8 weights (M >= EXPAND_MIN_M):
+# plain int8 GEMM tiles. Small M (decode): one 16-row tile, split-K chosen on the host. For
+# grouped weights the pruning below keeps the configs whose BLOCK_K divides the group size
+# (each list has a BLOCK_K = 32 config: prepare_weight requires groups of a multiple of 32).
 _LARGE_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3),
-    _cfg(128, 128, 128, 8, 3), _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4),
-    _cfg(128, 128, 32, 8, 4),
+    _cfg(256, 128, 128, 8, 3, True), _cfg(128, 128, 128, 8, 3, True),
+    _cfg(128, 128, 64, 8, 3, True), _cfg(64, 128, 128, 4, 4, True),
+    _cfg(128, 256, 64, 8, 3, False), _cfg(64, 64, 64, 4, 4, False),
+    _cfg(64, 128, 32, 4, 4, True),
+]  # fmt: skip
+_EXPANDED_CONFIGS = [
+    _cfg(128, 256, 128, 8, 3, False), _cfg(256, 128, 128, 8, 3, True),
+    _cfg(128, 128, 64, 4, 4, False), _cfg(128, 128, 128, 8, 4, True),
+    _cfg(128, 128, 32, 4, 4, False),
 ]  # fmt: skip
 _SMALL_CONFIGS = [
-    _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 64, 4, 4), _cfg(16, 128, 128, 4, 3),
-    _cfg(16, 256, 64, 8, 3), _cfg(32, 64, 128, 4, 4), _cfg(64, 64, 64, 4, 4),
-    _cfg(16, 128, 32, 4, 4),
+    _cfg(16, 128, 64, 4, 4, False), _cfg(16, 128, 128, 4, 3, False),
+    _cfg(16, 64, 128, 4, 4, True), _cfg(16, 128, 64, 4, 4, True),
+    _cfg(16, 64, 32, 4, 4, False),
 ]  # fmt: skip
 
 
@@ -310,19 +323,19 @@ def _gemm_entry(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, K
                 GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
                 SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                SWAP: tl.constexpr, UNPACK: tl.constexpr):  # fmt: skip
+                SWAP: tl.constexpr):  # fmt: skip
     """The kernel with an M bucket argument, the autotuning key (tuning once per bucket)."""
     _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, K, KW_X, KW_W,
                  G, GS, A_MODE, W_BITS, GROUPED, HAS_BIAS, DEBUG, SPLIT_K, DOT_F32, BLOCK_M,
-                 BLOCK_N, BLOCK_K, GROUP_M, SWAP, UNPACK)  # fmt: skip
+                 BLOCK_N, BLOCK_K, GROUP_M, SWAP)  # fmt: skip
 
 
 _gemm_large = _tuned(_LARGE_CONFIGS)(_gemm_entry)
+_gemm_expanded = _tuned(_EXPANDED_CONFIGS)(_gemm_entry)
 _gemm_small = _tuned(_SMALL_CONFIGS)(_gemm_entry)
 
 # The interpreter (CPU tests) runs one small fixed configuration instead of autotuning.
-_CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "SWAP": False,
-               "UNPACK": 0}  # fmt: skip
+_CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "SWAP": False}
 SMALL_M = 16  # M <= SMALL_M takes the decode configurations (and split-K)
 
 
@@ -449,14 +462,15 @@ def _check_bias(bias: Tensor | None, n: int, device: torch.device) -> None:
 
 
 def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
-    """Slices of K for the decode path: enough programs (about 2 per SM with 128-wide N
-    tiles) to stream the weight at full bandwidth; 1 for large M."""
+    """Slices of K for the decode path: enough programs (about 4 per SM with 128-wide N
+    tiles, the best split in the H100 sweep) to stream the weight at full bandwidth; 1 for
+    large M."""
     if m > SMALL_M or device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     tiles = triton.cdiv(n, 128)
     split = 1
-    while tiles * split < 2 * sms and k // (split * 2) >= 512:
+    while tiles * split < 4 * sms and k // (split * 2) >= 512:
         split *= 2
     return split
 
@@ -465,9 +479,9 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
             bias: Tensor | None, out_dtype: torch.dtype, debug: bool,
             split_k: int | None, config: dict | None = None,
             expand: bool | None = None) -> Tensor:  # fmt: skip
-    """Launch the kernel. ``config`` (BLOCK_M/N/K, GROUP_M, SWAP, UNPACK, num_warps,
-    num_stages) bypasses the autotuner: for the configuration sweep
-    (benchmarks/sweep_gemm.py) and the GPU tests that check every configuration.
+    """Launch the kernel. ``config`` (BLOCK_M/N/K, GROUP_M, SWAP, num_warps, num_stages)
+    bypasses the autotuner: for the configuration sweep (benchmarks/sweep_gemm.py) and the
+    GPU tests that check every configuration.
     ``expand`` (integer GEMMs; default: M >= EXPAND_MIN_M) first expands the 4-bit codes to an
     int8 scratch copy (and packed int4 activations to int8), then runs the int8 x int8 kernel
     without unpacking in the K loop."""
@@ -513,7 +527,7 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
         fixed_grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
         _gemm_kernel[fixed_grid](*args, **consts, DOT_F32=dot_f32, **meta)
     else:
-        kernel = _gemm_small if m <= SMALL_M else _gemm_large
+        kernel = _gemm_small if m <= SMALL_M else _gemm_expanded if w_bits == 8 else _gemm_large
 
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
@@ -598,7 +612,19 @@ def gemm_wonly(x: Tensor, weight: PreparedWeight, bias: Tensor | None = None,
     if not use_triton(_gemm_kernel, x.device):
         out = x.float() @ weight.dequantize(torch.float32).t()
         return (out + bias.float() if bias is not None else out).to(x.dtype)
+    _check_bias(bias, weight.n, x.device)
+    if x.shape[0] >= WONLY_CUBLAS_MIN_M and x.dtype != torch.float32 and split_k is None:
+        # Compute-bound: dequantize to a scratch (N, K) weight in x's dtype, then cuBLAS.
+        w = _dequantize_scratch(weight, x.dtype)
+        return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)
     return _launch(x, None, _A_FLOAT, weight, bias, x.dtype, False, split_k)
+
+
+def _dequantize_scratch(weight: PreparedWeight, dtype: torch.dtype) -> Tensor:
+    """(N, K) ``(q - z) * s`` in ``dtype`` from the prepared words (Triton; no extension)."""
+    gs = weight.group_size if weight.group_size is not None and weight.groups > 1 else weight.k
+    return _expand(weight.words, weight.n, weight.k, weight.bits, 1, weight.n, weight.zeros, gs,
+                   scales=weight.scales, dtype=dtype)  # fmt: skip
 
 
 def _int_gemm_torch(codes: Tensor, xs: Tensor, weight: PreparedWeight, bias: Tensor | None,
@@ -659,12 +685,8 @@ def linear(x: Tensor, weight: PreparedWeight, act_bits: int | None = None,
     if not isinstance(x, Tensor) or x.dim() < 1 or x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be a float tensor of shape (..., K), got {x!r:.80}")
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    m = x2.shape[0]
     if act_bits is None:
-        if x.device.type == "cuda" and m >= WONLY_CUBLAS_MIN_M:
-            y = torch.nn.functional.linear(x2, weight.dequantize(x.dtype), bias)
-        else:
-            y = gemm_wonly(x2, weight, bias)
+        y = gemm_wonly(x2, weight, bias)
     elif act_bits in (4, 8):
         codes, scales = act_quant(x2, act_bits, **act_kwargs)
         fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
@@ -676,8 +698,8 @@ def linear(x: Tensor, weight: PreparedWeight, act_bits: int | None = None,
 
 # M from which the integer GEMMs expand the 4-bit weight (and int4 activations) to an int8
 # scratch copy before the K loop (see _launch); set from the H100 sweep (DECISIONS.md).
-EXPAND_MIN_M = 256
+EXPAND_MIN_M = 512
 
 # M from which the weight-only path dequantizes and calls cuBLAS (bf16). Set from the
 # H100 benchmark (bench_gemm.py): see DECISIONS.md.
-WONLY_CUBLAS_MIN_M = 1024
+WONLY_CUBLAS_MIN_M = 512

@@ -37,11 +37,9 @@ def act_codes(m, k, bits, seed=1):
     return act_quant(x, bits)
 
 
-def use_swap(monkeypatch, swap, unpack=0):
-    """Run the interpreter with the operand-swapped kernel (W x^T) or the plain one, and one
-    of the two weight-unpacking variants."""
+def use_swap(monkeypatch, swap):
+    """Run the interpreter with the operand-swapped kernel (W x^T) or the plain one."""
     monkeypatch.setitem(gemm_module._CPU_CONFIG, "SWAP", swap)
-    monkeypatch.setitem(gemm_module._CPU_CONFIG, "UNPACK", unpack)
 
 
 def signed_weight(w: PreparedWeight, codes):
@@ -52,11 +50,11 @@ def signed_weight(w: PreparedWeight, codes):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("act_bits", [8, 4])
 @pytest.mark.parametrize("group_size", [None, 32])
-@pytest.mark.parametrize(("swap", "unpack", "expand"),
-                         [(False, 0, False), (True, 0, False), (False, 1, False),
-                          (True, 1, False), (False, 0, True), (True, 0, True)])  # fmt: skip
-def test_int32_accumulator_exact(shape, act_bits, group_size, swap, unpack, expand, monkeypatch):
-    use_swap(monkeypatch, swap, unpack)
+@pytest.mark.parametrize(
+    ("swap", "expand"), [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_int32_accumulator_exact(shape, act_bits, group_size, swap, expand, monkeypatch):
+    use_swap(monkeypatch, swap)
     # expand: 4-bit codes (and int4 activations) expanded to int8 before the K loop
     monkeypatch.setattr(gemm_module, "EXPAND_MIN_M", 1 if expand else 1 << 30)
     m, n, k = shape
@@ -99,9 +97,8 @@ def test_scaled_output_within_twice_the_torch_error(shape, act_bits, group_size,
 @pytest.mark.parametrize("group_size", [None, 32, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("swap", [False, True])
-@pytest.mark.parametrize("unpack", [0, 1])
-def test_weight_only(bits, group_size, dtype, swap, unpack, monkeypatch):
-    use_swap(monkeypatch, swap, unpack)
+def test_weight_only(bits, group_size, dtype, swap, monkeypatch):
+    use_swap(monkeypatch, swap)
     m, n, k = 13, 33, 100
     w, _ = make_weight(n, k, bits, group_size, seed=bits, zeros=group_size != 64)
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(4))).to(dtype)
@@ -195,3 +192,25 @@ def test_pytorch_fallback_matches_the_kernel(act_bits):
         assert torch.equal(fn(xq, xs, w, debug=True), acc)
         torch.testing.assert_close(fn(xq, xs, w, out_dtype=torch.float32), out)
         torch.testing.assert_close(gemm_wonly(x, w), wo)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_weight_only_dequantize_then_matmul_path(bits, group_size, monkeypatch):
+    """At M >= WONLY_CUBLAS_MIN_M, gemm_wonly dequantizes to a scratch weight (Triton) and
+    calls the BLAS GEMM: the scratch weight equals the PyTorch dequantization exactly."""
+    from cbq_kernels.packing import dequantize_ref
+
+    m, n, k = 5, 33, 100
+    w, _ = make_weight(n, k, bits, group_size, seed=11)
+    deq = gemm_module._dequantize_scratch(w, torch.bfloat16)
+    want = dequantize_ref(w.packed.contiguous(), bits, k, w.scales, w.zeros.float(), group_size,
+                          torch.bfloat16)  # fmt: skip
+    assert torch.equal(deq, want)
+    monkeypatch.setattr(gemm_module, "WONLY_CUBLAS_MIN_M", 1)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(13))
+    out = gemm_wonly(x, w, bias)
+    exact = gemm_ref(x, w, bias=bias)
+    torch_out = torch.nn.functional.linear(x, want, bias.to(torch.bfloat16))
+    assert max_err(out, exact) <= 2 * max_err(torch_out, exact) + 1e-5 * float(exact.abs().max())

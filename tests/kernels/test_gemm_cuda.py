@@ -3,8 +3,20 @@
 import pytest
 import torch
 
+from cbq_kernels import gemm as gemm_module
 from cbq_kernels.act_quant import act_quant
-from cbq_kernels.gemm import gemm_ref, gemm_w4a4, gemm_w4a8, gemm_wonly, linear, prepare_weight
+from cbq_kernels.gemm import (
+    _A_FLOAT,
+    _A_INT4,
+    _A_INT8,
+    _launch,
+    gemm_ref,
+    gemm_w4a4,
+    gemm_w4a8,
+    gemm_wonly,
+    linear,
+    prepare_weight,
+)
 from cbq_kernels.packing import dequantize_ref
 from cbq_kernels.packing import pack_ref as pack  # no compiled extension needed
 from cbq_kernels.packing import unpack_ref as unpack
@@ -88,8 +100,7 @@ def test_split_k_matches_one_slice():
 @pytest.mark.parametrize("act_bits", [None, 8, 4])
 def test_linear(act_bits):
     w, _ = make_weight(4096, 4096, 4, 128, seed=8)
-    # M = 512 stays below WONLY_CUBLAS_MIN_M: dequantize + cuBLAS needs the CUDA extension.
-    for m in (1, 512 if act_bits is None else 2048):
+    for m in (1, 300, 2048):  # decode, codes unpacked in the K loop, expanded / dequantized
         x = activations(m, 4096, seed=m)
         y = linear(x, w, act_bits)
         if act_bits is None:
@@ -98,3 +109,43 @@ def test_linear(act_bits):
             q, s = act_quant(x, act_bits)
             want = gemm_ref(q, w, s, act_bits)
         torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max())
+
+
+CONFIG_LISTS = {
+    "large": gemm_module._LARGE_CONFIGS,
+    "expanded": gemm_module._EXPANDED_CONFIGS,
+    "small": gemm_module._SMALL_CONFIGS,
+}
+
+
+@pytest.mark.parametrize("which", list(CONFIG_LISTS))
+@pytest.mark.parametrize("act_bits", [8, 4, None])
+def test_every_autotuner_config(which, act_bits):
+    """Each configuration the autotuner may pick, run directly: exact int32 accumulators for
+    the integer kernels, the weight-only product within twice PyTorch's error."""
+    if which == "expanded" and act_bits is None:
+        pytest.skip("weight-only GEMMs are not expanded")
+    m = 13 if which == "small" else 200
+    n, k = 1000, 1024  # N not a multiple of any tile
+    w, codes = make_weight(n, k, 4, 64, seed=9)
+    x = activations(m, k, seed=10)
+    for cfg in CONFIG_LISTS[which]:
+        if 64 % cfg.kwargs["BLOCK_K"]:
+            continue  # pruned for groups of 64
+        meta = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        if act_bits is None:
+            out = _launch(x, None, _A_FLOAT, w, None, torch.bfloat16, False, 1, meta)
+            exact = gemm_ref(x, w)
+            w_deq = dequantize_ref(w.packed.contiguous(), 4, k, w.scales, w.zeros.float(), 64)
+            torch_out = x @ w_deq.t().to(torch.bfloat16)
+            err = (out.double() - exact).abs().max()
+            assert float(err) <= 2 * float((torch_out.double() - exact).abs().max()) + 1e-3, meta
+            continue
+        xq, xs = act_quant(x, act_bits)
+        mode = _A_INT8 if act_bits == 8 else _A_INT4
+        acc = _launch(xq, xs, mode, w, None, torch.bfloat16, True, 1, meta,
+                      which == "expanded")  # fmt: skip
+        x_int = xq.double() if act_bits == 8 else unpack(xq, 4, k).double() - 8
+        gid = torch.arange(k, device="cuda") // 64
+        w_int = codes.double() - w.zeros.double()[:, gid]
+        assert torch.equal(acc.double(), x_int @ w_int.t()), meta
