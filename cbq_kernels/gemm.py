@@ -303,8 +303,9 @@ def _prune(configs, named_args, **kwargs):
 
 def _tune_bench(kernel_call, quantiles):
     """Short timing runs for the autotuner (the default 25/100 ms per config makes a first
-    call at a new shape take seconds)."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+    call at a new shape take seconds; the configurations it picks among differ by more than
+    the noise of 10 ms of runs)."""
+    return triton.testing.do_bench(kernel_call, warmup=2, rep=10, quantiles=quantiles)
 
 
 def _tuned(configs):
