@@ -17,7 +17,7 @@ activation, the (packed) weight with its scales, and the output.
     python benchmarks/bench_gemm.py --out benchmarks/results/h100
     python benchmarks/summarize_gemm.py benchmarks/results/h100/bench_gemm.csv   (targets, plot)
     CBQ_BENCH_QUICK=1 ...   (70B gate/up, M in {1, 16, 4096}: a smoke run)
-    CBQ_BENCH_MS=1,4096 CBQ_BENCH_KERNELS=w4a8,w4a16_g128 ...   (subsets)
+    CBQ_BENCH_MS=1,4096 CBQ_BENCH_KERNELS=w4a8,w4a16_g128 CBQ_BENCH_SHAPES=7b_down ... (subsets)
 """
 
 # ruff: noqa: B023 - every closure below is timed at once, inside its loop iteration
@@ -83,6 +83,8 @@ def main() -> None:
     if quick:
         shapes = [s for s in shapes if s[0] == "70b_gate_up"]
         ms = (1, 16, 4096)
+    if os.environ.get("CBQ_BENCH_SHAPES"):  # e.g. 70b_gate_up,7b_down
+        shapes = [s for s in shapes if s[0] in os.environ["CBQ_BENCH_SHAPES"].split(",")]
     if os.environ.get("CBQ_BENCH_MS"):
         ms = tuple(int(v) for v in os.environ["CBQ_BENCH_MS"].split(","))
     only = os.environ.get("CBQ_BENCH_KERNELS", "").split(",")
