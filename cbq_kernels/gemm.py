@@ -343,7 +343,7 @@ _gemm_small = _tuned(_SMALL_CONFIGS)(_gemm_entry)
 
 # The interpreter (CPU tests) runs one small fixed configuration instead of autotuning.
 _CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "SWAP": False}
-SMALL_M = 16  # M <= SMALL_M takes the decode configurations (and split-K)
+SMALL_M = 63  # M <= SMALL_M takes the decode configurations (and split-K); above, EXPAND_MIN_M
 
 
 def _m_bucket(m: int) -> int:
@@ -704,9 +704,11 @@ def linear(x: Tensor, weight: PreparedWeight, act_bits: int | None = None,
 
 
 # M from which the integer GEMMs expand the 4-bit weight (and int4 activations) to an int8
-# scratch copy before the K loop (see _launch); set from the H100 sweep (DECISIONS.md).
-EXPAND_MIN_M = 512
-
-# M from which the weight-only path dequantizes and calls cuBLAS (bf16). Set from the
-# H100 benchmark (bench_gemm.py): see DECISIONS.md.
-WONLY_CUBLAS_MIN_M = 512
+# scratch copy before the K loop (see _launch), and from which the weight-only GEMM
+# dequantizes to a scratch bf16/fp16 weight and calls cuBLAS. From the H200 table
+# (benchmarks/results/h200/bench_gemm.csv, DECISIONS.md): at M >= 1024 expansion wins
+# everywhere (1.2-1.9x over unpacking in the K loop), at M = 256 it ties on 70B gate/up and
+# the in-loop kernel is 0.2-0.4x cuBLAS on the smaller layers; the expansion costs one pass
+# over the weight (131 us for 28672 x 8192 at 2.7 TB/s), so 64 is where it starts to pay.
+EXPAND_MIN_M = 64
+WONLY_CUBLAS_MIN_M = 64
