@@ -280,7 +280,8 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool) -> trit
 # Chosen from the H100 sweep (benchmarks/sweep_gemm.py, results/h100/sweep_gemm_*.txt).
 # Large M, codes unpacked in the K loop (weight-only, and integer GEMMs below EXPAND_MIN_M):
 # the swapped kernel (W x^T) with wide tiles won. Expanded int8 weights (M >= EXPAND_MIN_M):
-# plain int8 GEMM tiles. Small M (decode): one 16-row tile, split-K chosen on the host. For
+# plain int8 GEMM tiles, and 64-row tiles for M ~ 64 on narrow layers (N = 1024 left 4
+# programs with 128 x 256 tiles). Small M (decode): one 16-row tile, split-K chosen on the host. For
 # grouped weights the pruning below keeps the configs whose BLOCK_K divides the group size
 # (each list has a BLOCK_K = 32 config: prepare_weight requires groups of a multiple of 32).
 _LARGE_CONFIGS = [
@@ -292,7 +293,8 @@ _LARGE_CONFIGS = [
 _EXPANDED_CONFIGS = [
     _cfg(128, 256, 128, 8, 3, False), _cfg(256, 128, 128, 8, 3, True),
     _cfg(128, 128, 64, 4, 4, False), _cfg(128, 128, 128, 8, 4, True),
-    _cfg(128, 128, 32, 4, 4, False),
+    _cfg(128, 128, 32, 4, 4, False), _cfg(64, 64, 128, 4, 4, False),
+    _cfg(64, 128, 128, 4, 4, False),
 ]  # fmt: skip
 _SMALL_CONFIGS = [
     _cfg(16, 128, 64, 4, 4, False), _cfg(16, 128, 128, 4, 3, False),
