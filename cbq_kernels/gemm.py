@@ -4,14 +4,23 @@ W2A16 weight-only, with a decode (small M) path and a dispatcher.
 Shapes: activations x (M, K), weight W (N, K) (``out_features, in_features``, as
 ``nn.Linear``), output (M, N) = x @ W^T.
 
-Weights stay in the canonical packed format of :mod:`cbq_kernels.formats` (rows of W packed
-along K into int32 words, 8 codes of 4 bits or 16 of 2 bits per word, 3-bit codes in 4-bit
-containers). That layout is already K-major (row n of W contiguous along K), the layout the
-fast int8 ``tl.dot`` on Hopper needs (KERNELS.md), so :func:`prepare_weight` does not re-layout
-the codes; it checks them once, converts scales to fp32 and zero points to int32 (default
-``2**(b-1)``), and returns a :class:`PreparedWeight` that every kernel reads. The kernels unpack
-a (BLOCK_K, BLOCK_N) tile of codes in registers (each word loaded once per code it holds, from
-L1) and subtract the zero point:
+Weights are stored in the canonical packed format of :mod:`cbq_kernels.formats` (rows of W
+packed along K into int32 words, 8 codes of 4 bits or 16 of 2 bits per word, 3-bit codes in
+4-bit containers). :func:`prepare_weight` checks them once and keeps the words transposed,
+(K / C, N) with N contiguous, so that every weight-tile load is coalesced; it converts scales to
+fp32 and zero points to int32 (default ``2**(b-1)``). By M (see docs/DECISIONS.md and
+benchmarks/results/h200/README.md for the measurements behind each threshold):
+
+* M <= ``SMALL_M`` (decode): one Triton kernel unpacks a (BLOCK_K, BLOCK_N) tile of codes in
+  registers in the K loop, subtracts the zero point and multiplies on tensor cores, with
+  split-K so that M = 1 still starts enough programs; the slices write fp32 partials summed in
+  a fixed order (deterministic).
+* M >= ``EXPAND_MIN_M``, integer GEMMs: the 4-bit codes (and int4 activations) are first
+  expanded to an int8 scratch copy of ``q - z``, then the same kernel runs int8 x int8 with no
+  unpacking in the K loop. Weight-only GEMMs from ``WONLY_CUBLAS_MIN_M``: dequantize to a
+  scratch bf16/fp16 weight (Triton), then cuBLAS.
+
+Arithmetic:
 
 * integer path (W4A8, W4A4): ``w = q - z`` in [-15, 15] and the activation codes are int8
   (W4A8) or int4 unpacked to int8 (W4A4, codes from :func:`cbq_kernels.act_quant.act_quant`
@@ -23,10 +32,8 @@ L1) and subtract the zero point:
   runs on bf16/fp16 tensor cores with fp32 accumulation, and the scale is applied per K tile
   (grouped) or once in the epilogue (per-channel).
 
-Split-K: the decode path (M <= 16) cuts K into ``SPLIT_K`` slices so that M = 1 still starts
-enough programs to read the weight at full bandwidth; the slices write fp32 partials that are
-summed in a fixed order (deterministic). ``debug=True`` returns the raw int32 accumulator
-``x_codes @ (q - z)^T`` (whole K, no scales) of the integer kernels, for exactness tests.
+``debug=True`` returns the raw int32 accumulator ``x_codes @ (q - z)^T`` (whole K, no scales)
+of the integer kernels, for exactness tests.
 
 Triton's CPU interpreter computes bf16 arithmetic wrongly (KERNELS.md); there the weight-only
 kernel multiplies in fp32 (``DOT_F32``). Integer ``tl.dot`` is exact in the interpreter.
@@ -514,7 +521,7 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
     else:
         out = torch.empty((m, n), dtype=out_dtype, device=device)
     grouped = weight.group_size is not None and weight.groups > 1
-    gs = weight.group_size if grouped else k
+    gs = weight.group_size if weight.group_size is not None and grouped else k
     xs = x_scales if x_scales is not None else weight.scales
     kw_x = x.shape[1]
     w_words, w_bits = weight.words, weight.container_bits
