@@ -16,3 +16,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def need_shared(path):
+    """A file or folder under ../shared that a test reads: skip when it is missing, except
+    under CI (CI=true), where a missing input must fail the run."""
+    if path.exists():
+        return path
+    message = f"{path} is missing (../shared beside the checkout)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)

@@ -1,0 +1,103 @@
+"""Architecture registry and model loading.
+
+The registry is a table: for each Hugging Face ``model_type``, where the decoder blocks are and
+what the linear layers and norms of a block are called. CFP folding and the reconstruction read
+only this table, so a new family whose blocks look like these needs one row, not code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+    """Names inside one family's model. ``blocks``: dotted path to the ModuleList of decoder
+    blocks; ``linears``: the quantized linears of a block (dotted names, in execution order);
+    ``qkv`` / ``o`` / ``gate_up`` / ``down``: which of them share an input (CFP folding);
+    ``attn_norm`` / ``mlp_norm``: the norms in front of attention and MLP; ``v`` / ``up``: the
+    producers of the o / down inputs."""
+
+    blocks: str
+    qkv: tuple[str, ...]
+    o: str
+    gate_up: tuple[str, ...]
+    down: str
+    attn_norm: str
+    mlp_norm: str
+    v: str
+    up: str
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return (*self.qkv, self.o, *self.gate_up, self.down)
+
+
+_LLAMA_LIKE = ArchSpec(
+    blocks="model.layers",
+    qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    o="self_attn.o_proj",
+    gate_up=("mlp.gate_proj", "mlp.up_proj"),
+    down="mlp.down_proj",
+    attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
+    v="self_attn.v_proj",
+    up="mlp.up_proj",
+)
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+}
+
+SHARED_MODELS = Path(__file__).resolve().parent.parent.parent / "shared" / "models"
+ALIASES = {"stories260K": "stories260K"}  # alias -> folder under CBQ_MODELS_DIR / shared/models
+
+
+def arch_spec(model) -> ArchSpec:
+    """The registry row of a loaded model (clear error for an unknown family)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {model_type!r}: supported model_type values are "
+            f"{sorted(ARCHITECTURES)} (add a row to cbq_ptq.models.ARCHITECTURES)"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def blocks(model) -> torch.nn.ModuleList:
+    return model.get_submodule(arch_spec(model).blocks)
+
+
+def resolve(name: str) -> str:
+    """An alias ('stories260K') to its folder (``CBQ_MODELS_DIR`` first, then
+    ../shared/models); paths and hub ids unchanged."""
+    if name not in ALIASES:
+        return name
+    dirs = [Path(os.environ["CBQ_MODELS_DIR"])] if os.environ.get("CBQ_MODELS_DIR") else []
+    for d in [*dirs, SHARED_MODELS]:
+        if (d / ALIASES[name] / "config.json").is_file():
+            return str(d / ALIASES[name])
+    raise FileNotFoundError(
+        f"model alias {name!r}: folder {ALIASES[name]} not found under "
+        f"{[str(d) for d in [*dirs, SHARED_MODELS]]} (set CBQ_MODELS_DIR)"
+    )
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | None = None):
+    """(model, tokenizer) for an alias, a local folder or a hub id; the family must be in the
+    registry."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    arch_spec(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
