@@ -30,6 +30,7 @@ class QuantSettings:
     act_quantizer: str = "per_token"
     crossquant_alpha: float = 0.15
     symmetric_weights: bool = False
+    ragged_groups: bool = False
 
     def __post_init__(self) -> None:
         if self.w_bits not in WEIGHT_BITS:
@@ -46,6 +47,8 @@ class QuantSettings:
             raise ValueError(
                 f"act_quantizer must be one of {ACT_QUANTIZERS}, got {self.act_quantizer!r}"
             )
+        if self.group_size is not None and self.group_size % 16:
+            raise ValueError(f"group_size must be a multiple of 16, got {self.group_size}")
         if not 0.0 < self.crossquant_alpha <= 1.0:
             raise ValueError(f"crossquant_alpha must be in (0, 1], got {self.crossquant_alpha}")
 
@@ -60,7 +63,7 @@ class QuantSettings:
         if self.group_size is not None and in_features % self.group_size:
             raise ValueError(
                 f"group_size {self.group_size} does not divide in_features {in_features} of "
-                f"layer {name}"
+                f"layer {name} (ragged_groups=True allows a shorter last group)"
             )
 
 
@@ -85,6 +88,8 @@ class CBQConfig:
 
     settings: QuantSettings = dataclasses.field(default_factory=QuantSettings)
     cfp: bool = True
+    cfp_activations: bool | None = None  # None: only when activations are quantized
+    cfp_weights: bool = False  # measured harmful at W4A16 on stories260K (DECISIONS.md)
     cfp_quantiles: tuple[float, float] = (0.25, 0.75)
     cfp_lambda: float = 1.5
     cfp_lambda2: float = 1.0
@@ -93,11 +98,12 @@ class CBQConfig:
     overlap: int = 1
     lora_rounding: bool = True
     lora_rank: int = 8
+    lora_init: str = "rtn"
     learn_clipping: bool = True
     epochs: int = 2
     batch_size: int = 4
     lr: float = 5e-3
-    lr_lora: float = 1e-3
+    lr_lora: float = 1e-2
     kl_weight: float = 1.0
     fp_weight: float = 1.0
     round_reg: float = 0.01
@@ -113,6 +119,8 @@ class CBQConfig:
         lo, hi = self.cfp_quantiles
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"cfp_quantiles must satisfy 0 <= lo < hi <= 1, got {lo, hi}")
+        if self.lora_init not in ("rtn", "svd", "zero"):
+            raise ValueError(f"lora_init must be 'rtn', 'svd' or 'zero', got {self.lora_init!r}")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
         for field in ("epochs", "batch_size"):

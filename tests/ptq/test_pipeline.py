@@ -1,0 +1,130 @@
+"""QLinear, the window loss and the reconstruction pipeline (CPU, stories260K)."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from cbq_kernels.fake_quant import fake_quant_ref
+from cbq_ptq.config import CBQConfig, parse_setting
+from cbq_ptq.data import calibration_windows
+from cbq_ptq.models import SHARED_MODELS, blocks, load_model
+from cbq_ptq.pipeline import capture_inputs, distance, quantize
+from cbq_ptq.qlinear import QLinear
+from tests.conftest import need_shared
+
+
+def linear(n=24, k=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.1)
+    return lin
+
+
+@pytest.mark.parametrize("setting", ["W4A16", "W3A16g32", "W2A16g32"])
+def test_lora_rounding_starts_at_round_to_nearest(setting):
+    """The hardened codes at initialisation are RTN's codes (with the initial clipping)."""
+    s = parse_setting(setting)
+    lin = linear()
+    q = QLinear(lin, s, lora=True, learn_clipping=True)
+    scales, zeros = q.quant_params()
+    gs = q.gs or q.in_features
+    gid = torch.arange(q.in_features) // gs
+    rtn = torch.round(q.w / scales[:, gid] + zeros[:, gid]).clamp(0, (1 << s.w_bits) - 1)
+    q.harden()
+    assert torch.equal(q.codes.float(), rtn)
+
+
+def test_rtn_qlinear_matches_fake_quant_and_hardening_is_consistent():
+    s = parse_setting("W4A8g32")
+    lin = linear(seed=1)
+    q = QLinear(lin, s, lora=False, learn_clipping=False, train=False)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
+    w_hat = fake_quant_ref(lin.weight.detach(), 4, 32)
+    x_hat = fake_quant_ref(x, 8, None, torch.ones(1), None, True)
+    want = torch.nn.functional.linear(x_hat, w_hat, lin.bias)
+    torch.testing.assert_close(q(x), want)
+    before = q(x)
+    q.harden()
+    torch.testing.assert_close(q(x), before, rtol=1e-5, atol=1e-6)
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 15
+
+
+def test_learned_parameters_receive_gradients():
+    q = QLinear(linear(seed=3), parse_setting("W4A8"), lora=True, learn_clipping=True)
+    q(torch.randn(4, 64)).pow(2).sum().backward()
+    for kind, params in q.learned().items():
+        for p in params:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), kind
+    assert any(float(p.grad.abs().max()) > 0 for p in q.learned()["lora"])
+
+
+def test_distance_is_zero_on_equal_inputs_and_positive_otherwise():
+    a = torch.randn(2, 3, 8)
+    assert float(distance(a, a, 1.0)) == pytest.approx(0.0, abs=1e-7)
+    b = a + 0.1 * torch.randn(2, 3, 8)
+    assert float(distance(b, a, 1.0)) > float(distance(b, a, 0.0)) > 0
+
+
+def test_group_size_that_does_not_divide_is_a_clear_error():
+    with pytest.raises(ValueError, match="does not divide in_features 64"):
+        QLinear(linear(), parse_setting("W4A16g48"), name="mlp.down_proj")
+
+
+@pytest.fixture(scope="module")
+def stories():
+    need_shared(SHARED_MODELS / "stories260K" / "config.json")
+    return load_model("stories260K")
+
+
+def calib(tok_vocab, n=8, t=64):
+    ids = torch.randint(3, tok_vocab, (4096,), generator=torch.Generator().manual_seed(0))
+    return calibration_windows(ids, n, t, seed=1)
+
+
+def test_capture_inputs_feed_the_first_block(stories):
+    model, _ = stories
+    ids = calib(model.config.vocab_size, n=3)
+    x, kwargs = capture_inputs(model, ids)
+    assert x.shape == (3, 64, model.config.hidden_size)
+    assert torch.allclose(x, model.model.embed_tokens(ids))
+    out = blocks(model)[0](x, **kwargs)
+    assert (out[0] if isinstance(out, tuple) else out).shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "config",
+    [CBQConfig(settings=parse_setting("W4A8", ragged_groups=True), epochs=1, batch_size=4),
+     CBQConfig(settings=parse_setting("W2A16g32", ragged_groups=True), epochs=0, cfp=False,
+               lora_rounding=False, window=1, overlap=0)],
+    ids=["cbq_w4a8", "rtn_w2a16g32"],
+)  # fmt: skip
+def test_quantize_end_to_end(stories, config, tmp_path):
+    model, _ = stories
+    model = copy.deepcopy(model)
+    ids = calib(model.config.vocab_size)
+    log_path = tmp_path / "log.jsonl"
+    model, log = quantize(model, config, ids, log_path=log_path, progress=False)
+    n_windows = 4 if config.window == 2 else 5
+    assert len(log) == n_windows and len(log_path.read_text().splitlines()) == n_windows
+    qls = [m for m in model.modules() if isinstance(m, QLinear)]
+    assert len(qls) == 5 * 7 and all(q.codes is not None for q in qls)
+    with torch.no_grad():
+        logits = model(ids[:2]).logits
+    assert torch.isfinite(logits).all()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:2, 1:].flatten())
+    assert math.isfinite(float(nll))
+    if config.epochs:
+        assert all(e["loss_after"] <= e["loss_before"] * 1.05 for e in log)
+
+
+def test_non_finite_loss_stops_the_window_with_a_clear_error(stories):
+    model, _ = stories
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        blocks(model)[1].mlp.up_proj.weight[0, 0] = float("nan")
+    config = CBQConfig(settings=parse_setting("W4A16"), epochs=1, cfp=False, window=1, overlap=0)
+    with pytest.raises(FloatingPointError, match=r"window 2/5 \(blocks 1-1\)"):
+        quantize(model, config, calib(model.config.vocab_size), progress=False)
