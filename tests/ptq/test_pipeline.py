@@ -128,3 +128,28 @@ def test_non_finite_loss_stops_the_window_with_a_clear_error(stories):
     config = CBQConfig(settings=parse_setting("W4A16"), epochs=1, cfp=False, window=1, overlap=0)
     with pytest.raises(FloatingPointError, match=r"window 2/5 \(blocks 1-1\)"):
         quantize(model, config, calib(model.config.vocab_size), progress=False)
+
+
+@pytest.mark.parametrize("setting", ["W4A8", "W3A16g32"])
+def test_save_then_load_reproduces_the_logits(stories, setting, tmp_path):
+    from cbq_ptq.io import load, save
+
+    model, tok = stories
+    model = copy.deepcopy(model)
+    ids = calib(model.config.vocab_size, n=4)
+    config = CBQConfig(settings=parse_setting(setting, ragged_groups=True), epochs=1)
+    model, _ = quantize(model, config, ids, progress=False)
+    save(model, tmp_path / "q", tok)
+    again = load(tmp_path / "q")
+    with torch.no_grad():
+        want = model(ids).logits
+        got = again(ids).logits
+    assert torch.equal(got, want)
+    assert (tmp_path / "q" / "quant_config.json").is_file()
+
+
+def test_load_rejects_a_folder_that_is_not_a_quantized_model(tmp_path):
+    from cbq_ptq.io import load
+
+    with pytest.raises(FileNotFoundError, match=r"not a folder written by cbq_ptq\.save"):
+        load(tmp_path)
