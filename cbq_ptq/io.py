@@ -33,8 +33,9 @@ FORMAT = "cbq.quantized"
 FORMAT_VERSION = 1
 
 
-def save(model, path: str | Path, tokenizer=None) -> Path:
-    """Write the quantized ``model`` (every QLinear hardened) to the folder ``path``."""
+def save(model, path: str | Path, tokenizer=None, base_model: str | None = None) -> Path:
+    """Write the quantized ``model`` (every QLinear hardened) to the folder ``path``;
+    ``base_model``: the name it was quantized from (recorded in quant_config.json)."""
     from safetensors.torch import save_file
 
     out = Path(path)
@@ -73,7 +74,8 @@ def save(model, path: str | Path, tokenizer=None) -> Path:
     model.config.save_pretrained(out)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "pack_format_version": PACK_FORMAT_VERSION,
-            "settings": dataclasses.asdict(settings), "layers": layers}  # fmt: skip
+            "base_model": base_model, "settings": dataclasses.asdict(settings),
+            "layers": layers}  # fmt: skip
     (out / "quant_config.json").write_text(json.dumps(meta, indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

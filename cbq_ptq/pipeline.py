@@ -216,7 +216,7 @@ def _train_window(layers, idx: range, xq: Tensor, y_hom: Tensor, y_fp: Tensor, k
             loss = window_loss(sl, step >= warm, beta)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"non-finite loss ({float(loss)}) in window {label}, epoch {epoch}, step "
+                    f"non-finite loss ({loss.item()}) in window {label}, epoch {epoch}, step "
                     f"{step}: nothing of this window was written"
                 )
             opt.zero_grad(set_to_none=True)
@@ -224,7 +224,7 @@ def _train_window(layers, idx: range, xq: Tensor, y_hom: Tensor, y_fp: Tensor, k
             opt.step()
             step += 1
             if progress is not None:
-                progress.set_postfix(window=label, epoch=epoch, loss=f"{float(loss):.4g}")
+                progress.set_postfix(window=label, epoch=epoch, loss=f"{loss.item():.4g}")
     return before, hard_loss()
 
 

@@ -1,0 +1,163 @@
+"""Command line: ``cbq quantize`` and ``cbq eval``.
+
+    cbq quantize                      # smollm2-135m to W4A8, before/after perplexity, saved
+    cbq quantize --model stories260K --setting W2A16g32 --ragged-groups --corpus tinystories
+    cbq eval OUT_DIR                  # perplexity of a saved quantized model (or any model)
+
+Flags map to the fields of QuantSettings / CBQConfig. Without a GPU the defaults are smaller
+(fewer and shorter calibration windows, two epochs, the first evaluation windows only) so
+that the default run finishes in minutes on a laptop CPU; every report states what it used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cbq_ptq.config import CBQConfig, parse_setting
+from cbq_ptq.data import calibration_windows, load_text, tokenize
+from cbq_ptq.evaluate import evaluate_perplexity
+
+# (calibration windows, tokens per window, epochs, evaluation windows) by device
+GPU_DEFAULTS = (128, 2048, 2, None)
+CPU_DEFAULTS = (16, 256, 2, 4)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", default="wikitext2", help="evaluation corpus (name or file)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="evaluation window (default 2048; 512 for stories260K)")  # fmt: skip
+    p.add_argument("--eval-windows", type=int, default=-1,
+                   help="first N windows only (default: all on a GPU, 4 on CPU)")  # fmt: skip
+    p.add_argument("--bos", action="store_true", help="start every evaluation window with BOS")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="cbq", description=__doc__, formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a causal LM with CBQ and evaluate it")
+    q.add_argument("--model", default="smollm2-135m", help="alias, folder or hub id")
+    q.add_argument("--setting", default="W4A8", help="W4A16, W3A16g64, W2A16g64, W4A8, W4A4...")
+    q.add_argument("--act-quantizer", default="per_token", choices=["per_token", "crossquant"])
+    q.add_argument("--crossquant-alpha", type=float, default=0.15)
+    q.add_argument("--ragged-groups", action="store_true",
+                   help="allow a shorter last group where groups do not divide")  # fmt: skip
+    q.add_argument("--calib", default=None, help="calibration corpus (default: --corpus)")
+    q.add_argument("--n-calib", type=int, default=None, help="calibration windows")
+    q.add_argument("--calib-len", type=int, default=None, help="tokens per calibration window")
+    q.add_argument("--epochs", type=int, default=None, help="0: round-to-nearest")
+    q.add_argument("--window", type=int, default=2, help="blocks per window (K)")
+    q.add_argument("--overlap", type=int, default=1, help="blocks shared by windows (O)")
+    q.add_argument("--batch-size", type=int, default=4)
+    q.add_argument("--no-cfp", action="store_true", help="switch off coarse-to-fine preprocessing")
+    q.add_argument("--no-lora", action="store_true", help="round-to-nearest (STE) instead")
+    q.add_argument("--lora-rank", type=int, default=8)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", default="cbq-out", help="folder for the quantized model and logs")
+    _common(q)
+    e = sub.add_parser("eval", help="perplexity of a saved quantized model, or of any model")
+    e.add_argument("model", help="folder written by `cbq quantize`, alias, folder or hub id")
+    _common(e)
+    return parser
+
+
+def _device(arg: str | None) -> str:
+    return arg or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _eval_args(args, model_name: str, device: str) -> dict:
+    seq_len = args.seq_len or (512 if model_name == "stories260K" else 2048)
+    windows = args.eval_windows
+    if windows == -1:
+        windows = (GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS)[3]
+    bos = args.bos or model_name == "stories260K"
+    return {"corpus": args.corpus, "seq_len": seq_len, "bos": bos, "max_windows": windows}
+
+
+def _report(tag: str, result: dict, eval_args: dict) -> str:
+    subset = (f"first {result['windows']} windows" if eval_args["max_windows"] else
+              f"all {result['windows']} windows")  # fmt: skip
+    return (f"{tag}: perplexity {result['ppl']:.3f} on {eval_args['corpus']} ({subset} of "
+            f"{eval_args['seq_len']} tokens)")  # fmt: skip
+
+
+def cmd_quantize(args) -> int:
+    from cbq_ptq.io import save
+    from cbq_ptq.models import load_model
+    from cbq_ptq.pipeline import quantize
+
+    device = _device(args.device)
+    n_cal, t_cal, epochs, _ = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
+    settings = parse_setting(args.setting, act_quantizer=args.act_quantizer,
+                             crossquant_alpha=args.crossquant_alpha,
+                             ragged_groups=args.ragged_groups)  # fmt: skip
+    config = CBQConfig(settings=settings, cfp=not args.no_cfp, window=args.window,
+                       overlap=args.overlap, lora_rounding=not args.no_lora,
+                       lora_rank=args.lora_rank,
+                       epochs=epochs if args.epochs is None else args.epochs,
+                       batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+    model, tok = load_model(args.model, device=device)
+    eval_args = _eval_args(args, args.model, device)
+    before = evaluate_perplexity(model, tok, **eval_args)
+    print(_report(f"{args.model} FP32", before, eval_args), flush=True)
+    calib_corpus = args.calib or args.corpus
+    ids = tokenize(tok, load_text(calib_corpus, "calib"))
+    start = ids.numel() // 2 if calib_corpus == "tinystories" else 0  # eval uses the start
+    calib = calibration_windows(ids, args.n_calib or n_cal, args.calib_len or t_cal, args.seed,
+                                start=start)  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    model, _ = quantize(model, config, calib, log_path=out / "windows.jsonl")
+    seconds = time.time() - t0
+    after = evaluate_perplexity(model, tok, **eval_args)
+    print(_report(f"{args.model} {settings.name} (CBQ)", after, eval_args), flush=True)
+    save(model, out / "model", tok, base_model=args.model)
+    summary = {"model": args.model, "setting": settings.name, "device": device,
+               "calibration": {"corpus": calib_corpus, "windows": calib.shape[0],
+                               "tokens": calib.shape[1], "seed": args.seed},
+               "config": {k: v for k, v in vars(args).items() if k != "func"},
+               "ppl_fp": before, "ppl_quantized": after, "quantize_seconds": round(seconds, 1),
+               "evaluation": eval_args}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"saved to {out / 'model'} (quantization took {seconds:.0f} s; log {out}/windows.jsonl)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from cbq_ptq.io import load
+    from cbq_ptq.models import load_model
+
+    device = _device(args.device)
+    path = Path(args.model)
+    if (path / "quant_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        model, tok = load(path, device=device), AutoTokenizer.from_pretrained(path)
+        name = json.loads((path / "quant_config.json").read_text()).get("base_model") or ""
+    else:
+        model, tok = load_model(args.model, device=device)
+        name = args.model
+    eval_args = _eval_args(args, name, device)
+    print(_report(args.model, evaluate_perplexity(model, tok, **eval_args), eval_args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return cmd_quantize(args) if args.command == "quantize" else cmd_eval(args)
+    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as exc:
+        print(f"cbq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

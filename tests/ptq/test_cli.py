@@ -1,0 +1,44 @@
+"""The command line on stories260K (a few steps), and its errors."""
+
+import json
+
+import pytest
+
+from cbq_ptq.cli import main
+from cbq_ptq.models import SHARED_MODELS
+from tests.conftest import need_shared
+
+
+def test_quantize_then_eval(tmp_path, capsys):
+    need_shared(SHARED_MODELS / "stories260K" / "config.json")
+    out = tmp_path / "run"
+    rc = main(["quantize", "--model", "stories260K", "--setting", "W4A8", "--corpus",
+               "tinystories", "--n-calib", "4", "--calib-len", "64", "--epochs", "1",
+               "--eval-windows", "2", "--out", str(out), "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "stories260K FP32: perplexity" in printed and "W4A8 (CBQ): perplexity" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ppl_quantized"]["windows"] == 2
+    assert (out / "windows.jsonl").read_text().count("\n") == 4
+    rc = main(["eval", str(out / "model"), "--corpus", "tinystories", "--eval-windows", "2",
+               "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    ppl = float(line.split("perplexity ")[1].split()[0])
+    assert ppl == pytest.approx(summary["ppl_quantized"]["ppl"], abs=6e-4)  # printed to 3 places
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["quantize", "--model", "stories260K", "--setting", "W5A16"], "w_bits must be one of"),
+     (["quantize", "--model", "stories260K", "--setting", "W4A16g64", "--corpus",
+       "tinystories", "--n-calib", "2", "--calib-len", "32", "--epochs", "0",
+       "--eval-windows", "1"], "does not divide in_features 172"),
+     (["eval", "stories260K", "--corpus", "no-such-corpus"], "neither a file nor one of")],
+)  # fmt: skip
+def test_bad_input_is_a_clear_error(argv, message, capsys, tmp_path):
+    need_shared(SHARED_MODELS / "stories260K" / "config.json")
+    assert main([*argv, "--device", "cpu"] + (["--out", str(tmp_path)] if argv[0] ==
+                "quantize" else [])) == 2  # fmt: skip
+    assert message in capsys.readouterr().err
