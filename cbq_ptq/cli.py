@@ -118,7 +118,12 @@ def cmd_quantize(args) -> int:
     model, _ = quantize(model, config, calib, log_path=out / "windows.jsonl")
     seconds = time.time() - t0
     after = evaluate_perplexity(model, tok, **eval_args)
-    print(_report(f"{args.model} {settings.name} (CBQ)", after, eval_args), flush=True)
+    method = (
+        "RTN"
+        if config.epochs == 0
+        else ("CBQ" if config.window > 1 else "block-wise reconstruction")
+    )
+    print(_report(f"{args.model} {settings.name} ({method})", after, eval_args), flush=True)
     save(model, out / "model", tok, base_model=args.model)
     summary = {"model": args.model, "setting": settings.name, "device": device,
                "calibration": {"corpus": calib_corpus, "windows": calib.shape[0],

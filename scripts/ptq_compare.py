@@ -1,0 +1,53 @@
+"""Compare RTN, block-wise reconstruction and CBQ (and ablations) on stories260K (CPU).
+
+    python scripts/ptq_compare.py SETTING EPOCHS RUNS
+    e.g. python scripts/ptq_compare.py W4A8 20 rtn,bw,cbq,cbq_nocfp
+
+32 calibration windows of 256 tokens from the second half of tinystories-valid-prefix.txt
+(seed 0); perplexity on the first 64 evaluation windows of 512 tokens, each starting with BOS.
+Prints one line per run: setting, run, perplexity, seconds, and per window the loss before
+and after training (hard rounding). Results: docs/results/stories260K_cpu.md.
+"""
+
+import copy
+import sys
+import time
+
+from cbq_ptq.config import CBQConfig, parse_setting
+from cbq_ptq.data import calibration_windows, load_text, tokenize
+from cbq_ptq.evaluate import evaluate_perplexity
+from cbq_ptq.models import load_model
+from cbq_ptq.pipeline import quantize
+
+base, tok = load_model("stories260K")
+ids = tokenize(tok, load_text("tinystories", "calib"))
+calib = calibration_windows(ids, 32, 256, seed=0, start=ids.numel() // 2)
+
+
+def ppl(m):
+    return evaluate_perplexity(m, tok, "tinystories", 512, bos=True, max_windows=64)["ppl"]
+
+
+S = parse_setting(sys.argv[1], ragged_groups=True)
+E = int(sys.argv[2])
+runs = {
+    "rtn": CBQConfig(settings=S, cfp=False, lora_rounding=False, epochs=0, window=1, overlap=0),
+    "bw": CBQConfig(settings=S, cfp=False, epochs=E, window=1, overlap=0),
+    "cbq": CBQConfig(settings=S, epochs=E),
+    "cbq_nocfp": CBQConfig(settings=S, epochs=E, cfp=False),
+    "cbq_notrunc": CBQConfig(settings=S, epochs=E, cfp_weights=False),
+    "cbq_nolora": CBQConfig(settings=S, epochs=E, lora_rounding=False),
+    "cbq_nooverlap": CBQConfig(settings=S, epochs=E, window=1, overlap=0),
+}
+for name in sys.argv[3].split(","):
+    m = copy.deepcopy(base)
+    t0 = time.time()
+    m, log = quantize(m, runs[name], calib, progress=False)
+    print(
+        sys.argv[1],
+        name,
+        round(ppl(m), 3),
+        f"{time.time() - t0:.1f}s",
+        [(round(e["loss_before"], 4), round(e["loss_after"], 4)) for e in log],
+        flush=True,
+    )
