@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.bench_gemm import weight
 from benchmarks.common import Environment
 from cbq_kernels.act_quant import act_quant
-from cbq_kernels.gemm import _A_FLOAT, _A_INT4, _A_INT8, _expand, _launch, prepare_weight
-from cbq_kernels.packing import pack_ref
+from cbq_kernels.gemm import _A_FLOAT, _A_INT4, _A_INT8, _expand, _launch
 
 # (bm, bn, bk, warps, stages); each with SWAP in {False, True} and UNPACK in {0, 1}
 LARGE = [(256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (128, 128, 64, 8, 3),
@@ -37,14 +37,6 @@ LARGE_X = [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4), (
            (128, 128, 128, 4, 4), (128, 128, 128, 8, 4), (128, 128, 64, 4, 4)]  # fmt: skip
 DECODE = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (16, 64, 256, 4, 3), (16, 128, 64, 4, 4)]
 SPLITS = (1, 2, 4)
-
-
-def weight(n, k, bits, group_size, g):
-    codes = torch.randint(0, 1 << bits, (n, k), generator=g, device="cuda", dtype=torch.uint8)
-    groups = 1 if group_size is None else -(-k // group_size)
-    scales = torch.rand(n, groups, generator=g, device="cuda") * 0.01 + 0.001
-    zeros = torch.randint(0, 1 << bits, (n, groups), generator=g, device="cuda").float()
-    return prepare_weight(pack_ref(codes, bits), bits, k, scales, zeros, group_size)
 
 
 def timed(fn) -> float:

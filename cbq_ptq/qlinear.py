@@ -118,9 +118,7 @@ class QLinear(torch.nn.Module):
                 s, z = self.quant_params()
                 fn_h = harden if cuda else harden_ref
                 q = fn_h(self._w_lora(), self.lora_a, self.lora_b, s, z, bits, self.gs).float()
-                gid = torch.arange(self.in_features, device=self.w.device) // (
-                    self.gs or self.in_features
-                )
+                gid = self._gid()
                 return (q - z[:, gid]) * s[:, gid], torch.zeros((), device=self.w.device)
         if self.lora_a is not None:
             s, z = self.quant_params()
@@ -135,8 +133,12 @@ class QLinear(torch.nn.Module):
     def _w_lora(self) -> Tensor:
         return self.w_round if self.w_round is not None else self.w
 
+    def _gid(self) -> Tensor:
+        """The group of every input column (0 everywhere per channel)."""
+        return torch.arange(self.in_features, device=self.w.device) // (self.gs or self.in_features)
+
     def dequantized(self) -> Tensor:
-        gid = torch.arange(self.in_features, device=self.w.device) // (self.gs or self.in_features)
+        gid = self._gid()
         return (self.codes.float() - self.zeros[:, gid]) * self.scales[:, gid]
 
     @torch.no_grad()
@@ -152,9 +154,7 @@ class QLinear(torch.nn.Module):
             w_hat = self.weight_hat()[0]
             if self.settings.symmetric_weights:  # codes offset by 2^(b-1)
                 s, z = _symmetric_params(self.w, bits, self.gs, self.clip_max)
-            gid = torch.arange(self.in_features, device=self.w.device) // (
-                self.gs or self.in_features
-            )
+            gid = self._gid()
             codes = torch.round(w_hat / s[:, gid] + z[:, gid]).clamp(0, (1 << bits) - 1)
         self.codes = codes.to(torch.uint8)
         self.scales, self.zeros = s.float().detach(), z.float().detach()

@@ -35,10 +35,19 @@ runs = {
     "bw": CBQConfig(settings=S, cfp=False, epochs=E, window=1, overlap=0),
     "cbq": CBQConfig(settings=S, epochs=E),
     "cbq_nocfp": CBQConfig(settings=S, epochs=E, cfp=False),
-    "cbq_notrunc": CBQConfig(settings=S, epochs=E, cfp_weights=False),
+    "cbq_trunc": CBQConfig(settings=S, epochs=E, cfp_weights=True),
     "cbq_nolora": CBQConfig(settings=S, epochs=E, lora_rounding=False),
     "cbq_nooverlap": CBQConfig(settings=S, epochs=E, window=1, overlap=0),
-}
+    # the measured choices of DECISIONS.md (block-wise, W4A16 there)
+    "bw_clip_only": CBQConfig(settings=S, cfp=False, lora_rounding=False, epochs=E, window=1,
+                              overlap=0),
+    "bw_svd_lr1e-3": CBQConfig(settings=S, cfp=False, epochs=E, window=1, overlap=0,
+                               lora_init="svd", lr_lora=1e-3),
+    "bw_svd": CBQConfig(settings=S, cfp=False, epochs=E, window=1, overlap=0, lora_init="svd"),
+    "bw_lr1e-3": CBQConfig(settings=S, cfp=False, epochs=E, window=1, overlap=0, lr_lora=1e-3),
+    "cfp_rtn": CBQConfig(settings=S, lora_rounding=False, epochs=0, window=1, overlap=0,
+                         cfp_activations=True, cfp_weights=True),
+}  # fmt: skip
 for name in sys.argv[3].split(","):
     m = copy.deepcopy(base)
     t0 = time.time()
