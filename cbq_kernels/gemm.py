@@ -395,6 +395,11 @@ class PreparedWeight:
     def container_bits(self) -> int:
         return formats.container_bits(self.bits)
 
+    @property
+    def kernel_group(self) -> int:
+        """The group length the kernels use: group_size, or K when one group spans a row."""
+        return self.group_size if self.group_size is not None and self.groups > 1 else self.k
+
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> Tensor:
         """(N, K) ``(q - z) * s`` in ``dtype`` (fp32 arithmetic, one rounding)."""
         from cbq_kernels.packing import dequantize
@@ -520,8 +525,8 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
         out = torch.empty((split, m, n), dtype=torch.float32, device=device)
     else:
         out = torch.empty((m, n), dtype=out_dtype, device=device)
-    grouped = weight.group_size is not None and weight.groups > 1
-    gs = weight.group_size if weight.group_size is not None and grouped else k
+    gs = weight.kernel_group
+    grouped = gs < k
     xs = x_scales if x_scales is not None else weight.scales
     kw_x = x.shape[1]
     w_words, w_bits = weight.words, weight.container_bits
@@ -638,8 +643,8 @@ def gemm_wonly(x: Tensor, weight: PreparedWeight, bias: Tensor | None = None,
 
 def _dequantize_scratch(weight: PreparedWeight, dtype: torch.dtype) -> Tensor:
     """(N, K) ``(q - z) * s`` in ``dtype`` from the prepared words (Triton; no extension)."""
-    gs = weight.group_size if weight.group_size is not None and weight.groups > 1 else weight.k
-    return _expand(weight.words, weight.n, weight.k, weight.bits, 1, weight.n, weight.zeros, gs,
+    return _expand(weight.words, weight.n, weight.k, weight.bits, 1, weight.n, weight.zeros,
+                   weight.kernel_group,
                    scales=weight.scales, dtype=dtype)  # fmt: skip
 
 

@@ -58,7 +58,7 @@ def detect_outliers(values: Tensor, quantiles: tuple[float, float] = (0.25, 0.75
     score = torch.where(p[None, :] <= n_cand[:, None], score, -torch.inf)
     best = torch.argmax(score, dim=1) + 1  # (R,) split after the top `best` values
     has = n_cand > 0
-    threshold = torch.where(has, s.gather(1, best[:, None] % n)[:, 0], torch.inf)
+    threshold = torch.where(has, s.gather(1, best[:, None])[:, 0], torch.inf)
     mask = (v > threshold[:, None]) & has[:, None]
     if one_d:
         return Outliers(mask[0], threshold.to(values.dtype)[0])

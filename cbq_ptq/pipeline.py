@@ -168,7 +168,7 @@ def _train_window(layers, idx: range, xq: Tensor, y_hom: Tensor, y_fp: Tensor, k
     param_groups = [{"params": p, "lr": lrs[k]} for k, p in groups.items() if p]
     n, batch = xq.shape[0], config.batch_size
 
-    def window_loss(sl, with_reg: bool, beta: float) -> Tensor:
+    def window_loss(sl, with_reg: bool) -> Tensor:
         h = xq[sl]
         for j in idx:
             h = _run_block(layers[j], h, kwargs)
@@ -184,7 +184,7 @@ def _train_window(layers, idx: range, xq: Tensor, y_hom: Tensor, y_fp: Tensor, k
 
     def full_loss() -> float:
         with torch.no_grad():
-            total = sum(float(window_loss(slice(i, i + batch), False, 2.0)) * min(batch, n - i)
+            total = sum(float(window_loss(slice(i, i + batch), False)) * min(batch, n - i)
                         for i in range(0, n, batch))  # fmt: skip
         return total / n
 
@@ -213,7 +213,7 @@ def _train_window(layers, idx: range, xq: Tensor, y_hom: Tensor, y_fp: Tensor, k
             for q in qls:
                 q.beta = beta
             sl = order[i : i + batch].to(xq.device)
-            loss = window_loss(sl, step >= warm, beta)
+            loss = window_loss(sl, step >= warm)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"non-finite loss ({loss.item()}) in window {label}, epoch {epoch}, step "

@@ -58,7 +58,8 @@ class QLinear(torch.nn.Module):
         self.in_features, self.out_features = k, n
         w_fp = linear.weight.detach().float()
         self.register_buffer("w_fp", w_fp.clone())
-        self.register_buffer("w", (truncated if truncated is not None else w_fp).float().clone())
+        # the weight the quantizer sees: the truncated copy, or the same tensor as w_fp
+        self.register_buffer("w", truncated.float().clone() if truncated is not None else self.w_fp)
         bias = linear.bias.detach().float().clone() if linear.bias is not None else None
         self.register_buffer("bias", bias)
         groups = groups_per_row(k, gs)
