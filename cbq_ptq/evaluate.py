@@ -34,3 +34,40 @@ def evaluate_perplexity(model, tokenizer, corpus: str = "wikitext2", seq_len: in
     nll_mean = total / count
     return {"ppl": math.exp(nll_mean), "nll": nll_mean, "windows": windows.shape[0],
             "tokens": count}  # fmt: skip
+
+
+@torch.no_grad()
+def kernel_proportions(model, tokenizer, corpus: str = "wikitext2", seq_len: int = 2048,
+                       bos: bool = False, max_windows: int = 1) -> dict[str, float]:  # fmt: skip
+    """The quantization-kernel proportion of every activation-quantized layer (METHOD.md
+    section 6): the fraction of the non-zero input elements whose code is 0, with the
+    layer's own quantizer (per-token or CrossQuant, learned clipping), over the first
+    ``max_windows`` evaluation windows of the corpus. Empty with 16-bit activations."""
+    from cbq_ptq.qlinear import QLinear
+
+    ids = tokenize(tokenizer, load_text(corpus, "eval"))
+    windows = eval_windows(ids, seq_len, tokenizer.bos_token_id if bos else None, max_windows)
+    counts: dict[str, list[int]] = {}
+    hooks = []
+
+    def hook(module, args):
+        codes = module.act_codes(args[0])
+        if codes is None:
+            return
+        nonzero = args[0].reshape(codes.shape) != 0
+        c = counts.setdefault(module.name, [0, 0])
+        c[0] += int(((codes == 0) & nonzero).sum())
+        c[1] += int(nonzero.sum())
+
+    for name, m in model.named_modules():
+        if isinstance(m, QLinear):
+            m.name = m.name or name
+            hooks.append(m.register_forward_pre_hook(hook))
+    device = next(model.parameters()).device
+    try:
+        for i in range(windows.shape[0]):
+            model(windows[i : i + 1].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: zero / max(total, 1) for name, (zero, total) in counts.items()}

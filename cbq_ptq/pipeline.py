@@ -27,17 +27,17 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def capture_inputs(model, ids: Tensor) -> tuple[Tensor, dict]:
-    """Hidden states entering the first block for each calibration window (N, T, H) and the
-    block's keyword arguments (position embeddings, mask), captured with batch 1 so that they
-    broadcast over any batch."""
+def capture_inputs(model, ids: Tensor, store: torch.device | None = None) -> tuple[Tensor, dict]:
+    """Hidden states entering the first block for each calibration window (N, T, H), kept on
+    ``store`` (default: the model's device), and the block's keyword arguments (position
+    embeddings, mask), captured with batch 1 so that they broadcast over any batch."""
     first = blocks(model)[0]
     states: list[Tensor] = []
     kwargs_seen: list[dict] = []
 
     def pre(_module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        states.append(hidden.detach())
+        states.append(hidden.detach().to(store or hidden.device))
         kwargs_seen.append(kwargs)
         raise _Stop
 
@@ -64,15 +64,17 @@ def _run_block(block, x: Tensor, kwargs: dict) -> Tensor:
 
 @torch.no_grad()
 def _propagate(layers, idx: range, x: Tensor, kwargs: dict, batch: int, mode: str) -> Tensor:
-    """x through blocks idx (QLinears in ``mode``: 'fp' or 'quant'), in mini-batches."""
+    """x through blocks idx (QLinears in ``mode``: 'fp' or 'quant'), in mini-batches on the
+    blocks' device; the result stays where x is (GPU, or CPU memory when offloaded)."""
+    device = next(layers[idx[0]].parameters()).device if len(idx) else x.device
     outs = []
     for i in range(0, x.shape[0], batch):
-        h = x[i : i + batch]
+        h = x[i : i + batch].to(device, non_blocking=True)
         for j in idx:
             _set_mode(layers[j], mode)
             h = _run_block(layers[j], h, kwargs)
             _set_mode(layers[j], "quant")
-        outs.append(h)
+        outs.append(h.to(x.device))
     return torch.cat(outs, 0)
 
 
@@ -111,9 +113,11 @@ def _prepare_block(model, j: int, x_in: Tensor, kwargs: dict, config: CBQConfig)
     info: dict = {"block": j}
     batch = config.batch_size
 
+    device = next(block.parameters()).device
+
     def run():
         for i in range(0, x_in.shape[0], batch):
-            _run_block(block, x_in[i : i + batch], kwargs)
+            _run_block(block, x_in[i : i + batch].to(device, non_blocking=True), kwargs)
 
     truncated: dict[str, Tensor] = {}
     scale_acts = config.cfp_activations
@@ -150,7 +154,7 @@ def _prepare_block(model, j: int, x_in: Tensor, kwargs: dict, config: CBQConfig)
         if channel_max is not None:
             alpha = settings.crossquant_alpha
             q.channel_factor = channel_max[name].clamp_min(1e-6).pow(1 - alpha)
-        q.to(x_in.device)
+        q.to(device)
         setattr(parent, leaf, q)
     return info
 
@@ -168,13 +172,16 @@ def _train_window(layers, idx: range, xq: Tensor, y_hom: Tensor, y_fp: Tensor, k
     param_groups = [{"params": p, "lr": lrs[k]} for k, p in groups.items() if p]
     n, batch = xq.shape[0], config.batch_size
 
+    device = next(layers[idx[0]].parameters()).device
+
     def window_loss(sl, with_reg: bool) -> Tensor:
-        h = xq[sl]
+        h = xq[sl].to(device, non_blocking=True)
         for j in idx:
             h = _run_block(layers[j], h, kwargs)
-        loss = distance(h, y_hom[sl], config.kl_weight)
+        loss = distance(h, y_hom[sl].to(device, non_blocking=True), config.kl_weight)
         if config.fp_weight:
-            loss = loss + config.fp_weight * distance(h, y_fp[sl], config.kl_weight)
+            target = y_fp[sl].to(device, non_blocking=True)
+            loss = loss + config.fp_weight * distance(h, target, config.kl_weight)
         if with_reg:
             # R per weight (the sum over a matrix divided by its size; our choice, so that
             # round_reg does not depend on layer sizes), averaged over the window's layers
@@ -212,7 +219,7 @@ def _train_window(layers, idx: range, xq: Tensor, y_hom: Tensor, y_fp: Tensor, k
             beta = 20.0 - (20.0 - 2.0) * rel  # annealed from 20 to 2 after the warm-up
             for q in qls:
                 q.beta = beta
-            sl = order[i : i + batch].to(xq.device)
+            sl = order[i : i + batch]
             loss = window_loss(sl, step >= warm)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -228,55 +235,154 @@ def _train_window(layers, idx: range, xq: Tensor, y_hom: Tensor, y_fp: Tensor, k
     return before, hard_loss()
 
 
+class _Lap:
+    """Seconds of each phase of a window (synchronising the GPU), for the log."""
+
+    def __init__(self, device: torch.device, phases: dict[str, float]) -> None:
+        self.device, self.phases, self.t = device, phases, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.phases[name] = round(now - self.t, 3)
+        self.t = now
+
+
+def _fingerprint(model, config: CBQConfig, calib_ids: Tensor) -> str:
+    """What a checkpoint must agree with to be resumed: the configuration, the calibration
+    token windows and the model (name, shapes)."""
+    import dataclasses
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode())
+    h.update(calib_ids.to(torch.int64).cpu().numpy().tobytes())
+    h.update(str(getattr(model.config, "_name_or_path", "")).encode())
+    h.update(str([tuple(p.shape) for p in model.parameters()]).encode())
+    return h.hexdigest()
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _stream_bytes(calib_ids: Tensor, model) -> int:
+    """Bytes of the four (N, T, H) tensors the pipeline keeps: X_fp, X_q and the targets."""
+    elem = next(model.parameters()).element_size()
+    return 4 * calib_ids.numel() * model.config.hidden_size * elem
+
+
 def quantize(model, config: CBQConfig, calib_ids: Tensor, log_path: str | Path | None = None,
-             progress: bool = True):  # fmt: skip
+             progress: bool = True, checkpoint_dir: str | Path | None = None,
+             offload: bool | None = None):  # fmt: skip
     """Quantize ``model`` in place with CBQ (or RTN / block-wise, per ``config``) on the
     calibration windows ``calib_ids`` (N, T); returns the model, whose linears are hardened
-    :class:`QLinear` layers, and the per-window log."""
+    :class:`QLinear` layers, and the per-window log.
+
+    ``checkpoint_dir``: after every window the finalized blocks (once each), the blocks still
+    in training, both streams and the log are written there; a later call with the same
+    model, configuration and calibration windows resumes after the last finished window and
+    gives the same result as an uninterrupted run (a different one is refused). The files
+    are pickled modules: resume with the same software versions.
+
+    ``offload``: keep the streams X_fp / X_q and the window targets in CPU memory and move
+    mini-batches to the GPU (None: when the four (N, T, H) tensors need more than half of
+    the free GPU memory)."""
     arch_spec(model)
     torch.manual_seed(config.seed)
     layers = blocks(model)
     n_blocks = len(layers)
     schedule = window_schedule(n_blocks, config.window, config.overlap)
     model.config.use_cache = False
-    x_fp, kwargs = capture_inputs(model, calib_ids)
-    x_q = x_fp.clone()
+    device = next(model.parameters()).device
+    if offload is None:
+        offload = device.type == "cuda" and (
+            _stream_bytes(calib_ids, model) > 0.5 * torch.cuda.mem_get_info(device)[0]
+        )
+    store = torch.device("cpu") if offload else device
     batch = config.batch_size
     prepared: set[int] = set()
     log: list[dict] = []
+    finalized: list[int] = []
+    first = 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    fingerprint = _fingerprint(model, config, calib_ids) if ckpt is not None else ""
+    x_fp, kwargs = capture_inputs(model, calib_ids, store)
+    x_q = x_fp.clone()
+    if ckpt is not None and (ckpt / "state.pt").is_file():
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        if state["fingerprint"] != fingerprint:
+            raise ValueError(
+                f"checkpoint {ckpt} was written for another model, configuration or set of "
+                "calibration windows: remove it or choose another folder"
+            )
+        for j in state["finalized"]:
+            layers[j] = torch.load(ckpt / f"block_{j:04d}.pt", map_location=device,
+                                   weights_only=False)  # fmt: skip
+        for j, block in state["open"].items():
+            layers[j] = block.to(device)
+        finalized = list(state["finalized"])
+        prepared = set(finalized) | set(state["open"])
+        x_fp, x_q = state["x_fp"].to(store), state["x_q"].to(store)
+        log = state["log"]
+        first = state["window"] + 1
+        if log_path is not None:  # the log file says what the checkpoint holds, no more
+            Path(log_path).write_text("".join(json.dumps(e) + "\n" for e in log))
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(schedule), desc="CBQ windows", unit="window")
+        bar = tqdm(total=len(schedule), initial=first, desc="CBQ windows", unit="window")
     try:
-        for wi, (start, end) in enumerate(schedule):
+        for wi in range(first, len(schedule)):
+            start, end = schedule[wi]
             t0 = time.time()
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            phases: dict[str, float] = {}
+            lap = _Lap(device, phases)
             label = f"{wi + 1}/{len(schedule)} (blocks {start}-{end - 1})"
             entry: dict = {"window": wi, "blocks": [start, end - 1], "cfp": []}
             for j in range(start, end):
                 if j not in prepared:
                     x_in = _propagate(layers, range(start, j), x_q, kwargs, batch, "quant")
                     entry["cfp"].append(_prepare_block(model, j, x_in, kwargs, config))
+                    del x_in
                     prepared.add(j)
+            lap("prepare")
             idx = range(start, end)
             y_hom = _propagate(layers, idx, x_q, kwargs, batch, "fp")
             y_fp = _propagate(layers, idx, x_fp, kwargs, batch, "fp")
+            lap("targets")
             before, after = _train_window(layers, idx, x_q, y_hom, y_fp, kwargs, config, label,
                                           bar)  # fmt: skip
+            del y_hom, y_fp
+            lap("train")
             leave_end = schedule[wi + 1][0] if wi + 1 < len(schedule) else end
             for j in range(start, leave_end):
                 for q in _qlinears(layers, [j]):
                     q.harden()
                 x_q = _propagate(layers, range(j, j + 1), x_q, kwargs, batch, "quant")
                 x_fp = _propagate(layers, range(j, j + 1), x_fp, kwargs, batch, "fp")
+                finalized.append(j)
+            lap("finalize")
             entry.update(loss_before=before, loss_after=after, seconds=round(time.time() - t0, 3),
-                         finalized=list(range(start, leave_end)))  # fmt: skip
-            if torch.cuda.is_available():
-                entry["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                         finalized=list(range(start, leave_end)), offload=bool(offload),
+                         phase_seconds=phases)  # fmt: skip
+            if device.type == "cuda":
+                entry["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
             log.append(entry)
+            if ckpt is not None:
+                ckpt.mkdir(parents=True, exist_ok=True)
+                for j in range(start, leave_end):
+                    _save_atomic(layers[j], ckpt / f"block_{j:04d}.pt")
+                open_blocks = {j: layers[j] for j in sorted(prepared) if j not in finalized}
+                _save_atomic({"fingerprint": fingerprint, "window": wi, "finalized": finalized,
+                              "open": open_blocks, "x_fp": x_fp, "x_q": x_q, "log": log},
+                             ckpt / "state.pt")  # fmt: skip
             if log_path is not None:
                 with Path(log_path).open("a") as f:
                     f.write(json.dumps(entry) + "\n")

@@ -178,6 +178,24 @@ class QLinear(torch.nn.Module):
         fn = fake_quant if x.is_cuda else fake_quant_ref
         return fn(x2.contiguous(), bits, None, ratio.reshape(1), None, True).reshape(x.shape)
 
+    @torch.no_grad()
+    def act_codes(self, x: Tensor) -> Tensor | None:
+        """The integer codes (T, K) this layer's activation quantizer gives x (None with 16-bit
+        activations): for the quantization-kernel proportion (METHOD.md section 6)."""
+        bits = self.settings.a_bits
+        if bits >= 16:
+            return None
+        ratio = torch.sigmoid(self.act_logit) if self.act_logit is not None else self.act_ratio
+        qmax = (1 << (bits - 1)) - 1
+        xf = x.reshape(-1, x.shape[-1]).float()
+        r = xf.abs().amax(-1, keepdim=True)
+        if self.settings.act_quantizer == "crossquant" and self.channel_factor is not None:
+            alpha = self.settings.crossquant_alpha
+            s = ratio * r.clamp_min(1e-8).pow(alpha) * self.channel_factor.float() / qmax
+        else:
+            s = (ratio * r / qmax).clamp_min(1e-8)
+        return torch.round(xf / s).clamp(-qmax - 1, qmax)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "fp":
             return F.linear(x, self.w_fp.to(x.dtype), _cast(self.bias, x.dtype))

@@ -37,7 +37,7 @@ runs = {
     "cbq_nocfp": CBQConfig(settings=S, epochs=E, cfp=False),
     "cbq_trunc": CBQConfig(settings=S, epochs=E, cfp_weights=True),
     "cbq_nolora": CBQConfig(settings=S, epochs=E, lora_rounding=False),
-    "cbq_nooverlap": CBQConfig(settings=S, epochs=E, window=1, overlap=0),
+    "cbq_nooverlap": CBQConfig(settings=S, epochs=E, window=2, overlap=0),
     # the measured choices of DECISIONS.md (block-wise, W4A16 there)
     "bw_clip_only": CBQConfig(settings=S, cfp=False, lora_rounding=False, epochs=E, window=1,
                               overlap=0),

@@ -153,3 +153,82 @@ def test_load_rejects_a_folder_that_is_not_a_quantized_model(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"not a folder written by cbq_ptq\.save"):
         load(tmp_path)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_model(stories, tmp_path, monkeypatch):
+    """Killed during window 3 of 4, then resumed from the checkpoint: the same logits, bit for
+    bit, as an uninterrupted run; the log file lists each window once."""
+    import cbq_ptq.pipeline as pipeline
+
+    model, _ = stories
+    ids = calib(model.config.vocab_size, n=4)
+    config = CBQConfig(settings=parse_setting("W4A8", ragged_groups=True), epochs=1)
+    whole, _ = quantize(copy.deepcopy(model), config, ids, progress=False)
+    with torch.no_grad():
+        want = whole(ids).logits
+
+    real_train = pipeline._train_window
+    calls = []
+
+    def train_then_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise _Interrupt
+        return real_train(*args, **kwargs)
+
+    ckpt, log_path = tmp_path / "ckpt", tmp_path / "log.jsonl"
+    monkeypatch.setattr(pipeline, "_train_window", train_then_die)
+    with pytest.raises(_Interrupt):
+        quantize(copy.deepcopy(model), config, ids, log_path=log_path, progress=False,
+                 checkpoint_dir=ckpt)  # fmt: skip
+    monkeypatch.setattr(pipeline, "_train_window", real_train)
+    assert len(log_path.read_text().splitlines()) == 2
+    resumed, log = quantize(copy.deepcopy(model), config, ids, log_path=log_path,
+                            progress=False, checkpoint_dir=ckpt)  # fmt: skip
+    assert [e["window"] for e in log] == [0, 1, 2, 3]
+    assert len(log_path.read_text().splitlines()) == 4
+    with torch.no_grad():
+        assert torch.equal(resumed(ids).logits, want)
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration(stories, tmp_path):
+    model, _ = stories
+    ids = calib(model.config.vocab_size, n=2, t=32)
+    config = CBQConfig(settings=parse_setting("W4A16"), epochs=0, cfp=False, lora_rounding=False)
+    quantize(copy.deepcopy(model), config, ids, progress=False, checkpoint_dir=tmp_path)
+    other = CBQConfig(settings=parse_setting("W3A16"), epochs=0, cfp=False, lora_rounding=False)
+    with pytest.raises(ValueError, match="written for another model, configuration"):
+        quantize(copy.deepcopy(model), other, ids, progress=False, checkpoint_dir=tmp_path)
+
+
+def test_act_codes_count_the_quantization_kernel():
+    """4-bit per-token: s = 10 / 7, so 0.1 rounds to 0 (in the kernel) and 0 is not counted;
+    CrossQuant with a small channel maximum for that channel keeps it out of the kernel."""
+    q = QLinear(linear(n=3, k=4), parse_setting("W4A4"), lora=False, train=False)
+    x = torch.tensor([[10.0, 0.1, 0.0, -10.0]])
+    codes = q.act_codes(x)
+    assert codes.tolist() == [[7.0, 0.0, 0.0, -7.0]]
+    cross = QLinear(linear(n=3, k=4), parse_setting("W4A4", act_quantizer="crossquant",
+                                                     crossquant_alpha=0.5), lora=False,
+                    train=False)  # fmt: skip
+    cross.channel_factor = torch.tensor([10.0, 0.1, 1.0, 10.0]).pow(0.5)
+    assert cross.act_codes(x)[0, 1] != 0
+    assert QLinear(linear(), parse_setting("W4A16"), lora=False, train=False).act_codes(x) is None
+
+
+def test_kernel_proportions_of_a_quantized_model(stories):
+    from cbq_ptq.evaluate import kernel_proportions
+
+    model, tok = stories
+    need_shared(SHARED_MODELS.parent / "data" / "tinystories-valid-prefix.txt")
+    ids = calib(model.config.vocab_size, n=2)
+    config = CBQConfig(settings=parse_setting("W4A4", ragged_groups=True), epochs=0,
+                       lora_rounding=False)  # fmt: skip
+    q, _ = quantize(copy.deepcopy(model), config, ids, progress=False)
+    props = kernel_proportions(q, tok, "tinystories", 512, bos=True, max_windows=1)
+    assert len(props) == 35 and all(0.0 <= v <= 1.0 for v in props.values())
+    assert max(props.values()) > 0.01  # 4-bit per-token activations do zero some elements

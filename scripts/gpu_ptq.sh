@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# PTQ runs on the lent GPU machine (issue 5), from the repo root there:
+#   bash scripts/gpu_ptq.sh OUT gguf-a      # keep the first half of the SmolLM2 GGUF in /tmp
+#   bash scripts/gpu_ptq.sh OUT check       # GPU tests of cbq_ptq, then the calibration cost
+#   bash scripts/gpu_ptq.sh OUT table [ptq_table.py args]   # second half, model, result table
+# Inputs travel in the ignored folder .carry: shared/{models,data} (copies of ../shared),
+# whl/ (the gguf wheel, which the GPU image lacks), a/ and b/ (the GGUF split with
+# `split -b 47m`, one half per call: a call carries at most 64 MiB).
+set -uo pipefail
+out=$1; stage=$2; shift 2
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 CBQ_MODELS_DIR=$PWD/.carry/shared/models CBQ_DATA_DIR=$PWD/.carry/shared/data
+export CBQ_CACHE=/tmp/cbqcache CBQ_COMMIT=${CBQ_COMMIT:-unknown}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .carry/whl/*.whl && export PYTHONPATH=/tmp/site
+{
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], \
+'| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
+  echo "commit $CBQ_COMMIT"
+} > "$out/environment.txt" 2>&1
+cat "$out/environment.txt"
+case $stage in
+  gguf-a)
+    cp .carry/a/gguf.part.aa /tmp/ && ls -la /tmp/gguf.part.aa ;;
+  check)
+    timeout 200 python3 -m pytest tests/ptq -q -p no:cacheprovider -x 2>&1 | tee "$out/pytest_ptq.txt" | tail -8
+    for args in "--shape smollm2-135m" "--shape llama2-7b" "--shape llama-65b"; do
+      python3 scripts/ptq_cost.py $args --n 128 --t 2048 --epochs 2 --out "$out/cost.jsonl" 2>&1 | tail -3
+    done ;;
+  table)
+    d=$CBQ_CACHE/smollm2-135m; mkdir -p "$d"
+    if [ ! -f "$d/hf/config.json" ]; then
+      [ -f /tmp/gguf.part.aa ] || { echo "first half missing: run gguf-a first (warm machine)"; exit 3; }
+      cat /tmp/gguf.part.aa .carry/b/gguf.part.ab > "$d/SmolLM2-135M-Instruct.Q4_1.gguf"
+      sha256sum "$d/SmolLM2-135M-Instruct.Q4_1.gguf"
+    fi
+    python3 scripts/ptq_table.py --results /tmp/ptq_table --mirror "$out/table.jsonl" "$@"
+    rc=$?
+    tar czf "$out/logs.tgz" -C /tmp/ptq_table . 2>/dev/null
+    exit $rc ;;
+esac

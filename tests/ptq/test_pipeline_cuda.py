@@ -1,0 +1,96 @@
+"""The PTQ pipeline on the GPU (Triton kernels in the training loop): the CPU contracts on
+stories260K, plus streams offloaded to CPU memory. The model resolves through
+CBQ_MODELS_DIR or ../shared/models."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from cbq_ptq.config import CBQConfig, parse_setting
+from cbq_ptq.data import calibration_windows
+from cbq_ptq.models import load_model, resolve
+from cbq_ptq.pipeline import quantize
+from cbq_ptq.qlinear import QLinear
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(scope="module")
+def stories():
+    try:
+        resolve("stories260K")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return load_model("stories260K", device="cuda")
+
+
+def calib(vocab, n=8, t=64):
+    ids = torch.randint(3, vocab, (4096,), generator=torch.Generator().manual_seed(0))
+    return calibration_windows(ids, n, t, seed=1)
+
+
+def nll(model, ids):
+    with torch.no_grad():
+        logits = model(ids.cuda()).logits.float()
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
+                                                   ids[:, 1:].cuda().flatten()))  # fmt: skip
+
+
+@pytest.mark.parametrize("setting", ["W4A8", "W4A4", "W2A16g32", "W3A16g32"])
+def test_quantize_on_the_gpu_trains_and_hardens(stories, setting):
+    model, _ = stories
+    ids = calib(model.config.vocab_size)
+    config = CBQConfig(settings=parse_setting(setting, ragged_groups=True), epochs=2)
+    rtn = CBQConfig(settings=config.settings, epochs=0, cfp=False, lora_rounding=False)
+    q, log = quantize(copy.deepcopy(model), config, ids, progress=False)
+    r, _ = quantize(copy.deepcopy(model), rtn, ids, progress=False)
+    assert all(isinstance(m.codes, torch.Tensor) for m in q.modules() if isinstance(m, QLinear))
+    assert all(e["loss_after"] < e["loss_before"] for e in log)
+    assert all(e["peak_gpu_mib"] > 0 for e in log)
+    assert math.isfinite(nll(q, ids)) and nll(q, ids) < nll(r, ids)
+
+
+def test_offloaded_streams_give_the_same_model(stories):
+    model, _ = stories
+    ids = calib(model.config.vocab_size, n=4)
+    config = CBQConfig(settings=parse_setting("W4A8", ragged_groups=True), epochs=1)
+    a, log_a = quantize(copy.deepcopy(model), config, ids, progress=False, offload=False)
+    b, log_b = quantize(copy.deepcopy(model), config, ids, progress=False, offload=True)
+    assert not log_a[0]["offload"] and log_b[0]["offload"]
+    ids = ids.cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_on_the_gpu_and_save_load(stories, tmp_path, monkeypatch):
+    import cbq_ptq.pipeline as pipeline
+    from cbq_ptq.io import load, save
+
+    model, tok = stories
+    ids = calib(model.config.vocab_size, n=4)
+    config = CBQConfig(settings=parse_setting("W4A8", ragged_groups=True), epochs=1)
+    whole, _ = quantize(copy.deepcopy(model), config, ids, progress=False)
+    real = pipeline._train_window
+    calls = []
+
+    def die_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_train_window", die_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(copy.deepcopy(model), config, ids, progress=False, checkpoint_dir=tmp_path / "c")
+    monkeypatch.setattr(pipeline, "_train_window", real)
+    resumed, _ = quantize(copy.deepcopy(model), config, ids, progress=False,
+                          checkpoint_dir=tmp_path / "c")  # fmt: skip
+    ids = ids.cuda()
+    with torch.no_grad():
+        want = whole(ids).logits
+        torch.testing.assert_close(resumed(ids).logits, want, rtol=1e-4, atol=1e-4)
+        save(whole, tmp_path / "q", tok)
+        again = load(tmp_path / "q", device="cuda")
+        assert torch.equal(again(ids).logits, want)
