@@ -57,6 +57,7 @@ class QLinear(torch.nn.Module):
         self.name, self.settings, self.gs = name, settings, gs
         self.in_features, self.out_features = k, n
         w_fp = linear.weight.detach().float()
+        dev = w_fp.device  # everything is built where the weight is (then moved with .to)
         self.register_buffer("w_fp", w_fp.clone())
         # the weight the quantizer sees: the truncated copy, or the same tensor as w_fp
         self.register_buffer("w", truncated.float().clone() if truncated is not None else self.w_fp)
@@ -65,9 +66,11 @@ class QLinear(torch.nn.Module):
         groups = groups_per_row(k, gs)
         self.clip_max = self.clip_min = None
         if learn_clipping and train:
-            self.clip_max = torch.nn.Parameter(torch.full((n, groups), CLIP_INIT_LOGIT))
+            self.clip_max = torch.nn.Parameter(torch.full((n, groups), CLIP_INIT_LOGIT, device=dev))
             if not settings.symmetric_weights:
-                self.clip_min = torch.nn.Parameter(torch.full((n, groups), CLIP_INIT_LOGIT))
+                self.clip_min = torch.nn.Parameter(
+                    torch.full((n, groups), CLIP_INIT_LOGIT, device=dev)
+                )
         self.lora_a = self.lora_b = None
         self.register_buffer("w_round", None)  # the weight LoRA-Rounding rounds (see below)
         if lora and train:
@@ -79,20 +82,21 @@ class QLinear(torch.nn.Module):
                 # the hardened codes start exactly at RTN and training may move a code one
                 # step down. (A truncated SVD of the RTN logits cannot express RTN at rank r:
                 # on stories260K its hardened start was 2.4x worse than RTN.)
-                gid = torch.arange(k) // (gs or k)
+                gid = torch.arange(k, device=dev) // (gs or k)
                 self.w_round = self.w - 0.5 * s[:, gid]
                 c = math.log(0.875 / 0.125)  # sigmoid(c) * 1.2 - 0.1 = 0.95
                 g = torch.Generator().manual_seed(n * 7919 + k)
                 a = torch.randn(n, lora_rank, generator=g) * 0.01
                 b = torch.zeros(lora_rank, k)
                 a[:, 0], b[0, :] = math.sqrt(c), math.sqrt(c)
+                a, b = a.to(dev), b.to(dev)
             else:
                 a, b = lora_round_init(self.w, s, gs, lora_rank, zero=lora_init == "zero")
             self.lora_a, self.lora_b = torch.nn.Parameter(a), torch.nn.Parameter(b)
         self.act_logit = None
         if settings.a_bits < 16 and train and learn_clipping:
-            self.act_logit = torch.nn.Parameter(torch.tensor([CLIP_INIT_LOGIT]))
-        self.register_buffer("act_ratio", torch.ones(1))  # fixed ratio after hardening
+            self.act_logit = torch.nn.Parameter(torch.tensor([CLIP_INIT_LOGIT], device=dev))
+        self.register_buffer("act_ratio", torch.ones(1, device=dev))  # fixed ratio after hardening
         self.register_buffer("channel_factor", None)  # CrossQuant c^(1 - alpha), (K,)
         self.mode = "quant"
         self.beta = 2.0  # LoRA-Rounding regulariser exponent (annealed by the trainer)
