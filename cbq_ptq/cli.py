@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 from cbq_ptq.config import CBQConfig, parse_setting
 from cbq_ptq.data import calibration_windows, load_text, tokenize
-from cbq_ptq.evaluate import evaluate_perplexity
+from cbq_ptq.evaluate import evaluate_perplexity, kernel_proportions
 
 # (calibration windows, tokens per window, epochs, evaluation windows) by device
 GPU_DEFAULTS = (128, 2048, 2, None)
@@ -36,6 +37,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="first N windows only (default: all on a GPU, 4 on CPU)")  # fmt: skip
     p.add_argument("--bos", action="store_true", help="start every evaluation window with BOS")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default: bfloat16 on cuda, float32 on cpu)")  # fmt: skip
+    p.add_argument("--also", default="ptb",
+                   help="more evaluation corpora, comma-separated ('' for none)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,9 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lora-rank", type=int, default=8)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="cbq-out", help="folder for the quantized model and logs")
+    q.add_argument("--restart", action="store_true",
+                   help="discard OUT/checkpoint instead of resuming from it")  # fmt: skip
+    q.add_argument("--offload", choices=["auto", "yes", "no"], default="auto",
+                   help="keep the calibration streams in CPU memory")  # fmt: skip
     _common(q)
     e = sub.add_parser("eval", help="perplexity of a saved quantized model, or of any model")
     e.add_argument("model", help="folder written by `cbq quantize`, alias, folder or hub id")
+    e.add_argument("--kernels", action="store_true",
+                   help="run a quantized model with the inference GEMMs (bf16 on GPU)")  # fmt: skip
     _common(e)
     return parser
 
@@ -88,6 +99,21 @@ def _report(tag: str, result: dict, eval_args: dict) -> str:
             f"{eval_args['seq_len']} tokens)")  # fmt: skip
 
 
+def _dtype(args, device: str) -> torch.dtype:
+    return getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+
+
+def _evaluate_all(model, tok, args, eval_args: dict, tag: str) -> dict:
+    """Perplexity on --corpus and on every --also corpus, printed; {corpus: result}."""
+    results = {}
+    corpora = [eval_args["corpus"]] + [c for c in args.also.split(",") if c]
+    for corpus in dict.fromkeys(corpora):
+        ea = {**eval_args, "corpus": corpus}
+        results[corpus] = evaluate_perplexity(model, tok, **ea)
+        print(_report(tag, results[corpus], ea), flush=True)
+    return results
+
+
 def cmd_quantize(args) -> int:
     from cbq_ptq.io import save
     from cbq_ptq.models import load_model
@@ -103,10 +129,11 @@ def cmd_quantize(args) -> int:
                        lora_rank=args.lora_rank,
                        epochs=epochs if args.epochs is None else args.epochs,
                        batch_size=args.batch_size, seed=args.seed)  # fmt: skip
-    model, tok = load_model(args.model, device=device)
+    dtype = _dtype(args, device)
+    model, tok = load_model(args.model, dtype=dtype, device=device)
     eval_args = _eval_args(args, args.model, device)
-    before = evaluate_perplexity(model, tok, **eval_args)
-    print(_report(f"{args.model} FP32", before, eval_args), flush=True)
+    dname = str(dtype).removeprefix("torch.")
+    before = _evaluate_all(model, tok, args, eval_args, f"{args.model} {dname}")
     calib_corpus = args.calib or args.corpus
     ids = tokenize(tok, load_text(calib_corpus, "calib"))
     start = ids.numel() // 2 if calib_corpus == "tinystories" else 0  # eval uses the start
@@ -114,24 +141,41 @@ def cmd_quantize(args) -> int:
                                 start=start)  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint"
+    if args.restart and ckpt.exists():
+        shutil.rmtree(ckpt)
+    if (ckpt / "state.pt").is_file():
+        print(f"resuming from {ckpt} (--restart to start again)", flush=True)
+    offload = {"auto": None, "yes": True, "no": False}[args.offload]
     t0 = time.time()
-    model, _ = quantize(model, config, calib, log_path=out / "windows.jsonl")
+    model, _ = quantize(model, config, calib, log_path=out / "windows.jsonl",
+                        checkpoint_dir=ckpt, offload=offload)  # fmt: skip
     seconds = time.time() - t0
-    after = evaluate_perplexity(model, tok, **eval_args)
     method = (
         "RTN"
         if config.epochs == 0
         else ("CBQ" if config.window > 1 else "block-wise reconstruction")
     )
-    print(_report(f"{args.model} {settings.name} ({method})", after, eval_args), flush=True)
+    after = _evaluate_all(model, tok, args, eval_args, f"{args.model} {settings.name} ({method})")
+    kernel = {}
+    if settings.a_bits < 16:
+        kernel = kernel_proportions(model, tok, eval_args["corpus"], eval_args["seq_len"],
+                                    eval_args["bos"], max_windows=1)  # fmt: skip
+        values = list(kernel.values())
+        worst = max(kernel, key=kernel.get)
+        print(f"quantization kernel (activations quantized to 0, first {eval_args['corpus']} "
+              f"window): mean {sum(values) / len(values):.2%} over {len(values)} layers, max "
+              f"{kernel[worst]:.2%} ({worst}); per layer in {out / 'summary.json'}")  # fmt: skip
     save(model, out / "model", tok, base_model=args.model)
-    summary = {"model": args.model, "setting": settings.name, "device": device,
+    summary = {"model": args.model, "setting": settings.name, "method": method, "device": device,
+               "dtype": dname,
                "calibration": {"corpus": calib_corpus, "windows": calib.shape[0],
                                "tokens": calib.shape[1], "seed": args.seed},
                "config": {k: v for k, v in vars(args).items() if k != "func"},
-               "ppl_fp": before, "ppl_quantized": after, "quantize_seconds": round(seconds, 1),
-               "evaluation": eval_args}  # fmt: skip
+               "ppl_before": before, "ppl_after": after, "quantize_seconds": round(seconds, 1),
+               "evaluation": eval_args, "kernel_proportion": kernel}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    shutil.rmtree(ckpt, ignore_errors=True)  # the saved model is complete: nothing to resume
     print(f"saved to {out / 'model'} (quantization took {seconds:.0f} s; log {out}/windows.jsonl)")
     return 0
 
@@ -146,12 +190,20 @@ def cmd_eval(args) -> int:
         from transformers import AutoTokenizer
 
         model, tok = load(path, device=device), AutoTokenizer.from_pretrained(path)
+        if args.kernels:
+            from cbq_ptq.serve import use_kernels
+
+            table = use_kernels(model, torch.bfloat16 if device == "cuda" else torch.float32)
+            kinds: dict[str, int] = {}
+            for v in table.values():
+                kinds[v] = kinds.get(v, 0) + 1
+            print("layers: " + "; ".join(f"{n} x {k}" for k, n in sorted(kinds.items())))
         name = json.loads((path / "quant_config.json").read_text()).get("base_model") or ""
     else:
-        model, tok = load_model(args.model, device=device)
+        model, tok = load_model(args.model, dtype=_dtype(args, device), device=device)
         name = args.model
     eval_args = _eval_args(args, name, device)
-    print(_report(args.model, evaluate_perplexity(model, tok, **eval_args), eval_args))
+    _evaluate_all(model, tok, args, eval_args, args.model)
     return 0
 
 

@@ -24,10 +24,18 @@ case $stage in
   gguf-a)
     cp .carry/a/gguf.part.aa /tmp/ && ls -la /tmp/gguf.part.aa ;;
   check)
-    timeout 200 python3 -m pytest tests/ptq -q -p no:cacheprovider -x 2>&1 | tee "$out/pytest_ptq.txt" | tail -8
+    timeout 300 python3 -m pytest tests/ptq -q -p no:cacheprovider 2>&1 | tee "$out/pytest_ptq.txt" | tail -8
+    [ "${CBQ_COST:-1}" = 1 ] || exit 0
     for args in "--shape smollm2-135m" "--shape llama2-7b" "--shape llama-65b"; do
       python3 scripts/ptq_cost.py $args --n 128 --t 2048 --epochs 2 --out "$out/cost.jsonl" 2>&1 | tail -3
     done ;;
+  cli)  # the README's commands on stories260K, then the saved model through the GEMMs
+    python3 -m cbq_ptq.cli quantize --model stories260K --setting W4A8 --ragged-groups \
+      --corpus tinystories --n-calib 32 --calib-len 256 --epochs 8 --eval-windows 64 \
+      --out /tmp/cli_out 2>&1 | grep -v "it/s\]" | tee "$out/cli.txt"
+    python3 -m cbq_ptq.cli eval /tmp/cli_out/model --corpus tinystories --eval-windows 64 \
+      --kernels 2>&1 | tee -a "$out/cli.txt"
+    cp /tmp/cli_out/summary.json "$out/cli_summary.json" ;;
   table)
     d=$CBQ_CACHE/smollm2-135m; mkdir -p "$d"
     if [ ! -f "$d/hf/config.json" ]; then

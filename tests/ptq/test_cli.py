@@ -17,16 +17,21 @@ def test_quantize_then_eval(tmp_path, capsys):
                "--eval-windows", "2", "--out", str(out), "--device", "cpu"])  # fmt: skip
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "stories260K FP32: perplexity" in printed and "W4A8 (CBQ): perplexity" in printed
+    assert "stories260K float32: perplexity" in printed and "W4A8 (CBQ): perplexity" in printed
+    assert "on ptb (first 2 windows" in printed and "quantization kernel" in printed
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["ppl_quantized"]["windows"] == 2
+    assert summary["ppl_after"]["tinystories"]["windows"] == 2
+    assert summary["ppl_after"]["ptb"]["ppl"] > 1
+    kernel = summary["kernel_proportion"]
+    assert len(kernel) == 35 and all(0 <= v <= 1 for v in kernel.values())
     assert (out / "windows.jsonl").read_text().count("\n") == 4
+    assert not (out / "checkpoint").exists()  # removed once the model is saved
     rc = main(["eval", str(out / "model"), "--corpus", "tinystories", "--eval-windows", "2",
-               "--device", "cpu"])  # fmt: skip
+               "--device", "cpu", "--also", ""])  # fmt: skip
     assert rc == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     ppl = float(line.split("perplexity ")[1].split()[0])
-    assert ppl == pytest.approx(summary["ppl_quantized"]["ppl"], abs=6e-4)  # printed to 3 places
+    assert ppl == pytest.approx(summary["ppl_after"]["tinystories"]["ppl"], abs=6e-4)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,58 @@
+"""The saved model run by the inference kernels (cbq_ptq.serve): same logits as the
+fake-quantized model (CPU: Triton interpreter, fp32 compute)."""
+
+import copy
+
+import pytest
+import torch
+
+from cbq_ptq.config import CBQConfig, parse_setting
+from cbq_ptq.data import calibration_windows
+from cbq_ptq.models import SHARED_MODELS, load_model
+from cbq_ptq.pipeline import quantize
+from cbq_ptq.serve import use_kernels
+from tests.conftest import need_shared
+
+
+@pytest.fixture(scope="module")
+def stories():
+    need_shared(SHARED_MODELS / "stories260K" / "config.json")
+    return load_model("stories260K")
+
+
+def ids(n=2, t=32):
+    tokens = torch.randint(3, 512, (4096,), generator=torch.Generator().manual_seed(0))
+    return calibration_windows(tokens, n, t, seed=1)
+
+
+@pytest.mark.parametrize(
+    ("setting", "atol"),
+    [("W4A16", 1e-3), ("W3A16g32", 1e-3), ("W4A4", 1e-3),
+     ("W4A8", 0.25)],  # int8 codes may differ by one level at rounding boundaries
+)  # fmt: skip
+def test_kernels_reproduce_the_fake_quantized_logits(stories, setting, atol, tmp_path):
+    from cbq_ptq.io import load, save
+
+    model, tok = stories
+    x = ids()
+    config = CBQConfig(settings=parse_setting(setting, ragged_groups=True), epochs=0,
+                       lora_rounding=False)  # fmt: skip
+    q, _ = quantize(copy.deepcopy(model), config, x, progress=False)
+    save(q, tmp_path / "q", tok)
+    served = load(tmp_path / "q")
+    with torch.no_grad():
+        want = served(x).logits
+    table = use_kernels(served, torch.float32)
+    assert len(table) == 35 and all(v.endswith("kernel") for v in table.values()), table
+    with torch.no_grad():
+        got = served(x).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
+
+
+def test_layers_the_kernels_do_not_take_stay_fake_quantized(stories):
+    model, _ = stories
+    config = CBQConfig(settings=parse_setting("W6A6"), epochs=0, lora_rounding=False, cfp=False)
+    q, _ = quantize(copy.deepcopy(model), config, ids(), progress=False)
+    table = use_kernels(q, torch.float32)
+    assert all("6-bit weights" in v for v in table.values())

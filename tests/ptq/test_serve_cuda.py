@@ -1,0 +1,53 @@
+"""The inference kernels run a saved quantized model on the GPU (stories260K)."""
+
+import copy
+
+import pytest
+import torch
+
+from cbq_ptq.config import CBQConfig, parse_setting
+from cbq_ptq.data import calibration_windows
+from cbq_ptq.models import load_model, resolve
+from cbq_ptq.pipeline import quantize
+from cbq_ptq.serve import use_kernels
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(scope="module")
+def stories():
+    try:
+        resolve("stories260K")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return load_model("stories260K", device="cuda")
+
+
+@pytest.mark.parametrize(
+    ("setting", "atol"), [("W4A16", 1e-3), ("W3A16g32", 1e-3), ("W4A4", 1e-3), ("W4A8", 0.25)]
+)
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+def test_kernels_on_the_gpu_reproduce_the_fake_quantized_logits(stories, setting, atol,
+                                                                compute, tmp_path):  # fmt: skip
+    from cbq_ptq.io import load, save
+
+    model, tok = stories
+    tokens = torch.randint(3, 512, (8192,), generator=torch.Generator().manual_seed(0))
+    x = calibration_windows(tokens, 4, 128, seed=1).cuda()
+    config = CBQConfig(settings=parse_setting(setting, ragged_groups=True), epochs=1)
+    q, _ = quantize(copy.deepcopy(model), config, x, progress=False)
+    save(q, tmp_path / "q", tok)
+    served = load(tmp_path / "q", device="cuda")
+    with torch.no_grad():
+        want = served(x).logits
+    table = use_kernels(served, compute)
+    assert all(v.endswith("kernel") for v in table.values()), table
+    with torch.no_grad():
+        got = served(x).logits
+    agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+    if compute == torch.float32:
+        torch.testing.assert_close(got, want, rtol=0, atol=atol)
+        assert agree >= 0.95
+    else:  # bf16 activations: rounding differences, bounded loosely
+        assert float((got - want).abs().mean()) < 0.05 * float(want.abs().mean())
+        assert agree >= 0.9
