@@ -38,7 +38,13 @@ import triton.language as tl
 from torch import Tensor
 
 from cbq_kernels._validate import FLOAT_DTYPES, use_triton
-from cbq_kernels.fake_quant import _params, _reciprocal, _segment_index, clip_factors
+from cbq_kernels.fake_quant import (
+    _params,
+    _reciprocal,
+    _segment_index,
+    _segment_reduce,
+    clip_factors,
+)
 from cbq_kernels.formats import groups_per_row
 
 __all__ = [
@@ -352,7 +358,7 @@ def _(dy, d_reg, w, a, b, scales, zeros, bits, group_size, beta):
 def _backward_torch(dy, d_reg, w, a, b, scales, zeros, bits, group_size, beta):
     """The kernels' backward formulas in PyTorch (CPU without Triton's interpreter; autograd
     is not available inside a custom op's implementation)."""
-    n, k = w.shape
+    k = w.shape[1]
     gid = _segment_index(k, group_size, w.device)[0]
     a, b = a.float(), b.float()
     s, z = scales.float()[:, gid], zeros.float()[:, gid]
@@ -369,13 +375,9 @@ def _backward_torch(dy, d_reg, w, a, b, scales, zeros, bits, group_size, beta):
     c = 2 * h - 1
     dreg_dh = -beta * c.abs().pow(beta - 1) * torch.where(c >= 0, 1.0, -1.0) * 2
     g_v = (torch.where(inside, dy * s, 0.0) + d_reg.float() * dreg_dh) * dh_dv
-    idx = gid.expand(n, k)
-    ds = torch.zeros_like(scales, dtype=torch.float32).scatter_add_(
-        1, idx, dy * torch.where(inside, fl + h - u, t.clamp(0, qmax) - z)
-    )
-    dz = torch.zeros_like(zeros, dtype=torch.float32).scatter_add_(
-        1, idx, dy * torch.where(inside, 0.0, -s)
-    )
+    ds = _segment_reduce(dy * torch.where(inside, fl + h - u, t.clamp(0, qmax) - z), group_size,
+                         "sum")  # fmt: skip
+    dz = _segment_reduce(dy * torch.where(inside, 0.0, -s), group_size, "sum")
     return g_v @ b.t(), a.t() @ g_v, ds, dz
 
 

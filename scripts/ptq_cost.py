@@ -45,6 +45,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--offload", choices=["auto", "yes", "no"], default="auto")
     p.add_argument("--out", default=None, help="append the result (JSON line) here")
+    p.add_argument("--profile", default=None,
+                   help="write torch.profiler's table of GPU time per op to this file")  # fmt: skip
     args = p.parse_args()
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -68,7 +70,16 @@ def main() -> int:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    _, log = quantize(model, config, ids, progress=False, offload=offload)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=acts) as prof:
+            _, log = quantize(model, config, ids, progress=False, offload=offload)
+        key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+        Path(args.profile).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+    else:
+        _, log = quantize(model, config, ids, progress=False, offload=offload)
     total = time.perf_counter() - t0
     gpu = device == "cuda"
     (entry,) = log

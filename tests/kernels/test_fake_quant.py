@@ -258,3 +258,17 @@ def test_two_sweep_path(layout, symmetric):
     assert torch.equal(g[0], torch.where(g_ref[0] != 0, dy, 0.0))
     for got, want in zip(g[1:], g_ref[1:], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * want.abs().max())
+
+
+@pytest.mark.parametrize(("k", "group_size"), [(64, None), (64, 16), (70, 16), (10, 32), (1, 1)])
+@pytest.mark.parametrize("op", ["amax", "amin", "sum"])
+def test_segment_reduce_matches_a_scatter(k, group_size, op):
+    """The reshape-based segment reduction equals a scatter over the segment index (ragged
+    last segment and a segment longer than the row included)."""
+    from cbq_kernels.fake_quant import _segment_index, _segment_reduce
+
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+    gid, groups = _segment_index(k, group_size, x.device)
+    init = {"amax": float("-inf"), "amin": float("inf"), "sum": 0.0}[op]
+    want = x.new_full((5, groups), init).scatter_reduce(1, gid.expand(5, k), x, op)
+    torch.testing.assert_close(_segment_reduce(x, group_size, op), want)
