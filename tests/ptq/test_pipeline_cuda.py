@@ -10,20 +10,10 @@ import torch
 
 from cbq_ptq.config import CBQConfig, parse_setting
 from cbq_ptq.data import calibration_windows
-from cbq_ptq.models import load_model, resolve
 from cbq_ptq.pipeline import quantize
 from cbq_ptq.qlinear import QLinear
 
 pytestmark = pytest.mark.cuda
-
-
-@pytest.fixture(scope="module")
-def stories():
-    try:
-        resolve("stories260K")
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    return load_model("stories260K", device="cuda")
 
 
 def calib(vocab, n=8, t=64):
@@ -50,11 +40,11 @@ def kl_to(model, ref_logits, ids):
 
 
 @pytest.mark.parametrize("setting", ["W4A8", "W4A4", "W2A16g32", "W3A16g32"])
-def test_quantize_on_the_gpu_trains_and_hardens(stories, setting):
+def test_quantize_on_the_gpu_trains_and_hardens(stories_cuda, setting):
     """Real text (TinyStories): every window's loss goes down, the codes are hardened, and
     the CBQ model's next-token distributions on held-out text are closer to the full-precision
     model's than RTN's."""
-    model, tok = stories
+    model, tok = stories_cuda
     ids = text_windows(tok, 32, 256)
     held_out = text_windows(tok, 4, 256, start=100_000)
     with torch.no_grad():
@@ -70,8 +60,8 @@ def test_quantize_on_the_gpu_trains_and_hardens(stories, setting):
     assert math.isfinite(kl_q) and kl_q < kl_r
 
 
-def test_offloaded_streams_give_the_same_model(stories):
-    model, _ = stories
+def test_offloaded_streams_give_the_same_model(stories_cuda):
+    model, _ = stories_cuda
     ids = calib(model.config.vocab_size, n=4)
     config = CBQConfig(settings=parse_setting("W4A8", ragged_groups=True), epochs=1)
     a, log_a = quantize(copy.deepcopy(model), config, ids, progress=False, offload=False)
@@ -82,11 +72,11 @@ def test_offloaded_streams_give_the_same_model(stories):
         torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_resume_on_the_gpu_and_save_load(stories, tmp_path, monkeypatch):
+def test_resume_on_the_gpu_and_save_load(stories_cuda, tmp_path, monkeypatch):
     import cbq_ptq.pipeline as pipeline
     from cbq_ptq.io import load, save
 
-    model, tok = stories
+    model, tok = stories_cuda
     ids = calib(model.config.vocab_size, n=4)
     config = CBQConfig(settings=parse_setting("W4A8", ragged_groups=True), epochs=1)
     whole, _ = quantize(copy.deepcopy(model), config, ids, progress=False)

@@ -7,27 +7,17 @@ import torch
 
 from cbq_ptq.config import CBQConfig, parse_setting
 from cbq_ptq.data import calibration_windows
-from cbq_ptq.models import load_model, resolve
 from cbq_ptq.pipeline import quantize
 from cbq_ptq.serve import use_kernels
 
 pytestmark = pytest.mark.cuda
 
 
-@pytest.fixture(scope="module")
-def stories():
-    try:
-        resolve("stories260K")
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    return load_model("stories260K", device="cuda")
-
-
 @pytest.mark.parametrize(
     ("setting", "atol"), [("W4A16", 1e-3), ("W3A16g32", 1e-3), ("W4A4", 1e-3), ("W4A8", 0.25)]
 )
 @pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
-def test_kernels_on_the_gpu_reproduce_the_fake_quantized_logits(stories, setting, atol,
+def test_kernels_on_the_gpu_reproduce_the_fake_quantized_logits(stories_cuda, setting, atol,
                                                                 compute, tmp_path):  # fmt: skip
     from cbq_ptq.io import load, save
 
@@ -38,7 +28,7 @@ def test_kernels_on_the_gpu_reproduce_the_fake_quantized_logits(stories, setting
         # 0.79 of 8.7, argmax agreement 53%) as the bf16 kernels do. The fp32 case is the
         # exactness contract for W4A4.
         pytest.skip("W4A4 in bf16 is chaotic on stories260K whatever computes it")
-    model, tok = stories
+    model, tok = stories_cuda
     tokens = torch.randint(3, 512, (8192,), generator=torch.Generator().manual_seed(0))
     x = calibration_windows(tokens, 4, 128, seed=1).cuda()
     config = CBQConfig(settings=parse_setting(setting, ragged_groups=True), epochs=1)
