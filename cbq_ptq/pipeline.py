@@ -310,9 +310,10 @@ def quantize(model, config: CBQConfig, calib_ids: Tensor, log_path: str | Path |
     first = 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     fingerprint = _fingerprint(model, config, calib_ids) if ckpt is not None else ""
-    x_fp, kwargs = capture_inputs(model, calib_ids, store)
-    x_q = x_fp.clone()
-    if ckpt is not None and (ckpt / "state.pt").is_file():
+    x_fp, kwargs = capture_inputs(model, calib_ids, store)  # kwargs needed when resuming too
+    if ckpt is None or not (ckpt / "state.pt").is_file():
+        x_q = x_fp.clone()
+    else:
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
         if state["fingerprint"] != fingerprint:
             raise ValueError(
