@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from cbq_ptq.config import CBQConfig, parse_setting
-from cbq_ptq.data import calibration_windows, load_text, tokenize
+from cbq_ptq.data import calibration_data
 from cbq_ptq.evaluate import evaluate_perplexity, kernel_proportions
 
 # (calibration windows, tokens per window, epochs, evaluation windows) by device
@@ -135,10 +135,8 @@ def cmd_quantize(args) -> int:
     dname = str(dtype).removeprefix("torch.")
     before = _evaluate_all(model, tok, args, eval_args, f"{args.model} {dname}")
     calib_corpus = args.calib or args.corpus
-    ids = tokenize(tok, load_text(calib_corpus, "calib"))
-    start = ids.numel() // 2 if calib_corpus == "tinystories" else 0  # eval uses the start
-    calib = calibration_windows(ids, args.n_calib or n_cal, args.calib_len or t_cal, args.seed,
-                                start=start)  # fmt: skip
+    calib = calibration_data(tok, calib_corpus, args.n_calib or n_cal, args.calib_len or t_cal,
+                             args.seed)  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"

@@ -110,3 +110,11 @@ def calibration_windows(ids: torch.Tensor, num: int, seq_len: int, seed: int = 0
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (num,), generator=g)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def calibration_data(tokenizer, corpus: str, num: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """Seeded calibration windows (num, seq_len) from a corpus's calibration text. TinyStories
+    has one file, whose start is the evaluation text: its windows come from the second half."""
+    ids = tokenize(tokenizer, load_text(corpus, "calib"))
+    start = ids.numel() // 2 if str(corpus) == "tinystories" else 0
+    return calibration_windows(ids, num, seq_len, seed, start=start)

@@ -192,12 +192,11 @@ class QLinear(torch.nn.Module):
         ratio = torch.sigmoid(self.act_logit) if self.act_logit is not None else self.act_ratio
         qmax = (1 << (bits - 1)) - 1
         xf = x.reshape(-1, x.shape[-1]).float()
-        r = xf.abs().amax(-1, keepdim=True)
         if self.settings.act_quantizer == "crossquant" and self.channel_factor is not None:
-            alpha = self.settings.crossquant_alpha
-            s = ratio * r.clamp_min(1e-8).pow(alpha) * self.channel_factor.float() / qmax
+            s = _crossquant_scale(xf, bits, self.channel_factor, self.settings.crossquant_alpha,
+                                  ratio)  # fmt: skip
         else:
-            s = (ratio * r / qmax).clamp_min(1e-8)
+            s = (ratio * xf.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-8)
         return torch.round(xf / s).clamp(-qmax - 1, qmax)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -240,8 +239,14 @@ def crossquant_fake(x: Tensor, bits: int, channel_factor: Tensor, alpha: float,
     round straight-through."""
     qmax = (1 << (bits - 1)) - 1
     xf = x.float()
-    r = xf.abs().amax(-1, keepdim=True).clamp_min(1e-8)
-    s = ratio * r.pow(alpha) * channel_factor.float() / qmax
+    s = _crossquant_scale(xf, bits, channel_factor, alpha, ratio)
     u = xf / s
     q = (u + (torch.round(u) - u).detach()).clamp(-qmax - 1, qmax)
     return (q * s).to(x.dtype)
+
+
+def _crossquant_scale(xf: Tensor, bits: int, channel_factor: Tensor, alpha: float,
+                      ratio: Tensor) -> Tensor:  # fmt: skip
+    """CrossQuant's per-element step ``ratio * r_t^alpha * c_k^(1-alpha) / qmax`` (fp32)."""
+    r = xf.abs().amax(-1, keepdim=True).clamp_min(1e-8)
+    return ratio * r.pow(alpha) * channel_factor.float() / ((1 << (bits - 1)) - 1)

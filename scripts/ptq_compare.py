@@ -14,14 +14,13 @@ import sys
 import time
 
 from cbq_ptq.config import CBQConfig, parse_setting
-from cbq_ptq.data import calibration_windows, load_text, tokenize
+from cbq_ptq.data import calibration_data
 from cbq_ptq.evaluate import evaluate_perplexity
 from cbq_ptq.models import load_model
 from cbq_ptq.pipeline import quantize
 
 base, tok = load_model("stories260K")
-ids = tokenize(tok, load_text("tinystories", "calib"))
-calib = calibration_windows(ids, 32, 256, seed=0, start=ids.numel() // 2)
+calib = calibration_data(tok, "tinystories", 32, 256, seed=0)  # from the file's second half
 
 
 def ppl(m):

@@ -54,7 +54,7 @@ def run_one(args, name: str) -> dict:
     import torch
 
     from cbq_ptq.config import CBQConfig, parse_setting
-    from cbq_ptq.data import calibration_windows, load_text, tokenize
+    from cbq_ptq.data import calibration_data
     from cbq_ptq.evaluate import evaluate_perplexity, kernel_proportions
     from cbq_ptq.models import load_model
     from cbq_ptq.pipeline import quantize
@@ -71,9 +71,7 @@ def run_one(args, name: str) -> dict:
         settings = parse_setting(setting, act_quantizer=quantizer, ragged_groups=True)
         overrides = {"epochs": args.epochs, **METHODS[method]}
         config = CBQConfig(settings=settings, batch_size=args.batch_size, **overrides)
-        ids = tokenize(tok, load_text(args.calib, "calib"))
-        start = ids.numel() // 2 if args.calib == "tinystories" else 0
-        calib = calibration_windows(ids, args.n_calib, args.calib_len, seed=0, start=start)
+        calib = calibration_data(tok, args.calib, args.n_calib, args.calib_len, seed=0)
         t0 = time.time()
         model, log = quantize(model, config, calib, progress=False)
         result.update(
