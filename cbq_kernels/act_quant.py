@@ -5,11 +5,12 @@ eps) * w`` (the input of q/k/v and gate/up in Llama blocks) and optional CrossQu
 factors ``f_k = c_k^(1 - alpha)`` (c_k: per-channel maxima from calibration; the factors are
 folded into the weight columns, so the GEMM keeps one scale per token)::
 
-    r_t = max_k |y_tk|,   s_t = max(ratio * r_t^alpha / P, 1e-8),   P = 2^(b-1) - 1
+    r_t = max_k |y_tk|,   s_t = max(ratio * r_t^alpha / P, floor),   P = 2^(b-1) - 1
     q_tk = clamp(round((y_tk * (1 / f_k)) * (1 / s_t)), -P - 1, P)
 
-so that ``y_tk ~= q_tk * s_t * f_k``. With alpha = 1 and no factors this is plain per-token
-symmetric quantization with clipping ratio ``ratio``.
+so that ``y_tk ~= q_tk * s_t * f_k``; ``floor = max(2^-20 * r_t^alpha, 1e-8)``
+(:func:`cbq_kernels.quant_math.act_step`, the one definition of the step). With alpha = 1
+and no factors this is plain per-token symmetric quantization with clipping ratio ``ratio``.
 
 Outputs: codes and ``s`` (fp32, (T,)). For 8 bits the codes are int8 (T, K). For 4 bits they
 are stored in the packed format of :mod:`cbq_kernels.formats` (signed values offset by 8,
@@ -32,12 +33,11 @@ import triton.language as tl
 from torch import Tensor
 
 from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, use_triton
-from cbq_kernels.fake_quant import _reciprocal
 from cbq_kernels.formats import packed_words
+from cbq_kernels.quant_math import act_step, quantize_act, reciprocal
 
 __all__ = ["act_quant", "act_quant_ref", "dequantize_act_ref", "quant_kernel_fraction"]
 
-EPS = 1e-8
 _MAX_K = 65536  # one row lives in registers
 
 
@@ -57,7 +57,7 @@ def _act_quant_kernel(x_ptr, w_ptr, f_ptr, q_ptr, s_ptr, K, ratio, alpha, norm_e
     r = tl.max(tl.abs(y), axis=0)
     if POW:  # CrossQuant: r^alpha (r = 0 gives 0)
         r = tl.where(r > 0, tl.exp2(alpha * tl.log2(r)), 0.0)
-    s = tl.maximum(tl.math.div_rn(ratio * r, P), 1e-8)
+    s = tl.maximum(tl.math.div_rn(ratio * r, P), tl.maximum(r * 9.5367431640625e-07, 1e-8))
     inv_s = tl.math.div_rn(1.0, s)
     if FACTORS:  # f_ptr holds 1 / f, computed once by the caller
         y = y * tl.load(f_ptr + k, mask=m, other=1.0)
@@ -132,7 +132,7 @@ def _act_quant_impl(
     if x.numel():
         block_k = max(triton.next_power_of_2(x.shape[1]), 16)
         w = x if norm_weight is None else norm_weight.float().contiguous()
-        f = x if channel_factor is None else _reciprocal(channel_factor.float()).contiguous()
+        f = x if channel_factor is None else reciprocal(channel_factor.float()).contiguous()
         # int8 codes are written as int32 words of 4 when K allows (full-width stores).
         out = codes.view(torch.int32) if bits == 8 and x.shape[1] % 4 == 0 else codes
         _act_quant_kernel[(x.shape[0],)](
@@ -206,15 +206,11 @@ def act_quant_ref(
     full = torch.full_like  # divide by tensors: CUDA divides by Python scalars via reciprocals
     if norm_weight is not None:
         ms = (y * y).sum(1, keepdim=True) / full(y[:, :1], k)
-        y = (y * _reciprocal(torch.sqrt(ms + norm_eps))) * norm_weight.float()
-    r = y.abs().amax(1, keepdim=True) if k else y.new_zeros(y.shape[0], 1)
-    if alpha != 1.0:
-        r = torch.where(r > 0, r.pow(alpha), 0.0)
-    p = (1 << (bits - 1)) - 1
-    s = (clip_ratio * r / full(r, p)).clamp_min(EPS)
-    if channel_factor is not None:
-        y = y * _reciprocal(channel_factor.float())[None, :]
-    q = torch.round((y * _reciprocal(s)).clamp(-4194304.0, 4194304.0)).clamp(-p - 1, p)
+        y = (y * reciprocal(torch.sqrt(ms + norm_eps))) * norm_weight.float()
+    if k:  # the arithmetic of cbq_kernels.quant_math, which the kernel repeats
+        q, s = quantize_act(y, bits, clip_ratio, channel_factor, alpha)
+    else:
+        q, s = y, act_step(y.new_zeros(y.shape[0], 1), bits, clip_ratio)
     codes = q.to(torch.int8) if bits == 8 else pack_ref((q + 8).to(torch.uint8), 4)
     return codes, s.reshape(-1)
 

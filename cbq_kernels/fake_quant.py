@@ -4,7 +4,9 @@ One Triton kernel pair serves weights and activations. The data is cut into *seg
 with its own scale: a segment is one row (per-channel weights, per-token activations) or one
 group of ``group_size`` consecutive elements of a row (the last group may be shorter). For a
 segment with maximum ``vmax`` and minimum ``vmin`` and clipping factors ``fmax``, ``fmin``
-(``sigmoid`` of learnable logits; 1 when not learned), following METHOD.md section 1:
+(``sigmoid`` of learnable logits; 1 when not learned), following METHOD.md section 1 and
+:mod:`cbq_kernels.quant_math` (the one written form of this arithmetic, which the PyTorch
+paths below call):
 
 asymmetric (weights, integer zero point), ``Q = 2**b - 1``::
 
@@ -46,8 +48,17 @@ from torch import Tensor
 
 from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, describe, use_triton
 from cbq_kernels.formats import groups_per_row
+from cbq_kernels.quant_math import (
+    clip_factors,
+    qrange,
+    reciprocal,
+    round_ste,
+    segment_reduce,
+    weight_params,
+)
 
 __all__ = [
+    "clip_factors",
     "fake_quant",
     "fake_quant_act",
     "fake_quant_act_ref",
@@ -55,12 +66,6 @@ __all__ = [
     "fake_quant_weight",
     "fake_quant_weight_ref",
 ]
-
-# The step is floored at max(EPS_REL * max|v|, EPS) per segment. The relative floor keeps
-# |x / s| <= 2**20, inside the range where the rounding trick of the kernels is exact
-# (|t| < 2**22), and makes a constant segment quantize to itself exactly.
-EPS = 1e-8
-EPS_REL = 2.0**-20
 
 # Factor modes (constexpr): no learned clipping, one factor per segment, one for all.
 _NO_FACTOR, _PER_SEGMENT, _SHARED = 0, 1, 2
@@ -257,12 +262,6 @@ def _grid_config(group: int) -> tuple[int, int, int, bool]:
     return 1, 2048, 4, False
 
 
-def _qrange(bits: int, symmetric: bool) -> tuple[float, float]:
-    if symmetric:
-        return float(-(1 << (bits - 1))), float((1 << (bits - 1)) - 1)
-    return 0.0, float((1 << bits) - 1)
-
-
 def _factor_mode(fmax: Tensor | None) -> int:
     if fmax is None:
         return _NO_FACTOR
@@ -278,7 +277,7 @@ class _Plan:
         self.gs = self.k if group_size is None else group_size
         self.groups = -(-self.k // self.gs) if self.k else 0
         self.n_seg = n * self.groups
-        self.qlo, self.qhi = _qrange(bits, symmetric)
+        self.qlo, self.qhi = qrange(bits, symmetric)
         self.symmetric = symmetric
         self.mode = _factor_mode(fmax)
         self.block_s, self.block_e, self.warps, self.one_tile = _grid_config(self.gs)
@@ -319,82 +318,13 @@ def _launch_bwd(plan: _Plan, x: Tensor, dy: Tensor, dx: Tensor, fmax: Tensor | N
 # interpreter is off, and the explicit form of the kernels' contract.
 
 
-def _segment_index(k: int, group_size: int | None, device: torch.device) -> tuple[Tensor, int]:
-    gs = k if group_size is None else group_size
-    return torch.arange(k, device=device) // max(gs, 1), (-(-k // gs) if k else 0)
-
-
-def _segment_reduce(x: Tensor, group_size: int | None, op: str) -> Tensor:
-    """(N, K) -> (N, G): ``op`` ('amax', 'amin' or 'sum') over each segment of
-    :func:`_segment_index` (the last one may be shorter). Reshapes instead of scatters: a
-    scatter into one element per row serialised on atomics and took 83% of the GPU time of a
-    Llama-2-7B calibration step (profiled on an H100)."""
-    n, k = x.shape
-    if k == 0:
-        return x.new_empty((n, 0))
-    gs = k if group_size is None else max(min(group_size, k), 1)
-    full = k // gs
-    parts = []
-    if full:
-        parts.append(getattr(x[:, : full * gs].reshape(n, full, gs), op)(-1))
-    if k % gs:
-        parts.append(getattr(x[:, full * gs :], op)(-1, keepdim=True))
-    return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-
-
-def _reciprocal(s: Tensor) -> Tensor:
-    """1 / s correctly rounded (a tensor divided by a tensor, as the kernels' ``div_rn``).
-    Elements are quantized as ``round(x * (1/s))``: one division per segment instead of one
-    per element (the kernels were ALU-bound with a division per element)."""
-    return torch.ones_like(s) / s
-
-
-def _round_ste(t: Tensor) -> Tensor:
-    """round(t) in value, identity in gradient (exact: t + (round(t) - t) == round(t))."""
-    return t + (torch.round(t) - t).detach()
-
-
-def _per_segment(f: Tensor | None, n: int, groups: int, dtype: torch.dtype) -> Tensor | float:
-    if f is None:
-        return 1.0
-    f = f.to(dtype)
-    return f.reshape(1, 1).expand(n, groups) if f.numel() == 1 else f.reshape(n, groups)
-
-
-def _params(x: Tensor, group_size: int | None, bits: int, symmetric: bool,
-            fmax: Tensor | None, fmin: Tensor | None):  # fmt: skip
-    """Per-segment (vmax, vmin, s, z, zt), each (N, G) fp32, and the column -> group index."""
-    n, k = x.shape
-    gid, groups = _segment_index(k, group_size, x.device)
-    xs = x.detach()  # the statistics are constants for the gradients
-    vmax, vmin = _segment_reduce(xs, group_size, "amax"), _segment_reduce(xs, group_size, "amin")
-    fa, fb = _per_segment(fmax, n, groups, x.dtype), _per_segment(fmin, n, groups, x.dtype)
-    # Divide by a tensor, not a Python float: on CUDA, PyTorch divides by a CPU scalar through
-    # its reciprocal, which is not correctly rounded, while the kernels divide exactly.
-    qhi = torch.full_like(vmax, _qrange(bits, symmetric)[1])
-    vabs = torch.maximum(vmax.abs(), vmin.abs())
-    floor = (vabs * EPS_REL).clamp_min(EPS)
-    if symmetric:
-        raw = fa * vabs / qhi
-        s = torch.where(raw > floor, raw, floor)
-        zt = torch.zeros_like(s)
-        z = zt
-    else:
-        lo = fb * vmin
-        raw = (fa * vmax - lo) / qhi
-        s = torch.where(raw > floor, raw, floor)
-        zt = -lo / s
-        z = _round_ste(zt)
-    return vmax, vmin, raw > floor, s, z, zt, gid
-
-
 def _fake_quant_torch(x: Tensor, bits: int, group_size: int | None, fmax: Tensor | None,
                       fmin: Tensor | None, symmetric: bool) -> Tensor:  # fmt: skip
     x32 = x.float()
-    _, _, _, s, z, _, gid = _params(x32, group_size, bits, symmetric, fmax, fmin)
-    qlo, qhi = _qrange(bits, symmetric)
+    _, _, _, s, z, _, gid = weight_params(x32, group_size, bits, symmetric, fmax, fmin)
+    qlo, qhi = qrange(bits, symmetric)
     s_e, z_e = s[:, gid], z[:, gid]
-    q = (torch.round(x32 * _reciprocal(s)[:, gid]) + z_e).clamp(qlo, qhi)
+    q = (torch.round(x32 * reciprocal(s)[:, gid]) + z_e).clamp(qlo, qhi)
     return ((q - z_e) * s_e).to(x.dtype)
 
 
@@ -402,18 +332,19 @@ def _fake_quant_backward_torch(dy: Tensor, x: Tensor, bits: int, group_size: int
                                fmax: Tensor | None, fmin: Tensor | None,
                                symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     x32, dy32 = x.float(), dy.float()
-    vmax, vmin, s_free, s, z, zt, gid = _params(x32, group_size, bits, symmetric, fmax, fmin)
-    qlo, qhi = _qrange(bits, symmetric)
+    vmax, vmin, s_free, s, z, zt, gid = weight_params(x32, group_size, bits, symmetric, fmax,
+                                                      fmin)  # fmt: skip
+    qlo, qhi = qrange(bits, symmetric)
     z_e = z[:, gid]
-    u = x32 * _reciprocal(s)[:, gid]
+    u = x32 * reciprocal(s)[:, gid]
     r = torch.round(u)
     v = r + z_e
     q = v.clamp(qlo, qhi)
     inside = (v >= qlo) & (v <= qhi)
     dx = torch.where(inside, dy32, 0.0).to(x.dtype)
     ds = torch.where(inside, r - u, q - z_e + zt[:, gid])
-    g_s = _segment_reduce(dy32 * ds, group_size, "sum")
-    g_z = _segment_reduce(torch.where(inside, 0.0, dy32), group_size, "sum")
+    g_s = segment_reduce(dy32 * ds, group_size, "sum")
+    g_z = segment_reduce(torch.where(inside, 0.0, dy32), group_size, "sum")
     g_s = torch.where(s_free, g_s, 0.0)
     if symmetric:
         dfmax = g_s * (torch.maximum(vmax.abs(), vmin.abs()) / qhi)
@@ -595,15 +526,6 @@ def fake_quant(
 # ------------------------------------------------------------------------------ public API
 
 
-def clip_factors(
-    clip_max_logit: Tensor | None, clip_min_logit: Tensor | None
-) -> tuple[Tensor | None, Tensor | None]:
-    """Learnable clipping factors ``sigmoid(logit)`` (None stays None: no clipping)."""
-    fmax = None if clip_max_logit is None else torch.sigmoid(clip_max_logit)
-    fmin = None if clip_min_logit is None else torch.sigmoid(clip_min_logit)
-    return fmax, fmin
-
-
 def fake_quant_weight(
     w: Tensor,
     bits: int,
@@ -655,10 +577,10 @@ def fake_quant_ref(
 
     Computes in fp32, or in fp64 for fp64 input (gradcheck)."""
     x32 = x if x.dtype == torch.float64 else x.float()
-    _, _, _, s, z, _, gid = _params(x32, group_size, bits, symmetric, fmax, fmin)
-    qlo, qhi = _qrange(bits, symmetric)
+    _, _, _, s, z, _, gid = weight_params(x32, group_size, bits, symmetric, fmax, fmin)
+    qlo, qhi = qrange(bits, symmetric)
     s_e, z_e = s[:, gid], z[:, gid]
-    q = (_round_ste(x32 * _reciprocal(s)[:, gid]) + z_e).clamp(qlo, qhi)
+    q = (round_ste(x32 * reciprocal(s)[:, gid]) + z_e).clamp(qlo, qhi)
     return ((q - z_e) * s_e).to(x.dtype)
 
 

@@ -52,6 +52,7 @@ from torch import Tensor
 from cbq_kernels import formats
 from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, describe, use_triton
 from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpreter gets right
+from cbq_kernels.quant_math import dequantize_weight
 
 __all__ = [
     "PreparedWeight",
@@ -680,9 +681,8 @@ def gemm_ref(x: Tensor, weight: PreparedWeight, x_scales: Tensor | None = None,
     else:
         codes = x if act_bits == 8 else unpack_ref(x, 4, weight.k).to(torch.int32) - 8
         xa = codes.to(dtype) * x_scales.to(dtype)[:, None]  # type: ignore[union-attr]
-    q = unpack_ref(weight.packed, weight.bits, weight.k).to(dtype)
-    gid = torch.arange(weight.k, device=q.device) // (weight.group_size or weight.k)
-    w = (q - weight.zeros.to(dtype)[:, gid]) * weight.scales.to(dtype)[:, gid]
+    q = unpack_ref(weight.packed, weight.bits, weight.k)
+    w = dequantize_weight(q, weight.scales, weight.zeros, weight.group_size, dtype)
     out = xa @ w.t()
     return out + bias.to(dtype) if bias is not None else out
 

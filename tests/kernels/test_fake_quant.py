@@ -14,6 +14,7 @@ from cbq_kernels.fake_quant import (
     fake_quant_weight,
     fake_quant_weight_ref,
 )
+from cbq_kernels.quant_math import qrange, segment_index, segment_reduce, weight_params
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (rows, K, group_size): per-channel, dividing groups, ragged last groups, group > K.
@@ -155,8 +156,8 @@ def kink_free_case(n, k, group_size, bits, symmetric, g):
     fmin = None
     if not symmetric:
         fmin = torch.rand(n, groups, generator=g, dtype=torch.float64) * 0.1 + 0.65
-    _, _, _, s, z, _, gid = fq_module._params(x, group_size, bits, symmetric, fmax, fmin)
-    qlo, qhi = fq_module._qrange(bits, symmetric)
+    _, _, _, s, z, _, gid = weight_params(x, group_size, bits, symmetric, fmax, fmin)
+    qlo, qhi = qrange(bits, symmetric)
     codes = torch.randint(int(qlo) + 1, int(qhi) - 1, (n, k), generator=g).double()
     frac = torch.rand(n, k, generator=g, dtype=torch.float64) * 0.3 + 0.1
     frac = frac * torch.where(torch.rand(n, k, generator=g) < 0.5, -1.0, 1.0).double()
@@ -184,7 +185,10 @@ def test_gradcheck_reference_fp64(symmetric, group_size):
         return fake_quant_ref(x, 4, group_size, factors[0], None if symmetric else factors[1],
                               symmetric)  # fmt: skip
 
-    with mock.patch.object(fq_module, "_round_ste", frozen):
+    from cbq_kernels import quant_math
+
+    with mock.patch.object(fq_module, "round_ste", frozen), \
+            mock.patch.object(quant_math, "round_ste", frozen):  # fmt: skip
         fn(*inputs)
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-7, atol=1e-6)
 
@@ -265,10 +269,8 @@ def test_two_sweep_path(layout, symmetric):
 def test_segment_reduce_matches_a_scatter(k, group_size, op):
     """The reshape-based segment reduction equals a scatter over the segment index (ragged
     last segment and a segment longer than the row included)."""
-    from cbq_kernels.fake_quant import _segment_index, _segment_reduce
-
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
-    gid, groups = _segment_index(k, group_size, x.device)
+    gid, groups = segment_index(k, group_size, x.device)
     init = {"amax": float("-inf"), "amin": float("inf"), "sum": 0.0}[op]
     want = x.new_full((5, groups), init).scatter_reduce(1, gid.expand(5, k), x, op)
-    torch.testing.assert_close(_segment_reduce(x, group_size, op), want)
+    torch.testing.assert_close(segment_reduce(x, group_size, op), want)

@@ -10,6 +10,7 @@ from cbq_kernels.lora_round import (
     lora_round_init,
     lora_round_params,
     lora_round_ref,
+    start_logits,
 )
 
 # (N, K, group_size, rank): odd sizes, ragged last groups, per-channel.
@@ -48,6 +49,67 @@ def test_forward_and_gradients_match_reference(case, bits):
     torch.testing.assert_close(reg, reg_ref.float(), rtol=1e-5, atol=1e-3)
     for got, want in zip(grads, grads_ref, strict=True):  # dA, dB, both clipping logits
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max())
+
+
+@pytest.mark.parametrize("case", CASES[:4])
+def test_straight_through_rounding_matches_reference_and_hardening(case):
+    """ste=True: the forward weight is the hardened codes' weight exactly; the gradients
+    (those of h(V) through the hard forward's clamp mask) equal the reference's."""
+    n, k, gs, r = case
+    w, la, lc, a, b = setup(n, k, gs, r, 4, seed=21)
+    g = torch.Generator().manual_seed(22)
+    v0 = start_logits(torch.rand(n, k, generator=g) < 0.5, 1.0, torch.float32)
+    dy = torch.randn(n, k, generator=g)
+
+    def run(fn):
+        s, z = lora_round_params(w, 4, gs, la, lc)
+        y, reg = fn(w, a, b, s, z, 4, gs, 3.0, v0, True)
+        return y, reg, torch.autograd.grad((y.float() * dy).sum() + 0.01 * reg, [a, b, la, lc])
+
+    y, reg, grads = run(lora_round)
+    y_ref, reg_ref, grads_ref = run(lora_round_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(reg, reg_ref.float(), rtol=1e-5, atol=1e-3)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max())
+    s, z = lora_round_params(w, 4, gs, la, lc)
+    codes = harden(w, a, b, s, z, 4, gs, v0=v0).float()
+    gid = torch.arange(k) // (k if gs is None else gs)
+    want = s.detach()[:, gid] * (codes - z.detach()[:, gid])
+    torch.testing.assert_close(y.detach(), want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", CASES[:4])
+def test_frozen_start_logits_v0_match_reference(case):
+    """V = V0 + A B: forward, regulariser, gradients and hardened codes equal the reference's."""
+    n, k, gs, r = case
+    w, la, lc, a, b = setup(n, k, gs, r, 3, seed=11)
+    g = torch.Generator().manual_seed(12)
+    v0 = start_logits(torch.rand(n, k, generator=g) < 0.5, 2.0, torch.float32)
+    a = (a.detach() * 0.1).requires_grad_()
+    dy = torch.randn(n, k, generator=g)
+
+    def run(fn):
+        s, z = lora_round_params(w, 3, gs, la, lc)
+        y, reg = fn(w, a, b, s, z, 3, gs, 4.0, v0)
+        return y, reg, torch.autograd.grad((y.float() * dy).sum() + 0.01 * reg, [a, b, la, lc])
+
+    y, reg, grads = run(lora_round)
+    y_ref, reg_ref, grads_ref = run(lora_round_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(reg, reg_ref.float(), rtol=1e-5, atol=1e-3)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max())
+    s, z = lora_round_params(w, 3, gs, la, lc)
+    codes = harden(w, a, b, s, z, 3, gs, rows_per_step=5, v0=v0)
+    assert torch.equal(codes, harden_ref(w, a, b, s, z, 3, gs, v0))
+    # With A B = 0 the hardened codes are floor + 1 exactly where V0 says so.
+    zero_a = torch.zeros_like(a)
+    codes0 = harden(w, zero_a, b, s, z, 3, gs, v0=v0).float()
+    gid = torch.arange(k) // (k if gs is None else gs)
+    base = torch.floor(w * (1 / s.detach())[:, gid]) + z.detach()[:, gid]
+    want = (base + (v0 > 0).float()).clamp(0, 7)
+    assert torch.equal(codes0, want)
 
 
 def test_bf16_weights():
@@ -125,6 +187,8 @@ def test_opcheck_and_compile():
     s, z = lora_round_params(w, 4, 32, la, lc)
     args = (w, a, b, s.detach(), z.detach(), 4, 32, 2.0)
     torch.library.opcheck(torch.ops.cbq.lora_round.default, args)
+    v0 = start_logits(torch.rand(32, 64, generator=torch.Generator().manual_seed(1)) < 0.5, 2.0)
+    torch.library.opcheck(torch.ops.cbq.lora_round.default, (*args, v0, True))
 
     def loss(a, b):
         y, reg = lora_round(w, a, b, s.detach(), z.detach(), 4, 32)
