@@ -12,6 +12,7 @@ that the default run finishes in minutes on a laptop CPU; every report states wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -20,13 +21,14 @@ from pathlib import Path
 
 import torch
 
-from cbq_ptq.config import CBQConfig, parse_setting
+from cbq_ptq.config import CBQConfig, parse_setting, recipe
 from cbq_ptq.data import calibration_data
 from cbq_ptq.evaluate import evaluate_perplexity, kernel_proportions
 
-# (calibration windows, tokens per window, epochs, evaluation windows) by device
-GPU_DEFAULTS = (128, 2048, 2, None)
-CPU_DEFAULTS = (16, 256, 2, 4)
+# (calibration windows, tokens per window, evaluation windows) by device; the training recipe
+# (steps, learning rates, start...) comes from cbq_ptq.config.recipe(setting, device)
+GPU_DEFAULTS = (128, 2048, None)
+CPU_DEFAULTS = (16, 256, 4)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -57,13 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", default=None, help="calibration corpus (default: --corpus)")
     q.add_argument("--n-calib", type=int, default=None, help="calibration windows")
     q.add_argument("--calib-len", type=int, default=None, help="tokens per calibration window")
-    q.add_argument("--epochs", type=int, default=None, help="0: round-to-nearest")
+    q.add_argument("--method", choices=["cbq", "gptq", "rtn"], default="cbq",
+                   help="cbq (default), or the baselines gptq and rtn (round-to-nearest)")
+    q.add_argument("--init", choices=["rtn", "gptq"], default=None,
+                   help="where CBQ's rounding and clipping start (default: by setting)")
+    q.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per window (default: by setting and device)")  # fmt: skip
+    q.add_argument("--epochs", type=int, default=None,
+                   help="epochs per window instead of --steps (0: no training)")  # fmt: skip
+    q.add_argument("--lr", type=float, default=None, help="clipping learning rate")
+    q.add_argument("--lr-lora", type=float, default=None, help="LoRA-Rounding learning rate")
+    q.add_argument("--loss", choices=["rel", "mse"], default=None,
+                   help="window loss: per-token relative error (default) or MSE")  # fmt: skip
     q.add_argument("--window", type=int, default=2, help="blocks per window (K)")
     q.add_argument("--overlap", type=int, default=1, help="blocks shared by windows (O)")
-    q.add_argument("--batch-size", type=int, default=4)
+    q.add_argument("--batch-size", type=int, default=None)
     q.add_argument("--no-cfp", action="store_true", help="switch off coarse-to-fine preprocessing")
     q.add_argument("--no-lora", action="store_true", help="round-to-nearest (STE) instead")
-    q.add_argument("--lora-rank", type=int, default=8)
+    q.add_argument("--lora-rank", type=int, default=None)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="cbq-out", help="folder for the quantized model and logs")
     q.add_argument("--restart", action="store_true",
@@ -87,7 +100,7 @@ def _eval_args(args, model_name: str, device: str) -> dict:
     seq_len = args.seq_len or (512 if model_name == "stories260K" else 2048)
     windows = args.eval_windows
     if windows == -1:
-        windows = (GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS)[3]
+        windows = (GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS)[2]
     bos = args.bos or model_name == "stories260K"
     return {"corpus": args.corpus, "seq_len": seq_len, "bos": bos, "max_windows": windows}
 
@@ -114,21 +127,49 @@ def _evaluate_all(model, tok, args, eval_args: dict, tag: str) -> dict:
     return results
 
 
+def build_config(args, settings, device: str) -> CBQConfig:
+    """CBQConfig of a `cbq quantize` command: the setting's default recipe
+    (cbq_ptq.config.recipe), then the method, then every flag given explicitly."""
+    fields = recipe(settings, device)
+    if args.method == "rtn":
+        fields.update(epochs=0, steps=None, cfp=False, lora_rounding=False, window=1, overlap=0)
+    elif args.method == "gptq":
+        fields.update(method="gptq", cfp=False, window=1, overlap=0)
+    else:
+        fields.update(window=args.window, overlap=args.overlap)
+    flags = {"init": args.init, "lr": args.lr, "lr_lora": args.lr_lora, "loss": args.loss,
+             "batch_size": args.batch_size, "lora_rank": args.lora_rank, "seed": args.seed}
+    fields.update({k: v for k, v in flags.items() if v is not None})
+    if args.epochs is not None:  # epochs replace the recipe's steps
+        fields.update(epochs=args.epochs, steps=None)
+    if args.steps is not None:
+        fields["steps"] = args.steps
+    if args.no_cfp:
+        fields["cfp"] = False
+    if args.no_lora:
+        fields["lora_rounding"] = False
+    return CBQConfig(settings=settings, **fields)
+
+
+def method_label(config: CBQConfig) -> str:
+    if config.method == "gptq":
+        return "GPTQ"
+    if not config.trains:
+        return "RTN"
+    return "CBQ" if config.window > 1 else "block-wise reconstruction"
+
+
 def cmd_quantize(args) -> int:
     from cbq_ptq.io import save
     from cbq_ptq.models import load_model
     from cbq_ptq.pipeline import quantize
 
     device = _device(args.device)
-    n_cal, t_cal, epochs, _ = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
+    n_cal, t_cal, _ = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
     settings = parse_setting(args.setting, act_quantizer=args.act_quantizer,
                              crossquant_alpha=args.crossquant_alpha,
                              ragged_groups=args.ragged_groups)  # fmt: skip
-    config = CBQConfig(settings=settings, cfp=not args.no_cfp, window=args.window,
-                       overlap=args.overlap, lora_rounding=not args.no_lora,
-                       lora_rank=args.lora_rank,
-                       epochs=epochs if args.epochs is None else args.epochs,
-                       batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+    config = build_config(args, settings, device)
     dtype = _dtype(args, device)
     model, tok = load_model(args.model, dtype=dtype, device=device)
     eval_args = _eval_args(args, args.model, device)
@@ -149,11 +190,7 @@ def cmd_quantize(args) -> int:
     model, _ = quantize(model, config, calib, log_path=out / "windows.jsonl",
                         checkpoint_dir=ckpt, offload=offload)  # fmt: skip
     seconds = time.time() - t0
-    method = (
-        "RTN"
-        if config.epochs == 0
-        else ("CBQ" if config.window > 1 else "block-wise reconstruction")
-    )
+    method = method_label(config)
     after = _evaluate_all(model, tok, args, eval_args, f"{args.model} {settings.name} ({method})")
     kernel = {}
     if settings.a_bits < 16:
@@ -170,6 +207,7 @@ def cmd_quantize(args) -> int:
                "calibration": {"corpus": calib_corpus, "windows": calib.shape[0],
                                "tokens": calib.shape[1], "seed": args.seed},
                "config": {k: v for k, v in vars(args).items() if k != "func"},
+               "cbq_config": dataclasses.asdict(config),
                "ppl_before": before, "ppl_after": after, "quantize_seconds": round(seconds, 1),
                "evaluation": eval_args, "kernel_proportion": kernel}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

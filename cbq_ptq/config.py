@@ -79,14 +79,55 @@ def parse_setting(text: str, **kwargs) -> QuantSettings:
     return QuantSettings(w_bits=int(w), a_bits=int(a), group_size=int(g) if g else None, **kwargs)
 
 
+METHODS = ("cbq", "gptq")
+INITS = ("rtn", "gptq")
+CLIP_INITS = ("max", "search")
+LORA_INITS = ("nearest", "svd", "zero")
+LOSSES = ("rel", "mse")
+SCHEDULES = ("cosine", "constant")
+ROUND_MODES = ("soft", "ste")
+
+
 @dataclasses.dataclass(frozen=True)
 class CBQConfig:
-    """The method's switches and training schedule (METHOD.md sections 2-4).
+    """The method's switches and training recipe (METHOD.md sections 2-4; the choices and the
+    measurements behind the defaults are in docs/DECISIONS.md, "Recipe").
+
+    method: 'cbq' (window reconstruction; with epochs = 0 and no CFP it is round-to-nearest)
+    or 'gptq' (the Hessian-based baseline: per layer, no training). init: where the rounding
+    and the clipping of a reconstruction start, 'rtn' or 'gptq'. clip_init: 'max' (clipping
+    factor sigmoid(4) = 0.982 everywhere) or 'search' (per row / group, the factor of a grid
+    that minimises the weight error weighted by the input's second moment).
 
     window / overlap: K blocks per window, O shared with the next (K = 1, O = 0: block-wise
-    reconstruction); epochs = 0: no training (RTN, or RTN after CFP)."""
+    reconstruction). steps: optimizer steps per window (None: epochs over the training part
+    of the calibration windows). lr / lr_lora: peak learning rates of the clipping (and
+    activation clipping) logits and of the LoRA-Rounding factors; schedule: linear warm-up
+    over ``warmup`` of the steps, then cosine decay to 0 (or constant).
+
+    loss: 'rel' (per token, squared error divided by the target token's mean square: the
+    massive-activation tokens, which RMSNorm makes harmless, no longer decide every step) or
+    'mse'. kl_weight / fp_weight: METHOD.md's KL term and the full-precision-stream target.
+
+    lora_init: 'nearest' (V = V0 + A B, V0 = +-lora_margin at the start's codes, A = 0: the
+    hardened start is the init's rounding and both neighbours of every weight are
+    reachable), 'svd' or 'zero' (METHOD.md's alternatives). round_reg: weight of the
+    rounding regulariser (a mean over the window's weights), round_beta: its exponent,
+    annealed from the first to the second value after the first round_warmup of the steps.
+    round_mode: 'ste' (the forward pass uses the hard rounding 1[V >= 0] that hardening
+    fixes, the backward pass h(V)'s gradient: training minimises the loss of the codes that
+    are kept) or 'soft' (METHOD.md's relaxation h(V), hardened afterwards); round_temp: the
+    relaxation's temperature h(V / T), geometric from the first to the second value.
+
+    holdout: the fraction of the calibration windows kept out of training; each window's
+    loss with hard rounding is measured on them before training, at eval_points points
+    during training and after it, and the best state is kept (never worse than the start).
+    """
 
     settings: QuantSettings = dataclasses.field(default_factory=QuantSettings)
+    method: str = "cbq"
+    init: str = "gptq"
+    clip_init: str = "search"
     cfp: bool = True
     cfp_activations: bool | None = None  # None: only when activations are quantized
     cfp_weights: bool = False  # measured harmful at W4A16 on stories260K (DECISIONS.md)
@@ -98,18 +139,37 @@ class CBQConfig:
     overlap: int = 1
     lora_rounding: bool = True
     lora_rank: int = 8
-    lora_init: str = "rtn"
+    lora_init: str = "nearest"
+    lora_margin: float = 2.0
     learn_clipping: bool = True
     epochs: int = 2
+    steps: int | None = None
     batch_size: int = 4
     lr: float = 5e-3
-    lr_lora: float = 1e-2
-    kl_weight: float = 1.0
-    fp_weight: float = 1.0
+    lr_lora: float = 3e-3
+    schedule: str = "cosine"
+    warmup: float = 0.05
+    loss: str = "rel"
+    kl_weight: float = 0.0
+    fp_weight: float = 0.25
     round_reg: float = 0.01
+    round_beta: tuple[float, float] = (20.0, 2.0)
+    round_warmup: float = 0.2
+    round_mode: str = "ste"
+    round_temp: tuple[float, float] = (1.0, 1.0)
+    holdout: float = 1 / 16
+    eval_points: int = 3
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
+    gptq_block: int = 128
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for field, allowed in (("method", METHODS), ("init", INITS), ("clip_init", CLIP_INITS),
+                               ("lora_init", LORA_INITS), ("loss", LOSSES),
+                               ("schedule", SCHEDULES), ("round_mode", ROUND_MODES)):  # fmt: skip
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1 block, got {self.window}")
         if not 0 <= self.overlap < self.window:
@@ -119,14 +179,46 @@ class CBQConfig:
         lo, hi = self.cfp_quantiles
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"cfp_quantiles must satisfy 0 <= lo < hi <= 1, got {lo, hi}")
-        if self.lora_init not in ("rtn", "svd", "zero"):
-            raise ValueError(f"lora_init must be 'rtn', 'svd' or 'zero', got {self.lora_init!r}")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
-        for field in ("epochs", "batch_size"):
-            value = getattr(self, field)
-            if value < (0 if field == "epochs" else 1):
-                raise ValueError(f"{field} must be non-negative (batch_size >= 1), got {value}")
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.steps is not None and self.steps < 0:
+            raise ValueError(f"steps must be >= 0 (or None: from epochs), got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for field in ("warmup", "round_warmup"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                raise ValueError(f"{field} must be a fraction of the steps in [0, 1), got "
+                                 f"{getattr(self, field)}")  # fmt: skip
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout must be a fraction in [0, 1), got {self.holdout}")
+        if min(self.round_temp) <= 0:
+            raise ValueError(f"round_temp must be positive, got {self.round_temp}")
+        if self.lora_margin <= 0:
+            raise ValueError(f"lora_margin must be > 0, got {self.lora_margin}")
+        if self.eval_points < 0:
+            raise ValueError(f"eval_points must be >= 0, got {self.eval_points}")
+        if not 0.0 <= self.gptq_damp < 1.0:
+            raise ValueError(f"gptq_damp must be in [0, 1), got {self.gptq_damp}")
+
+    @property
+    def trains(self) -> bool:
+        """Whether windows are trained (CBQ / block-wise) or only initialised (RTN, GPTQ)."""
+        return self.method == "cbq" and (self.steps if self.steps is not None else self.epochs) > 0
+
+    def num_steps(self, n_train: int) -> int:
+        """Optimizer steps per window for ``n_train`` training windows."""
+        if self.steps is not None:
+            return self.steps
+        return self.epochs * -(-n_train // self.batch_size)
+
+    def split(self, n: int) -> int:
+        """How many of ``n`` calibration windows are held out (at least one when n >= 2 and
+        holdout > 0; never all)."""
+        if self.holdout == 0 or n < 2:
+            return 0
+        return min(max(1, round(n * self.holdout)), n - 1)
 
 
 def window_schedule(num_blocks: int, window: int, overlap: int) -> list[tuple[int, int]]:
@@ -146,3 +238,12 @@ def window_schedule(num_blocks: int, window: int, overlap: int) -> list[tuple[in
         if end == num_blocks:
             return windows
         start += step
+
+
+def recipe(settings: QuantSettings, device: str = "cuda") -> dict:
+    """The default training recipe of a setting (CBQConfig fields beyond the dataclass
+    defaults), as the CLI and the result tables use it (docs/DECISIONS.md, "Recipe").
+    ``device`` 'cpu' gives the short recipe of the laptop-sized default run (16 windows of
+    256 tokens: 16 steps of 4 windows per window of blocks)."""
+    del settings  # one recipe for every setting so far; the hook for per-setting choices
+    return {"steps": 128 if device == "cuda" else 16, "batch_size": 4}

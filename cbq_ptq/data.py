@@ -12,6 +12,10 @@ Hugging Face ``datasets`` package when it is installed; otherwise a clear error.
 
 (TinyStories has one file here: the evaluation windows are the first ones of the file and the
 calibration windows are drawn from its second half, see :func:`calibration_windows`.)
+
+Split 'heldout': the last tenth of a calibration text (cut at a line break), from which no
+calibration window is drawn (split 'calib' is the first nine tenths). Hyperparameters are
+chosen on its perplexity (and PTB's), never on the test text (docs/DECISIONS.md).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ CORPORA = {
     "tinystories": ("tinystories-valid-prefix.txt", "tinystories-valid-prefix.txt"),
 }
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+HELDOUT_FRACTION = 0.1  # of a calibration text, never drawn from
 _HF = {  # (path, config, split, column) for datasets.load_dataset
     "wikitext2": (("wikitext", "wikitext-2-raw-v1", "test", "text"),
                   ("wikitext", "wikitext-2-raw-v1", "validation", "text")),
@@ -44,10 +49,25 @@ def data_dirs() -> list[Path]:
 
 
 def load_text(corpus: str | os.PathLike, split: str = "eval") -> str:
-    """The text of a corpus name ('wikitext2', 'ptb', 'tinystories') for split 'eval' or
-    'calib', or of a file path."""
-    if split not in ("eval", "calib"):
-        raise ValueError(f"split must be 'eval' or 'calib', got {split!r}")
+    """The text of a corpus name ('wikitext2', 'ptb', 'tinystories') for split 'eval',
+    'calib' or 'heldout' (module docstring), or of a file path."""
+    if split not in ("eval", "calib", "heldout"):
+        raise ValueError(f"split must be 'eval', 'calib' or 'heldout', got {split!r}")
+    if split != "eval" and str(corpus) != "tinystories":
+        return _split_heldout(_load(corpus, "calib"), split)
+    return _load(corpus, "eval" if split == "eval" else "calib")
+
+
+def _split_heldout(text: str, split: str) -> str:
+    """The first nine tenths ('calib') or the last tenth ('heldout') of a text, cut at the
+    line break nearest to the boundary."""
+    cut = int(len(text) * (1 - HELDOUT_FRACTION))
+    nl = text.rfind("\n", 0, cut)
+    cut = nl + 1 if nl > 0 else cut
+    return text[:cut] if split == "calib" else text[cut:]
+
+
+def _load(corpus: str | os.PathLike, split: str) -> str:
     name = str(corpus)
     if name not in CORPORA:
         path = Path(name)

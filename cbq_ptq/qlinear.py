@@ -1,23 +1,31 @@
 """A linear layer being quantized (METHOD.md sections 1, 4, 6).
 
 ``QLinear`` wraps an ``nn.Linear`` during reconstruction. It keeps the full-precision weight
-(after CFP folding, for the targets) and the weight the quantizer sees (after CFP truncation),
-and learns: the clipping logits of the weight quantizer per row/group, the LoRA-Rounding
-factors A, B, and the activation clipping logit. Modes:
+(after CFP folding, for the targets), the weight whose statistics set the quantizer's steps
+(after CFP truncation) and the weight that is rounded (the same one, or the one that
+reproduces a GPTQ start), and learns: the clipping logits of the weight quantizer per
+row/group, the LoRA-Rounding factors A, B and the activation clipping logit.
 
-* ``fp``: the full-precision layer (targets of the window's loss);
-* ``quant``: fake-quantized weight (LoRA-Rounding or round-to-nearest with STE) and
-  activations, differentiable in the learned parameters;
-* after :meth:`harden`: integer codes, scales and zero points are final; the layer computes
-  with the dequantized weight ``s (q - z)`` and still fake-quantizes its input activations.
+How it computes is chosen by its caller, explicitly, for a scope (no mode flags to set and
+read back):
 
-On CUDA tensors the fused Triton kernels of cbq_kernels run; on the CPU their plain PyTorch
-references (same arithmetic; the Triton interpreter would be far slower).
+* :func:`full_precision` (the window's targets): the full-precision layer;
+* :func:`quantized` (training and evaluation steps): the weight is quantized once on entry,
+  with soft or hard rounding and the regulariser exponent given there, the activations are
+  fake-quantized; the scope yields the window's rounding regulariser;
+* outside both: the current state with hard rounding (what hardening would fix), or, after
+  :meth:`QLinear.harden`, the integer codes, scales and zero points.
+
+The arithmetic is cbq_kernels': :mod:`cbq_kernels.quant_math` (steps, codes), the fused
+fake-quantization and LoRA-Rounding kernels on CUDA tensors and their PyTorch references on
+the CPU (same formulas; Triton's interpreter would be far slower).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,17 +40,34 @@ from cbq_kernels.lora_round import (
     lora_round_init,
     lora_round_params,
     lora_round_ref,
+    start_logits,
 )
+from cbq_kernels.quant_math import (
+    dequantize_weight,
+    quantize_act,
+    quantize_weight,
+    reciprocal,
+    segment_index,
+)
+from cbq_kernels.quant_math import fake_quant_act as fake_quant_act_math
 from cbq_ptq.config import QuantSettings
 
-CLIP_INIT_LOGIT = 4.0  # sigmoid(4) = 0.982: OmniQuant's start for learnable clipping (our choice)
+CLIP_INIT_LOGIT = 4.0  # sigmoid(4) = 0.982: OmniQuant's start for learnable clipping
+CLIP_MAX_LOGIT = 5.0  # a searched factor of 1 starts at sigmoid(5) = 0.993 (a finite logit)
+
+
+def clip_logit(factor: Tensor) -> Tensor:
+    """The logit of a clipping factor in (0, 1], capped at CLIP_MAX_LOGIT."""
+    f = factor.float().clamp(1e-4, 1.0)
+    return torch.logit(f.clamp(max=1 / (1 + math.exp(-CLIP_MAX_LOGIT))))
 
 
 class QLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, settings: QuantSettings, *, name: str = "",
-                 lora: bool = True, lora_rank: int = 8, learn_clipping: bool = True,
-                 train: bool = True, truncated: Tensor | None = None,
-                 lora_init: str = "rtn") -> None:  # fmt: skip
+                 train: bool = True, lora: bool = True, lora_rank: int = 8,
+                 learn_clipping: bool = True, truncated: Tensor | None = None,
+                 lora_init: str = "nearest", lora_margin: float = 2.0,
+                 clip_factors: Tensor | None = None) -> None:  # fmt: skip
         super().__init__()
         n, k = linear.weight.shape
         gs = settings.group_size
@@ -50,61 +75,128 @@ class QLinear(torch.nn.Module):
             gs = None  # one group spans the row: per channel
         if gs is not None and k % gs and not settings.ragged_groups:
             settings.check_layer(name, k)
+        lora = lora and train
         if lora and gs is not None and gs % 16:
             raise ValueError(f"LoRA-Rounding needs group_size a multiple of 16, got {gs} ({name})")
         if lora and settings.symmetric_weights:
             raise ValueError("LoRA-Rounding is implemented for asymmetric weights (zero points)")
         self.name, self.settings, self.gs = name, settings, gs
         self.in_features, self.out_features = k, n
+        self.lora_rank, self.lora_init, self.lora_margin = lora_rank, lora_init, lora_margin
         w_fp = linear.weight.detach().float()
         dev = w_fp.device  # everything is built where the weight is (then moved with .to)
         self.register_buffer("w_fp", w_fp.clone())
-        # the weight the quantizer sees: the truncated copy, or the same tensor as w_fp
+        # the weight whose statistics set the steps: the truncated copy, or w_fp itself
         self.register_buffer("w", truncated.float().clone() if truncated is not None else self.w_fp)
         bias = linear.bias.detach().float().clone() if linear.bias is not None else None
         self.register_buffer("bias", bias)
         groups = groups_per_row(k, gs)
-        self.clip_max = self.clip_min = None
-        if learn_clipping and train:
-            self.clip_max = torch.nn.Parameter(torch.full((n, groups), CLIP_INIT_LOGIT, device=dev))
-            if not settings.symmetric_weights:
-                self.clip_min = torch.nn.Parameter(
-                    torch.full((n, groups), CLIP_INIT_LOGIT, device=dev)
-                )
-        self.lora_a = self.lora_b = None
-        self.register_buffer("w_round", None)  # the weight LoRA-Rounding rounds (see below)
-        if lora and train:
-            s, _ = lora_round_params(self.w, settings.w_bits, gs, self.clip_max, self.clip_min)
-            s = s.detach()
-            if lora_init == "rtn":
-                # Our choice (measured, DECISIONS.md): round W - s/2, so that floor + 1 is
-                # round-to-nearest. V = AB starts at a constant c > 0 (rank 1), h(c) = 0.95:
-                # the hardened codes start exactly at RTN and training may move a code one
-                # step down. (A truncated SVD of the RTN logits cannot express RTN at rank r:
-                # on stories260K its hardened start was 2.4x worse than RTN.)
-                gid = torch.arange(k, device=dev) // (gs or k)
-                self.w_round = self.w - 0.5 * s[:, gid]
-                c = math.log(0.875 / 0.125)  # sigmoid(c) * 1.2 - 0.1 = 0.95
-                g = torch.Generator().manual_seed(n * 7919 + k)
-                a = torch.randn(n, lora_rank, generator=g) * 0.01
-                b = torch.zeros(lora_rank, k)
-                a[:, 0], b[0, :] = math.sqrt(c), math.sqrt(c)
-                a, b = a.to(dev), b.to(dev)
-            else:
-                a, b = lora_round_init(self.w, s, gs, lora_rank, zero=lora_init == "zero")
-            self.lora_a, self.lora_b = torch.nn.Parameter(a), torch.nn.Parameter(b)
-        self.act_logit = None
+        self.learn_clipping = learn_clipping and train
+        self.register_buffer("clip_max", None)
+        self.register_buffer("clip_min", None)
+        if clip_factors is not None or self.learn_clipping:
+            logits = (clip_logit(clip_factors.to(dev)).reshape(n, groups)
+                      if clip_factors is not None
+                      else torch.full((n, groups), CLIP_INIT_LOGIT, device=dev))  # fmt: skip
+            self._set_clip(logits)
+        # LoRA-Rounding state: the weight that is rounded, the frozen start logits V0 and the
+        # low-rank factors (None: round-to-nearest with a straight-through gradient)
+        for attr in ("w_round", "v0", "lora_a", "lora_b"):
+            self.register_buffer(attr, None)
+        self.lora = lora
+        if lora:
+            self._start_lora()
+        self.register_buffer("act_logit", None)
         if settings.a_bits < 16 and train and learn_clipping:
-            self.act_logit = torch.nn.Parameter(torch.tensor([CLIP_INIT_LOGIT], device=dev))
+            self._put("act_logit", torch.tensor([CLIP_INIT_LOGIT], device=dev), learn=True)
         self.register_buffer("act_ratio", torch.ones(1, device=dev))  # fixed ratio after hardening
         self.register_buffer("channel_factor", None)  # CrossQuant c^(1 - alpha), (K,)
-        self.mode = "quant"
-        self.beta = 2.0  # LoRA-Rounding regulariser exponent (annealed by the trainer)
-        self.hard = False  # evaluate with the rounding hardening would fix (no gradient)
         self.register_buffer("codes", None)  # (N, K) uint8 after hardening
         self.register_buffer("scales", None)
         self.register_buffer("zeros", None)
-        self.last_reg = torch.zeros(())
+        self._scope: tuple[str, Tensor | None] | None = None  # set by full_precision / quantized
+
+    # ------------------------------------------------------------------ initialisation
+
+    def _put(self, name: str, value: Tensor | None, learn: bool = False) -> None:
+        """(Re)register ``name`` as a learned parameter or a fixed buffer (None: absent)."""
+        self._parameters.pop(name, None)
+        self._buffers.pop(name, None)
+        self.__dict__.pop(name, None)
+        if value is not None and learn:
+            self.register_parameter(name, torch.nn.Parameter(value.detach().clone()))
+        else:
+            self.register_buffer(name, None if value is None else value.detach().clone())
+
+    def _set_clip(self, logits: Tensor) -> None:
+        """Clipping logits: learned parameters, or fixed buffers (a searched or GPTQ start
+        that is not trained)."""
+        self._put("clip_max", logits, self.learn_clipping)
+        self._put("clip_min", None if self.settings.symmetric_weights else logits,
+                  self.learn_clipping)  # fmt: skip
+
+    def _start_lora(self, start_codes: Tensor | None = None) -> None:
+        """LoRA-Rounding from round-to-nearest (start_codes None) or from given codes (a GPTQ
+        solution) with the current clipping; see CBQConfig.lora_init."""
+        n, k, r = self.out_features, self.in_features, self.lora_rank
+        dev = self.w.device
+        with torch.no_grad():
+            s, z = self.quant_params()
+            gid = self._gid()
+            u = self.w * reciprocal(s)[:, gid]
+            v0 = None
+            if self.lora_init == "nearest":
+                if start_codes is None:  # AdaRound's neighbours floor(W/s) and floor + 1
+                    w_round = self.w
+                    up = torch.round(u) > torch.floor(u)
+                else:
+                    # round the point half a step from the start towards the weight: floor
+                    # is the lower of the start and its neighbour on the weight's side
+                    start = start_codes.float() - z[:, gid]
+                    side = torch.where(u >= start, 0.5, -0.5)
+                    w_round = (start + side) * s[:, gid]
+                    up = side < 0
+                v0 = start_logits(up, self.lora_margin)
+                g = torch.Generator().manual_seed(n * 7919 + k)
+                a = torch.zeros(n, r)  # V = V0 at the start, as a LoRA adapter starts at 0
+                b = torch.randn(r, k, generator=g) / math.sqrt(k)
+            else:
+                if start_codes is not None:
+                    raise ValueError(f"lora_init={self.lora_init!r} cannot start from GPTQ "
+                                     "codes: use lora_init='nearest'")  # fmt: skip
+                w_round = self.w
+                a, b = lora_round_init(self.w, s, self.gs, r, zero=self.lora_init == "zero")
+        self._put("w_round", w_round)
+        self._put("v0", v0)
+        self._put("lora_a", a.to(dev), learn=True)
+        self._put("lora_b", b.to(dev), learn=True)
+
+    @torch.no_grad()
+    def set_clip_factors(self, factors: Tensor) -> None:
+        """Start the clipping at the given factors (N, G) (a search's result); the rounding
+        restarts from round-to-nearest with the new steps."""
+        self._set_clip(clip_logit(factors.to(self.w.device)))
+        if self.lora:
+            self._start_lora()
+
+    @torch.no_grad()
+    def start_from(self, codes: Tensor, clip_factors: Tensor) -> None:
+        """Start from a given solution (GPTQ): its clipping factors (N, G) and codes (N, K),
+        which the hardened layer reproduces before any training. With LoRA-Rounding the
+        codes are the frozen start V0 of the rounding; without it, the codes are fixed
+        offsets ``floor(w_round / s)`` from a rounded weight half a step above the start (V0 =
+        -3 saturates h at 0, A = B = 0 frozen), which still follow a learned step."""
+        self._set_clip(clip_logit(clip_factors.to(self.w.device)))
+        if self.lora:
+            self._start_lora(codes)
+            return
+        s, z = self.quant_params()
+        gid = self._gid()
+        self._put("w_round", (codes.float() - z[:, gid] + 0.5) * s[:, gid])
+        self._put("v0", start_logits(torch.zeros_like(codes, dtype=torch.bool), 3.0))
+        dev = self.w.device
+        self._put("lora_a", torch.zeros(self.out_features, 1, device=dev))
+        self._put("lora_b", torch.zeros(1, self.in_features, device=dev))
 
     # ------------------------------------------------------------------ weight quantizer
 
@@ -113,71 +205,88 @@ class QLinear(torch.nn.Module):
         return lora_round_params(self.w, self.settings.w_bits, self.gs, self.clip_max,
                                  self.clip_min)  # fmt: skip
 
-    def weight_hat(self) -> tuple[Tensor, Tensor]:
-        """(fake-quantized weight, rounding regulariser)."""
+    def weight_hat(self, rounding: str = "hard", beta: float = 2.0,
+                   temperature: float = 1.0) -> tuple[Tensor, Tensor]:  # fmt: skip
+        """(quantized weight, rounding regulariser R). ``rounding``: 'hard' (what hardening
+        fixes, no gradient), 'soft' (LoRA-Rounding's relaxation h(V / temperature),
+        differentiable) or 'ste' (the hard weight in the forward pass, the soft one's
+        gradient in the backward pass). Without LoRA-Rounding: round-to-nearest with a
+        straight-through gradient in every case. After hardening: the codes' weight, R = 0."""
+        zero = torch.zeros((), device=self.w_fp.device if self.codes is None else self.codes.device)
         if self.codes is not None:
-            return self.dequantized(), torch.zeros((), device=self.w.device)
+            return self.dequantized(), zero
         bits, cuda = self.settings.w_bits, self.w.is_cuda
-        if self.lora_a is not None and self.hard:
+        if self.lora_a is None:
+            fmax = torch.sigmoid(self.clip_max) if self.clip_max is not None else None
+            fmin = torch.sigmoid(self.clip_min) if self.clip_min is not None else None
+            fn = fake_quant if cuda else fake_quant_ref
+            return fn(self.w, bits, self.gs, fmax, fmin, self.settings.symmetric_weights), zero
+        s, z = self.quant_params()
+        if rounding == "hard":
             with torch.no_grad():
-                s, z = self.quant_params()
                 fn_h = harden if cuda else harden_ref
-                q = fn_h(self._w_lora(), self.lora_a, self.lora_b, s, z, bits, self.gs).float()
-                gid = self._gid()
-                return (q - z[:, gid]) * s[:, gid], torch.zeros((), device=self.w.device)
-        if self.lora_a is not None:
-            s, z = self.quant_params()
-            fn = lora_round if cuda else lora_round_ref
-            return fn(self._w_lora(), self.lora_a, self.lora_b, s, z, bits, self.gs, self.beta)
-        fmax = torch.sigmoid(self.clip_max) if self.clip_max is not None else None
-        fmin = torch.sigmoid(self.clip_min) if self.clip_min is not None else None
-        fn = fake_quant if cuda else fake_quant_ref
-        w_hat = fn(self.w, bits, self.gs, fmax, fmin, self.settings.symmetric_weights)
-        return w_hat, torch.zeros((), device=self.w.device)
-
-    def _w_lora(self) -> Tensor:
-        return self.w_round if self.w_round is not None else self.w
+                q = fn_h(self.w_round, self.lora_a, self.lora_b, s, z, bits, self.gs,
+                         v0=self.v0)  # fmt: skip
+                return dequantize_weight(q, s, z, self.gs), zero
+        a, v0 = self.lora_a, self.v0
+        if temperature != 1.0:  # h(V / T): V0 / T and (A / T) B
+            a = a / temperature
+            v0 = None if v0 is None else (v0.float() / temperature).to(v0.dtype)
+        if rounding not in ("soft", "ste"):
+            raise ValueError(f"rounding must be 'hard', 'soft' or 'ste', got {rounding!r}")
+        fn = lora_round if cuda else lora_round_ref
+        return fn(self.w_round, a, self.lora_b, s, z, bits, self.gs, beta, v0,
+                  rounding == "ste")  # fmt: skip
 
     def _gid(self) -> Tensor:
         """The group of every input column (0 everywhere per channel)."""
-        return torch.arange(self.in_features, device=self.w.device) // (self.gs or self.in_features)
+        return segment_index(self.in_features, self.gs, self.w_fp.device)[0]
 
     def dequantized(self) -> Tensor:
-        gid = self._gid()
-        return (self.codes.float() - self.zeros[:, gid]) * self.scales[:, gid]
+        return dequantize_weight(self.codes, self.scales, self.zeros, self.gs)
 
     @torch.no_grad()
     def harden(self) -> None:
-        """Fix the integer codes (rounding h = 1[AB >= 0], or round-to-nearest), scales, zero
-        points and the activation clipping ratio; drop the learned parameters."""
+        """Fix the integer codes (LoRA-Rounding's h = 1[V >= 0], or round-to-nearest through
+        cbq_kernels.quant_math: the codes training computed with), scales, zero points and
+        the activation clipping ratio; drop the learned parameters."""
         bits = self.settings.w_bits
-        s, z = self.quant_params() if not self.settings.symmetric_weights else (None, None)
         if self.lora_a is not None:
+            s, z = self.quant_params()
             fn = harden if self.w.is_cuda else harden_ref
-            codes = fn(self._w_lora(), self.lora_a, self.lora_b, s, z, bits, self.gs)
+            codes = fn(self.w_round, self.lora_a, self.lora_b, s, z, bits, self.gs, v0=self.v0)
         else:
-            w_hat = self.weight_hat()[0]
-            if self.settings.symmetric_weights:  # codes offset by 2^(b-1)
-                s, z = _symmetric_params(self.w, bits, self.gs, self.clip_max)
-            gid = self._gid()
-            codes = torch.round(w_hat / s[:, gid] + z[:, gid]).clamp(0, (1 << bits) - 1)
+            fmax = torch.sigmoid(self.clip_max) if self.clip_max is not None else None
+            fmin = torch.sigmoid(self.clip_min) if self.clip_min is not None else None
+            codes, s, z = quantize_weight(self.w, bits, self.gs, self.settings.symmetric_weights,
+                                          fmax, fmin)  # fmt: skip
         self.codes = codes.to(torch.uint8)
         self.scales, self.zeros = s.float().detach(), z.float().detach()
         if self.act_logit is not None:
             self.act_ratio = torch.sigmoid(self.act_logit.detach()).reshape(1)
-        self.clip_max = self.clip_min = self.lora_a = self.lora_b = self.act_logit = None
-        self.w_round = None
+        for attr in ("clip_max", "clip_min", "lora_a", "lora_b", "act_logit", "w_round", "v0"):
+            self._put(attr, None)
+
+    def release_full_precision(self) -> None:
+        """Drop the full-precision weights once the layer is hardened and the
+        full-precision stream has passed it (nothing reads them afterwards)."""
+        if self.codes is None:
+            raise ValueError(f"layer {self.name}: harden before releasing the fp32 weight")
+        self.w_fp = self.w = torch.empty(0, device=self.codes.device)
 
     # ------------------------------------------------------------------ activations
+
+    def _act_ratio(self) -> Tensor:
+        return torch.sigmoid(self.act_logit) if self.act_logit is not None else self.act_ratio
 
     def act_hat(self, x: Tensor) -> Tensor:
         bits = self.settings.a_bits
         if bits >= 16:
             return x
-        ratio = torch.sigmoid(self.act_logit) if self.act_logit is not None else self.act_ratio
+        ratio = self._act_ratio()
         if self.settings.act_quantizer == "crossquant" and self.channel_factor is not None:
-            return crossquant_fake(x, bits, self.channel_factor, self.settings.crossquant_alpha,
-                                   ratio)  # fmt: skip
+            return fake_quant_act_math(x, bits, ratio.reshape(()), self.channel_factor,
+                                       self.settings.crossquant_alpha)  # fmt: skip
         x2 = x.reshape(-1, x.shape[-1])
         fn = fake_quant if x.is_cuda else fake_quant_ref
         return fn(x2.contiguous(), bits, None, ratio.reshape(1), None, True).reshape(x.shape)
@@ -189,64 +298,77 @@ class QLinear(torch.nn.Module):
         bits = self.settings.a_bits
         if bits >= 16:
             return None
-        ratio = torch.sigmoid(self.act_logit) if self.act_logit is not None else self.act_ratio
-        qmax = (1 << (bits - 1)) - 1
-        xf = x.reshape(-1, x.shape[-1]).float()
-        if self.settings.act_quantizer == "crossquant" and self.channel_factor is not None:
-            s = _crossquant_scale(xf, bits, self.channel_factor, self.settings.crossquant_alpha,
-                                  ratio)  # fmt: skip
-        else:
-            s = (ratio * xf.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-8)
-        return torch.round(xf / s).clamp(-qmax - 1, qmax)
+        cross = self.settings.act_quantizer == "crossquant" and self.channel_factor is not None
+        q, _ = quantize_act(x, bits, self._act_ratio().reshape(()),
+                            self.channel_factor if cross else None,
+                            self.settings.crossquant_alpha if cross else 1.0)  # fmt: skip
+        return q
+
+    # ------------------------------------------------------------------ forward
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.mode == "fp":
+        scope = self._scope
+        if scope is not None and scope[0] == "fp":
             return F.linear(x, self.w_fp.to(x.dtype), _cast(self.bias, x.dtype))
-        w_hat, reg = self.weight_hat()
-        self.last_reg = reg
+        if scope is not None:
+            w_hat = scope[1]
+        else:
+            with torch.no_grad():
+                w_hat = self.weight_hat("hard")[0]
         return F.linear(self.act_hat(x), w_hat.to(x.dtype), _cast(self.bias, x.dtype))
 
     def learned(self) -> dict[str, list[torch.nn.Parameter]]:
         """The trainable parameters by kind (clipping, lora, act)."""
         groups: dict[str, list[torch.nn.Parameter]] = {"clip": [], "lora": [], "act": []}
-        for p in (self.clip_max, self.clip_min):
-            if p is not None:
-                groups["clip"].append(p)
-        for p in (self.lora_a, self.lora_b):
-            if p is not None:
-                groups["lora"].append(p)
-        if self.act_logit is not None:
-            groups["act"].append(self.act_logit)
+        for kind, attrs in (("clip", ("clip_max", "clip_min")), ("lora", ("lora_a", "lora_b")),
+                            ("act", ("act_logit",))):  # fmt: skip
+            for attr in attrs:
+                p = getattr(self, attr)
+                if isinstance(p, torch.nn.Parameter):
+                    groups[kind].append(p)
         return groups
+
+
+@contextlib.contextmanager
+def full_precision(qls: Iterable[QLinear]) -> Iterator[None]:
+    """Within the scope the layers compute in full precision (weights and activations)."""
+    qls = list(qls)
+    for q in qls:
+        q._scope = ("fp", None)
+    try:
+        yield
+    finally:
+        for q in qls:
+            q._scope = None
+
+
+@contextlib.contextmanager
+def quantized(qls: Iterable[QLinear], *, rounding: str = "hard", beta: float = 2.0,
+              temperature: float = 1.0) -> Iterator[Tensor]:  # fmt: skip
+    """Within the scope every layer computes with its weight quantized once, here, with the
+    given rounding ('hard', 'soft' or 'ste', :meth:`QLinear.weight_hat`), regulariser
+    exponent and temperature; activations fake-quantized. Yields the summed regulariser
+    divided by the number of weights (a mean per weight; 0 without LoRA-Rounding or with
+    hard rounding)."""
+    qls = list(qls)
+    total, count = None, 0
+    try:
+        for q in qls:
+            w_hat, reg = q.weight_hat(rounding, beta, temperature)
+            q._scope = ("quant", w_hat)
+            total = reg if total is None else total + reg
+            count += q.out_features * q.in_features
+        yield total / max(count, 1) if total is not None else torch.zeros(())
+    finally:
+        for q in qls:
+            q._scope = None
+
+
+def qlinears(modules: Iterable[torch.nn.Module]) -> list[QLinear]:
+    """Every QLinear inside the given modules, in module order."""
+    return [m for mod in modules for m in mod.modules() if isinstance(m, QLinear)]
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return t.to(dtype) if t is not None else None
 
-
-def _symmetric_params(w, bits, gs, clip_max_logit):
-    from cbq_kernels.fake_quant import _params
-
-    fmax = torch.sigmoid(clip_max_logit) if clip_max_logit is not None else None
-    _, _, _, s, _, _, _ = _params(w.float(), gs, bits, True, fmax, None)
-    return s, torch.full_like(s, float(1 << (bits - 1)))
-
-
-def crossquant_fake(x: Tensor, bits: int, channel_factor: Tensor, alpha: float,
-                    ratio: Tensor) -> Tensor:  # fmt: skip
-    """CrossQuant fake quantization (METHOD.md section 6): ``s_tk = ratio * r_t^alpha *
-    c_k^(1-alpha) / qmax`` with r_t the token's max |x|, ``channel_factor`` = c^(1-alpha);
-    round straight-through."""
-    qmax = (1 << (bits - 1)) - 1
-    xf = x.float()
-    s = _crossquant_scale(xf, bits, channel_factor, alpha, ratio)
-    u = xf / s
-    q = (u + (torch.round(u) - u).detach()).clamp(-qmax - 1, qmax)
-    return (q * s).to(x.dtype)
-
-
-def _crossquant_scale(xf: Tensor, bits: int, channel_factor: Tensor, alpha: float,
-                      ratio: Tensor) -> Tensor:  # fmt: skip
-    """CrossQuant's per-element step ``ratio * r_t^alpha * c_k^(1-alpha) / qmax`` (fp32)."""
-    r = xf.abs().amax(-1, keepdim=True).clamp_min(1e-8)
-    return ratio * r.pow(alpha) * channel_factor.float() / ((1 << (bits - 1)) - 1)

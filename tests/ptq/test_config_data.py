@@ -95,5 +95,8 @@ def test_missing_corpus_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "mine.txt").write_text("hello")
     assert load_text(str(tmp_path / "mine.txt")) == "hello"
     monkeypatch.setenv("CBQ_DATA_DIR", str(tmp_path))
-    (tmp_path / "ptb-valid.txt").write_text("from the env dir")
-    assert load_text("ptb", "calib") == "from the env dir"
+    text = "from the env dir\n" * 20 + "held out\n"
+    (tmp_path / "ptb-valid.txt").write_text(text)
+    calib, held = load_text("ptb", "calib"), load_text("ptb", "heldout")
+    assert calib + held == text and calib.startswith("from the env dir\n")
+    assert held.endswith("held out\n") and 0.05 < len(held) / len(text) <= 0.15

@@ -1,0 +1,212 @@
+"""GPTQ (Frantar et al., 2022) and the clipping search: a Hessian-aware baseline and start.
+
+Per linear layer, with H = E[x x^T] over the layer's calibration inputs (in the model quantized
+so far), GPTQ quantizes the weight one input column at a time and spreads each column's
+rounding error over the columns not yet quantized, weighted by the inverse Hessian, so that
+the layer's output error ``(W - W_hat) H (W - W_hat)^T`` stays small.
+
+Our choices (docs/DECISIONS.md, "GPTQ"):
+
+* **Static groups.** The steps and zero points of every group come from the original weight
+  (with the searched clipping factors) before the column loop: the groups of the packed
+  format are contiguous columns, and with act-order the columns are visited in another
+  order, so the quantizer of a group cannot be formed from the error-updated columns as they
+  arrive.
+* **act-order** (columns by decreasing H_kk) on by default, **dampening** 1% of the mean
+  diagonal (doubled until the Cholesky factorisation succeeds), blocks of 128 columns (lazy
+  batch updates).
+* **Clipping search** (:func:`search_clip`): per row / group, the factor of a grid in
+  [0.3, 1] (applied to both the maximum and the minimum) with the smallest weight error
+  ``sum_k H_kk (w_k - w_hat_k)^2``; it sets GPTQ's quantizer and is CBQ's clipping start.
+* True-sequential order inside a block (q/k/v, then o, then gate/up, then down): each group
+  sees the inputs produced by the groups quantized before it (:func:`init_block`).
+
+Every code and step comes from :mod:`cbq_kernels.quant_math`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from cbq_kernels.quant_math import (
+    qrange,
+    reciprocal,
+    round_codes,
+    segment_index,
+    segment_reduce,
+    weight_params,
+)
+
+CLIP_GRID = torch.linspace(1.0, 0.3, 71).tolist()  # factors 1.00, 0.99, ..., 0.30
+
+
+class InputStats:
+    """Accumulates the second moments of a layer's inputs: the diagonal E[x_k^2] (K,) or the
+    whole E[x x^T] (K, K), fp32, over every token seen."""
+
+    def __init__(self, k: int, full: bool, device: torch.device) -> None:
+        self.full = full
+        self.sum = torch.zeros((k, k) if full else (k,), device=device)
+        self.count = 0
+
+    def add(self, x: Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.full:
+            self.sum.addmm_(x2.t(), x2)
+        else:
+            self.sum += (x2 * x2).sum(0)
+        self.count += x2.shape[0]
+
+    @property
+    def value(self) -> Tensor:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def diag(self) -> Tensor:
+        v = self.value
+        return v.diagonal() if self.full else v
+
+
+@contextlib.contextmanager
+def record_inputs(modules: dict[str, torch.nn.Module],
+                  full: bool) -> Iterator[dict[str, InputStats]]:  # fmt: skip
+    """Within the scope, every forward of the given QLinears adds its input to their stats."""
+    stats = {}
+    hooks = []
+    for name, m in modules.items():
+        stats[name] = InputStats(m.in_features, full, m.w_fp.device)
+        hooks.append(m.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0])))
+    try:
+        yield stats
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _factors(p: Tensor, symmetric: bool) -> tuple[Tensor, Tensor | None]:
+    return p, (None if symmetric else p)
+
+
+@torch.no_grad()
+def search_clip(w: Tensor, diag: Tensor, bits: int, group_size: int | None,
+                symmetric: bool = False, grid: list[float] | None = None,
+                rows_per_step: int = 4096) -> Tensor:  # fmt: skip
+    """Per row / group clipping factor (N, G) from ``grid`` (default CLIP_GRID) that minimises
+    ``sum_k diag_k (w_k - Q(w_k))^2`` over the segment, with Q round-to-nearest."""
+    grid = grid or CLIP_GRID
+    n, k = w.shape
+    gid, groups = segment_index(k, group_size, w.device)
+    d = diag.float().clamp_min(0)[None, :]
+    qlo, qhi = qrange(bits, symmetric)
+    best = torch.ones(n, groups, device=w.device)
+    for r0 in range(0, n, rows_per_step):
+        wr = w[r0 : r0 + rows_per_step].float()
+        best_err = None
+        for f in grid:
+            p = torch.full((wr.shape[0], groups), f, device=w.device)
+            _, _, _, s, z, _, _ = weight_params(wr, group_size, bits, symmetric,
+                                                *_factors(p, symmetric))  # fmt: skip
+            se, ze = s[:, gid], z[:, gid]
+            q = round_codes(wr * reciprocal(s)[:, gid], ze, qlo, qhi)
+            err = segment_reduce(d * (wr - (q - ze) * se) ** 2, group_size, "sum")
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best[r0 : r0 + rows_per_step] = torch.where(better, f, best[r0 : r0 + rows_per_step])
+    return best
+
+
+@torch.no_grad()
+def gptq(w: Tensor, hessian: Tensor, bits: int, group_size: int | None,
+         symmetric: bool = False, clip: Tensor | None = None, act_order: bool = True,
+         damp: float = 0.01, block: int = 128) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """GPTQ of w (N, K) with H (K, K): (codes (N, K) uint8 in the storage range, scales (N, G),
+    zeros (N, G)); static groups from w with clipping factors ``clip`` (N, G) (None: 1)."""
+    k = w.shape[1]
+    W = w.detach().float().clone()
+    H = hessian.detach().float().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    factors = _factors(clip.float(), symmetric) if clip is not None else (None, None)
+    _, _, _, s, z, _, gid = weight_params(w.detach().float(), group_size, bits, symmetric,
+                                          *factors)  # fmt: skip
+    inv_s = reciprocal(s)
+    qlo, qhi = qrange(bits, symmetric)
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(k)
+    perm = perm.to(W.device)
+    W, H, col_group = W[:, perm], H[perm][:, perm], gid[perm].tolist()
+    hinv = _inverse_cholesky(H, damp)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        Hi = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = col_group[i1 + i]
+            col = W1[:, i]
+            q = round_codes(col * inv_s[:, g], z[:, g], qlo, qhi)
+            err = (col - (q - z[:, g]) * s[:, g]) / Hi[i, i]
+            W1[:, i:] -= err[:, None] * Hi[i, i:][None, :]
+            E1[:, i] = err
+            Q[:, i1 + i] = q
+        W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
+    codes = torch.empty_like(Q)
+    codes[:, perm] = Q
+    if symmetric:
+        offset = float(1 << (bits - 1))
+        return (codes + offset).to(torch.uint8), s, torch.full_like(s, offset)
+    return codes.to(torch.uint8), s, z
+
+
+def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of H^-1 after adding ``damp * mean(diag H)`` to the diagonal;
+    the dampening doubles until the factorisation succeeds (a singular H: few tokens)."""
+    k = H.shape[0]
+    mean = H.diagonal().mean()
+    eye = torch.eye(k, device=H.device)
+    d = damp or 1e-6
+    for _ in range(12):
+        L, info = torch.linalg.cholesky_ex(H + d * mean * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return U
+        d *= 2
+    raise FloatingPointError("GPTQ: the Hessian is not positive definite even with 4096x "
+                             "the dampening (too few calibration tokens for this layer?)")
+
+
+def init_block(groups: list[list[tuple[str, torch.nn.Module]]], run: Callable[[], None],
+               mode: str, act_order: bool = True, damp: float = 0.01,
+               block: int = 128) -> dict[str, dict]:  # fmt: skip
+    """Initialise a block's QLinears group by group (true-sequential): ``run()`` sends the
+    block's calibration inputs through it; each group's inputs are recorded with the groups
+    before it already initialised. ``mode``: 'search' (clipping factors only) or 'gptq'
+    (clipping factors, then GPTQ codes). Returns per layer what was done (for the log)."""
+    info: dict[str, dict] = {}
+    for group in groups:
+        with record_inputs(dict(group), full=mode == "gptq") as stats:
+            run()
+        for name, q in group:
+            st = q.settings
+            if not torch.isfinite(stats[name].sum).all():
+                raise FloatingPointError(f"non-finite inputs reach layer {q.name or name}")
+            clip = search_clip(q.w, stats[name].diag, st.w_bits, q.gs, st.symmetric_weights)
+            entry = {"clip_mean": round(float(clip.mean()), 4)}
+            if mode == "gptq":
+                codes, _, _ = gptq(q.w, stats[name].value, st.w_bits, q.gs,
+                                   st.symmetric_weights, clip, act_order, damp, block)  # fmt: skip
+                q.start_from(codes, clip)
+            else:
+                q.set_clip_factors(clip)
+            info[name] = entry
+    return info

@@ -1,0 +1,167 @@
+"""GPTQ (baseline and start), the clipping search, LoRA-Rounding's start, the never-worse
+rule and the default recipe against round-to-nearest (CPU, stories260K)."""
+
+import copy
+
+import pytest
+import torch
+
+from cbq_kernels.quant_math import dequantize_weight, quantize_weight
+from cbq_ptq.config import CBQConfig, parse_setting
+from cbq_ptq.data import calibration_data
+from cbq_ptq.evaluate import evaluate_perplexity
+from cbq_ptq.gptq import gptq, search_clip
+from cbq_ptq.models import SHARED_MODELS, load_model
+from cbq_ptq.pipeline import quantize
+from cbq_ptq.qlinear import QLinear, quantized
+from tests.conftest import need_shared
+
+
+def correlated(n_tok=512, k=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    return torch.randn(n_tok, k, generator=g) @ mix
+
+
+def output_error(w, w_hat, h):
+    d = (w - w_hat).double()
+    return float(torch.einsum("nk,kl,nl->", d, h.double(), d))
+
+
+@pytest.mark.parametrize(("bits", "gs"), [(4, None), (3, 16), (2, 32)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(bits, gs, act_order):
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(24, 64, generator=g) * 0.05
+    x = correlated(seed=bits)
+    h = x.t() @ x / x.shape[0]
+    codes, s, z = gptq(w, h, bits, gs, act_order=act_order, damp=0.01, block=16)
+    rtn_codes, rs, rz = quantize_weight(w, bits, gs)
+    assert torch.equal(s, rs) and torch.equal(z, rz)  # static groups: RTN's quantizer
+    assert codes.dtype == torch.uint8 and int(codes.max()) < (1 << bits)
+    err = output_error(w, dequantize_weight(codes, s, z, gs), h)
+    err_rtn = output_error(w, dequantize_weight(rtn_codes, s, z, gs), h)
+    assert err < 0.8 * err_rtn
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
+    """With a diagonal Hessian no error is fed forward: GPTQ's codes are RTN's exactly."""
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(4)) * 0.05
+    h = torch.diag(torch.rand(32, generator=torch.Generator().manual_seed(5)) + 0.5)
+    codes, _, _ = gptq(w, h, 3, 16, act_order=True, damp=0.0)
+    assert torch.equal(codes, quantize_weight(w, 3, 16)[0])
+
+
+def test_clip_search_picks_the_grid_minimum():
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(5, 32, generator=g) * 0.05
+    w[:, 3] = 0.5  # one outlier per row, on an input channel that carries little energy:
+    diag = torch.rand(32, generator=g) + 0.1
+    diag[3] = 1e-4  # clipping it pays at 2 bits
+    best = search_clip(w, diag, 2, 16, grid=[1.0, 0.8, 0.6, 0.4])
+    for f in (1.0, 0.8, 0.6, 0.4):
+        fac = torch.full((5, 2), f)
+        err = []
+        for cand in (best, fac):
+            codes, s, z = quantize_weight(w, 2, 16, False, cand, cand)
+            d = diag * (w - dequantize_weight(codes, s, z, 16)) ** 2
+            err.append(d.reshape(5, 2, 16).sum(-1))
+        assert (err[0] <= err[1] + 1e-12).all()
+    assert float(best[:, 0].max()) < 1.0  # the outlier's group is clipped
+
+
+def lin(n=24, k=64, seed=0):
+    layer = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    return layer
+
+
+@pytest.mark.parametrize("lora", [True, False])
+@pytest.mark.parametrize("setting", ["W4A16", "W2A16g32"])
+def test_a_start_from_given_codes_is_reproduced_by_hardening(lora, setting):
+    """start_from (the GPTQ start): before any training the hard forward and the hardened
+    codes are the given codes, with or without LoRA-Rounding."""
+    st = parse_setting(setting)
+    layer = lin(seed=2)
+    q = QLinear(layer, st, lora=lora, learn_clipping=True)
+    groups = q.clip_max.shape[1]
+    clip = torch.full((24, groups), 0.9)
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 1 << st.w_bits, (24, 64), generator=g, dtype=torch.uint8)
+    q.start_from(codes, clip)
+    s, z = q.quant_params()
+    with quantized([q], rounding="hard"):
+        w_hard = q._scope[1]
+    assert torch.allclose(w_hard, dequantize_weight(codes, s, z, q.gs), atol=1e-7)
+    q.harden()
+    assert torch.equal(q.codes, codes)
+
+
+def test_lora_rounding_reaches_both_neighbours():
+    """From the round-to-nearest start, V0 = +-margin: pushing V up / down moves codes to
+    floor + 1 / floor, i.e. both neighbours of the weight are reachable."""
+    q = QLinear(lin(seed=4), parse_setting("W3A16g32"), lora=True)
+    s, z = q.quant_params()
+    gid = torch.arange(64) // 32
+    u = q.w / s[:, gid]
+    fl = torch.floor(u) + z[:, gid]
+    with torch.no_grad():
+        q.lora_a.fill_(1.0)
+        q.lora_b.fill_(100.0)  # V = V0 + 800 > 0 everywhere: every code is floor + 1
+    up = copy.deepcopy(q)
+    up.harden()
+    assert torch.equal(up.codes.float(), (fl + 1).clamp(0, 7))
+    with torch.no_grad():
+        q.lora_b.fill_(-100.0)
+    q.harden()
+    assert torch.equal(q.codes.float(), fl.clamp(0, 7))
+
+
+@pytest.fixture(scope="module")
+def stories():
+    need_shared(SHARED_MODELS / "stories260K" / "config.json")
+    need_shared(SHARED_MODELS.parent / "data" / "tinystories-valid-prefix.txt")
+    return load_model("stories260K")
+
+
+def test_a_diverging_window_keeps_its_start(stories):
+    """A learning rate of 10 makes training diverge: every window keeps the better state on
+    the held-out windows, here the start, and says so; the model equals the untrained one."""
+    model, tok = stories
+    torch.manual_seed(0)
+    ids = calibration_data(tok, "tinystories", 8, 64, seed=1)
+    st = parse_setting("W3A16g32", ragged_groups=True)
+    wild = CBQConfig(settings=st, steps=6, lr=10.0, lr_lora=10.0, warmup=0.0, holdout=0.25)
+    start = CBQConfig(settings=st, steps=1, lr=0.0, lr_lora=0.0, holdout=0.25)
+    q, log = quantize(copy.deepcopy(model), wild, ids, progress=False)
+    q0, _ = quantize(copy.deepcopy(model), start, ids, progress=False)
+    assert all(e["loss_after"] <= e["loss_before"] for e in log)
+    assert sum(e["kept"] == "start" for e in log) >= 3
+    assert all(e["hard_end"] is None or e["hard_end"] > e["loss_after"] for e in log
+               if e["kept"] == "start")  # fmt: skip
+    with torch.no_grad():
+        same = [torch.equal(a.codes, b.codes) for a, b in zip(
+            [m for m in q.modules() if isinstance(m, QLinear)],
+            [m for m in q0.modules() if isinstance(m, QLinear)], strict=True)]  # fmt: skip
+    assert sum(same) >= 5 * 3  # the kept-start windows' blocks have the start's codes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("setting", "margin"), [("W2A16g32", 0.5), ("W4A4", 0.95)])
+def test_default_cbq_beats_round_to_nearest_by_a_clear_margin(stories, setting, margin):
+    """The CLI's default recipe for the setting (cbq_ptq.config.recipe) against RTN, on
+    held-out TinyStories windows: CBQ's perplexity below margin x RTN's."""
+    from cbq_ptq.config import recipe
+
+    model, tok = stories
+    ids = calibration_data(tok, "tinystories", 32, 256, seed=0)
+    st = parse_setting(setting, ragged_groups=True)
+    cbq = CBQConfig(settings=st, **recipe(st, "cpu"))
+    rtn = CBQConfig(settings=st, epochs=0, cfp=False, lora_rounding=False, window=1, overlap=0)
+    ev = {"corpus": "tinystories", "seq_len": 512, "bos": True, "max_windows": 16}
+    ppl = {}
+    for name, cfg in (("cbq", cbq), ("rtn", rtn)):
+        q, _ = quantize(copy.deepcopy(model), cfg, ids, progress=False)
+        ppl[name] = evaluate_perplexity(q, tok, **ev)["ppl"]
+    assert ppl["cbq"] < margin * ppl["rtn"], ppl
