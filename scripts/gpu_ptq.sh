@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# PTQ runs on the lent GPU machine (issue 5), from the repo root there:
-#   bash scripts/gpu_ptq.sh OUT gguf-a      # keep the first half of the SmolLM2 GGUF in /tmp
+# PTQ runs on the lent GPU machine, from the repo root there, in one lease:
+#   bash scripts/gpu_ptq.sh OUT gguf-a      # keep the first half of the SmolLM2 GGUF in /tmp,
+#                                           # then the GPU tests of the calibration path
+#   bash scripts/gpu_ptq.sh OUT start [ptq_table.py args]   # second half, model, then the
+#                                           # table runs in the background (setsid), returns
+#   bash scripts/gpu_ptq.sh OUT wait SECONDS  # wait (at most SECONDS) and copy what finished
 #   bash scripts/gpu_ptq.sh OUT check       # GPU tests of cbq_ptq, then the calibration cost
-#   bash scripts/gpu_ptq.sh OUT table [ptq_table.py args]   # second half, model, result table
+#   bash scripts/gpu_ptq.sh OUT cli         # the README's commands on stories260K
 # Inputs travel in the ignored folder .carry: shared/{models,data} (copies of ../shared),
 # whl/ (the gguf wheel, which the GPU image lacks), a/ and b/ (the GGUF split with
 # `split -b 47m`, one half per call: a call carries at most 64 MiB).
@@ -20,31 +24,46 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   echo "commit $CBQ_COMMIT"
 } > "$out/environment.txt" 2>&1
 cat "$out/environment.txt"
+table=/tmp/ptq_table
 case $stage in
   gguf-a)
-    cp .carry/a/gguf.part.aa /tmp/ && ls -la /tmp/gguf.part.aa ;;
+    cp .carry/a/gguf.part.aa /tmp/ && ls -la /tmp/gguf.part.aa
+    timeout ${CBQ_TEST_SECONDS:-240} python3 -m pytest -q -p no:cacheprovider -x \
+      tests/kernels/test_lora_round_cuda.py tests/kernels/test_act_quant_cuda.py \
+      tests/kernels/test_fake_quant_cuda.py tests/ptq/test_pipeline_cuda.py \
+      tests/ptq/test_serve_cuda.py 2>&1 | tee "$out/pytest_gpu.txt" | tail -8 ;;
   check)
     timeout 300 python3 -m pytest tests/ptq -q -p no:cacheprovider 2>&1 | tee "$out/pytest_ptq.txt" | tail -8
     [ "${CBQ_COST:-1}" = 1 ] || exit 0
-    for args in "--shape smollm2-135m" "--shape llama2-7b" "--shape llama-65b"; do
-      python3 scripts/ptq_cost.py $args --n 128 --t 2048 --epochs 2 --out "$out/cost.jsonl" 2>&1 | tail -3
+    for args in "--shape smollm2-135m" "--shape llama2-7b"; do
+      python3 scripts/ptq_cost.py $args --n 128 --t 2048 --out "$out/cost.jsonl" 2>&1 | tail -3
     done ;;
   cli)  # the README's commands on stories260K, then the saved model through the GEMMs
     python3 -m cbq_ptq.cli quantize --model stories260K --setting W4A8 --ragged-groups \
-      --corpus tinystories --n-calib 32 --calib-len 256 --epochs 8 --eval-windows 64 \
+      --corpus tinystories --n-calib 32 --calib-len 256 --eval-windows 64 \
       --out /tmp/cli_out 2>&1 | grep -v "it/s\]" | tee "$out/cli.txt"
     python3 -m cbq_ptq.cli eval /tmp/cli_out/model --corpus tinystories --eval-windows 64 \
       --kernels 2>&1 | tee -a "$out/cli.txt"
     cp /tmp/cli_out/summary.json "$out/cli_summary.json" ;;
-  table)
+  start)
     d=$CBQ_CACHE/smollm2-135m; mkdir -p "$d"
     if [ ! -f "$d/hf/config.json" ]; then
       [ -f /tmp/gguf.part.aa ] || { echo "first half missing: run gguf-a first (warm machine)"; exit 3; }
       cat /tmp/gguf.part.aa .carry/b/gguf.part.ab > "$d/SmolLM2-135M-Instruct.Q4_1.gguf"
       sha256sum "$d/SmolLM2-135M-Instruct.Q4_1.gguf"
     fi
-    python3 scripts/ptq_table.py --results /tmp/ptq_table --mirror "$out/table.jsonl" "$@"
-    rc=$?
-    tar czf "$out/logs.tgz" -C /tmp/ptq_table . 2>/dev/null
-    exit $rc ;;
+    python3 -c "from cbq_ptq.models import resolve; print(resolve('smollm2-135m'))" 2>&1 | tail -1
+    mkdir -p $table
+    setsid nohup python3 scripts/ptq_table.py --results $table --mirror $table/all.jsonl "$@" \
+      > $table/driver.log 2>&1 < /dev/null &
+    sleep 45; cat $table/driver.log; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv ;;
+  wait)
+    limit=${1:-540}; t0=$(date +%s)
+    while pgrep -f "scripts/ptq_table.py" > /dev/null && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do
+      sleep 10
+    done
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+    cat $table/driver.log | grep -v "^|" | tail -40
+    cp $table/all.jsonl "$out/table.jsonl" 2>/dev/null
+    tar czf "$out/logs.tgz" -C $table . 2>/dev/null; ls -la "$out" ;;
 esac

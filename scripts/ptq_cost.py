@@ -1,10 +1,11 @@
-"""Calibration cost of one CBQ window at a real model's shapes (issue 5).
+"""Calibration cost of one CBQ window at a real model's shapes (issues 5 and 11).
 
 Builds a Llama model of SHAPE with two blocks of random weights (Hugging Face's init), draws
-N random calibration windows of T tokens, and runs :func:`cbq_ptq.quantize` with K = 2, O = 1:
-one window of two blocks, CFP, training, hardening. Prints and appends to OUT (JSON lines) the
-window's wall time by phase and the peak GPU memory, and projects the whole model's
-calibration time (windows = blocks - 1 for K = 2, O = 1; every window costs the same).
+N random calibration windows of T tokens, and runs :func:`cbq_ptq.quantize` with K = 2, O = 1
+and the setting's default recipe (cbq_ptq.config.recipe, unless --epochs / --steps): one
+window of two blocks, CFP, the start (GPTQ), training, hardening. Prints and appends to OUT
+(JSON lines) the window's wall time by phase and the peak GPU memory, and projects the whole
+model's calibration time (windows = blocks - 1 for K = 2, O = 1; every window costs the same).
 
     python scripts/ptq_cost.py --shape llama2-7b --n 128 --t 2048 --out cost.jsonl
 """
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cbq_ptq.config import CBQConfig, parse_setting
+from cbq_ptq.config import CBQConfig, parse_setting, recipe
 from cbq_ptq.pipeline import quantize
 
 # hidden, intermediate, heads, kv heads, blocks of the full model
@@ -39,10 +40,11 @@ def main() -> int:
     p.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
     p.add_argument("--n", type=int, default=128, help="calibration windows")
     p.add_argument("--t", type=int, default=2048, help="tokens per window")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=None, help="instead of the recipe's steps")
+    p.add_argument("--steps", type=int, default=None, help="instead of the recipe's steps")
     p.add_argument("--setting", default="W4A16")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--offload", choices=["auto", "yes", "no"], default="auto")
     p.add_argument("--out", default=None, help="append the result (JSON line) here")
     p.add_argument("--profile", default=None,
@@ -64,8 +66,15 @@ def main() -> int:
     ids = torch.randint(
         3, cfg.vocab_size, (args.n, args.t), generator=torch.Generator().manual_seed(1)
     )
-    config = CBQConfig(settings=parse_setting(args.setting), epochs=args.epochs,
-                       batch_size=args.batch_size, window=2, overlap=1)  # fmt: skip
+    settings = parse_setting(args.setting)
+    fields = recipe(settings, "cuda" if torch.cuda.is_available() else "cpu")
+    if args.epochs is not None:
+        fields.update(epochs=args.epochs, steps=None)
+    if args.steps is not None:
+        fields["steps"] = args.steps
+    if args.batch_size is not None:
+        fields["batch_size"] = args.batch_size
+    config = CBQConfig(settings=settings, window=2, overlap=1, **fields)
     offload = {"auto": None, "yes": True, "no": False}[args.offload]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -83,11 +92,12 @@ def main() -> int:
     total = time.perf_counter() - t0
     gpu = device == "cuda"
     (entry,) = log
-    steps = args.epochs * -(-args.n // args.batch_size)
+    steps = max(entry.get("steps", 0), 1)
     windows = n_blocks - 1
     result = {
         "shape": args.shape, "setting": args.setting, "dtype": args.dtype,
-        "calibration": [args.n, args.t], "epochs": args.epochs, "batch_size": args.batch_size,
+        "calibration": [args.n, args.t], "steps": entry.get("steps"),
+        "batch_size": config.batch_size, "init": config.init,
         "window_seconds": entry["seconds"], "phase_seconds": entry["phase_seconds"],
         "train_step_ms": round(1000 * entry["phase_seconds"]["train"] / steps, 1),
         "call_seconds": round(total, 1), "offload": entry["offload"],

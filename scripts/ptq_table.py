@@ -1,19 +1,26 @@
-"""The result tables of issue 5: RTN, block-wise reconstruction, CBQ and ablations, one
-process per run, several at a time on one GPU (a 135M model leaves it mostly idle).
+"""The SmolLM2-135M result table of issue 11: RTN, GPTQ, block-wise reconstruction and CBQ at
+every setting, ablations and recipe variants, one process per run, several at a time on one
+GPU (a 135M model leaves it mostly idle).
 
-    python scripts/ptq_table.py --results DIR [--mirror FILE] [--workers 6] [--jobs all]
+    python scripts/ptq_table.py --results DIR [--mirror FILE] [--workers 12] [--jobs all]
+    python scripts/ptq_table.py --results DIR --csv docs/results/smollm2_wikitext2.csv
+    python scripts/ptq_table.py --results DIR --summarize
 
-Every run writes DIR/NAME.json (setting, method, configuration, calibration, WikiText-2 and
-PTB perplexity on all windows unless --eval-windows, quantization seconds, per-window losses,
-peak GPU memory, quantization-kernel proportion per layer); runs already in DIR are skipped,
-so an interrupted table resumes. --mirror rewrites FILE (JSON lines, every finished run) after
-each run. --deadline S: start no run after S seconds. Then `--summarize DIR` prints the
-markdown tables of docs/results/.
+A job is SETTING-METHOD, e.g. W3A16g64-cbq, W2A16g32-gptq, W4A16-cbq_nolora. Methods:
+rtn, gptq, bw (block-wise: K = 1, O = 0, no CFP, CBQ's recipe otherwise), cbq (the default
+recipe of cbq_ptq.config.recipe), and the ablations and variants of VARIANTS (each a change
+of the default recipe). Every run writes DIR/NAME.json: its configuration, WikiText-2 and
+PTB test perplexity on all windows (unless --eval-windows), the perplexity on the held-out
+tenth of the calibration text (what recipes are chosen on), quantization seconds, the
+per-window log, peak GPU memory, GPU, commit. Runs already in DIR are skipped, so an
+interrupted table resumes; --mirror rewrites FILE (JSON lines) after each run; --deadline S
+starts no run after S seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -24,36 +31,56 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SETTINGS = ["W4A16", "W3A16g64", "W2A16g64", "W4A8", "W4A4"]
-# method -> CBQConfig overrides (besides settings and epochs)
-METHODS = {
-    "rtn": {"cfp": False, "lora_rounding": False, "epochs": 0, "window": 1, "overlap": 0},
+SETTINGS = ["W4A16", "W4A16g64", "W3A16g64", "W2A16g64", "W2A16g32", "W4A8", "W6A6", "W8A8"]
+BASE = {  # method -> CBQConfig fields replacing the recipe's
+    "rtn": {"epochs": 0, "steps": None, "cfp": False, "lora_rounding": False, "window": 1,
+            "overlap": 0},
+    "gptq": {"method": "gptq", "cfp": False, "window": 1, "overlap": 0},
     "bw": {"cfp": False, "window": 1, "overlap": 0},
     "cbq": {},
+}  # fmt: skip
+VARIANTS = {  # ablations / recipe variants: changes of the default CBQ recipe
+    "cbq_rtninit": {"init": "rtn"},
+    "cbq_nolora": {"lora_rounding": False},
+    "cbq_mse": {"loss": "mse"},
+    "cbq_kl": {"kl_weight": 1.0},
+    "cbq_fp1": {"fp_weight": 1.0},
+    "cbq_steps2x": {"steps": "2x"},
+    "cbq_lr2x": {"lr": "2x", "lr_lora": "2x"},
     "cbq_nocfp": {"cfp": False},
     "cbq_nooverlap": {"window": 2, "overlap": 0},
-    "cbq_nolora": {"lora_rounding": False},
     "cbq_crossquant": {},  # act_quantizer="crossquant" in the settings
 }
-ABLATIONS = {  # ablation -> settings it is run at
-    "cbq_nocfp": ["W4A8", "W4A4"],  # CFP acts on activations only (weights: DECISIONS.md)
-    "cbq_nooverlap": ["W2A16g64", "W4A4"],
-    "cbq_nolora": ["W2A16g64", "W4A4"],
-    "cbq_crossquant": ["W4A8", "W4A4"],
-}
+CSV_FIELDS = ["setting", "method", "init", "steps", "epochs", "ppl_wikitext2", "ppl_ptb",
+              "ppl_heldout", "windows", "quantize_seconds", "gpu", "commit", "job"]  # fmt: skip
 
 
-def all_jobs() -> list[str]:
-    jobs = ["fp32", "bf16"]
-    jobs += [f"{s}-{m}" for m in ("rtn", "cbq", "bw") for s in SETTINGS]
-    jobs += [f"{s}-{m}" for m, ss in ABLATIONS.items() for s in ss]
-    return jobs
+def config_for(name: str):
+    """(settings, CBQConfig) of a job name."""
+    import dataclasses
+
+    from cbq_ptq.config import CBQConfig, parse_setting, recipe
+
+    setting, method = name.split("-", 1)
+    quantizer = "crossquant" if method == "cbq_crossquant" else "per_token"
+    settings = parse_setting(setting, act_quantizer=quantizer, ragged_groups=True)
+    fields = recipe(settings, "cuda")
+    default = dataclasses.replace(CBQConfig(settings=settings, **fields))
+    changes = BASE.get(method, VARIANTS.get(method))
+    if changes is None:
+        raise ValueError(f"unknown method {method!r} in job {name!r}")
+    for key, value in changes.items():
+        if value == "2x":
+            value = 2 * getattr(default, key)
+        fields[key] = value
+    return settings, CBQConfig(settings=settings, **fields)
 
 
 def run_one(args, name: str) -> dict:
+    import dataclasses
+
     import torch
 
-    from cbq_ptq.config import CBQConfig, parse_setting
     from cbq_ptq.data import calibration_data
     from cbq_ptq.evaluate import evaluate_perplexity, kernel_proportions
     from cbq_ptq.models import load_model
@@ -66,25 +93,22 @@ def run_one(args, name: str) -> dict:
     ev = {"seq_len": args.seq_len, "bos": args.bos, "max_windows": args.eval_windows}
     result: dict = {"name": name, "model": args.model, "dtype": str(dtype).split(".")[1]}
     if "-" in name:
-        setting, method = name.split("-", 1)
-        quantizer = "crossquant" if method == "cbq_crossquant" else "per_token"
-        settings = parse_setting(setting, act_quantizer=quantizer, ragged_groups=True)
-        overrides = {"epochs": args.epochs, **METHODS[method]}
-        config = CBQConfig(settings=settings, batch_size=args.batch_size, **overrides)
+        settings, config = config_for(name)
         calib = calibration_data(tok, args.calib, args.n_calib, args.calib_len, seed=0)
         t0 = time.time()
         model, log = quantize(model, config, calib, progress=False)
         result.update(
-            setting=setting, method=method, quantize_seconds=round(time.time() - t0, 1),
-            calibration=[args.calib, args.n_calib, args.calib_len], config=repr(config),
-            windows=[{k: e.get(k) for k in ("blocks", "loss_before", "loss_after", "seconds",
-                                             "peak_gpu_mib", "cfp")} for e in log],
+            setting=name.split("-", 1)[0], method=name.split("-", 1)[1],
+            quantize_seconds=round(time.time() - t0, 1),
+            calibration=[args.calib, args.n_calib, args.calib_len],
+            config=json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+            windows=log,
         )  # fmt: skip
         if settings.a_bits < 16:
-            props = kernel_proportions(model, tok, args.corpus, max_windows=1, **{
-                k: ev[k] for k in ("seq_len", "bos")})  # fmt: skip
-            result["kernel_proportion"] = props
+            result["kernel_proportion"] = kernel_proportions(
+                model, tok, args.corpus, max_windows=1, seq_len=ev["seq_len"], bos=ev["bos"])
     result[args.corpus] = evaluate_perplexity(model, tok, args.corpus, **ev)
+    result["heldout"] = evaluate_perplexity(model, tok, args.calib, split="heldout", **ev)
     if args.ptb:
         result["ptb"] = evaluate_perplexity(model, tok, "ptb", **ev)
     result["eval_windows"] = args.eval_windows or "all"
@@ -92,7 +116,16 @@ def run_one(args, name: str) -> dict:
         result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
         result["gpu"] = torch.cuda.get_device_name()
     result["torch"] = torch.__version__
+    result["commit"] = os.environ.get("CBQ_COMMIT", "unknown")
     return result
+
+
+def load_runs(results: Path) -> dict[str, dict]:
+    runs = {}
+    for p in sorted(results.glob("*.json")):
+        r = json.loads(p.read_text())
+        runs[r["name"]] = r
+    return runs
 
 
 def mirror(results: Path, target: str | None) -> None:
@@ -104,35 +137,71 @@ def mirror(results: Path, target: str | None) -> None:
     tmp.replace(target)
 
 
-def summarize(results: Path, corpus: str) -> str:
-    runs = {}
-    for p in results.glob("*.json"):
-        r = json.loads(p.read_text())
-        runs[r["name"]] = r
+def csv_rows(runs: dict[str, dict], corpus: str = "wikitext2") -> list[dict]:
+    rows = []
+    def ppl(r: dict, key: str):
+        return round(r[key]["ppl"], 3) if key in r else ""
 
+    for name, r in sorted(runs.items()):
+        cfg = r.get("config", {})
+        rows.append({
+            "setting": r.get("setting", "FP"), "method": r.get("method", name),
+            "init": cfg.get("init", "") if r.get("method") not in ("rtn", None) else "",
+            "steps": cfg.get("steps") if cfg.get("steps") is not None else "",
+            "epochs": cfg.get("epochs", "") if cfg.get("steps") is None else "",
+            "ppl_wikitext2": ppl(r, corpus), "ppl_ptb": ppl(r, "ptb"),
+            "ppl_heldout": ppl(r, "heldout"),
+            "windows": r.get(corpus, {}).get("windows", ""),
+            "quantize_seconds": r.get("quantize_seconds", ""), "gpu": r.get("gpu", "cpu"),
+            "commit": r.get("commit", ""), "job": name,
+        })  # fmt: skip
+    return rows
+
+
+def write_csv(runs: dict[str, dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, CSV_FIELDS)
+        w.writeheader()
+        w.writerows(csv_rows(runs))
+
+
+def summarize(runs: dict[str, dict], corpus: str = "wikitext2") -> str:
     def ppl(name, key=corpus):
         r = runs.get(name)
         return f"{r[key]['ppl']:.2f}" if r and key in r else "-"
 
-    out = [f"FP32 {ppl('fp32')} / BF16 {ppl('bf16')} ({corpus}); PTB FP32 {ppl('fp32', 'ptb')}",
-           "", "| setting | RTN | block-wise (K=1, O=0) | CBQ (K=2, O=1) | PTB: RTN / BW / CBQ |",
-           "|---|---|---|---|---|"]  # fmt: skip
+    out = [f"FP32 {ppl('fp32')} / BF16 {ppl('bf16')} ({corpus}); PTB {ppl('bf16', 'ptb')}; "
+           f"held-out {ppl('bf16', 'heldout')}", "",
+           "| setting | RTN | GPTQ | block-wise | CBQ | held-out: RTN / GPTQ / BW / CBQ |",
+           "|---|---|---|---|---|---|"]  # fmt: skip
     for s in SETTINGS:
-        ptb = " / ".join(ppl(f"{s}-{m}", "ptb") for m in ("rtn", "bw", "cbq"))
-        out.append(f"| {s} | {ppl(s + '-rtn')} | {ppl(s + '-bw')} | {ppl(s + '-cbq')} | {ptb} |")
-    out += ["", "| ablation | setting | perplexity | CBQ |", "|---|---|---|---|"]
-    for m, ss in ABLATIONS.items():
-        for s in ss:
-            out.append(f"| {m} | {s} | {ppl(f'{s}-{m}')} | {ppl(f'{s}-cbq')} |")
-    out += ["", "| run | quantize s | peak GPU MiB | kernel proportion mean / max |",
+        held = " / ".join(ppl(f"{s}-{m}", "heldout") for m in ("rtn", "gptq", "bw", "cbq"))
+        out.append(f"| {s} | {ppl(s + '-rtn')} | {ppl(s + '-gptq')} | {ppl(s + '-bw')} | "
+                   f"{ppl(s + '-cbq')} | {held} |")  # fmt: skip
+    extra = sorted(n for n in runs if "-" in n and n.split("-", 1)[1] in VARIANTS)
+    if extra:
+        out += ["", "| run | WikiText-2 | held-out | PTB | CBQ default: WikiText-2 / held-out |",
+                "|---|---|---|---|---|"]  # fmt: skip
+        for n in extra:
+            s = n.split("-", 1)[0]
+            out.append(f"| {n} | {ppl(n)} | {ppl(n, 'heldout')} | {ppl(n, 'ptb')} | "
+                       f"{ppl(s + '-cbq')} / {ppl(s + '-cbq', 'heldout')} |")  # fmt: skip
+    out += ["", "| run | quantize s | peak GPU MiB | windows kept start / total |",
             "|---|---|---|---|"]  # fmt: skip
     for name in sorted(runs):
         r = runs[name]
-        kp = r.get("kernel_proportion")
-        kps = f"{sum(kp.values()) / len(kp):.4f} / {max(kp.values()):.4f}" if kp else "-"
+        wins = r.get("windows") or []
+        kept = sum(1 for e in wins if e.get("kept") == "start")
+        trained = sum(1 for e in wins if "kept" in e)
         out.append(f"| {name} | {r.get('quantize_seconds', '-')} | {r.get('peak_gpu_mib', '-')} "
-                   f"| {kps} |")  # fmt: skip
+                   f"| {kept} / {trained} |")  # fmt: skip
     return "\n".join(out)
+
+
+def all_jobs() -> list[str]:
+    jobs = ["fp32", "bf16"]
+    jobs += [f"{s}-{m}" for m in ("rtn", "gptq", "cbq", "bw") for s in SETTINGS]
+    return jobs
 
 
 def main() -> int:
@@ -145,8 +214,6 @@ def main() -> int:
     p.add_argument("--deadline", type=float, default=None)
     p.add_argument("--n-calib", type=int, default=128)
     p.add_argument("--calib-len", type=int, default=2048)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--corpus", default="wikitext2")
     p.add_argument("--calib", default="wikitext2")
@@ -156,10 +223,14 @@ def main() -> int:
     p.add_argument("--no-ptb", dest="ptb", action="store_false")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--summarize", action="store_true")
+    p.add_argument("--csv", default=None, help="write the CSV of every run in --results")
     args = p.parse_args()
     results = Path(args.results)
-    if args.summarize:
-        print(summarize(results, args.corpus))
+    if args.summarize or args.csv:
+        runs = load_runs(results)
+        if args.csv:
+            write_csv(runs, args.csv)
+        print(summarize(runs, args.corpus))
         return 0
     if args.one:
         r = run_one(args, args.one)
@@ -173,11 +244,14 @@ def main() -> int:
     resolve(args.model)  # download / convert once, before the workers start
     results.mkdir(parents=True, exist_ok=True)
     jobs = all_jobs() if args.jobs == "all" else args.jobs.split(",")
+    for j in jobs:
+        if "-" in j:
+            config_for(j)  # a misspelt job fails here, not after the others ran
     todo = [j for j in jobs if not (results / f"{j}.json").is_file()]
     print(f"{len(jobs) - len(todo)} runs already done, {len(todo)} to run", flush=True)
     t_start = time.time()
     running: dict[str, tuple[subprocess.Popen, float]] = {}
-    base = [a for a in sys.argv[1:]]
+    base = list(sys.argv[1:])
     failed = []
     while todo or running:
         late = args.deadline is not None and time.time() - t_start > args.deadline
@@ -203,7 +277,7 @@ def main() -> int:
                 print((results / f"{name}.log").read_text()[-3000:], flush=True)
             mirror(results, args.mirror)
         time.sleep(0.5)
-    print(summarize(results, args.corpus))
+    print(summarize(load_runs(results), args.corpus))
     return 1 if failed else 0
 
 
