@@ -11,7 +11,8 @@ Hugging Face ``datasets`` package when it is installed; otherwise a clear error.
 | tinystories | tinystories-valid-prefix.txt | tinystories-valid-prefix.txt |
 
 (TinyStories has one file here: the evaluation windows are the first ones of the file and the
-calibration windows are drawn from its second half, see :func:`calibration_windows`.)
+calibration windows are drawn from the second half of its first nine tenths, see
+:func:`calibration_data`.)
 
 Split 'heldout': the last tenth of a calibration text (cut at a line break), from which no
 calibration window is drawn (split 'calib' is the first nine tenths). Hyperparameters are
@@ -53,7 +54,7 @@ def load_text(corpus: str | os.PathLike, split: str = "eval") -> str:
     'calib' or 'heldout' (module docstring), or of a file path."""
     if split not in ("eval", "calib", "heldout"):
         raise ValueError(f"split must be 'eval', 'calib' or 'heldout', got {split!r}")
-    if split != "eval" and str(corpus) != "tinystories":
+    if split != "eval":
         return _split_heldout(_load(corpus, "calib"), split)
     return _load(corpus, "eval" if split == "eval" else "calib")
 

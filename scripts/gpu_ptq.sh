@@ -54,16 +54,25 @@ case $stage in
     fi
     python3 -c "from cbq_ptq.models import resolve; print(resolve('smollm2-135m'))" 2>&1 | tail -1
     mkdir -p $table
-    setsid nohup python3 scripts/ptq_table.py --results $table --mirror $table/all.jsonl "$@" \
-      > $table/driver.log 2>&1 < /dev/null &
-    sleep 45; cat $table/driver.log; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv ;;
+    # two drivers share the GPU: the jobs of CBQ_JOBS_A (CBQ_WORKERS_A at a time, the long
+    # training runs, started before CBQ_DEADLINE_A seconds) and of CBQ_JOBS_B (the cheap ones)
+    setsid nohup python3 scripts/ptq_table.py --results $table --mirror $table/all_a.jsonl \
+      --jobs "$CBQ_JOBS_A" --workers ${CBQ_WORKERS_A:-12} --deadline ${CBQ_DEADLINE_A:-600} "$@" \
+      > $table/driver_a.log 2>&1 < /dev/null &
+    if [ -n "${CBQ_JOBS_B:-}" ]; then
+      setsid nohup python3 scripts/ptq_table.py --results $table --mirror $table/all_b.jsonl \
+        --jobs "$CBQ_JOBS_B" --workers ${CBQ_WORKERS_B:-3} "$@" \
+        > $table/driver_b.log 2>&1 < /dev/null &
+    fi
+    sleep 60; cat $table/driver_*.log; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+    tail -3 $table/*.log | head -60 ;;
   wait)
     limit=${1:-540}; t0=$(date +%s)
     while pgrep -f "scripts/ptq_table.py" > /dev/null && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do
       sleep 10
     done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
-    cat $table/driver.log | grep -v "^|" | tail -40
-    cp $table/all.jsonl "$out/table.jsonl" 2>/dev/null
+    cat $table/driver_*.log | grep -v "^|" | tail -40
+    cat $table/*.json > "$out/table.jsonl" 2>/dev/null
     tar czf "$out/logs.tgz" -C $table . 2>/dev/null; ls -la "$out" ;;
 esac

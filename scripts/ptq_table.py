@@ -41,12 +41,15 @@ BASE = {  # method -> CBQConfig fields replacing the recipe's
 }  # fmt: skip
 VARIANTS = {  # ablations / recipe variants: changes of the default CBQ recipe
     "cbq_rtninit": {"init": "rtn"},
-    "cbq_nolora": {"lora_rounding": False},
+    "cbq_nolora": {"lora_rounding": False, "init": "rtn"},  # clipping alone (issue 11's probe)
+    "cbq_soft": {"round_mode": "soft"},
+    "cbq_temp": {"round_temp": (1.0, 0.1)},
     "cbq_mse": {"loss": "mse"},
     "cbq_kl": {"kl_weight": 1.0},
     "cbq_fp1": {"fp_weight": 1.0},
     "cbq_steps2x": {"steps": "2x"},
     "cbq_lr2x": {"lr": "2x", "lr_lora": "2x"},
+    "cbq_lrhalf": {"lr": "0.5x", "lr_lora": "0.5x"},
     "cbq_nocfp": {"cfp": False},
     "cbq_nooverlap": {"window": 2, "overlap": 0},
     "cbq_crossquant": {},  # act_quantizer="crossquant" in the settings
@@ -70,8 +73,9 @@ def config_for(name: str):
     if changes is None:
         raise ValueError(f"unknown method {method!r} in job {name!r}")
     for key, value in changes.items():
-        if value == "2x":
-            value = 2 * getattr(default, key)
+        if isinstance(value, str) and value.endswith("x"):  # a multiple of the default
+            value = float(value[:-1]) * getattr(default, key)
+            value = int(value) if key == "steps" else value
         fields[key] = value
     return settings, CBQConfig(settings=settings, **fields)
 
@@ -86,8 +90,8 @@ def run_one(args, name: str) -> dict:
     from cbq_ptq.models import load_model
     from cbq_ptq.pipeline import quantize
 
-    torch.set_num_threads(2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(1 if device == "cuda" else 2)  # one core per run beside the others
     dtype = torch.float32 if name == "fp32" else getattr(torch, args.dtype)
     model, tok = load_model(args.model, dtype=dtype, device=device)
     ev = {"seq_len": args.seq_len, "bos": args.bos, "max_windows": args.eval_windows}
@@ -144,11 +148,12 @@ def csv_rows(runs: dict[str, dict], corpus: str = "wikitext2") -> list[dict]:
 
     for name, r in sorted(runs.items()):
         cfg = r.get("config", {})
+        trains = r.get("method") not in ("rtn", "gptq", None)
         rows.append({
             "setting": r.get("setting", "FP"), "method": r.get("method", name),
-            "init": cfg.get("init", "") if r.get("method") not in ("rtn", None) else "",
-            "steps": cfg.get("steps") if cfg.get("steps") is not None else "",
-            "epochs": cfg.get("epochs", "") if cfg.get("steps") is None else "",
+            "init": cfg.get("init", "") if trains else "",
+            "steps": cfg.get("steps") if trains and cfg.get("steps") is not None else "",
+            "epochs": cfg.get("epochs", "") if trains and cfg.get("steps") is None else "",
             "ppl_wikitext2": ppl(r, corpus), "ppl_ptb": ppl(r, "ptb"),
             "ppl_heldout": ppl(r, "heldout"),
             "windows": r.get(corpus, {}).get("windows", ""),
