@@ -73,6 +73,6 @@ case $stage in
     done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     cat $table/driver_*.log | grep -v "^|" | tail -40
-    cat $table/*.json > "$out/table.jsonl" 2>/dev/null
+    for f in $table/*.json; do cat "$f"; echo; done > "$out/table.jsonl" 2>/dev/null
     tar czf "$out/logs.tgz" -C $table . 2>/dev/null; ls -la "$out" ;;
 esac
