@@ -4,9 +4,10 @@
     cbq quantize --model stories260K --setting W2A16g32 --ragged-groups --corpus tinystories
     cbq eval OUT_DIR                  # perplexity of a saved quantized model (or any model)
 
-Flags map to the fields of QuantSettings / CBQConfig. Without a GPU the defaults are smaller
-(fewer and shorter calibration windows, two epochs, the first evaluation windows only) so
-that the default run finishes in minutes on a laptop CPU; every report states what it used.
+Flags map to the fields of QuantSettings / CBQConfig, on top of the setting's recipe
+(cbq_ptq.config.recipe). Without a GPU the defaults are smaller (fewer and shorter calibration
+windows, 16 steps per window, the first evaluation windows only) so that the default run
+finishes in minutes on a laptop CPU; every report states what it used.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ class CBQConfig:
     method: 'cbq' (window reconstruction; with epochs = 0 and no CFP it is round-to-nearest)
     or 'gptq' (the Hessian-based baseline: per layer, no training). init: where the rounding
     and the clipping of a reconstruction start, 'rtn' or 'gptq'. clip_init: 'max' (clipping
-    factor sigmoid(4) = 0.982 everywhere) or 'search' (per row / group, the factor of a grid
+    factor 1 everywhere: min-max) or 'search' (per row / group, the factor of a grid
     that minimises the weight error weighted by the input's second moment).
 
     window / overlap: K blocks per window, O shared with the next (K = 1, O = 0: block-wise
@@ -114,10 +114,10 @@ class CBQConfig:
     reachable), 'svd' or 'zero' (METHOD.md's alternatives). round_reg: weight of the
     rounding regulariser (a mean over the window's weights), round_beta: its exponent,
     annealed from the first to the second value after the first round_warmup of the steps.
-    round_mode: 'ste' (the forward pass uses the hard rounding 1[V >= 0] that hardening
-    fixes, the backward pass h(V)'s gradient: training minimises the loss of the codes that
-    are kept) or 'soft' (METHOD.md's relaxation h(V), hardened afterwards); round_temp: the
-    relaxation's temperature h(V / T), geometric from the first to the second value.
+    round_mode: 'soft' (METHOD.md's relaxation h(V), hardened afterwards) or 'ste' (the
+    forward pass uses the hard rounding 1[V >= 0] that hardening fixes, the backward pass
+    h(V)'s gradient); round_temp: the relaxation's temperature h(V / T), geometric from the
+    first to the second value.
 
     holdout: the fraction of the calibration windows kept out of training; each window's
     loss with hard rounding is measured on them before training, at eval_points points
@@ -155,7 +155,7 @@ class CBQConfig:
     round_reg: float = 0.01
     round_beta: tuple[float, float] = (20.0, 2.0)
     round_warmup: float = 0.2
-    round_mode: str = "ste"
+    round_mode: str = "soft"
     round_temp: tuple[float, float] = (1.0, 1.0)
     holdout: float = 1 / 16
     eval_points: int = 3

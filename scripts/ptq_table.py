@@ -43,6 +43,7 @@ VARIANTS = {  # ablations / recipe variants: changes of the default CBQ recipe
     "cbq_rtninit": {"init": "rtn"},
     "cbq_nolora": {"lora_rounding": False, "init": "rtn"},  # clipping alone (issue 11's probe)
     "cbq_soft": {"round_mode": "soft"},
+    "cbq_ste": {"round_mode": "ste"},
     "cbq_temp": {"round_temp": (1.0, 0.1)},
     "cbq_mse": {"loss": "mse"},
     "cbq_kl": {"kl_weight": 1.0},
@@ -54,8 +55,9 @@ VARIANTS = {  # ablations / recipe variants: changes of the default CBQ recipe
     "cbq_nooverlap": {"window": 2, "overlap": 0},
     "cbq_crossquant": {},  # act_quantizer="crossquant" in the settings
 }
-CSV_FIELDS = ["setting", "method", "init", "steps", "epochs", "ppl_wikitext2", "ppl_ptb",
-              "ppl_heldout", "windows", "quantize_seconds", "gpu", "commit", "job"]  # fmt: skip
+CSV_FIELDS = ["setting", "method", "init", "rounding", "steps", "epochs", "ppl_wikitext2",
+              "ppl_ptb", "ppl_heldout", "windows", "windows_kept_start", "quantize_seconds",
+              "gpu", "commit", "job"]  # fmt: skip
 
 
 def config_for(name: str):
@@ -152,6 +154,10 @@ def csv_rows(runs: dict[str, dict], corpus: str = "wikitext2") -> list[dict]:
         rows.append({
             "setting": r.get("setting", "FP"), "method": r.get("method", name),
             "init": cfg.get("init", "") if trains else "",
+            "rounding": (("lora-" + cfg.get("round_mode", "soft")) if cfg.get("lora_rounding")
+                         else "nearest") if trains else "",
+            "windows_kept_start": sum(e.get("kept") == "start" for e in r.get("windows") or [])
+            if trains else "",
             "steps": cfg.get("steps") if trains and cfg.get("steps") is not None else "",
             "epochs": cfg.get("epochs", "") if trains and cfg.get("steps") is None else "",
             "ppl_wikitext2": ppl(r, corpus), "ppl_ptb": ppl(r, "ptb"),

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from cbq_kernels.quant_math import dequantize_weight, quantize_weight
+from cbq_kernels.quant_math import dequantize_weight, quantize_weight, weight_params
 from cbq_ptq.config import CBQConfig, parse_setting
 from cbq_ptq.data import calibration_data
 from cbq_ptq.evaluate import evaluate_perplexity
@@ -87,15 +87,35 @@ def test_a_start_from_given_codes_is_reproduced_by_hardening(lora, setting):
     q = QLinear(layer, st, lora=lora, learn_clipping=True)
     groups = q.clip_max.shape[1]
     clip = torch.full((24, groups), 0.9)
+    clip[::2] = 1.0  # a factor of 1 (min-max) is represented exactly
     g = torch.Generator().manual_seed(3)
     codes = torch.randint(0, 1 << st.w_bits, (24, 64), generator=g, dtype=torch.uint8)
     q.start_from(codes, clip)
     s, z = q.quant_params()
+    _, _, _, s_want, z_want, _, _ = weight_params(q.w, q.gs, st.w_bits, False, clip, clip)
+    torch.testing.assert_close(s, s_want, rtol=1e-6, atol=0)  # the start's quantizer
+    assert torch.equal(z, z_want)
     with quantized([q], rounding="hard"):
         w_hard = q._scope[1]
     assert torch.allclose(w_hard, dequantize_weight(codes, s, z, q.gs), atol=1e-7)
     q.harden()
     assert torch.equal(q.codes, codes)
+
+
+def test_clipping_and_activation_ratios_start_at_one():
+    """Without a search the clipping starts at min-max (factor 1 exactly) and the activation
+    ratio at 1: the untrained layer quantizes as round-to-nearest does."""
+    from cbq_ptq.qlinear import clip_factor
+
+    layer = lin(seed=5)
+    q = QLinear(layer, parse_setting("W4A8"), lora=False, learn_clipping=True)
+    assert torch.equal(clip_factor(q.clip_max), torch.ones_like(q.clip_max))
+    assert float(clip_factor(q.act_logit)) == 1.0
+    rtn = QLinear(layer, parse_setting("W4A8"), lora=False, train=False)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(6))
+    with quantized([q], rounding="hard"):
+        got = q(x)
+    torch.testing.assert_close(got, rtn(x), rtol=0, atol=0)
 
 
 def test_lora_rounding_reaches_both_neighbours():

@@ -1,0 +1,62 @@
+"""Block-level proxy of the recipe on SmolLM2-135M (CPU, fp32): one window of two blocks,
+trained with variants of CBQConfig, judged by the window loss with hard rounding on held-out
+calibration windows (docs/results/smollm2_issue11/cpu_proxy, DECISIONS.md "Recipe").
+
+    THREADS=1 python scripts/proxy_block.py SETTING FIRST_BLOCK '{"name": {config fields}}'
+
+N (24) calibration windows of T (256) tokens of WikiText-2 (validation), the last 4 held
+out; the window's input is the full-precision stream (blocks before it unquantized). Prints
+one JSON line per variant: held-out loss before / after (the kept state), hard and soft
+losses at the end of training, the held-out MSE, which state was kept, seconds.
+"""
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+
+from cbq_ptq.config import CBQConfig, parse_setting
+from cbq_ptq.data import calibration_data
+from cbq_ptq.models import blocks, load_model
+from cbq_ptq.pipeline import prepare_block
+from cbq_ptq.qlinear import qlinears
+from cbq_ptq.reconstruct import _Window, train_window
+from cbq_ptq.streams import capture_inputs, propagate
+
+torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+setting, start_block = sys.argv[1], int(sys.argv[2])
+variants = json.loads(sys.argv[3])
+n, t = int(os.environ.get("N", "24")), int(os.environ.get("T", "256"))
+model, tok = load_model("smollm2-135m")
+calib = calibration_data(tok, "wikitext2", n, t, 0)
+layers = blocks(model)
+x, kwargs = capture_inputs(model, calib)
+with torch.no_grad():
+    x = propagate(layers, range(0, start_block), x, kwargs, 8, fp=True)
+idx = range(start_block, start_block + 2)
+for name, kw in variants.items():
+    m = copy.deepcopy(model)
+    ls = blocks(m)
+    cfg = CBQConfig(settings=parse_setting(setting), holdout=4 / n, eval_points=0, **kw)
+    t0 = time.time()
+    for j in idx:
+        xin = propagate(ls, range(start_block, j), x, kwargs, 8, fp=False)
+        prepare_block(m, j, xin, kwargs, cfg)
+    qls = qlinears(ls[j] for j in idx)
+    y = propagate(ls, idx, x, kwargs, 8, fp=True)
+    t1 = time.time()
+    e = train_window(ls, idx, x, y, y, kwargs, qls, cfg, name, seed=0)
+    # also the held-out MSE with hard rounding (comparable across losses)
+    cm = CBQConfig(settings=cfg.settings, loss="mse", fp_weight=0, holdout=4 / n)
+    held = torch.arange(n - 4, n)
+    mse = _Window(ls, idx, x, y, y, kwargs, cm, qls).evaluate(held, "hard")
+
+    def r5(v):
+        return None if v is None else round(v, 5)
+
+    print(json.dumps({"v": name, "before": r5(e["loss_before"]), "after": r5(e["loss_after"]),
+                      "hard_end": r5(e.get("hard_end")), "soft_end": r5(e.get("soft_end")),
+                      "mse": r5(mse), "kept": e["kept"], "prep_s": round(t1 - t0, 1),
+                      "train_s": round(time.time() - t1, 1)}), flush=True)  # fmt: skip
