@@ -3,25 +3,35 @@
 Settings and method configuration (:mod:`cbq_ptq.config`), corpora and
 token windows (:mod:`cbq_ptq.data`), the architecture registry and model loading
 (:mod:`cbq_ptq.models`), coarse-to-fine preprocessing (:mod:`cbq_ptq.cfp`), the quantized
-linear layer (:mod:`cbq_ptq.qlinear`), the window pipeline (:func:`quantize`), perplexity
+linear layer (:mod:`cbq_ptq.qlinear`), GPTQ and the starts (:mod:`cbq_ptq.gptq`), one window's
+reconstruction (:mod:`cbq_ptq.reconstruct`), the window loop (:func:`quantize`), perplexity
 (:func:`evaluate_perplexity`, :func:`kernel_proportions`), saving / loading (:func:`save`,
 :func:`load`) and running a saved model with the inference GEMMs (:func:`use_kernels`).
+
+The names below are imported on first use (``cbq --help`` should not wait for torch).
 """
 
-from cbq_ptq.config import CBQConfig, QuantSettings, parse_setting
-from cbq_ptq.evaluate import evaluate_perplexity, kernel_proportions
-from cbq_ptq.io import load, save
-from cbq_ptq.pipeline import quantize
-from cbq_ptq.serve import use_kernels
+from __future__ import annotations
 
-__all__ = [
-    "CBQConfig",
-    "QuantSettings",
-    "evaluate_perplexity",
-    "kernel_proportions",
-    "load",
-    "parse_setting",
-    "quantize",
-    "save",
-    "use_kernels",
-]
+import importlib
+
+_WHERE = {
+    "CBQConfig": "cbq_ptq.config",
+    "QuantSettings": "cbq_ptq.config",
+    "parse_setting": "cbq_ptq.config",
+    "evaluate_perplexity": "cbq_ptq.evaluate",
+    "kernel_proportions": "cbq_ptq.evaluate",
+    "load": "cbq_ptq.io",
+    "save": "cbq_ptq.io",
+    "quantize": "cbq_ptq.pipeline",
+    "use_kernels": "cbq_ptq.serve",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cbq_ptq' has no attribute {name!r}")

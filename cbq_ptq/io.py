@@ -3,28 +3,33 @@
 A folder with:
 
 * ``config.json`` (and the tokenizer files when given): the Hugging Face model config;
-* ``quant_config.json``: ``{"format": "cbq.quantized", "format_version": 1, "settings": ...,
-  "layers": {name: {bits, group_size, in_features, out_features, a_bits, act_quantizer,
-  crossquant_alpha}}}``;
+* ``quant_config.json``: ``{"format": "cbq.quantized", "format_version": 1,
+  "pack_format_version": 1, "settings": ..., "layers": {name: {bits, group_size, in_features,
+  out_features}}, "files": {"model.safetensors": sha256}, "base_model", "corpus"}``;
 * ``model.safetensors``: every non-quantized tensor of the model (embeddings, norms with the
   CFP factors folded in, LM head) under its usual name, and per quantized linear ``NAME.packed``
   (int32, the canonical packed format of cbq_kernels.formats), ``NAME.scales`` (fp32 (N, G)),
   ``NAME.zeros`` (fp32 (N, G)), ``NAME.act_ratio``, and where present ``NAME.bias`` and
   ``NAME.channel_factor`` (CrossQuant).
 
-:func:`load` rebuilds the model from its config and puts hardened :class:`QLinear` layers in
-place of the quantized linears: it reproduces the logits of the model that was saved.
+:func:`load` verifies the folder before it builds anything (the sha256 of every tensor file
+against the one recorded at save time, then the recorded bits, group size and shapes against
+the tensors, each mismatch named), rebuilds the model from its config and puts hardened
+:class:`QLinear` layers in place of the quantized linears: it reproduces the logits of the
+model that was saved.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 
 from cbq_kernels.formats import FORMAT_VERSION as PACK_FORMAT_VERSION
+from cbq_kernels.formats import groups_per_row, packed_words
 from cbq_kernels.packing import pack_ref, unpack_ref
 from cbq_ptq.config import QuantSettings
 from cbq_ptq.qlinear import QLinear
@@ -33,9 +38,25 @@ FORMAT = "cbq.quantized"
 FORMAT_VERSION = 1
 
 
-def save(model, path: str | Path, tokenizer=None, base_model: str | None = None) -> Path:
+def storage_bits(bits: int) -> int:
+    """The packed format's container for ``bits``-bit codes: 6-bit codes are stored as 8-bit
+    (the format packs 2, 3-in-4, 4 and 8)."""
+    return 8 if bits == 6 else bits
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save(model, path: str | Path, tokenizer=None, base_model: str | None = None,
+         corpus: str | None = None) -> Path:  # fmt: skip
     """Write the quantized ``model`` (every QLinear hardened) to the folder ``path``;
-    ``base_model``: the name it was quantized from (recorded in quant_config.json)."""
+    ``base_model``: the name it was quantized from, ``corpus``: the corpus it was evaluated
+    on (both recorded in quant_config.json; `cbq eval` evaluates on that corpus)."""
     from safetensors.torch import save_file
 
     out = Path(path)
@@ -51,7 +72,7 @@ def save(model, path: str | Path, tokenizer=None, base_model: str | None = None)
             raise ValueError(f"layer {name} is not hardened: finish quantization before saving")
         settings = q.settings
         bits = q.settings.w_bits
-        tensors[f"{name}.packed"] = pack_ref(q.codes.cpu(), bits).contiguous()
+        tensors[f"{name}.packed"] = pack_ref(q.codes.cpu(), storage_bits(bits)).contiguous()
         tensors[f"{name}.scales"] = q.scales.float().cpu().contiguous()
         tensors[f"{name}.zeros"] = q.zeros.float().cpu().contiguous()
         tensors[f"{name}.act_ratio"] = q.act_ratio.float().cpu().contiguous()
@@ -71,11 +92,13 @@ def save(model, path: str | Path, tokenizer=None, base_model: str | None = None)
         seen[value.data_ptr()] = key
         tensors[key] = value.detach().cpu().contiguous()
     save_file(tensors, out / "model.safetensors", metadata={"format": FORMAT})
+    (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600
     model.config.save_pretrained(out)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "pack_format_version": PACK_FORMAT_VERSION,
-            "base_model": base_model, "settings": dataclasses.asdict(settings),
-            "layers": layers}  # fmt: skip
+            "base_model": base_model, "corpus": corpus, "settings": dataclasses.asdict(settings),
+            "layers": layers,
+            "files": {"model.safetensors": _sha256(out / "model.safetensors")}}  # fmt: skip
     (out / "quant_config.json").write_text(json.dumps(meta, indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -84,23 +107,15 @@ def save(model, path: str | Path, tokenizer=None, base_model: str | None = None)
 
 def load(path: str | Path, device: str | None = None):
     """The model saved by :func:`save` (hardened QLinear layers), in eval mode."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     src = Path(path)
-    meta_path = src / "quant_config.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: not a folder written by cbq_ptq.save")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{meta_path}: format {meta.get('format')!r} version {meta.get('format_version')!r}"
-            f", this cbq_ptq reads {FORMAT!r} version {FORMAT_VERSION}"
-        )
+    meta = read_meta(src)
     settings = QuantSettings(**meta["settings"])
+    tensors = _load_tensors(src, meta)
+    _check_layers(src, meta, tensors)
     config = AutoConfig.from_pretrained(src)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_file(src / "model.safetensors")
     for name, info in meta["layers"].items():
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -109,7 +124,8 @@ def load(path: str | Path, device: str | None = None):
         q = QLinear(torch.nn.Linear(k, n, bias=has_bias), settings, name=name, lora=False,
                     learn_clipping=False, train=False)  # fmt: skip
         q.gs = info["group_size"]
-        q.codes = unpack_ref(tensors.pop(f"{name}.packed"), info["bits"], k).to(torch.uint8)
+        q.codes = unpack_ref(tensors.pop(f"{name}.packed"), storage_bits(info["bits"]),
+                             k).to(torch.uint8)  # fmt: skip
         q.scales = tensors.pop(f"{name}.scales")
         q.zeros = tensors.pop(f"{name}.zeros")
         q.act_ratio = tensors.pop(f"{name}.act_ratio")
@@ -129,3 +145,79 @@ def load(path: str | Path, device: str | None = None):
     if device is not None:
         model.to(device)
     return model
+
+
+def read_meta(src: Path) -> dict:
+    """quant_config.json of a saved model, checked: format, versions and fields."""
+    meta_path = src / "quant_config.json"
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} is not a folder (a folder written by cbq_ptq.save)")
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: not a folder written by cbq_ptq.save")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{meta_path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{meta_path}: format {meta.get('format')!r} version {meta.get('format_version')!r}"
+            f", this cbq_ptq reads {FORMAT!r} version {FORMAT_VERSION}"
+        )
+    if meta.get("pack_format_version") != PACK_FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: pack_format_version {meta.get('pack_format_version')!r}, "
+                         f"this cbq_kernels packs version {PACK_FORMAT_VERSION}")  # fmt: skip
+    for key in ("settings", "layers"):
+        if not isinstance(meta.get(key), dict):
+            raise ValueError(f"{meta_path}: field {key!r} missing or not an object")
+    try:
+        QuantSettings(**meta["settings"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{meta_path}: settings: {exc}") from None
+    return meta
+
+
+def _load_tensors(src: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """model.safetensors, after its sha256 is checked against quant_config.json's."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = src / "model.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found")
+    recorded = (meta.get("files") or {}).get("model.safetensors")
+    if recorded is not None and _sha256(file) != recorded:
+        raise ValueError(f"{file}: sha256 differs from the one recorded in quant_config.json at "
+                         "save time: the file is truncated or was modified")  # fmt: skip
+    try:
+        return load_file(file)
+    except SafetensorError as exc:
+        raise ValueError(f"{file}: not a readable safetensors file ({exc})") from None
+
+
+def _check_layers(src: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Every quantized layer's recorded bits, group size and shape against its tensors."""
+    for name, info in meta["layers"].items():
+        where = f"{src / 'quant_config.json'}: layer {name}"
+        try:
+            bits, gs = int(info["bits"]), info["group_size"]
+            n, k = int(info["out_features"]), int(info["in_features"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: field {exc} missing or not a number") from None
+        if bits not in (2, 3, 4, 6, 8):
+            raise ValueError(f"{where}: bits {bits} is not a stored width (2, 3, 4, 6, 8)")
+        if gs is not None and (not isinstance(gs, int) or gs < 1):
+            raise ValueError(f"{where}: group_size {gs!r} is neither null nor a positive int")
+        groups = groups_per_row(k, gs)
+        expect = {"packed": (n, packed_words(k, storage_bits(bits))), "scales": (n, groups),
+                  "zeros": (n, groups)}  # fmt: skip
+        for part, shape in expect.items():
+            key = f"{name}.{part}"
+            if key not in tensors:
+                raise ValueError(f"{where}: tensor {key} missing from model.safetensors")
+            if tuple(tensors[key].shape) != shape:
+                raise ValueError(
+                    f"{where}: {part} has shape {tuple(tensors[key].shape)}, but bits={bits}, "
+                    f"group_size={gs}, in_features={k}, out_features={n} give {shape}"
+                )

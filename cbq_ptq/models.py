@@ -160,6 +160,20 @@ def resolve(name: str) -> str:
     )
 
 
+def config_widths(name: str) -> dict[str, int]:
+    """The input width of each kind of quantized linear of a model, from its config alone
+    (no weights loaded): {'self_attn.q_proj / k_proj / v_proj, mlp.gate_proj / up_proj':
+    hidden, 'self_attn.o_proj': heads x head_dim, 'mlp.down_proj': intermediate}."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(resolve(name))
+    hidden = cfg.hidden_size
+    head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
+    return {"self_attn.q_proj / k_proj / v_proj, mlp.gate_proj / up_proj": hidden,
+            "self_attn.o_proj": cfg.num_attention_heads * head_dim,
+            "mlp.down_proj": cfg.intermediate_size}  # fmt: skip
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | None = None):
     """(model, tokenizer) for an alias, a local folder or a hub id; the family must be in the
     registry."""

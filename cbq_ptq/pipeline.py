@@ -109,6 +109,23 @@ def _start_mode(config: CBQConfig) -> str | None:
     return None
 
 
+def check_calibration(model, config, calib_ids) -> None:
+    """Clear errors for a configuration or calibration tokens that cannot be used."""
+    if not isinstance(config, CBQConfig):
+        raise TypeError(f"config must be a cbq_ptq.CBQConfig, got {type(config).__name__}")
+    if not isinstance(calib_ids, Tensor):
+        raise TypeError(f"calib_ids must be a tensor of token ids, got {type(calib_ids).__name__}")
+    if calib_ids.is_floating_point() or calib_ids.is_complex() or calib_ids.dtype == torch.bool:
+        raise TypeError(f"calib_ids must hold integer token ids, got dtype {calib_ids.dtype}")
+    if calib_ids.dim() != 2 or calib_ids.shape[0] < 1 or calib_ids.shape[1] < 2:
+        raise ValueError("calib_ids must be (windows >= 1, tokens >= 2), got shape "
+                         f"{tuple(calib_ids.shape)}")  # fmt: skip
+    vocab = getattr(model.config, "vocab_size", None)
+    lo, hi = int(calib_ids.min()), int(calib_ids.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise ValueError(f"calib_ids must be token ids in [0, {vocab}), got values in [{lo}, {hi}]")
+
+
 class _Lap:
     """Seconds of each phase of a window (synchronising the GPU), for the log."""
 
@@ -139,6 +156,7 @@ def quantize(model, config: CBQConfig, calib_ids: Tensor, log_path: str | Path |
     mini-batches to the GPU (None: when the four (N, T, H) tensors need more than half of
     the free GPU memory)."""
     arch_spec(model)
+    check_calibration(model, config, calib_ids)
     torch.manual_seed(config.seed)
     layers = blocks(model)
     schedule = window_schedule(len(layers), config.window, config.overlap)

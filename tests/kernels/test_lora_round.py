@@ -51,19 +51,14 @@ def test_forward_and_gradients_match_reference(case, bits):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max())
 
 
-@pytest.mark.parametrize("case", CASES[:4])
-def test_straight_through_rounding_matches_reference_and_hardening(case):
-    """ste=True: the forward weight is the hardened codes' weight exactly; the gradients
-    (those of h(V) through the hard forward's clamp mask) equal the reference's."""
-    n, k, gs, r = case
-    w, la, lc, a, b = setup(n, k, gs, r, 4, seed=21)
-    g = torch.Generator().manual_seed(22)
-    v0 = start_logits(torch.rand(n, k, generator=g) < 0.5, 1.0, torch.float32)
-    dy = torch.randn(n, k, generator=g)
+def kernel_against_reference(w, la, lc, a, b, bits, gs, beta, v0, ste, seed):
+    """lora_round and lora_round_ref on the same case: forward, regulariser and gradients
+    (dA, dB, both clipping logits) must agree; returns the kernel's forward."""
+    dy = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed))
 
     def run(fn):
-        s, z = lora_round_params(w, 4, gs, la, lc)
-        y, reg = fn(w, a, b, s, z, 4, gs, 3.0, v0, True)
+        s, z = lora_round_params(w, bits, gs, la, lc)
+        y, reg = fn(w, a, b, s, z, bits, gs, beta, v0, ste)
         return y, reg, torch.autograd.grad((y.float() * dy).sum() + 0.01 * reg, [a, b, la, lc])
 
     y, reg, grads = run(lora_round)
@@ -72,6 +67,18 @@ def test_straight_through_rounding_matches_reference_and_hardening(case):
     torch.testing.assert_close(reg, reg_ref.float(), rtol=1e-5, atol=1e-3)
     for got, want in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max())
+    return y
+
+
+@pytest.mark.parametrize("case", CASES[:4])
+def test_straight_through_rounding_matches_reference_and_hardening(case):
+    """ste=True: the forward weight is the hardened codes' weight exactly; the gradients
+    (those of h(V) through the hard forward's clamp mask) equal the reference's."""
+    n, k, gs, r = case
+    w, la, lc, a, b = setup(n, k, gs, r, 4, seed=21)
+    g = torch.Generator().manual_seed(22)
+    v0 = start_logits(torch.rand(n, k, generator=g) < 0.5, 1.0, torch.float32)
+    y = kernel_against_reference(w, la, lc, a, b, 4, gs, 3.0, v0, True, seed=23)
     s, z = lora_round_params(w, 4, gs, la, lc)
     codes = harden(w, a, b, s, z, 4, gs, v0=v0).float()
     gid = torch.arange(k) // (k if gs is None else gs)
@@ -87,19 +94,7 @@ def test_frozen_start_logits_v0_match_reference(case):
     g = torch.Generator().manual_seed(12)
     v0 = start_logits(torch.rand(n, k, generator=g) < 0.5, 2.0, torch.float32)
     a = (a.detach() * 0.1).requires_grad_()
-    dy = torch.randn(n, k, generator=g)
-
-    def run(fn):
-        s, z = lora_round_params(w, 3, gs, la, lc)
-        y, reg = fn(w, a, b, s, z, 3, gs, 4.0, v0)
-        return y, reg, torch.autograd.grad((y.float() * dy).sum() + 0.01 * reg, [a, b, la, lc])
-
-    y, reg, grads = run(lora_round)
-    y_ref, reg_ref, grads_ref = run(lora_round_ref)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(reg, reg_ref.float(), rtol=1e-5, atol=1e-3)
-    for got, want in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max())
+    kernel_against_reference(w, la, lc, a, b, 3, gs, 4.0, v0, False, seed=13)
     s, z = lora_round_params(w, 3, gs, la, lc)
     codes = harden(w, a, b, s, z, 3, gs, rows_per_step=5, v0=v0)
     assert torch.equal(codes, harden_ref(w, a, b, s, z, 3, gs, v0))

@@ -327,6 +327,7 @@ def test_torch_compile_fullgraph():
 # ------------------------------------------------------------------ build
 
 
+@pytest.mark.slow
 def test_import_without_extension_and_clear_error_on_use():
     # A fresh interpreter in which cbq_kernels._C cannot be imported.
     code = (

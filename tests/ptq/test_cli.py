@@ -9,6 +9,7 @@ from cbq_ptq.models import SHARED_MODELS
 from tests.conftest import need_shared
 
 
+@pytest.mark.slow
 def test_quantize_then_eval(tmp_path, capsys):
     need_shared(SHARED_MODELS / "stories260K" / "config.json")
     out = tmp_path / "run"

@@ -33,6 +33,7 @@ def test_unknown_architecture_is_a_clear_error():
         arch_spec(Fake())
 
 
+@pytest.mark.slow
 def test_stories260k_perplexity_matches_the_reference(stories):
     """shared/README.md: 5.32 on tinystories-valid-prefix.txt, 512-token windows with BOS."""
     need_shared(SHARED_DATA / "tinystories-valid-prefix.txt")

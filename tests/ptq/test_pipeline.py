@@ -178,6 +178,7 @@ class _Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_model(stories, tmp_path, monkeypatch):
     """Killed during window 3 of 4, then resumed from the checkpoint: the same logits, bit for
     bit, as an uninterrupted run; the log file lists each window once."""

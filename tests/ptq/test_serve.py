@@ -30,6 +30,7 @@ def ids(n=2, t=32):
     [("W4A16", 1e-3), ("W3A16g32", 1e-3), ("W4A4", 1e-3),
      ("W4A8", 0.25)],  # int8 codes may differ by one level at rounding boundaries
 )  # fmt: skip
+@pytest.mark.slow
 def test_kernels_reproduce_the_fake_quantized_logits(stories, setting, atol, tmp_path):
     from cbq_ptq.io import load, save
 
