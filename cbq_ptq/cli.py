@@ -274,7 +274,7 @@ def _evaluate_all(model, tok, args, eval_args: dict, tag: str) -> dict:
     results = {}
     for corpus in _corpora(args, eval_args):
         ea = {**eval_args, "corpus": corpus}
-        results[corpus] = evaluate_perplexity(model, tok, **ea)
+        results[corpus] = evaluate_perplexity(model, tok, **ea, progress=True)
         print(_report(tag, results[corpus], ea), flush=True)
     return results
 

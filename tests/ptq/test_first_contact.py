@@ -273,3 +273,21 @@ def test_config_errors_name_one_field():
         CBQConfig(batch_size=0)
     with pytest.raises(ValueError, match="round_mode must be one of"):
         CBQConfig(round_mode="hard")
+
+
+def test_tokenizing_a_whole_corpus_does_not_warn(capfd):
+    """The corpus is tokenized in one call and cut into windows afterwards: transformers'
+    "Token indices sequence length is longer than ..." warning is not printed (the same call
+    without verbose=False prints it: the check can fail)."""
+    from cbq_ptq.data import tokenize
+    from cbq_ptq.models import load_model
+
+    _, tok = load_model("stories260K")
+    capfd.readouterr()
+    tok.deprecation_warnings.clear()
+    ids = tokenize(tok, "Once upon a time. " * 400)
+    assert ids.numel() > tok.model_max_length
+    assert "longer than the specified maximum" not in capfd.readouterr().err
+    tok.deprecation_warnings.clear()
+    tok("Once upon a time. " * 400, add_special_tokens=False)
+    assert "longer than the specified maximum" in capfd.readouterr().err
