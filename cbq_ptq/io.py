@@ -22,7 +22,6 @@ model that was saved.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from cbq_kernels.formats import FORMAT_VERSION as PACK_FORMAT_VERSION
 from cbq_kernels.formats import groups_per_row, packed_words
 from cbq_kernels.packing import pack_ref, unpack_ref
 from cbq_ptq.config import QuantSettings
+from cbq_ptq.models import sha256_file
 from cbq_ptq.qlinear import QLinear
 
 FORMAT = "cbq.quantized"
@@ -42,14 +42,6 @@ def storage_bits(bits: int) -> int:
     """The packed format's container for ``bits``-bit codes: 6-bit codes are stored as 8-bit
     (the format packs 2, 3-in-4, 4 and 8)."""
     return 8 if bits == 6 else bits
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save(model, path: str | Path, tokenizer=None, base_model: str | None = None,
@@ -98,7 +90,7 @@ def save(model, path: str | Path, tokenizer=None, base_model: str | None = None,
             "pack_format_version": PACK_FORMAT_VERSION,
             "base_model": base_model, "corpus": corpus, "settings": dataclasses.asdict(settings),
             "layers": layers,
-            "files": {"model.safetensors": _sha256(out / "model.safetensors")}}  # fmt: skip
+            "files": {"model.safetensors": sha256_file(out / "model.safetensors")}}  # fmt: skip
     (out / "quant_config.json").write_text(json.dumps(meta, indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -187,7 +179,7 @@ def _load_tensors(src: Path, meta: dict) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found")
     recorded = (meta.get("files") or {}).get("model.safetensors")
-    if recorded is not None and _sha256(file) != recorded:
+    if recorded is not None and sha256_file(file) != recorded:
         raise ValueError(f"{file}: sha256 differs from the one recorded in quant_config.json at "
                          "save time: the file is truncated or was modified")  # fmt: skip
     try:

