@@ -52,6 +52,7 @@ from cbq_kernels.quant_math import (
     clip_factors,
     qrange,
     reciprocal,
+    round_codes,
     round_ste,
     segment_reduce,
     weight_params,
@@ -324,7 +325,7 @@ def _fake_quant_torch(x: Tensor, bits: int, group_size: int | None, fmax: Tensor
     _, _, _, s, z, _, gid = weight_params(x32, group_size, bits, symmetric, fmax, fmin)
     qlo, qhi = qrange(bits, symmetric)
     s_e, z_e = s[:, gid], z[:, gid]
-    q = (torch.round(x32 * reciprocal(s)[:, gid]) + z_e).clamp(qlo, qhi)
+    q = round_codes(x32 * reciprocal(s)[:, gid], z_e, qlo, qhi)
     return ((q - z_e) * s_e).to(x.dtype)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
+import re
 import shutil
 import sys
 import tempfile
@@ -176,6 +176,9 @@ def _is_cuda(device: str) -> bool:
     return device.startswith("cuda")
 
 
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
 def _check_model(name: str, flag: str) -> None:
     """A model argument that names a local path must be a model folder; aliases and hub ids
     are checked when loaded (a hub id that cannot be fetched is a runtime error)."""
@@ -184,11 +187,8 @@ def _check_model(name: str, flag: str) -> None:
     if name in ALIASES or name == SMOLLM2["alias"]:
         return
     path = Path(name).expanduser()
-    looks_local = name.startswith(("/", ".", "~")) or os.sep * 2 in name or path.exists()
-    looks_hub = not looks_local and name.count("/") <= 1 and all(
-        part and part.replace("-", "").replace("_", "").replace(".", "").isalnum()
-        for part in name.split("/"))
-    if not looks_local and looks_hub:
+    looks_local = name.startswith(("/", ".", "~")) or path.exists()
+    if not looks_local and _HUB_ID.fullmatch(name):  # 'name' or 'org/name'
         return
     if not path.exists():
         raise UsageError(f"{flag}: {name} does not exist (a model folder, an alias "
@@ -394,23 +394,21 @@ def cmd_quantize(args) -> int:
 def cmd_eval(args) -> int:
     device = _device(args.device)
     path = Path(args.model)
-    saved = (path / "quant_config.json").is_file()
-    if not saved:
+    meta = None
+    if (path / "quant_config.json").is_file():
+        from cbq_ptq.io import read_meta
+
+        meta = read_meta(path)  # a damaged file is named here, before anything is loaded
+    else:
         _check_model(args.model, "argument model")
-    corpus = None
-    if saved:
-        try:
-            corpus = json.loads((path / "quant_config.json").read_text()).get("corpus")
-        except ValueError:
-            corpus = None  # load() names the problem
-    name = args.model
-    eval_args = _eval_args(args, name, device, corpus)
+    name = (meta or {}).get("base_model") or args.model
+    eval_args = _eval_args(args, name, device, (meta or {}).get("corpus"))
     for c in _corpora(args, eval_args):
         _check_corpus(c, "argument --corpus" if c == eval_args["corpus"] else "argument --also")
 
     from cbq_ptq.models import load_model
 
-    if saved:
+    if meta is not None:
         from transformers import AutoTokenizer
 
         from cbq_ptq.io import load
@@ -426,8 +424,6 @@ def cmd_eval(args) -> int:
             for v in table.values():
                 kinds[v] = kinds.get(v, 0) + 1
             print("layers: " + "; ".join(f"{n} x {k}" for k, n in sorted(kinds.items())))
-        name = json.loads((path / "quant_config.json").read_text()).get("base_model") or ""
-        eval_args = _eval_args(args, name, device, corpus)
     else:
         model, tok = load_model(args.model, dtype=_dtype(args, device), device=device)
     _evaluate_all(model, tok, args, eval_args, args.model)

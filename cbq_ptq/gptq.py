@@ -129,6 +129,13 @@ def gptq(w: Tensor, hessian: Tensor, bits: int, group_size: int | None,
     """GPTQ of w (N, K) with H (K, K): (codes (N, K) uint8 in the storage range, scales (N, G),
     zeros (N, G)); static groups from w with clipping factors ``clip`` (N, G) (None: 1)."""
     k = w.shape[1]
+    if w.dim() != 2 or tuple(hessian.shape) != (k, k):
+        raise ValueError(f"gptq: w must be (N, K) and the Hessian (K, K); got w "
+                         f"{tuple(w.shape)}, Hessian {tuple(hessian.shape)}")  # fmt: skip
+    if clip is not None and tuple(clip.shape) != (w.shape[0], segment_index(k, group_size)[1]):
+        raise ValueError(f"gptq: clip must be (N, groups) = "
+                         f"{(w.shape[0], segment_index(k, group_size)[1])}, got "
+                         f"{tuple(clip.shape)}")  # fmt: skip
     W = w.detach().float().clone()
     H = hessian.detach().float().clone()
     dead = H.diagonal() == 0

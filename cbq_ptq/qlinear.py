@@ -78,8 +78,7 @@ class QLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, settings: QuantSettings, *, name: str = "",
                  train: bool = True, lora: bool = True, lora_rank: int = 8,
                  learn_clipping: bool = True, truncated: Tensor | None = None,
-                 lora_init: str = "nearest", lora_margin: float = 2.0,
-                 clip_factors: Tensor | None = None) -> None:  # fmt: skip
+                 lora_init: str = "nearest", lora_margin: float = 2.0) -> None:  # fmt: skip
         super().__init__()
         n, k = linear.weight.shape
         gs = settings.group_size
@@ -106,11 +105,8 @@ class QLinear(torch.nn.Module):
         self.learn_clipping = learn_clipping and train
         self.register_buffer("clip_max", None)
         self.register_buffer("clip_min", None)
-        if clip_factors is not None or self.learn_clipping:
-            logits = (clip_logit(clip_factors.to(dev)).reshape(n, groups)
-                      if clip_factors is not None
-                      else torch.full((n, groups), CLIP_MAX_LOGIT, device=dev))  # fmt: skip
-            self._set_clip(logits)
+        if self.learn_clipping:  # min-max; a search or a GPTQ start sets other factors
+            self._set_clip(torch.full((n, groups), CLIP_MAX_LOGIT, device=dev))
         # LoRA-Rounding state: the weight that is rounded, the frozen start logits V0 and the
         # low-rank factors (None: round-to-nearest with a straight-through gradient)
         for attr in ("w_round", "v0", "lora_a", "lora_b"):

@@ -62,15 +62,13 @@ CSV_FIELDS = ["setting", "method", "init", "rounding", "steps", "epochs", "ppl_w
 
 def config_for(name: str):
     """(settings, CBQConfig) of a job name."""
-    import dataclasses
-
     from cbq_ptq.config import CBQConfig, parse_setting, recipe
 
     setting, method = name.split("-", 1)
     quantizer = "crossquant" if method == "cbq_crossquant" else "per_token"
     settings = parse_setting(setting, act_quantizer=quantizer, ragged_groups=True)
     fields = recipe(settings, "cuda")
-    default = dataclasses.replace(CBQConfig(settings=settings, **fields))
+    default = CBQConfig(settings=settings, **fields)
     changes = BASE.get(method, VARIANTS.get(method))
     if changes is None:
         raise ValueError(f"unknown method {method!r} in job {name!r}")

@@ -175,6 +175,12 @@ def test_bad_input():
         lora_round(w, a, b, s, z, 9)
     with pytest.raises(TypeError, match="a must be a float tensor"):
         lora_round(w, a.detach().int(), b, s, z, 4)
+    with pytest.raises(ValueError, match=r"v0 must be a contiguous tensor of w's shape \(8, 32\)"):
+        lora_round(w, a, b, s, z, 4, v0=torch.zeros(8, 16))
+    with pytest.raises(ValueError, match="v0 must be a contiguous tensor"):
+        lora_round(w, a, b, s, z, 4, v0=torch.zeros(32, 8).t())
+    with pytest.raises(TypeError, match="v0 must be a float tensor"):
+        lora_round(w, a, b, s, z, 4, v0=torch.zeros(8, 32, dtype=torch.int32))
 
 
 def test_opcheck_and_compile():

@@ -116,6 +116,18 @@ def test_empty_corpus_file(capsys, tmp_path, monkeypatch):
     assert rc == 2 and "is empty" in err
 
 
+def test_hub_ids_and_local_paths():
+    """'name' and 'org/name' are hub ids (checked when loaded); anything that looks like a
+    path must exist."""
+    from cbq_ptq.cli import UsageError, _check_model
+
+    _check_model("HuggingFaceTB/SmolLM2-135M", "argument --model")
+    _check_model("gpt2", "argument --model")
+    for name in ("./nope", "a/b/c", "a//b", "~/nope"):
+        with pytest.raises(UsageError, match="does not exist"):
+            _check_model(name, "argument --model")
+
+
 def test_eval_of_a_missing_folder(capsys, monkeypatch):
     rc, err = run(["eval", "/path/that/does/not/exist", "--device", "cpu"], capsys,
                   monkeypatch=monkeypatch)  # fmt: skip

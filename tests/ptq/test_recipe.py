@@ -52,6 +52,14 @@ def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
     assert torch.equal(codes, quantize_weight(w, 3, 16)[0])
 
 
+def test_gptq_bad_shapes_are_clear_errors():
+    w = torch.zeros(4, 32)
+    with pytest.raises(ValueError, match=r"Hessian \(K, K\); got w \(4, 32\), Hessian \(16, 16\)"):
+        gptq(w, torch.eye(16), 4, None)
+    with pytest.raises(ValueError, match=r"clip must be \(N, groups\) = \(4, 2\)"):
+        gptq(w, torch.eye(32), 4, 16, clip=torch.ones(4, 1))
+
+
 def test_clip_search_picks_the_grid_minimum():
     g = torch.Generator().manual_seed(6)
     w = torch.randn(5, 32, generator=g) * 0.05
