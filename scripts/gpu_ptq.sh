@@ -5,6 +5,8 @@
 #   bash scripts/gpu_ptq.sh OUT start [ptq_table.py args]   # second half, model, then the
 #                                           # table runs in the background (setsid), returns
 #   bash scripts/gpu_ptq.sh OUT wait SECONDS  # wait (at most SECONDS) and copy what finished
+#   bash scripts/gpu_ptq.sh OUT final JOB   # after the table: JOB alone on the GPU (its seconds
+#                                           # are the 'one run alone' time), then the 7B cost
 #   bash scripts/gpu_ptq.sh OUT check       # GPU tests of cbq_ptq, then the calibration cost
 #   bash scripts/gpu_ptq.sh OUT cli         # the README's commands on stories260K
 # Inputs travel in the ignored folder .carry: shared/{models,data} (copies of ../shared),
@@ -32,6 +34,12 @@ case $stage in
       tests/kernels/test_lora_round_cuda.py tests/kernels/test_act_quant_cuda.py \
       tests/kernels/test_fake_quant_cuda.py tests/ptq/test_pipeline_cuda.py \
       tests/ptq/test_serve_cuda.py 2>&1 | tee "$out/pytest_gpu.txt" | tail -8 ;;
+  final)  # a run alone (nothing else on the GPU), then one 7B-shaped window
+    python3 scripts/ptq_table.py --results /tmp/alone --jobs "$1" --workers 1 2>&1 | tail -3
+    for f in /tmp/alone/*.json; do cat "$f"; echo; done > "$out/alone.jsonl"
+    python3 scripts/ptq_cost.py --shape llama2-7b --n 128 --t 2048 --out "$out/cost.jsonl" \
+      2>&1 | tail -4
+    cp $table/pytest_gpu.txt "$out/" 2>/dev/null; ls -la "$out" ;;
   check)
     timeout 300 python3 -m pytest tests/ptq -q -p no:cacheprovider 2>&1 | tee "$out/pytest_ptq.txt" | tail -8
     [ "${CBQ_COST:-1}" = 1 ] || exit 0
@@ -64,6 +72,13 @@ case $stage in
         --jobs "$CBQ_JOBS_B" --workers ${CBQ_WORKERS_B:-3} "$@" \
         > $table/driver_b.log 2>&1 < /dev/null &
     fi
+    if [ "${CBQ_GPU_TESTS:-1}" = 1 ]; then  # build + every cuda test beside the table runs
+      ( export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++
+        CBQ_CUDA_ARCHS=90a CBQ_REQUIRE_CUDA=1 python3 setup.py build_ext --inplace \
+          > $table/build.log 2>&1 || { tail -30 $table/build.log; exit 1; }
+        timeout ${CBQ_TEST_SECONDS:-900} python3 -m pytest -q -p no:cacheprovider -m cuda -rs \
+          tests ) > $table/pytest_gpu.txt 2>&1 < /dev/null &
+    fi
     sleep 60; cat $table/driver_*.log; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
     tail -3 $table/*.log | head -60 ;;
   wait)
@@ -73,6 +88,7 @@ case $stage in
     done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     cat $table/driver_*.log | grep -v "^|" | tail -40
+    tail -5 $table/pytest_gpu.txt 2>/dev/null; cp $table/pytest_gpu.txt "$out/" 2>/dev/null
     for f in $table/*.json; do cat "$f"; echo; done > "$out/table.jsonl" 2>/dev/null
     tar czf "$out/logs.tgz" -C $table . 2>/dev/null; ls -la "$out" ;;
 esac

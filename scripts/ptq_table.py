@@ -124,11 +124,22 @@ def run_one(args, name: str) -> dict:
     return result
 
 
-def load_runs(results: Path) -> dict[str, dict]:
-    runs = {}
-    for p in sorted(results.glob("*.json")):
-        r = json.loads(p.read_text())
-        runs[r["name"]] = r
+def load_runs(*sources: Path) -> dict[str, dict]:
+    """Runs by name from result folders (NAME.json) and JSON-lines files, in order: a later
+    source's run replaces an earlier one of the same name, which stays as NAME@COMMIT when
+    it came from another commit (so older ablations keep their rows, marked by commit)."""
+    runs: dict[str, dict] = {}
+    for src in sources:
+        src = Path(src)
+        if src.is_dir():
+            found = [json.loads(p.read_text()) for p in sorted(src.glob("*.json"))]
+        else:
+            found = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+        for r in found:
+            old = runs.get(r["name"])
+            if old is not None and old.get("commit") != r.get("commit"):
+                runs[f"{r['name']}@{old.get('commit')}"] = old
+            runs[r["name"]] = r
     return runs
 
 
@@ -216,7 +227,9 @@ def all_jobs() -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--results", default="ptq_table")
+    p.add_argument("--results", default=["ptq_table"], nargs="+",
+                   help="result folder; with --csv / --summarize also JSON-lines files, "
+                   "read in order (later runs replace earlier ones of the same name)")
     p.add_argument("--mirror", default=None)
     p.add_argument("--workers", type=int, default=6)
     p.add_argument("--jobs", default="all", help="comma-separated run names, or all")
@@ -234,9 +247,9 @@ def main() -> int:
     p.add_argument("--summarize", action="store_true")
     p.add_argument("--csv", default=None, help="write the CSV of every run in --results")
     args = p.parse_args()
-    results = Path(args.results)
+    results = Path(args.results[0])
     if args.summarize or args.csv:
-        runs = load_runs(results)
+        runs = load_runs(*args.results)
         if args.csv:
             write_csv(runs, args.csv)
         print(summarize(runs, args.corpus))
