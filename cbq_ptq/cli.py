@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cbq_ptq.config import CBQConfig, parse_setting, recipe
+from cbq_ptq.config import CBQConfig, default_act_quantizer, parse_setting, recipe
 
 # (calibration windows, tokens per window, evaluation windows) by device; the training recipe
 # (steps, learning rates, start...) comes from cbq_ptq.config.recipe(setting, device)
@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smollm2-135m, stories260K, a Hugging Face folder or a hub id")
     q.add_argument("--setting", default="W4A8",
                    help="WxAy[gG]: W4A16, W3A16g64, W2A16g64, W4A8, W4A4, W6A6, W8A8...")
-    q.add_argument("--act-quantizer", default="per_token", choices=["per_token", "crossquant"])
+    q.add_argument("--act-quantizer", default="auto", choices=["auto", "per_token", "crossquant"],
+                   help="auto: the recipe's (GPU: crossquant where activations are quantized; "
+                   "CPU: per_token), chosen on held-out")
     q.add_argument("--crossquant-alpha", type=_fraction, default=0.15, help="in (0, 1]")
     q.add_argument("--ragged-groups", action="store_true",
                    help="allow a shorter last group where groups do not divide")
@@ -315,8 +317,12 @@ def method_label(config: CBQConfig) -> str:
 
 
 def cmd_quantize(args) -> int:
+    device = _device(args.device)
     try:
-        settings = parse_setting(args.setting, act_quantizer=args.act_quantizer,
+        act = args.act_quantizer
+        if act == "auto":
+            act = default_act_quantizer(parse_setting(args.setting).a_bits, device.split(":")[0])
+        settings = parse_setting(args.setting, act_quantizer=act,
                                  crossquant_alpha=args.crossquant_alpha,
                                  ragged_groups=args.ragged_groups)
     except ValueError as exc:
@@ -324,7 +330,6 @@ def cmd_quantize(args) -> int:
     if args.overlap >= args.window:
         raise UsageError(f"argument --overlap: must be smaller than --window ({args.window}), "
                          f"got {args.overlap}")
-    device = _device(args.device)
     try:
         config = build_config(args, settings, device)
     except ValueError as exc:

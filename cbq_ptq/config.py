@@ -240,6 +240,17 @@ def window_schedule(num_blocks: int, window: int, overlap: int) -> list[tuple[in
         start += step
 
 
+def default_act_quantizer(a_bits: int, device: str = "cuda") -> str:
+    """The activation quantizer of a setting's default recipe (the CLI's 'auto'), chosen on
+    the held-out split of each recipe (docs/DECISIONS.md, "Recipe"): CrossQuant where
+    activations are quantized in the GPU recipe (SmolLM2-135M CBQ held-out perplexity 25.98
+    vs 26.51 per token at W4A8, 26.49 vs 29.28 at W6A6; H200 table at 8c3a96f), per token in
+    the CPU recipe (W4A8 held-out 27.65 per token vs 28.09 CrossQuant: its channel factors
+    come from the calibration maxima, 16 x 256 tokens there against 128 x 2048). The API's
+    QuantSettings stays explicit (per_token unless told)."""
+    return "crossquant" if a_bits < 16 and device == "cuda" else "per_token"
+
+
 def recipe(settings: QuantSettings, device: str = "cuda") -> dict:
     """The default training recipe of a setting (CBQConfig fields beyond the dataclass
     defaults), as the CLI and the result tables use it (docs/DECISIONS.md, "Recipe").

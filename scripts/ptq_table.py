@@ -53,19 +53,28 @@ VARIANTS = {  # ablations / recipe variants: changes of the default CBQ recipe
     "cbq_lrhalf": {"lr": "0.5x", "lr_lora": "0.5x"},
     "cbq_nocfp": {"cfp": False},
     "cbq_nooverlap": {"window": 2, "overlap": 0},
-    "cbq_crossquant": {},  # act_quantizer="crossquant" in the settings
+    "cbq_crossquant": {},  # activations forced to CrossQuant (config_for)
+    "cbq_pertoken": {},  # activations forced to per token (config_for)
 }
-CSV_FIELDS = ["setting", "method", "init", "rounding", "steps", "epochs", "ppl_wikitext2",
-              "ppl_ptb", "ppl_heldout", "windows", "windows_kept_start", "quantize_seconds",
-              "gpu", "commit", "job"]  # fmt: skip
+CSV_FIELDS = ["setting", "method", "act_quantizer", "init", "rounding", "steps", "epochs",
+              "ppl_wikitext2", "ppl_ptb", "ppl_heldout", "windows", "windows_kept_start",
+              "quantize_seconds", "gpu", "commit", "job"]  # fmt: skip
 
 
 def config_for(name: str):
     """(settings, CBQConfig) of a job name."""
-    from cbq_ptq.config import CBQConfig, parse_setting, recipe
+    from cbq_ptq.config import CBQConfig, default_act_quantizer, parse_setting, recipe
 
     setting, method = name.split("-", 1)
-    quantizer = "crossquant" if method == "cbq_crossquant" else "per_token"
+    # the baselines quantize activations per token (the usual reference); CBQ and its variants
+    # take the CLI's default (CrossQuant where activations are quantized, from 8c3a96f's
+    # held-out table); cbq_pertoken / cbq_crossquant force one or the other
+    a_bits = parse_setting(setting).a_bits
+    quantizer = default_act_quantizer(a_bits, "cuda")
+    if method in ("rtn", "gptq", "bw", "cbq_pertoken"):
+        quantizer = "per_token"
+    elif method == "cbq_crossquant":
+        quantizer = "crossquant"
     settings = parse_setting(setting, act_quantizer=quantizer, ragged_groups=True)
     fields = recipe(settings, "cuda")
     default = CBQConfig(settings=settings, **fields)
@@ -152,6 +161,11 @@ def mirror(results: Path, target: str | None) -> None:
     tmp.replace(target)
 
 
+def _act_quantizer(r: dict) -> str:
+    settings = r.get("config", {}).get("settings", {})
+    return settings.get("act_quantizer", "") if settings.get("a_bits", 16) < 16 else ""
+
+
 def csv_rows(runs: dict[str, dict], corpus: str = "wikitext2") -> list[dict]:
     rows = []
     def ppl(r: dict, key: str):
@@ -162,6 +176,7 @@ def csv_rows(runs: dict[str, dict], corpus: str = "wikitext2") -> list[dict]:
         trains = r.get("method") not in ("rtn", "gptq", None)
         rows.append({
             "setting": r.get("setting", "FP"), "method": r.get("method", name),
+            "act_quantizer": _act_quantizer(r),
             "init": cfg.get("init", "") if trains else "",
             "rounding": (("lora-" + cfg.get("round_mode", "soft")) if cfg.get("lora_rounding")
                          else "nearest") if trains else "",

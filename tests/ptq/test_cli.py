@@ -27,6 +27,8 @@ def test_quantize_then_eval(tmp_path, capsys):
     assert len(kernel) == 35 and all(0 <= v <= 1 for v in kernel.values())
     assert (out / "windows.jsonl").read_text().count("\n") == 4
     assert not (out / "checkpoint").exists()  # removed once the model is saved
+    meta = json.loads((out / "model" / "quant_config.json").read_text())
+    assert meta["settings"]["act_quantizer"] == "per_token"  # --act-quantizer auto, CPU recipe
     rc = main(["eval", str(out / "model"), "--corpus", "tinystories", "--eval-windows", "2",
                "--device", "cpu", "--also", ""])  # fmt: skip
     assert rc == 0

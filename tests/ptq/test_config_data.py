@@ -100,3 +100,11 @@ def test_missing_corpus_is_a_clear_error(tmp_path, monkeypatch):
     calib, held = load_text("ptb", "calib"), load_text("ptb", "heldout")
     assert calib + held == text and calib.startswith("from the env dir\n")
     assert held.endswith("held out\n") and 0.05 < len(held) / len(text) <= 0.15
+
+
+def test_the_recipes_activation_quantizer():
+    from cbq_ptq.config import default_act_quantizer
+
+    got = [default_act_quantizer(a, "cuda") for a in (4, 6, 8, 16)]
+    assert got == ["crossquant"] * 3 + ["per_token"]
+    assert {default_act_quantizer(a, "cpu") for a in (4, 6, 8, 16)} == {"per_token"}
