@@ -5,7 +5,11 @@ Providers: cublas_bf16 (F.linear, bf16 weight), int_mm (int8 x int8 -> int32; M 
 padded to 32 rows, its minimum), scaled_mm (fp8 e4m3 x e4m3 -> bf16, unit scales), and the
 cbq kernels: w4a8 (4-bit per-channel weight, int8 activation codes), w4a8_g128, w4a4
 (packed int4 activation codes), w4a16_g128 and w2a16_g128 (weight-only, bf16 activations),
-each as its public function dispatches it; at M in {256, 1024, 4096} also the other side of
+each as its public function dispatches it (M <= 16: the CUDA decode kernel of
+csrc/gemm_decode.cu when the extension has it; the Triton decode kernel as *_triton rows);
+int4pack_mm: PyTorch's own W4A16 g128 kernel (torch._weight_int4pack_mm), a peer; a
+"copy" row: the device-to-device copy bandwidth of the same run (what the decode rows'
+GB/s are judged against). At M in {256, 1024, 4096} also the other side of
 the dispatch thresholds (EXPAND_MIN_M, WONLY_CUBLAS_MIN_M): w4a8_inloop (codes unpacked in the
 K loop, no int8 expansion) and w4a16_g128_inloop (the Triton kernel, no dequantize + cuBLAS).
 Times are CUDA-graph replays (``do_bench_cudagraph``): the GPU time, without the Python
@@ -39,6 +43,7 @@ from cbq_kernels.gemm import (
     _A_FLOAT,
     _A_INT8,
     _launch,
+    _split_k,
     gemm_w4a4,
     gemm_w4a8,
     gemm_wonly,
@@ -71,6 +76,16 @@ def timed(fn):
     return Timing(p50, p20, p80)
 
 
+def copy_bandwidth(table) -> float:
+    """GB/s of a 1 GiB device-to-device copy (read + write), added to the table as a row."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    t = timed(lambda: dst.copy_(src))
+    gbps = 2 * src.numel() / t.p50_ms / 1e6
+    table.add("copy", "torch_copy", "1GiB", "u8", t, nbytes=2 * src.numel(), copy_gbps=gbps)
+    return gbps
+
+
 def main() -> None:
     out = cli(__doc__)
     quick = bool(os.environ.get("CBQ_BENCH_QUICK"))
@@ -89,6 +104,7 @@ def main() -> None:
         ms = tuple(int(v) for v in os.environ["CBQ_BENCH_MS"].split(","))
     only = os.environ.get("CBQ_BENCH_KERNELS", "").split(",")
     notes = []
+    copy_gbps = copy_bandwidth(table)
     for name, n, k in shapes:
         w_bf16 = (torch.randn(n, k, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
         w_i8_t = torch.randint(-127, 128, (n, k), generator=g, device="cuda",
@@ -98,6 +114,17 @@ def main() -> None:
         w4g = weight(n, k, 4, 128, g)
         w2g = weight(n, k, 2, 128, g)
         one = torch.ones((), device="cuda")
+        int4pack = None
+        try:  # PyTorch's int4 weight-only kernel: (N, K / 2) uint8 nibbles, g128 bf16 s / z
+            wi = torch.randint(0, 16, (n, k), generator=g, device="cuda", dtype=torch.int32)
+            w_u8 = ((wi[:, ::2] << 4) | wi[:, 1::2]).to(torch.uint8)
+            int4pack = (
+                torch._convert_weight_to_int4pack(w_u8, 8),
+                torch.rand(k // 128, n, 2, generator=g, device="cuda").to(torch.bfloat16),
+            )
+            del wi, w_u8
+        except (RuntimeError, AttributeError, TypeError) as exc:
+            notes.append(f"- int4pack_mm {name}: not run ({str(exc).splitlines()[0][:80]})")
         for m in ms:
             shape = f"{m}x{n}x{k}"
             flops = 2 * m * n * k
@@ -132,6 +159,26 @@ def main() -> None:
                 ("w4a16_g128", lambda: gemm_wonly(x, w4g), m * k * 2 + wbytes(w4g)),
                 ("w2a16_g128", lambda: gemm_wonly(x, w2g), m * k * 2 + wbytes(w2g)),
             )
+            if int4pack is not None:
+                cases += (
+                    (
+                        "int4pack_mm",
+                        lambda: torch._weight_int4pack_mm(x, int4pack[0], 128, int4pack[1]),
+                        m * k * 2 + n * k // 2 + n * k // 32,
+                    ),
+                )
+            if m <= 16:  # the Triton decode kernel (a forced split_k bypasses the CUDA kernel)
+                sk = _split_k(m, n, k, x.device)
+                cases += (
+                    ("w4a8_triton", lambda: gemm_w4a8(xq8, xs8, w4, split_k=sk),
+                     m * k + wbytes(w4)),
+                    ("w4a4_triton", lambda: gemm_w4a4(xq4, xs4, w4, split_k=sk),
+                     m * k // 2 + wbytes(w4)),
+                    ("w4a16_g128_triton", lambda: gemm_wonly(x, w4g, split_k=sk),
+                     m * k * 2 + wbytes(w4g)),
+                    ("w2a16_g128_triton", lambda: gemm_wonly(x, w2g, split_k=sk),
+                     m * k * 2 + wbytes(w2g)),
+                )  # fmt: skip
             if m in (256, 1024, 4096):  # the other side of the dispatch thresholds
                 cases += (
                     ("w4a8_inloop", lambda: _launch(xq8, xs8.float(), _A_INT8, w4, None,
@@ -147,14 +194,14 @@ def main() -> None:
                 t = timed(fn)
                 table.add(name, prov, shape, "int4" if "a16" not in prov else "bf16", t,
                           flops=flops, nbytes=nbytes + out_b, baseline=base,
-                          baseline_name="cublas_bf16")  # fmt: skip
+                          baseline_name="cublas_bf16", copy_gbps=copy_gbps)  # fmt: skip
             print(f"{name} M={m} done", flush=True)
         report(table, out, notes)  # after every shape: a run cut short keeps its rows
     report(table, out, notes)
 
 
 def report(table, out, notes) -> None:
-    columns = ("op", "provider", "shape", "p50_ms", "tflops", "gbps", "speedup")
+    columns = ("op", "provider", "shape", "p50_ms", "tflops", "gbps", "frac_copy_bw", "speedup")
     head = ["speedup: cuBLAS bf16 time / this time, same M, N, K, same process. Times: "
             "CUDA-graph replays (GPU time), median (p20, p80 in the CSV)."]  # fmt: skip
     write_report(table, out, "bench_gemm", "Quantized GEMMs", "benchmarks/bench_gemm.py", columns,

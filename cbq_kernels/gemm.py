@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cbq_kernels import formats
+from cbq_kernels import formats, gemm_decode
 from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, describe, use_triton
 from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpreter gets right
 from cbq_kernels.quant_math import dequantize_weight
@@ -378,6 +378,7 @@ class PreparedWeight:
     bits: int
     k: int
     group_size: int | None
+    decode: gemm_decode.DecodeWeight | None = None  # the CUDA decode kernel's layout
 
     @property
     def packed(self) -> Tensor:
@@ -410,7 +411,8 @@ class PreparedWeight:
 
 
 def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Tensor | None = None,
-                   group_size: int | None = None) -> PreparedWeight:  # fmt: skip
+                   group_size: int | None = None,
+                   decode: bool | None = None) -> PreparedWeight:  # fmt: skip
     """Check a packed weight once and convert its parameters for the GEMM kernels.
 
     Args:
@@ -420,6 +422,9 @@ def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Ten
         scales: (N, G) float, G = 1 per channel or ceil(K / group_size).
         zeros: (N, G) integer-valued zero points in [0, 2**bits - 1]; None means 2**(bits-1).
         group_size: None (per channel) or a multiple of 32 (one group per K tile).
+        decode: also build the CUDA decode kernel's layout (:mod:`cbq_kernels.gemm_decode`,
+            used for M <= 16); None: when the extension has that kernel for this device and K
+            is even. It costs a second copy of the packed weight.
     """
     bits = formats.check_bits(bits)
     if bits == 8:
@@ -464,7 +469,18 @@ def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Ten
             raise ValueError(f"zeros must be integers in [0, {qmax}] for {bits}-bit codes")
         z = zf.to(torch.int32)
     words = packed.t().contiguous()  # the kernels' layout: N contiguous (coalesced loads)
-    return PreparedWeight(words, scales.float().contiguous(), z.contiguous(), bits, k, group_size)
+    if decode is None:
+        decode = gemm_decode.available(packed.device) and k % 2 == 0
+    dw = None
+    if decode:
+        if k % 2:
+            raise ValueError(f"the decode layout needs an even K, got k={k}")
+        from cbq_kernels.packing import unpack_ref
+
+        codes = unpack_ref(packed, bits, k)
+        dw = gemm_decode.prepare_decode(codes, scales, z, bits, group_size)
+    return PreparedWeight(words, scales.float().contiguous(), z.contiguous(), bits, k, group_size,
+                          dw)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ launch
@@ -598,6 +614,10 @@ def gemm_w4a8(x_codes: Tensor, x_scales: Tensor, weight: PreparedWeight,
     xs = _check_act_scales(x_scales, x_codes.shape[0], x_codes.device)
     if not use_triton(_gemm_kernel, x_codes.device):
         return _int_gemm_torch(x_codes.to(torch.int32), xs, weight, bias, out_dtype, debug)
+    if _use_decode(weight, x_codes, split_k):
+        _check_bias(bias, weight.n, x_codes.device)
+        _check_out_dtype(out_dtype)
+        return gemm_decode.launch(x_codes, xs, weight.decode, bias, out_dtype, debug)
     return _launch(x_codes, xs, _A_INT8, weight, bias, out_dtype, debug, split_k)
 
 
@@ -620,6 +640,10 @@ def gemm_w4a4(x_packed: Tensor, x_scales: Tensor, weight: PreparedWeight,
 
         codes = unpack_ref(x_packed, 4, weight.k).to(torch.int32) - 8
         return _int_gemm_torch(codes, xs, weight, bias, out_dtype, debug)
+    if _use_decode(weight, x_packed, split_k):
+        _check_bias(bias, weight.n, x_packed.device)
+        _check_out_dtype(out_dtype)
+        return gemm_decode.launch(x_packed, xs, weight.decode, bias, out_dtype, debug)
     return _launch(x_packed, xs, _A_INT4, weight, bias, out_dtype, debug, split_k)
 
 
@@ -635,11 +659,20 @@ def gemm_wonly(x: Tensor, weight: PreparedWeight, bias: Tensor | None = None,
         out = x.float() @ weight.dequantize(torch.float32).t()
         return (out + bias.float() if bias is not None else out).to(x.dtype)
     _check_bias(bias, weight.n, x.device)
+    if x.dtype != torch.float32 and _use_decode(weight, x, split_k):
+        return gemm_decode.launch(x, None, weight.decode, bias, x.dtype)
     if x.shape[0] >= WONLY_CUBLAS_MIN_M and x.dtype != torch.float32 and split_k is None:
         # Compute-bound: dequantize to a scratch (N, K) weight in x's dtype, then cuBLAS.
         w = _dequantize_scratch(weight, x.dtype)
         return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)
     return _launch(x, None, _A_FLOAT, weight, bias, x.dtype, False, split_k)
+
+
+def _use_decode(weight: PreparedWeight, x: Tensor, split_k: int | None) -> bool:
+    """The CUDA decode kernel takes M <= DECODE_MAX_M when the weight has its layout and no
+    split-K was forced (tests and sweeps force the Triton kernel with split_k)."""
+    return (weight.decode is not None and x.device.type == "cuda" and split_k is None
+            and 1 <= x.shape[0] <= gemm_decode.DECODE_MAX_M)  # fmt: skip
 
 
 def _dequantize_scratch(weight: PreparedWeight, dtype: torch.dtype) -> Tensor:

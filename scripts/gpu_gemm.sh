@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
-# On a CUDA machine: the GEMM GPU tests and the GEMM benchmark (no compiled extension needed).
-#   bash scripts/gpu_gemm.sh OUT_DIR [tests|bench]...      (default: tests bench)
+# On a CUDA machine: build the extension (the CUDA decode GEMM lives there), the GEMM GPU tests
+# and the GEMM benchmark.
+#   bash scripts/gpu_gemm.sh OUT_DIR [build|decode|tests|bench]...   (default: build decode tests bench)
+# decode: tests/kernels/test_gemm_decode_cuda.py; tests: tests/kernels/test_gemm_cuda.py.
 # CBQ_BENCH_MS picks the M values of the benchmark (see benchmarks/bench_gemm.py); the
 # benchmark's CSV/markdown land in OUT_DIR (merge parts with benchmarks/summarize_gemm.py).
 set -uo pipefail
 out=${1:?usage: gpu_gemm.sh OUT_DIR [tests|bench]...}
 shift
-steps=${*:-tests bench}
+steps=${*:-build decode tests bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 rc=0
 for step in $steps; do
   case $step in
+    build)  # the system g++: the image's default one builds modules whose exceptions segfault
+      if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++; fi
+      CBQ_CUDA_ARCHS=${CBQ_CUDA_ARCHS:-90a} CBQ_REQUIRE_CUDA=1 python3 setup.py build_ext \
+        --inplace > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+      grep -E "spill|warning" "$out/build.log" | tail -5 ;;
+    decode)
+      python3 -m pytest tests/kernels/test_gemm_decode_cuda.py -q -p no:cacheprovider 2>&1 \
+        | tee "$out/pytest_gemm_decode.txt" | tail -15
+      rc=$(( rc || PIPESTATUS[0] )) ;;
     tests)
       python3 -m pytest tests/kernels/test_gemm_cuda.py -q -p no:cacheprovider -x 2>&1 \
         | tee "$out/pytest_gemm.txt" | tail -15

@@ -1,0 +1,134 @@
+"""The CUDA decode kernel (csrc/gemm_decode.cu) on the GPU: exact int32 accumulators for
+W4A8 / W4A4 (bf16 MMA on integer codes, K up to 28672), weight-only W4A16 / W3A16 / W2A16
+within twice PyTorch's own error, every split of K deterministic and equal."""
+
+import pytest
+import torch
+
+from cbq_kernels import gemm_decode
+from cbq_kernels.act_quant import act_quant
+from cbq_kernels.gemm import gemm_ref, gemm_w4a4, gemm_w4a8, gemm_wonly, linear, prepare_weight
+from cbq_kernels.packing import dequantize_ref
+from cbq_kernels.packing import pack_ref as pack
+from cbq_kernels.packing import unpack_ref as unpack
+
+pytestmark = pytest.mark.cuda
+
+# (M, N, K): 70B gate/up at M = 1, 7B attention at M = 16, 70B down (K = 28672) at M = 4,
+# odd sizes (N not a multiple of the tile, K not of 16)
+SHAPES = ((1, 28672, 8192), (16, 4096, 4096), (4, 8192, 28672), (7, 1000, 200))
+
+
+def need_kernel():
+    if not gemm_decode.available(torch.device("cuda")):
+        pytest.fail("cbq_kernels._C lacks gemm_decode_cuda: build with scripts/gpu_check.sh")
+
+
+def make_weight(n, k, bits, group_size, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g, device="cuda", dtype=torch.uint8)
+    groups = 1 if group_size is None else -(-k // group_size)
+    scales = torch.rand(n, groups, generator=g, device="cuda") * 0.02 + 0.005
+    zeros = torch.randint(0, 1 << bits, (n, groups), generator=g, device="cuda").float()
+    w = prepare_weight(pack(codes, bits), bits, k, scales, zeros, group_size, decode=True)
+    return w, codes
+
+
+def exact_int(x_codes, w, codes):
+    gid = torch.arange(w.k, device="cuda") // (w.group_size or w.k)
+    wq = codes.double() - w.zeros.double()[:, gid]
+    return (x_codes.double() @ wq.t()).round().to(torch.int64)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("group_size", [None, 128])
+@pytest.mark.parametrize("act_bits", [8, 4])
+def test_integer_accumulator_is_exact(shape, group_size, act_bits):
+    need_kernel()
+    m, n, k = shape
+    if group_size is not None and k % group_size:
+        group_size = 32
+    w, codes = make_weight(n, k, 4, group_size, seed=1)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(m, k, generator=g, device="cuda") * 3
+    x[:, :64] = 1e3  # saturate some codes: |x_code| = 127 (8-bit) / 7 (4-bit)
+    xq, xs = act_quant(x, act_bits)
+    codes_x = xq if act_bits == 8 else unpack(xq, 4, k).to(torch.int32) - 8
+    fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
+    got = fn(xq, xs, w, debug=True)
+    assert got.dtype == torch.int32 and torch.equal(got.long(), exact_int(codes_x, w, codes))
+    out = fn(xq, xs, w, out_dtype=torch.float32)
+    want = gemm_ref(xq, w, xs, act_bits)
+    torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=1e-4 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(("bits", "group_size"), [(4, None), (4, 128), (3, 128), (2, 64),
+                                                  (2, None)])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weight_only_within_twice_pytorchs_error(shape, bits, group_size, dtype):
+    need_kernel()
+    m, n, k = shape
+    if group_size is not None and k % group_size:
+        group_size = 32
+    w, _ = make_weight(n, k, bits, group_size, seed=4)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(m, k, generator=g, device="cuda").to(dtype)
+    out = gemm_wonly(x, w)
+    assert out.dtype == dtype and out.shape == (m, n)
+    exact = gemm_ref(x, w)
+    deq = dequantize_ref(w.packed, bits, k, w.scales, w.zeros.float(), group_size)
+    torch_out = x @ deq.to(dtype).t()
+    err = (out.double() - exact).abs().max()
+    torch_err = (torch_out.double() - exact).abs().max()
+    assert float(err) <= 2 * float(torch_err) + 1e-6 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("act_bits", [None, 8, 4])
+def test_every_split_gives_the_same_result_and_runs_are_deterministic(act_bits):
+    need_kernel()
+    w, _ = make_weight(8192, 8192, 4, 128, seed=6)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(3, 8192, generator=g, device="cuda").to(torch.bfloat16)
+    if act_bits is None:
+        args, scales = x, None
+    else:
+        args, scales = act_quant(x, act_bits)
+    outs = {}
+    for splits in (1, 2, 5, 16, 32):
+        outs[splits] = gemm_decode.launch(
+            args, scales, w.decode, None, torch.float32, debug=act_bits is not None, splits=splits
+        )
+        again = gemm_decode.launch(
+            args, scales, w.decode, None, torch.float32, debug=act_bits is not None, splits=splits
+        )
+        assert torch.equal(outs[splits], again)  # fixed reduction order
+        assert int(w.decode.counters.abs().sum()) == 0  # the semaphores are left zero
+    for splits, out in outs.items():
+        if act_bits is None:
+            torch.testing.assert_close(out, outs[1], rtol=1e-4, atol=1e-3)
+        else:
+            assert torch.equal(out, outs[1]), splits
+
+
+def test_bias_output_dtypes_and_the_dispatch():
+    need_kernel()
+    w, _ = make_weight(1000, 512, 4, None, seed=8)
+    g = torch.Generator(device="cuda").manual_seed(9)
+    x = torch.randn(5, 512, generator=g, device="cuda").to(torch.bfloat16)
+    bias = torch.randn(1000, generator=g, device="cuda")
+    xq, xs = act_quant(x, 8)
+    want = gemm_ref(xq, w, xs, 8, bias)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        out = gemm_w4a8(xq, xs, w, bias, out_dtype=dtype)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), want, rtol=1e-2, atol=1e-2)
+    # the Triton decode kernel (split_k forced) and the CUDA kernel agree
+    torch.testing.assert_close(
+        gemm_w4a8(xq, xs, w, bias, split_k=1).float(),
+        gemm_w4a8(xq, xs, w, bias).float(),
+        rtol=1e-2,
+        atol=1e-2,
+    )
+    y = linear(x, w, act_bits=None, bias=bias)
+    torch.testing.assert_close(y.double(), gemm_ref(x, w, bias=bias), rtol=2e-2, atol=2e-2)
