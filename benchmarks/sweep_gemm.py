@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_gemm import weight
 from benchmarks.common import Environment
 from cbq_kernels.act_quant import act_quant
-from cbq_kernels.gemm import _A_FLOAT, _A_INT4, _A_INT8, _expand, _launch
+from cbq_kernels.gemm_triton import _A_FLOAT, _A_INT4, _A_INT8, _expand, _launch
 
 # (bm, bn, bk, warps, stages); each with SWAP in {False, True} and UNPACK in {0, 1}
 LARGE = [(256, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3), (128, 128, 64, 8, 3),

@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from cbq_kernels import gemm as gemm_module
+from cbq_kernels import gemm_triton
 from cbq_kernels.act_quant import act_quant
 from cbq_kernels.gemm import (
     _A_FLOAT,
+    GemmPolicy,
     PreparedWeight,
     _launch,
     gemm_ref,
@@ -39,7 +41,12 @@ def act_codes(m, k, bits, seed=1):
 
 def use_swap(monkeypatch, swap):
     """Run the interpreter with the operand-swapped kernel (W x^T) or the plain one."""
-    monkeypatch.setitem(gemm_module._CPU_CONFIG, "SWAP", swap)
+    monkeypatch.setitem(gemm_triton._CPU_CONFIG, "SWAP", swap)
+
+
+def expand_policy(expand: bool) -> GemmPolicy:
+    """expand: 4-bit codes (and int4 activations) expanded to int8 before the K loop."""
+    return GemmPolicy(expand_min_m=1 if expand else 1 << 30)
 
 
 def signed_weight(w: PreparedWeight, codes):
@@ -55,13 +62,11 @@ def signed_weight(w: PreparedWeight, codes):
 )
 def test_int32_accumulator_exact(shape, act_bits, group_size, swap, expand, monkeypatch):
     use_swap(monkeypatch, swap)
-    # expand: 4-bit codes (and int4 activations) expanded to int8 before the K loop
-    monkeypatch.setattr(gemm_module, "EXPAND_MIN_M", 1 if expand else 1 << 30)
     m, n, k = shape
     w, codes = make_weight(n, k, 4, group_size, seed=m)
     xq, xs = act_codes(m, k, act_bits)
     fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
-    acc = fn(xq, xs, w, debug=True)
+    acc = fn(xq, xs, w, debug=True, policy=expand_policy(expand))
     x_int = xq.to(torch.int64) if act_bits == 8 else unpack_ref(xq, 4, k).to(torch.int64) - 8
     assert acc.dtype == torch.int32
     assert torch.equal(acc.to(torch.int64), x_int @ signed_weight(w, codes).t())
@@ -79,13 +84,12 @@ def max_err(got, exact):
 def test_scaled_output_within_twice_the_torch_error(shape, act_bits, group_size, out_dtype, swap,
                                                      expand, monkeypatch):  # fmt: skip
     use_swap(monkeypatch, swap)
-    monkeypatch.setattr(gemm_module, "EXPAND_MIN_M", 1 if expand else 1 << 30)
     m, n, k = shape
     w, _ = make_weight(n, k, 4, group_size, seed=n)
     xq, xs = act_codes(m, k, act_bits, seed=k)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(3))
     fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
-    out = fn(xq, xs, w, bias, out_dtype=out_dtype)
+    out = fn(xq, xs, w, bias, out_dtype=out_dtype, policy=expand_policy(expand))
     exact = gemm_ref(xq, w, xs, act_bits, bias)
     # The same computation in PyTorch at the output dtype: fp32 math, one rounding.
     torch_out = gemm_ref(xq, w, xs, act_bits, bias, dtype=torch.float32).to(out_dtype)
@@ -196,8 +200,8 @@ def test_pytorch_fallback_matches_the_kernel(act_bits):
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [None, 32])
-def test_weight_only_dequantize_then_matmul_path(bits, group_size, monkeypatch):
-    """At M >= WONLY_CUBLAS_MIN_M, gemm_wonly dequantizes to a scratch weight (Triton) and
+def test_weight_only_dequantize_then_matmul_path(bits, group_size):
+    """At M >= policy.wonly_cublas_min_m, gemm_wonly dequantizes to a scratch weight (Triton) and
     calls the BLAS GEMM: the scratch weight equals the PyTorch dequantization exactly."""
     from cbq_kernels.packing import dequantize_ref
 
@@ -207,10 +211,41 @@ def test_weight_only_dequantize_then_matmul_path(bits, group_size, monkeypatch):
     want = dequantize_ref(w.packed.contiguous(), bits, k, w.scales, w.zeros.float(), group_size,
                           torch.bfloat16)  # fmt: skip
     assert torch.equal(deq, want)
-    monkeypatch.setattr(gemm_module, "WONLY_CUBLAS_MIN_M", 1)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(12)).to(torch.bfloat16)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(13))
-    out = gemm_wonly(x, w, bias)
+    out = gemm_wonly(x, w, bias, policy=GemmPolicy(wonly_cublas_min_m=1))
     exact = gemm_ref(x, w, bias=bias)
     torch_out = torch.nn.functional.linear(x, want, bias.to(torch.bfloat16))
     assert max_err(out, exact) <= 2 * max_err(torch_out, exact) + 1e-5 * float(exact.abs().max())
+
+
+def test_gemm_ops_pass_opcheck_and_compile_with_fullgraph():
+    w, _ = make_weight(33, 100, 4, 32, seed=21)
+    xq, xs = act_codes(3, 100, 8)
+    x4, xs4 = act_codes(3, 100, 4)
+    x = torch.randn(3, 100, generator=torch.Generator().manual_seed(22))
+    pol = gemm_module._policy_args(gemm_module.DEFAULT_POLICY)
+    wargs = gemm_module._weight_args(w)
+    torch.library.opcheck(torch.ops.cbq.gemm_w4a8.default,
+                          (xq, xs, *wargs, None, torch.float32, False, None, pol))  # fmt: skip
+    torch.library.opcheck(torch.ops.cbq.gemm_w4a4.default,
+                          (x4, xs4, *wargs, None, torch.bfloat16, True, None, pol))  # fmt: skip
+    torch.library.opcheck(torch.ops.cbq.gemm_wonly.default, (x, *wargs, None, None, pol))
+    codes = torch.randint(0, 16, (33, 100), dtype=torch.uint8)
+    torch.library.opcheck(torch.ops.cbq.prepare_weight.default,
+                          (pack_ref(codes, 4), 4, 100, w.scales, w.zeros.float(), 32))  # fmt: skip
+    compiled = torch.compile(lambda x: gemm_wonly(x, w), fullgraph=True)
+    assert torch.equal(compiled(x), gemm_wonly(x, w))
+    compiled = torch.compile(lambda q, s: gemm_w4a8(q, s, w, out_dtype=torch.float32),
+                             fullgraph=True)  # fmt: skip
+    assert torch.equal(compiled(xq, xs), gemm_w4a8(xq, xs, w, out_dtype=torch.float32))
+
+
+def test_gemm_policy_is_checked():
+    with pytest.raises(ValueError, match=r"GemmPolicy\.small_m must be a non-negative int"):
+        GemmPolicy(small_m=-1)
+    with pytest.raises(ValueError, match="decode_max_m must be <= 16"):
+        GemmPolicy(decode_max_m=32)
+    w, _ = make_weight(8, 64, 4)
+    with pytest.raises(TypeError, match="policy must be a GemmPolicy or None, got dict"):
+        gemm_wonly(torch.randn(2, 64), w, policy={"small_m": 1})

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cbq_kernels import gemm as gemm_module
+from cbq_kernels import gemm_triton as gemm_module
 from cbq_kernels.act_quant import act_quant
 from cbq_kernels.gemm import (
     _A_FLOAT,

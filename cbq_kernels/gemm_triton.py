@@ -1,0 +1,449 @@
+"""The Triton GEMM kernels behind :mod:`cbq_kernels.gemm` (its docstring describes the
+paths, the arithmetic and the prepared layout): the kernel that unpacks codes in the K loop,
+the int8 expansion / dequantization pass, the autotuner configurations, the launch, and the
+dispatch policy (:class:`GemmPolicy`) whose thresholds come from the benchmark table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from cbq_kernels import formats
+from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, describe
+from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpreter gets right
+
+if TYPE_CHECKING:
+    from cbq_kernels.gemm import PreparedWeight
+
+_A_INT8, _A_INT4, _A_FLOAT = 0, 1, 2
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmPolicy:
+    """Which kernel serves which M: passed to the GEMMs (:data:`DEFAULT_POLICY` otherwise).
+
+    decode_max_m: M up to which the CUDA decode kernel runs (csrc/gemm_decode.cu) when the
+    weight has its layout; cuda_decode=False keeps the Triton kernel there. small_m: M up to
+    which the Triton kernel takes its decode configurations and split-K. expand_min_m: M from
+    which the integer GEMMs expand the 4-bit weight (and int4 activations) to an int8 scratch
+    copy before the K loop. wonly_cublas_min_m: M from which the weight-only GEMM dequantizes
+    to a scratch bf16 / fp16 weight and calls cuBLAS. From the H200 table
+    (benchmarks/results/h200/bench_gemm.csv, DECISIONS.md): at M >= 1024 expansion wins
+    everywhere (1.2-1.9x over unpacking in the K loop), at M = 256 it ties on 70B gate/up and
+    the in-loop kernel is 0.2-0.4x cuBLAS on the smaller layers; the expansion costs one pass
+    over the weight (131 us for 28672 x 8192 at 2.7 TB/s), so 64 is where it starts to pay."""
+
+    decode_max_m: int = 16
+    cuda_decode: bool = True
+    small_m: int = 63
+    expand_min_m: int = 64
+    wonly_cublas_min_m: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("decode_max_m", "small_m", "expand_min_m", "wonly_cublas_min_m"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"GemmPolicy.{name} must be a non-negative int, got {v!r}")
+        if self.decode_max_m > 16:
+            raise ValueError(f"GemmPolicy.decode_max_m must be <= 16 (one MMA row tile), "
+                             f"got {self.decode_max_m}")  # fmt: skip
+
+
+DEFAULT_POLICY = GemmPolicy()
+
+# ------------------------------------------------------------------------------ kernel
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, K, KW_X, KW_W,
+                 G, GS, A_MODE: tl.constexpr, W_BITS: tl.constexpr, GROUPED: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr, SPLIT_K: tl.constexpr,
+                 DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr):  # fmt: skip
+    """out (M, N) = x (M, K) @ W^T, W as prepared words (KW_W, N) int32. See the module
+    docstring.
+
+    SPLIT_K > 1: out_ptr is an fp32 (SPLIT_K, M, N) buffer of partials (bias not added).
+    DEBUG: out_ptr is int32 (M, N), the raw accumulator.
+    SWAP: compute the transposed tile W x^T (BLOCK_N, BLOCK_M): the unpacked weight is the
+    first operand of the MMA (on Hopper it can stay in registers instead of going through
+    shared memory) and M = 1..16 fills the MMA's narrow N side instead of its 64-row M side."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row blocks share the weight tiles they read (L2 reuse).
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm, mn = rm < M, rn < N
+    rm64, rn64 = rm.to(tl.int64), rn.to(tl.int64)
+    PER_W: tl.constexpr = 32 // W_BITS  # codes per word (W_BITS 2, 4; 8 = expanded int8)
+    W_MASK: tl.constexpr = (1 << W_BITS) - 1
+    INT_PATH: tl.constexpr = A_MODE != 2
+
+    # Accumulators are (BLOCK_M, BLOCK_N), or (BLOCK_N, BLOCK_M) when SWAP.
+    if SWAP:
+        acc_i = tl.zeros((BLOCK_N, BLOCK_M), tl.int32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    else:
+        acc_i = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if not GROUPED and W_BITS != 8:  # one zero point (and scale) per output channel
+        z_n = tl.load(wz_ptr + rn64 * G, mask=mn, other=0)
+
+    k_step = BLOCK_K * SPLIT_K
+    for k0 in range(split * BLOCK_K, K, k_step):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mk = rk < K
+        # ---- activation tile (BLOCK_M, BLOCK_K)
+        if A_MODE == 0:
+            a = tl.load(x_ptr + rm64[:, None] * K + rk[None, :], mask=mm[:, None] & mk[None, :],
+                        other=0)  # fmt: skip
+        elif A_MODE == 1:
+            # Whole words (coalesced along K), split into nibbles in registers: code j of
+            # word w is column 8 w + j, so a row-major reshape puts every code in place.
+            rxw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            xw = tl.load(x_ptr + rm64[:, None] * KW_X + rxw[None, :],
+                         mask=mm[:, None] & (rxw[None, :] < KW_X), other=0)  # fmt: skip
+            a3 = (xw[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
+            a4 = tl.reshape(a3, (BLOCK_M, BLOCK_K)) - 8
+            a = tl.where(mk[None, :], a4, 0).to(tl.int8)
+        else:
+            a = tl.load(x_ptr + rm64[:, None] * K + rk[None, :], mask=mm[:, None] & mk[None, :],
+                        other=0.0)  # fmt: skip
+        # ---- weight tile (BLOCK_K, BLOCK_N): unpack, subtract the zero point
+        # Prepared layout: words (KW_W, N), word row kw holds codes kw*C .. kw*C + C-1 of every
+        # column (N contiguous, so every load is coalesced along N).
+        if W_BITS == 8:
+            # Expanded weight (see _expand): int8 (N, K) codes minus zero points, K-major.
+            wq = tl.load(w_ptr + rn64[None, :] * K + rk[:, None], mask=mk[:, None] & mn[None, :],
+                         other=0)  # fmt: skip
+        else:
+            # Each word loaded once (N contiguous: coalesced), split into (words, C, BLOCK_N)
+            # codes, the first two dims merged by a reshape. (Loading one word per code and
+            # shifting by row, or the canonical (N, words) layout, measured 1.2-2x slower on
+            # the H100: benchmarks/results/h100/sweep_gemm_*.txt.)
+            rkw = k0 // PER_W + tl.arange(0, BLOCK_K // PER_W)
+            ww = tl.load(w_ptr + rkw.to(tl.int64)[:, None] * N + rn64[None, :],
+                         mask=(rkw < KW_W)[:, None] & mn[None, :], other=0)  # fmt: skip
+            q3 = (ww[:, None, :] >> (tl.arange(0, PER_W) * W_BITS)[None, :, None]) & W_MASK
+            q = tl.reshape(q3, (BLOCK_K, BLOCK_N))
+        if GROUPED:
+            g = k0 // GS  # BLOCK_K divides GS: one group per tile
+            s_w = tl.load(ws_ptr + rn64 * G + g, mask=mn, other=0.0)
+            if W_BITS != 8:
+                z = tl.load(wz_ptr + rn64 * G + g, mask=mn, other=0)
+                wq = tl.where(mk[:, None], q - z[None, :], 0)
+            # the per-channel scale broadcast against the accumulator
+            s_acc = s_w[:, None] if SWAP else s_w[None, :]
+        elif W_BITS != 8:
+            wq = tl.where(mk[:, None], q - z_n[None, :], 0)
+        # ---- multiply: (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N), or swapped
+        if INT_PATH:
+            b = wq.to(tl.int8)
+            lhs = tl.trans(b) if SWAP else a
+            rhs = tl.trans(a) if SWAP else b
+            if GROUPED and not DEBUG:
+                part = tl.dot(lhs, rhs, out_dtype=tl.int32)
+                acc += part.to(tl.float32) * s_acc
+            else:
+                acc_i = tl.dot(lhs, rhs, acc_i, out_dtype=tl.int32)
+        else:
+            if DOT_F32:
+                b = wq.to(tl.float32)
+                a = a.to(tl.float32)
+            else:
+                b = wq.to(a.dtype)
+            lhs = tl.trans(b) if SWAP else a
+            rhs = tl.trans(a) if SWAP else b
+            if DOT_F32:
+                part = tl.dot(lhs, rhs, input_precision="ieee")
+            else:
+                part = tl.dot(lhs, rhs)
+            if GROUPED:
+                acc += part * s_acc
+            else:
+                acc += part
+
+    if SWAP:  # back to (BLOCK_M, BLOCK_N) for the epilogue
+        acc = tl.trans(acc)
+        acc_i = tl.trans(acc_i)
+    # ---- epilogue
+    mo = mm[:, None] & mn[None, :]
+    if DEBUG:
+        tl.store(out_ptr + rm64[:, None] * N + rn64[None, :], acc_i, mask=mo)
+    else:
+        if INT_PATH:
+            if not GROUPED:
+                s_n = tl.load(ws_ptr + rn64 * G, mask=mn, other=0.0)
+                acc = acc_i.to(tl.float32) * s_n[None, :]
+            acc = acc * tl.load(xs_ptr + rm64, mask=mm, other=0.0)[:, None]
+        elif not GROUPED:
+            acc = acc * tl.load(ws_ptr + rn64 * G, mask=mn, other=0.0)[None, :]
+        if SPLIT_K > 1:
+            tl.store(out_ptr + split.to(tl.int64) * M * N + rm64[:, None] * N + rn64[None, :],
+                     acc, mask=mo)  # fmt: skip
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn64, mask=mn, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + rm64[:, None] * N + rn64[None, :], _to_store(acc, out_ptr),
+                     mask=mo)  # fmt: skip
+
+
+@triton.jit
+def _expand_kernel(w_ptr, z_ptr, s_ptr, out_ptr, R, K, KW, G, GS, S_R, S_KW, Z_CONST,
+                   W_BITS: tl.constexpr, HAS_Z: tl.constexpr, SCALED: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """out (R, K) int8 = codes - zero point, from packed words: word (r, kw) at
+    w_ptr + r * S_R + kw * S_KW holds codes kw*C .. kw*C + C - 1 of row r. Zero points
+    z (R, G) int32 per group of GS, or the constant Z_CONST. SCALED: out is float,
+    (codes - z) * s with fp32 scales s (R, G), one rounding (the dequantized weight)."""
+    PER_W: tl.constexpr = 32 // W_BITS
+    W_MASK: tl.constexpr = (1 << W_BITS) - 1
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rkw = tl.program_id(1) * (BLOCK_K // PER_W) + tl.arange(0, BLOCK_K // PER_W)
+    rr64 = rr.to(tl.int64)
+    mr = rr < R
+    ww = tl.load(w_ptr + rr64[:, None] * S_R + rkw.to(tl.int64)[None, :] * S_KW,
+                 mask=mr[:, None] & (rkw < KW)[None, :], other=0)  # fmt: skip
+    q3 = (ww[:, :, None] >> (tl.arange(0, PER_W) * W_BITS)[None, None, :]) & W_MASK
+    q = tl.reshape(q3, (BLOCK_R, BLOCK_K))
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mo = mr[:, None] & (rk < K)[None, :]
+    # One group per tile (the host picks BLOCK_K dividing GS, or GS >= K): the zero points
+    # and scales are one (BLOCK_R,) vector per tile. (Gathering them per element, rows
+    # G words apart, made the grouped dequantization ~10x slower on the H200.)
+    gidx = rr64 * G + (tl.program_id(1) * BLOCK_K) // GS
+    if HAS_Z:
+        q -= tl.load(z_ptr + gidx, mask=mr, other=0)[:, None]
+    else:
+        q -= Z_CONST
+    if SCALED:
+        v = q.to(tl.float32) * tl.load(s_ptr + gidx, mask=mr, other=0.0)[:, None]
+        tl.store(out_ptr + rr64[:, None] * K + rk[None, :], _to_store(v, out_ptr), mask=mo)
+    else:
+        tl.store(out_ptr + rr64[:, None] * K + rk[None, :], q.to(tl.int8), mask=mo)
+
+
+def _expand(words: Tensor, rows: int, k: int, bits: int, s_r: int, s_kw: int,
+            zeros: Tensor | None, group_size: int, z_const: int = 0,
+            scales: Tensor | None = None,
+            dtype: torch.dtype = torch.int8) -> Tensor:  # fmt: skip
+    """(rows, K) int8 signed codes from packed words, or with ``scales`` the dequantized
+    (rows, K) ``dtype`` weight (see _expand_kernel)."""
+    out = torch.empty((rows, k), dtype=dtype, device=words.device)
+    if rows == 0 or k == 0:
+        return out
+    br, bk = (16, 32) if words.device.type == "cpu" else (32, 256)
+    if group_size < k:  # one group per tile: BLOCK_K a power of two dividing the group
+        while group_size % bk:
+            bk //= 2
+    kw = formats.packed_words(k, bits)
+    grid = (triton.cdiv(rows, br), triton.cdiv(k, bk))
+    _expand_kernel[grid](words, zeros if zeros is not None else words,
+                         scales if scales is not None else out, out, rows, k, kw,
+                         zeros.shape[1] if zeros is not None else 1, group_size, s_r, s_kw,
+                         z_const, W_BITS=formats.container_bits(bits),
+                         HAS_Z=zeros is not None, SCALED=scales is not None, BLOCK_R=br,
+                         BLOCK_K=bk)  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------------------ configs
+
+_AUTOTUNE_CACHE = (
+    {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters
+    else {}
+)  # fmt: skip
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+                          "SWAP": swap}, num_warps=warps, num_stages=stages)  # fmt: skip
+
+
+# Chosen from the H100 sweep (benchmarks/sweep_gemm.py, results/h100/sweep_gemm_*.txt).
+# Large M, codes unpacked in the K loop (weight-only, and integer GEMMs below expand_min_m):
+# the swapped kernel (W x^T) with wide tiles won. Expanded int8 weights (M >= expand_min_m):
+# plain int8 GEMM tiles, and 64-row tiles for M ~ 64 on narrow layers (N = 1024 left 4
+# programs with 128 x 256 tiles). Small M (decode): one 16-row tile, split-K chosen on the host. For
+# grouped weights the pruning below keeps the configs whose BLOCK_K divides the group size
+# (each list has a BLOCK_K = 32 config: prepare_weight requires groups of a multiple of 32).
+_LARGE_CONFIGS = [
+    _cfg(256, 128, 128, 8, 3, True), _cfg(128, 128, 128, 8, 3, True),
+    _cfg(128, 128, 64, 8, 3, True), _cfg(64, 128, 128, 4, 4, True),
+    _cfg(128, 256, 64, 8, 3, False), _cfg(64, 64, 64, 4, 4, False),
+    _cfg(64, 128, 32, 4, 4, True),
+]  # fmt: skip
+_EXPANDED_CONFIGS = [
+    _cfg(128, 256, 128, 8, 3, False), _cfg(256, 128, 128, 8, 3, True),
+    _cfg(128, 128, 64, 4, 4, False), _cfg(128, 128, 128, 8, 4, True),
+    _cfg(128, 128, 32, 4, 4, False), _cfg(64, 64, 128, 4, 4, False),
+    _cfg(64, 128, 128, 4, 4, False),
+]  # fmt: skip
+_SMALL_CONFIGS = [
+    _cfg(16, 128, 64, 4, 4, False), _cfg(16, 128, 128, 4, 3, False),
+    _cfg(16, 64, 128, 4, 4, True), _cfg(16, 128, 64, 4, 4, True),
+    _cfg(16, 64, 32, 4, 4, False),
+]  # fmt: skip
+
+
+def _prune(configs, named_args, **kwargs):
+    gs = named_args["GS"]
+    grouped = kwargs.get("GROUPED", named_args.get("GROUPED"))
+    return [c for c in configs if not grouped or gs % c.kwargs["BLOCK_K"] == 0]
+
+
+def _tune_bench(kernel_call, quantiles):
+    """Short timing runs for the autotuner (the default 25/100 ms per config makes a first
+    call at a new shape take seconds; the configurations it picks among differ by more than
+    the noise of 10 ms of runs)."""
+    return triton.testing.do_bench(kernel_call, warmup=2, rep=10, quantiles=quantiles)
+
+
+def _tuned(configs):
+    return triton.autotune(
+        configs=configs,
+        key=["M_BUCKET", "N", "K", "A_MODE", "W_BITS", "GROUPED", "SPLIT_K"],
+        prune_configs_by={"early_config_prune": _prune},
+        do_bench=_tune_bench,
+        **_AUTOTUNE_CACHE,
+    )
+
+
+@triton.jit
+def _gemm_entry(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, K, KW_X, KW_W,
+                G, GS, M_BUCKET, A_MODE: tl.constexpr, W_BITS: tl.constexpr,
+                GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
+                SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                SWAP: tl.constexpr):  # fmt: skip
+    """The kernel with an M bucket argument, the autotuning key (tuning once per bucket)."""
+    _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, K, KW_X, KW_W,
+                 G, GS, A_MODE, W_BITS, GROUPED, HAS_BIAS, DEBUG, SPLIT_K, DOT_F32, BLOCK_M,
+                 BLOCK_N, BLOCK_K, GROUP_M, SWAP)  # fmt: skip
+
+
+_gemm_large = _tuned(_LARGE_CONFIGS)(_gemm_entry)
+_gemm_expanded = _tuned(_EXPANDED_CONFIGS)(_gemm_entry)
+_gemm_small = _tuned(_SMALL_CONFIGS)(_gemm_entry)
+
+# The interpreter (CPU tests) runs one small fixed configuration instead of autotuning.
+_CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "SWAP": False}
+
+
+def _m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(max(m, 1)), 8192)
+
+
+# ------------------------------------------------------------------------------ launch
+
+
+def _check_out_dtype(out_dtype: torch.dtype) -> None:
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+
+
+def _check_bias(bias: Tensor | None, n: int, device: torch.device) -> None:
+    if bias is None:
+        return
+    check_tensor(bias, "bias", FLOAT_DTYPES, 1, "N")
+    if bias.shape[0] != n or bias.device != device:
+        raise ValueError(f"bias must be (N,) = ({n},) on {device}, got {describe(bias)}")
+
+
+def _split_k(m: int, n: int, k: int, device: torch.device,
+             policy: GemmPolicy = DEFAULT_POLICY) -> int:  # fmt: skip
+    """Slices of K for the decode path: enough programs (about 4 per SM with 128-wide N
+    tiles, the best split in the H100 sweep) to stream the weight at full bandwidth; 1 for
+    large M."""
+    if m > policy.small_m or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(n, 128)
+    split = 1
+    while tiles * split < 4 * sms and k // (split * 2) >= 512:
+        split *= 2
+    return split
+
+
+def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWeight,
+            bias: Tensor | None, out_dtype: torch.dtype, debug: bool,
+            split_k: int | None, config: dict | None = None,
+            expand: bool | None = None,
+            policy: GemmPolicy = DEFAULT_POLICY) -> Tensor:  # fmt: skip
+    """Launch the kernel. ``config`` (BLOCK_M/N/K, GROUP_M, SWAP, num_warps, num_stages)
+    bypasses the autotuner: for the configuration sweep (benchmarks/sweep_gemm.py) and the
+    GPU tests that check every configuration.
+    ``expand`` (integer GEMMs; default: M >= policy.expand_min_m) first expands the 4-bit
+    codes to an int8 scratch copy (and packed int4 activations to int8), then runs the int8 x
+    int8 kernel without unpacking in the K loop."""
+    m, n, k = x.shape[0], weight.n, weight.k
+    device = x.device
+    if debug and a_mode == _A_FLOAT:
+        raise ValueError("debug (raw int32 accumulator) exists for the integer GEMMs only")
+    if weight.words.device != device:
+        raise ValueError(f"weight is on {weight.words.device} but x is on {device}")
+    _check_bias(bias, n, device)
+    _check_out_dtype(out_dtype)
+    split = _split_k(m, n, k, device, policy) if split_k is None else split_k
+    if debug:
+        split = 1
+    if m == 0 or n == 0:
+        return torch.zeros((m, n), dtype=torch.int32 if debug else out_dtype, device=device)
+    if debug:
+        out = torch.empty((m, n), dtype=torch.int32, device=device)
+    elif split > 1:
+        out = torch.empty((split, m, n), dtype=torch.float32, device=device)
+    else:
+        out = torch.empty((m, n), dtype=out_dtype, device=device)
+    gs = weight.kernel_group
+    grouped = gs < k
+    xs = x_scales if x_scales is not None else weight.scales
+    kw_x = x.shape[1]
+    w_words, w_bits = weight.words, weight.container_bits
+    if expand is None:
+        expand = m >= policy.expand_min_m
+    if expand and a_mode != _A_FLOAT:
+        w_words, w_bits = _expand(w_words, n, k, weight.bits, 1, n, weight.zeros, gs), 8
+        if a_mode == _A_INT4:
+            x, a_mode = _expand(x, m, k, 4, kw_x, 1, None, k, z_const=8), _A_INT8
+    args = (x, xs, w_words, weight.scales, weight.zeros, bias if bias is not None else xs,
+            out, m, n, k, kw_x, weight.words.shape[0], weight.groups, gs)  # fmt: skip
+    consts = {"A_MODE": a_mode, "W_BITS": w_bits, "GROUPED": grouped,
+              "HAS_BIAS": bias is not None, "DEBUG": debug, "SPLIT_K": split}  # fmt: skip
+    # fp32 activations multiply in IEEE fp32 (tl.dot would use tf32); on the CPU the
+    # interpreter gets bf16 arithmetic wrong, so it multiplies in fp32 too.
+    dot_f32 = device.type == "cpu" or x.dtype == torch.float32
+    if device.type == "cpu" or config is not None:  # Triton's interpreter, or a fixed config
+        meta = dict(config if config is not None else _CPU_CONFIG)
+        fixed_grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
+        _gemm_kernel[fixed_grid](*args, **consts, DOT_F32=dot_f32, **meta)
+    else:
+        kernel = _gemm_small if m <= policy.small_m else _gemm_large
+        kernel = _gemm_expanded if w_bits == 8 and m > policy.small_m else kernel
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
+
+        kernel[grid](*args, _m_bucket(m), **consts, DOT_F32=dot_f32)
+    if split > 1 and not debug:
+        total = out.sum(0)
+        if bias is not None:
+            total += bias.float()
+        return total.to(out_dtype)
+    return out
