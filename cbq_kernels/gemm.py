@@ -436,9 +436,11 @@ def _check_policy(policy: object) -> GemmPolicy:
 def _use_decode(weight: PreparedWeight, x: Tensor, split_k: int | None,
                 policy: GemmPolicy) -> bool:  # fmt: skip
     """The CUDA decode kernel takes M <= policy.decode_max_m when the weight has its layout
-    and no split-K was forced (tests and sweeps force the Triton kernel with split_k)."""
+    and no split-K was forced (tests and sweeps force the Triton kernel with split_k); it
+    reads pairs of activations as 32-bit words, so x must start 4-byte aligned."""
     return (policy.cuda_decode and weight.decode is not None and x.device.type == "cuda"
-            and split_k is None and 1 <= x.shape[0] <= policy.decode_max_m)  # fmt: skip
+            and split_k is None and 1 <= x.shape[0] <= policy.decode_max_m
+            and x.data_ptr() % 4 == 0)  # fmt: skip
 
 
 def _dequantize_scratch(weight: PreparedWeight, dtype: torch.dtype) -> Tensor:

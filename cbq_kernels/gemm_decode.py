@@ -29,6 +29,7 @@ specification, the GPU tests check the kernel against :func:`cbq_kernels.gemm.ge
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from torch import Tensor
@@ -175,12 +176,16 @@ def available(device: torch.device) -> bool:
     return bool(_C.has_cuda()) and hasattr(_C, "gemm_decode_cuda")
 
 
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def default_splits(n_tiles: int, k_steps: int, device: torch.device) -> int:
     """K splits so that about 4 blocks of 4 warps per SM stream the weight (16 warps per SM
     keep ~32 KB of 16-byte loads in flight, the 4.8 TB/s x ~0.6 us latency / 132 SMs of an
     H200), with at least 4 k-steps per warp."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = -(-4 * sms // max(n_tiles, 1))
+    want = -(-4 * _sm_count(device.index) // max(n_tiles, 1))
     return max(1, min(want, k_steps // 16, 1024))
 
 
