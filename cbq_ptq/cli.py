@@ -150,6 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kernels", action="store_true",
                    help="run a quantized model with the inference GEMMs (bf16 on GPU)")
     _common(e)
+    g = sub.add_parser("generate", help="continue prompts with a saved quantized model",
+                       formatter_class=dflt)
+    g.add_argument("model", help="folder written by `cbq quantize` (OUT/model)")
+    g.add_argument("--prompt", action="append", default=None,
+                   help="a prompt (repeat the flag for several)")
+    g.add_argument("--prompts-file", default=None, help="a UTF-8 file, one prompt per line")
+    g.add_argument("--max-new-tokens", type=_int_at_least(1), default=64)
+    g.add_argument("--batch", type=_int_at_least(1), default=8, help="prompts per generate call")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=_positive_float, default=1.0, help="with --sample")
+    g.add_argument("--top-p", type=_fraction, default=1.0, help="with --sample, in (0, 1]")
+    g.add_argument("--seed", type=int, default=0, help="with --sample")
+    g.add_argument("--no-kernels", action="store_true",
+                   help="run the fake-quantized layers instead of the inference GEMMs")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
+    g.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -435,18 +451,68 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise UsageError(f"argument --prompts-file: {path} is not a file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"argument --prompts-file: {path} is not UTF-8 text") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError("give at least one prompt: --prompt TEXT or --prompts-file FILE")
+    if any(not p.strip() for p in prompts):
+        raise UsageError("argument --prompt: a prompt is empty")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    device = _device(args.device)
+    path = Path(args.model)
+    if not (path / "quant_config.json").is_file():
+        raise UsageError(f"argument model: {path} is not a folder written by cbq quantize "
+                         "(no quant_config.json; give OUT/model)")  # fmt: skip
+    from cbq_ptq.io import read_meta
+
+    read_meta(path)  # a damaged file is named here, before anything is loaded
+    prompts = _prompts(args)
+
+    from cbq_ptq.generate import generate, load_for_generation
+
+    model, tok, table = load_for_generation(path, device, kernels=not args.no_kernels)
+    if table:
+        kinds: dict[str, int] = {}
+        for v in table.values():
+            kinds[v] = kinds.get(v, 0) + 1
+        print("layers: " + "; ".join(f"{n} x {k}" for k, n in sorted(kinds.items())),
+              file=sys.stderr)  # fmt: skip
+    out = generate(model, tok, prompts, args.max_new_tokens, args.batch, args.sample,
+                   args.temperature, args.top_p, args.seed)  # fmt: skip
+    for prompt, text in zip(prompts, out.texts, strict=True):
+        print(prompt + text)
+        print()
+    print(f"prefill (first token of each batch) {out.prefill_seconds:.3f} s; decode "
+          f"{out.decode_tokens_per_second:.1f} tokens/s ({out.decode_tokens} tokens, batch "
+          f"{min(args.batch, len(prompts))}, {device})", file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
-    command = next((a for a in argv if a in ("quantize", "eval")), "")
+    command = next((a for a in argv if a in ("quantize", "eval", "generate")), "")
     prog = f"cbq {command}".strip()
     try:
         args = parser.parse_args(argv)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Loading weights" bars: cbq prints its own progress
-        return cmd_quantize(args) if args.command == "quantize" else cmd_eval(args)
+        commands = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate}
+        return commands[args.command](args)
     except UsageError as exc:
         if debug:
             raise

@@ -160,7 +160,7 @@ def quantize(model, config: CBQConfig, calib_ids: Tensor, log_path: str | Path |
     torch.manual_seed(config.seed)
     layers = blocks(model)
     schedule = window_schedule(len(layers), config.window, config.overlap)
-    model.config.use_cache = False
+    use_cache, model.config.use_cache = model.config.use_cache, False  # restored at the end
     device = next(model.parameters()).device
     if offload is None:
         offload = device.type == "cuda" and (
@@ -245,4 +245,5 @@ def quantize(model, config: CBQConfig, calib_ids: Tensor, log_path: str | Path |
     finally:
         if bar is not None:
             bar.close()
+    model.config.use_cache = use_cache  # the saved model generates with its KV cache
     return model, log

@@ -1,0 +1,119 @@
+"""Text generation with a saved quantized model: :func:`generate` and ``cbq generate``.
+
+The saved model is loaded (:func:`cbq_ptq.io.load`), its quantized layers are replaced by the
+inference kernels (:func:`cbq_ptq.serve.use_kernels`: the W4A8 / W4A4 / weight-only GEMMs on a
+GPU, their PyTorch paths on the CPU), and Hugging Face ``generate`` runs with a static KV
+cache, greedy or sampling. Prompts are batched with left padding (decoder-only models continue
+from the last position). Timings come from a streamer called once per generated position, the
+device synchronised at each call: time to first token (the prefill of the batch) and decode
+tokens per second (new tokens of the whole batch over the time after the first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+
+@dataclasses.dataclass
+class Generation:
+    """What :func:`generate` returns: the continuations (text and token ids, prompts not
+    included, padding and what follows an end-of-sequence token removed) and the timings."""
+
+    texts: list[str]
+    tokens: list[list[int]]
+    prefill_seconds: float  # first token of every batch, summed
+    decode_seconds: float  # the remaining positions, summed
+    decode_tokens: int  # positions after the first, times the rows of their batch
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+class _Clock:
+    """A ``generate`` streamer that only takes the time: put() is called with the prompt,
+    then once per generated position."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+
+    def put(self, value) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
+                        kernels: bool = True):  # fmt: skip
+    """(model, tokenizer, layer table) of a folder written by ``cbq quantize``: the kernels
+    in place of the quantized layers when ``kernels``; bf16 on a GPU, fp32 on the CPU."""
+    from transformers import AutoTokenizer
+
+    from cbq_ptq.io import load
+    from cbq_ptq.serve import use_kernels
+
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = load(path, device=str(device))
+    table = use_kernels(model, dtype) if kernels else {}
+    model.to(dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, table
+
+
+def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 32,
+             batch_size: int = 8, sample: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, seed: int = 0) -> Generation:  # fmt: skip
+    """Continue every prompt by up to ``max_new_tokens`` tokens, ``batch_size`` prompts at a
+    time: greedy, or sampling at ``temperature`` / ``top_p`` (seeded: the same call gives the
+    same text)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError("prompts must be one or more non-empty strings")
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if sample and not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0 and top_p in (0, 1], got "
+                         f"{temperature} and {top_p}")  # fmt: skip
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    eos = tokenizer.eos_token_id
+    out = Generation([], [], 0.0, 0.0, 0)
+    options = {"do_sample": sample, "max_new_tokens": max_new_tokens, "use_cache": True,
+               "cache_implementation": "static",
+               "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+    if sample:
+        options.update(temperature=temperature, top_p=top_p)
+    else:  # greedy: no sampling knobs (the model's generation_config may carry some)
+        options.update(temperature=None, top_p=None, top_k=None)
+    for i in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(device)  # fmt: skip
+        torch.manual_seed(seed + i)
+        clock = _Clock(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            ids = model.generate(**batch, streamer=clock, **options)
+        new = ids[:, batch["input_ids"].shape[1] :].tolist()
+        positions = len(clock.times) - 1  # [prompt, first position, ...]
+        if positions >= 1:
+            out.prefill_seconds += clock.times[1] - t0
+            out.decode_seconds += clock.times[-1] - clock.times[1]
+            out.decode_tokens += len(new) * (positions - 1)  # every row runs every position
+        for seq in new:
+            if eos is not None and eos in seq:
+                seq = seq[: seq.index(eos)]
+            out.tokens.append(seq)
+            out.texts.append(tokenizer.decode(seq, skip_special_tokens=True))
+    return out

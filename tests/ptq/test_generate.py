@@ -1,0 +1,105 @@
+"""Generation with a saved quantized model on the CPU (stories260K): cbq_ptq.generate and
+``cbq generate``."""
+
+import copy
+
+import pytest
+import torch
+
+from cbq_ptq.cli import main
+from cbq_ptq.config import CBQConfig, parse_setting
+from cbq_ptq.data import calibration_windows
+from cbq_ptq.generate import generate, load_for_generation
+from cbq_ptq.models import SHARED_MODELS, load_model
+from cbq_ptq.pipeline import quantize
+from tests.conftest import need_shared
+
+PROMPTS = ["Once upon a time", "The little dog", "Lily saw a big"]  # two batches of 2
+
+
+@pytest.fixture(scope="module", params=[pytest.param("W4A16", marks=pytest.mark.slow),
+                                        pytest.param("W4A8", marks=pytest.mark.slow)])
+def saved(request, tmp_path_factory):
+    from cbq_ptq.io import save
+
+    need_shared(SHARED_MODELS / "stories260K" / "config.json")
+    model, tok = load_model("stories260K")
+    tokens = torch.randint(3, 512, (4096,), generator=torch.Generator().manual_seed(0))
+    config = CBQConfig(settings=parse_setting(request.param, ragged_groups=True), epochs=0,
+                       lora_rounding=False)  # fmt: skip
+    q, _ = quantize(copy.deepcopy(model), config, calibration_windows(tokens, 2, 32, seed=1),
+                    progress=False)  # fmt: skip
+    assert q.config.use_cache  # quantize() restores it: the saved model generates with a cache
+    out = tmp_path_factory.mktemp("gen") / request.param
+    save(q, out, tok)
+    return out, request.param
+
+
+def test_greedy_generation_is_deterministic_and_matches_the_fake_quantized_model(saved):
+    path, setting = saved
+    model, tok, table = load_for_generation(path, "cpu")
+    assert len(table) == 35 and all(v == f"{setting} kernel" for v in table.values())
+    first = generate(model, tok, PROMPTS, max_new_tokens=8, batch_size=2)
+    again = generate(model, tok, PROMPTS, max_new_tokens=8, batch_size=2)
+    assert first.tokens == again.tokens and first.texts == again.texts
+    assert all(0 < len(t) <= 8 for t in first.tokens) and all(first.texts)
+    assert first.decode_tokens > 0 and first.decode_tokens_per_second > 0
+    fake, tok2, none = load_for_generation(path, "cpu", kernels=False)
+    assert none == {}
+    want = generate(fake, tok2, PROMPTS, max_new_tokens=8, batch_size=2)
+    # int8 codes may flip at a rounding boundary (W4A8)
+    agree = sum(a == b for a, b in zip(first.tokens, want.tokens, strict=True))
+    assert agree >= (3 if setting == "W4A16" else 2), (first.texts, want.texts)
+
+
+def test_sampling_is_seeded(saved):
+    path, setting = saved
+    if setting != "W4A16":
+        pytest.skip("one setting is enough: sampling does not depend on the GEMM")
+    model, tok, _ = load_for_generation(path, "cpu")
+    a = generate(model, tok, PROMPTS[0], max_new_tokens=6, sample=True, temperature=1.0, seed=3)
+    b = generate(model, tok, PROMPTS[0], max_new_tokens=6, sample=True, temperature=1.0, seed=3)
+    assert a.tokens == b.tokens
+
+
+def test_the_served_model_holds_no_full_precision_copy_of_a_quantized_weight(saved):
+    path, _ = saved
+    model, _, table = load_for_generation(path, "cpu")
+    for name in table:
+        layer = model.get_submodule(name)
+        tensors = list(layer.parameters()) + list(layer.buffers())
+        w = layer.weight
+        assert not any(t.numel() >= layer.in_features * layer.out_features for t in tensors)
+        packed = sum(t.numel() * t.element_size() for t in (w.words, w.scales, w.zeros))
+        assert packed < 0.3 * layer.in_features * layer.out_features * 4  # vs its fp32 weight
+
+
+def test_bad_arguments(saved):
+    model, tok, _ = load_for_generation(saved[0], "cpu")
+    with pytest.raises(ValueError, match="prompts must be one or more non-empty strings"):
+        generate(model, tok, [])
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1, got 0"):
+        generate(model, tok, "hi", max_new_tokens=0)
+    with pytest.raises(ValueError, match="sampling needs temperature > 0"):
+        generate(model, tok, "hi", sample=True, temperature=0.0)
+
+
+def test_cli_generate(saved, capsys, tmp_path):
+    path, _ = saved
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n\nThe little dog\n", encoding="utf-8")
+    rc = main(["generate", str(path), "--prompts-file", str(prompts), "--max-new-tokens", "6",
+               "--device", "cpu"])  # fmt: skip
+    out = capsys.readouterr()
+    assert rc == 0
+    assert out.out.startswith("Once upon a time") and "The little dog" in out.out
+    assert "tokens/s" in out.err and "35 x" in out.err
+    for argv, message in (
+        (["generate", str(tmp_path)], "is not a folder written by cbq quantize"),
+        (["generate", str(path)], "give at least one prompt"),
+        (["generate", str(path), "--prompt", "a", "--top-p", "0"], "argument --top-p: must be > 0"),
+        (["generate", str(path), "--prompts-file", str(tmp_path / "no")], "is not a file"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
