@@ -17,8 +17,13 @@ from tests.conftest import need_shared
 PROMPTS = ["Once upon a time", "The little dog", "Lily saw a big"]  # two batches of 2
 
 
-@pytest.fixture(scope="module", params=[pytest.param("W4A16", marks=pytest.mark.slow),
-                                        pytest.param("W4A8", marks=pytest.mark.slow)])
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param("W4A16", marks=pytest.mark.slow),
+        pytest.param("W4A8", marks=pytest.mark.slow),
+    ],
+)
 def saved(request, tmp_path_factory):
     from cbq_ptq.io import save
 
