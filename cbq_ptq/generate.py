@@ -68,6 +68,19 @@ def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
     return model, tokenizer, table
 
 
+def timed_generate(model, inputs: dict, options: dict) -> tuple[torch.Tensor, float, float]:
+    """``model.generate(**inputs, **options)`` timed: (ids, seconds to the first generated
+    position, seconds from it to the last)."""
+    device = next(model.parameters()).device
+    clock = _Clock(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        ids = model.generate(**inputs, streamer=clock, **options)
+    if len(clock.times) < 2:  # [prompt, first position, ...]
+        return ids, 0.0, 0.0
+    return ids, clock.times[1] - t0, clock.times[-1] - clock.times[1]
+
+
 def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 32,
              batch_size: int = 8, sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, seed: int = 0) -> Generation:  # fmt: skip
@@ -101,16 +114,12 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 3
         batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(device)  # fmt: skip
         torch.manual_seed(seed + i)
-        clock = _Clock(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            ids = model.generate(**batch, streamer=clock, **options)
+        ids, prefill, decode = timed_generate(model, batch, options)
         new = ids[:, batch["input_ids"].shape[1] :].tolist()
-        positions = len(clock.times) - 1  # [prompt, first position, ...]
-        if positions >= 1:
-            out.prefill_seconds += clock.times[1] - t0
-            out.decode_seconds += clock.times[-1] - clock.times[1]
-            out.decode_tokens += len(new) * (positions - 1)  # every row runs every position
+        positions = ids.shape[1] - batch["input_ids"].shape[1]
+        out.prefill_seconds += prefill
+        out.decode_seconds += decode
+        out.decode_tokens += len(new) * max(0, positions - 1)  # every row runs every position
         for seq in new:
             if eos is not None and eos in seq:
                 seq = seq[: seq.index(eos)]

@@ -20,40 +20,94 @@ from torch import Tensor
 from cbq_kernels.gemm import linear as gemm_linear
 from cbq_kernels.gemm import prepare_weight
 from cbq_kernels.packing import pack_ref
+from cbq_kernels.quant_math import quantize_weight
+from cbq_ptq.config import QuantSettings
 from cbq_ptq.qlinear import QLinear
 
 
+def _check_kind(settings: QuantSettings) -> None:
+    """Raise ValueError when the GEMMs do not take a setting (the layer stays fake-quantized)."""
+    if settings.w_bits not in (2, 3, 4):
+        raise ValueError(f"{settings.w_bits}-bit weights: the GEMMs take 2, 3 or 4 bits")
+    if settings.a_bits not in (4, 8, 16):
+        raise ValueError(f"{settings.a_bits}-bit activations: the GEMMs take 4, 8 or 16 bits")
+    if settings.a_bits < 16 and settings.w_bits == 2:
+        raise ValueError("2-bit weights run weight-only (the integer GEMMs take 3 or 4 bits)")
+
+
 class KernelLinear(torch.nn.Module):
-    def __init__(self, q: QLinear, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    """A linear layer run by the inference GEMMs from its codes (N, K), scales and zero points
+    (N, G): the packed weight (:func:`cbq_kernels.gemm.prepare_weight`) is its only copy of
+    the weight."""
+
+    def __init__(self, name: str, codes: Tensor, scales: Tensor, zeros: Tensor,
+                 settings: QuantSettings, group_size: int | None, bias: Tensor | None = None,
+                 act_kwargs: dict | None = None,
+                 compute_dtype: torch.dtype = torch.bfloat16) -> None:  # fmt: skip
         super().__init__()
+        _check_kind(settings)
+        self.name = name
+        self.out_features, self.in_features = codes.shape
+        packed = pack_ref(codes, settings.w_bits).contiguous()
+        self.weight = prepare_weight(packed, settings.w_bits, self.in_features, scales.float(),
+                                     zeros.float(), group_size)  # fmt: skip
+        self.act_bits = settings.a_bits if settings.a_bits < 16 else None
+        self.compute_dtype = compute_dtype
+        self.bias = bias.to(compute_dtype) if bias is not None else None
+        self.act_kwargs = dict(act_kwargs or {})
+        self.kind = f"W{settings.w_bits}A{settings.a_bits}"
+
+    @classmethod
+    def from_qlinear(cls, q: QLinear, compute_dtype: torch.dtype = torch.bfloat16):
+        """The kernel layer of a hardened QLinear (its learned activation clipping and
+        CrossQuant factors included)."""
         s = q.settings
         if q.codes is None:
             raise ValueError(f"layer {q.name}: not hardened (call QLinear.harden first)")
-        if s.w_bits not in (2, 3, 4):
-            raise ValueError(f"{s.w_bits}-bit weights: the GEMMs take 2, 3 or 4 bits")
-        if s.a_bits not in (4, 8, 16):
-            raise ValueError(f"{s.a_bits}-bit activations: the GEMMs take 4, 8 or 16 bits")
-        if s.a_bits < 16 and s.w_bits == 2:
-            raise ValueError("2-bit weights run weight-only (the integer GEMMs take 3 or 4 bits)")
-        self.name, self.in_features, self.out_features = q.name, q.in_features, q.out_features
-        packed = pack_ref(q.codes, s.w_bits).contiguous()
-        self.weight = prepare_weight(packed, s.w_bits, q.in_features, q.scales.float(),
-                                     q.zeros.float(), q.gs)  # fmt: skip
-        self.act_bits = s.a_bits if s.a_bits < 16 else None
-        self.compute_dtype = compute_dtype
-        self.bias = q.bias.to(compute_dtype) if q.bias is not None else None
-        self.act_kwargs: dict = {}
-        if self.act_bits is not None:
-            self.act_kwargs["clip_ratio"] = float(q.act_ratio)
+        _check_kind(s)
+        act_kwargs: dict = {}
+        if s.a_bits < 16:
+            act_kwargs["clip_ratio"] = float(q.act_ratio)
             if s.act_quantizer == "crossquant" and q.channel_factor is not None:
-                self.act_kwargs["channel_factor"] = q.channel_factor.float()
-                self.act_kwargs["alpha"] = s.crossquant_alpha
-        self.kind = f"W{s.w_bits}A{s.a_bits}"
+                act_kwargs["channel_factor"] = q.channel_factor.float()
+                act_kwargs["alpha"] = s.crossquant_alpha
+        return cls(q.name, q.codes, q.scales, q.zeros, s, q.gs, q.bias, act_kwargs,
+                   compute_dtype)  # fmt: skip
+
+    @classmethod
+    def round_to_nearest(cls, name: str, linear: torch.nn.Linear, settings: QuantSettings,
+                         compute_dtype: torch.dtype = torch.bfloat16):  # fmt: skip
+        """RTN of an nn.Linear's weight (:func:`cbq_kernels.quant_math.quantize_weight`),
+        per-token activations: for speed measurements, where the values do not matter."""
+        _check_kind(settings)
+        codes, scales, zeros = quantize_weight(linear.weight, settings.w_bits,
+                                               settings.group_size)  # fmt: skip
+        return cls(name, codes, scales, zeros, settings, settings.group_size, linear.bias,
+                   None, compute_dtype)  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         y = gemm_linear(x.to(self.compute_dtype).contiguous(), self.weight, self.act_bits,
                         self.bias, **self.act_kwargs)  # fmt: skip
         return y.to(x.dtype)
+
+
+def replace_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model`` (the old module is dropped)."""
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+
+
+def rtn_kernels(model: torch.nn.Module, settings: QuantSettings,
+                compute_dtype: torch.dtype = torch.bfloat16) -> int:  # fmt: skip
+    """Replace every nn.Linear of the decoder blocks (not the LM head) by a round-to-nearest
+    :class:`KernelLinear`, one at a time (the full-precision weight is freed as it goes);
+    returns how many were replaced."""
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}"]  # fmt: skip
+    for name in names:
+        replace_module(model, name, KernelLinear.round_to_nearest(
+            name, model.get_submodule(name), settings, compute_dtype))  # fmt: skip
+    return len(names)
 
 
 def use_kernels(model, compute_dtype: torch.dtype = torch.bfloat16) -> dict[str, str]:
@@ -64,11 +118,10 @@ def use_kernels(model, compute_dtype: torch.dtype = torch.bfloat16) -> dict[str,
         if not isinstance(module, QLinear):
             continue
         try:
-            k = KernelLinear(module, compute_dtype)
+            k = KernelLinear.from_qlinear(module, compute_dtype)
         except ValueError as exc:
             table[name] = f"fake-quantized: {exc}"
             continue
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, k)
+        replace_module(model, name, k)
         table[name] = f"{k.kind} kernel"
     return table

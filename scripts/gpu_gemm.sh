@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # On a CUDA machine: build the extension (the CUDA decode GEMM lives there), the GEMM GPU tests
 # and the GEMM benchmark.
-#   bash scripts/gpu_gemm.sh OUT_DIR [build|decode|tests|bench]...   (default: build decode tests bench)
-# decode: tests/kernels/test_gemm_decode_cuda.py; tests: tests/kernels/test_gemm_cuda.py.
+#   bash scripts/gpu_gemm.sh OUT_DIR [build|decode|tests|bench|generate]...
+#   (default: build decode tests bench)
+# decode: tests/kernels/test_gemm_decode_cuda.py; tests: tests/kernels/test_gemm_cuda.py;
+# generate: benchmarks/bench_generate.py (CBQ_GEN_* select models, batches, prompts).
 # CBQ_BENCH_MS picks the M values of the benchmark (see benchmarks/bench_gemm.py); the
 # benchmark's CSV/markdown land in OUT_DIR (merge parts with benchmarks/summarize_gemm.py).
 set -uo pipefail
@@ -27,6 +29,9 @@ for step in $steps; do
     tests)
       python3 -m pytest tests/kernels/test_gemm_cuda.py -q -p no:cacheprovider -x 2>&1 \
         | tee "$out/pytest_gemm.txt" | tail -15
+      rc=$(( rc || PIPESTATUS[0] )) ;;
+    generate)
+      python3 benchmarks/bench_generate.py --out "$out" 2>&1 | tail -5
       rc=$(( rc || PIPESTATUS[0] )) ;;
     bench)
       python3 benchmarks/bench_gemm.py --out "$out" 2>&1 | grep -v "done$" | tail -3

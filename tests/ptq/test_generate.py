@@ -108,3 +108,19 @@ def test_cli_generate(saved, capsys, tmp_path):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_generate_smoke_run(tmp_path):
+    """benchmarks/bench_generate.py on a 2-block model on the CPU: every setting, a row each."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # PyTorch paths
+    subprocess.run([sys.executable, str(root / "benchmarks" / "bench_generate.py"), "--tiny",
+                    "--out", str(tmp_path)], check=True, capture_output=True, env=env)  # fmt: skip
+    rows = list(csv.DictReader((tmp_path / "bench_generate.csv").open()))
+    assert [r["setting"] for r in rows[::2]] == ["bf16", "W4A16g128", "W4A8", "W4A4", "W2A16g128"]
+    assert all(float(r["decode_tok_s"]) > 0 and float(r["ttft_ms"]) > 0 for r in rows)

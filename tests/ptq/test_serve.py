@@ -57,3 +57,23 @@ def test_layers_the_kernels_do_not_take_stay_fake_quantized(stories):
     q, _ = quantize(copy.deepcopy(model), config, ids(), progress=False)
     table = use_kernels(q, torch.float32)
     assert all("6-bit weights" in v for v in table.values())
+
+
+def test_round_to_nearest_kernels_equal_the_pipelines_rtn(stories):
+    from cbq_ptq.serve import KernelLinear, rtn_kernels
+
+    model, _ = stories
+    settings = parse_setting("W4A16", ragged_groups=True)
+    config = CBQConfig(settings=settings, epochs=0, lora_rounding=False, cfp=False)
+    x = ids()
+    q, _ = quantize(copy.deepcopy(model), config, x, progress=False)
+    with torch.no_grad():
+        want = q(x).logits
+    fast = copy.deepcopy(model)
+    assert rtn_kernels(fast, settings, torch.float32) == 35
+    assert sum(isinstance(m, KernelLinear) for m in fast.modules()) == 35
+    assert not any(isinstance(m, torch.nn.Linear) and ".layers." in n
+                   for n, m in fast.named_modules())  # fmt: skip
+    with torch.no_grad():
+        got = fast(x).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3)

@@ -1,0 +1,188 @@
+"""Generation speed of quantized models (issue 14): time to first token (the prefill of the
+batch) and decode tokens per second, for bf16 and the W4A16 (g128), W4A8, W4A4 and W2A16 (g128)
+kernels, batch in {1, 8, 32}, prompts of 512 and 2048 tokens, 256 new tokens (greedy, static
+KV cache, Hugging Face generate), peak GPU memory per row, all in one process.
+
+Models: ``llama2-7b`` (Llama-2-7B's shapes, random weights, round-to-nearest: speed does not
+depend on the weights' values), ``llama2-70b-8l`` (Llama-2-70B's shapes with 8 of its 80
+blocks; the ``x80`` columns scale the per-token time of the blocks to 80, embedding and head
+counted once), and a saved model folder (``--saved DIR``, e.g. SmolLM2-135M quantized by CBQ
+with ``cbq quantize``), which runs at its own setting beside its bf16 base.
+
+    python benchmarks/bench_generate.py --out benchmarks/results/h200
+    CBQ_GEN_MODELS=llama2-7b CBQ_GEN_BATCHES=1,32 CBQ_GEN_PROMPTS=512 CBQ_GEN_NEW=64 ...
+    CBQ_GEN_COMPILE=off ...   (transformers' own torch.compile of the decode step with a static
+                               cache, its CUDA graphs included, is on by default: "auto")
+    python benchmarks/bench_generate.py --tiny --out /tmp/gen   (a CPU smoke run, 2 blocks)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import Environment
+from cbq_ptq.config import parse_setting
+from cbq_ptq.generate import timed_generate
+from cbq_ptq.serve import rtn_kernels
+
+SETTINGS = ("bf16", "W4A16g128", "W4A8", "W4A4", "W2A16g128")
+SHAPES = {  # hidden, intermediate, heads, kv heads, blocks built, blocks of the real model
+    "llama2-7b": (4096, 11008, 32, 32, 32, 32),
+    "llama2-70b-8l": (8192, 28672, 64, 8, 8, 80),
+    "tiny": (256, 688, 4, 4, 2, 2),
+}
+FIELDS = ["model", "setting", "batch", "prompt", "new_tokens", "ttft_ms", "decode_tok_s",
+          "decode_ms_per_step", "speedup_vs_bf16", "decode_tok_s_x80", "peak_gib", "weights",
+          "compile", "gpu", "torch", "commit"]  # fmt: skip
+COMPILE = os.environ.get("CBQ_GEN_COMPILE", "auto")
+
+
+def build(shape: str, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, heads, kv, blocks, _ = SHAPES[shape]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                         num_key_value_heads=kv, num_hidden_layers=blocks, vocab_size=32000,
+                         max_position_embeddings=4096, use_cache=True)  # fmt: skip
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def env_list(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    value = os.environ.get(name)
+    return tuple(int(v) for v in value.split(",")) if value else default
+
+
+def measure(model, batch: int, prompt: int, new: int, device: torch.device) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(3, 32000, (batch, prompt), generator=g).to(device)
+    options = {"do_sample": False, "max_new_tokens": new, "min_new_tokens": new,
+               "use_cache": True, "cache_implementation": "static", "pad_token_id": 0,
+               "temperature": None, "top_p": None, "top_k": None,
+               "disable_compile": COMPILE == "off"}  # fmt: skip
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    timed_generate(model, inputs, {**options, "max_new_tokens": 2, "min_new_tokens": 2})  # warm
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _, prefill, decode = timed_generate(model, inputs, options)
+    steps = new - 1
+    return {"ttft_ms": round(prefill * 1e3, 2),
+            "decode_tok_s": round(batch * steps / decode, 1) if decode > 0 else "",
+            "decode_ms_per_step": round(decode / steps * 1e3, 3) if steps else "",
+            "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            if device.type == "cuda" else "", "compile": COMPILE}  # fmt: skip
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--saved", default=None, help="a folder written by cbq quantize")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run on a 2-block model")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu" if args.tiny else "cuda")
+    env = Environment.detect()
+    models = ["tiny"] if args.tiny else os.environ.get(
+        "CBQ_GEN_MODELS", "llama2-7b,llama2-70b-8l").split(",")  # fmt: skip
+    batches = env_list("CBQ_GEN_BATCHES", (1, 2) if args.tiny else (1, 8, 32))
+    prompts = env_list("CBQ_GEN_PROMPTS", (16,) if args.tiny else (512, 2048))
+    new = env_list("CBQ_GEN_NEW", (4,) if args.tiny else (256,))[0]
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    rows: list[dict] = []
+    path = args.out / "bench_generate.csv"
+    for shape in models:
+        blocks, real = SHAPES[shape][4], SHAPES[shape][5]
+        base: dict[tuple[int, int], dict] = {}
+        for setting in SETTINGS:
+            model = build(shape, device, dtype)
+            if setting != "bf16":
+                rtn_kernels(model, parse_setting(setting), dtype)
+            weights = sum(t.numel() * t.element_size() for t in model.parameters())
+            weights += sum(_kernel_bytes(m) for m in model.modules())
+            for batch in batches:
+                for prompt in prompts:
+                    t0 = time.time()
+                    r = measure(model, batch, prompt, new, device)
+                    if setting == "bf16":
+                        base[(batch, prompt)] = r
+                    ref = base.get((batch, prompt))
+                    speed = ""
+                    if ref and r["decode_tok_s"] and ref["decode_tok_s"]:
+                        speed = round(r["decode_tok_s"] / ref["decode_tok_s"], 2)
+                    x80 = ""
+                    if real != blocks and r["decode_ms_per_step"]:
+                        x80 = round(batch * 1e3 / (r["decode_ms_per_step"] * real / blocks), 1)
+                    rows.append({"model": shape, "setting": setting, "batch": batch,
+                                 "prompt": prompt, "new_tokens": new, **r,
+                                 "speedup_vs_bf16": speed, "decode_tok_s_x80": x80,
+                                 "weights": "random, RTN", "gpu": env.gpu, "torch": env.torch,
+                                 "commit": env.commit})  # fmt: skip
+                    print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
+                    _write(rows, path)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if args.saved:
+        rows += _saved_rows(args.saved, batches, prompts, new, device, env)
+        _write(rows, path)
+    print(f"wrote {path}")
+    return 0
+
+
+def _kernel_bytes(module) -> int:
+    w = getattr(module, "weight", None)
+    if w is None or isinstance(w, torch.Tensor):
+        return 0
+    total = sum(t.numel() * t.element_size() for t in (w.words, w.scales, w.zeros))
+    if w.decode is not None:
+        d = w.decode
+        total += sum(t.numel() * t.element_size() for t in (d.words, d.scales, d.zeros))
+    return total
+
+
+def _saved_rows(saved, batches, prompts, new, device, env) -> list[dict]:
+    from cbq_ptq.generate import load_for_generation
+    from cbq_ptq.io import read_meta
+    from cbq_ptq.models import load_model
+
+    meta = read_meta(Path(saved))
+    s = meta["settings"]
+    setting = f"W{s['w_bits']}A{s['a_bits']}" + (f"g{s['group_size']}" if s["group_size"] else "")
+    rows = []
+    for label in ("bf16", setting):
+        if label == "bf16":
+            model, _ = load_model(meta["base_model"], dtype=torch.bfloat16, device=str(device))
+        else:
+            model, _, _ = load_for_generation(saved, device)
+        for batch in batches:
+            for prompt in prompts:
+                r = measure(model, batch, prompt, new, device)
+                rows.append({"model": Path(saved).name, "setting": label, "batch": batch,
+                             "prompt": prompt, "new_tokens": new, **r, "speedup_vs_bf16": "",
+                             "decode_tok_s_x80": "", "weights": "cbq" if label != "bf16"
+                             else "bf16", "gpu": env.gpu, "torch": env.torch,
+                             "commit": env.commit})  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _write(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
