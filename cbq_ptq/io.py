@@ -97,6 +97,20 @@ def save(model, path: str | Path, tokenizer=None, base_model: str | None = None,
     return out
 
 
+def _materialize_buffers(model, config) -> None:
+    """Rebuild the modules whose tensors are computed at construction and not saved (the
+    rotary embedding's inv_freq), which the meta-device build left empty; then no tensor may
+    be left on the meta device."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "inv_freq"):
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, leaf, type(module)(config=config))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"loading left tensors without values: {left[:5]}")
+
+
 def load(path: str | Path, device: str | None = None):
     """The model saved by :func:`save` (hardened QLinear layers), in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -107,14 +121,17 @@ def load(path: str | Path, device: str | None = None):
     tensors = _load_tensors(src, meta)
     _check_layers(src, meta, tensors)
     config = AutoConfig.from_pretrained(src)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Built on the meta device (no random initialisation, no memory), then filled from the
+    # file: the peak host memory is the file's tensors, not a full-precision model.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for name, info in meta["layers"].items():
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         n, k = info["out_features"], info["in_features"]
         has_bias = f"{name}.bias" in tensors
-        q = QLinear(torch.nn.Linear(k, n, bias=has_bias), settings, name=name, lora=False,
-                    learn_clipping=False, train=False)  # fmt: skip
+        q = QLinear(torch.nn.Linear(k, n, bias=has_bias, device="meta"), settings, name=name,
+                    lora=False, learn_clipping=False, train=False)  # fmt: skip
         q.gs = info["group_size"]
         q.codes = unpack_ref(tensors.pop(f"{name}.packed"), storage_bits(info["bits"]),
                              k).to(torch.uint8)  # fmt: skip
@@ -125,7 +142,7 @@ def load(path: str | Path, device: str | None = None):
         q.channel_factor = tensors.pop(f"{name}.channel_factor", None)
         q.w_fp = q.w = torch.empty(0)  # the full-precision weights are not part of the artefact
         setattr(parent, leaf, q)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     prefixes = tuple(f"{name}." for name in meta["layers"])
     missing = [m for m in missing if not m.startswith(prefixes)]
     if getattr(config, "tie_word_embeddings", False):
@@ -133,6 +150,7 @@ def load(path: str | Path, device: str | None = None):
         missing = [m for m in missing if m != "lm_head.weight"]
     if unexpected or missing:
         raise ValueError(f"{src}: unexpected tensors {unexpected[:5]}, missing {missing[:5]}")
+    _materialize_buffers(model, config)
     model.eval()
     if device is not None:
         model.to(device)

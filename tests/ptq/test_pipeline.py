@@ -252,3 +252,26 @@ def test_kernel_proportions_of_a_quantized_model(stories):
     props = kernel_proportions(q, tok, "tinystories", 512, bos=True, max_windows=1)
     assert len(props) == 35 and all(0.0 <= v <= 1.0 for v in props.values())
     assert max(props.values()) > 0.01  # 4-bit per-token activations do zero some elements
+
+
+def test_load_builds_the_model_on_the_meta_device(stories, tmp_path, monkeypatch):
+    """No random initialisation of a full-precision model at load: every weight of the loaded
+    model comes from the file (a Linear initialised at load would fail the check below)."""
+    from cbq_ptq.io import load, save
+
+    model, tok = stories
+    config = CBQConfig(settings=parse_setting("W4A16"), epochs=0, lora_rounding=False, cfp=False)
+    q, _ = quantize(copy.deepcopy(model), config, calib(model.config.vocab_size, n=2),
+                    progress=False)  # fmt: skip
+    save(q, tmp_path / "q", tok)
+    calls = []
+    real = torch.nn.init.kaiming_uniform_
+
+    def spy(*a, **k):
+        calls.append((a[0] if a else k["tensor"]).device.type)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", spy)
+    loaded = load(tmp_path / "q")
+    assert calls and set(calls) == {"meta"}  # initialisers ran on meta tensors only
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
