@@ -57,12 +57,12 @@ def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
     from transformers import AutoTokenizer
 
     from cbq_ptq.io import load
-    from cbq_ptq.serve import use_kernels
+    from cbq_ptq.serve import kernel_table
 
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load(path, device=str(device))
-    table = use_kernels(model, dtype) if kernels else {}
+    model = load(path, device=str(device), kernels=dtype if kernels else None)
+    table = kernel_table(model) if kernels else {}
     model.to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, table

@@ -97,6 +97,29 @@ def save(model, path: str | Path, tokenizer=None, base_model: str | None = None,
     return out
 
 
+def _kernel_layer(model, name: str, info: dict, settings: QuantSettings, tensors: dict,
+                  dtype: torch.dtype, device: str | None) -> bool:  # fmt: skip
+    """Put a KernelLinear at ``name`` from the file's tensors (popped); False when the GEMMs
+    do not take the setting (the caller builds a fake-quantized QLinear)."""
+    from cbq_kernels.gemm import prepare_weight
+    from cbq_ptq.serve import KernelLinear, activation_kwargs, kind_error, replace_module
+
+    if kind_error(settings, info["group_size"]) is not None:
+        return False
+    dev = torch.device(device or "cpu")
+    take = lambda key: tensors.pop(f"{name}.{key}", None)  # noqa: E731
+    packed, scales, zeros = take("packed"), take("scales"), take("zeros")
+    bias, ratio, factor = take("bias"), take("act_ratio"), take("channel_factor")
+    weight = prepare_weight(packed.to(dev), info["bits"], info["in_features"],
+                            scales.to(dev).float(), zeros.to(dev).float(),
+                            info["group_size"])  # fmt: skip
+    act = activation_kwargs(settings, ratio, factor.to(dev) if factor is not None else None)
+    layer = KernelLinear(name, weight, settings, bias.to(dev) if bias is not None else None,
+                         act, dtype)  # fmt: skip
+    replace_module(model, name, layer)
+    return True
+
+
 def _materialize_buffers(model, config) -> None:
     """Rebuild the modules whose tensors are computed at construction and not saved (the
     rotary embedding's inv_freq), which the meta-device build left empty; then no tensor may
@@ -111,8 +134,11 @@ def _materialize_buffers(model, config) -> None:
         raise ValueError(f"loading left tensors without values: {left[:5]}")
 
 
-def load(path: str | Path, device: str | None = None):
-    """The model saved by :func:`save` (hardened QLinear layers), in eval mode."""
+def load(path: str | Path, device: str | None = None, kernels: torch.dtype | None = None):
+    """The model saved by :func:`save` (hardened QLinear layers), in eval mode. ``kernels``
+    (a compute dtype): the layers the inference GEMMs take are built as
+    :class:`cbq_ptq.serve.KernelLinear` straight from the file's packed words (no unpacked
+    codes, no full-precision weight), on ``device``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     src = Path(path)
@@ -130,6 +156,9 @@ def load(path: str | Path, device: str | None = None):
         parent = model.get_submodule(parent_name)
         n, k = info["out_features"], info["in_features"]
         has_bias = f"{name}.bias" in tensors
+        if kernels is not None and _kernel_layer(model, name, info, settings, tensors, kernels,
+                                                 device):  # fmt: skip
+            continue
         q = QLinear(torch.nn.Linear(k, n, bias=has_bias, device="meta"), settings, name=name,
                     lora=False, learn_clipping=False, train=False)  # fmt: skip
         q.gs = info["group_size"]

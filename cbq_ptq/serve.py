@@ -17,45 +17,61 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cbq_kernels.gemm import PreparedWeight, prepare_weight
 from cbq_kernels.gemm import linear as gemm_linear
-from cbq_kernels.gemm import prepare_weight
 from cbq_kernels.packing import pack_ref
 from cbq_kernels.quant_math import quantize_weight
 from cbq_ptq.config import QuantSettings
 from cbq_ptq.qlinear import QLinear
 
 
-def _check_kind(settings: QuantSettings) -> None:
-    """Raise ValueError when the GEMMs do not take a setting (the layer stays fake-quantized)."""
+def kind_error(settings: QuantSettings, group_size: int | None = None) -> str | None:
+    """Why the GEMMs do not take a layer (it stays fake-quantized), or None."""
     if settings.w_bits not in (2, 3, 4):
-        raise ValueError(f"{settings.w_bits}-bit weights: the GEMMs take 2, 3 or 4 bits")
+        return f"{settings.w_bits}-bit weights: the GEMMs take 2, 3 or 4 bits"
     if settings.a_bits not in (4, 8, 16):
-        raise ValueError(f"{settings.a_bits}-bit activations: the GEMMs take 4, 8 or 16 bits")
+        return f"{settings.a_bits}-bit activations: the GEMMs take 4, 8 or 16 bits"
     if settings.a_bits < 16 and settings.w_bits == 2:
-        raise ValueError("2-bit weights run weight-only (the integer GEMMs take 3 or 4 bits)")
+        return "2-bit weights run weight-only (the integer GEMMs take 3 or 4 bits)"
+    if group_size is not None and group_size % 32:
+        return f"groups of {group_size}: the GEMMs take multiples of 32"
+    return None
+
+
+def _check_kind(settings: QuantSettings) -> None:
+    reason = kind_error(settings)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 class KernelLinear(torch.nn.Module):
-    """A linear layer run by the inference GEMMs from its codes (N, K), scales and zero points
-    (N, G): the packed weight (:func:`cbq_kernels.gemm.prepare_weight`) is its only copy of
-    the weight."""
+    """A linear layer run by the inference GEMMs: the packed weight
+    (:class:`cbq_kernels.gemm.PreparedWeight`) is its only copy of the weight."""
 
-    def __init__(self, name: str, codes: Tensor, scales: Tensor, zeros: Tensor,
-                 settings: QuantSettings, group_size: int | None, bias: Tensor | None = None,
-                 act_kwargs: dict | None = None,
+    def __init__(self, name: str, weight: PreparedWeight, settings: QuantSettings,
+                 bias: Tensor | None = None, act_kwargs: dict | None = None,
                  compute_dtype: torch.dtype = torch.bfloat16) -> None:  # fmt: skip
         super().__init__()
         _check_kind(settings)
-        self.name = name
-        self.out_features, self.in_features = codes.shape
-        packed = pack_ref(codes, settings.w_bits).contiguous()
-        self.weight = prepare_weight(packed, settings.w_bits, self.in_features, scales.float(),
-                                     zeros.float(), group_size)  # fmt: skip
+        self.name, self.weight = name, weight
+        self.out_features, self.in_features = weight.n, weight.k
         self.act_bits = settings.a_bits if settings.a_bits < 16 else None
         self.compute_dtype = compute_dtype
         self.bias = bias.to(compute_dtype) if bias is not None else None
         self.act_kwargs = dict(act_kwargs or {})
         self.kind = f"W{settings.w_bits}A{settings.a_bits}"
+
+    @classmethod
+    def from_codes(cls, name: str, codes: Tensor, scales: Tensor, zeros: Tensor,
+                   settings: QuantSettings, group_size: int | None, bias: Tensor | None = None,
+                   act_kwargs: dict | None = None,
+                   compute_dtype: torch.dtype = torch.bfloat16):  # fmt: skip
+        """From unsigned codes (N, K), scales and zero points (N, G)."""
+        _check_kind(settings)
+        packed = pack_ref(codes, settings.w_bits).contiguous()
+        weight = prepare_weight(packed, settings.w_bits, codes.shape[1], scales.float(),
+                                zeros.float(), group_size)  # fmt: skip
+        return cls(name, weight, settings, bias, act_kwargs, compute_dtype)
 
     @classmethod
     def from_qlinear(cls, q: QLinear, compute_dtype: torch.dtype = torch.bfloat16):
@@ -65,14 +81,9 @@ class KernelLinear(torch.nn.Module):
         if q.codes is None:
             raise ValueError(f"layer {q.name}: not hardened (call QLinear.harden first)")
         _check_kind(s)
-        act_kwargs: dict = {}
-        if s.a_bits < 16:
-            act_kwargs["clip_ratio"] = float(q.act_ratio)
-            if s.act_quantizer == "crossquant" and q.channel_factor is not None:
-                act_kwargs["channel_factor"] = q.channel_factor.float()
-                act_kwargs["alpha"] = s.crossquant_alpha
-        return cls(q.name, q.codes, q.scales, q.zeros, s, q.gs, q.bias, act_kwargs,
-                   compute_dtype)  # fmt: skip
+        act_kwargs = activation_kwargs(s, q.act_ratio, q.channel_factor)
+        return cls.from_codes(q.name, q.codes, q.scales, q.zeros, s, q.gs, q.bias, act_kwargs,
+                              compute_dtype)  # fmt: skip
 
     @classmethod
     def round_to_nearest(cls, name: str, linear: torch.nn.Linear, settings: QuantSettings,
@@ -82,13 +93,38 @@ class KernelLinear(torch.nn.Module):
         _check_kind(settings)
         codes, scales, zeros = quantize_weight(linear.weight, settings.w_bits,
                                                settings.group_size)  # fmt: skip
-        return cls(name, codes, scales, zeros, settings, settings.group_size, linear.bias,
-                   None, compute_dtype)  # fmt: skip
+        return cls.from_codes(name, codes, scales, zeros, settings, settings.group_size,
+                              linear.bias, None, compute_dtype)  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         y = gemm_linear(x.to(self.compute_dtype).contiguous(), self.weight, self.act_bits,
                         self.bias, **self.act_kwargs)  # fmt: skip
         return y.to(x.dtype)
+
+
+def activation_kwargs(settings: QuantSettings, act_ratio: Tensor,
+                      channel_factor: Tensor | None) -> dict:  # fmt: skip
+    """The activation quantizer's arguments of :func:`cbq_kernels.gemm.linear` for a layer:
+    its learned clipping ratio and, for CrossQuant, its channel factors."""
+    if settings.a_bits >= 16:
+        return {}
+    kwargs: dict = {"clip_ratio": float(act_ratio)}
+    if settings.act_quantizer == "crossquant" and channel_factor is not None:
+        kwargs["channel_factor"] = channel_factor.float()
+        kwargs["alpha"] = settings.crossquant_alpha
+    return kwargs
+
+
+def kernel_table(model: torch.nn.Module) -> dict[str, str]:
+    """{layer: 'W4A8 kernel' or 'fake-quantized: <reason>'} of a model's quantized layers."""
+    table = {}
+    for name, m in model.named_modules():
+        if isinstance(m, KernelLinear):
+            table[name] = f"{m.kind} kernel"
+        elif isinstance(m, QLinear):
+            reason = kind_error(m.settings, m.gs) or "not converted"
+            table[name] = f"fake-quantized: {reason}"
+    return table
 
 
 def replace_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:

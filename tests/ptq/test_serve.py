@@ -10,7 +10,7 @@ from cbq_ptq.config import CBQConfig, parse_setting
 from cbq_ptq.data import calibration_windows
 from cbq_ptq.models import SHARED_MODELS, load_model
 from cbq_ptq.pipeline import quantize
-from cbq_ptq.serve import use_kernels
+from cbq_ptq.serve import kernel_table, use_kernels
 from tests.conftest import need_shared
 
 
@@ -49,6 +49,10 @@ def test_kernels_reproduce_the_fake_quantized_logits(stories, setting, atol, tmp
         got = served(x).logits
     torch.testing.assert_close(got, want, rtol=0, atol=atol)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
+    direct = load(tmp_path / "q", kernels=torch.float32)  # straight from the packed words
+    assert kernel_table(direct) == table
+    with torch.no_grad():
+        assert torch.equal(direct(x).logits, got)
 
 
 def test_layers_the_kernels_do_not_take_stay_fake_quantized(stories):
