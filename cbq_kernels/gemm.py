@@ -452,13 +452,16 @@ def _dequantize_scratch(weight: PreparedWeight, dtype: torch.dtype) -> Tensor:
 
 def _int_gemm_torch(codes: Tensor, xs: Tensor, weight: PreparedWeight, bias: Tensor | None,
                     out_dtype: torch.dtype, debug: bool) -> Tensor:  # fmt: skip
-    """The integer GEMM in PyTorch (CPU without the interpreter); codes are signed int32."""
+    """The integer GEMM in PyTorch (CPU without the interpreter); codes are signed int32.
+    The scaled output is computed in fp32 from the dequantized weight (the CPU forward of a
+    served model: one C++ pass over the packed words per call, then a BLAS GEMM)."""
     from cbq_kernels.packing import unpack_ref
 
     _check_bias(bias, weight.n, codes.device)
     _check_out_dtype(out_dtype)
-    if not debug:  # fp64 products of these integers and scales, one rounding
-        return gemm_ref(codes, weight, xs, 8, bias).to(out_dtype)
+    if not debug:  # fp32, the weight dequantized by the compiled cbq::dequantize (C++)
+        out = (codes.float() * xs.float()[:, None]) @ weight.dequantize(torch.float32).t()
+        return (out + bias.float() if bias is not None else out).to(out_dtype)
     q = unpack_ref(weight.packed, weight.bits, weight.k).to(torch.int64)
     gid = torch.arange(weight.k, device=codes.device) // (weight.group_size or weight.k)
     wq = q - weight.zeros.to(torch.int64)[:, gid]
