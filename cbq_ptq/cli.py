@@ -434,17 +434,16 @@ def cmd_eval(args) -> int:
 
         from cbq_ptq.io import load
 
-        model, tok = load(path, device=device), AutoTokenizer.from_pretrained(path)
-        if args.kernels:
-            import torch
+        if args.kernels:  # the very model `cbq generate` runs (bf16 on a GPU)
+            from cbq_ptq.generate import load_for_generation
 
-            from cbq_ptq.serve import use_kernels
-
-            table = use_kernels(model, torch.bfloat16 if _is_cuda(device) else torch.float32)
+            model, tok, table = load_for_generation(path, device)
             kinds: dict[str, int] = {}
             for v in table.values():
                 kinds[v] = kinds.get(v, 0) + 1
             print("layers: " + "; ".join(f"{n} x {k}" for k, n in sorted(kinds.items())))
+        else:
+            model, tok = load(path, device=device), AutoTokenizer.from_pretrained(path)
     else:
         model, tok = load_model(args.model, dtype=_dtype(args, device), device=device)
     _evaluate_all(model, tok, args, eval_args, args.model)

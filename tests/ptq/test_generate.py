@@ -79,6 +79,21 @@ def test_the_served_model_holds_no_full_precision_copy_of_a_quantized_weight(sav
         assert packed < 0.3 * layer.in_features * layer.out_features * 4  # vs its fp32 weight
 
 
+def test_eval_kernels_scores_the_model_generate_runs(saved, capsys):
+    from cbq_ptq.evaluate import evaluate_perplexity
+
+    path, _ = saved
+    rc = main(["eval", str(path), "--kernels", "--corpus", "tinystories", "--eval-windows", "1",
+               "--seq-len", "64", "--bos", "--also", "", "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "perplexity " in ln][-1]
+    printed = float(line.split("perplexity ")[1].split()[0])
+    model, tok, _ = load_for_generation(path, "cpu")
+    want = evaluate_perplexity(model, tok, "tinystories", seq_len=64, bos=True,
+                               max_windows=1)["ppl"]  # fmt: skip
+    assert printed == pytest.approx(want, abs=6e-4)
+
+
 def test_bad_arguments(saved):
     model, tok, _ = load_for_generation(saved[0], "cpu")
     with pytest.raises(ValueError, match="prompts must be one or more non-empty strings"):
