@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a CUDA machine: build the extension (the CUDA decode GEMM lives there), the GEMM GPU tests
 # and the GEMM benchmark.
-#   bash scripts/gpu_gemm.sh OUT_DIR [build|decode|tests|bench|generate]...
+#   bash scripts/gpu_gemm.sh OUT_DIR [build|sanitize|decode|tests|bench|generate]...
 #   (default: build decode tests bench)
+# sanitize: the decode kernel's small-shape tests under compute-sanitizer (memcheck, racecheck).
 # decode: tests/kernels/test_gemm_decode_cuda.py; tests: tests/kernels/test_gemm_cuda.py;
 # generate: benchmarks/bench_generate.py (CBQ_GEN_* select models, batches, prompts).
 # CBQ_BENCH_MS picks the M values of the benchmark (see benchmarks/bench_gemm.py); the
@@ -22,6 +23,13 @@ for step in $steps; do
       CBQ_CUDA_ARCHS=${CBQ_CUDA_ARCHS:-90a} CBQ_REQUIRE_CUDA=1 python3 setup.py build_ext \
         --inplace > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
       grep -E "spill|warning" "$out/build.log" | tail -5 ;;
+    sanitize)  # out-of-bounds accesses and shared-memory races, on small shapes (slow)
+      for tool in memcheck racecheck; do
+        compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \
+          tests/kernels/test_gemm_decode_cuda.py -k "shape3" -x 2>&1 \
+          | tee "$out/sanitize_$tool.txt" | tail -4
+        rc=$(( rc || PIPESTATUS[0] ))
+      done ;;
     decode)
       python3 -m pytest tests/kernels/test_gemm_decode_cuda.py -q -p no:cacheprovider 2>&1 \
         | tee "$out/pytest_gemm_decode.txt" | tail -15
