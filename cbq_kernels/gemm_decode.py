@@ -49,7 +49,9 @@ class DecodeWeight:
     words: Tensor  # (N_pad / TN, K_pad / 16, 32, 4) int32
     scales: Tensor  # (G, N_pad) fp32
     zeros: Tensor  # (G, N_pad) int32
-    counters: Tensor  # (N_pad / TN,) int32 zeros: the split-K semaphores (left zero)
+    # (N_pad / TN,) int32 zeros: the split-K semaphores (each launch leaves them zero). One
+    # set per weight: launches of the same weight on two streams at once would share them.
+    counters: Tensor
     bits: int  # container bits: 4 or 2
     n: int
     k: int
