@@ -358,26 +358,32 @@ def _weight_from(words: Tensor, scales: Tensor, zeros: Tensor, bits: int, k: int
     return PreparedWeight(words, scales, zeros, bits, k, group_size or None, dw)
 
 
-@torch.library.custom_op("cbq::gemm_w4a8", mutates_args=())
-def _gemm_w4a8_op(x_codes: Tensor, x_scales: Tensor, words: Tensor, scales: Tensor,
-                  zeros: Tensor, bits: int, k: int, group_size: int, d_words: Tensor | None,
-                  d_scales: Tensor | None, d_zeros: Tensor | None, d_counters: Tensor | None,
-                  d_bits: int, d_group: int, bias: Tensor | None, out_dtype: torch.dtype,
-                  debug: bool, split_k: int | None, policy: list[int]) -> Tensor:  # fmt: skip
-    w = _weight_from(words, scales, zeros, bits, k, group_size, d_words, d_scales, d_zeros,
-                     d_counters, d_bits, d_group)  # fmt: skip
-    return _w4a8(x_codes, x_scales, w, bias, out_dtype, debug, split_k, _policy_from(policy))
+def _integer_op(name: str, impl):
+    """The custom op ``cbq::name`` of an integer GEMM (W4A8, W4A4: the same signature; x is
+    int8 codes or packed int4 codes) running ``impl`` (:func:`_w4a8` / :func:`_w4a4`)."""
+
+    def op(x: Tensor, x_scales: Tensor, words: Tensor, scales: Tensor, zeros: Tensor,
+           bits: int, k: int, group_size: int, d_words: Tensor | None, d_scales: Tensor | None,
+           d_zeros: Tensor | None, d_counters: Tensor | None, d_bits: int, d_group: int,
+           bias: Tensor | None, out_dtype: torch.dtype, debug: bool, split_k: int | None,
+           policy: list[int]) -> Tensor:  # fmt: skip
+        w = _weight_from(words, scales, zeros, bits, k, group_size, d_words, d_scales, d_zeros,
+                         d_counters, d_bits, d_group)  # fmt: skip
+        return impl(x, x_scales, w, bias, out_dtype, debug, split_k, _policy_from(policy))
+
+    custom = torch.library.custom_op(f"cbq::{name}", mutates_args=())(op)
+
+    @custom.register_fake
+    def _(x, x_scales, words, *args):
+        out_dtype, debug = args[12], args[13]
+        return x.new_empty((x.shape[0], words.shape[1]),
+                           dtype=torch.int32 if debug else out_dtype)  # fmt: skip
+
+    return custom
 
 
-@torch.library.custom_op("cbq::gemm_w4a4", mutates_args=())
-def _gemm_w4a4_op(x_packed: Tensor, x_scales: Tensor, words: Tensor, scales: Tensor,
-                  zeros: Tensor, bits: int, k: int, group_size: int, d_words: Tensor | None,
-                  d_scales: Tensor | None, d_zeros: Tensor | None, d_counters: Tensor | None,
-                  d_bits: int, d_group: int, bias: Tensor | None, out_dtype: torch.dtype,
-                  debug: bool, split_k: int | None, policy: list[int]) -> Tensor:  # fmt: skip
-    w = _weight_from(words, scales, zeros, bits, k, group_size, d_words, d_scales, d_zeros,
-                     d_counters, d_bits, d_group)  # fmt: skip
-    return _w4a4(x_packed, x_scales, w, bias, out_dtype, debug, split_k, _policy_from(policy))
+_gemm_w4a8_op = _integer_op("gemm_w4a8", _w4a8)
+_gemm_w4a4_op = _integer_op("gemm_w4a4", _w4a4)
 
 
 @torch.library.custom_op("cbq::gemm_wonly", mutates_args=())
@@ -389,20 +395,6 @@ def _gemm_wonly_op(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, bits
     w = _weight_from(words, scales, zeros, bits, k, group_size, d_words, d_scales, d_zeros,
                      d_counters, d_bits, d_group)  # fmt: skip
     return _wonly(x, w, bias, split_k, _policy_from(policy))
-
-
-@_gemm_w4a8_op.register_fake
-def _(x_codes, x_scales, words, *args):
-    out_dtype, debug = args[12], args[13]
-    return x_codes.new_empty((x_codes.shape[0], words.shape[1]),
-                             dtype=torch.int32 if debug else out_dtype)  # fmt: skip
-
-
-@_gemm_w4a4_op.register_fake
-def _(x_packed, x_scales, words, *args):
-    out_dtype, debug = args[12], args[13]
-    return x_packed.new_empty((x_packed.shape[0], words.shape[1]),
-                              dtype=torch.int32 if debug else out_dtype)  # fmt: skip
 
 
 @_gemm_wonly_op.register_fake

@@ -20,6 +20,7 @@ loaded; a failure while running is one line, exit status 1 (--debug shows the tr
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import re
@@ -412,6 +413,12 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _layer_summary(table: dict[str, str]) -> str:
+    """'layers: 30 x W4A8 kernel; 5 x fake-quantized: ...' from a kernel table."""
+    kinds = collections.Counter(table.values())
+    return "layers: " + "; ".join(f"{n} x {k}" for k, n in sorted(kinds.items()))
+
+
 def cmd_eval(args) -> int:
     device = _device(args.device)
     path = Path(args.model)
@@ -438,10 +445,7 @@ def cmd_eval(args) -> int:
             from cbq_ptq.generate import load_for_generation
 
             model, tok, table = load_for_generation(path, device)
-            kinds: dict[str, int] = {}
-            for v in table.values():
-                kinds[v] = kinds.get(v, 0) + 1
-            print("layers: " + "; ".join(f"{n} x {k}" for k, n in sorted(kinds.items())))
+            print(_layer_summary(table))
         else:
             model, tok = load(path, device=device), AutoTokenizer.from_pretrained(path)
     else:
@@ -483,11 +487,7 @@ def cmd_generate(args) -> int:
 
     model, tok, table = load_for_generation(path, device, kernels=not args.no_kernels)
     if table:
-        kinds: dict[str, int] = {}
-        for v in table.values():
-            kinds[v] = kinds.get(v, 0) + 1
-        print("layers: " + "; ".join(f"{n} x {k}" for k, n in sorted(kinds.items())),
-              file=sys.stderr)  # fmt: skip
+        print(_layer_summary(table), file=sys.stderr)
     out = generate(model, tok, prompts, args.max_new_tokens, args.batch, args.sample,
                    args.temperature, args.top_p, args.seed)  # fmt: skip
     for prompt, text in zip(prompts, out.texts, strict=True):

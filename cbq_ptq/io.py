@@ -101,7 +101,6 @@ def _kernel_layer(model, name: str, info: dict, settings: QuantSettings, tensors
                   dtype: torch.dtype, device: str | None) -> bool:  # fmt: skip
     """Put a KernelLinear at ``name`` from the file's tensors (popped); False when the GEMMs
     do not take the setting (the caller builds a fake-quantized QLinear)."""
-    from cbq_kernels.gemm import prepare_weight
     from cbq_ptq.serve import KernelLinear, activation_kwargs, kind_error, replace_module
 
     if kind_error(settings, info["group_size"]) is not None:
@@ -110,12 +109,11 @@ def _kernel_layer(model, name: str, info: dict, settings: QuantSettings, tensors
     take = lambda key: tensors.pop(f"{name}.{key}", None)  # noqa: E731
     packed, scales, zeros = take("packed"), take("scales"), take("zeros")
     bias, ratio, factor = take("bias"), take("act_ratio"), take("channel_factor")
-    weight = prepare_weight(packed.to(dev), info["bits"], info["in_features"],
-                            scales.to(dev).float(), zeros.to(dev).float(),
-                            info["group_size"])  # fmt: skip
     act = activation_kwargs(settings, ratio, factor.to(dev) if factor is not None else None)
-    layer = KernelLinear(name, weight, settings, bias.to(dev) if bias is not None else None,
-                         act, dtype)  # fmt: skip
+    bias = bias.to(dev) if bias is not None else None
+    layer = KernelLinear.from_packed(name, packed.to(dev), info["bits"], info["in_features"],
+                                     scales.to(dev), zeros.to(dev), settings,
+                                     info["group_size"], bias, act, dtype)  # fmt: skip
     replace_module(model, name, layer)
     return True
 

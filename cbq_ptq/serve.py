@@ -69,8 +69,17 @@ class KernelLinear(torch.nn.Module):
         """From unsigned codes (N, K), scales and zero points (N, G)."""
         _check_kind(settings)
         packed = pack_ref(codes, settings.w_bits).contiguous()
-        weight = prepare_weight(packed, settings.w_bits, codes.shape[1], scales.float(),
-                                zeros.float(), group_size)  # fmt: skip
+        return cls.from_packed(name, packed, settings.w_bits, codes.shape[1], scales, zeros,
+                               settings, group_size, bias, act_kwargs, compute_dtype)  # fmt: skip
+
+    @classmethod
+    def from_packed(cls, name: str, packed: Tensor, bits: int, k: int, scales: Tensor,
+                    zeros: Tensor, settings: QuantSettings, group_size: int | None,
+                    bias: Tensor | None = None, act_kwargs: dict | None = None,
+                    compute_dtype: torch.dtype = torch.bfloat16):  # fmt: skip
+        """From the canonical packed words (N, ceil(K / C)) int32 of ``bits``-bit codes, as a
+        saved model holds them."""
+        weight = prepare_weight(packed, bits, k, scales.float(), zeros.float(), group_size)
         return cls(name, weight, settings, bias, act_kwargs, compute_dtype)
 
     @classmethod

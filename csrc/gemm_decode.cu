@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cbq/ops.h"
 
@@ -58,66 +59,56 @@ void check_cuda(cudaError_t err, const char* what) {
   }
 }
 
+__device__ __forceinline__ __nv_bfloat162 make_pair(float lo, float hi, __nv_bfloat162*) {
+  return __floats2bfloat162_rn(lo, hi);
+}
+__device__ __forceinline__ __half2 make_pair(float lo, float hi, __half2*) {
+  return __floats2half2_rn(lo, hi);
+}
+
+// Pair arithmetic and the MMA for one 16-bit type (T2: __nv_bfloat162 or __half2); the
+// registers travel as uint32_t, as mma.sync takes them.
+template <typename T2>
+struct MmaOps {
+  static constexpr bool kBf16 = std::is_same<T2, __nv_bfloat162>::value;
+  // a pair of (128, 128) in bf16 (unit in the last place 1 at 2^7), (1024, 1024) in fp16
+  static constexpr uint32_t kMagic2 = kBf16 ? 0x43004300u : 0x64006400u;
+  static constexpr float kMagic = kBf16 ? 128.0f : 1024.0f;
+  __device__ static T2 as_pair(uint32_t v) { return *reinterpret_cast<T2*>(&v); }
+  __device__ static uint32_t as_bits(T2 v) { return *reinterpret_cast<uint32_t*>(&v); }
+  __device__ static uint32_t pack(float lo, float hi) {
+    return as_bits(make_pair(lo, hi, static_cast<T2*>(nullptr)));
+  }
+  __device__ static uint32_t sub(uint32_t a, uint32_t b) {
+    return as_bits(__hsub2(as_pair(a), as_pair(b)));
+  }
+  __device__ static uint32_t mul(uint32_t a, uint32_t b) {
+    return as_bits(__hmul2(as_pair(a), as_pair(b)));
+  }
+  __device__ static void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    if constexpr (kBf16) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+          "{%8,%9}, {%0,%1,%2,%3};\n"
+          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+          "{%8,%9}, {%0,%1,%2,%3};\n"
+          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+  }
+};
+
 template <int AM>
-struct Mma;
+struct Mma : MmaOps<__nv_bfloat162> {};  // bf16 activations, and integer codes (below)
+template <>
+struct Mma<kAFp16> : MmaOps<__half2> {};
 
-template <>
-struct Mma<kABf16> {
-  static constexpr uint32_t kMagic2 = 0x43004300u;  // bf16 pair (128, 128)
-  static constexpr float kMagic = 128.0f;
-  __device__ static uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  __device__ static uint32_t sub(uint32_t a, uint32_t b) {
-    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a),
-                               *reinterpret_cast<__nv_bfloat162*>(&b));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-  __device__ static uint32_t mul(uint32_t a, uint32_t b) {
-    __nv_bfloat162 r = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&a),
-                               *reinterpret_cast<__nv_bfloat162*>(&b));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-  __device__ static void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-template <>
-struct Mma<kAFp16> {
-  static constexpr uint32_t kMagic2 = 0x64006400u;  // fp16 pair (1024, 1024)
-  static constexpr float kMagic = 1024.0f;
-  __device__ static uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  __device__ static uint32_t sub(uint32_t a, uint32_t b) {
-    __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-  __device__ static uint32_t mul(uint32_t a, uint32_t b) {
-    __half2 r = __hmul2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-  __device__ static void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-// Integer activation codes go through the bf16 MMA (exact for |code| <= 256).
-template <>
-struct Mma<kAInt8> : Mma<kABf16> {};
-template <>
-struct Mma<kAInt4> : Mma<kABf16> {};
+// Integer activation codes go through the bf16 MMA (exact for |code| <= 256): the primary
+// template above.
 
 // Streaming 16-byte load of weights (read once: do not keep them in L1, where x lives).
 __device__ __forceinline__ uint4 load_weights(const uint4* p) {

@@ -27,13 +27,14 @@ pytestmark = pytest.mark.cuda
 SHAPES = ((1, 28672, 8192), (13, 1024, 8192), (67, 11008, 4096), (4096, 4096, 4096))
 
 
-def make_weight(n, k, bits, group_size, seed=0):
+def make_weight(n, k, bits, group_size, seed=0, decode=None):
     g = torch.Generator(device="cuda").manual_seed(seed)
     codes = torch.randint(0, 1 << bits, (n, k), generator=g, device="cuda", dtype=torch.uint8)
     groups = 1 if group_size is None else -(-k // group_size)
     scales = torch.rand(n, groups, generator=g, device="cuda") * 0.02 + 0.005
     zeros = torch.randint(0, 1 << bits, (n, groups), generator=g, device="cuda").float()
-    return prepare_weight(pack(codes, bits), bits, k, scales, zeros, group_size), codes
+    w = prepare_weight(pack(codes, bits), bits, k, scales, zeros, group_size, decode=decode)
+    return w, codes
 
 
 def activations(m, k, seed=1):

@@ -7,10 +7,10 @@ import torch
 
 from cbq_kernels import gemm_decode
 from cbq_kernels.act_quant import act_quant
-from cbq_kernels.gemm import gemm_ref, gemm_w4a4, gemm_w4a8, gemm_wonly, linear, prepare_weight
+from cbq_kernels.gemm import gemm_ref, gemm_w4a4, gemm_w4a8, gemm_wonly, linear
 from cbq_kernels.packing import dequantize_ref
-from cbq_kernels.packing import pack_ref as pack
 from cbq_kernels.packing import unpack_ref as unpack
+from tests.kernels.test_gemm_cuda import make_weight as gemm_cuda_weight
 
 pytestmark = pytest.mark.cuda
 
@@ -25,13 +25,7 @@ def need_kernel():
 
 
 def make_weight(n, k, bits, group_size, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    codes = torch.randint(0, 1 << bits, (n, k), generator=g, device="cuda", dtype=torch.uint8)
-    groups = 1 if group_size is None else -(-k // group_size)
-    scales = torch.rand(n, groups, generator=g, device="cuda") * 0.02 + 0.005
-    zeros = torch.randint(0, 1 << bits, (n, groups), generator=g, device="cuda").float()
-    w = prepare_weight(pack(codes, bits), bits, k, scales, zeros, group_size, decode=True)
-    return w, codes
+    return gemm_cuda_weight(n, k, bits, group_size, seed, decode=True)
 
 
 def exact_int(x_codes, w, codes):
