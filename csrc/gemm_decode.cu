@@ -3,8 +3,10 @@
 //
 // Why a CUDA kernel: the Triton decode kernel converts codes with shift, mask and int-to-float
 // per code and reshapes the unpacked tile through shared memory; at M = 1 it runs at ~9 codes
-// per clock per SM, the same time on the H100 and the H200 (issue 13's table): bound by
-// instruction issue, not memory. Here every code costs about 1.5 instructions:
+// per clock per SM, the same time on the H100 and the H200 although the H200 has 1.45x the
+// bandwidth (issue 13's table; benchmarks/results/h200/bench_gemm.csv and the H100 sweep in
+// benchmarks/results/h100/sweep_gemm_decode_*.txt): the unpack, not memory, sets the time.
+// Here every code costs about 1.5 instructions:
 //  - the weight is reordered offline (cbq_kernels/gemm_decode.py, prepare_decode) so that one
 //    16-byte load per thread holds exactly the B fragments of its mma.sync instructions for a
 //    16 (K) x TN (N) tile: no shared memory, no reshape, one fully coalesced 512-byte warp load;
