@@ -39,16 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import Environment, Table, Timing, cli, write_report
 from cbq_kernels.act_quant import act_quant
-from cbq_kernels.gemm import (
-    _A_FLOAT,
-    _A_INT8,
-    _launch,
-    _split_k,
-    gemm_w4a4,
-    gemm_w4a8,
-    gemm_wonly,
-    prepare_weight,
-)
+from cbq_kernels.gemm import gemm_w4a4, gemm_w4a8, gemm_wonly, prepare_weight
+from cbq_kernels.gemm_triton import _A_FLOAT, _A_INT8, _launch, _split_k
 from cbq_kernels.packing import pack_ref as pack  # no compiled extension needed
 from cbq_kernels.testing import LLAMA_LINEAR_SHAPES
 
