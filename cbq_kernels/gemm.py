@@ -145,8 +145,9 @@ def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Ten
         zeros: (N, G) integer-valued zero points in [0, 2**bits - 1]; None means 2**(bits-1).
         group_size: None (per channel) or a multiple of 32 (one group per K tile).
         decode: also build the CUDA decode kernel's layout (:mod:`cbq_kernels.gemm_decode`,
-            used for M <= 16); None: when the extension has that kernel for this device and K
-            is even. It costs a second copy of the packed weight.
+            used for M <= 16); None: when the extension has that kernel for this device and
+            the groups fit its chunks (gemm_decode.layout_error). It costs a second copy of
+            the packed weight.
     """
     bits = formats.check_bits(bits)
     if bits == 8:
@@ -191,12 +192,13 @@ def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Ten
             raise ValueError(f"zeros must be integers in [0, {qmax}] for {bits}-bit codes")
         z = zf.to(torch.int32)
     words = packed.t().contiguous()  # the kernels' layout: N contiguous (coalesced loads)
+    layout_err = gemm_decode.layout_error(bits, k, group_size)
     if decode is None:
-        decode = gemm_decode.available(packed.device) and k % 2 == 0
+        decode = gemm_decode.available(packed.device) and layout_err is None
     dw = None
     if decode:
-        if k % 2:
-            raise ValueError(f"the decode layout needs an even K, got k={k}")
+        if layout_err:
+            raise ValueError(layout_err)
         from cbq_kernels.packing import unpack_ref
 
         codes = unpack_ref(packed, bits, k)
@@ -428,11 +430,11 @@ def _check_policy(policy: object) -> GemmPolicy:
 def _use_decode(weight: PreparedWeight, x: Tensor, split_k: int | None,
                 policy: GemmPolicy) -> bool:  # fmt: skip
     """The CUDA decode kernel takes M <= policy.decode_max_m when the weight has its layout
-    and no split-K was forced (tests and sweeps force the Triton kernel with split_k); it
-    reads pairs of activations as 32-bit words, so x must start 4-byte aligned."""
+    and no split-K was forced (tests and sweeps force the Triton kernel with split_k). The
+    kernel reads x with vector loads when its rows are aligned for them, element by element
+    otherwise."""
     return (policy.cuda_decode and weight.decode is not None and x.device.type == "cuda"
-            and split_k is None and 1 <= x.shape[0] <= policy.decode_max_m
-            and x.data_ptr() % 4 == 0)  # fmt: skip
+            and split_k is None and 1 <= x.shape[0] <= policy.decode_max_m)  # fmt: skip
 
 
 def _dequantize_scratch(weight: PreparedWeight, dtype: torch.dtype) -> Tensor:

@@ -2,28 +2,32 @@
 its launch.
 
 For M <= 16 the CUDA kernel reads every weight byte once with 16-byte loads that already hold
-the B fragments of its ``mma.sync.m16n8k16`` instructions, and converts two codes per
-instruction with the magic-number trick (the kernel's header says why). This module owns the
-layout:
+the B fragments of its MMAs for 8 output subtiles, converts codes with one shift and one LOP3
+per pair (bf16 activations) or per 4 codes (integer activations), and moves the zero points out
+of the inner loop through the row sums of x (the kernel's header says why, with the profile
+that led there). This module owns the layout:
 
-* ``bits`` 4 (3-bit codes live in 4-bit containers) or 2; ``NSUB = 32 / bits`` subtiles of 8
-  output channels per n-tile, ``TN = 8 * NSUB`` (64 or 128); K padded to a multiple of 16, N
-  to a multiple of TN (padding: codes 0, scale 0, zero point 0).
-* ``words``: int32 ``(N_pad / TN, K_pad / 16, 32, 4)``: n-tile, k-step, lane, word. Lane
-  ``l = 4 g + t`` holds in word ``j``, pair ``p`` (``p < 16 / bits``) two codes, at bits
-  ``bits * p`` (low) and ``16 + bits * p`` (high). Pair ``P = j * 16 / bits + p`` is subtile
-  ``s = P // 2``, half ``h = P % 2``; its codes are ``W[n0 + 8 s + g, k0 + 8 h + 2 t]`` (low)
-  and ``W[n0 + 8 s + g, k0 + 8 h + 2 t + 1]`` (high), n0 = TN * n-tile, k0 = 16 * k-step: the
-  ``b0`` (h = 0) and ``b1`` (h = 1) registers of the MMA for column g of subtile s.
-* ``scales``: fp32 ``(G, N_pad)``; ``zeros``: int32 ``(G, N_pad)`` (transposed: a thread
-  reads the constants of its columns with one load per group).
+* containers: ``bits`` 4 (3-bit codes, and 2-bit codes whose groups are not multiples of 64,
+  live in 4-bit containers) or 2. A chunk is ``CK`` values of K: 32 for 4-bit containers, 64
+  for 2-bit; an n-tile is 64 output channels = 8 subtiles of 8. K is padded to a multiple of
+  CK, N to a multiple of 64 (padding: codes 0, scale 0, zero point 0).
+* ``words``: int32 ``(N_pad / 64, K_pad / CK, 32, 8)``: n-tile, chunk, lane, word. Lane
+  ``l = 4 g + t``, word ``s`` = subtile ``s``: the ``CK / 4`` codes of column
+  ``n = n0 + 8 s + g`` at K positions ``k = kc + (CK / 4) t + i`` (kc = CK * chunk); code
+  ``i = 2 j + e`` sits at bit ``bits * j + 16 * e``, so ``(word >> bits * j) & mask`` is the
+  pair (i = 2j, 2j + 1): the same pair of K positions as the lane's j-th 32-bit register of
+  bf16 activations (its 16-byte load of x[row, kc + (CK / 4) t :][: CK / 4]).
+* ``scales``: fp32 ``(G, N_pad)``; ``zeros``: int32 ``(G, N_pad)``.
 
 :func:`emulate` computes the product the way the kernel does, from the PTX fragment layouts
-of ``mma.m16n8k16`` (A row-major 16 x 16: a0 = rows g, columns 2t / 2t + 1, a1 = rows g + 8,
-a2 / a3 = columns + 8; B 16 x 8: b0 = rows 2t / 2t + 1 of column g, b1 = rows + 8; C: c0 / c1
-= row g, columns 2t / 2t + 1, c2 / c3 = row g + 8), written independently of
-:func:`prepare_decode`'s indexing: the CPU tests check the layout against the instruction's
-specification, the GPU tests check the kernel against :func:`cbq_kernels.gemm.gemm_ref`.
+of ``mma.m16n8k16`` (bf16 / fp16 activations: A 16 x 16 row-major, a0 = row g, columns 2t /
+2t + 1, a1 = row g + 8, a2 / a3 = columns + 8; B 16 x 8: b0 = rows 2t / 2t + 1 of column g,
+b1 = rows + 8) and of ``mma.m16n8k32`` with s8 operands (integer codes: a0 = row g, bytes i ->
+columns 4t + i, a1 = row g + 8, a2 / a3 = columns + 16; b0 = byte i -> row 4t + i of column g,
+b1 = rows + 16), the byte permutes (``prmt``) and bit masks the kernel applies, written
+independently of :func:`prepare_decode`'s indexing: the CPU tests check the layout against the
+instructions' specification, the GPU tests check the kernel against
+:func:`cbq_kernels.gemm.gemm_ref`.
 """
 
 from __future__ import annotations
@@ -35,21 +39,46 @@ import torch
 from torch import Tensor
 
 DECODE_MAX_M = 16  # one m16n8k16 row tile
+TILE_N = 64  # output channels per n-tile (8 MMA subtiles of 8)
+# blocks per SM the split-K choice aims for (default_splits); benchmarks/sweep_decode.py
+SPLIT_BLOCKS_PER_SM = 6
 
 
 def tile_n(bits: int) -> int:
-    """Output channels per n-tile: 64 for 4-bit containers, 128 for 2-bit."""
-    return 8 * (32 // (2 if bits == 2 else 4))
+    """Output channels per n-tile: 64 for every container."""
+    return TILE_N
+
+
+def chunk_k(container_bits: int) -> int:
+    """K values per chunk (one lane's 8 words hold CK / 4 codes of each of 8 columns)."""
+    return 64 if container_bits == 2 else 32
+
+
+def container_bits(bits: int, group_size: int | None) -> int:
+    """The decode layout's container: 2-bit codes in 2-bit containers when their groups are
+    multiples of a 2-bit chunk (64) or span the row, else (and for 3 and 4 bits) 4-bit."""
+    if bits == 2 and (group_size is None or group_size % chunk_k(2) == 0):
+        return 2
+    return 4
+
+
+def layout_error(bits: int, k: int, group_size: int | None) -> str | None:
+    """Why a weight cannot have the decode layout, or None."""
+    cb = container_bits(bits, group_size)
+    if group_size is not None and group_size < k and group_size % chunk_k(cb) != 0:
+        return (f"the decode layout needs groups that are multiples of {chunk_k(cb)}, "
+                f"got group_size={group_size}")  # fmt: skip
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeWeight:
     """A weight in the decode kernel's layout (module docstring)."""
 
-    words: Tensor  # (N_pad / TN, K_pad / 16, 32, 4) int32
+    words: Tensor  # (N_pad / 64, K_pad / CK, 32, 8) int32
     scales: Tensor  # (G, N_pad) fp32
     zeros: Tensor  # (G, N_pad) int32
-    # (N_pad / TN,) int32 zeros: the split-K semaphores (each launch leaves them zero). One
+    # (N_pad / 64,) int32 zeros: the split-K semaphores (each launch leaves them zero). One
     # set per weight: launches of the same weight on two streams at once would share them.
     counters: Tensor
     bits: int  # container bits: 4 or 2
@@ -70,28 +99,29 @@ def _wrap_int32(v: Tensor) -> Tensor:
 def prepare_decode(codes: Tensor, scales: Tensor, zeros: Tensor, bits: int,
                    group_size: int | None) -> DecodeWeight:  # fmt: skip
     """The decode layout of a weight given by its unsigned codes (N, K), scales and integer
-    zero points (N, G). ``bits``: 2, 3 or 4 (3 is stored in 4-bit containers)."""
+    zero points (N, G). ``bits``: 2, 3 or 4."""
     n, k = codes.shape
-    cb = 2 if bits == 2 else 4
-    tn, ppw, nsub = tile_n(cb), 16 // cb, 32 // cb
-    n_pad, k_pad = -(-n // tn) * tn, -(-k // 16) * 16
+    gs = group_size if group_size is not None and scales.shape[1] > 1 else k
+    err = layout_error(bits, k, gs)
+    if err:
+        raise ValueError(err)
+    cb = container_bits(bits, gs if gs < k else None)
+    ck, ppw = chunk_k(cb), 16 // cb
+    n_pad, k_pad = -(-n // TILE_N) * TILE_N, -(-k // ck) * ck
     dev = codes.device
-    nt, ks = n_pad // tn, k_pad // 16
-    words = torch.empty((nt, ks, 32, 4), dtype=torch.int32, device=dev)
+    nt, kc = n_pad // TILE_N, k_pad // ck
+    words = torch.empty((nt, kc, 32, 8), dtype=torch.int32, device=dev)
     shift = cb * torch.arange(ppw, device=dev, dtype=torch.int64)
-    chunk = max(1, (1 << 24) // (tn * k_pad))  # n-tiles per pass: ~16M codes of int64 scratch
+    chunk = max(1, (1 << 24) // (TILE_N * k_pad))  # n-tiles per pass: ~16M codes of scratch
     for t0 in range(0, nt, chunk):
         t1 = min(nt, t0 + chunk)
-        c = torch.zeros(((t1 - t0) * tn, k_pad), dtype=torch.int64, device=dev)
-        rows = codes[t0 * tn : min(n, t1 * tn)]
+        c = torch.zeros(((t1 - t0) * TILE_N, k_pad), dtype=torch.int64, device=dev)
+        rows = codes[t0 * TILE_N : min(n, t1 * TILE_N)]
         c[: rows.shape[0], :k] = rows.to(torch.int64)
-        # n = n0 + 8 s + g and k = k0 + 8 h + 2 t + e  ->  (tile, k-step, g, t, s, h, e)
-        c = c.view(t1 - t0, nsub, 8, ks, 2, 4, 2).permute(0, 3, 2, 5, 1, 4, 6)
-        # pair P = 2 s + h = j * ppw + p
-        c = c.reshape(t1 - t0, ks, 8, 4, 4, ppw, 2)
+        # n = n0 + 8 s + g, k = kc + (CK / 4) t + 2 j + e -> (tile, chunk, g, t, s, j, e)
+        c = c.view(t1 - t0, 8, 8, kc, 4, ppw, 2).permute(0, 3, 2, 4, 1, 5, 6)
         word = ((c[..., 0] << shift) | (c[..., 1] << (shift + 16))).sum(-1)  # disjoint bits
-        words[t0:t1] = _wrap_int32(word).reshape(t1 - t0, ks, 32, 4)
-    gs = group_size if group_size is not None and scales.shape[1] > 1 else k
+        words[t0:t1] = _wrap_int32(word).reshape(t1 - t0, kc, 32, 8)
     groups = scales.shape[1]
     s_t = torch.zeros((groups, n_pad), dtype=torch.float32, device=dev)
     z_t = torch.zeros((groups, n_pad), dtype=torch.int32, device=dev)
@@ -101,63 +131,113 @@ def prepare_decode(codes: Tensor, scales: Tensor, zeros: Tensor, bits: int,
     return DecodeWeight(words, s_t.contiguous(), z_t.contiguous(), counters, cb, n, k, gs)
 
 
-def _b_registers(dw: DecodeWeight) -> Tensor:
-    """(NT, KS, 32 lanes, NSUB, 2 registers, 2 halves) codes as the kernel's lanes see them:
-    register r of subtile s, half 0 / 1 = the low / high 16 bits of the converted pair."""
-    ppw = 16 // dw.bits
-    mask = (1 << dw.bits) - 1
-    w = dw.words.to(torch.int64) & 0xFFFFFFFF  # (NT, KS, 32, 4)
-    regs = []
-    for j in range(4):
-        for p in range(ppw):
-            lo = (w[..., j] >> (dw.bits * p)) & mask
-            hi = (w[..., j] >> (16 + dw.bits * p)) & mask
-            regs.append(torch.stack([lo, hi], -1))  # pair j * ppw + p
-    r = torch.stack(regs, 3)  # (NT, KS, 32, 2 * NSUB, 2)
-    return r.reshape(*r.shape[:3], -1, 2, 2)  # pair P -> (subtile P // 2, register P % 2)
+def _prmt(a: Tensor, b: Tensor, sel: int) -> Tensor:
+    """PTX prmt.b32 (default mode) on int64 tensors of 32-bit values: byte i of the result is
+    byte ((sel >> 4 i) & 7) of the 8 bytes (a, b)."""
+    src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    out = torch.zeros_like(a)
+    for i in range(4):
+        out = out | (src[(sel >> (4 * i)) & 7] << (8 * i))
+    return out
+
+
+def _bytes(v: Tensor, signed: bool) -> list[Tensor]:
+    """The four bytes of 32-bit values, as signed or unsigned integers."""
+    out = []
+    for i in range(4):
+        b = (v >> (8 * i)) & 0xFF
+        out.append(torch.where(b >= 128, b - 256, b) if signed else b)
+    return out
 
 
 def emulate(x: Tensor, dw: DecodeWeight, x_scales: Tensor | None = None,
-            debug: bool = False) -> Tensor:  # fmt: skip
-    """The decode kernel's arithmetic in fp64 on any device, lane by lane from the PTX
-    fragment layouts (module docstring): x (M <= 16, K) float (weight-only) or integer codes
-    (signed; with ``x_scales`` (M,)). Returns (M, N) fp64, or with ``debug`` the exact
-    integer sum ``x @ (q - z)^T``."""
-    m, k = x.shape
-    regs = _b_registers(dw)  # (NT, KS, 32, NSUB, 2, 2)
-    nt, ks, _, nsub = regs.shape[:4]
-    tn = 8 * nsub
-    lane = torch.arange(32, device=x.device)
+            debug: bool = False, k: int | None = None) -> Tensor:  # fmt: skip
+    """The decode kernel's arithmetic in fp64, lane by lane from the PTX fragment layouts
+    (module docstring). ``x``: (M <= 16, K) float activations, int8 codes, or packed int4 codes
+    (M, ceil(K / 8)) int32 (offset 8), as the kernel takes them; ``x_scales`` (M,) for the
+    integer modes. Returns (M, N) fp64, or with ``debug`` the exact integer sum
+    ``x_codes @ (q - z)^T`` (int64)."""
+    m = x.shape[0]
+    k = dw.k if k is None else k
+    integer = x.dtype in (torch.int8, torch.int32)
+    ck = chunk_k(dw.bits)
+    nt, kc = dw.words.shape[:2]
+    per = ck // 4  # K positions per lane and row
+    dev = x.device
+    w = dw.words.to(torch.int64) & 0xFFFFFFFF  # (NT, KC, 32, 8)
+    lane = torch.arange(32, device=dev)
     g, t = lane // 4, lane % 4
-    # B tile of each (n-tile, k-step, subtile): 16 x 8 from the 32 lanes' two registers
-    b = torch.zeros((nt, ks, nsub, 16, 8), dtype=torch.float64, device=x.device)
-    for r in range(2):  # b0: rows 2t, 2t + 1; b1: rows 2t + 8, 2t + 9; column g
-        for half in range(2):
-            b[:, :, :, 8 * r + 2 * t + half, g] = regs[:, :, lane, :, r, half].permute(
-                0, 1, 3, 2).double()  # fmt: skip
-    # subtract the zero point of each column's group (the kernel's exact bf16 subtraction)
-    n_idx = torch.arange(dw.n_pad, device=x.device).view(nt, 1, nsub, 1, 8)
-    gsteps = dw.group_size // 16 if dw.group_size < dw.k else ks
-    k_group = (torch.arange(ks, device=x.device) // gsteps).view(1, ks, 1, 1, 1)
-    z = dw.zeros.double()[k_group, n_idx]  # (nt, ks, nsub, 1, 8)
-    s = dw.scales.double()[k_group, n_idx]
-    w = b - z  # (nt, ks, nsub, 16, 8): rows k, columns n
-    # A fragments: rows >= M and columns >= K are zero
-    xp = torch.zeros((16, ks * 16), dtype=torch.float64, device=x.device)
-    xp[:m, :k] = x.double()
-    a = xp.view(16, ks, 16).permute(1, 0, 2)  # (ks, 16 rows, 16 k)
-    # per k-step products, (nt, ks, nsub, 16 rows, 8 cols)
-    prod = torch.einsum("jrk,ijskc->ijsrc", a, w)
-    grouped = dw.group_size < dw.k
-    if debug:
-        total = prod.sum(1)
-    elif grouped:  # scale per group (the kernel: inside the K loop)
-        total = (prod * s).sum(1)
+    rows = torch.arange(16, device=dev).clamp(max=m - 1)  # rows >= M read row M - 1
+    # the activations as the kernel's loads see them: (16, KC, 4 t, per) values at K
+    # positions kc + per * t + i; positions >= K are 0 (int4: code 8)
+    pos = (torch.arange(kc, device=dev).view(kc, 1, 1) * ck
+           + per * torch.arange(4, device=dev).view(1, 4, 1)
+           + torch.arange(per, device=dev).view(1, 1, per))  # fmt: skip
+    valid = pos < k
+    if x.dtype == torch.int32:  # packed int4, nibble i of word j = position 8 j + i
+        words_x = x.to(torch.int64) & 0xFFFFFFFF
+        wi = (pos // 8).clamp(max=words_x.shape[1] - 1)
+        raw = (words_x[rows][:, wi] >> (4 * (pos % 8))) & 0xF
+        raw = torch.where(valid, raw, torch.full_like(raw, 8))  # (16, KC, 4, per)
     else:
-        total = prod.sum(1) * s[:, 0]  # per channel: once at the end
-    out = total.permute(2, 0, 1, 3).reshape(16, nt * tn)[:m, : dw.n]
+        xv = x.to(torch.float64 if not integer else torch.int64)
+        raw = xv[rows][:, pos.clamp(max=k - 1)]
+        raw = torch.where(valid, raw, torch.zeros_like(raw))
+    tmp = torch.zeros((nt, kc, 8, 16, 8), dtype=torch.float64, device=dev)  # tile, chunk, s, r, c
+    sumx = torch.zeros((kc, 16), dtype=torch.float64, device=dev)
+    mask = (1 << dw.bits) - 1
+    wl = w[:, :, lane]  # (NT, KC, 32 lanes, 8 words)
+    if not integer:
+        magic = 128.0  # the value is irrelevant in exact arithmetic; the algebra is the kernel's
+        xr = raw[:, :, t]  # (16, KC, 32 lanes, per)
+        for u in range(ck // 16):
+            a = torch.zeros((kc, 16, 16), dtype=torch.float64, device=dev)  # chunk, row, slot
+            b = torch.zeros((nt, kc, 8, 16, 8), dtype=torch.float64, device=dev)  # ., s, slot, col
+            for e in range(2):
+                # a0 / a1: register 2u (positions 4u + e) -> slot 2t + e; a2 / a3: register
+                # 2u + 1 (positions 4u + 2 + e) -> slot 2t + 8 + e
+                a[:, :, 2 * t + e] = xr[:, :, :, 4 * u + e].permute(1, 0, 2)
+                a[:, :, 2 * t + 8 + e] = xr[:, :, :, 4 * u + 2 + e].permute(1, 0, 2)
+                for r in range(2):  # b0 = pair 2u -> slot 2t + e, b1 = pair 2u + 1 -> + 8
+                    code = (wl >> (dw.bits * (2 * u + r) + 16 * e)) & mask  # (NT, KC, 32, 8)
+                    b[:, :, :, 2 * t + 8 * r + e, g] = magic + code.permute(0, 1, 3, 2).double()
+            tmp += torch.einsum("crl,icslq->icsrq", a, b)
+            sumx += a.sum(-1)
+    else:
+        magic = 0.0
+        if x.dtype == torch.int8:  # the lane's 8 bytes as two words (positions 0..3, 4..7)
+            ub = raw[:, :, t] & 0xFF  # (16, KC, 32, 8)
+            lo = sum(ub[..., i] << (8 * i) for i in range(4))
+            hi = sum(ub[..., 4 + i] << (8 * i) for i in range(4))
+            a_lo, a_hi = _prmt(lo, hi, 0x5140), _prmt(lo, hi, 0x7362)
+        else:  # one word of 8 codes: the kernel's int4 -> s8 conversion
+            v = sum(raw[:, :, t][..., i] << (4 * i) for i in range(8))
+            ev = (((v & 0x0F0F0F0F) + 0x78787878) ^ 0x80808080) & 0xFFFFFFFF
+            ov = ((((v >> 4) & 0x0F0F0F0F) + 0x78787878) ^ 0x80808080) & 0xFFFFFFFF
+            a_lo, a_hi = _prmt(ev, ov, 0x6420), _prmt(ev, ov, 0x7531)
+        a = torch.zeros((kc, 16, 32), dtype=torch.float64, device=dev)
+        b = torch.zeros((nt, kc, 8, 32, 8), dtype=torch.float64, device=dev)
+        b_lo, b_hi = _bytes(wl & 0x0F0F0F0F, False), _bytes((wl >> 4) & 0x0F0F0F0F, False)
+        for i, (lo_i, hi_i) in enumerate(zip(_bytes(a_lo, True), _bytes(a_hi, True), strict=True)):
+            a[:, :, 4 * t + i] = lo_i.permute(1, 0, 2).double()  # a0 / a1: slots 4t + i
+            a[:, :, 16 + 4 * t + i] = hi_i.permute(1, 0, 2).double()  # a2 / a3: + 16
+            b[:, :, :, 4 * t + i, g] = b_lo[i].permute(0, 1, 3, 2).double()  # b0
+            b[:, :, :, 16 + 4 * t + i, g] = b_hi[i].permute(0, 1, 3, 2).double()  # b1
+        tmp += torch.einsum("crl,icslq->icsrq", a, b)
+        sumx += a.sum(-1)
+    # per segment (group): s (tmp - (magic + z) sumx); the kernel's flush
+    gchunks = dw.group_size // ck if dw.group_size < dw.k else kc
+    grp = torch.arange(kc, device=dev) // gchunks  # (KC,)
+    n_idx = torch.arange(dw.n_pad, device=dev).view(nt, 1, 8, 1, 8)
+    z = dw.zeros.double()[grp.view(1, kc, 1, 1, 1), n_idx]  # (NT, KC, 8, 1, 8)
+    s = dw.scales.double()[grp.view(1, kc, 1, 1, 1), n_idx]
+    d = tmp - (magic + z) * sumx.view(1, kc, 1, 16, 1)  # (NT, KC, 8, 16 rows, 8 cols)
+    total = d.sum(1) if debug or (integer and dw.group_size >= dw.k) else (d * s).sum(1)
+    out = total.permute(2, 0, 1, 3).reshape(16, nt * TILE_N)[:m, : dw.n]
     if debug:
         return out.round().to(torch.int64)
+    if integer and dw.group_size >= dw.k:
+        out = out * dw.scales.double()[0, : dw.n]
     if x_scales is not None:
         out = out * x_scales.double()[:, None]
     return out
@@ -183,12 +263,13 @@ def _sm_count(index: int | None) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def default_splits(n_tiles: int, k_steps: int, device: torch.device) -> int:
-    """K splits so that about 4 blocks of 4 warps per SM stream the weight (16 warps per SM
-    keep ~32 KB of 16-byte loads in flight, the 4.8 TB/s x ~0.6 us latency / 132 SMs of an
-    H200), with at least 4 k-steps per warp."""
-    want = -(-4 * _sm_count(device.index) // max(n_tiles, 1))
-    return max(1, min(want, k_steps // 16, 1024))
+def default_splits(n_tiles: int, chunks: int, device: torch.device) -> int:
+    """K splits so that the grid fills the GPU twice over: 3 blocks of 4 warps fit an SM (the
+    kernel's register bound), each warp keeps 4 chunks (4 KB per warp, ~48 KB per SM) of
+    weight loads in flight, ~4.8 TB/s x ~1 us / 132 SMs = 36 KB needed per SM on an H200;
+    at least 2 chunks per warp."""
+    want = -(-SPLIT_BLOCKS_PER_SM * _sm_count(device.index) // max(n_tiles, 1))
+    return max(1, min(want, chunks // 8, 1024))
 
 
 def launch(x: Tensor, x_scales: Tensor | None, dw: DecodeWeight, bias: Tensor | None,
@@ -196,27 +277,26 @@ def launch(x: Tensor, x_scales: Tensor | None, dw: DecodeWeight, bias: Tensor | 
            splits: int | None = None) -> Tensor:  # fmt: skip
     """Run the CUDA decode kernel. x: (M <= 16, K) bf16 / fp16 activations, int8 codes, or
     packed int4 codes (M, ceil(K / 8)) int32 (offset 8); x_scales (M,) fp32 for the last two.
-    The caller (cbq_kernels.gemm) has checked shapes, dtypes and devices."""
+    The caller (cbq_kernels.gemm) has checked shapes, dtypes and devices; x must have unit
+    stride along K (its row stride may be anything)."""
     from cbq_kernels import _C  # type: ignore[attr-defined]
 
     m = x.shape[0]
     a_mode = _A_MODES[x.dtype]
-    k_steps = dw.words.shape[1]
+    chunks = dw.words.shape[1]
     n_tiles = dw.words.shape[0]
-    split = default_splits(n_tiles, k_steps, x.device) if splits is None else splits
+    split = default_splits(n_tiles, chunks, x.device) if splits is None else splits
     dev = x.device
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     out = torch.empty((m, dw.n), dtype=torch.int32 if debug else out_dtype, device=dev)
-    ws_f = ws_i = None
-    if split > 1:
-        ws_f = torch.empty((split, 16, dw.n_pad), dtype=torch.float32, device=dev)
-        if a_mode >= 2:
-            ws_i = torch.empty((split, 16, dw.n_pad), dtype=torch.int32, device=dev)
+    ws = torch.empty((split, 16, dw.n_pad), dtype=torch.int32, device=dev) if split > 1 else None
     bias_f = bias.float().contiguous() if bias is not None else None
     xs = x_scales.float().contiguous() if x_scales is not None else None
     ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
     _C.gemm_decode_cuda(
         ptr(x), ptr(xs), a_mode, ptr(dw.words), ptr(dw.scales), ptr(dw.zeros), ptr(bias_f),
-        ptr(out), ptr(ws_f), ptr(ws_i), ptr(dw.counters), m, dw.n, dw.k, dw.n_pad, x.shape[1],
+        ptr(out), ptr(ws), ptr(dw.counters), m, dw.n, dw.k, dw.n_pad, x.stride(0),
         dw.bits, dw.group_size, split, _OUT_CODES.get(out_dtype, 2), debug, dev.index,
         torch.cuda.current_stream(dev).cuda_stream,
     )  # fmt: skip

@@ -1,39 +1,46 @@
 // Decode GEMM (M <= 16) on tensor cores for 4-bit and 2-bit weights: W4A16 / W2A16 with bf16 or
-// fp16 activations, and W4A8 / W4A4 with integer activation codes (exact in bf16).
+// fp16 activations (mma.m16n8k16, fp32 accumulation), and W4A8 / W4A4 with integer activation
+// codes (mma.m16n8k32 s8 x s8 -> s32: exact).
 //
-// Why a CUDA kernel: the Triton decode kernel converts codes with shift, mask and int-to-float
-// per code and reshapes the unpacked tile through shared memory; at M = 1 it runs at ~9 codes
-// per clock per SM, the same time on the H100 and the H200 although the H200 has 1.45x the
-// bandwidth (issue 13's table; benchmarks/results/h200/bench_gemm.csv and the H100 sweep in
-// benchmarks/results/h100/sweep_gemm_decode_*.txt): the unpack, not memory, sets the time.
-// Here every code costs about 1.5 instructions:
+// Why this kernel, and why it looks the way it does (measured on the H200, issue 13): a first
+// version (bf16 MMA for every mode, zero points subtracted and group scales multiplied on the
+// weight fragments, a division per k-step, per-element predicated activation loads) ran
+// 1 x 28672 x 8192 W4A16 g128 in 78 us, 27% of DRAM bandwidth: Nsight Compute showed 2.3
+// instructions issued per clock per SM, 55% of the issue slots busy and the ALU pipe the
+// busiest: about 180 warp instructions per 16 x 64 weight tile where ~80 were expected. This
+// version removes the work per weight code that is not the conversion itself:
 //  - the weight is reordered offline (cbq_kernels/gemm_decode.py, prepare_decode) so that one
-//    16-byte load per thread holds exactly the B fragments of its mma.sync instructions for a
-//    16 (K) x TN (N) tile: no shared memory, no reshape, one fully coalesced 512-byte warp load;
-//  - two codes are converted at once: ((word >> shift) & 0x000F000F) | 0x43004300 is a pair of
-//    bf16 values 128 + q (a bf16 with exponent 2^7 has a unit in the last place of 1, so the
-//    code lands in the mantissa), and one subtraction of the pair (128 + z, 128 + z) leaves
-//    q - z exactly (fp16: 0x6400 = 1024). The AND/OR pair compiles to one LOP3.
+//    lane's two 16-byte loads per chunk hold its B fragments for all 8 output subtiles, and the
+//    K order inside a chunk is permuted the same way for activations and weights so that a
+//    lane's activation fragment is one contiguous 16-byte (bf16) / 8-byte (int8) / 4-byte
+//    (int4) load per row instead of four predicated 4-byte loads;
+//  - float modes: a shift and one LOP3 make a pair of bf16 values 128 + q ((w >> s) & 0x000F000F
+//    | 0x43004300: a bf16 with exponent 2^7 has a unit in the last place of 1); the MMA runs on
+//    (128 + q) directly and the zero point and offset leave through the row sums of x (one
+//    extra MMA per k-step against a B of ones): sum_k x (q - z) s = s (sum_k x (128 + q)
+//    - (128 + z) sum_k x), applied per group (or per 128 K for per-channel scales, which keeps
+//    the fp32 sums small: relative error ~ 2^-24 x 300 for a 128-long group);
+//  - integer modes: the weight codes are unsigned bytes after one AND ((w >> 4) & 0x0F0F0F0F:
+//    4 codes per instruction), the MMA is s8 x s8 -> s32 (exact), and z sum_k x is subtracted
+//    per group in int32: the debug output x_codes @ (q - z)^T is exact for any K;
+//  - a group change is one compare per chunk (no division), and a ring of kDepth chunks of
+//    weight loads is in flight per warp.
 //
-// Layout (prepare_decode documents the same in Python, and its emulator test checks it):
-//   BITS 4: NSUB = 8 subtiles of 8 columns per n-tile (TN = 64); BITS 2: NSUB = 16 (TN = 128).
-//   words: int32 [N_pad / TN][K_pad / 16][32 lanes][4 words]. Lane l = 4 g + t holds in word j,
-//   pair p (p < 16 / BITS) the two codes at bits BITS*p (low half) and 16 + BITS*p (high
-//   half); pair P = j * (16 / BITS) + p is subtile s = P / 2, half h = P % 2, and its codes are
-//   W[n0 + 8 s + g][k0 + 8 h + 2 t] (low) and W[n0 + 8 s + g][k0 + 8 h + 2 t + 1] (high): the
-//   B operand registers b0 (h = 0) and b1 (h = 1) of mma.m16n8k16 for column g of subtile s.
+// Layout (prepare_decode documents the same in Python; its emulator test checks it against the
+// PTX fragment layouts). Chunk = CK values of K: CK = 32 for 4-bit containers, 64 for 2-bit;
+// n-tile = 64 output channels = 8 subtiles of 8. words: int32 [N_pad / 64][K_pad / CK][32 lanes]
+// [8 words]; lane l = 4 g + t, word s = subtile s, column n = n0 + 8 s + g. Word s holds the
+// CK / 4 codes of column n at K positions kc + (CK / 4) t + i, i < CK / 4: code i = 2 j + e at
+// bits BITS j + 16 e (j < 16 / BITS, e = 0 / 1): pair j of the word is the bf16 pair
+// (k = .. + 2j, .. + 2j + 1), exactly the pair of activations the lane loaded as its j-th
+// 32-bit register.
 //   scales: fp32 [G][N_pad]; zeros: int32 [G][N_pad] (padding: scale 0, zero 0, codes 0).
 //
-// Work split: block = 4 warps on one n-tile; grid (N_pad / TN, S). Split s of S owns a range
-// of k-steps, cut in 4 contiguous warp ranges. Warps reduce through shared memory in a fixed
-// order; with S > 1 each block writes its partial sums to a workspace and the last block of
-// the n-tile (an atomic counter, reset by that block) adds the S partials in order 0..S-1:
-// one launch, deterministic.
-//
-// Integer modes: products of integer codes are exact in fp32 and the MMA accumulates them in
-// fp32; a warp's fp32 sum is moved into an int32 accumulator at least every 256 k-steps
-// (4096 products of |x| <= 127, |q - z| <= 15: < 7.8e6 < 2^24), so the int32 result equals
-// x_codes @ (q - z)^T exactly (debug returns it).
+// Work split: block = 4 warps on one n-tile; grid (N_pad / 64, S). Split s of S owns a range of
+// chunks, cut in 4 contiguous warp ranges. Warps reduce through shared memory in a fixed order;
+// with S > 1 each block writes its partial sums to a workspace and the last block of the n-tile
+// (an atomic counter, reset by that block) adds the S partials in order 0..S-1: one launch,
+// deterministic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -49,8 +56,10 @@ namespace cbq {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr int kDepth = 4;         // k-steps whose weight loads are in flight ahead of the MMAs
-constexpr int kIntSegment = 256;  // k-steps between fp32 -> int32 moves (exactness, above)
+constexpr int kTN = 64;           // output channels per block
+constexpr int kSub = 8;           // 8-column MMA subtiles per block
+constexpr int kDepth = 4;         // chunks of weight loads in flight per warp (2 x 16 B each)
+constexpr int kFloatSegment = 4;  // 4-bit chunks between fp32 flushes (per-channel scales)
 
 enum AMode : int { kABf16 = 0, kAFp16 = 1, kAInt8 = 2, kAInt4 = 3 };
 
@@ -61,56 +70,38 @@ void check_cuda(cudaError_t err, const char* what) {
   }
 }
 
-__device__ __forceinline__ __nv_bfloat162 make_pair(float lo, float hi, __nv_bfloat162*) {
-  return __floats2bfloat162_rn(lo, hi);
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
 }
-__device__ __forceinline__ __half2 make_pair(float lo, float hi, __half2*) {
-  return __floats2half2_rn(lo, hi);
+
+// mma.m16n8k16 with fp32 accumulation on bf16 (or fp16) pairs
+template <bool BF16>
+__device__ __forceinline__ void mma_f16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  if constexpr (BF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
 }
 
-// Pair arithmetic and the MMA for one 16-bit type (T2: __nv_bfloat162 or __half2); the
-// registers travel as uint32_t, as mma.sync takes them.
-template <typename T2>
-struct MmaOps {
-  static constexpr bool kBf16 = std::is_same<T2, __nv_bfloat162>::value;
-  // a pair of (128, 128) in bf16 (unit in the last place 1 at 2^7), (1024, 1024) in fp16
-  static constexpr uint32_t kMagic2 = kBf16 ? 0x43004300u : 0x64006400u;
-  static constexpr float kMagic = kBf16 ? 128.0f : 1024.0f;
-  __device__ static T2 as_pair(uint32_t v) { return *reinterpret_cast<T2*>(&v); }
-  __device__ static uint32_t as_bits(T2 v) { return *reinterpret_cast<uint32_t*>(&v); }
-  __device__ static uint32_t pack(float lo, float hi) {
-    return as_bits(make_pair(lo, hi, static_cast<T2*>(nullptr)));
-  }
-  __device__ static uint32_t sub(uint32_t a, uint32_t b) {
-    return as_bits(__hsub2(as_pair(a), as_pair(b)));
-  }
-  __device__ static uint32_t mul(uint32_t a, uint32_t b) {
-    return as_bits(__hmul2(as_pair(a), as_pair(b)));
-  }
-  __device__ static void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    if constexpr (kBf16) {
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-          "{%8,%9}, {%0,%1,%2,%3};\n"
-          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    } else {
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-          "{%8,%9}, {%0,%1,%2,%3};\n"
-          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-  }
-};
-
-template <int AM>
-struct Mma : MmaOps<__nv_bfloat162> {};  // bf16 activations, and integer codes (below)
-template <>
-struct Mma<kAFp16> : MmaOps<__half2> {};
-
-// Integer activation codes go through the bf16 MMA (exact for |code| <= 256): the primary
-// template above.
+// mma.m16n8k32 s8 x s8 -> s32 (exact)
+__device__ __forceinline__ void mma_s8(int32_t* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
 
 // Streaming 16-byte load of weights (read once: do not keep them in L1, where x lives).
 __device__ __forceinline__ uint4 load_weights(const uint4* p) {
@@ -121,56 +112,109 @@ __device__ __forceinline__ uint4 load_weights(const uint4* p) {
   return v;
 }
 
-// The A fragment of mma.m16n8k16 (row-major 16 x 16) at k-step k0: a[0] rows g, columns
-// 2t, 2t+1; a[1] row g + 8; a[2] / a[3] the same rows, columns 2t + 8, 2t + 9. Rows >= M and
-// columns >= K are zero.
-template <int AM>
-__device__ __forceinline__ void load_a(uint32_t* a, const void* x, int m, int k, int64_t ldx,
-                                       int k0, int g, int t) {
-  const int rows[2] = {g, g + 8};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int row = rows[i & 1];
-    const int col = k0 + 2 * t + (i >> 1) * 8;
-    uint32_t v = 0;
-    if (row < m && col < k) {  // k is even: col + 1 < k too
-      if constexpr (AM == kABf16 || AM == kAFp16) {
-        v = __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(x) +
-                                                    row * ldx + col));
-      } else if constexpr (AM == kAInt8) {
-        const uint16_t two =
-            __ldg(reinterpret_cast<const uint16_t*>(static_cast<const int8_t*>(x) + row * ldx +
-                                                    col));
-        const int lo = static_cast<int8_t>(two & 0xFF), hi = static_cast<int8_t>(two >> 8);
-        v = Mma<AM>::pack(static_cast<float>(lo), static_cast<float>(hi));
-      } else {  // packed int4 codes, offset 8, 8 per int32 word (ldx = words per row)
-        const uint32_t word = __ldg(static_cast<const uint32_t*>(x) + row * ldx + col / 8);
-        const int shift = (col % 8) * 4;
-        const int lo = static_cast<int>((word >> shift) & 0xF) - 8;
-        const int hi = static_cast<int>((word >> (shift + 4)) & 0xF) - 8;
-        v = Mma<AM>::pack(static_cast<float>(lo), static_cast<float>(hi));
-      }
-    }
-    a[i] = v;
-  }
-}
-
 struct Args {
   const void* x;          // (M, K) bf16 / fp16 / int8, or (M, ceil(K / 8)) int32 (int4)
   const float* x_scales;  // (M,) integer modes
-  const uint4* words;     // the decode layout above
+  const uint4* words;     // the layout above
   const float* scales;    // (G, N_pad)
   const int32_t* zeros;   // (G, N_pad)
   const float* bias;      // (N,) or null
   void* out;              // (M, N) out_dtype, or int32 (debug)
-  float* ws_f;            // (S, 16, N_pad) partial sums (S > 1)
-  int32_t* ws_i;          // (S, 16, N_pad) integer partials (integer modes, S > 1)
-  int32_t* counters;      // (N_pad / TN,) zero on entry, left zero
-  int m, n, k, n_pad, k_steps, group_steps, splits;
-  int64_t ldx;
-  int out_dtype;  // DType
-  bool debug;
+  uint32_t* ws;           // (S, 16, N_pad) 32-bit partial sums (S > 1)
+  int32_t* counters;      // (N_pad / 64,) zero on entry, left zero
+  int m, n, k, n_pad, chunks, seg_chunks, splits;
+  int64_t ldx;     // row stride of x in elements (int4: in int32 words)
+  int out_dtype;   // DType
+  bool vec_x;      // x rows allow the vector loads (alignment, stride)
 };
+
+// A lane's activations of one chunk for the rows it feeds (g and g + 8, clamped to M - 1: rows
+// >= M only produce output rows that are never stored): kRegs 32-bit registers per row, the
+// contiguous K positions kc + (CK / 4) t .. + CK / 4 - 1 (bf16 / fp16: pairs; int8: bytes;
+// int4: one word of 8 codes). Positions >= K read as zero (int4: code 8).
+template <int AM, int CK>
+struct ALoad {
+  static constexpr bool kFloat = AM == kABf16 || AM == kAFp16;
+  static constexpr int kPer = CK / 4;  // K positions per lane and row
+  static constexpr int kRegs = kFloat ? kPer / 2 : (AM == kAInt8 ? kPer / 4 : kPer / 8);
+
+  __device__ static void fast(uint32_t* r, const Args& p, int row, int c, int t) {
+    const int64_t col = static_cast<int64_t>(c) * CK + kPer * t;
+    if constexpr (kFloat) {
+      const uint4* src =
+          reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + row * p.ldx + col);
+#pragma unroll
+      for (int v = 0; v < kRegs / 4; ++v) {
+        const uint4 q = __ldg(src + v);
+        r[4 * v] = q.x;
+        r[4 * v + 1] = q.y;
+        r[4 * v + 2] = q.z;
+        r[4 * v + 3] = q.w;
+      }
+    } else if constexpr (AM == kAInt8) {
+      const uint2 q = __ldg(reinterpret_cast<const uint2*>(static_cast<const int8_t*>(p.x) +
+                                                           row * p.ldx + col));
+      r[0] = q.x;
+      r[1] = q.y;
+    } else {
+      r[0] = __ldg(static_cast<const uint32_t*>(p.x) + row * p.ldx + col / 8);
+    }
+  }
+
+  // element by element, masked: the last chunk when K is not a multiple of CK, and x whose
+  // rows are not aligned for the vector loads
+  __device__ static void slow(uint32_t* r, const Args& p, int row, int c, int t) {
+    const int col0 = c * CK + kPer * t;
+#pragma unroll
+    for (int i = 0; i < kRegs; ++i) r[i] = 0;
+    if constexpr (AM == kAInt4) r[0] = 0x88888888u;  // code 8 = activation 0
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int col = col0 + i;
+      if (col >= p.k) continue;
+      if constexpr (kFloat) {
+        const uint32_t v = __ldg(static_cast<const uint16_t*>(p.x) + row * p.ldx + col);
+        r[i / 2] |= v << (16 * (i % 2));
+      } else if constexpr (AM == kAInt8) {
+        const uint32_t v =
+            static_cast<uint8_t>(__ldg(static_cast<const int8_t*>(p.x) + row * p.ldx + col));
+        r[i / 4] |= v << (8 * (i % 4));
+      } else {
+        const uint32_t word = __ldg(static_cast<const uint32_t*>(p.x) + row * p.ldx + col / 8);
+        const uint32_t code = (word >> (4 * (col % 8))) & 0xF;
+        r[0] = (r[0] & ~(0xFu << (4 * i))) | (code << (4 * i));
+      }
+    }
+  }
+};
+
+// int4 activation codes (offset 8) of one word -> two registers of 4 signed bytes, in the order
+// of the int8 path's fragments (see to_fragments)
+__device__ __forceinline__ void int4_to_s8(uint32_t v, uint32_t& lo, uint32_t& hi) {
+  // codes 0..15 as bytes, then (c + 0x78) ^ 0x80 = c - 8 as a signed byte (no carry: c + 0x78
+  // <= 0x87)
+  const uint32_t e = ((v & 0x0F0F0F0Fu) + 0x78787878u) ^ 0x80808080u;         // nibbles 0,2,4,6
+  const uint32_t o = (((v >> 4) & 0x0F0F0F0Fu) + 0x78787878u) ^ 0x80808080u;  // nibbles 1,3,5,7
+  // K positions 0..7 of the word -> the int8 path's (0, 4, 1, 5) and (2, 6, 3, 7) bytes
+  lo = prmt(e, o, 0x6420);
+  hi = prmt(e, o, 0x7531);
+}
+
+template <int AM>
+__device__ __forceinline__ void int_fragments(uint32_t* a, const uint32_t* r0, const uint32_t* r1) {
+  // a0 / a1 (rows g / g + 8): K slots 4t + i = positions (0, 4, 1, 5) of the lane's 8; a2 / a3:
+  // slots 16 + 4t + i = positions (2, 6, 3, 7): the weight bytes (w & 0x0F0F0F0F) and
+  // ((w >> 4) & 0x0F0F0F0F) hold the codes of the same positions (nibble 2i and 2i + 1)
+  if constexpr (AM == kAInt8) {
+    a[0] = prmt(r0[0], r0[1], 0x5140);
+    a[1] = prmt(r1[0], r1[1], 0x5140);
+    a[2] = prmt(r0[0], r0[1], 0x7362);
+    a[3] = prmt(r1[0], r1[1], 0x7362);
+  } else {
+    int4_to_s8(r0[0], a[0], a[2]);
+    int4_to_s8(r1[0], a[1], a[3]);
+  }
+}
 
 __device__ __forceinline__ void store_out(void* out, int64_t i, float v, int dtype) {
   if (dtype == static_cast<int>(DType::kFloat32)) {
@@ -182,198 +226,218 @@ __device__ __forceinline__ void store_out(void* out, int64_t i, float v, int dty
   }
 }
 
-// y[m, n] from the reduced sums: fv (float accumulator: scaled per group already when
-// grouped) and iv (int32 accumulator of the integer modes).
-template <int AM, bool GROUPED>
-__device__ __forceinline__ void finish(const Args& p, int row, int col, float fv, int32_t iv) {
+// y[row, col] from the reduced 32-bit sum v: float (scaled per group already: float modes and
+// grouped integer modes) or int32 (per-channel integer modes and debug)
+template <int AM, bool GROUPED, bool DEBUG>
+__device__ __forceinline__ void finish(const Args& p, int row, int col, uint32_t v) {
   const int64_t i = static_cast<int64_t>(row) * p.n + col;
   constexpr bool kInt = AM == kAInt8 || AM == kAInt4;
-  if (kInt && p.debug) {
-    static_cast<int32_t*>(p.out)[i] = iv;
+  if constexpr (DEBUG) {
+    static_cast<int32_t*>(p.out)[i] = static_cast<int32_t>(v);
     return;
-  }
-  float y;
-  if constexpr (kInt) {
-    y = GROUPED ? fv * p.x_scales[row]
-                : static_cast<float>(iv) * p.x_scales[row] * p.scales[col];
   } else {
-    y = GROUPED ? fv : fv * p.scales[col];
+    float y;
+    if constexpr (kInt && GROUPED) {
+      y = __uint_as_float(v) * p.x_scales[row];
+    } else if constexpr (kInt) {
+      y = static_cast<float>(static_cast<int32_t>(v)) * p.x_scales[row] * p.scales[col];
+    } else {
+      y = __uint_as_float(v);
+    }
+    if (p.bias != nullptr) y += p.bias[col];
+    store_out(p.out, i, y, p.out_dtype);
   }
-  if (p.bias != nullptr) y += p.bias[col];
-  store_out(p.out, i, y, p.out_dtype);
 }
 
-template <int BITS, int AM, bool GROUPED>
-__global__ void __launch_bounds__(kWarps * 32) decode_kernel(Args p) {
-  constexpr int kPairsPerWord = 16 / BITS;
-  constexpr int kSub = 32 / BITS;  // 8-column subtiles per n-tile
-  constexpr int kTN = 8 * kSub;
-  constexpr uint32_t kMask2 = BITS == 4 ? 0x000F000Fu : 0x00030003u;
+template <int BITS, int AM, bool GROUPED, bool DEBUG>
+__global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
   constexpr bool kInt = AM == kAInt8 || AM == kAInt4;
-  using M = Mma<AM>;
+  constexpr bool kBf16 = AM != kAFp16;
+  constexpr int CK = BITS == 4 ? 32 : 64;  // K per chunk
+  constexpr int kSteps = CK / 16;          // m16n8k16 steps per chunk (float modes)
+  constexpr int kPairs = 16 / BITS;        // bf16 pairs per weight word
+  constexpr uint32_t kMask2 = BITS == 4 ? 0x000F000Fu : 0x00030003u;
+  constexpr uint32_t kMagic2 = kBf16 ? 0x43004300u : 0x64006400u;  // (128, 128) / (1024, 1024)
+  constexpr float kMagic = kBf16 ? 128.0f : 1024.0f;
+  constexpr uint32_t kOnes2 = kInt ? 0x01010101u : (kBf16 ? 0x3F803F80u : 0x3C003C00u);
+  // the accumulator that is reduced and stored: int32 for per-channel integer modes and debug
+  constexpr bool kIntOut = kInt && (DEBUG || !GROUPED);
+  using Acc = std::conditional_t<kInt, int32_t, float>;
+  using ALd = ALoad<AM, CK>;
+  static_assert(!kInt || BITS == 4, "integer activations take 4-bit containers");
 
-  __shared__ float sm_f[kWarps][16][kTN];
-  __shared__ int32_t sm_i[kInt ? kWarps : 1][16][kInt ? kTN : 1];
+  __shared__ uint32_t sm[kWarps][16][kTN + 8];  // +8: conflict-free 64-bit stores
   __shared__ bool last_block;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int nt = blockIdx.x, split = blockIdx.y;
   const int n0 = nt * kTN;
+  const int row0 = min(g, p.m - 1), row1 = min(g + 8, p.m - 1);
 
-  // this warp's k-steps: split `split` of S, then quarter `warp` of it
-  const int per_split = (p.k_steps + p.splits - 1) / p.splits;
-  const int s_begin = min(split * per_split, p.k_steps);
-  const int s_end = min(s_begin + per_split, p.k_steps);
+  // this warp's chunks: split `split` of S, then quarter `warp` of it
+  const int per_split = (p.chunks + p.splits - 1) / p.splits;
+  const int s_begin = min(split * per_split, p.chunks);
+  const int s_end = min(s_begin + per_split, p.chunks);
   const int per_warp = (s_end - s_begin + kWarps - 1) / kWarps;
   const int kb = min(s_begin + warp * per_warp, s_end);
   const int ke = min(kb + per_warp, s_end);
 
-  float acc[kSub][4];   // float modes: the output; integer grouped: scaled per group
-  float tmp[kSub][4];   // integer modes: the fp32 sum of the current segment
+  Acc tmp[kSub][4];    // the MMA sums of the current segment (group)
+  Acc sumx[4];         // row sums of x over the segment (c[0]: row g, c[2]: row g + 8)
+  float acc[kSub][4];  // the scaled result (float modes, grouped integer modes)
   int32_t acci[kSub][4];
 #pragma unroll
   for (int s = 0; s < kSub; ++s) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
+      tmp[s][r] = 0;
       acc[s][r] = 0.f;
-      tmp[s][r] = 0.f;
       acci[s][r] = 0;
     }
   }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) sumx[r] = 0;
 
-  // per-column constants of the current group: (MAGIC + z) pairs for the B columns this
-  // thread converts (column 8 s + g), and for grouped float modes the scale pairs
-  uint32_t zb[kSub];
-  uint32_t sb[kSub];
-  int group = -1;
-  auto load_group = [&](int gi) {
+  // the segment's sums -> the result: y += s (tmp - (magic + z) sumx) per column
+  auto flush = [&](int gi) {
+    const Acc sx0 = sumx[0], sx1 = sumx[2];
 #pragma unroll
     for (int s = 0; s < kSub; ++s) {
-      const int64_t off = static_cast<int64_t>(gi) * p.n_pad + n0 + 8 * s + g;
-      const float z = M::kMagic + static_cast<float>(__ldg(p.zeros + off));
-      zb[s] = M::pack(z, z);
-      if constexpr (GROUPED && !kInt) {
-        const float sc = __ldg(p.scales + off);
-        sb[s] = M::pack(sc, sc);
-      }
-    }
-    group = gi;
-  };
-  // integer modes: move the segment's fp32 sums into the int32 (and scaled) accumulators
-  auto flush = [&](int gi) {
-    if constexpr (kInt) {
+      const int64_t off = static_cast<int64_t>(gi) * p.n_pad + n0 + 8 * s + 2 * t;
+      const int2 z = __ldg(reinterpret_cast<const int2*>(p.zeros + off));
+      if constexpr (kInt) {
+        const int32_t d[4] = {tmp[s][0] - z.x * sx0, tmp[s][1] - z.y * sx0,
+                              tmp[s][2] - z.x * sx1, tmp[s][3] - z.y * sx1};
+        if constexpr (kIntOut) {
 #pragma unroll
-      for (int s = 0; s < kSub; ++s) {
-        float2 sc = make_float2(0.f, 0.f);
-        if constexpr (GROUPED) {
-          sc = __ldg(reinterpret_cast<const float2*>(
-              p.scales + static_cast<int64_t>(gi) * p.n_pad + n0 + 8 * s + 2 * t));
-        }
+          for (int r = 0; r < 4; ++r) acci[s][r] += d[r];
+        } else {
+          const float2 sc = __ldg(reinterpret_cast<const float2*>(p.scales + off));
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          acci[s][r] += __float2int_rn(tmp[s][r]);
-          if constexpr (GROUPED) acc[s][r] += tmp[s][r] * ((r & 1) ? sc.y : sc.x);
-          tmp[s][r] = 0.f;
+          for (int r = 0; r < 4; ++r) acc[s][r] += ((r & 1) ? sc.y : sc.x) * static_cast<float>(d[r]);
         }
+      } else {
+        const float2 sc = __ldg(reinterpret_cast<const float2*>(p.scales + off));
+        const float c0 = sc.x * (kMagic + static_cast<float>(z.x));
+        const float c1 = sc.y * (kMagic + static_cast<float>(z.y));
+        acc[s][0] += fmaf(sc.x, tmp[s][0], -c0 * sx0);
+        acc[s][1] += fmaf(sc.y, tmp[s][1], -c1 * sx0);
+        acc[s][2] += fmaf(sc.x, tmp[s][2], -c0 * sx1);
+        acc[s][3] += fmaf(sc.y, tmp[s][3], -c1 * sx1);
       }
+#pragma unroll
+      for (int r = 0; r < 4; ++r) tmp[s][r] = 0;
     }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) sumx[r] = 0;
   };
 
-  const uint4* base = p.words + (static_cast<int64_t>(nt) * p.k_steps) * 32 + lane;
-  uint4 cur[kDepth], nxt[kDepth];
+  // per-chunk weight data: 2 x 16 B per lane, lane-major
+  const uint4* base = p.words + (static_cast<int64_t>(nt) * p.chunks) * 64 + 2 * lane;
+  uint4 buf[kDepth][2];
 #pragma unroll
   for (int d = 0; d < kDepth; ++d) {
-    if (kb + d < ke) cur[d] = load_weights(base + static_cast<int64_t>(kb + d) * 32);
+    if (kb + d < ke) {
+      buf[d][0] = load_weights(base + static_cast<int64_t>(kb + d) * 64);
+      buf[d][1] = load_weights(base + static_cast<int64_t>(kb + d) * 64 + 1);
+    }
   }
-  int seg_start = kb;
+  int seg = kb / p.seg_chunks;
+  int next_flush = (seg + 1) * p.seg_chunks;
+
   for (int kc = kb; kc < ke; kc += kDepth) {
 #pragma unroll
     for (int d = 0; d < kDepth; ++d) {
-      if (kc + kDepth + d < ke) {
-        nxt[d] = load_weights(base + static_cast<int64_t>(kc + kDepth + d) * 32);
-      }
-    }
-#pragma unroll
-    for (int d = 0; d < kDepth; ++d) {
-      const int ks = kc + d;
-      if (ks < ke) {
-        const int gi = ks / p.group_steps;
-        if (gi != group) {
-          if (kInt && group >= 0) {
-            flush(group);
-            seg_start = ks;
-          }
-          load_group(gi);
-        } else if (kInt && ks - seg_start >= kIntSegment) {
-          flush(group);
-          seg_start = ks;
+      const int c = kc + d;
+      if (c < ke) {
+        if (c == next_flush) {
+          flush(GROUPED ? seg : 0);
+          ++seg;
+          next_flush += p.seg_chunks;
         }
-        uint32_t a[4];
-        load_a<AM>(a, p.x, p.m, p.k, p.ldx, ks * 16, g, t);
-        const uint32_t w4[4] = {cur[d].x, cur[d].y, cur[d].z, cur[d].w};
+        const uint32_t w[8] = {buf[d][0].x, buf[d][0].y, buf[d][0].z, buf[d][0].w,
+                               buf[d][1].x, buf[d][1].y, buf[d][1].z, buf[d][1].w};
+        uint32_t r0[ALd::kRegs], r1[ALd::kRegs];
+        if (p.vec_x && (c + 1) * CK <= p.k) {
+          ALd::fast(r0, p, row0, c, t);
+          ALd::fast(r1, p, row1, c, t);
+        } else {
+          ALd::slow(r0, p, row0, c, t);
+          ALd::slow(r1, p, row1, c, t);
+        }
+        if constexpr (kInt) {
+          uint32_t a[4];
+          int_fragments<AM>(a, r0, r1);
+          mma_s8(sumx, a, kOnes2, kOnes2);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+          for (int s = 0; s < kSub; ++s) {
+            mma_s8(tmp[s], a, w[s] & 0x0F0F0F0Fu, (w[s] >> 4) & 0x0F0F0F0Fu);
+          }
+        } else {
 #pragma unroll
-          for (int pp = 0; pp < kPairsPerWord; pp += 2) {
-            const int s = (j * kPairsPerWord + pp) / 2;
-            uint32_t b0 = ((w4[j] >> (BITS * pp)) & kMask2) | M::kMagic2;
-            uint32_t b1 = ((w4[j] >> (BITS * (pp + 1))) & kMask2) | M::kMagic2;
-            b0 = M::sub(b0, zb[s]);
-            b1 = M::sub(b1, zb[s]);
-            if constexpr (GROUPED && !kInt) {
-              b0 = M::mul(b0, sb[s]);
-              b1 = M::mul(b1, sb[s]);
+          for (int u = 0; u < kSteps; ++u) {
+            // step u: pairs 2u (K slots 2t, 2t + 1) and 2u + 1 (slots 2t + 8, 2t + 9)
+            const uint32_t a[4] = {r0[2 * u], r1[2 * u], r0[2 * u + 1], r1[2 * u + 1]};
+            mma_f16<kBf16>(sumx, a, kOnes2, kOnes2);
+#pragma unroll
+            for (int s = 0; s < kSub; ++s) {
+              const uint32_t b0 = ((w[s] >> (BITS * (2 * u))) & kMask2) | kMagic2;
+              const uint32_t b1 = ((w[s] >> (BITS * (2 * u + 1))) & kMask2) | kMagic2;
+              mma_f16<kBf16>(tmp[s], a, b0, b1);
             }
-            M::mma(kInt ? tmp[s] : acc[s], a, b0, b1);
           }
+        }
+        // refill the slot just consumed (after its last use: no register copies)
+        if (c + kDepth < ke) {
+          buf[d][0] = load_weights(base + static_cast<int64_t>(c + kDepth) * 64);
+          buf[d][1] = load_weights(base + static_cast<int64_t>(c + kDepth) * 64 + 1);
         }
       }
     }
-#pragma unroll
-    for (int d = 0; d < kDepth; ++d) cur[d] = nxt[d];
   }
-  if (kInt && group >= 0) flush(group);
+  if (kb < ke) flush(GROUPED ? seg : 0);
 
   // reduce the 4 warps through shared memory, in warp order
 #pragma unroll
   for (int s = 0; s < kSub; ++s) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int row = g + (r >> 1) * 8, col = 8 * s + 2 * t + (r & 1);
-      sm_f[warp][row][col] = acc[s][r];
-      if constexpr (kInt) sm_i[warp][row][col] = acci[s][r];
+    for (int h = 0; h < 2; ++h) {  // rows g, g + 8
+      uint2 v;
+      if constexpr (kIntOut) {
+        v = make_uint2(static_cast<uint32_t>(acci[s][2 * h]), static_cast<uint32_t>(acci[s][2 * h + 1]));
+      } else {
+        v = make_uint2(__float_as_uint(acc[s][2 * h]), __float_as_uint(acc[s][2 * h + 1]));
+      }
+      *reinterpret_cast<uint2*>(&sm[warp][g + 8 * h][8 * s + 2 * t]) = v;
     }
   }
   __syncthreads();
+  auto add = [](uint32_t a, uint32_t b) -> uint32_t {
+    if constexpr (kIntOut) {
+      return static_cast<uint32_t>(static_cast<int32_t>(a) + static_cast<int32_t>(b));
+    } else {
+      return __float_as_uint(__uint_as_float(a) + __uint_as_float(b));
+    }
+  };
   const int items = p.m * kTN;
   if (p.splits == 1) {
     for (int e = threadIdx.x; e < items; e += blockDim.x) {
       const int row = e / kTN, col = e % kTN;
       if (n0 + col >= p.n) continue;
-      float fv = 0.f;
-      int32_t iv = 0;
+      uint32_t v = sm[0][row][col];
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) {
-        fv += sm_f[w][row][col];
-        if constexpr (kInt) iv += sm_i[w][row][col];
-      }
-      finish<AM, GROUPED>(p, row, n0 + col, fv, iv);
+      for (int w = 1; w < kWarps; ++w) v = add(v, sm[w][row][col]);
+      finish<AM, GROUPED, DEBUG>(p, row, n0 + col, v);
     }
     return;
   }
   for (int e = threadIdx.x; e < items; e += blockDim.x) {
     const int row = e / kTN, col = e % kTN;
-    float fv = 0.f;
-    int32_t iv = 0;
+    uint32_t v = sm[0][row][col];
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      fv += sm_f[w][row][col];
-      if constexpr (kInt) iv += sm_i[w][row][col];
-    }
-    const int64_t o = (static_cast<int64_t>(split) * 16 + row) * p.n_pad + n0 + col;
-    p.ws_f[o] = fv;
-    if constexpr (kInt) p.ws_i[o] = iv;
+    for (int w = 1; w < kWarps; ++w) v = add(v, sm[w][row][col]);
+    p.ws[(static_cast<int64_t>(split) * 16 + row) * p.n_pad + n0 + col] = v;
   }
   __threadfence();
   __syncthreads();
@@ -386,41 +450,39 @@ __global__ void __launch_bounds__(kWarps * 32) decode_kernel(Args p) {
   for (int e = threadIdx.x; e < items; e += blockDim.x) {
     const int row = e / kTN, col = e % kTN;
     if (n0 + col >= p.n) continue;
-    float fv = 0.f;
-    int32_t iv = 0;
-    for (int sp = 0; sp < p.splits; ++sp) {
-      const int64_t o = (static_cast<int64_t>(sp) * 16 + row) * p.n_pad + n0 + col;
-      fv += __ldcg(p.ws_f + o);
-      if constexpr (kInt) iv += __ldcg(p.ws_i + o);
+    uint32_t v = __ldcg(p.ws + static_cast<int64_t>(row) * p.n_pad + n0 + col);
+    for (int sp = 1; sp < p.splits; ++sp) {
+      v = add(v, __ldcg(p.ws + (static_cast<int64_t>(sp) * 16 + row) * p.n_pad + n0 + col));
     }
-    finish<AM, GROUPED>(p, row, n0 + col, fv, iv);
+    finish<AM, GROUPED, DEBUG>(p, row, n0 + col, v);
   }
   if (threadIdx.x == 0) p.counters[nt] = 0;
 }
 
-template <int BITS, int AM>
+template <int BITS, int AM, bool DEBUG>
 void launch(const Args& p, bool grouped, cudaStream_t stream) {
-  constexpr int kTN = 8 * (32 / BITS);
   const dim3 grid(p.n_pad / kTN, p.splits);
   if (grouped) {
-    decode_kernel<BITS, AM, true><<<grid, kWarps * 32, 0, stream>>>(p);
+    decode_kernel<BITS, AM, true, DEBUG><<<grid, kWarps * 32, 0, stream>>>(p);
   } else {
-    decode_kernel<BITS, AM, false><<<grid, kWarps * 32, 0, stream>>>(p);
+    decode_kernel<BITS, AM, false, DEBUG><<<grid, kWarps * 32, 0, stream>>>(p);
   }
 }
 
 }  // namespace
 
-int decode_tile_n(int bits) { return 8 * (32 / (bits == 2 ? 2 : 4)); }
+int decode_tile_n(int) { return kTN; }
+int decode_chunk_k(int bits) { return bits == 2 ? 64 : 32; }
 
 void gemm_decode_cuda(const void* x, const float* x_scales, int a_mode, const int32_t* words,
                       const float* scales, const int32_t* zeros, const float* bias, void* out,
-                      float* ws_f, int32_t* ws_i, int32_t* counters, int64_t m, int64_t n,
-                      int64_t k, int64_t n_pad, int64_t ldx, int bits, int64_t group_size,
-                      int splits, int out_dtype, bool debug, int device, std::uintptr_t stream) {
+                      void* ws, int32_t* counters, int64_t m, int64_t n, int64_t k,
+                      int64_t n_pad, int64_t ldx, int bits, int64_t group_size, int splits,
+                      int out_dtype, bool debug, int device, std::uintptr_t stream) {
   int previous = 0;
   check_cuda(cudaGetDevice(&previous), "cudaGetDevice");
   if (previous != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  const int ck = decode_chunk_k(bits);
   Args p{};
   p.x = x;
   p.x_scales = x_scales;
@@ -429,32 +491,43 @@ void gemm_decode_cuda(const void* x, const float* x_scales, int a_mode, const in
   p.zeros = zeros;
   p.bias = bias;
   p.out = out;
-  p.ws_f = ws_f;
-  p.ws_i = ws_i;
+  p.ws = static_cast<uint32_t*>(ws);
   p.counters = counters;
   p.m = static_cast<int>(m);
   p.n = static_cast<int>(n);
   p.k = static_cast<int>(k);
   p.n_pad = static_cast<int>(n_pad);
-  p.k_steps = static_cast<int>((k + 15) / 16);
+  p.chunks = static_cast<int>((k + ck - 1) / ck);
   const bool grouped = group_size < k;
-  p.group_steps = static_cast<int>(grouped ? group_size / 16 : p.k_steps);
+  const bool is_int = a_mode == kAInt8 || a_mode == kAInt4;
+  // segments: a group; per channel: the whole K (integer: int32 is exact), or 128 K (float:
+  // keeps the fp32 sums of (128 + q) x small)
+  p.seg_chunks = static_cast<int>(grouped ? group_size / ck : (is_int ? p.chunks : kFloatSegment));
   p.splits = splits;
   p.ldx = ldx;
   p.out_dtype = out_dtype;
-  p.debug = debug;
+  const auto addr = reinterpret_cast<std::uintptr_t>(x);
+  if (a_mode == kABf16 || a_mode == kAFp16) {
+    p.vec_x = addr % 16 == 0 && ldx % 8 == 0;
+  } else if (a_mode == kAInt8) {
+    p.vec_x = addr % 8 == 0 && ldx % 8 == 0;
+  } else {
+    p.vec_x = addr % 4 == 0;
+  }
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (bits == 2) {
-    if (a_mode == kABf16) launch<2, kABf16>(p, grouped, s);
-    else launch<2, kAFp16>(p, grouped, s);
+    if (a_mode == kABf16) launch<2, kABf16, false>(p, grouped, s);
+    else launch<2, kAFp16, false>(p, grouped, s);
   } else if (a_mode == kABf16) {
-    launch<4, kABf16>(p, grouped, s);
+    launch<4, kABf16, false>(p, grouped, s);
   } else if (a_mode == kAFp16) {
-    launch<4, kAFp16>(p, grouped, s);
+    launch<4, kAFp16, false>(p, grouped, s);
   } else if (a_mode == kAInt8) {
-    launch<4, kAInt8>(p, grouped, s);
+    if (debug) launch<4, kAInt8, true>(p, grouped, s);
+    else launch<4, kAInt8, false>(p, grouped, s);
   } else {
-    launch<4, kAInt4>(p, grouped, s);
+    if (debug) launch<4, kAInt4, true>(p, grouped, s);
+    else launch<4, kAInt4, false>(p, grouped, s);
   }
   const cudaError_t err = cudaGetLastError();
   if (previous != device) cudaSetDevice(previous);

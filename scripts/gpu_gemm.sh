@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine: build the extension (the CUDA decode GEMM lives there), the GEMM GPU tests
 # and the GEMM benchmark.
-#   bash scripts/gpu_gemm.sh OUT_DIR [build|sanitize|decode|tests|bench|generate]...
+#   bash scripts/gpu_gemm.sh OUT_DIR [build|sanitize|decode|sweep|tests|bench|generate]...
 #   (default: build decode tests bench)
 # sanitize: the decode kernel's small-shape tests under compute-sanitizer (memcheck, racecheck).
 # decode: tests/kernels/test_gemm_decode_cuda.py; tests: tests/kernels/test_gemm_cuda.py;
@@ -33,6 +33,9 @@ for step in $steps; do
     decode)
       python3 -m pytest tests/kernels/test_gemm_decode_cuda.py -q -p no:cacheprovider 2>&1 \
         | tee "$out/pytest_gemm_decode.txt" | tail -15
+      rc=$(( rc || PIPESTATUS[0] )) ;;
+    sweep)  # split-K of the CUDA decode kernel
+      python3 benchmarks/sweep_decode.py --ms ${CBQ_SWEEP_MS:-1} 2>&1 | tee "$out/sweep_decode.txt" | tail -25
       rc=$(( rc || PIPESTATUS[0] )) ;;
     tests)
       python3 -m pytest tests/kernels/test_gemm_cuda.py -q -p no:cacheprovider -x 2>&1 \

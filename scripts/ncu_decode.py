@@ -9,9 +9,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_gemm import weight  # noqa: E402
-from cbq_kernels.act_quant import act_quant  # noqa: E402
-from cbq_kernels.gemm import gemm_w4a4, gemm_w4a8, gemm_wonly  # noqa: E402
+from benchmarks.bench_gemm import weight
+from cbq_kernels.act_quant import act_quant
+from cbq_kernels.gemm import gemm_w4a4, gemm_w4a8, gemm_wonly
 
 m, n, k = (int(v) for v in (sys.argv[1:] or ["1", "28672", "8192"]))
 g = torch.Generator(device="cuda").manual_seed(0)

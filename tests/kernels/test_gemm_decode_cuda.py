@@ -58,7 +58,7 @@ def test_integer_accumulator_is_exact(shape, group_size, act_bits):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize(("bits", "group_size"), [(4, None), (4, 128), (3, 128), (2, 64),
-                                                  (2, None)])  # fmt: skip
+                                                  (2, None), (2, 32)])  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_weight_only_within_twice_pytorchs_error(shape, bits, group_size, dtype):
     need_kernel()
@@ -103,6 +103,28 @@ def test_every_split_gives_the_same_result_and_runs_are_deterministic(act_bits):
             torch.testing.assert_close(out, outs[1], rtol=1e-4, atol=1e-3)
         else:
             assert torch.equal(out, outs[1]), splits
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_unaligned_and_strided_activations_match_contiguous_ones(mode):
+    """Rows that are not 16-byte aligned (an offset view, an odd row stride) take the kernel's
+    element-by-element loads: the same result as the vector loads of a contiguous copy."""
+    need_kernel()
+    w, _ = make_weight(640, 1024, 4, 128, seed=10)
+    g = torch.Generator(device="cuda").manual_seed(11)
+    big = torch.randn(6, 1030, generator=g, device="cuda").to(torch.bfloat16)
+    x = big[:, 3:1027]  # offset by 3 elements, row stride 1030
+    if mode == "bf16":
+        a, xs, fn = x, None, lambda a, xs: gemm_decode.launch(a, xs, w.decode, None, torch.float32)
+    else:
+        bits = 8 if mode == "int8" else 4
+        q, xs = act_quant(x.contiguous(), bits)
+        wide = torch.zeros((6, q.shape[1] + 3), dtype=q.dtype, device="cuda")
+        wide[:, 1 : 1 + q.shape[1]] = q
+        a = wide[:, 1 : 1 + q.shape[1]]
+        fn = lambda a, xs: gemm_decode.launch(a, xs, w.decode, None, torch.float32, debug=True)  # noqa: E731
+    assert a.stride(-1) == 1 and not a.is_contiguous()
+    assert torch.equal(fn(a, xs), fn(a.contiguous(), xs))
 
 
 def test_bias_output_dtypes_and_the_dispatch():
