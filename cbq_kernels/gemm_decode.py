@@ -40,8 +40,10 @@ from torch import Tensor
 
 DECODE_MAX_M = 16  # one m16n8k16 row tile
 TILE_N = 64  # output channels per n-tile (8 MMA subtiles of 8)
-# blocks per SM the split-K choice aims for (default_splits); benchmarks/sweep_decode.py
-SPLIT_BLOCKS_PER_SM = 6
+# the split-K model (default_splits): blocks resident per SM (__launch_bounds__ of the
+# kernel) and the fixed cost of a wave in chunk-times (benchmarks/sweep_decode.py)
+BLOCKS_PER_SM = 3
+WAVE_COST = 32
 
 
 def tile_n(bits: int) -> int:
@@ -264,12 +266,19 @@ def _sm_count(index: int | None) -> int:
 
 
 def default_splits(n_tiles: int, chunks: int, device: torch.device) -> int:
-    """K splits so that the grid fills the GPU twice over: 3 blocks of 4 warps fit an SM (the
-    kernel's register bound), each warp keeps 4 chunks (4 KB per warp, ~48 KB per SM) of
-    weight loads in flight, ~4.8 TB/s x ~1 us / 132 SMs = 36 KB needed per SM on an H200;
-    at least 2 chunks per warp."""
-    want = -(-SPLIT_BLOCKS_PER_SM * _sm_count(device.index) // max(n_tiles, 1))
-    return max(1, min(want, chunks // 8, 1024))
+    """K splits that minimise a makespan model of the grid: ``BLOCKS_PER_SM`` blocks fit an SM
+    (the kernel's register bound), so ``n_tiles * S`` blocks run in
+    ``ceil(n_tiles * S / (BLOCKS_PER_SM * SMs))`` waves of ``ceil(chunks / S)`` chunks each
+    plus a fixed cost per wave (its first loads' latency), ``WAVE_COST`` chunk-times, fitted
+    to the H200 sweep (benchmarks/results/h200/sweep_decode_*.txt: one full wave beats a wave
+    and a tail); at least 2 chunks per warp."""
+    slots = BLOCKS_PER_SM * _sm_count(device.index)
+    best = (float("inf"), 1)
+    for s in range(1, max(1, min(chunks // 8, 64)) + 1):
+        waves = -(-n_tiles * s // slots)
+        cost = waves * (-(-chunks // s) + WAVE_COST)
+        best = min(best, (cost, s))
+    return best[1]
 
 
 def launch(x: Tensor, x_scales: Tensor | None, dw: DecodeWeight, bias: Tensor | None,

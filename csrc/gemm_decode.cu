@@ -161,6 +161,22 @@ struct ALoad {
     }
   }
 
+  // bring the chunk's activations into L1 ahead of use: x is read by every block through L2,
+  // and without this each chunk waited one L2 round trip (the first v2 profile: 16 chunks per
+  // warp at ~1 us each while the weight ring had 4 chunks in flight)
+  __device__ static void prefetch(const Args& p, int row, int c, int t) {
+    const int64_t col = static_cast<int64_t>(c) * CK + kPer * t;
+    const void* addr;
+    if constexpr (kFloat) {
+      addr = static_cast<const uint16_t*>(p.x) + row * p.ldx + col;
+    } else if constexpr (AM == kAInt8) {
+      addr = static_cast<const int8_t*>(p.x) + row * p.ldx + col;
+    } else {
+      addr = static_cast<const uint32_t*>(p.x) + row * p.ldx + col / 8;
+    }
+    asm volatile("prefetch.global.L1 [%0];\n" ::"l"(addr));
+  }
+
   // element by element, masked: the last chunk when K is not a multiple of CK, and x whose
   // rows are not aligned for the vector loads
   __device__ static void slow(uint32_t* r, const Args& p, int row, int c, int t) {
@@ -255,7 +271,6 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
   constexpr bool kBf16 = AM != kAFp16;
   constexpr int CK = BITS == 4 ? 32 : 64;  // K per chunk
   constexpr int kSteps = CK / 16;          // m16n8k16 steps per chunk (float modes)
-  constexpr int kPairs = 16 / BITS;        // bf16 pairs per weight word
   constexpr uint32_t kMask2 = BITS == 4 ? 0x000F000Fu : 0x00030003u;
   constexpr uint32_t kMagic2 = kBf16 ? 0x43004300u : 0x64006400u;  // (128, 128) / (1024, 1024)
   constexpr float kMagic = kBf16 ? 128.0f : 1024.0f;
@@ -341,6 +356,10 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
     if (kb + d < ke) {
       buf[d][0] = load_weights(base + static_cast<int64_t>(kb + d) * 64);
       buf[d][1] = load_weights(base + static_cast<int64_t>(kb + d) * 64 + 1);
+      if (p.vec_x && (kb + d + 1) * CK <= p.k) {
+        ALd::prefetch(p, row0, kb + d, t);
+        ALd::prefetch(p, row1, kb + d, t);
+      }
     }
   }
   int seg = kb / p.seg_chunks;
@@ -392,6 +411,10 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
         if (c + kDepth < ke) {
           buf[d][0] = load_weights(base + static_cast<int64_t>(c + kDepth) * 64);
           buf[d][1] = load_weights(base + static_cast<int64_t>(c + kDepth) * 64 + 1);
+          if (p.vec_x && (c + kDepth + 1) * CK <= p.k) {
+            ALd::prefetch(p, row0, c + kDepth, t);
+            ALd::prefetch(p, row1, c + kDepth, t);
+          }
         }
       }
     }
