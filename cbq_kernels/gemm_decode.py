@@ -11,8 +11,9 @@ that led there). This module owns the layout:
   live in 4-bit containers) or 2. A chunk is ``CK`` values of K: 32 for 4-bit containers, 64
   for 2-bit; an n-tile is 64 output channels = 8 subtiles of 8. K is padded to a multiple of
   CK, N to a multiple of 64 (padding: codes 0, scale 0, zero point 0).
-* ``words``: int32 ``(N_pad / 64, K_pad / CK, 32, 8)``: n-tile, chunk, lane, word. Lane
-  ``l = 4 g + t``, word ``s`` = subtile ``s``: the ``CK / 4`` codes of column
+* ``words``: int32 ``(N_pad / 64, K_pad / CK, 2, 32, 4)``: n-tile, chunk, half h, lane,
+  word j (two fully coalesced 512-byte warp loads per chunk). Lane ``l = 4 g + t``, word
+  ``s = 4 h + j`` = subtile ``s``: the ``CK / 4`` codes of column
   ``n = n0 + 8 s + g`` at K positions ``k = kc + (CK / 4) t + i`` (kc = CK * chunk); code
   ``i = 2 j + e`` sits at bit ``bits * j + 16 * e``, so ``(word >> bits * j) & mask`` is the
   pair (i = 2j, 2j + 1): the same pair of K positions as the lane's j-th 32-bit register of
@@ -77,7 +78,7 @@ def layout_error(bits: int, k: int, group_size: int | None) -> str | None:
 class DecodeWeight:
     """A weight in the decode kernel's layout (module docstring)."""
 
-    words: Tensor  # (N_pad / 64, K_pad / CK, 32, 8) int32
+    words: Tensor  # (N_pad / 64, K_pad / CK, 2, 32, 4) int32
     scales: Tensor  # (G, N_pad) fp32
     zeros: Tensor  # (G, N_pad) int32
     # (N_pad / 64,) int32 zeros: the split-K semaphores (each launch leaves them zero). One
@@ -112,7 +113,7 @@ def prepare_decode(codes: Tensor, scales: Tensor, zeros: Tensor, bits: int,
     n_pad, k_pad = -(-n // TILE_N) * TILE_N, -(-k // ck) * ck
     dev = codes.device
     nt, kc = n_pad // TILE_N, k_pad // ck
-    words = torch.empty((nt, kc, 32, 8), dtype=torch.int32, device=dev)
+    words = torch.empty((nt, kc, 2, 32, 4), dtype=torch.int32, device=dev)
     shift = cb * torch.arange(ppw, device=dev, dtype=torch.int64)
     chunk = max(1, (1 << 24) // (TILE_N * k_pad))  # n-tiles per pass: ~16M codes of scratch
     for t0 in range(0, nt, chunk):
@@ -123,7 +124,8 @@ def prepare_decode(codes: Tensor, scales: Tensor, zeros: Tensor, bits: int,
         # n = n0 + 8 s + g, k = kc + (CK / 4) t + 2 j + e -> (tile, chunk, g, t, s, j, e)
         c = c.view(t1 - t0, 8, 8, kc, 4, ppw, 2).permute(0, 3, 2, 4, 1, 5, 6)
         word = ((c[..., 0] << shift) | (c[..., 1] << (shift + 16))).sum(-1)  # disjoint bits
-        words[t0:t1] = _wrap_int32(word).reshape(t1 - t0, kc, 32, 8)
+        word = word.reshape(t1 - t0, kc, 32, 2, 4).permute(0, 1, 3, 2, 4)  # words 4h + j
+        words[t0:t1] = _wrap_int32(word)
     groups = scales.shape[1]
     s_t = torch.zeros((groups, n_pad), dtype=torch.float32, device=dev)
     z_t = torch.zeros((groups, n_pad), dtype=torch.int32, device=dev)
@@ -166,7 +168,8 @@ def emulate(x: Tensor, dw: DecodeWeight, x_scales: Tensor | None = None,
     nt, kc = dw.words.shape[:2]
     per = ck // 4  # K positions per lane and row
     dev = x.device
-    w = dw.words.to(torch.int64) & 0xFFFFFFFF  # (NT, KC, 32, 8)
+    w = dw.words.to(torch.int64) & 0xFFFFFFFF  # (NT, KC, 2, 32, 4) -> (NT, KC, 32, 8)
+    w = w.permute(0, 1, 3, 2, 4).reshape(*w.shape[:2], 32, 8)
     lane = torch.arange(32, device=dev)
     g, t = lane // 4, lane % 4
     rows = torch.arange(16, device=dev).clamp(max=m - 1)  # rows >= M read row M - 1

@@ -28,8 +28,9 @@
 //
 // Layout (prepare_decode documents the same in Python; its emulator test checks it against the
 // PTX fragment layouts). Chunk = CK values of K: CK = 32 for 4-bit containers, 64 for 2-bit;
-// n-tile = 64 output channels = 8 subtiles of 8. words: int32 [N_pad / 64][K_pad / CK][32 lanes]
-// [8 words]; lane l = 4 g + t, word s = subtile s, column n = n0 + 8 s + g. Word s holds the
+// n-tile = 64 output channels = 8 subtiles of 8. words: int32 [N_pad / 64][K_pad / CK][2][32
+// lanes][4 words] (two fully coalesced 512-byte warp loads per chunk); lane l = 4 g + t, word
+// s = 4 h + j = subtile s, column n = n0 + 8 s + g. Word s holds the
 // CK / 4 codes of column n at K positions kc + (CK / 4) t + i, i < CK / 4: code i = 2 j + e at
 // bits BITS j + 16 e (j < 16 / BITS, e = 0 / 1): pair j of the word is the bf16 pair
 // (k = .. + 2j, .. + 2j + 1), exactly the pair of activations the lane loaded as its j-th
@@ -112,6 +113,18 @@ __device__ __forceinline__ uint4 load_weights(const uint4* p) {
   return v;
 }
 
+// 16-byte asynchronous copy global -> shared (the group scales: no synchronous global load in
+// the K loop)
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const auto s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 struct Args {
   const void* x;          // (M, K) bf16 / fp16 / int8, or (M, ceil(K / 8)) int32 (int4)
   const float* x_scales;  // (M,) integer modes
@@ -159,22 +172,6 @@ struct ALoad {
     } else {
       r[0] = __ldg(static_cast<const uint32_t*>(p.x) + row * p.ldx + col / 8);
     }
-  }
-
-  // bring the chunk's activations into L1 ahead of use: x is read by every block through L2,
-  // and without this each chunk waited one L2 round trip (the first v2 profile: 16 chunks per
-  // warp at ~1 us each while the weight ring had 4 chunks in flight)
-  __device__ static void prefetch(const Args& p, int row, int c, int t) {
-    const int64_t col = static_cast<int64_t>(c) * CK + kPer * t;
-    const void* addr;
-    if constexpr (kFloat) {
-      addr = static_cast<const uint16_t*>(p.x) + row * p.ldx + col;
-    } else if constexpr (AM == kAInt8) {
-      addr = static_cast<const int8_t*>(p.x) + row * p.ldx + col;
-    } else {
-      addr = static_cast<const uint32_t*>(p.x) + row * p.ldx + col / 8;
-    }
-    asm volatile("prefetch.global.L1 [%0];\n" ::"l"(addr));
   }
 
   // element by element, masked: the last chunk when K is not a multiple of CK, and x whose
@@ -281,7 +278,9 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
   using ALd = ALoad<AM, CK>;
   static_assert(!kInt || BITS == 4, "integer activations take 4-bit containers");
 
+  constexpr int kSlots = kDepth + 1;  // group scales in flight per warp (one per chunk at most)
   __shared__ uint32_t sm[kWarps][16][kTN + 8];  // +8: conflict-free 64-bit stores
+  __shared__ __align__(16) uint32_t sc_sm[kWarps][kSlots][2][kTN];  // scales, zero points
   __shared__ bool last_block;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -315,12 +314,14 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
   for (int r = 0; r < 4; ++r) sumx[r] = 0;
 
   // the segment's sums -> the result: y += s (tmp - (magic + z) sumx) per column
+  // (the group's scales and zero points were copied to this warp's slot gi % kSlots)
   auto flush = [&](int gi) {
     const Acc sx0 = sumx[0], sx1 = sumx[2];
+    const uint32_t(&slot)[2][kTN] = sc_sm[warp][gi % kSlots];
 #pragma unroll
     for (int s = 0; s < kSub; ++s) {
-      const int64_t off = static_cast<int64_t>(gi) * p.n_pad + n0 + 8 * s + 2 * t;
-      const int2 z = __ldg(reinterpret_cast<const int2*>(p.zeros + off));
+      const int col = 8 * s + 2 * t;
+      const int2 z = *reinterpret_cast<const int2*>(&slot[1][col]);
       if constexpr (kInt) {
         const int32_t d[4] = {tmp[s][0] - z.x * sx0, tmp[s][1] - z.y * sx0,
                               tmp[s][2] - z.x * sx1, tmp[s][3] - z.y * sx1};
@@ -328,12 +329,12 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
 #pragma unroll
           for (int r = 0; r < 4; ++r) acci[s][r] += d[r];
         } else {
-          const float2 sc = __ldg(reinterpret_cast<const float2*>(p.scales + off));
+          const float2 sc = *reinterpret_cast<const float2*>(&slot[0][col]);
 #pragma unroll
           for (int r = 0; r < 4; ++r) acc[s][r] += ((r & 1) ? sc.y : sc.x) * static_cast<float>(d[r]);
         }
       } else {
-        const float2 sc = __ldg(reinterpret_cast<const float2*>(p.scales + off));
+        const float2 sc = *reinterpret_cast<const float2*>(&slot[0][col]);
         const float c0 = sc.x * (kMagic + static_cast<float>(z.x));
         const float c1 = sc.y * (kMagic + static_cast<float>(z.y));
         acc[s][0] += fmaf(sc.x, tmp[s][0], -c0 * sx0);
@@ -348,22 +349,34 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
     for (int r = 0; r < 4; ++r) sumx[r] = 0;
   };
 
-  // per-chunk weight data: 2 x 16 B per lane, lane-major
-  const uint4* base = p.words + (static_cast<int64_t>(nt) * p.chunks) * 64 + 2 * lane;
+  // a group's scales and zero points -> this warp's slot (lanes 0-15: 64 scales, 16-31: 64
+  // zero points, 16 bytes each)
+  auto copy_group = [&](int gi) {
+    const int half = lane >> 4, q = lane & 15;
+    const int64_t off = static_cast<int64_t>(gi) * p.n_pad + n0 + 4 * q;
+    const void* src = half ? static_cast<const void*>(p.zeros + off)
+                           : static_cast<const void*>(p.scales + off);
+    cp_async16(&sc_sm[warp][gi % kSlots][half][4 * q], src);
+  };
+
+  // per chunk: two fully coalesced 512-byte warp loads (word h * 4 + j of lane l at uint4
+  // (chunk * 2 + h) * 32 + l)
+  const uint4* base = p.words + (static_cast<int64_t>(nt) * p.chunks) * 64 + lane;
   uint4 buf[kDepth][2];
-#pragma unroll
-  for (int d = 0; d < kDepth; ++d) {
-    if (kb + d < ke) {
-      buf[d][0] = load_weights(base + static_cast<int64_t>(kb + d) * 64);
-      buf[d][1] = load_weights(base + static_cast<int64_t>(kb + d) * 64 + 1);
-      if (p.vec_x && (kb + d + 1) * CK <= p.k) {
-        ALd::prefetch(p, row0, kb + d, t);
-        ALd::prefetch(p, row1, kb + d, t);
-      }
-    }
-  }
   int seg = kb / p.seg_chunks;
   int next_flush = (seg + 1) * p.seg_chunks;
+  if (kb < ke) copy_group(GROUPED ? seg : 0);
+  cp_async_commit();
+#pragma unroll
+  for (int d = 0; d < kDepth; ++d) {
+    const int c = kb + d;
+    if (c < ke) {
+      buf[d][0] = load_weights(base + static_cast<int64_t>(c) * 64);
+      buf[d][1] = load_weights(base + static_cast<int64_t>(c) * 64 + 32);
+      if (GROUPED && d > 0 && c % p.seg_chunks == 0) copy_group(c / p.seg_chunks);
+    }
+    cp_async_commit();
+  }
 
   for (int kc = kb; kc < ke; kc += kDepth) {
 #pragma unroll
@@ -371,6 +384,9 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
       const int c = kc + d;
       if (c < ke) {
         if (c == next_flush) {
+          // the copy of this segment's scales was committed >= kDepth groups ago
+          cp_async_wait<kDepth - 1>();
+          __syncwarp();
           flush(GROUPED ? seg : 0);
           ++seg;
           next_flush += p.seg_chunks;
@@ -408,17 +424,18 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
           }
         }
         // refill the slot just consumed (after its last use: no register copies)
-        if (c + kDepth < ke) {
-          buf[d][0] = load_weights(base + static_cast<int64_t>(c + kDepth) * 64);
-          buf[d][1] = load_weights(base + static_cast<int64_t>(c + kDepth) * 64 + 1);
-          if (p.vec_x && (c + kDepth + 1) * CK <= p.k) {
-            ALd::prefetch(p, row0, c + kDepth, t);
-            ALd::prefetch(p, row1, c + kDepth, t);
-          }
+        const int cn = c + kDepth;
+        if (cn < ke) {
+          buf[d][0] = load_weights(base + static_cast<int64_t>(cn) * 64);
+          buf[d][1] = load_weights(base + static_cast<int64_t>(cn) * 64 + 32);
+          if (GROUPED && cn % p.seg_chunks == 0) copy_group(cn / p.seg_chunks);
         }
+        cp_async_commit();
       }
     }
   }
+  cp_async_wait<0>();
+  __syncwarp();
   if (kb < ke) flush(GROUPED ? seg : 0);
 
   // reduce the 4 warps through shared memory, in warp order

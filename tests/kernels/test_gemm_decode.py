@@ -31,7 +31,7 @@ def test_layout_through_the_mma_fragments_is_the_reference_product(bits, n, k, g
     dw = prepare_decode(codes, scales, zeros, bits, group_size)
     tn, ck = tile_n(dw.bits), chunk_k(dw.bits)
     assert dw.bits == (2 if bits == 2 and group_size != 32 else 4)
-    assert dw.words.shape == (-(-n // tn), -(-k // ck), 32, 8) and dw.n_pad % tn == 0
+    assert dw.words.shape == (-(-n // tn), -(-k // ck), 2, 32, 4) and dw.n_pad % tn == 0
     if group_size is None:  # gemm_ref's weight from the same codes (per channel)
         weight = prepare_weight(pack_ref(codes, bits), bits, k, scales, zeros, decode=False)
         x = torch.randn(m, k, dtype=torch.float64)
@@ -72,7 +72,7 @@ def test_a_wrong_layout_would_be_caught():
     x = torch.randn(3, 64, dtype=torch.float64)
     good = emulate(x, dw)
     words = dw.words.clone()
-    words[:, :, [0, 1]] = words[:, :, [1, 0]]
+    words[:, :, :, [0, 1]] = words[:, :, :, [1, 0]]
     bad = emulate(x, type(dw)(words, dw.scales, dw.zeros, dw.counters, dw.bits, dw.n, dw.k,
                               dw.group_size))  # fmt: skip
     assert not torch.allclose(good, bad)
