@@ -77,14 +77,6 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return d;
 }
 
-// (a & mask) | magic in one LOP3 (written out: with two immediates the compiler emitted an
-// AND and an OR per pair, measured in the SASS of the v2 kernel)
-__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t magic) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));
-  return d;
-}
-
 // mma.m16n8k16 with fp32 accumulation on bf16 (or fp16) pairs
 template <bool BF16>
 __device__ __forceinline__ void mma_f16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
@@ -179,47 +171,6 @@ struct ALoad {
       r[1] = q.y;
     } else {
       r[0] = __ldg(static_cast<const uint32_t*>(p.x) + row * p.ldx + col / 8);
-    }
-  }
-
-  // asynchronous copy of the same registers into shared memory (cp.async: 16 bytes per copy
-  // for bf16 / fp16, 8 for int8, 4 for int4)
-  __device__ static void copy(uint32_t* dst, const Args& p, int row, int c, int t) {
-    const int64_t col = static_cast<int64_t>(c) * CK + kPer * t;
-    const auto d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-    if constexpr (kFloat) {
-      const char* src = reinterpret_cast<const char*>(static_cast<const uint16_t*>(p.x) +
-                                                      row * p.ldx + col);
-#pragma unroll
-      for (int v = 0; v < kRegs / 4; ++v) {
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d + 16 * v),
-                     "l"(src + 16 * v));
-      }
-    } else if constexpr (AM == kAInt8) {
-      const int8_t* src = static_cast<const int8_t*>(p.x) + row * p.ldx + col;
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(src));
-    } else {
-      const uint32_t* src = static_cast<const uint32_t*>(p.x) + row * p.ldx + col / 8;
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src));
-    }
-  }
-
-  __device__ static void from_shared(uint32_t* r, const uint32_t* src) {
-    if constexpr (kRegs % 4 == 0) {
-#pragma unroll
-      for (int v = 0; v < kRegs / 4; ++v) {
-        const uint4 q = reinterpret_cast<const uint4*>(src)[v];
-        r[4 * v] = q.x;
-        r[4 * v + 1] = q.y;
-        r[4 * v + 2] = q.z;
-        r[4 * v + 3] = q.w;
-      }
-    } else if constexpr (kRegs == 2) {
-      const uint2 q = *reinterpret_cast<const uint2*>(src);
-      r[0] = q.x;
-      r[1] = q.y;
-    } else {
-      r[0] = src[0];
     }
   }
 
@@ -328,17 +279,9 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
   static_assert(!kInt || BITS == 4, "integer activations take 4-bit containers");
 
   constexpr int kSlots = kDepth + 1;  // group scales in flight per warp (one per chunk at most)
-  // shared memory: the activation ring (each lane's own A registers of kDepth chunks, copied
-  // with cp.async kDepth chunks ahead: x is read through L2 by every block, and a synchronous
-  // load per chunk exposed its latency: long-scoreboard stalls were 4.2 of 9.8 cycles per
-  // instruction of the W4A8 kernel) and, after the K loop, the warps' partial sums (a union)
-  constexpr int kRed = kWarps * 16 * (kTN + 8);  // +8: conflict-free 64-bit stores
-  constexpr int kRing = kWarps * kDepth * 2 * 32 * ALd::kRegs;
-  __shared__ __align__(16) uint32_t pool[kRed > kRing ? kRed : kRing];
+  __shared__ uint32_t sm[kWarps][16][kTN + 8];  // +8: conflict-free 64-bit stores
   __shared__ __align__(16) uint32_t sc_sm[kWarps][kSlots][2][kTN];  // scales, zero points
   __shared__ bool last_block;
-  auto sm = reinterpret_cast<uint32_t(*)[16][kTN + 8]>(pool);
-  auto a_sm = reinterpret_cast<uint32_t(*)[kDepth][2][32][ALd::kRegs]>(pool);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -370,11 +313,11 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
 #pragma unroll
   for (int r = 0; r < 4; ++r) sumx[r] = 0;
 
-  // the segment's sums -> the result: y += s (tmp - (magic + z) sumx) per column, with the
-  // segment's scales and zero points from this warp's shared-memory slot
-  auto flush = [&](int slot_i) {
+  // the segment's sums -> the result: y += s (tmp - (magic + z) sumx) per column
+  // (the group's scales and zero points were copied to this warp's slot gi % kSlots)
+  auto flush = [&](int gi) {
     const Acc sx0 = sumx[0], sx1 = sumx[2];
-    const uint32_t(&slot)[2][kTN] = sc_sm[warp][slot_i];
+    const uint32_t(&slot)[2][kTN] = sc_sm[warp][gi % kSlots];
 #pragma unroll
     for (int s = 0; s < kSub; ++s) {
       const int col = 8 * s + 2 * t;
@@ -406,50 +349,32 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
     for (int r = 0; r < 4; ++r) sumx[r] = 0;
   };
 
-  // a group's scales and zero points -> a slot (lanes 0-15: 64 scales, 16-31: 64 zero points,
-  // 16 bytes each); groups are counted, not divided for, in the loop
-  const char* sc_src = reinterpret_cast<const char*>(
-      (lane >> 4) ? static_cast<const void*>(p.zeros + n0 + 4 * (lane & 15))
-                  : static_cast<const void*>(p.scales + n0 + 4 * (lane & 15)));
-  const int64_t sc_stride = static_cast<int64_t>(p.n_pad) * 4;  // bytes per group
-  auto copy_group = [&](int gi, int slot_i) {
-    cp_async16(&sc_sm[warp][slot_i][lane >> 4][4 * (lane & 15)], sc_src + gi * sc_stride);
-  };
-  // a chunk's activations (this lane's kRegs registers of rows g and g + 8) -> ring slot d;
-  // chunks that take the masked element loads (the K tail, unaligned x) are not copied
-  const bool vec = p.vec_x;
-  auto copy_a = [&](int c, int d) {
-    if (vec && (c + 1) * CK <= p.k) {
-      ALd::copy(&a_sm[warp][d][0][lane][0], p, row0, c, t);
-      ALd::copy(&a_sm[warp][d][1][lane][0], p, row1, c, t);
-    }
+  // a group's scales and zero points -> this warp's slot (lanes 0-15: 64 scales, 16-31: 64
+  // zero points, 16 bytes each)
+  auto copy_group = [&](int gi) {
+    const int half = lane >> 4, q = lane & 15;
+    const int64_t off = static_cast<int64_t>(gi) * p.n_pad + n0 + 4 * q;
+    const void* src = half ? static_cast<const void*>(p.zeros + off)
+                           : static_cast<const void*>(p.scales + off);
+    cp_async16(&sc_sm[warp][gi % kSlots][half][4 * q], src);
   };
 
   // per chunk: two fully coalesced 512-byte warp loads (word h * 4 + j of lane l at uint4
   // (chunk * 2 + h) * 32 + l)
   const uint4* base = p.words + (static_cast<int64_t>(nt) * p.chunks) * 64 + lane;
   uint4 buf[kDepth][2];
-  int group = kb / p.seg_chunks;             // the segment being summed
-  int next_flush = (group + 1) * p.seg_chunks;
-  int copied = group, copy_slot = 0;         // the last group whose scales were requested
-  int next_copy = next_flush;                // the chunk that starts the next group
-  int flush_slot = 0;
-  if (kb < ke) copy_group(GROUPED ? group : 0, 0);
+  int seg = kb / p.seg_chunks;
+  int next_flush = (seg + 1) * p.seg_chunks;
+  if (kb < ke) copy_group(GROUPED ? seg : 0);
   cp_async_commit();
-  auto request = [&](int cn, int d) {  // the loads of chunk cn into ring slot d
-    buf[d][0] = load_weights(base + static_cast<int64_t>(cn) * 64);
-    buf[d][1] = load_weights(base + static_cast<int64_t>(cn) * 64 + 32);
-    copy_a(cn, d);
-    if (GROUPED && cn == next_copy) {
-      ++copied;
-      copy_slot = copy_slot + 1 == kSlots ? 0 : copy_slot + 1;
-      copy_group(copied, copy_slot);
-      next_copy += p.seg_chunks;
-    }
-  };
 #pragma unroll
   for (int d = 0; d < kDepth; ++d) {
-    if (kb + d < ke) request(kb + d, d);
+    const int c = kb + d;
+    if (c < ke) {
+      buf[d][0] = load_weights(base + static_cast<int64_t>(c) * 64);
+      buf[d][1] = load_weights(base + static_cast<int64_t>(c) * 64 + 32);
+      if (GROUPED && d > 0 && c % p.seg_chunks == 0) copy_group(c / p.seg_chunks);
+    }
     cp_async_commit();
   }
 
@@ -458,21 +383,20 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
     for (int d = 0; d < kDepth; ++d) {
       const int c = kc + d;
       if (c < ke) {
-        // chunk c's copies (activations; scales of the groups up to c) were committed
-        // kDepth groups ago
-        cp_async_wait<kDepth - 1>();
         if (c == next_flush) {
-          __syncwarp();  // the scales were copied by other lanes
-          flush(flush_slot);
-          if (GROUPED) flush_slot = flush_slot + 1 == kSlots ? 0 : flush_slot + 1;
+          // the copy of this segment's scales was committed >= kDepth groups ago
+          cp_async_wait<kDepth - 1>();
+          __syncwarp();
+          flush(GROUPED ? seg : 0);
+          ++seg;
           next_flush += p.seg_chunks;
         }
         const uint32_t w[8] = {buf[d][0].x, buf[d][0].y, buf[d][0].z, buf[d][0].w,
                                buf[d][1].x, buf[d][1].y, buf[d][1].z, buf[d][1].w};
         uint32_t r0[ALd::kRegs], r1[ALd::kRegs];
-        if (vec && (c + 1) * CK <= p.k) {
-          ALd::from_shared(r0, &a_sm[warp][d][0][lane][0]);
-          ALd::from_shared(r1, &a_sm[warp][d][1][lane][0]);
+        if (p.vec_x && (c + 1) * CK <= p.k) {
+          ALd::fast(r0, p, row0, c, t);
+          ALd::fast(r1, p, row1, c, t);
         } else {
           ALd::slow(r0, p, row0, c, t);
           ALd::slow(r1, p, row1, c, t);
@@ -493,22 +417,26 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
             mma_f16<kBf16>(sumx, a, kOnes2, kOnes2);
 #pragma unroll
             for (int s = 0; s < kSub; ++s) {
-              const uint32_t b0 = and_or(w[s] >> (BITS * (2 * u)), kMask2, kMagic2);
-              const uint32_t b1 = and_or(w[s] >> (BITS * (2 * u + 1)), kMask2, kMagic2);
+              const uint32_t b0 = ((w[s] >> (BITS * (2 * u))) & kMask2) | kMagic2;
+              const uint32_t b1 = ((w[s] >> (BITS * (2 * u + 1))) & kMask2) | kMagic2;
               mma_f16<kBf16>(tmp[s], a, b0, b1);
             }
           }
         }
         // refill the slot just consumed (after its last use: no register copies)
-        if (c + kDepth < ke) request(c + kDepth, d);
+        const int cn = c + kDepth;
+        if (cn < ke) {
+          buf[d][0] = load_weights(base + static_cast<int64_t>(cn) * 64);
+          buf[d][1] = load_weights(base + static_cast<int64_t>(cn) * 64 + 32);
+          if (GROUPED && cn % p.seg_chunks == 0) copy_group(cn / p.seg_chunks);
+        }
         cp_async_commit();
       }
     }
   }
   cp_async_wait<0>();
   __syncwarp();
-  if (kb < ke) flush(flush_slot);
-  __syncthreads();  // the partial sums reuse the activation ring's shared memory
+  if (kb < ke) flush(GROUPED ? seg : 0);
 
   // reduce the 4 warps through shared memory, in warp order
 #pragma unroll
