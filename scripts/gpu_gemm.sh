@@ -8,6 +8,8 @@
 # generate: benchmarks/bench_generate.py (CBQ_GEN_* select models, batches, prompts).
 # CBQ_BENCH_MS picks the M values of the benchmark (see benchmarks/bench_gemm.py); the
 # benchmark's CSV/markdown land in OUT_DIR (merge parts with benchmarks/summarize_gemm.py).
+# The device copy's git metadata can be older than the tree it runs: write the commit first
+# (git rev-parse --short=12 HEAD > .cbq_commit, ignored) and carry it; the CSVs record it.
 set -uo pipefail
 out=${1:?usage: gpu_gemm.sh OUT_DIR [tests|bench]...}
 shift
@@ -15,6 +17,7 @@ steps=${*:-build decode tests bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
+if [ -z "${CBQ_COMMIT:-}" ] && [ -f .cbq_commit ]; then export CBQ_COMMIT=$(cat .cbq_commit); fi
 rc=0
 for step in $steps; do
   case $step in
