@@ -81,7 +81,6 @@ def copy_bandwidth(table) -> float:
     big = src.view(torch.bfloat16)
     t = timed(lambda: big.sum(dtype=torch.float32))
     table.add("read", "torch_sum", "1GiB", "bf16", t, nbytes=src.numel(), copy_gbps=gbps)
-    del big
     return gbps
 
 

@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-cfp", action="store_true", help="switch off coarse-to-fine preprocessing")
     q.add_argument("--no-lora", action="store_true", help="round-to-nearest (STE) instead")
     q.add_argument("--lora-rank", type=_int_at_least(1), default=None, help="default 8")
+    q.add_argument("--rotate", choices=["none", "hadamard", "random"], default="none",
+                   help="rotate the model first (randomised Hadamard R1 / R2 folded, R4 online "
+                        "on the down_proj input): spreads activation outliers (A4 / A8)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="cbq-out", help="folder for the quantized model and logs")
     q.add_argument("--restart", action="store_true",
@@ -319,15 +322,19 @@ def build_config(args, settings, device: str) -> CBQConfig:
         fields["cfp"] = False
     if args.no_lora:
         fields["lora_rounding"] = False
+    if getattr(args, "rotate", "none") != "none":
+        fields["rotate"] = args.rotate
     return CBQConfig(settings=settings, **fields)
 
 
 def method_label(config: CBQConfig) -> str:
     if config.method == "gptq":
-        return "GPTQ"
-    if not config.trains:
-        return "RTN"
-    return "CBQ" if config.window > 1 else "block-wise reconstruction"
+        label = "GPTQ"
+    elif not config.trains:
+        label = "RTN"
+    else:
+        label = "CBQ" if config.window > 1 else "block-wise reconstruction"
+    return label if config.rotate == "none" else f"{label} + {config.rotate} rotation"
 
 
 # ------------------------------------------------------------------ commands

@@ -79,6 +79,7 @@ def parse_setting(text: str, **kwargs) -> QuantSettings:
     return QuantSettings(w_bits=int(w), a_bits=int(a), group_size=int(g) if g else None, **kwargs)
 
 
+ROTATIONS = ("none", "hadamard", "random")
 METHODS = ("cbq", "gptq")
 INITS = ("rtn", "gptq")
 CLIP_INITS = ("max", "search")
@@ -118,6 +119,10 @@ class CBQConfig:
     forward pass uses the hard rounding 1[V >= 0] that hardening fixes, the backward pass
     h(V)'s gradient); round_temp: the relaxation's temperature h(V / T), geometric from the
     first to the second value.
+
+    rotate: 'none', 'hadamard' or 'random': rotate the full-precision model first
+    (cbq_ptq.rotation: RMSNorm folded, R1 on the residual stream, R2 per head, R4 online on
+    the down_proj input; seeded by ``seed``), an identity that spreads activation outliers.
 
     holdout: the fraction of the calibration windows kept out of training; each window's
     loss with hard rounding is measured on them before training, at eval_points points
@@ -162,12 +167,14 @@ class CBQConfig:
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
     gptq_block: int = 128
+    rotate: str = "none"
     seed: int = 0
 
     def __post_init__(self) -> None:
         for field, allowed in (("method", METHODS), ("init", INITS), ("clip_init", CLIP_INITS),
                                ("lora_init", LORA_INITS), ("loss", LOSSES),
-                               ("schedule", SCHEDULES), ("round_mode", ROUND_MODES)):  # fmt: skip
+                               ("schedule", SCHEDULES), ("round_mode", ROUND_MODES),
+                               ("rotate", ROTATIONS)):  # fmt: skip
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
         if self.window < 1:

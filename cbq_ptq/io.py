@@ -5,7 +5,9 @@ A folder with:
 * ``config.json`` (and the tokenizer files when given): the Hugging Face model config;
 * ``quant_config.json``: ``{"format": "cbq.quantized", "format_version": 1,
   "pack_format_version": 1, "settings": ..., "layers": {name: {bits, group_size, in_features,
-  out_features}}, "files": {"model.safetensors": sha256}, "base_model", "corpus"}``;
+  out_features}}, "files": {"model.safetensors": sha256}, "base_model", "corpus"}``, and for
+  a rotated model ``"rotation": {kind, seed, online_down}`` (cbq_ptq.rotation: the folded
+  rotations are in the weights, :func:`load` re-attaches the online one of down_proj);
 * ``model.safetensors``: every non-quantized tensor of the model (embeddings, norms with the
   CFP factors folded in, LM head) under its usual name, and per quantized linear ``NAME.packed``
   (int32, the canonical packed format of cbq_kernels.formats), ``NAME.scales`` (fp32 (N, G)),
@@ -30,6 +32,7 @@ import torch
 from cbq_kernels.formats import FORMAT_VERSION as PACK_FORMAT_VERSION
 from cbq_kernels.formats import groups_per_row, packed_words
 from cbq_kernels.packing import pack_ref, unpack_ref
+from cbq_ptq import rotation
 from cbq_ptq.config import QuantSettings
 from cbq_ptq.models import sha256_file
 from cbq_ptq.qlinear import QLinear
@@ -91,6 +94,9 @@ def save(model, path: str | Path, tokenizer=None, base_model: str | None = None,
             "base_model": base_model, "corpus": corpus, "settings": dataclasses.asdict(settings),
             "layers": layers,
             "files": {"model.safetensors": sha256_file(out / "model.safetensors")}}  # fmt: skip
+    info = getattr(model, "_cbq_rotation", None)
+    if info is not None:  # the folded rotations are in the weights; load re-attaches the online
+        meta["rotation"] = info.to_json()
     (out / "quant_config.json").write_text(json.dumps(meta, indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -178,6 +184,8 @@ def load(path: str | Path, device: str | None = None, kernels: torch.dtype | Non
     if unexpected or missing:
         raise ValueError(f"{src}: unexpected tensors {unexpected[:5]}, missing {missing[:5]}")
     _materialize_buffers(model, config)
+    if meta.get("rotation") is not None:
+        rotation.reattach(model, rotation.RotationInfo.from_json(meta["rotation"]))
     model.eval()
     if device is not None:
         model.to(device)
@@ -202,6 +210,11 @@ def read_meta(src: Path) -> dict:
             f"{meta_path}: format {meta.get('format')!r} version {meta.get('format_version')!r}"
             f", this cbq_ptq reads {FORMAT!r} version {FORMAT_VERSION}"
         )
+    if meta.get("rotation") is not None:
+        try:
+            rotation.RotationInfo.from_json(meta["rotation"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{meta_path}: rotation: {exc}") from None
     if meta.get("pack_format_version") != PACK_FORMAT_VERSION:
         raise ValueError(f"{meta_path}: pack_format_version {meta.get('pack_format_version')!r}, "
                          f"this cbq_kernels packs version {PACK_FORMAT_VERSION}")  # fmt: skip

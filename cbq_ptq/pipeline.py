@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cbq_ptq import cfp, checkpoint, gptq
+from cbq_ptq import cfp, checkpoint, gptq, rotation
 from cbq_ptq.config import CBQConfig, window_schedule
 from cbq_ptq.models import arch_spec, blocks
 from cbq_ptq.qlinear import QLinear, qlinears
 from cbq_ptq.reconstruct import train_window
+from cbq_ptq.serve import replace_module
 from cbq_ptq.streams import capture_inputs, propagate, run_block, stream_bytes
 
 __all__ = ["prepare_block", "quantize"]
@@ -55,6 +56,10 @@ def prepare_block(model, j: int, x_in: Tensor, kwargs: dict, config: CBQConfig) 
             stats, spec, n_heads, n_kv, config.cfp_quantiles, config.cfp_lambda,
             config.cfp_lambda2, config.cfp_beta,
         )  # fmt: skip
+        if rotation.of(block.get_submodule(spec.down)) is not None:
+            # the online rotation sits between up_proj and down_proj: a per-channel factor
+            # cannot pass through it (the other factors act in the rotated bases, an identity)
+            factors.pop("down")
         info["cfp_channels"] = {k: int((f != 1).sum()) for k, f in factors.items()}
         cfp.fold_block(block, spec, factors, n_heads, n_kv)
     if config.cfp and config.cfp_weights:
@@ -81,7 +86,7 @@ def prepare_block(model, j: int, x_in: Tensor, kwargs: dict, config: CBQConfig) 
             alpha = settings.crossquant_alpha
             q.channel_factor = channel_max[name].clamp_min(1e-6).pow(1 - alpha)
         q.to(device)
-        setattr(parent, leaf, q)
+        replace_module(block, name, q)
     start = _start_mode(config)
     if start is not None:
         groups = [[(n, block.get_submodule(n)) for n in names]
@@ -157,6 +162,8 @@ def quantize(model, config: CBQConfig, calib_ids: Tensor, log_path: str | Path |
     the free GPU memory)."""
     arch_spec(model)
     check_calibration(model, config, calib_ids)
+    if config.rotate != "none" and not rotation.is_rotated(model):
+        rotation.rotate_model(model, config.rotate, config.seed)
     torch.manual_seed(config.seed)
     layers = blocks(model)
     schedule = window_schedule(len(layers), config.window, config.overlap)

@@ -21,6 +21,7 @@ from cbq_kernels.gemm import PreparedWeight, prepare_weight
 from cbq_kernels.gemm import linear as gemm_linear
 from cbq_kernels.packing import pack_ref
 from cbq_kernels.quant_math import quantize_weight
+from cbq_ptq import rotation
 from cbq_ptq.config import QuantSettings
 from cbq_ptq.qlinear import QLinear
 
@@ -137,9 +138,12 @@ def kernel_table(model: torch.nn.Module) -> dict[str, str]:
 
 
 def replace_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    """Put ``module`` at the dotted ``name`` of ``model`` (the old module is dropped)."""
+    """Put ``module`` at the dotted ``name`` of ``model`` (the old module is dropped; an online
+    rotation of its input moves to the new one: cbq_ptq.rotation)."""
     parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    rotation.carry(getattr(parent, leaf), module)
+    setattr(parent, leaf, module)
 
 
 def rtn_kernels(model: torch.nn.Module, settings: QuantSettings,

@@ -1,0 +1,48 @@
+"""Hadamard matrices and the transform x @ R (cbq_kernels.hadamard): exact orthogonality of
+every construction used, the factorisation of the widths of SmolLM2 and Llama-2, and the fast
+transform against the dense matrix."""
+
+import numpy as np
+import pytest
+import torch
+
+from cbq_kernels import hadamard
+
+
+@pytest.mark.parametrize("m", sorted(o for o in hadamard.small_orders() if o <= 400))
+def test_every_paley_order_is_a_hadamard_matrix(m):
+    h = hadamard._small(m)
+    assert h.shape == (m, m) and set(np.unique(h)) == {-1, 1}
+    assert np.array_equal(h @ h.T, m * np.eye(m, dtype=np.int64))
+
+
+@pytest.mark.parametrize(("n", "m"), [(64, 1), (576, 36), (1536, 12), (4096, 1), (5120, 20),
+                                      (11008, 344), (13824, 108), (28672, 28)])  # fmt: skip
+def test_model_widths_factor_into_a_paley_order_and_a_power_of_two(n, m):
+    got_m, p = hadamard.factor(n)
+    assert (got_m, got_m * p) == (m, n) and p & (p - 1) == 0
+
+
+def test_a_width_without_a_construction_names_itself_and_the_nearest():
+    with pytest.raises(ValueError, match=r"size 172 .* nearest supported size is 168; .*'random'"):
+        hadamard.factor(172)
+    assert not hadamard.supported(172) and hadamard.supported(176)
+
+
+@pytest.mark.parametrize("n", [12, 20, 64, 576, 688, 1536])
+def test_transform_is_x_times_the_dense_orthogonal_matrix(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, 5, n, generator=g, dtype=torch.float64)
+    signs = hadamard.random_signs(n, seed=7)
+    r = hadamard.matrix(n, signs)
+    torch.testing.assert_close(r @ r.t(), torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(hadamard.transform(x, signs), x @ r, rtol=0, atol=1e-12)
+    xb = x.to(torch.bfloat16)
+    yb = hadamard.transform(xb, signs)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.double(), xb.double() @ r, rtol=1e-2, atol=1e-2)
+
+
+def test_bad_signs_are_refused():
+    with pytest.raises(ValueError, match=r"signs must have shape \(64,\), got \(32,\)"):
+        hadamard.transform(torch.randn(2, 64), torch.ones(32))

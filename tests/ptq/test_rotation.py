@@ -1,0 +1,94 @@
+"""Rotations of a Llama-like model (cbq_ptq.rotation): the rotated full-precision model
+computes the same logits; a rotated, quantized model keeps its online rotation through
+QLinear, saving, loading and the kernel layers."""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cbq_ptq import rotation
+from cbq_ptq.config import CBQConfig, parse_setting
+from cbq_ptq.data import calibration_windows
+from cbq_ptq.models import SHARED_MODELS, load_model
+from cbq_ptq.pipeline import quantize
+from tests.conftest import need_shared
+
+
+def smol_shaped(layers=2, seed=0):
+    """SmolLM2's widths (hidden 576 = 36 x 16, FFN 1536 = 12 x 128, 9 heads of 64, 3 kv
+    heads, tied embeddings) with random weights and norm scales."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=500, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+        max_position_embeddings=128,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 2.0)
+    return model
+
+
+def test_rotated_model_computes_the_same_logits():
+    model = smol_shaped()
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+        info = rotation.rotate_model(model, "hadamard", seed=3)
+        got = model(ids).logits
+    assert info == rotation.RotationInfo("hadamard", 3, True)
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert not model.config.tie_word_embeddings
+    assert all(float(n.weight.detach().min()) == float(n.weight.detach().max()) == 1.0
+               for n in model.modules() if type(n).__name__ == "LlamaRMSNorm")  # fmt: skip
+    assert all(rotation.of(b.mlp.down_proj) is not None for b in model.model.layers)
+    with pytest.raises(ValueError, match="already rotated"):
+        rotation.rotate_model(model)
+
+
+def test_stories260k_rotates_with_random_matrices_and_hadamard_names_its_ffn_width():
+    need_shared(SHARED_MODELS / "stories260K" / "config.json")
+    model, _ = load_model("stories260K")
+    before = model.model.layers[0].mlp.down_proj.weight.clone()
+    with pytest.raises(ValueError, match="size 172"):  # FFN 172: no construction here
+        rotation.rotate_model(model, "hadamard")
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)  # nothing changed
+    ids = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).logits
+        rotation.rotate_model(model, "random", seed=5)
+        got = model(ids).logits
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+
+
+def test_rotated_quantized_model_saves_loads_and_runs_its_kernels(tmp_path):
+    from cbq_ptq.io import load, save
+
+    model = smol_shaped(layers=2, seed=4)
+    tokens = torch.randint(0, 500, (2048,), generator=torch.Generator().manual_seed(5))
+    config = CBQConfig(settings=parse_setting("W4A8", ragged_groups=True), epochs=0,
+                       lora_rounding=False, rotate="hadamard")  # fmt: skip
+    q, log = quantize(copy.deepcopy(model), config, calibration_windows(tokens, 2, 32, seed=1),
+                      progress=False)  # fmt: skip
+    assert rotation.is_rotated(q)
+    assert all("down" not in e.get("cfp_channels", {}) for w in log for e in w["cfp"])
+    ids = torch.randint(0, 500, (1, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = q(ids).logits
+    save(q, tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "quant_config.json").read_text())
+    assert meta["rotation"] == {"kind": "hadamard", "seed": 0, "online_down": True}
+    back = load(tmp_path / "m")
+    assert all(rotation.of(b.mlp.down_proj) is not None for b in back.model.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, want, rtol=0, atol=1e-5)
+        kern = load(tmp_path / "m", kernels=torch.float32)
+        assert type(kern.model.layers[0].mlp.down_proj).__name__ == "KernelLinear"
+        assert rotation.of(kern.model.layers[0].mlp.down_proj) is not None
+        torch.testing.assert_close(kern(ids).logits, want, rtol=1e-3, atol=1e-3)
