@@ -1,0 +1,64 @@
+"""Online Hadamard rotation fused with per-token activation quantization (issue 15), bf16 in:
+SmolLM2's down_proj width 1536 = 12 x 128 and Llama-2's 11008 = 344 x 32 and 28672 = 28 x
+1024, 8192 tokens (target: >= 80% of the copy bandwidth). Providers: the fused kernel
+(cbq_kernels.hadamard_quant; widths it does not take run the composition), the composition
+(the transform, then act_quant), act_quant alone (the cost without rotation).
+
+    python benchmarks/bench_hadamard.py --out benchmarks/results/h200
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import Environment, Table, bench, cli, write_report
+from cbq_kernels import hadamard
+from cbq_kernels.act_quant import act_quant
+from cbq_kernels.hadamard_quant import _fits, hadamard_act_quant
+
+
+def main() -> None:
+    out = cli(__doc__)
+    torch.manual_seed(0)
+    table = Table(Environment.detect())
+    t = 8192
+    notes = []
+    for n in (1536, 11008, 28672):
+        x = (torch.randn(t, n, device="cuda") * 2).to(torch.bfloat16)
+        dst = torch.empty_like(x)
+        copy_t = bench(lambda x=x, dst=dst: dst.copy_(x))
+        copy_gbps = 4 * x.numel() / copy_t.p50_ms / 1e6
+        shape = f"{t}x{n}"
+        table.add("copy", "torch.copy_", shape, "bf16", copy_t, nbytes=4 * x.numel(),
+                  copy_gbps=copy_gbps)  # fmt: skip
+        signs = hadamard.random_signs(n, 0).cuda()
+        for bits in (8, 4):
+            nbytes = x.numel() * 2 + x.numel() * bits // 8 + t * 4
+            name = f"hadamard_int{bits}"
+            plain = bench(lambda x=x, b=bits: act_quant(x, b))
+            table.add(name, "act_quant_only", shape, "bf16", plain, nbytes=nbytes,
+                      copy_gbps=copy_gbps)  # fmt: skip
+            comp = bench(
+                lambda x=x, b=bits, s=signs: act_quant(hadamard.transform(x.float(), s), b)
+            )
+            table.add(name, "transform_then_act_quant", shape, "bf16", comp, nbytes=nbytes,
+                      copy_gbps=copy_gbps)  # fmt: skip
+            fused = bench(lambda x=x, b=bits, s=signs: hadamard_act_quant(x, b, s))
+            table.add(name, "fused" if _fits(n) else "fused_api_composition", shape, "bf16",
+                      fused, nbytes=nbytes, copy_gbps=copy_gbps, baseline=comp,
+                      baseline_name="transform_then_act_quant")  # fmt: skip
+        if not _fits(n):
+            notes.append(f"- width {n}: outside the fused kernel's tile (n <= 16384, padded "
+                         "small factor <= 64): the API runs the composition")  # fmt: skip
+    columns = ("op", "provider", "shape", "p50_ms", "gbps", "frac_copy_bw", "speedup")
+    print(write_report(table, out, "bench_hadamard", "Online Hadamard + activation quantization",
+                       "benchmarks/bench_hadamard.py", columns, notes))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
