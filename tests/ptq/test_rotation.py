@@ -67,6 +67,7 @@ def test_stories260k_rotates_with_random_matrices_and_hadamard_names_its_ffn_wid
     assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
 
 
+@pytest.mark.slow  # ~25 s: the CPU kernel layers compile their dequantization
 def test_rotated_quantized_model_saves_loads_and_runs_its_kernels(tmp_path):
     from cbq_ptq.io import load, save
 
