@@ -490,7 +490,7 @@ def gemm_ref(x: Tensor, weight: PreparedWeight, x_scales: Tensor | None = None,
 
 def linear(x: Tensor, weight: PreparedWeight, act_bits: int | None = None,
            bias: Tensor | None = None, policy: GemmPolicy | None = None,
-           **act_kwargs) -> Tensor:  # fmt: skip
+           rotation_signs: Tensor | None = None, **act_kwargs) -> Tensor:  # fmt: skip
     """``y = x @ W^T + bias`` for x (..., K) bf16/fp16, the path chosen by (M, N, K):
 
     * ``act_bits=None``: weight-only GEMM (the decode kernels at small M; at large M,
@@ -499,16 +499,29 @@ def linear(x: Tensor, weight: PreparedWeight, act_bits: int | None = None,
     * ``act_bits`` 8 or 4: per-token activation quantization (:func:`act_quant`, keyword
       arguments passed on: ``norm_weight``, ``clip_ratio``, CrossQuant ``channel_factor`` /
       ``alpha``) then the W4A8 / W4A4 integer GEMM.
+    * ``rotation_signs`` (K,): the input is first rotated online, x @ diag(signs) H_K /
+      sqrt(K) (cbq_kernels.hadamard); with plain per-token quantization the rotation and the
+      quantizer run as one kernel (:func:`cbq_kernels.hadamard_quant.hadamard_act_quant`).
     """
     from cbq_kernels.act_quant import act_quant
 
     if not isinstance(x, Tensor) or x.dim() < 1 or x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be a float tensor of shape (..., K), got {x!r:.80}")
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    fused = rotation_signs is not None and act_bits in (4, 8) and set(act_kwargs) <= {"clip_ratio"}
+    if rotation_signs is not None and not fused:
+        from cbq_kernels.hadamard import transform
+
+        x2 = transform(x2, rotation_signs)
     if act_bits is None:
         y = gemm_wonly(x2, weight, bias, policy=policy)
     elif act_bits in (4, 8):
-        codes, scales = act_quant(x2, act_bits, **act_kwargs)
+        if fused:
+            from cbq_kernels.hadamard_quant import hadamard_act_quant
+
+            codes, scales = hadamard_act_quant(x2, act_bits, rotation_signs, **act_kwargs)
+        else:
+            codes, scales = act_quant(x2, act_bits, **act_kwargs)
         fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
         y = fn(codes, scales, weight, bias, out_dtype=x.dtype, policy=policy)
     else:

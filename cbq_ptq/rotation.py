@@ -21,7 +21,8 @@ size): x -> x R4 before the layer and W_down -> W_down R4, since act(gate) * up 
 rotation folded into gate / up. The hook is what the layer's activation quantizer and every
 statistics hook registered later see (CFP maxima, GPTQ Hessians, the kernel proportion), and
 it follows the layer through QLinear, KernelLinear, saving and loading
-(:func:`attach`, :func:`reattach`).
+(:func:`attach`, :func:`reattach`); a KernelLinear takes a Hadamard rotation into its GEMM
+call instead (one kernel with the activation quantizer: cbq_kernels.hadamard_quant).
 
 Every R is a randomised Hadamard matrix diag(signs) H / sqrt(n) (cbq_kernels.hadamard) with
 signs from ``seed`` (R1), ``seed + 1`` (R2), ``seed + 2`` (R4), or with ``kind='random'`` a
@@ -114,6 +115,9 @@ def attach(module: torch.nn.Module, rot: OnlineRotation) -> None:
     if of(module) is not None:
         return
     module.input_rotation = rot
+    if rot.kind == "hadamard" and hasattr(module, "fuse_rotation"):  # KernelLinear
+        module.fuse_rotation(hadamard.random_signs(rot.n, rot.seed))
+        return
     module._cbq_rotation_hook = module.register_forward_pre_hook(_rotate_input)
 
 

@@ -106,6 +106,11 @@ class KernelLinear(torch.nn.Module):
         return cls.from_codes(name, codes, scales, zeros, settings, settings.group_size,
                               linear.bias, None, compute_dtype)  # fmt: skip
 
+    def fuse_rotation(self, signs: Tensor) -> None:
+        """Take an online Hadamard rotation of the input into the GEMM call (with plain
+        per-token activations: one kernel with the quantizer) instead of a pre-hook."""
+        self.act_kwargs["rotation_signs"] = signs.to(self.weight.words.device)
+
     def forward(self, x: Tensor) -> Tensor:
         y = gemm_linear(x.to(self.compute_dtype).contiguous(), self.weight, self.act_bits,
                         self.bias, **self.act_kwargs)  # fmt: skip
