@@ -56,7 +56,7 @@ VARIANTS = {  # ablations / recipe variants: changes of the default CBQ recipe
     "cbq_crossquant": {},  # activations forced to CrossQuant (config_for)
     "cbq_pertoken": {},  # activations forced to per token (config_for)
 }
-CSV_FIELDS = ["setting", "method", "act_quantizer", "init", "rounding", "steps", "epochs",
+CSV_FIELDS = ["setting", "method", "act_quantizer", "rotate", "init", "rounding", "steps", "epochs",
               "ppl_wikitext2", "ppl_ptb", "ppl_heldout", "windows", "windows_kept_start",
               "quantize_seconds", "gpu", "commit", "job"]  # fmt: skip
 
@@ -66,6 +66,9 @@ def config_for(name: str):
     from cbq_ptq.config import CBQConfig, default_act_quantizer, parse_setting, recipe
 
     setting, method = name.split("-", 1)
+    rotate = method.endswith("_rotate")  # e.g. cbq_rotate, rtn_rotate: Hadamard rotation first
+    if rotate:
+        method = method[: -len("_rotate")]
     # the baselines quantize activations per token (the usual reference); CBQ and its variants
     # take the CLI's default (CrossQuant where activations are quantized, from 8c3a96f's
     # held-out table); cbq_pertoken / cbq_crossquant force one or the other
@@ -86,6 +89,8 @@ def config_for(name: str):
             value = float(value[:-1]) * getattr(default, key)
             value = int(value) if key == "steps" else value
         fields[key] = value
+    if rotate:
+        fields["rotate"] = "hadamard"
     return settings, CBQConfig(settings=settings, **fields)
 
 
@@ -173,10 +178,11 @@ def csv_rows(runs: dict[str, dict], corpus: str = "wikitext2") -> list[dict]:
 
     for name, r in sorted(runs.items()):
         cfg = r.get("config", {})
-        trains = r.get("method") not in ("rtn", "gptq", None)
+        trains = r.get("method") not in ("rtn", "gptq", "rtn_rotate", "gptq_rotate", None)
         rows.append({
             "setting": r.get("setting", "FP"), "method": r.get("method", name),
             "act_quantizer": _act_quantizer(r),
+            "rotate": "" if cfg.get("rotate", "none") == "none" else cfg["rotate"],
             "init": cfg.get("init", "") if trains else "",
             "rounding": (("lora-" + cfg.get("round_mode", "soft")) if cfg.get("lora_rounding")
                          else "nearest") if trains else "",
