@@ -262,6 +262,26 @@ def _check_groups(model_name: str, settings) -> None:
             raise UsageError(f"argument --setting: {exc}") from None
 
 
+def _check_rotation(model_name: str, kind: str) -> None:
+    """The widths a Hadamard rotation needs (hidden, head, FFN), from the config alone: an
+    unsupported one is a usage error before anything is loaded."""
+    if kind != "hadamard":
+        return
+    from transformers import AutoConfig
+
+    from cbq_kernels.hadamard import factor
+    from cbq_ptq.models import resolve
+
+    cfg = AutoConfig.from_pretrained(resolve(model_name))
+    head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for what, n in (("hidden size", cfg.hidden_size), ("head dimension", head),
+                    ("FFN width", cfg.intermediate_size)):  # fmt: skip
+        try:
+            factor(n)
+        except ValueError as exc:
+            raise UsageError(f"argument --rotate: {model_name}'s {what}: {exc}") from None
+
+
 def _eval_args(args, model_name: str, device: str, corpus: str | None = None) -> dict:
     seq_len = args.seq_len or (512 if model_name == "stories260K" else 2048)
     windows = args.eval_windows
@@ -368,6 +388,7 @@ def cmd_quantize(args) -> int:
     out = Path(args.out)
     _check_out(out)
     _check_groups(args.model, settings)
+    _check_rotation(args.model, args.rotate)
 
     from cbq_ptq.data import calibration_data
     from cbq_ptq.evaluate import kernel_proportions

@@ -67,6 +67,9 @@ USAGE = [  # (extra argv, message): exit 2, before the model is loaded
     (["--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
     (["--method", "awq"], "argument --method: invalid choice: 'awq'"),
     (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    (["--rotate", "hadamard"], "argument --rotate: stories260K's FFN width: no Hadamard matrix "
+     "of size 172"),
+    (["--rotate", "givens"], "argument --rotate: invalid choice: 'givens'"),
 ]
 
 
