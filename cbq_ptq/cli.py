@@ -138,9 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-cfp", action="store_true", help="switch off coarse-to-fine preprocessing")
     q.add_argument("--no-lora", action="store_true", help="round-to-nearest (STE) instead")
     q.add_argument("--lora-rank", type=_int_at_least(1), default=None, help="default 8")
-    q.add_argument("--rotate", choices=["none", "hadamard", "random"], default="none",
+    q.add_argument("--rotate", choices=["auto", "none", "hadamard", "random"], default="auto",
                    help="rotate the model first (randomised Hadamard R1 / R2 folded, R4 online "
-                        "on the down_proj input): spreads activation outliers (A4 / A8)")
+                        "on the down_proj input): spreads activation outliers; auto: hadamard "
+                        "for 4-bit activations when the model's widths have one, else none")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="cbq-out", help="folder for the quantized model and logs")
     q.add_argument("--restart", action="store_true",
@@ -262,11 +263,9 @@ def _check_groups(model_name: str, settings) -> None:
             raise UsageError(f"argument --setting: {exc}") from None
 
 
-def _check_rotation(model_name: str, kind: str) -> None:
-    """The widths a Hadamard rotation needs (hidden, head, FFN), from the config alone: an
-    unsupported one is a usage error before anything is loaded."""
-    if kind != "hadamard":
-        return
+def _rotation_widths_error(model_name: str) -> str | None:
+    """Why a Hadamard rotation cannot rotate this model (its hidden, head or FFN width has no
+    construction), from the config alone; None when it can."""
     from transformers import AutoConfig
 
     from cbq_kernels.hadamard import factor
@@ -279,7 +278,29 @@ def _check_rotation(model_name: str, kind: str) -> None:
         try:
             factor(n)
         except ValueError as exc:
-            raise UsageError(f"argument --rotate: {model_name}'s {what}: {exc}") from None
+            return f"{model_name}'s {what}: {exc}"
+    return None
+
+
+def resolve_rotation(args, settings) -> str:
+    """--rotate auto: 'hadamard' for 4-bit activations (held-out SmolLM2 W4A4, CBQ on the CPU:
+    2676 -> 44.8; docs/results/issue15) when the widths allow, else 'none' (at W4A8 and
+    W4A16 the rotation made round-to-nearest weights worse on SmolLM2: 44.4 -> 75.7)."""
+    if args.rotate != "auto":
+        return args.rotate
+    if settings.a_bits == 4 and _rotation_widths_error(args.model) is None:
+        return "hadamard"
+    return "none"
+
+
+def _check_rotation(model_name: str, kind: str) -> None:
+    """The widths a Hadamard rotation needs (hidden, head, FFN), from the config alone: an
+    unsupported one is a usage error before anything is loaded."""
+    if kind != "hadamard":
+        return
+    err = _rotation_widths_error(model_name)
+    if err is not None:
+        raise UsageError(f"argument --rotate: {err}")
 
 
 def _eval_args(args, model_name: str, device: str, corpus: str | None = None) -> dict:
@@ -342,8 +363,9 @@ def build_config(args, settings, device: str) -> CBQConfig:
         fields["cfp"] = False
     if args.no_lora:
         fields["lora_rounding"] = False
-    if getattr(args, "rotate", "none") != "none":
-        fields["rotate"] = args.rotate
+    rotate = getattr(args, "rotate", "none")
+    if rotate not in ("none", "auto"):
+        fields["rotate"] = rotate
     return CBQConfig(settings=settings, **fields)
 
 
@@ -389,6 +411,9 @@ def cmd_quantize(args) -> int:
     _check_out(out)
     _check_groups(args.model, settings)
     _check_rotation(args.model, args.rotate)
+    rotate = resolve_rotation(args, settings)
+    if rotate != config.rotate:
+        config = dataclasses.replace(config, rotate=rotate)
 
     from cbq_ptq.data import calibration_data
     from cbq_ptq.evaluate import kernel_proportions

@@ -93,3 +93,19 @@ def test_rotated_quantized_model_saves_loads_and_runs_its_kernels(tmp_path):
         assert type(kern.model.layers[0].mlp.down_proj).__name__ == "KernelLinear"
         assert rotation.of(kern.model.layers[0].mlp.down_proj) is not None
         torch.testing.assert_close(kern(ids).logits, want, rtol=1e-3, atol=1e-3)
+
+
+def test_cli_auto_rotation_is_hadamard_for_4_bit_activations_where_the_widths_allow(tmp_path):
+    from types import SimpleNamespace
+
+    from cbq_ptq.cli import resolve_rotation
+
+    smol_shaped(layers=1).config.save_pretrained(tmp_path / "smol")
+    need_shared(SHARED_MODELS / "stories260K" / "config.json")
+    for model, setting, want in ((str(tmp_path / "smol"), "W4A4", "hadamard"),
+                                 (str(tmp_path / "smol"), "W4A8", "none"),
+                                 ("stories260K", "W4A4", "none")):  # FFN 172  # fmt: skip
+        args = SimpleNamespace(rotate="auto", model=model)
+        assert resolve_rotation(args, parse_setting(setting)) == want
+    args = SimpleNamespace(rotate="random", model="stories260K")
+    assert resolve_rotation(args, parse_setting("W4A8")) == "random"
