@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rotate", choices=["auto", "none", "hadamard", "random"], default="auto",
                    help="rotate the model first (randomised Hadamard R1 / R2 folded, R4 online "
                         "on the down_proj input): spreads activation outliers; auto: hadamard "
-                        "for 4-bit activations when the model's widths have one, else none")
+                        "for 4-bit activations, and for CBQ at 8-bit, where the widths allow")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="cbq-out", help="folder for the quantized model and logs")
     q.add_argument("--restart", action="store_true",
@@ -283,12 +283,15 @@ def _rotation_widths_error(model_name: str) -> str | None:
 
 
 def resolve_rotation(args, settings) -> str:
-    """--rotate auto: 'hadamard' for 4-bit activations (held-out SmolLM2 W4A4, CBQ on the CPU:
-    2676 -> 44.8; docs/results/issue15) when the widths allow, else 'none' (at W4A8 and
-    W4A16 the rotation made round-to-nearest weights worse on SmolLM2: 44.4 -> 75.7)."""
+    """--rotate auto, from held-out SmolLM2 runs on the CPU (docs/results/issue15): 'hadamard'
+    for 4-bit activations (CBQ 2676 -> 44.8, RTN 8627 -> 179) and for CBQ at 8-bit
+    activations (W4A8 27.65 -> 25.41), when the model's widths have a Hadamard matrix; 'none'
+    otherwise (round-to-nearest 4-bit weights got worse rotated: W4A8 RTN 37.2 -> 75.6;
+    other settings are not measured)."""
     if args.rotate != "auto":
         return args.rotate
-    if settings.a_bits == 4 and _rotation_widths_error(args.model) is None:
+    wins = settings.a_bits == 4 or (settings.a_bits == 8 and getattr(args, "method", "") == "cbq")
+    if wins and _rotation_widths_error(args.model) is None:
         return "hadamard"
     return "none"
 

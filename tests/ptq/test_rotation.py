@@ -95,17 +95,20 @@ def test_rotated_quantized_model_saves_loads_and_runs_its_kernels(tmp_path):
         torch.testing.assert_close(kern(ids).logits, want, rtol=1e-3, atol=1e-3)
 
 
-def test_cli_auto_rotation_is_hadamard_for_4_bit_activations_where_the_widths_allow(tmp_path):
+def test_cli_auto_rotation_follows_the_held_out_measurements(tmp_path):
     from types import SimpleNamespace
 
     from cbq_ptq.cli import resolve_rotation
 
     smol_shaped(layers=1).config.save_pretrained(tmp_path / "smol")
     need_shared(SHARED_MODELS / "stories260K" / "config.json")
-    for model, setting, want in ((str(tmp_path / "smol"), "W4A4", "hadamard"),
-                                 (str(tmp_path / "smol"), "W4A8", "none"),
-                                 ("stories260K", "W4A4", "none")):  # FFN 172  # fmt: skip
-        args = SimpleNamespace(rotate="auto", model=model)
+    smol = str(tmp_path / "smol")
+    for model, setting, method, want in ((smol, "W4A4", "rtn", "hadamard"),
+                                         (smol, "W4A8", "cbq", "hadamard"),
+                                         (smol, "W4A8", "rtn", "none"),
+                                         (smol, "W4A16", "cbq", "none"),
+                                         ("stories260K", "W4A4", "cbq", "none")):  # fmt: skip
+        args = SimpleNamespace(rotate="auto", model=model, method=method)
         assert resolve_rotation(args, parse_setting(setting)) == want
     args = SimpleNamespace(rotate="random", model="stories260K")
     assert resolve_rotation(args, parse_setting("W4A8")) == "random"
