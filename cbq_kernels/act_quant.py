@@ -42,6 +42,37 @@ _MAX_K = 65536  # one row lives in registers
 
 
 @triton.jit
+def _act_step(r, ratio, P):
+    """The per-token step of a row maximum r (cbq_kernels.quant_math.act_step)."""
+    return tl.maximum(tl.math.div_rn(ratio * r, P), tl.maximum(r * 9.5367431640625e-07, 1e-8))
+
+
+@triton.jit
+def _round_store(u, m, row, K, P, q_ptr, BITS: tl.constexpr, PER_WORD: tl.constexpr,
+                 BLOCK_K: tl.constexpr):  # fmt: skip
+    """Round y / s (u, (BLOCK_K,), lanes m valid) to codes in [-P - 1, P] and store row ``row``
+    of them: int8 bytes, or whole int32 words (4 int8 codes, or 8 int4 codes offset by 8)."""
+    u = tl.minimum(tl.maximum(u, -4194304.0), 4194304.0)  # keeps the rounding trick valid
+    q = tl.minimum(tl.maximum((u + 12582912.0) - 12582912.0, -P - 1.0), P)
+    if BITS == 8 and K % 4 != 0:
+        k = tl.arange(0, BLOCK_K)
+        tl.store(q_ptr + row * K + k, q.to(tl.int32).to(tl.int8), mask=m)
+    else:
+        # Whole int32 words: 4 int8 codes (two's complement bytes) or 8 int4 codes (offset by
+        # 8), code j of a word at bit CODE_BITS * j, little endian; padding codes are 0.
+        if BITS == 8:
+            code = q.to(tl.int32) & 0xFF
+        else:
+            code = tl.where(m, q.to(tl.int32) + 8, 0)
+        words = tl.reshape(code, (BLOCK_K // PER_WORD, PER_WORD))
+        shifts = tl.arange(0, PER_WORD) * (32 // PER_WORD)
+        packed = tl.sum(words << shifts[None, :], axis=1)  # disjoint bits: sum == or
+        n_words = (K + PER_WORD - 1) // PER_WORD
+        w_idx = tl.arange(0, BLOCK_K // PER_WORD)
+        tl.store(q_ptr + row * n_words + w_idx, packed, mask=w_idx < n_words)
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, w_ptr, f_ptr, q_ptr, s_ptr, K, ratio, alpha, norm_eps, P,
                       BITS: tl.constexpr, NORM: tl.constexpr, FACTORS: tl.constexpr,
                       POW: tl.constexpr, PER_WORD: tl.constexpr,
@@ -57,29 +88,12 @@ def _act_quant_kernel(x_ptr, w_ptr, f_ptr, q_ptr, s_ptr, K, ratio, alpha, norm_e
     r = tl.max(tl.abs(y), axis=0)
     if POW:  # CrossQuant: r^alpha (r = 0 gives 0)
         r = tl.where(r > 0, tl.exp2(alpha * tl.log2(r)), 0.0)
-    s = tl.maximum(tl.math.div_rn(ratio * r, P), tl.maximum(r * 9.5367431640625e-07, 1e-8))
+    s = _act_step(r, ratio, P)
     inv_s = tl.math.div_rn(1.0, s)
     if FACTORS:  # f_ptr holds 1 / f, computed once by the caller
         y = y * tl.load(f_ptr + k, mask=m, other=1.0)
-    u = y * inv_s
-    u = tl.minimum(tl.maximum(u, -4194304.0), 4194304.0)  # keeps the rounding trick valid
-    q = tl.minimum(tl.maximum((u + 12582912.0) - 12582912.0, -P - 1.0), P)
     tl.store(s_ptr + row, s)
-    if BITS == 8 and K % 4 != 0:
-        tl.store(q_ptr + row * K + k, q.to(tl.int32).to(tl.int8), mask=m)
-    else:
-        # Whole int32 words: 4 int8 codes (two's complement bytes) or 8 int4 codes (offset by
-        # 8), code j of a word at bit CODE_BITS * j, little endian; padding codes are 0.
-        if BITS == 8:
-            code = q.to(tl.int32) & 0xFF
-        else:
-            code = tl.where(m, q.to(tl.int32) + 8, 0)
-        words = tl.reshape(code, (BLOCK_K // PER_WORD, PER_WORD))
-        shifts = tl.arange(0, PER_WORD) * (32 // PER_WORD)
-        packed = tl.sum(words << shifts[None, :], axis=1)  # disjoint bits: sum == or
-        n_words = (K + PER_WORD - 1) // PER_WORD
-        w_idx = tl.arange(0, BLOCK_K // PER_WORD)
-        tl.store(q_ptr + row * n_words + w_idx, packed, mask=w_idx < n_words)
+    _round_store(y * inv_s, m, row, K, P, q_ptr, BITS, PER_WORD, BLOCK_K)
 
 
 def _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha) -> None:

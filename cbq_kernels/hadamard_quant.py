@@ -28,7 +28,7 @@ from torch import Tensor
 
 from cbq_kernels import hadamard
 from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, use_triton
-from cbq_kernels.act_quant import act_quant_ref
+from cbq_kernels.act_quant import _act_step, _round_store, act_quant_ref
 from cbq_kernels.formats import packed_words
 
 __all__ = ["hadamard_act_quant", "hadamard_act_quant_ref"]
@@ -61,26 +61,11 @@ def _hadamard_quant_kernel(x_ptr, sg_ptr, a_ptr, q_ptr, s_ptr, N, M, ratio, P, i
         at = tl.load(a_ptr + ii * M + kk, mask=(kk < M) & (ii < M), other=0.0)
         x = tl.dot(at, x, input_precision="ieee")
     y = tl.reshape(x * inv_sqrt_n, (M_PAD * PP,))
-    k = tl.arange(0, M_PAD * PP)
-    m = k < N
+    m = tl.arange(0, M_PAD * PP) < N
     # the per-token quantizer of cbq_kernels.act_quant (plain: no factors, alpha = 1)
-    r = tl.max(tl.abs(y), axis=0)
-    s = tl.maximum(tl.math.div_rn(ratio * r, P), tl.maximum(r * 9.5367431640625e-07, 1e-8))
-    inv_s = tl.math.div_rn(1.0, s)
-    u = y * inv_s
-    u = tl.minimum(tl.maximum(u, -4194304.0), 4194304.0)
-    q = tl.minimum(tl.maximum((u + 12582912.0) - 12582912.0, -P - 1.0), P)
+    s = _act_step(tl.max(tl.abs(y), axis=0), ratio, P)
     tl.store(s_ptr + row, s)
-    if BITS == 8:
-        code = q.to(tl.int32) & 0xFF
-    else:
-        code = tl.where(m, q.to(tl.int32) + 8, 0)
-    words = tl.reshape(code, (M_PAD * PP // PER_WORD, PER_WORD))
-    shifts = tl.arange(0, PER_WORD) * (32 // PER_WORD)
-    packed = tl.sum(words << shifts[None, :], axis=1)  # disjoint bits: sum == or
-    n_words = (N + PER_WORD - 1) // PER_WORD
-    w_idx = tl.arange(0, M_PAD * PP // PER_WORD)
-    tl.store(q_ptr + row * n_words + w_idx, packed, mask=w_idx < n_words)
+    _round_store(y * tl.math.div_rn(1.0, s), m, row, N, P, q_ptr, BITS, PER_WORD, M_PAD * PP)
 
 
 def _check(x, bits, signs, clip_ratio) -> None:
