@@ -127,20 +127,27 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
+def _split(n: int) -> tuple[int, int] | None:
+    """(m, 2^j) with n = m * 2^j, m = 1 or the smallest Paley order that fits; None if none."""
+    if _is_pow2(n):
+        return 1, n
+    for m in sorted(small_orders()):
+        if m > n:
+            break
+        if n % m == 0 and _is_pow2(n // m):
+            return m, n // m
+    return None
+
+
 def factor(n: int) -> tuple[int, int]:
     """(m, 2^j) with n = m * 2^j and m = 1 or a Paley order (the smallest such m: the fast
     part is as long as possible). A clear error when n has no such factorisation."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"a Hadamard size must be a positive integer, got {n!r}")
-    if _is_pow2(n):
-        return 1, n
-    orders = small_orders()
-    for m in sorted(orders):
-        if m > n:
-            break
-        if n % m == 0 and _is_pow2(n // m):
-            return m, n // m
-    near = [s for s in range(max(1, n - 64), n + 65) if s != n and _supported(s)]
+    found = _split(n)
+    if found is not None:
+        return found
+    near = [s for s in range(max(1, n - 64), n + 65) if s != n and _split(s) is not None]
     nearest = min(near, key=lambda s: (abs(s - n), s)) if near else None
     raise ValueError(
         f"no Hadamard matrix of size {n} here (n = m * 2^j with m a Paley order or 1); the "
@@ -149,16 +156,9 @@ def factor(n: int) -> tuple[int, int]:
     )
 
 
-def _supported(n: int) -> bool:
-    if _is_pow2(n):
-        return True
-    orders = small_orders()
-    return any(n % m == 0 and _is_pow2(n // m) for m in orders if m <= n)
-
-
 def supported(n: int) -> bool:
     """Whether :func:`factor` has a factorisation of n."""
-    return isinstance(n, int) and n >= 1 and _supported(n)
+    return isinstance(n, int) and n >= 1 and _split(n) is not None
 
 
 @functools.cache
