@@ -166,6 +166,12 @@ def _small(m: int) -> np.ndarray:
     return np.ones((1, 1), dtype=np.int64) if m == 1 else paley(small_orders()[m])
 
 
+@functools.lru_cache(maxsize=64)
+def _small_tensor(m: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """H_m on a device (built and copied once, not on every call of the online rotation)."""
+    return torch.from_numpy(_small(m)).to(device=device, dtype=dtype)
+
+
 def sylvester(n: int) -> np.ndarray:
     """Sylvester's Hadamard matrix of a power-of-two order (+-1 entries)."""
     if not _is_pow2(n):
@@ -225,6 +231,5 @@ def transform(x: Tensor, signs: Tensor | None = None) -> Tensor:
         y = y * signs.to(device=x.device, dtype=work)
     y = _fwht(y.reshape(*x.shape[:-1], m, p))  # X B
     if m > 1:
-        a = torch.from_numpy(_small(m)).to(device=x.device, dtype=work)
-        y = torch.einsum("...ij,ik->...kj", y, a)  # A^T X B
+        y = torch.einsum("...ij,ik->...kj", y, _small_tensor(m, x.device, work))  # A^T X B
     return (y.reshape(x.shape) * (1 / math.sqrt(n))).to(x.dtype)

@@ -104,7 +104,7 @@ def _impl(x: Tensor, bits: int, signs: Tensor, clip_ratio: float) -> tuple[Tenso
     codes = torch.empty(shape, dtype=torch.int8 if bits == 8 else torch.int32, device=x.device)
     scales = torch.empty(t, dtype=torch.float32, device=x.device)
     if t and n % 4 == 0:
-        small = torch.from_numpy(hadamard._small(m)).float().to(x.device) if m > 1 else signs
+        small = hadamard._small_tensor(m, x.device, torch.float32) if m > 1 else signs
         out = codes.view(torch.int32) if bits == 8 else codes
         _hadamard_quant_kernel[(t,)](
             x.contiguous(), signs.float().contiguous(), small, out, scales, n, m,
