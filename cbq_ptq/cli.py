@@ -171,6 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the fake-quantized layers instead of the inference GEMMs")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
     g.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    x = sub.add_parser("export", help="write a quantized model in another format "
+                       "(compressed-tensors: loadable by transformers and vLLM)",
+                       formatter_class=dflt)  # fmt: skip
+    x.add_argument("model", help="folder written by `cbq quantize` (OUT/model)")
+    x.add_argument("out", help="folder to write (a Hugging Face model folder)")
+    x.add_argument("--format", choices=["compressed-tensors"], default="compressed-tensors")
+    x.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="of the unquantized tensors and the scales (default: the model's)")
+    x.add_argument("--drop-activation-clipping", action="store_true",
+                   help="export a model whose activation quantizer clips (learned ratio) with "
+                        "the format's plain per-token maximum instead")
+    x.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -478,12 +490,8 @@ def _layer_summary(table: dict[str, str]) -> str:
 def cmd_eval(args) -> int:
     device = _device(args.device)
     path = Path(args.model)
-    meta = None
-    if (path / "quant_config.json").is_file():
-        from cbq_ptq.io import read_meta
-
-        meta = read_meta(path)  # a damaged file is named here, before anything is loaded
-    else:
+    meta = _quantized_meta(path)
+    if meta is None:
         _check_model(args.model, "argument model")
     name = (meta or {}).get("base_model") or args.model
     eval_args = _eval_args(args, name, device, (meta or {}).get("corpus"))
@@ -531,12 +539,10 @@ def _prompts(args) -> list[str]:
 def cmd_generate(args) -> int:
     device = _device(args.device)
     path = Path(args.model)
-    if not (path / "quant_config.json").is_file():
-        raise UsageError(f"argument model: {path} is not a folder written by cbq quantize "
-                         "(no quant_config.json; give OUT/model)")  # fmt: skip
-    from cbq_ptq.io import read_meta
-
-    read_meta(path)  # a damaged file is named here, before anything is loaded
+    if _quantized_meta(path) is None:
+        raise UsageError(f"argument model: {path} is neither a folder written by cbq quantize "
+                         "(no quant_config.json; give OUT/model) nor a compressed-tensors "
+                         "folder")  # fmt: skip
     prompts = _prompts(args)
 
     from cbq_ptq.generate import generate, load_for_generation
@@ -555,18 +561,52 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _quantized_meta(path: Path) -> dict | None:
+    """The checked metadata of a quantized model folder (cbq's, or compressed-tensors'); None
+    for anything else. A damaged file is named here, before anything is loaded."""
+    from cbq_ptq.interop import is_compressed_tensors
+
+    if (path / "quant_config.json").is_file():
+        from cbq_ptq.io import read_meta
+
+        return read_meta(path)
+    if is_compressed_tensors(path):
+        from cbq_ptq.interop import read_compressed_tensors
+
+        return read_compressed_tensors(path)[0]
+    return None
+
+
+def cmd_export(args) -> int:
+    path, out = Path(args.model), Path(args.out)
+    if _quantized_meta(path) is None:
+        raise UsageError(f"argument model: {path} is not a folder written by cbq quantize "
+                         "(no quant_config.json; give OUT/model)")  # fmt: skip
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"argument out: {out} exists and is not a folder")
+    if out.is_dir() and out.resolve() == path.resolve():
+        raise UsageError("argument out: the same folder as the model")
+    from cbq_ptq.interop import export
+
+    export(path, out, args.format, args.dtype, args.drop_activation_clipping)
+    print(f"wrote {out} ({args.format}); load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}) or `vllm serve {out}`")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
-    command = next((a for a in argv if a in ("quantize", "eval", "generate")), "")
+    command = next((a for a in argv if a in ("quantize", "eval", "generate", "export")), "")
     prog = f"cbq {command}".strip()
     try:
         args = parser.parse_args(argv)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Loading weights" bars: cbq prints its own progress
-        commands = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate}
+        commands = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate,
+                    "export": cmd_export}  # fmt: skip
         return commands[args.command](args)
     except UsageError as exc:
         if debug:

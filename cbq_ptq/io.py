@@ -145,12 +145,14 @@ def load(path: str | Path, device: str | None = None, kernels: torch.dtype | Non
     codes, no full-precision weight), on ``device``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from cbq_ptq.interop import read_any
+
     src = Path(path)
-    meta = read_meta(src)
+    meta, tensors = read_any(src)  # a cbq folder, or a compressed-tensors one (cbq_ptq.interop)
     settings = QuantSettings(**meta["settings"])
-    tensors = _load_tensors(src, meta)
-    _check_layers(src, meta, tensors)
     config = AutoConfig.from_pretrained(src)
+    if hasattr(config, "quantization_config"):  # built here from the tensors, not by transformers
+        del config.quantization_config
     # Built on the meta device (no random initialisation, no memory), then filled from the
     # file: the peak host memory is the file's tensors, not a full-precision model.
     with torch.device("meta"):
