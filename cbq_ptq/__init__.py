@@ -6,7 +6,8 @@ token windows (:mod:`cbq_ptq.data`), the architecture registry and model loading
 linear layer (:mod:`cbq_ptq.qlinear`), GPTQ and the starts (:mod:`cbq_ptq.gptq`), one window's
 reconstruction (:mod:`cbq_ptq.reconstruct`), the window loop (:func:`quantize`), perplexity
 (:func:`evaluate_perplexity`, :func:`kernel_proportions`), saving / loading (:func:`save`,
-:func:`load`) and running a saved model with the inference GEMMs (:func:`use_kernels`).
+:func:`load`), export to compressed-tensors (:func:`export`) and running a saved model with
+the inference GEMMs (:func:`use_kernels`).
 
 The names below are imported on first use (``cbq --help`` should not wait for torch).
 """
@@ -20,6 +21,7 @@ _WHERE = {
     "QuantSettings": "cbq_ptq.config",
     "parse_setting": "cbq_ptq.config",
     "evaluate_perplexity": "cbq_ptq.evaluate",
+    "export": "cbq_ptq.interop",
     "kernel_proportions": "cbq_ptq.evaluate",
     "load": "cbq_ptq.io",
     "save": "cbq_ptq.io",

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--crossquant-alpha", type=_fraction, default=0.15, help="in (0, 1]")
     q.add_argument("--ragged-groups", action="store_true",
                    help="allow a shorter last group where groups do not divide")
+    q.add_argument("--symmetric-weights", action="store_true",
+                   help="signed codes without zero points (what vLLM's int8 W8A8 kernels and "
+                        "transformers' compressed-tensors loader take; asymmetric: more accurate)")
     q.add_argument("--calib", default=None, help="calibration corpus (default: --corpus)")
     q.add_argument("--n-calib", type=_int_at_least(1), default=None,
                    help="calibration windows (default 128 on a GPU, 16 on CPU)")
@@ -405,7 +408,8 @@ def cmd_quantize(args) -> int:
             act = default_act_quantizer(parse_setting(args.setting).a_bits, device.split(":")[0])
         settings = parse_setting(args.setting, act_quantizer=act,
                                  crossquant_alpha=args.crossquant_alpha,
-                                 ragged_groups=args.ragged_groups)
+                                 ragged_groups=args.ragged_groups,
+                                 symmetric_weights=args.symmetric_weights)
     except ValueError as exc:
         raise UsageError(f"argument --setting: {exc}") from None
     if args.overlap >= args.window:

@@ -115,7 +115,7 @@ def test_cli_generate(saved, capsys, tmp_path):
     assert out.out.startswith("Once upon a time") and "The little dog" in out.out
     assert "tokens/s" in out.err and "35 x" in out.err
     for argv, message in (
-        (["generate", str(tmp_path)], "is not a folder written by cbq quantize"),
+        (["generate", str(tmp_path)], "neither a folder written by cbq quantize"),
         (["generate", str(path)], "give at least one prompt"),
         (["generate", str(path), "--prompt", "a", "--top-p", "0"], "argument --top-p: must be > 0"),
         (["generate", str(path), "--prompts-file", str(tmp_path / "no")], "is not a file"),
