@@ -235,8 +235,11 @@ def _expand_kernel(w_ptr, z_ptr, s_ptr, out_ptr, R, K, KW, G, GS, S_R, S_KW, Z_C
     if SCALED:
         v = q.to(tl.float32) * tl.load(s_ptr + gidx, mask=mr, other=0.0)[:, None]
         tl.store(out_ptr + rr64[:, None] * K + rk[None, :], _to_store(v, out_ptr), mask=mo)
-    else:
+    elif out_ptr.dtype.element_ty == tl.int8:
         tl.store(out_ptr + rr64[:, None] * K + rk[None, :], q.to(tl.int8), mask=mo)
+    else:  # fp8 e4m3: integers up to 16 are exact (int4 operands on fp8 tensor cores)
+        tl.store(out_ptr + rr64[:, None] * K + rk[None, :],
+                 q.to(tl.float32).to(out_ptr.dtype.element_ty), mask=mo)  # fmt: skip
 
 
 def _expand(words: Tensor, rows: int, k: int, bits: int, s_r: int, s_kw: int,
