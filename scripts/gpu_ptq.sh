@@ -83,16 +83,17 @@ case $stage in
       # compressed-tensors and its dependencies travel in .carry/whl2)
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site2 .carry/whl2/*.whl
-      ( export PYTHONPATH=/tmp/site2:/tmp/site
-        for s in $CBQ_EXPORT; do
-          extra=""; [ "${s#*A}" != 16 ] && extra="--act-quantizer per_token"
-          python3 -m cbq_ptq.cli quantize --model smollm2-135m --setting $s --symmetric-weights \
+      export PYTHONPATH=/tmp/site2:/tmp/site
+      for s in $CBQ_EXPORT; do  # one background run per setting
+        extra=""; [ "${s#*A}" != 16 ] && extra="--act-quantizer per_token"
+        ( python3 -m cbq_ptq.cli quantize --model smollm2-135m --setting $s --symmetric-weights \
             --rotate none $extra --eval-windows 8 --out /tmp/export_$s > $table/export_$s.log 2>&1
           python3 -m cbq_ptq.cli export /tmp/export_$s/model /tmp/ct_$s --drop-activation-clipping \
             >> $table/export_$s.log 2>&1
           python3 scripts/export_check.py /tmp/export_$s/model /tmp/ct_$s \
-            --out $table/export_check.jsonl >> $table/export_$s.log 2>&1
-        done ) > /dev/null 2>&1 < /dev/null &
+            --out $table/export_check_$s.jsonl >> $table/export_$s.log 2>&1
+        ) > /dev/null 2>&1 < /dev/null &
+      done
     fi
     sleep 60; cat $table/driver_*.log; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
     tail -3 $table/*.log | head -60 ;;
@@ -104,7 +105,7 @@ case $stage in
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     cat $table/driver_*.log | grep -v "^|" | tail -40
     tail -5 $table/pytest_gpu.txt 2>/dev/null; cp $table/pytest_gpu.txt "$out/" 2>/dev/null
-    cp $table/export_* "$out/" 2>/dev/null; cat $table/export_check.jsonl 2>/dev/null
+    cp $table/export_* "$out/" 2>/dev/null; cat $table/export_check_*.jsonl 2>/dev/null
     for f in $table/*.json; do cat "$f"; echo; done > "$out/table.jsonl" 2>/dev/null
     tar czf "$out/logs.tgz" -C $table . 2>/dev/null; ls -la "$out" ;;
 esac
