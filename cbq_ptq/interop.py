@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from cbq_kernels.formats import groups_per_row, packed_words
-from cbq_kernels.packing import pack_ref, unpack_ref
+from cbq_kernels.packing import pack, unpack  # the compiled ops (cbq::pack / cbq::unpack)
 from cbq_ptq.config import QuantSettings
 
 FORMATS = ("compressed-tensors",)
@@ -174,7 +174,7 @@ def _layer_tensors(name: str, info: dict, tensors: dict, scheme: _Scheme,
     if scheme.a_bits >= 16 and _storage(bits) == bits and 32 % bits == 0:
         out["weight_packed"] = packed.contiguous()  # the same words (module docstring)
     else:
-        signed = (unpack_ref(packed, _storage(bits), k).to(torch.int32) - off).to(torch.int8)
+        signed = (unpack(packed, _storage(bits), k).to(torch.int32) - off).to(torch.int8)
         if scheme.a_bits >= 16:
             out["weight_packed"] = pack_to_int32(signed, bits)
         else:
@@ -434,7 +434,7 @@ def read_compressed_tensors(src: str | Path) -> tuple[dict, dict[str, torch.Tens
                 raise ValueError(f"{src}: {name}.weight_zero_point has shape "
                                  f"{tuple(zp.shape)}, expected {(n, groups)}")  # fmt: skip
             zeros = zp.float() + off
-        tensors[f"{name}.packed"] = pack_ref(codes.to(torch.uint8), _storage(bits))
+        tensors[f"{name}.packed"] = pack(codes.to(torch.uint8), _storage(bits))
         tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = scale.contiguous(), zeros
         tensors[f"{name}.act_ratio"] = torch.ones(1)
         if f"{name}.bias" in raw:

@@ -31,7 +31,7 @@ import torch
 
 from cbq_kernels.formats import FORMAT_VERSION as PACK_FORMAT_VERSION
 from cbq_kernels.formats import groups_per_row, packed_words
-from cbq_kernels.packing import pack_ref, unpack_ref
+from cbq_kernels.packing import pack, unpack  # the compiled ops (cbq::pack / cbq::unpack)
 from cbq_ptq import rotation
 from cbq_ptq.config import QuantSettings
 from cbq_ptq.models import sha256_file
@@ -67,7 +67,7 @@ def save(model, path: str | Path, tokenizer=None, base_model: str | None = None,
             raise ValueError(f"layer {name} is not hardened: finish quantization before saving")
         settings = q.settings
         bits = q.settings.w_bits
-        tensors[f"{name}.packed"] = pack_ref(q.codes.cpu(), storage_bits(bits)).contiguous()
+        tensors[f"{name}.packed"] = pack(q.codes.cpu(), storage_bits(bits)).contiguous()
         tensors[f"{name}.scales"] = q.scales.float().cpu().contiguous()
         tensors[f"{name}.zeros"] = q.zeros.float().cpu().contiguous()
         tensors[f"{name}.act_ratio"] = q.act_ratio.float().cpu().contiguous()
@@ -168,7 +168,7 @@ def load(path: str | Path, device: str | None = None, kernels: torch.dtype | Non
         q = QLinear(torch.nn.Linear(k, n, bias=has_bias, device="meta"), settings, name=name,
                     lora=False, learn_clipping=False, train=False)  # fmt: skip
         q.gs = info["group_size"]
-        q.codes = unpack_ref(tensors.pop(f"{name}.packed"), storage_bits(info["bits"]),
+        q.codes = unpack(tensors.pop(f"{name}.packed"), storage_bits(info["bits"]),
                              k).to(torch.uint8)  # fmt: skip
         q.scales = tensors.pop(f"{name}.scales")
         q.zeros = tensors.pop(f"{name}.zeros")
