@@ -288,3 +288,69 @@ def test_cli_quantize_export_eval(stories, tmp_path, capsys):
     assert "not a folder written by cbq quantize" in capsys.readouterr().err
     assert main(["export", str(run / "model"), str(run / "model")]) == 2
     assert "the same folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["W4A16", "W8A8"])
+def test_a_folder_written_by_compressed_tensors_itself_runs_in_cbq(stories, scheme, tmp_path):
+    """Another producer of the same schemes: compressed-tensors' own ModelCompressor (what
+    llm-compressor calls) quantizes stories260K per channel; cbq_ptq.load of its folder
+    gives transformers' logits (W4A16) / the same dequantized weights (W8A8)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+
+    model, tok = copy.deepcopy(stories[0]), stories[1]
+    bits = int(scheme[1])
+    acts = None if scheme.endswith("A16") else QuantizationArgs(
+        num_bits=8, type="int", strategy="token", dynamic=True, symmetric=True)  # fmt: skip
+    qscheme = QuantizationScheme(targets=["Linear"], input_activations=acts,
+                                 weights=QuantizationArgs(num_bits=bits, type="int",
+                                                          symmetric=True, strategy="channel"))
+    apply_quantization_config(model, QuantizationConfig(
+        config_groups={"group_0": qscheme}, ignore=["lm_head"],
+        quantization_status="frozen"))  # fmt: skip
+    qmax = (1 << (bits - 1)) - 1
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "weight_scale"):
+                m.weight_scale.copy_(m.weight.abs().amax(1, keepdim=True) / qmax)
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(tmp_path / "ct")
+    compressor.update_config(tmp_path / "ct")
+    tok.save_pretrained(tmp_path / "ct")
+    assert is_compressed_tensors(tmp_path / "ct")
+    ours, hf = load(tmp_path / "ct"), _hf(tmp_path / "ct")
+    x = ids(512)
+    if scheme == "W4A16":
+        torch.testing.assert_close(_logits(ours, x), _logits(hf, x), rtol=RTOL, atol=ATOL * 10)
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    for name, q in ours.named_modules():
+        if getattr(q, "codes", None) is not None and scheme == "W8A8":
+            m = hf.get_submodule(name)
+            want = dequantize(m.weight, m.weight_scale, None, m.quantization_scheme.weights)
+            torch.testing.assert_close(q.dequantized(), want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.slow
+def test_sharded_exports_are_read_back(stories, tmp_path):
+    """max_shard_size small enough to split the model: an index and several shards, which
+    transformers and cbq read back to the same logits."""
+    from cbq_ptq.interop import export as export_
+
+    src, x = _quantized(stories, "W4A16", tmp_path)
+    out = export_(src, tmp_path / "ct", dtype="float32", max_shard_size="100KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    want = _logits(load(src), x)
+    torch.testing.assert_close(_logits(_hf(out), x), want, rtol=RTOL, atol=ATOL * 10)
+    assert torch.equal(_logits(load(out), x), want)
+    (out / sorted(set(index["weight_map"].values()))[0]).unlink()
+    with pytest.raises(FileNotFoundError, match=r"named in model\.safetensors\.index\.json"):
+        load(out)
