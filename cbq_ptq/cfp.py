@@ -14,6 +14,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from cbq_ptq import distributed
 from cbq_ptq.models import ArchSpec
 
 
@@ -166,6 +167,8 @@ def input_maxima(block: torch.nn.Module, names: tuple[str, ...], run) -> dict[st
     finally:
         for h in hooks:
             h.remove()
+    for name in names:  # data-parallel runs: the maximum over every rank's windows
+        distributed.all_reduce_(stats[name], "max")
     return stats
 
 

@@ -40,30 +40,41 @@ from cbq_kernels.quant_math import (
     segment_reduce,
     weight_params,
 )
+from cbq_ptq import distributed
 
 CLIP_GRID = torch.linspace(1.0, 0.3, 71).tolist()  # factors 1.00, 0.99, ..., 0.30
 
 
 class InputStats:
     """Accumulates the second moments of a layer's inputs: the diagonal E[x_k^2] (K,) or the
-    whole E[x x^T] (K, K), fp32, over every token seen."""
+    whole E[x x^T] (K, K) over every token seen, summed in fp64 and returned in fp32. fp64
+    because the sum's order must not matter: a data-parallel run adds the ranks' partial sums
+    (cbq_ptq.distributed), and with fp32 sums the last-bit differences flipped GPTQ's rounding
+    (measured on stories260K, 2 processes against 1: 6.3% of the codes differed with fp32
+    sums, none with fp64)."""
 
     def __init__(self, k: int, full: bool, device: torch.device) -> None:
         self.full = full
-        self.sum = torch.zeros((k, k) if full else (k,), device=device)
+        self.sum = torch.zeros((k, k) if full else (k,), device=device, dtype=torch.float64)
         self.count = 0
 
     def add(self, x: Tensor) -> None:
-        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        x2 = x.detach().reshape(-1, x.shape[-1]).double()
         if self.full:
             self.sum.addmm_(x2.t(), x2)
         else:
             self.sum += (x2 * x2).sum(0)
         self.count += x2.shape[0]
 
+    def reduce(self) -> None:
+        """Sum the moments and token counts over the ranks (data-parallel runs)."""
+        if distributed.world()[1] > 1:
+            distributed.all_reduce_(self.sum)
+            self.count = int(distributed.reduce_sum([float(self.count)], self.sum.device)[0])
+
     @property
     def value(self) -> Tensor:
-        return self.sum / max(self.count, 1)
+        return (self.sum / max(self.count, 1)).float()
 
     @property
     def diag(self) -> Tensor:
@@ -203,6 +214,8 @@ def init_block(groups: list[list[tuple[str, torch.nn.Module]]], run: Callable[[]
     for group in groups:
         with record_inputs(dict(group), full=mode == "gptq") as stats:
             run()
+        for st in stats.values():
+            st.reduce()
         for name, q in group:
             st = q.settings
             if not torch.isfinite(stats[name].sum).all():

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cbq_ptq import cfp, checkpoint, gptq, rotation
+from cbq_ptq import cfp, checkpoint, distributed, gptq, rotation
 from cbq_ptq.config import CBQConfig, window_schedule
 from cbq_ptq.models import arch_spec, blocks
 from cbq_ptq.qlinear import QLinear, qlinears
@@ -159,9 +159,21 @@ def quantize(model, config: CBQConfig, calib_ids: Tensor, log_path: str | Path |
 
     ``offload``: keep the streams X_fp / X_q and the window targets in CPU memory and move
     mini-batches to the GPU (None: when the four (N, T, H) tensors need more than half of
-    the free GPU memory)."""
+    the free GPU memory).
+
+    Under an initialised torch.distributed process group the ranks share the calibration
+    windows (:mod:`cbq_ptq.distributed`): every rank calls this with the same arguments and
+    ends with the same model; rank 0 writes the log (and should save), each rank checkpoints
+    its share of the streams in ``checkpoint_dir/rankR``."""
     arch_spec(model)
     check_calibration(model, config, calib_ids)
+    distributed.check_batch(config.batch_size)
+    rank, world = distributed.world()
+    n_total, calib_ids_all = calib_ids.shape[0], calib_ids
+    calib_ids = distributed.shard(calib_ids)  # this rank's windows
+    main = rank == 0
+    if not main:
+        log_path, progress = None, False
     if config.rotate != "none" and not rotation.is_rotated(model):
         rotation.rotate_model(model, config.rotate, config.seed)
     torch.manual_seed(config.seed)
@@ -176,7 +188,9 @@ def quantize(model, config: CBQConfig, calib_ids: Tensor, log_path: str | Path |
     store = torch.device("cpu") if offload else device
     batch = config.batch_size
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    fingerprint = checkpoint.fingerprint(model, config, calib_ids) if ckpt is not None else ""
+    if ckpt is not None and world > 1:
+        ckpt = ckpt / f"rank{rank}"
+    fingerprint = checkpoint.fingerprint(model, config, calib_ids_all) if ckpt is not None else ""
     x_fp, kwargs = capture_inputs(model, calib_ids, store)  # kwargs needed when resuming too
     state = checkpoint.load(ckpt, fingerprint, layers, device)
     if state is None:
@@ -220,7 +234,8 @@ def quantize(model, config: CBQConfig, calib_ids: Tensor, log_path: str | Path |
                 y_fp = propagate(layers, idx, x_fp, kwargs, batch, fp=True)
                 lap("targets")
                 trained = train_window(layers, idx, x_q, y_hom, y_fp, kwargs, qls, config, label,
-                                       seed=config.seed + start, progress=bar)  # fmt: skip
+                                       seed=config.seed + start, progress=bar,
+                                       n_total=n_total)  # fmt: skip
                 entry.update(trained)
                 del y_hom, y_fp
                 lap("train")
@@ -234,7 +249,7 @@ def quantize(model, config: CBQConfig, calib_ids: Tensor, log_path: str | Path |
                     q.release_full_precision()
                 finalized.append(j)
             lap("finalize")
-            entry.update(seconds=round(time.time() - t0, 3), offload=bool(offload),
+            entry.update(seconds=round(time.time() - t0, 3), offload=bool(offload), ranks=world,
                          finalized=list(range(start, leave_end)), phase_seconds=phases)  # fmt: skip
             if device.type == "cuda":
                 entry["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cbq_ptq import distributed
 from cbq_ptq.config import CBQConfig
 from cbq_ptq.qlinear import QLinear, quantized
 from cbq_ptq.streams import run_block
@@ -100,13 +101,16 @@ class _Window:
 
     @torch.no_grad()
     def evaluate(self, index: Tensor, rounding: str = "hard", temperature: float = 1.0) -> float:
-        """Mean window loss over the calibration windows ``index``, hard or soft rounding."""
+        """Mean window loss over the calibration windows ``index`` (global indices; each rank
+        scores its own and the sums are reduced), hard or soft rounding."""
+        rows, _ = distributed.local_rows(index)
         batch, total = self.config.batch_size, 0.0
         with quantized(self.qls, rounding=rounding, temperature=temperature):
-            for i in range(0, index.numel(), batch):
-                sl = index[i : i + batch]
+            for i in range(0, rows.numel(), batch):
+                sl = rows[i : i + batch]
                 total += float(self.loss(sl)) * sl.numel()
-        return total / max(index.numel(), 1)
+        total, count = distributed.reduce_sum([total, float(rows.numel())], self.device)
+        return total / max(count, 1)
 
 
 def _snapshot(params: list[Tensor]) -> list[Tensor]:
@@ -121,12 +125,14 @@ def _restore(params: list[Tensor], saved: list[Tensor]) -> None:
 
 def train_window(layers, idx: range, xq: Tensor, y_hom: Tensor, y_fp: Tensor, kwargs: dict,
                  qls: list[QLinear], config: CBQConfig, label: str, seed: int = 0,
-                 progress=None) -> dict:  # fmt: skip
+                 progress=None, n_total: int | None = None) -> dict:  # fmt: skip
     """Train the window's quantization parameters (module docstring); returns the log entry:
     held-out losses with hard rounding before and after (the kept state), which state was
-    kept, the soft and hard held-out losses at the end of training, the steps taken."""
+    kept, the soft and hard held-out losses at the end of training, the steps taken.
+    ``n_total``: the number of calibration windows over all ranks (data-parallel runs: xq
+    and the targets hold this rank's share, cbq_ptq.distributed)."""
     win = _Window(layers, idx, xq, y_hom, y_fp, kwargs, config, qls)
-    n = xq.shape[0]
+    n = xq.shape[0] if n_total is None else n_total
     n_hold = config.split(n)
     train_idx = torch.arange(n - n_hold)
     held = torch.arange(n - n_hold, n) if n_hold else train_idx  # no split: judged on training
@@ -147,30 +153,34 @@ def train_window(layers, idx: range, xq: Tensor, y_hom: Tensor, y_fp: Tensor, kw
     lrs = {"clip": config.lr, "lora": config.lr_lora, "act": config.lr}
     param_groups = [{"params": p, "lr": lrs[k], "base_lr": lrs[k]} for k, p in groups.items() if p]
     opt = torch.optim.AdamW(param_groups, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
     best, best_state, kept = before, _snapshot(params), "start"
     checks = {round(steps * (i + 1) / (config.eval_points + 1)) for i in range(config.eval_points)}
-    batch = config.batch_size
-    order = torch.empty(0, dtype=torch.long)
+    batches = distributed.stratified_batches(train_idx, config.batch_size, steps, seed)
+    world = distributed.world()[1]
     bad = torch.zeros((), dtype=torch.bool, device=win.device)
     history = []
     for step in range(steps):
-        if order.numel() < batch:  # a new epoch over the training windows
-            order = torch.cat([order, train_idx[torch.randperm(train_idx.numel(), generator=g)]])
-        sl, order = order[:batch], order[batch:]
+        # this rank's part of the global batch, weighted by its share of it (the gradients
+        # are summed over the ranks: one process's gradient of the whole batch)
+        rows, _ = distributed.local_rows(batches[step])
+        share = rows.numel() / batches[step].numel()
         f = lr_factor(step, steps, config)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * f
         beta, reg_on = beta_at(step, steps, config)
         temp = temperature_at(step, steps, config)
         with quantized(qls, rounding=config.round_mode, beta=beta, temperature=temp) as reg:
-            loss = win.loss(sl)
+            loss = win.loss(rows) * share if rows.numel() else torch.zeros((), device=win.device)
             if reg_on and config.round_reg:
-                loss = loss + config.round_reg * reg
+                loss = loss + (config.round_reg / world) * reg
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss.requires_grad:
+            loss.backward()
+        distributed.all_reduce_grads(params)
         opt.step()
         bad |= ~torch.isfinite(loss.detach())
+        if world > 1:
+            bad = distributed.all_reduce_(bad.to(torch.int32), "max").bool()
         if progress is not None and step % 16 == 0:
             progress.set_postfix(window=label, step=step, loss=f"{loss.item():.4g}")
         if step + 1 in checks or step + 1 == steps:
