@@ -400,8 +400,38 @@ def method_label(config: CBQConfig) -> str:
 # ------------------------------------------------------------------ commands
 
 
+def _init_distributed(device: str) -> tuple[str, int]:
+    """Under torchrun (WORLD_SIZE > 1): the process group (NCCL on GPUs, one per process;
+    gloo on CPUs) and this process's device; (device, rank)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, 0
+    if not dist.is_initialized():
+        if _is_cuda(device):
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if local >= torch.cuda.device_count():
+                raise UsageError(f"torchrun local rank {local}, but there are "
+                                 f"{torch.cuda.device_count()} GPUs")  # fmt: skip
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off
+        dist.init_process_group("nccl" if _is_cuda(device) else "gloo")
+    return device, dist.get_rank()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def cmd_quantize(args) -> int:
-    device = _device(args.device)
+    device, rank = _init_distributed(_device(args.device))
     try:
         act = args.act_quantizer
         if act == "auto":
@@ -444,13 +474,16 @@ def cmd_quantize(args) -> int:
     dtype = _dtype(args, device)
     model, tok = load_model(args.model, dtype=dtype, device=device)
     dname = str(dtype).removeprefix("torch.")
-    before = _evaluate_all(model, tok, args, eval_args, f"{args.model} {dname}")
+    # data-parallel runs (torchrun): every rank calibrates, rank 0 evaluates and writes
+    before = _evaluate_all(model, tok, args, eval_args, f"{args.model} {dname}") if rank == 0 \
+        else {}  # fmt: skip
     calib = calibration_data(tok, calib_corpus, args.n_calib or n_cal, args.calib_len or t_cal,
                              args.seed)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
-    if args.restart and ckpt.exists():
+    if args.restart and ckpt.exists() and rank == 0:
         shutil.rmtree(ckpt)
+    _barrier()  # the other ranks look for a checkpoint after rank 0 removed it
     if (ckpt / "state.pt").is_file():
         print(f"resuming from {ckpt} (--restart to start again)", flush=True)
     offload = {"auto": None, "yes": True, "no": False}[args.offload]
@@ -459,6 +492,8 @@ def cmd_quantize(args) -> int:
     model, _ = quantize(model, config, calib, log_path=out / "windows.jsonl",
                         checkpoint_dir=ckpt, offload=offload)
     seconds = time.time() - t0
+    if rank != 0:  # every rank holds the same model: rank 0 evaluates and saves it
+        return 0
     method = method_label(config)
     after = _evaluate_all(model, tok, args, eval_args, f"{args.model} {settings.name} ({method})")
     kernel = {}

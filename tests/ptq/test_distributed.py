@@ -5,6 +5,7 @@ to the order of floating-point reductions (the test states how many codes differ
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -95,3 +96,25 @@ def test_two_processes_give_the_codes_of_one(tmp_path):
     print(f"codes differing between 2 processes and 1: {differ} of {total}")
     assert differ <= 0.15 * total, f"{differ} of {total} codes differ"
     assert r0["log"][-1]["loss_after"] == pytest.approx(log[-1]["loss_after"], rel=0.15)
+
+
+@pytest.mark.slow
+def test_torchrun_quantize_writes_once(tmp_path):
+    """`torchrun --nproc-per-node 2 -m cbq_ptq.cli quantize` on the CPU (gloo): rank 0 writes
+    the model, the summary and the log; each rank checkpoints its share."""
+    import subprocess
+    import sys
+
+    need_shared(SHARED_MODELS / "stories260K" / "config.json")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "cbq_ptq.cli", "quantize", "--model", "stories260K", "--setting", "W4A16",
+           "--corpus", "tinystories", "--n-calib", "4", "--calib-len", "32", "--steps", "2",
+           "--batch-size", "2", "--eval-windows", "1", "--also", "", "--out", str(out),
+           "--device", "cpu"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("W4A16 (CBQ): perplexity") == 1  # rank 0 alone evaluates
+    assert (out / "model" / "quant_config.json").is_file()
+    entries = (out / "windows.jsonl").read_text().splitlines()
+    assert len(entries) == 4 and all(json.loads(e)["ranks"] == 2 for e in entries)
