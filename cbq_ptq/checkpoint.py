@@ -46,9 +46,12 @@ def save(ckpt: Path, layers, finalized_now: range, state: dict) -> None:
     save_atomic(state, ckpt / "state.pt")
 
 
-def load(ckpt: Path | None, expected: str, layers, device: torch.device) -> dict | None:
+def load(ckpt: Path | None, expected: str, layers, device: torch.device,
+         streamed: bool = False) -> dict | None:  # fmt: skip
     """The saved state (its finalized and open blocks put back into ``layers``), or None
-    when there is no checkpoint; a checkpoint of another run is an error."""
+    when there is no checkpoint; a checkpoint of another run is an error. ``streamed``: the
+    finalized blocks were written to the artefact (cbq_ptq.io.ShardWriter), not here: they
+    stay where they are (on the meta device)."""
     if ckpt is None or not (ckpt / "state.pt").is_file():
         return None
     state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
@@ -58,7 +61,7 @@ def load(ckpt: Path | None, expected: str, layers, device: torch.device) -> dict
             "calibration windows: remove it, choose another folder, or run `cbq quantize` "
             "with --restart to discard it"
         )
-    for j in state["finalized"]:
+    for j in [] if streamed else state["finalized"]:
         layers[j] = torch.load(ckpt / f"block_{j:04d}.pt", map_location=device, weights_only=False)
     for j, block in state["open"].items():
         layers[j] = block.to(device)

@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="discard OUT/checkpoint instead of resuming from it")
     q.add_argument("--offload", choices=["auto", "yes", "no"], default="auto",
                    help="keep the calibration streams in CPU memory")
+    q.add_argument("--stream", action="store_true",
+                   help="block-streamed weights for models larger than the GPU: each block is "
+                        "read from the safetensors shards when its window starts and written "
+                        "to OUT/model when it is finalized (no FP perplexity before)")
     _common(q)
     e = sub.add_parser("eval", help="perplexity of a saved quantized model, or of any model",
                        formatter_class=dflt)
@@ -461,6 +465,11 @@ def cmd_quantize(args) -> int:
     _check_groups(args.model, settings)
     _check_rotation(args.model, args.rotate)
     rotate = resolve_rotation(args, settings)
+    if args.stream and rotate != "none":  # rotations fold into every block at once
+        if args.rotate != "auto":
+            raise UsageError("argument --rotate: a block-streamed run (--stream) is not rotated: "
+                             "use --rotate none")  # fmt: skip
+        rotate = "none"
     if rotate != config.rotate:
         config = dataclasses.replace(config, rotate=rotate)
 
@@ -472,11 +481,16 @@ def cmd_quantize(args) -> int:
 
     n_cal, t_cal, _ = GPU_DEFAULTS if _is_cuda(device) else CPU_DEFAULTS
     dtype = _dtype(args, device)
-    model, tok = load_model(args.model, dtype=dtype, device=device)
+    if args.stream:
+        from cbq_ptq.blockstream import load_streamed
+
+        model, tok = load_streamed(args.model, dtype=dtype, device=device)
+    else:
+        model, tok = load_model(args.model, dtype=dtype, device=device)
     dname = str(dtype).removeprefix("torch.")
     # data-parallel runs (torchrun): every rank calibrates, rank 0 evaluates and writes
-    before = _evaluate_all(model, tok, args, eval_args, f"{args.model} {dname}") if rank == 0 \
-        else {}  # fmt: skip
+    before = _evaluate_all(model, tok, args, eval_args, f"{args.model} {dname}") \
+        if rank == 0 and not args.stream else {}  # fmt: skip
     calib = calibration_data(tok, calib_corpus, args.n_calib or n_cal, args.calib_len or t_cal,
                              args.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -489,11 +503,21 @@ def cmd_quantize(args) -> int:
     offload = {"auto": None, "yes": True, "no": False}[args.offload]
     t0 = time.time()
     args._checkpoint = ckpt  # for the message of an interruption
+    writer = None
+    if args.stream:  # rank 0 writes the blocks (every rank holds the same ones)
+        from cbq_ptq.io import ShardWriter
+
+        writer = ShardWriter(out / "model" if rank == 0 else ckpt / f"rank{rank}_model")
     model, _ = quantize(model, config, calib, log_path=out / "windows.jsonl",
-                        checkpoint_dir=ckpt, offload=offload)
+                        checkpoint_dir=ckpt, offload=offload, writer=writer)
     seconds = time.time() - t0
     if rank != 0:  # every rank holds the same model: rank 0 evaluates and saves it
         return 0
+    if writer is not None:  # the rest of the artefact, then the model back from it
+        from cbq_ptq.io import load
+
+        writer.finish(model, tok, base_model=args.model, corpus=eval_args["corpus"])
+        model = load(out / "model", device=device)
     method = method_label(config)
     after = _evaluate_all(model, tok, args, eval_args, f"{args.model} {settings.name} ({method})")
     kernel = {}
@@ -505,7 +529,8 @@ def cmd_quantize(args) -> int:
         print(f"quantization kernel (activations quantized to 0, first {eval_args['corpus']} "
               f"window): mean {sum(values) / len(values):.2%} over {len(values)} layers, max "
               f"{kernel[worst]:.2%} ({worst}); per layer in {out / 'summary.json'}")
-    save(model, out / "model", tok, base_model=args.model, corpus=eval_args["corpus"])
+    if writer is None:
+        save(model, out / "model", tok, base_model=args.model, corpus=eval_args["corpus"])
     summary = {"model": args.model, "setting": settings.name, "method": method, "device": device,
                "dtype": dname,
                "calibration": {"corpus": calib_corpus, "windows": calib.shape[0],

@@ -47,60 +47,109 @@ def storage_bits(bits: int) -> int:
     return 8 if bits == 6 else bits
 
 
+def _layer_tensors(name: str, q: QLinear) -> tuple[dict[str, torch.Tensor], dict]:
+    """What the artefact holds of one hardened QLinear: its tensors and its meta entry."""
+    if q.codes is None:
+        raise ValueError(f"layer {name} is not hardened: finish quantization before saving")
+    bits = q.settings.w_bits
+    t = {f"{name}.packed": pack(q.codes.cpu().contiguous(), storage_bits(bits)).contiguous(),
+         f"{name}.scales": q.scales.float().cpu().contiguous(),
+         f"{name}.zeros": q.zeros.float().cpu().contiguous(),
+         f"{name}.act_ratio": q.act_ratio.float().cpu().contiguous()}  # fmt: skip
+    if q.bias is not None:
+        t[f"{name}.bias"] = q.bias.float().cpu().contiguous()
+    if q.channel_factor is not None:
+        t[f"{name}.channel_factor"] = q.channel_factor.float().cpu().contiguous()
+    info = {"bits": bits, "group_size": q.gs, "in_features": q.in_features,
+            "out_features": q.out_features}  # fmt: skip
+    return t, info
+
+
+class ShardWriter:
+    """Writes a quantized model as it is finalized: :meth:`write` puts a module's tensors
+    (its hardened QLinears and its other parameters and buffers) into a shard of their own,
+    :meth:`finish` the rest of the model, config.json, quant_config.json (every shard with its
+    sha256) and the tokenizer. Block-streamed quantization (cbq_ptq.blockstream) writes each block
+    when its window is finalized; :func:`save` writes a whole model through the same code."""
+
+    def __init__(self, path: str | Path, state: dict | None = None) -> None:
+        self.out = Path(path)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.restore(state)
+
+    def restore(self, state: dict | None) -> None:
+        """Continue from :meth:`state` (a resumed run: the shards written before)."""
+        state = state or {}
+        self.files: dict[str, str] = dict(state.get("files", {}))
+        self.layers: dict[str, dict] = dict(state.get("layers", {}))
+        self.written: set[str] = set(state.get("written", []))  # tensor names in shards
+        self.settings: dict | None = state.get("settings")
+
+    def state(self) -> dict:
+        """What a checkpoint keeps to resume writing."""
+        return {"files": self.files, "layers": self.layers, "written": sorted(self.written),
+                "settings": self.settings}  # fmt: skip
+
+    def _tensors(self, module, prefix: str, seen: dict[int, str]) -> dict[str, torch.Tensor]:
+        qls = {n: m for n, m in module.named_modules() if isinstance(m, QLinear)}
+        tensors: dict[str, torch.Tensor] = {}
+        for n, q in qls.items():
+            if f"{prefix}{n}.packed" in self.written:  # in a block's shard already
+                continue
+            t, info = _layer_tensors(f"{prefix}{n}", q)
+            tensors.update(t)
+            self.layers[f"{prefix}{n}"] = info
+            self.settings = dataclasses.asdict(q.settings)
+        owned = tuple(f"{n}." for n in qls)
+        for key, value in module.state_dict().items():
+            if key.startswith(owned) or value.is_meta or f"{prefix}{key}" in self.written:
+                continue
+            if value.data_ptr() in seen:  # tied weights: stored once, tied again on load
+                continue
+            seen[value.data_ptr()] = key
+            tensors[f"{prefix}{key}"] = value.detach().cpu().contiguous()
+        return tensors
+
+    def write(self, module, prefix: str, filename: str) -> None:
+        """``module``'s tensors (named ``prefix`` + their names) into ``filename``."""
+        from safetensors.torch import save_file
+
+        tensors = self._tensors(module, prefix, {})
+        tmp = self.out / (filename + ".partial")
+        save_file(tensors, tmp, metadata={"format": FORMAT})
+        tmp.chmod(0o644)  # safetensors writes 0600
+        tmp.replace(self.out / filename)
+        self.files[filename] = sha256_file(self.out / filename)
+        self.written.update(tensors)
+
+    def finish(self, model, tokenizer=None, base_model: str | None = None,
+               corpus: str | None = None, filename: str = "model.safetensors") -> Path:  # fmt: skip
+        """The model's tensors not written yet, then the metadata (module docstring)."""
+        self.write(model, "", filename)
+        if not self.layers:
+            raise ValueError("model has no quantized layers (run cbq_ptq.quantize first)")
+        model.config.save_pretrained(self.out)
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "pack_format_version": PACK_FORMAT_VERSION,
+                "base_model": base_model, "corpus": corpus, "settings": self.settings,
+                "layers": self.layers, "files": self.files}  # fmt: skip
+        info = getattr(model, "_cbq_rotation", None)
+        if info is not None:  # the folded rotations are in the weights; load re-attaches R4
+            meta["rotation"] = info.to_json()
+        (self.out / "quant_config.json").write_text(json.dumps(meta, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.out)
+        return self.out
+
+
 def save(model, path: str | Path, tokenizer=None, base_model: str | None = None,
          corpus: str | None = None) -> Path:  # fmt: skip
     """Write the quantized ``model`` (every QLinear hardened) to the folder ``path``;
     ``base_model``: the name it was quantized from, ``corpus``: the corpus it was evaluated
     on (both recorded in quant_config.json; `cbq eval` evaluates on that corpus)."""
-    from safetensors.torch import save_file
-
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    qlinears = {name: m for name, m in model.named_modules() if isinstance(m, QLinear)}
-    if not qlinears:
+    if not any(isinstance(m, QLinear) for m in model.modules()):
         raise ValueError("model has no quantized layers (run cbq_ptq.quantize first)")
-    tensors: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict] = {}
-    settings = None
-    for name, q in qlinears.items():
-        if q.codes is None:
-            raise ValueError(f"layer {name} is not hardened: finish quantization before saving")
-        settings = q.settings
-        bits = q.settings.w_bits
-        tensors[f"{name}.packed"] = pack(q.codes.cpu(), storage_bits(bits)).contiguous()
-        tensors[f"{name}.scales"] = q.scales.float().cpu().contiguous()
-        tensors[f"{name}.zeros"] = q.zeros.float().cpu().contiguous()
-        tensors[f"{name}.act_ratio"] = q.act_ratio.float().cpu().contiguous()
-        if q.bias is not None:
-            tensors[f"{name}.bias"] = q.bias.float().cpu().contiguous()
-        if q.channel_factor is not None:
-            tensors[f"{name}.channel_factor"] = q.channel_factor.float().cpu().contiguous()
-        layers[name] = {"bits": bits, "group_size": q.gs, "in_features": q.in_features,
-                        "out_features": q.out_features}  # fmt: skip
-    prefixes = tuple(f"{name}." for name in qlinears)
-    seen: dict[int, str] = {}
-    for key, value in model.state_dict().items():
-        if key.startswith(prefixes):
-            continue
-        if value.data_ptr() in seen:  # tied weights: stored once, tied again on load
-            continue
-        seen[value.data_ptr()] = key
-        tensors[key] = value.detach().cpu().contiguous()
-    save_file(tensors, out / "model.safetensors", metadata={"format": FORMAT})
-    (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600
-    model.config.save_pretrained(out)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "pack_format_version": PACK_FORMAT_VERSION,
-            "base_model": base_model, "corpus": corpus, "settings": dataclasses.asdict(settings),
-            "layers": layers,
-            "files": {"model.safetensors": sha256_file(out / "model.safetensors")}}  # fmt: skip
-    info = getattr(model, "_cbq_rotation", None)
-    if info is not None:  # the folded rotations are in the weights; load re-attaches the online
-        meta["rotation"] = info.to_json()
-    (out / "quant_config.json").write_text(json.dumps(meta, indent=1))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return out
+    return ShardWriter(path).finish(model, tokenizer, base_model, corpus)
 
 
 def _kernel_layer(model, name: str, info: dict, settings: QuantSettings, tensors: dict,
@@ -231,21 +280,26 @@ def read_meta(src: Path) -> dict:
 
 
 def _load_tensors(src: Path, meta: dict) -> dict[str, torch.Tensor]:
-    """model.safetensors, after its sha256 is checked against quant_config.json's."""
+    """Every tensor file of quant_config.json (model.safetensors, and the block shards of a
+    block-streamed run), each after its sha256 is checked against the recorded one."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    file = src / "model.safetensors"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found")
-    recorded = (meta.get("files") or {}).get("model.safetensors")
-    if recorded is not None and sha256_file(file) != recorded:
-        raise ValueError(f"{file}: sha256 differs from the one recorded in quant_config.json at "
-                         "save time: the file is truncated or was modified")  # fmt: skip
-    try:
-        return load_file(file)
-    except SafetensorError as exc:
-        raise ValueError(f"{file}: not a readable safetensors file ({exc})") from None
+    files = meta.get("files") or {"model.safetensors": None}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, recorded in files.items():
+        file = src / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found")
+        if recorded is not None and sha256_file(file) != recorded:
+            raise ValueError(f"{file}: sha256 differs from the one recorded in "
+                             "quant_config.json at save time: the file is truncated or was "
+                             "modified")  # fmt: skip
+        try:
+            tensors.update(load_file(file))
+        except SafetensorError as exc:
+            raise ValueError(f"{file}: not a readable safetensors file ({exc})") from None
+    return tensors
 
 
 def _check_layers(src: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from cbq_ptq import cfp, checkpoint, distributed, gptq, rotation
+from cbq_ptq.blockstream import block_prefix
 from cbq_ptq.config import CBQConfig, window_schedule
 from cbq_ptq.models import arch_spec, blocks
 from cbq_ptq.qlinear import QLinear, qlinears
@@ -147,7 +148,7 @@ class _Lap:
 
 def quantize(model, config: CBQConfig, calib_ids: Tensor, log_path: str | Path | None = None,
              progress: bool = True, checkpoint_dir: str | Path | None = None,
-             offload: bool | None = None):  # fmt: skip
+             offload: bool | None = None, writer=None):  # fmt: skip
     """Quantize ``model`` in place with CBQ (or RTN / GPTQ / block-wise, per ``config``) on
     the calibration windows ``calib_ids`` (N, T); returns the model, whose linears are
     hardened :class:`QLinear` layers, and the per-window log.
@@ -164,11 +165,20 @@ def quantize(model, config: CBQConfig, calib_ids: Tensor, log_path: str | Path |
     Under an initialised torch.distributed process group the ranks share the calibration
     windows (:mod:`cbq_ptq.distributed`): every rank calls this with the same arguments and
     ends with the same model; rank 0 writes the log (and should save), each rank checkpoints
-    its share of the streams in ``checkpoint_dir/rankR``."""
+    its share of the streams in ``checkpoint_dir/rankR``.
+
+    A block-streamed model (:func:`cbq_ptq.blockstream.load_streamed`) gets each block's weights
+    when the block's first window starts; with ``writer`` (a :class:`cbq_ptq.io.ShardWriter`)
+    each finalized block is written to the artefact and goes back to the meta device (finish
+    the artefact with ``writer.finish(model, ...)``), without one it moves to CPU memory."""
     arch_spec(model)
     check_calibration(model, config, calib_ids)
     distributed.check_batch(config.batch_size)
     rank, world = distributed.world()
+    stream = getattr(model, "_cbq_stream", None)
+    if stream is not None and config.rotate != "none":
+        raise ValueError("a block-streamed model is quantized without rotation (rotate='none'): "
+                         "the rotations fold into every block at once")  # fmt: skip
     n_total, calib_ids_all = calib_ids.shape[0], calib_ids
     calib_ids = distributed.shard(calib_ids)  # this rank's windows
     main = rank == 0
@@ -192,7 +202,9 @@ def quantize(model, config: CBQConfig, calib_ids: Tensor, log_path: str | Path |
         ckpt = ckpt / f"rank{rank}"
     fingerprint = checkpoint.fingerprint(model, config, calib_ids_all) if ckpt is not None else ""
     x_fp, kwargs = capture_inputs(model, calib_ids, store)  # kwargs needed when resuming too
-    state = checkpoint.load(ckpt, fingerprint, layers, device)
+    state = checkpoint.load(ckpt, fingerprint, layers, device, streamed=writer is not None)
+    if state is not None and writer is not None:
+        writer.restore(state.get("writer"))  # the shards written before
     if state is None:
         x_q, log, finalized, first = x_fp.clone(), [], [], 0
     else:
@@ -217,6 +229,8 @@ def quantize(model, config: CBQConfig, calib_ids: Tensor, log_path: str | Path |
             label = f"{wi + 1}/{len(schedule)} (blocks {start}-{end - 1})"
             entry: dict = {"window": wi, "blocks": [start, end - 1], "cfp": []}
             for j in range(start, end):
+                if stream is not None and any(p.is_meta for p in layers[j].parameters()):
+                    stream.materialize(layers[j], block_prefix(model, j))
                 if j not in prepared:
                     x_in = propagate(layers, range(start, j), x_q, kwargs, batch, fp=False)
                     try:
@@ -248,17 +262,28 @@ def quantize(model, config: CBQConfig, calib_ids: Tensor, log_path: str | Path |
                 for q in qlinears([layers[j]]):
                     q.release_full_precision()
                 finalized.append(j)
+                if writer is not None:  # into the artefact, then out of memory
+                    writer.write(layers[j], block_prefix(model, j), f"block-{j:05d}.safetensors")
+                    layers[j].to("meta")
+                elif stream is not None:
+                    layers[j].to("cpu")
             lap("finalize")
             entry.update(seconds=round(time.time() - t0, 3), offload=bool(offload), ranks=world,
                          finalized=list(range(start, leave_end)), phase_seconds=phases)  # fmt: skip
             if device.type == "cuda":
                 entry["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+            if stream is not None:  # blocks with weights on the device at the window's end
+                entry["blocks_resident"] = sum(
+                    any(p.device == device for p in b.parameters()) for b in layers)
             log.append(entry)
             if ckpt is not None:
                 open_blocks = {j: layers[j] for j in sorted(prepared) if j not in finalized}
                 state = {"fingerprint": fingerprint, "window": wi, "finalized": finalized,
-                         "open": open_blocks, "x_fp": x_fp, "x_q": x_q, "log": log}  # fmt: skip
-                checkpoint.save(ckpt, layers, range(start, leave_end), state)
+                         "open": open_blocks, "x_fp": x_fp, "x_q": x_q, "log": log,
+                         "writer": writer.state() if writer is not None else None}  # fmt: skip
+                # written blocks are in the artefact's shards, not in the checkpoint
+                done = range(0) if writer is not None else range(start, leave_end)
+                checkpoint.save(ckpt, layers, done, state)
             if log_path is not None:
                 with Path(log_path).open("a") as f:
                     f.write(json.dumps(entry) + "\n")
