@@ -113,4 +113,8 @@ def load_streamed(name: str, dtype: torch.dtype = torch.bfloat16, device: str = 
             layers[j] = b
     model._cbq_stream = source
     model.eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):  # a folder of weights alone (e.g. a random model to measure)
+        tokenizer = None
+    return model, tokenizer
