@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a shorter last group where groups do not divide")
     q.add_argument("--symmetric-weights", action="store_true",
                    help="signed codes without zero points (what vLLM's int8 W8A8 kernels and "
-                        "transformers' compressed-tensors loader take; asymmetric: more accurate)")
+                        "transformers' compressed-tensors loader take; CBQ then starts from "
+                        "round-to-nearest and rounds straight-through, without LoRA-Rounding)")
     q.add_argument("--calib", default=None, help="calibration corpus (default: --corpus)")
     q.add_argument("--n-calib", type=_int_at_least(1), default=None,
                    help="calibration windows (default 128 on a GPU, 16 on CPU)")
@@ -384,6 +385,13 @@ def build_config(args, settings, device: str) -> CBQConfig:
     if args.no_cfp:
         fields["cfp"] = False
     if args.no_lora:
+        fields["lora_rounding"] = False
+    if settings.symmetric_weights and args.method == "cbq":
+        # GPTQ starts and LoRA-Rounding are built for zero points: symmetric weights start from
+        # round-to-nearest with searched clipping and train their rounding straight-through
+        # (an explicit --init gptq still gets the clear error)
+        if args.init is None:
+            fields["init"] = "rtn"
         fields["lora_rounding"] = False
     rotate = getattr(args, "rotate", "none")
     if rotate not in ("none", "auto"):
