@@ -50,3 +50,18 @@ def test_bad_input_is_a_clear_error(argv, message, capsys, tmp_path):
     assert main([*argv, "--device", "cpu"] + (["--out", str(tmp_path)] if argv[0] ==
                 "quantize" else [])) == 2  # fmt: skip
     assert message in capsys.readouterr().err
+
+
+def test_symmetric_weights_start_from_round_to_nearest_without_lora():
+    """GPTQ starts and LoRA-Rounding need zero points: --symmetric-weights changes the
+    recipe's start and rounding instead of failing in the first window."""
+    from cbq_ptq.cli import build_config, build_parser
+    from cbq_ptq.config import parse_setting
+
+    args = build_parser().parse_args(["quantize", "--setting", "W8A8", "--symmetric-weights"])
+    settings = parse_setting("W8A8", symmetric_weights=True)
+    config = build_config(args, settings, "cpu")
+    assert config.init == "rtn" and not config.lora_rounding
+    args = build_parser().parse_args(["quantize", "--setting", "W8A8"])
+    config = build_config(args, parse_setting("W8A8"), "cpu")
+    assert config.init == "gptq" and config.lora_rounding
