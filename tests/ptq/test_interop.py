@@ -284,6 +284,9 @@ def test_cli_quantize_export_eval(stories, tmp_path, capsys):
         assert "on tinystories" in line  # the corpus recorded at quantization travels along
         ppls.append(float(line.split("perplexity ")[1].split()[0]))
     assert ppls[0] == ppls[1]
+    assert main(["generate", str(tmp_path / "ct"), "--prompt", "Once upon a time",
+                 "--max-new-tokens", "4", "--device", "cpu"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.startswith("Once upon a time")
     assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "o")]) == 2
     assert "not a folder written by cbq quantize" in capsys.readouterr().err
     assert main(["export", str(run / "model"), str(run / "model")]) == 2
