@@ -189,8 +189,9 @@ def rotate_model(model, kind: str = "hadamard", seed: int = 0,
         _fold_norm(block.get_submodule(spec.attn_norm), [block.get_submodule(n) for n in spec.qkv])
         _fold_norm(block.get_submodule(spec.mlp_norm),
                    [block.get_submodule(n) for n in spec.gate_up])  # fmt: skip
-    r1 = rotation_matrix(kind, hidden, seed)
-    r2 = rotation_matrix(kind, head_dim, seed + 1)
+    dev = embed.weight.device  # the matrices are built on the CPU (seeded), used where the model is
+    r1 = rotation_matrix(kind, hidden, seed).to(dev)
+    r2 = rotation_matrix(kind, head_dim, seed + 1).to(dev)
     embed.weight.copy_((embed.weight.double() @ r1).to(embed.weight.dtype))
     _mul_cols(head, r1)
     for block in layers:
@@ -213,7 +214,7 @@ def rotate_model(model, kind: str = "hadamard", seed: int = 0,
         if online_down:
             down = block.get_submodule(spec.down)
             rot = OnlineRotation(kind, inter, seed + 2)
-            _mul_cols(down, rotation_matrix(kind, inter, seed + 2))
+            _mul_cols(down, rotation_matrix(kind, inter, seed + 2).to(dev))
             attach(down, rot)
     info = RotationInfo(kind, seed, online_down)
     model._cbq_rotation = info
