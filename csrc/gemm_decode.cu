@@ -77,6 +77,14 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return d;
 }
 
+// (a & mask) | magic in one LOP3 (written out: with two immediates the compiler emitted an
+// AND and an OR per pair, measured in the SASS of 6f6a61d)
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t magic) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));
+  return d;
+}
+
 // mma.m16n8k16 with fp32 accumulation on bf16 (or fp16) pairs
 template <bool BF16>
 __device__ __forceinline__ void mma_f16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
@@ -314,10 +322,10 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
   for (int r = 0; r < 4; ++r) sumx[r] = 0;
 
   // the segment's sums -> the result: y += s (tmp - (magic + z) sumx) per column
-  // (the group's scales and zero points were copied to this warp's slot gi % kSlots)
-  auto flush = [&](int gi) {
+  // (the segment's scales and zero points are in this warp's shared-memory slot slot_i)
+  auto flush = [&](int slot_i) {
     const Acc sx0 = sumx[0], sx1 = sumx[2];
-    const uint32_t(&slot)[2][kTN] = sc_sm[warp][gi % kSlots];
+    const uint32_t(&slot)[2][kTN] = sc_sm[warp][slot_i];
 #pragma unroll
     for (int s = 0; s < kSub; ++s) {
       const int col = 8 * s + 2 * t;
@@ -349,32 +357,39 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
     for (int r = 0; r < 4; ++r) sumx[r] = 0;
   };
 
-  // a group's scales and zero points -> this warp's slot (lanes 0-15: 64 scales, 16-31: 64
-  // zero points, 16 bytes each)
-  auto copy_group = [&](int gi) {
-    const int half = lane >> 4, q = lane & 15;
-    const int64_t off = static_cast<int64_t>(gi) * p.n_pad + n0 + 4 * q;
-    const void* src = half ? static_cast<const void*>(p.zeros + off)
-                           : static_cast<const void*>(p.scales + off);
-    cp_async16(&sc_sm[warp][gi % kSlots][half][4 * q], src);
+  // a group's scales and zero points -> a slot (lanes 0-15: 64 scales, 16-31: 64 zero points,
+  // 16 bytes each); groups are counted in the loop, not divided for (a 32-bit remainder per
+  // chunk was ~25 of the 282 instructions per chunk in the SASS of 6f6a61d)
+  const char* sc_src = reinterpret_cast<const char*>(
+      (lane >> 4) ? static_cast<const void*>(p.zeros + n0 + 4 * (lane & 15))
+                  : static_cast<const void*>(p.scales + n0 + 4 * (lane & 15)));
+  const int64_t sc_stride = static_cast<int64_t>(p.n_pad) * 4;  // bytes per group
+  auto copy_group = [&](int gi, int slot_i) {
+    cp_async16(&sc_sm[warp][slot_i][lane >> 4][4 * (lane & 15)], sc_src + gi * sc_stride);
   };
 
   // per chunk: two fully coalesced 512-byte warp loads (word h * 4 + j of lane l at uint4
   // (chunk * 2 + h) * 32 + l)
   const uint4* base = p.words + (static_cast<int64_t>(nt) * p.chunks) * 64 + lane;
   uint4 buf[kDepth][2];
-  int seg = kb / p.seg_chunks;
-  int next_flush = (seg + 1) * p.seg_chunks;
-  if (kb < ke) copy_group(GROUPED ? seg : 0);
+  int group = kb / p.seg_chunks;  // once per warp
+  int next_flush = (group + 1) * p.seg_chunks;
+  int copied = group, copy_slot = 0, next_copy = next_flush, flush_slot = 0;
+  if (kb < ke) copy_group(GROUPED ? group : 0, 0);
   cp_async_commit();
+  auto request = [&](int cn, int d) {  // chunk cn's weights into ring slot d
+    buf[d][0] = load_weights(base + static_cast<int64_t>(cn) * 64);
+    buf[d][1] = load_weights(base + static_cast<int64_t>(cn) * 64 + 32);
+    if (GROUPED && cn == next_copy) {
+      ++copied;
+      copy_slot = copy_slot + 1 == kSlots ? 0 : copy_slot + 1;
+      copy_group(copied, copy_slot);
+      next_copy += p.seg_chunks;
+    }
+  };
 #pragma unroll
   for (int d = 0; d < kDepth; ++d) {
-    const int c = kb + d;
-    if (c < ke) {
-      buf[d][0] = load_weights(base + static_cast<int64_t>(c) * 64);
-      buf[d][1] = load_weights(base + static_cast<int64_t>(c) * 64 + 32);
-      if (GROUPED && d > 0 && c % p.seg_chunks == 0) copy_group(c / p.seg_chunks);
-    }
+    if (kb + d < ke) request(kb + d, d);
     cp_async_commit();
   }
 
@@ -387,8 +402,8 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
           // the copy of this segment's scales was committed >= kDepth groups ago
           cp_async_wait<kDepth - 1>();
           __syncwarp();
-          flush(GROUPED ? seg : 0);
-          ++seg;
+          flush(flush_slot);
+          if (GROUPED) flush_slot = flush_slot + 1 == kSlots ? 0 : flush_slot + 1;
           next_flush += p.seg_chunks;
         }
         const uint32_t w[8] = {buf[d][0].x, buf[d][0].y, buf[d][0].z, buf[d][0].w,
@@ -417,26 +432,21 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
             mma_f16<kBf16>(sumx, a, kOnes2, kOnes2);
 #pragma unroll
             for (int s = 0; s < kSub; ++s) {
-              const uint32_t b0 = ((w[s] >> (BITS * (2 * u))) & kMask2) | kMagic2;
-              const uint32_t b1 = ((w[s] >> (BITS * (2 * u + 1))) & kMask2) | kMagic2;
+              const uint32_t b0 = and_or(w[s] >> (BITS * (2 * u)), kMask2, kMagic2);
+              const uint32_t b1 = and_or(w[s] >> (BITS * (2 * u + 1)), kMask2, kMagic2);
               mma_f16<kBf16>(tmp[s], a, b0, b1);
             }
           }
         }
         // refill the slot just consumed (after its last use: no register copies)
-        const int cn = c + kDepth;
-        if (cn < ke) {
-          buf[d][0] = load_weights(base + static_cast<int64_t>(cn) * 64);
-          buf[d][1] = load_weights(base + static_cast<int64_t>(cn) * 64 + 32);
-          if (GROUPED && cn % p.seg_chunks == 0) copy_group(cn / p.seg_chunks);
-        }
+        if (c + kDepth < ke) request(c + kDepth, d);
         cp_async_commit();
       }
     }
   }
   cp_async_wait<0>();
   __syncwarp();
-  if (kb < ke) flush(GROUPED ? seg : 0);
+  if (kb < ke) flush(flush_slot);
 
   // reduce the 4 warps through shared memory, in warp order
 #pragma unroll
