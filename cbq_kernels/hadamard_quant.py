@@ -49,9 +49,10 @@ def _hadamard_quant_kernel(x_ptr, sg_ptr, a_ptr, q_ptr, s_ptr, N, M, ratio, P, i
     live = (i < M) & (j < PP)
     x = tl.load(x_ptr + row * N + idx, mask=live, other=0.0).to(tl.float32)
     x = x * tl.load(sg_ptr + idx, mask=live, other=0.0)
-    for stage in tl.static_range(LOGP):  # butterflies at distance 2^stage along j
-        h: tl.constexpr = 1 << stage
-        y = tl.permute(tl.reshape(x, (M_PAD, PP // (2 * h), 2, h)), (0, 1, 3, 2))
+    # butterflies at distance 2^stage along j (no named constexpr in the loop: the compiler,
+    # unlike the interpreter, refuses to reassign one: "h is already defined")
+    for stage in tl.static_range(LOGP):
+        y = tl.permute(tl.reshape(x, (M_PAD, PP // (2 << stage), 2, 1 << stage)), (0, 1, 3, 2))
         a, b = tl.split(y)
         y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
         x = tl.reshape(y, (M_PAD, PP))
