@@ -22,7 +22,9 @@ measurements behind each threshold):
   slices write fp32 partials summed in a fixed order (deterministic).
 * M >= ``policy.expand_min_m``, integer GEMMs: the 4-bit codes (and int4 activations) are first
   expanded to an int8 scratch copy of ``q - z``, then the same kernel runs int8 x int8 with no
-  unpacking in the K loop. Weight-only GEMMs from ``policy.wonly_cublas_min_m``: dequantize to a
+  unpacking in the K loop. W4A4 from ``policy.fp8_w4a4_min_m`` (per-channel weights, bf16
+  out, no bias, a GPU with fp8 tensor cores): both operands expanded to fp8 e4m3 (exact for
+  these integers) and cuBLAS' fp8 GEMM (``torch._scaled_mm``, fp32 sums: exact). Weight-only GEMMs from ``policy.wonly_cublas_min_m``: dequantize to a
   scratch bf16/fp16 weight (Triton), then cuBLAS.
 
 Arithmetic:
@@ -65,6 +67,8 @@ from cbq_kernels.gemm_triton import (
     _expand,
     _gemm_kernel,
     _launch,
+    fp8_available,
+    launch_w4a4_fp8,
 )
 from cbq_kernels.quant_math import dequantize_weight
 
@@ -291,6 +295,10 @@ def _w4a4(x_packed: Tensor, xs: Tensor, weight: PreparedWeight, bias: Tensor | N
         return _int_gemm_torch(codes, xs, weight, bias, out_dtype, debug)
     if _use_decode(weight, x_packed, split_k, policy):
         return gemm_decode.launch(x_packed, xs, weight.decode, bias, out_dtype, debug)
+    if (0 < policy.fp8_w4a4_min_m <= x_packed.shape[0] and not debug and bias is None
+            and split_k is None and out_dtype == torch.bfloat16 and weight.groups == 1
+            and weight.k < 139810 and fp8_available(x_packed.device)):  # fmt: skip
+        return launch_w4a4_fp8(x_packed, xs, weight)
     return _launch(x_packed, xs, _A_INT4, weight, bias, out_dtype, debug, split_k, policy=policy)
 
 
@@ -328,7 +336,8 @@ def _wonly(x: Tensor, weight: PreparedWeight, bias: Tensor | None, split_k: int 
 # The GEMMs as torch.library custom ops (opaque to torch.compile, with fake implementations
 # for tracing): a PreparedWeight travels as its tensors and ints, the policy as a list.
 
-_POLICY_FIELDS = ("decode_max_m", "cuda_decode", "small_m", "expand_min_m", "wonly_cublas_min_m")
+_POLICY_FIELDS = ("decode_max_m", "cuda_decode", "small_m", "expand_min_m", "wonly_cublas_min_m",
+                  "fp8_w4a4_min_m")  # fmt: skip
 
 
 def _policy_args(policy: GemmPolicy) -> list[int]:

@@ -46,9 +46,16 @@ class GemmPolicy:
     small_m: int = 63
     expand_min_m: int = 64
     wonly_cublas_min_m: int = 64
+    # W4A4 per channel, bf16 out, no bias: from this M on, both operands are expanded to fp8
+    # e4m3 (int4 codes and weight codes minus zero point are exact there, and the fp32 sums
+    # below 2^24) and cuBLAS' fp8 GEMM runs them: 1.44-1.78x cuBLAS bf16 on the H200 at M >=
+    # 2048 against 1.35-1.58x for the int8 path (benchmarks/results/h200/
+    # bench_w4a4_fp8_053a7b8.txt); 0 switches it off
+    fp8_w4a4_min_m: int = 2048
 
     def __post_init__(self) -> None:
-        for name in ("decode_max_m", "small_m", "expand_min_m", "wonly_cublas_min_m"):
+        for name in ("decode_max_m", "small_m", "expand_min_m", "wonly_cublas_min_m",
+                     "fp8_w4a4_min_m"):  # fmt: skip
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"GemmPolicy.{name} must be a non-negative int, got {v!r}")
@@ -450,3 +457,25 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
             total += bias.float()
         return total.to(out_dtype)
     return out
+
+
+def fp8_available(device: torch.device) -> bool:
+    """fp8 e4m3 tensor cores (compute capability 8.9 and later) and torch's fp8 GEMM."""
+    return (device.type == "cuda" and hasattr(torch, "float8_e4m3fn")
+            and torch.cuda.get_device_capability(device) >= (8, 9))  # fmt: skip
+
+
+def launch_w4a4_fp8(x_packed: Tensor, xs: Tensor, weight: PreparedWeight) -> Tensor:
+    """W4A4 on fp8 tensor cores (GemmPolicy.fp8_w4a4_min_m): the packed weight (codes minus
+    zero point, -15..15) and the packed int4 activations (-8..7) are expanded to fp8 e4m3,
+    where they are exact, then ``torch._scaled_mm`` multiplies them with fp32 accumulation
+    (exact: |sum| <= 120 K < 2^24 for K < 139810) and the per-token and per-channel scales,
+    bf16 out. Per-channel weights only (one scale per output column)."""
+    m, n, k = x_packed.shape[0], weight.n, weight.k
+    fp8 = torch.float8_e4m3fn
+    w8 = _expand(weight.words, n, k, weight.bits, 1, n, weight.zeros, weight.kernel_group,
+                 dtype=fp8)  # fmt: skip
+    x8 = _expand(x_packed, m, k, 4, x_packed.shape[1], 1, None, k, z_const=8, dtype=fp8)
+    return torch._scaled_mm(x8, w8.t(), scale_a=xs.reshape(m, 1).float(),
+                            scale_b=weight.scales.reshape(1, n).float(),
+                            out_dtype=torch.bfloat16)  # fmt: skip

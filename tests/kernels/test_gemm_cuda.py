@@ -150,3 +150,22 @@ def test_every_autotuner_config(which, act_bits):
         gid = torch.arange(k, device="cuda") // 64
         w_int = codes.double() - w.zeros.double()[:, gid]
         assert torch.equal(acc.double(), x_int @ w_int.t()), meta
+
+
+@pytest.mark.parametrize("shape", [(2048, 4096, 4096), (4096, 8192, 28672), (2051, 1024, 4160)])
+def test_w4a4_on_fp8_tensor_cores(shape):
+    """From GemmPolicy.fp8_w4a4_min_m (per-channel weights, bf16 out, no bias) W4A4 runs on
+    fp8 e4m3 tensor cores: its fp32 sums are the exact integer sums, so the output is the
+    exact result rounded once to bf16, as the int8 path's; the policy with the threshold at 0
+    keeps the int8 path."""
+    if not gemm_module.fp8_available(torch.device("cuda")):
+        pytest.skip("no fp8 tensor cores (compute capability < 8.9)")
+    m, n, k = shape
+    w, _ = make_weight(n, k, 4, None, seed=5)
+    xq, xs = act_quant(activations(m, k, seed=6), 4)
+    fp8 = gemm_w4a4(xq, xs, w)
+    int8 = gemm_w4a4(xq, xs, w, policy=gemm_module.GemmPolicy(fp8_w4a4_min_m=0))
+    exact = gemm_ref(xq, w, xs, 4, None)
+    ulp = exact.abs().clamp_min(1e-30) * 2.0**-8  # one bf16 rounding
+    assert bool(((fp8.double() - exact).abs() <= ulp + 1e-30).all())
+    assert (fp8 != int8).float().mean() <= 1e-3  # both round the same fp32 value, or one ulp
