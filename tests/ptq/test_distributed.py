@@ -99,7 +99,8 @@ def test_two_processes_give_the_codes_of_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_quantize_writes_once(tmp_path):
+@pytest.mark.parametrize("stream", [False, True])
+def test_torchrun_quantize_writes_once(tmp_path, stream):
     """`torchrun --nproc-per-node 2 -m cbq_ptq.cli quantize` on the CPU (gloo): rank 0 writes
     the model, the summary and the log; each rank checkpoints its share."""
     import subprocess
@@ -111,10 +112,14 @@ def test_torchrun_quantize_writes_once(tmp_path):
            "2", "-m", "cbq_ptq.cli", "quantize", "--model", "stories260K", "--setting", "W4A16",
            "--corpus", "tinystories", "--n-calib", "4", "--calib-len", "32", "--steps", "2",
            "--batch-size", "2", "--eval-windows", "1", "--also", "", "--out", str(out),
-           "--device", "cpu"]  # fmt: skip
+           "--device", "cpu", *(["--stream"] if stream else [])]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("W4A16 (CBQ): perplexity") == 1  # rank 0 alone evaluates
     assert (out / "model" / "quant_config.json").is_file()
     entries = (out / "windows.jsonl").read_text().splitlines()
     assert len(entries) == 4 and all(json.loads(e)["ranks"] == 2 for e in entries)
+    if stream:  # block-streamed and data-parallel: rank 0's shards are the artefact
+        meta = json.loads((out / "model" / "quant_config.json").read_text())
+        assert len(meta["files"]) == 6 and all(
+            json.loads(e)["blocks_resident"] <= 2 for e in entries)  # fmt: skip
