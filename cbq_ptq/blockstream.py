@@ -11,7 +11,6 @@ one window, the two streams and the unquantized ends of the model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -26,18 +25,13 @@ class BlockSource:
     def __init__(self, folder: str | Path, dtype: torch.dtype, device: torch.device) -> None:
         from safetensors import safe_open
 
+        from cbq_ptq.io import safetensors_files
+
         self.folder, self.dtype, self.device = Path(folder), dtype, torch.device(device)
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        else:
-            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{self.folder}: no .safetensors file to stream weights from")
         self.where: dict[str, object] = {}
         self._handles = []
-        for name in files:
-            f = safe_open(str(self.folder / name), framework="pt")
+        for file in safetensors_files(self.folder):
+            f = safe_open(str(file), framework="pt")
             self._handles.append(f)
             for key in f.keys():
                 self.where[key] = f

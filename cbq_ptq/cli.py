@@ -634,8 +634,10 @@ def cmd_generate(args) -> int:
 
 
 def _quantized_meta(path: Path) -> dict | None:
-    """The checked metadata of a quantized model folder (cbq's, or compressed-tensors'); None
-    for anything else. A damaged file is named here, before anything is loaded."""
+    """The checked metadata of a quantized model folder (cbq's quant_config.json, or a
+    compressed-tensors config.json with its scheme and provenance); None for anything else.
+    A damaged metadata file or an unsupported scheme is named here, before anything is
+    loaded."""
     from cbq_ptq.interop import is_compressed_tensors
 
     if (path / "quant_config.json").is_file():
@@ -643,9 +645,9 @@ def _quantized_meta(path: Path) -> dict | None:
 
         return read_meta(path)
     if is_compressed_tensors(path):
-        from cbq_ptq.interop import read_compressed_tensors
+        from cbq_ptq.interop import provenance, read_config
 
-        return read_compressed_tensors(path)[0]
+        return provenance(read_config(path)[0])
     return None
 
 

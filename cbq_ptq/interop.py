@@ -43,9 +43,10 @@ from pathlib import Path
 
 import torch
 
-from cbq_kernels.formats import groups_per_row, packed_words
+from cbq_kernels.formats import groups_per_row
 from cbq_kernels.packing import pack, unpack  # the compiled ops (cbq::pack / cbq::unpack)
 from cbq_ptq.config import QuantSettings
+from cbq_ptq.io import read_safetensors, safetensors_files, storage_bits
 
 FORMATS = ("compressed-tensors",)
 CT_METHOD = "compressed-tensors"
@@ -85,12 +86,6 @@ def is_compressed_tensors(path: str | Path) -> bool:
 
 def _offset(bits: int) -> int:
     return 1 << (bits - 1)
-
-
-def _storage(bits: int) -> int:
-    from cbq_ptq.io import storage_bits
-
-    return storage_bits(bits)
 
 
 def _integer_zeros(name: str, zeros: torch.Tensor, bits: int) -> torch.Tensor:
@@ -171,10 +166,10 @@ def _layer_tensors(name: str, info: dict, tensors: dict, scheme: _Scheme,
     if scheme.symmetric and not bool((zeros == off).all()):
         raise ValueError(f"layer {name}: symmetric settings but zero points differ from {off}")
     out: dict[str, torch.Tensor] = {}
-    if scheme.a_bits >= 16 and _storage(bits) == bits and 32 % bits == 0:
+    if scheme.a_bits >= 16 and storage_bits(bits) == bits and 32 % bits == 0:
         out["weight_packed"] = packed.contiguous()  # the same words (module docstring)
     else:
-        signed = (unpack(packed, _storage(bits), k).to(torch.int32) - off).to(torch.int8)
+        signed = (unpack(packed, storage_bits(bits), k).to(torch.int32) - off).to(torch.int8)
         if scheme.a_bits >= 16:
             out["weight_packed"] = pack_to_int32(signed, bits)
         else:
@@ -297,34 +292,10 @@ def export(src: str | Path, out: str | Path, fmt: str = "compressed-tensors",
 # --------------------------------------------------------------------------------- import
 
 
-def _shard_files(src: Path) -> list[Path]:
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{index}: not a safetensors index ({exc})") from None
-        files = [src / f for f in sorted(set(weight_map.values()))]
-    else:
-        files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{src}: no .safetensors file")
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} (named in {index.name}) not found")
-    return files
-
-
 def _read_tensors(src: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     tensors: dict[str, torch.Tensor] = {}
-    for f in _shard_files(src):
-        try:
-            tensors.update(load_file(f))
-        except (SafetensorError, OSError) as exc:
-            raise ValueError(f"{f}: not a readable safetensors file ({exc})") from None
+    for f in safetensors_files(src):
+        tensors.update(read_safetensors(f))
     return tensors
 
 
@@ -369,6 +340,22 @@ def _ct_scheme(qcfg: dict, where: str) -> tuple[dict, dict | None, str]:
     return w, a, g_fmt
 
 
+def read_config(src: str | Path) -> tuple[dict, dict, dict | None, str]:
+    """(config.json, weights scheme, input-activations scheme, format) of a
+    compressed-tensors folder, the scheme checked against what cbq imports: a read of the
+    config alone (the CLI's check before anything is loaded)."""
+    src = Path(src)
+    cfg = json.loads((src / "config.json").read_text())
+    w, a, fmt = _ct_scheme(cfg["quantization_config"], str(src / "config.json"))
+    return cfg, w, a, fmt
+
+
+def provenance(cfg: dict) -> dict:
+    """base_model and corpus recorded by the export (config.json's cbq_source), else None."""
+    source = cfg.get("cbq_source") if isinstance(cfg.get("cbq_source"), dict) else {}
+    return {"base_model": source.get("base_model"), "corpus": source.get("corpus")}
+
+
 def read_compressed_tensors(src: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """A compressed-tensors folder as cbq's (meta, tensors): the meta of quant_config.json
     and the tensors of model.safetensors (cbq_ptq.io), so that io.load builds it like a
@@ -378,9 +365,7 @@ def read_compressed_tensors(src: str | Path) -> tuple[dict, dict[str, torch.Tens
     _ct()
     src = Path(src)
     where = str(src / "config.json")
-    cfg = json.loads((src / "config.json").read_text())
-    w, a, fmt = _ct_scheme(cfg["quantization_config"], where)
-    source = cfg.get("cbq_source") if isinstance(cfg.get("cbq_source"), dict) else {}
+    cfg, w, a, fmt = read_config(src)
     bits, gs, sym = int(w["num_bits"]), w.get("group_size"), bool(w.get("symmetric", True))
     if w["strategy"] == "group" and (not isinstance(gs, int) or gs < 1):
         raise ValueError(f"{where}: group strategy with group_size {gs!r}")
@@ -434,7 +419,7 @@ def read_compressed_tensors(src: str | Path) -> tuple[dict, dict[str, torch.Tens
                 raise ValueError(f"{src}: {name}.weight_zero_point has shape "
                                  f"{tuple(zp.shape)}, expected {(n, groups)}")  # fmt: skip
             zeros = zp.float() + off
-        tensors[f"{name}.packed"] = pack(codes.to(torch.uint8), _storage(bits))
+        tensors[f"{name}.packed"] = pack(codes.to(torch.uint8), storage_bits(bits))
         tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = scale.contiguous(), zeros
         tensors[f"{name}.act_ratio"] = torch.ones(1)
         if f"{name}.bias" in raw:
@@ -444,7 +429,6 @@ def read_compressed_tensors(src: str | Path) -> tuple[dict, dict[str, torch.Tens
             raise ValueError(f"{src}: tensor {strays[0]} is not part of the {fmt} scheme cbq "
                              "reads")  # fmt: skip
         layers[name] = {"bits": bits, "group_size": gs, "in_features": k, "out_features": n}
-        assert packed_words(k, _storage(bits)) == tensors[f"{name}.packed"].shape[1]
     tensors.update(raw)
     ragged = gs is not None and any(info["in_features"] % gs for info in layers.values())
     settings = QuantSettings(w_bits=bits, group_size=gs, a_bits=a_bits, symmetric_weights=sym,
@@ -453,7 +437,7 @@ def read_compressed_tensors(src: str | Path) -> tuple[dict, dict[str, torch.Tens
 
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "pack_format_version": PACK_FORMAT_VERSION, "source": CT_METHOD,
-            "base_model": source.get("base_model"), "corpus": source.get("corpus"),
+            **provenance(cfg),
             "settings": dataclasses.asdict(settings), "layers": layers, "files": {}}  # fmt: skip
     return meta, tensors
 

@@ -279,12 +279,40 @@ def read_meta(src: Path) -> dict:
     return meta
 
 
-def _load_tensors(src: Path, meta: dict) -> dict[str, torch.Tensor]:
-    """Every tensor file of quant_config.json (model.safetensors, and the block shards of a
-    block-streamed run), each after its sha256 is checked against the recorded one."""
+def safetensors_files(src: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face folder: those of
+    model.safetensors.index.json, else every *.safetensors; a missing one is named."""
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{index}: not a safetensors index ({exc})") from None
+        files = [src / f for f in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{src}: no .safetensors file")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} (named in {index.name}) not found")
+    return files
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file; a damaged file is one error naming it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{file}: not a readable safetensors file ({exc})") from None
+
+
+def _load_tensors(src: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """Every tensor file of quant_config.json (model.safetensors, and the block shards of a
+    block-streamed run), each after its sha256 is checked against the recorded one."""
     files = meta.get("files") or {"model.safetensors": None}
     tensors: dict[str, torch.Tensor] = {}
     for name, recorded in files.items():
@@ -295,10 +323,7 @@ def _load_tensors(src: Path, meta: dict) -> dict[str, torch.Tensor]:
             raise ValueError(f"{file}: sha256 differs from the one recorded in "
                              "quant_config.json at save time: the file is truncated or was "
                              "modified")  # fmt: skip
-        try:
-            tensors.update(load_file(file))
-        except SafetensorError as exc:
-            raise ValueError(f"{file}: not a readable safetensors file ({exc})") from None
+        tensors.update(read_safetensors(file))
     return tensors
 
 
