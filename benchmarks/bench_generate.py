@@ -98,6 +98,10 @@ def main() -> int:
     env = Environment.detect()
     models = ["tiny"] if args.tiny else os.environ.get(
         "CBQ_GEN_MODELS", "llama2-7b,llama2-70b-8l").split(",")  # fmt: skip
+    models = [m for m in models if m and m != "none"]  # "none": only the --saved model
+    unknown = sorted(set(models) - set(SHAPES))
+    if unknown:
+        p.error(f"unknown CBQ_GEN_MODELS {unknown}; known: {sorted(SHAPES)} or none")
     batches = env_list("CBQ_GEN_BATCHES", (1, 2) if args.tiny else (1, 8, 32))
     prompts = env_list("CBQ_GEN_PROMPTS", (16,) if args.tiny else (512, 2048))
     new = env_list("CBQ_GEN_NEW", (4,) if args.tiny else (256,))[0]

@@ -9,6 +9,7 @@
 #                                           # are the 'one run alone' time), then the 7B cost
 #   bash scripts/gpu_ptq.sh OUT check       # GPU tests of cbq_ptq, then the calibration cost
 #   bash scripts/gpu_ptq.sh OUT cli         # the README's commands on stories260K
+#   bash scripts/gpu_ptq.sh OUT gencheck    # issue 14's checks on the CBQ_GENMODEL models
 # Inputs travel in the ignored folder .carry: shared/{models,data} (copies of ../shared),
 # whl/ (the gguf wheel, which the GPU image lacks), a/ and b/ (the GGUF split with
 # `split -b 47m`, one half per call: a call carries at most 64 MiB).
@@ -95,8 +96,24 @@ case $stage in
         ) > /dev/null 2>&1 < /dev/null &
       done
     fi
+    if [ -n "${CBQ_GENMODEL:-}" ]; then  # issue 14: a CBQ model to generate with (gencheck)
+      for s in $CBQ_GENMODEL; do
+        python3 -m cbq_ptq.cli quantize --model smollm2-135m --setting $s --eval-windows 8 \
+          --out /tmp/gen_$s > $table/genmodel_$s.log 2>&1 < /dev/null &
+      done
+    fi
     sleep 60; cat $table/driver_*.log; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
     tail -3 $table/*.log | head -60 ;;
+  gencheck)  # issue 14 on the models of CBQ_GENMODEL (start): greedy continuations and the
+    # perplexity through generate's model (scripts/check_generate.py), then generation speed
+    for s in ${CBQ_GENMODEL:-W4A8}; do
+      tail -3 $table/genmodel_$s.log
+      python3 scripts/check_generate.py /tmp/gen_$s/model --out "$out/check_generate_$s.json" \
+        2>&1 | grep -v Warning | tail -12
+      CBQ_GEN_MODELS=none CBQ_GEN_BATCHES=${CBQ_GEN_BATCHES:-1,8} CBQ_GEN_PROMPTS=512 \
+        CBQ_GEN_NEW=${CBQ_GEN_NEW:-128} python3 benchmarks/bench_generate.py --saved \
+        /tmp/gen_$s/model --out "$out/gen_$s" 2>&1 | grep -v Warning | cut -c1-300 | tail -6
+    done ;;
   wait)
     limit=${1:-540}; t0=$(date +%s)
     while pgrep -f "scripts/ptq_table.py|export_check|cbq_ptq.cli" > /dev/null && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do
