@@ -42,7 +42,8 @@ SHAPES = {  # hidden, intermediate, heads, kv heads, blocks built, blocks of the
     "tiny": (256, 688, 4, 4, 2, 2),
 }
 FIELDS = ["model", "setting", "batch", "prompt", "new_tokens", "ttft_ms", "decode_tok_s",
-          "decode_ms_per_step", "speedup_vs_bf16", "decode_tok_s_x80", "peak_gib", "weights",
+          "decode_ms_per_step", "speedup_vs_bf16", "decode_tok_s_x80", "peak_gib", "weight_gib",
+          "weights",
           "compile", "gpu", "torch", "commit"]  # fmt: skip
 COMPILE = os.environ.get("CBQ_GEN_COMPILE", "auto")
 
@@ -133,6 +134,7 @@ def main() -> int:
                     rows.append({"model": shape, "setting": setting, "batch": batch,
                                  "prompt": prompt, "new_tokens": new, **r,
                                  "speedup_vs_bf16": speed, "decode_tok_s_x80": x80,
+                                 "weight_gib": round(weights / 2**30, 3),
                                  "weights": "random, RTN", "gpu": env.gpu, "torch": env.torch,
                                  "commit": env.commit})  # fmt: skip
                     print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
