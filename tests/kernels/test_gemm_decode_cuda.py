@@ -15,8 +15,10 @@ from tests.kernels.test_gemm_cuda import make_weight as gemm_cuda_weight
 pytestmark = pytest.mark.cuda
 
 # (M, N, K): 70B gate/up at M = 1, 7B attention at M = 16, 70B down (K = 28672) at M = 4,
-# odd sizes (N not a multiple of the tile, K not of 16)
-SHAPES = ((1, 28672, 8192), (16, 4096, 4096), (4, 8192, 28672), (7, 1000, 200))
+# odd sizes (N not a multiple of the tile, K not of 16), M = 8 / 9 on either side of the
+# swapped-operand kernel (M <= 8)
+SHAPES = ((1, 28672, 8192), (16, 4096, 4096), (4, 8192, 28672), (7, 1000, 200), (8, 1000, 200),
+          (9, 1000, 200))
 
 
 def need_kernel():
