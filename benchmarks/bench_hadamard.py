@@ -54,7 +54,9 @@ def main() -> None:
                       baseline_name="transform_then_act_quant")  # fmt: skip
         if not _fits(n):
             notes.append(f"- width {n}: outside the fused kernel's tile (n <= 16384, padded "
-                         "small factor <= 64): the API runs the composition")  # fmt: skip
+                         "small factor <= 64): the API runs hadamard.transform_matmul (matrix "
+                         "products) then act_quant; transform_then_act_quant is the "
+                         "butterfly reference")  # fmt: skip
     columns = ("op", "provider", "shape", "p50_ms", "gbps", "frac_copy_bw", "speedup")
     print(write_report(table, out, "bench_hadamard", "Online Hadamard + activation quantization",
                        "benchmarks/bench_hadamard.py", columns, notes))  # fmt: skip

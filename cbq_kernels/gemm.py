@@ -520,9 +520,9 @@ def linear(x: Tensor, weight: PreparedWeight, act_bits: int | None = None,
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     fused = rotation_signs is not None and act_bits in (4, 8) and set(act_kwargs) <= {"clip_ratio"}
     if rotation_signs is not None and not fused:
-        from cbq_kernels.hadamard import transform
+        from cbq_kernels.hadamard import apply
 
-        x2 = transform(x2, rotation_signs)
+        x2 = apply(x2, rotation_signs)
     if act_bits is None:
         y = gemm_wonly(x2, weight, bias, policy=policy)
     elif act_bits in (4, 8):

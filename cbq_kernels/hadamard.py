@@ -217,6 +217,53 @@ def _fwht(x: Tensor) -> Tensor:
     return x
 
 
+_MAX_FACTOR = 64  # largest Sylvester factor per matrix product in transform_matmul
+
+
+@functools.lru_cache(maxsize=64)
+def _sylvester_tensor(p: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.from_numpy(sylvester(p)).to(device=device, dtype=dtype)
+
+
+def transform_matmul(x: Tensor, signs: Tensor | None = None) -> Tensor:
+    """:func:`transform` as a few matrix products (the GPU path where the fused kernel does not
+    take the width): the 2^j part as Sylvester factors of at most 64 (H_(ab) = H_a (x) H_b),
+    each a product along one axis, then the m x m factor; fp32 (fp64 for fp64 inputs). Equal
+    to :func:`transform` up to the order of the fp32 additions. The butterflies of
+    :func:`transform` take log2(2^j) passes over x, a pass per stage: 7.2 ms for 8192 x 11008
+    on the H200 (benchmarks/results/h200/bench_hadamard_ed30008.md), the products ~4."""
+    n = x.shape[-1]
+    m, p = factor(n)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(work)
+    if signs is not None:
+        if signs.shape != (n,):
+            raise ValueError(f"signs must have shape ({n},), got {tuple(signs.shape)}")
+        y = y * signs.to(device=x.device, dtype=work)
+    rows = y.numel() // n if n else 0
+    inner = 1  # the length of the axes right of the one being multiplied
+    left = p
+    while left > 1:  # peel factors of at most 64 off the right end of the 2^j index
+        f = min(left, _MAX_FACTOR)
+        h = _sylvester_tensor(f, x.device, work)
+        left //= f
+        if inner == 1:
+            y = (y.reshape(-1, f) @ h).reshape(-1)
+        else:  # y[o, i', r] = sum_i H[i, i'] y[o, i, r] (H symmetric)
+            y = torch.matmul(h, y.reshape(-1, f, inner)).reshape(-1)
+        inner *= f
+    if m > 1:  # A^T X, X = (m, 2^j) per row
+        a = _small_tensor(m, x.device, work)
+        y = torch.matmul(a.t(), y.reshape(rows, m, p))
+    return (y.reshape(x.shape) * (1 / math.sqrt(n))).to(x.dtype)
+
+
+def apply(x: Tensor, signs: Tensor | None = None) -> Tensor:
+    """x @ R for a model's online rotation: :func:`transform_matmul` on a GPU (a few matrix
+    products), :func:`transform` (the butterflies, the reference) elsewhere."""
+    return transform_matmul(x, signs) if x.is_cuda else transform(x, signs)
+
+
 def transform(x: Tensor, signs: Tensor | None = None) -> Tensor:
     """x @ R over the last dimension, R = diag(signs) H_n / sqrt(n) (the reference: a fast
     Walsh-Hadamard transform of the 2^j part and an m x m product). Computed in fp32 (fp64

@@ -96,7 +96,7 @@ class OnlineRotation(torch.nn.Module):
         if self.kind == "hadamard":
             if key not in self._cache:
                 self._cache[key] = hadamard.random_signs(self.n, self.seed).to(x.device)
-            return hadamard.transform(x, self._cache[key])
+            return hadamard.apply(x, self._cache[key])
         if key not in self._cache:
             self._cache[key] = rotation_matrix("random", self.n, self.seed, torch.float32).to(
                 x.device

@@ -43,6 +43,24 @@ def test_transform_is_x_times_the_dense_orthogonal_matrix(n):
     torch.testing.assert_close(yb.double(), xb.double() @ r, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("n", [8, 12, 64, 576, 1536, 4096, 8192, 11008, 28672])
+def test_the_matrix_product_form_equals_the_butterflies(n):
+    # transform_matmul (the GPU path: Sylvester factors <= 64, then the small factor) is the
+    # same map: fp64 to 1e-12, fp32 to a few ulps of the row scale, gradients included
+    g = torch.Generator().manual_seed(n)
+    signs = hadamard.random_signs(n, seed=3)
+    x = torch.randn(2, 3, n, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(hadamard.transform_matmul(x, signs), hadamard.transform(x, signs),
+                               rtol=0, atol=1e-12)  # fmt: skip
+    x32 = x.float().requires_grad_()
+    y = hadamard.transform_matmul(x32, signs)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    torch.testing.assert_close(y, hadamard.transform(x32.detach(), signs), rtol=0, atol=2e-5)
+    y.square().sum().backward()  # orthogonal: the gradient of |x R|^2 is 2 x
+    torch.testing.assert_close(x32.grad, 2 * x32.detach(), rtol=0, atol=1e-4)
+    assert hadamard.apply(x32.detach(), signs).equal(hadamard.transform(x32.detach(), signs))
+
+
 def test_bad_signs_are_refused():
     with pytest.raises(ValueError, match=r"signs must have shape \(64,\), got \(32,\)"):
         hadamard.transform(torch.randn(2, 64), torch.ones(32))
