@@ -59,7 +59,15 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kTN = 64;           // output channels per block
 constexpr int kSub = 8;           // 8-column MMA subtiles per block
-constexpr int kDepth = 4;         // chunks of weight loads in flight per warp (2 x 16 B each)
+#ifndef CBQ_DEC_DEPTH
+#define CBQ_DEC_DEPTH 8
+#endif
+#ifndef CBQ_DEC_BLOCKS
+#define CBQ_DEC_BLOCKS 3
+#endif
+// chunks of weight copies in flight per warp (1 KB each, in the warp's shared-memory ring)
+constexpr int kDepth = CBQ_DEC_DEPTH;
+constexpr int kMinBlocks = CBQ_DEC_BLOCKS;  // blocks per SM the register budget is set for
 constexpr int kFloatSegment = 4;  // 4-bit chunks between fp32 flushes (per-channel scales)
 
 enum AMode : int { kABf16 = 0, kAFp16 = 1, kAInt8 = 2, kAInt4 = 3 };
@@ -110,15 +118,6 @@ __device__ __forceinline__ void mma_s8(int32_t* c, const uint32_t* a, uint32_t b
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Streaming 16-byte load of weights (read once: do not keep them in L1, where x lives).
-__device__ __forceinline__ uint4 load_weights(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
 }
 
 // 16-byte asynchronous copy global -> shared (the group scales: no synchronous global load in
@@ -271,7 +270,7 @@ __device__ __forceinline__ void finish(const Args& p, int row, int col, uint32_t
 }
 
 template <int BITS, int AM, bool GROUPED, bool DEBUG>
-__global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p) {
   constexpr bool kInt = AM == kAInt8 || AM == kAInt4;
   constexpr bool kBf16 = AM != kAFp16;
   constexpr int CK = BITS == 4 ? 32 : 64;  // K per chunk
@@ -287,8 +286,13 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
   static_assert(!kInt || BITS == 4, "integer activations take 4-bit containers");
 
   constexpr int kSlots = kDepth + 1;  // group scales in flight per warp (one per chunk at most)
-  __shared__ uint32_t sm[kWarps][16][kTN + 8];  // +8: conflict-free 64-bit stores
-  __shared__ __align__(16) uint32_t sc_sm[kWarps][kSlots][2][kTN];  // scales, zero points
+  // dynamic shared memory (decode_smem_bytes): the group scales and zero points of each warp,
+  // then each warp's ring of kDepth weight chunks, which the warp reduction reuses after the K
+  // loop (+8: conflict-free 64-bit stores)
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  auto& sc_sm = *reinterpret_cast<uint32_t(*)[kWarps][kSlots][2][kTN]>(smem_raw);
+  auto& ring = *reinterpret_cast<uint4(*)[kWarps][kDepth][64]>(smem_raw + sizeof(sc_sm));
+  auto& sm = *reinterpret_cast<uint32_t(*)[kWarps][16][kTN + 8]>(smem_raw + sizeof(sc_sm));
   __shared__ bool last_block;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -371,15 +375,16 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
   // per chunk: two fully coalesced 512-byte warp loads (word h * 4 + j of lane l at uint4
   // (chunk * 2 + h) * 32 + l)
   const uint4* base = p.words + (static_cast<int64_t>(nt) * p.chunks) * 64 + lane;
-  uint4 buf[kDepth][2];
   int group = kb / p.seg_chunks;  // once per warp
   int next_flush = (group + 1) * p.seg_chunks;
   int copied = group, copy_slot = 0, next_copy = next_flush, flush_slot = 0;
   if (kb < ke) copy_group(GROUPED ? group : 0, 0);
   cp_async_commit();
-  auto request = [&](int cn, int d) {  // chunk cn's weights into ring slot d
-    buf[d][0] = load_weights(base + static_cast<int64_t>(cn) * 64);
-    buf[d][1] = load_weights(base + static_cast<int64_t>(cn) * 64 + 32);
+  // chunk cn's weights into ring slot d: each lane copies the 32 bytes it will read itself, so
+  // its own cp.async.wait_group makes them visible (no barrier)
+  auto request = [&](int cn, int d) {
+    cp_async16(&ring[warp][d][lane], base + static_cast<int64_t>(cn) * 64);
+    cp_async16(&ring[warp][d][32 + lane], base + static_cast<int64_t>(cn) * 64 + 32);
     if (GROUPED && cn == next_copy) {
       ++copied;
       copy_slot = copy_slot + 1 == kSlots ? 0 : copy_slot + 1;
@@ -398,16 +403,17 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
     for (int d = 0; d < kDepth; ++d) {
       const int c = kc + d;
       if (c < ke) {
+        // chunk c's copies (and the scales of any group starting at c) were committed kDepth
+        // groups ago
+        cp_async_wait<kDepth - 1>();
         if (c == next_flush) {
-          // the copy of this segment's scales was committed >= kDepth groups ago
-          cp_async_wait<kDepth - 1>();
           __syncwarp();
           flush(flush_slot);
           if (GROUPED) flush_slot = flush_slot + 1 == kSlots ? 0 : flush_slot + 1;
           next_flush += p.seg_chunks;
         }
-        const uint32_t w[8] = {buf[d][0].x, buf[d][0].y, buf[d][0].z, buf[d][0].w,
-                               buf[d][1].x, buf[d][1].y, buf[d][1].z, buf[d][1].w};
+        const uint4 w0 = ring[warp][d][lane], w1 = ring[warp][d][32 + lane];
+        const uint32_t w[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
         uint32_t r0[ALd::kRegs], r1[ALd::kRegs];
         if (p.vec_x && (c + 1) * CK <= p.k) {
           ALd::fast(r0, p, row0, c, t);
@@ -448,7 +454,9 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
   __syncwarp();
   if (kb < ke) flush(flush_slot);
 
-  // reduce the 4 warps through shared memory, in warp order
+  // reduce the 4 warps through shared memory, in warp order (sm reuses the rings: every warp
+  // must be done with its ring first)
+  __syncthreads();
 #pragma unroll
   for (int s = 0; s < kSub; ++s) {
 #pragma unroll
@@ -509,14 +517,26 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
   if (threadIdx.x == 0) p.counters[nt] = 0;
 }
 
+constexpr size_t kScaleBytes = sizeof(uint32_t) * kWarps * (kDepth + 1) * 2 * kTN;
+constexpr size_t kRingBytes = sizeof(uint4) * kWarps * kDepth * 64;
+constexpr size_t kReduceBytes = sizeof(uint32_t) * kWarps * 16 * (kTN + 8);
+constexpr size_t kSmemBytes = kScaleBytes + (kRingBytes > kReduceBytes ? kRingBytes : kReduceBytes);
+
 template <int BITS, int AM, bool DEBUG>
-void launch(const Args& p, bool grouped, cudaStream_t stream) {
+void launch(const Args& p, bool grouped, int device, cudaStream_t stream) {
   const dim3 grid(p.n_pad / kTN, p.splits);
-  if (grouped) {
-    decode_kernel<BITS, AM, true, DEBUG><<<grid, kWarps * 32, 0, stream>>>(p);
-  } else {
-    decode_kernel<BITS, AM, false, DEBUG><<<grid, kWarps * 32, 0, stream>>>(p);
+  const auto kernel = grouped ? decode_kernel<BITS, AM, true, DEBUG>
+                              : decode_kernel<BITS, AM, false, DEBUG>;
+  // more dynamic shared memory than the 48 KB default: allowed once per kernel and device
+  static uint32_t attr_set[2] = {0u, 0u};  // bit d: set on device d (< 32)
+  const uint32_t bit = device < 32 ? 1u << device : 0u;
+  if (!(attr_set[grouped] & bit)) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(kSmemBytes)),
+               "cudaFuncSetAttribute");
+    attr_set[grouped] |= bit;
   }
+  kernel<<<grid, kWarps * 32, kSmemBytes, stream>>>(p);
 }
 
 }  // namespace
@@ -566,18 +586,18 @@ void gemm_decode_cuda(const void* x, const float* x_scales, int a_mode, const in
   }
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (bits == 2) {
-    if (a_mode == kABf16) launch<2, kABf16, false>(p, grouped, s);
-    else launch<2, kAFp16, false>(p, grouped, s);
+    if (a_mode == kABf16) launch<2, kABf16, false>(p, grouped, device, s);
+    else launch<2, kAFp16, false>(p, grouped, device, s);
   } else if (a_mode == kABf16) {
-    launch<4, kABf16, false>(p, grouped, s);
+    launch<4, kABf16, false>(p, grouped, device, s);
   } else if (a_mode == kAFp16) {
-    launch<4, kAFp16, false>(p, grouped, s);
+    launch<4, kAFp16, false>(p, grouped, device, s);
   } else if (a_mode == kAInt8) {
-    if (debug) launch<4, kAInt8, true>(p, grouped, s);
-    else launch<4, kAInt8, false>(p, grouped, s);
+    if (debug) launch<4, kAInt8, true>(p, grouped, device, s);
+    else launch<4, kAInt8, false>(p, grouped, device, s);
   } else {
-    if (debug) launch<4, kAInt4, true>(p, grouped, s);
-    else launch<4, kAInt4, false>(p, grouped, s);
+    if (debug) launch<4, kAInt4, true>(p, grouped, device, s);
+    else launch<4, kAInt4, false>(p, grouped, device, s);
   }
   const cudaError_t err = cudaGetLastError();
   if (previous != device) cudaSetDevice(previous);
