@@ -269,7 +269,13 @@ __device__ __forceinline__ void finish(const Args& p, int row, int col, uint32_t
   }
 }
 
-template <int BITS, int AM, bool GROUPED, bool DEBUG>
+// SWAP (M <= 8): the MMA computes y^T = W x^T, weights as the 16-row A operand and the
+// activations as the 8-column B operand, so no MMA row is padding for M <= 8 (with x as A, 15
+// of 16 rows are padding at M = 1): half the MMAs and accumulators, one activation load per
+// lane, and the B operand is two consecutive registers of that load (no register moves). The
+// weight layout is the same: words 2j and 2j + 1 (columns 16 j + g and 16 j + 8 + g) are rows g
+// and g + 8 of n16-tile j.
+template <int BITS, int AM, bool GROUPED, bool DEBUG, bool SWAP>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p) {
   constexpr bool kInt = AM == kAInt8 || AM == kAInt4;
   constexpr bool kBf16 = AM != kAFp16;
@@ -300,6 +306,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
   const int nt = blockIdx.x, split = blockIdx.y;
   const int n0 = nt * kTN;
   const int row0 = min(g, p.m - 1), row1 = min(g + 8, p.m - 1);
+  constexpr int kAcc = SWAP ? kSub / 2 : kSub;  // accumulator tiles: n16 x m8, or m16 x n8
 
   // this warp's chunks: split `split` of S, then quarter `warp` of it
   const int per_split = (p.chunks + p.splits - 1) / p.splits;
@@ -309,12 +316,14 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
   const int kb = min(s_begin + warp * per_warp, s_end);
   const int ke = min(kb + per_warp, s_end);
 
-  Acc tmp[kSub][4];    // the MMA sums of the current segment (group)
-  Acc sumx[4];         // row sums of x over the segment (c[0]: row g, c[2]: row g + 8)
-  float acc[kSub][4];  // the scaled result (float modes, grouped integer modes)
-  int32_t acci[kSub][4];
+  Acc tmp[kAcc][4];    // the MMA sums of the current segment (group)
+  // row sums of x over the segment (SWAP: c[0] / c[1] rows 2t / 2t + 1; else c[0] / c[2] rows
+  // g / g + 8)
+  Acc sumx[4];
+  float acc[kAcc][4];  // the scaled result (float modes, grouped integer modes)
+  int32_t acci[kAcc][4];
 #pragma unroll
-  for (int s = 0; s < kSub; ++s) {
+  for (int s = 0; s < kAcc; ++s) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       tmp[s][r] = 0;
@@ -328,10 +337,41 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
   // the segment's sums -> the result: y += s (tmp - (magic + z) sumx) per column
   // (the segment's scales and zero points are in this warp's shared-memory slot slot_i)
   auto flush = [&](int slot_i) {
-    const Acc sx0 = sumx[0], sx1 = sumx[2];
     const uint32_t(&slot)[2][kTN] = sc_sm[warp][slot_i];
+    if constexpr (SWAP) {
+      // tile j: c[0] / c[1] column 16 j + g, rows 2t / 2t + 1; c[2] / c[3] column 16 j + 8 + g
+      const Acc sx[2] = {sumx[0], sumx[1]};
 #pragma unroll
-    for (int s = 0; s < kSub; ++s) {
+      for (int j = 0; j < kAcc; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int col = 16 * j + 8 * h + g;
+          const int32_t z = static_cast<int32_t>(slot[1][col]);
+          const float sc = __uint_as_float(slot[0][col]);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int r = 2 * h + e;
+            if constexpr (kInt) {
+              const int32_t d = tmp[j][r] - z * sx[e];
+              if constexpr (kIntOut) {
+                acci[j][r] += d;
+              } else {
+                acc[j][r] += sc * static_cast<float>(d);
+              }
+            } else {
+              acc[j][r] += fmaf(sc, tmp[j][r], -(sc * (kMagic + static_cast<float>(z))) * sx[e]);
+            }
+            tmp[j][r] = 0;
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 4; ++r) sumx[r] = 0;
+      return;
+    }
+    const Acc sx0 = sumx[0], sx1 = sumx[2];
+#pragma unroll
+    for (int s = 0; s < kAcc; ++s) {
       const int col = 8 * s + 2 * t;
       const int2 z = *reinterpret_cast<const int2*>(&slot[1][col]);
       if constexpr (kInt) {
@@ -417,17 +457,45 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
         uint32_t r0[ALd::kRegs], r1[ALd::kRegs];
         if (p.vec_x && (c + 1) * CK <= p.k) {
           ALd::fast(r0, p, row0, c, t);
-          ALd::fast(r1, p, row1, c, t);
+          if constexpr (!SWAP) ALd::fast(r1, p, row1, c, t);
         } else {
           ALd::slow(r0, p, row0, c, t);
-          ALd::slow(r1, p, row1, c, t);
+          if constexpr (!SWAP) ALd::slow(r1, p, row1, c, t);
         }
-        if constexpr (kInt) {
+        if constexpr (SWAP && kInt) {
+          // B = x (k32 x m8): b0 = row g's K slots 4t.., b1 = slots 16 + 4t.. (to_fragments)
+          uint32_t xa[4];
+          int_fragments<AM>(xa, r0, r0);
+          const uint32_t ones[4] = {kOnes2, kOnes2, kOnes2, kOnes2};
+          mma_s8(sumx, ones, xa[0], xa[2]);
+#pragma unroll
+          for (int j = 0; j < kAcc; ++j) {
+            const uint32_t a[4] = {w[2 * j] & 0x0F0F0F0Fu, w[2 * j + 1] & 0x0F0F0F0Fu,
+                                   (w[2 * j] >> 4) & 0x0F0F0F0Fu, (w[2 * j + 1] >> 4) & 0x0F0F0F0Fu};
+            mma_s8(tmp[j], a, xa[0], xa[2]);
+          }
+        } else if constexpr (SWAP) {
+#pragma unroll
+          for (int u = 0; u < kSteps; ++u) {
+            // B = x (k16 x m8): pairs 2u (K slots 2t, 2t + 1) and 2u + 1 (slots 2t + 8, 2t + 9)
+            const uint32_t b0 = r0[2 * u], b1 = r0[2 * u + 1];
+            const uint32_t ones[4] = {kOnes2, kOnes2, kOnes2, kOnes2};
+            mma_f16<kBf16>(sumx, ones, b0, b1);
+#pragma unroll
+            for (int j = 0; j < kAcc; ++j) {
+              const uint32_t a[4] = {and_or(w[2 * j] >> (BITS * (2 * u)), kMask2, kMagic2),
+                                     and_or(w[2 * j + 1] >> (BITS * (2 * u)), kMask2, kMagic2),
+                                     and_or(w[2 * j] >> (BITS * (2 * u + 1)), kMask2, kMagic2),
+                                     and_or(w[2 * j + 1] >> (BITS * (2 * u + 1)), kMask2, kMagic2)};
+              mma_f16<kBf16>(tmp[j], a, b0, b1);
+            }
+          }
+        } else if constexpr (kInt) {
           uint32_t a[4];
           int_fragments<AM>(a, r0, r1);
           mma_s8(sumx, a, kOnes2, kOnes2);
 #pragma unroll
-          for (int s = 0; s < kSub; ++s) {
+          for (int s = 0; s < kAcc; ++s) {
             mma_s8(tmp[s], a, w[s] & 0x0F0F0F0Fu, (w[s] >> 4) & 0x0F0F0F0Fu);
           }
         } else {
@@ -437,7 +505,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
             const uint32_t a[4] = {r0[2 * u], r1[2 * u], r0[2 * u + 1], r1[2 * u + 1]};
             mma_f16<kBf16>(sumx, a, kOnes2, kOnes2);
 #pragma unroll
-            for (int s = 0; s < kSub; ++s) {
+            for (int s = 0; s < kAcc; ++s) {
               const uint32_t b0 = and_or(w[s] >> (BITS * (2 * u)), kMask2, kMagic2);
               const uint32_t b1 = and_or(w[s] >> (BITS * (2 * u + 1)), kMask2, kMagic2);
               mma_f16<kBf16>(tmp[s], a, b0, b1);
@@ -457,8 +525,18 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
   // reduce the 4 warps through shared memory, in warp order (sm reuses the rings: every warp
   // must be done with its ring first)
   __syncthreads();
+  if constexpr (SWAP) {
 #pragma unroll
-  for (int s = 0; s < kSub; ++s) {
+    for (int j = 0; j < kAcc; ++j) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {  // row 2t + (r & 1), column 16 j + 8 (r >> 1) + g
+        sm[warp][2 * t + (r & 1)][16 * j + 8 * (r >> 1) + g] =
+            kIntOut ? static_cast<uint32_t>(acci[j][r]) : __float_as_uint(acc[j][r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < (SWAP ? 0 : kAcc); ++s) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // rows g, g + 8
       uint2 v;
@@ -525,16 +603,20 @@ constexpr size_t kSmemBytes = kScaleBytes + (kRingBytes > kReduceBytes ? kRingBy
 template <int BITS, int AM, bool DEBUG>
 void launch(const Args& p, bool grouped, int device, cudaStream_t stream) {
   const dim3 grid(p.n_pad / kTN, p.splits);
-  const auto kernel = grouped ? decode_kernel<BITS, AM, true, DEBUG>
-                              : decode_kernel<BITS, AM, false, DEBUG>;
+  const bool swap = p.m <= 8;
+  const auto kernel = grouped ? (swap ? decode_kernel<BITS, AM, true, DEBUG, true>
+                                      : decode_kernel<BITS, AM, true, DEBUG, false>)
+                              : (swap ? decode_kernel<BITS, AM, false, DEBUG, true>
+                                      : decode_kernel<BITS, AM, false, DEBUG, false>);
   // more dynamic shared memory than the 48 KB default: allowed once per kernel and device
-  static uint32_t attr_set[2] = {0u, 0u};  // bit d: set on device d (< 32)
+  static uint32_t attr_set[4] = {0u, 0u, 0u, 0u};  // bit d: set on device d (< 32)
+  const int which = 2 * grouped + swap;
   const uint32_t bit = device < 32 ? 1u << device : 0u;
-  if (!(attr_set[grouped] & bit)) {
+  if (!(attr_set[which] & bit)) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(kSmemBytes)),
                "cudaFuncSetAttribute");
-    attr_set[grouped] |= bit;
+    attr_set[which] |= bit;
   }
   kernel<<<grid, kWarps * 32, kSmemBytes, stream>>>(p);
 }
