@@ -158,6 +158,35 @@ struct ALoad {
   static constexpr int kPer = CK / 4;  // K positions per lane and row
   static constexpr int kRegs = kFloat ? kPer / 2 : (AM == kAInt8 ? kPer / 4 : kPer / 8);
 
+  // the lane's first bytes of `row` (chunk 0) and the bytes per chunk: the fast loads of
+  // chunk c start at lane_base + c * kChunkBytes (one 64-bit add per chunk, not the index
+  // arithmetic of fast(): ~8 instructions per chunk in the SASS of decode-v7)
+  static constexpr int kChunkBytes = kFloat ? CK * 2 : (AM == kAInt8 ? CK : CK / 2);
+  __device__ static const char* lane_base(const Args& p, int row, int t) {
+    const char* x = static_cast<const char*>(p.x);
+    if constexpr (kFloat) return x + (row * p.ldx + kPer * t) * 2;
+    else if constexpr (AM == kAInt8) return x + row * p.ldx + kPer * t;
+    else return x + (row * p.ldx + t) * 4;
+  }
+  __device__ static void fast_at(uint32_t* r, const char* src) {
+    if constexpr (kFloat) {
+#pragma unroll
+      for (int v = 0; v < kRegs / 4; ++v) {
+        const uint4 q = __ldg(reinterpret_cast<const uint4*>(src) + v);
+        r[4 * v] = q.x;
+        r[4 * v + 1] = q.y;
+        r[4 * v + 2] = q.z;
+        r[4 * v + 3] = q.w;
+      }
+    } else if constexpr (AM == kAInt8) {
+      const uint2 q = __ldg(reinterpret_cast<const uint2*>(src));
+      r[0] = q.x;
+      r[1] = q.y;
+    } else {
+      r[0] = __ldg(reinterpret_cast<const uint32_t*>(src));
+    }
+  }
+
   __device__ static void fast(uint32_t* r, const Args& p, int row, int c, int t) {
     const int64_t col = static_cast<int64_t>(c) * CK + kPer * t;
     if constexpr (kFloat) {
@@ -422,6 +451,12 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
   cp_async_commit();
   // chunk cn's weights into ring slot d: each lane copies the 32 bytes it will read itself, so
   // its own cp.async.wait_group makes them visible (no barrier)
+  const char* xb0 = ALd::lane_base(p, row0, t);
+  const char* xb1 = ALd::lane_base(p, row1, t);
+  // opaque to the compiler: kept in registers, not recomputed from the thread index in the
+  // loop (it rematerialised them: S2R + 9 integer instructions per chunk)
+  asm volatile("" : "+l"(xb0));
+  asm volatile("" : "+l"(xb1));
   auto request = [&](int cn, int d) {
     cp_async16(&ring[warp][d][lane], base + static_cast<int64_t>(cn) * 64);
     cp_async16(&ring[warp][d][32 + lane], base + static_cast<int64_t>(cn) * 64 + 32);
@@ -456,8 +491,8 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
         const uint32_t w[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
         uint32_t r0[ALd::kRegs], r1[ALd::kRegs];
         if (p.vec_x && (c + 1) * CK <= p.k) {
-          ALd::fast(r0, p, row0, c, t);
-          if constexpr (!SWAP) ALd::fast(r1, p, row1, c, t);
+          ALd::fast_at(r0, xb0 + static_cast<int64_t>(c) * ALd::kChunkBytes);
+          if constexpr (!SWAP) ALd::fast_at(r1, xb1 + static_cast<int64_t>(c) * ALd::kChunkBytes);
         } else {
           ALd::slow(r0, p, row0, c, t);
           if constexpr (!SWAP) ALd::slow(r1, p, row1, c, t);
