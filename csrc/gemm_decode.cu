@@ -59,7 +59,15 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kTN = 64;           // output channels per block
 constexpr int kSub = 8;           // 8-column MMA subtiles per block
-constexpr int kDepth = 4;         // chunks of weight loads in flight per warp (2 x 16 B each)
+#ifndef CBQ_DEC_DEPTH
+#define CBQ_DEC_DEPTH 8
+#endif
+#ifndef CBQ_DEC_BLOCKS
+#define CBQ_DEC_BLOCKS 3
+#endif
+// chunks of weight copies in flight per warp (1 KB each, in the warp's shared-memory ring)
+constexpr int kDepth = CBQ_DEC_DEPTH;
+constexpr int kMinBlocks = CBQ_DEC_BLOCKS;  // blocks per SM the register budget is set for
 constexpr int kFloatSegment = 4;  // 4-bit chunks between fp32 flushes (per-channel scales)
 
 enum AMode : int { kABf16 = 0, kAFp16 = 1, kAInt8 = 2, kAInt4 = 3 };
@@ -112,15 +120,6 @@ __device__ __forceinline__ void mma_s8(int32_t* c, const uint32_t* a, uint32_t b
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Streaming 16-byte load of weights (read once: do not keep them in L1, where x lives).
-__device__ __forceinline__ uint4 load_weights(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 // 16-byte asynchronous copy global -> shared (the group scales: no synchronous global load in
 // the K loop)
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -158,6 +157,35 @@ struct ALoad {
   static constexpr bool kFloat = AM == kABf16 || AM == kAFp16;
   static constexpr int kPer = CK / 4;  // K positions per lane and row
   static constexpr int kRegs = kFloat ? kPer / 2 : (AM == kAInt8 ? kPer / 4 : kPer / 8);
+
+  // the lane's first bytes of `row` (chunk 0) and the bytes per chunk: the fast loads of
+  // chunk c start at lane_base + c * kChunkBytes (one 64-bit add per chunk, not the index
+  // arithmetic of fast(): ~8 instructions per chunk in the SASS of decode-v7)
+  static constexpr int kChunkBytes = kFloat ? CK * 2 : (AM == kAInt8 ? CK : CK / 2);
+  __device__ static const char* lane_base(const Args& p, int row, int t) {
+    const char* x = static_cast<const char*>(p.x);
+    if constexpr (kFloat) return x + (row * p.ldx + kPer * t) * 2;
+    else if constexpr (AM == kAInt8) return x + row * p.ldx + kPer * t;
+    else return x + (row * p.ldx + t) * 4;
+  }
+  __device__ static void fast_at(uint32_t* r, const char* src) {
+    if constexpr (kFloat) {
+#pragma unroll
+      for (int v = 0; v < kRegs / 4; ++v) {
+        const uint4 q = __ldg(reinterpret_cast<const uint4*>(src) + v);
+        r[4 * v] = q.x;
+        r[4 * v + 1] = q.y;
+        r[4 * v + 2] = q.z;
+        r[4 * v + 3] = q.w;
+      }
+    } else if constexpr (AM == kAInt8) {
+      const uint2 q = __ldg(reinterpret_cast<const uint2*>(src));
+      r[0] = q.x;
+      r[1] = q.y;
+    } else {
+      r[0] = __ldg(reinterpret_cast<const uint32_t*>(src));
+    }
+  }
 
   __device__ static void fast(uint32_t* r, const Args& p, int row, int c, int t) {
     const int64_t col = static_cast<int64_t>(c) * CK + kPer * t;
@@ -270,8 +298,14 @@ __device__ __forceinline__ void finish(const Args& p, int row, int col, uint32_t
   }
 }
 
-template <int BITS, int AM, bool GROUPED, bool DEBUG>
-__global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
+// SWAP (M <= 8): the MMA computes y^T = W x^T, weights as the 16-row A operand and the
+// activations as the 8-column B operand, so no MMA row is padding for M <= 8 (with x as A, 15
+// of 16 rows are padding at M = 1): half the MMAs and accumulators, one activation load per
+// lane, and the B operand is two consecutive registers of that load (no register moves). The
+// weight layout is the same: words 2j and 2j + 1 (columns 16 j + g and 16 j + 8 + g) are rows g
+// and g + 8 of n16-tile j.
+template <int BITS, int AM, bool GROUPED, bool DEBUG, bool SWAP>
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p) {
   constexpr bool kInt = AM == kAInt8 || AM == kAInt4;
   constexpr bool kBf16 = AM != kAFp16;
   constexpr int CK = BITS == 4 ? 32 : 64;  // K per chunk
@@ -287,8 +321,13 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
   static_assert(!kInt || BITS == 4, "integer activations take 4-bit containers");
 
   constexpr int kSlots = kDepth + 1;  // group scales in flight per warp (one per chunk at most)
-  __shared__ uint32_t sm[kWarps][16][kTN + 8];  // +8: conflict-free 64-bit stores
-  __shared__ __align__(16) uint32_t sc_sm[kWarps][kSlots][2][kTN];  // scales, zero points
+  // dynamic shared memory (decode_smem_bytes): the group scales and zero points of each warp,
+  // then each warp's ring of kDepth weight chunks, which the warp reduction reuses after the K
+  // loop (+8: conflict-free 64-bit stores)
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  auto& sc_sm = *reinterpret_cast<uint32_t(*)[kWarps][kSlots][2][kTN]>(smem_raw);
+  auto& ring = *reinterpret_cast<uint4(*)[kWarps][kDepth][64]>(smem_raw + sizeof(sc_sm));
+  auto& sm = *reinterpret_cast<uint32_t(*)[kWarps][16][kTN + 8]>(smem_raw + sizeof(sc_sm));
   __shared__ bool last_block;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -296,6 +335,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
   const int nt = blockIdx.x, split = blockIdx.y;
   const int n0 = nt * kTN;
   const int row0 = min(g, p.m - 1), row1 = min(g + 8, p.m - 1);
+  constexpr int kAcc = SWAP ? kSub / 2 : kSub;  // accumulator tiles: n16 x m8, or m16 x n8
 
   // this warp's chunks: split `split` of S, then quarter `warp` of it
   const int per_split = (p.chunks + p.splits - 1) / p.splits;
@@ -305,12 +345,14 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
   const int kb = min(s_begin + warp * per_warp, s_end);
   const int ke = min(kb + per_warp, s_end);
 
-  Acc tmp[kSub][4];    // the MMA sums of the current segment (group)
-  Acc sumx[4];         // row sums of x over the segment (c[0]: row g, c[2]: row g + 8)
-  float acc[kSub][4];  // the scaled result (float modes, grouped integer modes)
-  int32_t acci[kSub][4];
+  Acc tmp[kAcc][4];    // the MMA sums of the current segment (group)
+  // row sums of x over the segment (SWAP: c[0] / c[1] rows 2t / 2t + 1; else c[0] / c[2] rows
+  // g / g + 8)
+  Acc sumx[4];
+  float acc[kAcc][4];  // the scaled result (float modes, grouped integer modes)
+  int32_t acci[kAcc][4];
 #pragma unroll
-  for (int s = 0; s < kSub; ++s) {
+  for (int s = 0; s < kAcc; ++s) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       tmp[s][r] = 0;
@@ -324,10 +366,41 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
   // the segment's sums -> the result: y += s (tmp - (magic + z) sumx) per column
   // (the segment's scales and zero points are in this warp's shared-memory slot slot_i)
   auto flush = [&](int slot_i) {
-    const Acc sx0 = sumx[0], sx1 = sumx[2];
     const uint32_t(&slot)[2][kTN] = sc_sm[warp][slot_i];
+    if constexpr (SWAP) {
+      // tile j: c[0] / c[1] column 16 j + g, rows 2t / 2t + 1; c[2] / c[3] column 16 j + 8 + g
+      const Acc sx[2] = {sumx[0], sumx[1]};
 #pragma unroll
-    for (int s = 0; s < kSub; ++s) {
+      for (int j = 0; j < kAcc; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int col = 16 * j + 8 * h + g;
+          const int32_t z = static_cast<int32_t>(slot[1][col]);
+          const float sc = __uint_as_float(slot[0][col]);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int r = 2 * h + e;
+            if constexpr (kInt) {
+              const int32_t d = tmp[j][r] - z * sx[e];
+              if constexpr (kIntOut) {
+                acci[j][r] += d;
+              } else {
+                acc[j][r] += sc * static_cast<float>(d);
+              }
+            } else {
+              acc[j][r] += fmaf(sc, tmp[j][r], -(sc * (kMagic + static_cast<float>(z))) * sx[e]);
+            }
+            tmp[j][r] = 0;
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 4; ++r) sumx[r] = 0;
+      return;
+    }
+    const Acc sx0 = sumx[0], sx1 = sumx[2];
+#pragma unroll
+    for (int s = 0; s < kAcc; ++s) {
       const int col = 8 * s + 2 * t;
       const int2 z = *reinterpret_cast<const int2*>(&slot[1][col]);
       if constexpr (kInt) {
@@ -371,15 +444,22 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
   // per chunk: two fully coalesced 512-byte warp loads (word h * 4 + j of lane l at uint4
   // (chunk * 2 + h) * 32 + l)
   const uint4* base = p.words + (static_cast<int64_t>(nt) * p.chunks) * 64 + lane;
-  uint4 buf[kDepth][2];
   int group = kb / p.seg_chunks;  // once per warp
   int next_flush = (group + 1) * p.seg_chunks;
   int copied = group, copy_slot = 0, next_copy = next_flush, flush_slot = 0;
   if (kb < ke) copy_group(GROUPED ? group : 0, 0);
   cp_async_commit();
-  auto request = [&](int cn, int d) {  // chunk cn's weights into ring slot d
-    buf[d][0] = load_weights(base + static_cast<int64_t>(cn) * 64);
-    buf[d][1] = load_weights(base + static_cast<int64_t>(cn) * 64 + 32);
+  // chunk cn's weights into ring slot d: each lane copies the 32 bytes it will read itself, so
+  // its own cp.async.wait_group makes them visible (no barrier)
+  const char* xb0 = ALd::lane_base(p, row0, t);
+  const char* xb1 = ALd::lane_base(p, row1, t);
+  // opaque to the compiler: kept in registers, not recomputed from the thread index in the
+  // loop (it rematerialised them: S2R + 9 integer instructions per chunk)
+  asm volatile("" : "+l"(xb0));
+  asm volatile("" : "+l"(xb1));
+  auto request = [&](int cn, int d) {
+    cp_async16(&ring[warp][d][lane], base + static_cast<int64_t>(cn) * 64);
+    cp_async16(&ring[warp][d][32 + lane], base + static_cast<int64_t>(cn) * 64 + 32);
     if (GROUPED && cn == next_copy) {
       ++copied;
       copy_slot = copy_slot + 1 == kSlots ? 0 : copy_slot + 1;
@@ -398,30 +478,59 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
     for (int d = 0; d < kDepth; ++d) {
       const int c = kc + d;
       if (c < ke) {
+        // chunk c's copies (and the scales of any group starting at c) were committed kDepth
+        // groups ago
+        cp_async_wait<kDepth - 1>();
         if (c == next_flush) {
-          // the copy of this segment's scales was committed >= kDepth groups ago
-          cp_async_wait<kDepth - 1>();
           __syncwarp();
           flush(flush_slot);
           if (GROUPED) flush_slot = flush_slot + 1 == kSlots ? 0 : flush_slot + 1;
           next_flush += p.seg_chunks;
         }
-        const uint32_t w[8] = {buf[d][0].x, buf[d][0].y, buf[d][0].z, buf[d][0].w,
-                               buf[d][1].x, buf[d][1].y, buf[d][1].z, buf[d][1].w};
+        const uint4 w0 = ring[warp][d][lane], w1 = ring[warp][d][32 + lane];
+        const uint32_t w[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
         uint32_t r0[ALd::kRegs], r1[ALd::kRegs];
         if (p.vec_x && (c + 1) * CK <= p.k) {
-          ALd::fast(r0, p, row0, c, t);
-          ALd::fast(r1, p, row1, c, t);
+          ALd::fast_at(r0, xb0 + static_cast<int64_t>(c) * ALd::kChunkBytes);
+          if constexpr (!SWAP) ALd::fast_at(r1, xb1 + static_cast<int64_t>(c) * ALd::kChunkBytes);
         } else {
           ALd::slow(r0, p, row0, c, t);
-          ALd::slow(r1, p, row1, c, t);
+          if constexpr (!SWAP) ALd::slow(r1, p, row1, c, t);
         }
-        if constexpr (kInt) {
+        if constexpr (SWAP && kInt) {
+          // B = x (k32 x m8): b0 = row g's K slots 4t.., b1 = slots 16 + 4t.. (to_fragments)
+          uint32_t xa[4];
+          int_fragments<AM>(xa, r0, r0);
+          const uint32_t ones[4] = {kOnes2, kOnes2, kOnes2, kOnes2};
+          mma_s8(sumx, ones, xa[0], xa[2]);
+#pragma unroll
+          for (int j = 0; j < kAcc; ++j) {
+            const uint32_t a[4] = {w[2 * j] & 0x0F0F0F0Fu, w[2 * j + 1] & 0x0F0F0F0Fu,
+                                   (w[2 * j] >> 4) & 0x0F0F0F0Fu, (w[2 * j + 1] >> 4) & 0x0F0F0F0Fu};
+            mma_s8(tmp[j], a, xa[0], xa[2]);
+          }
+        } else if constexpr (SWAP) {
+#pragma unroll
+          for (int u = 0; u < kSteps; ++u) {
+            // B = x (k16 x m8): pairs 2u (K slots 2t, 2t + 1) and 2u + 1 (slots 2t + 8, 2t + 9)
+            const uint32_t b0 = r0[2 * u], b1 = r0[2 * u + 1];
+            const uint32_t ones[4] = {kOnes2, kOnes2, kOnes2, kOnes2};
+            mma_f16<kBf16>(sumx, ones, b0, b1);
+#pragma unroll
+            for (int j = 0; j < kAcc; ++j) {
+              const uint32_t a[4] = {and_or(w[2 * j] >> (BITS * (2 * u)), kMask2, kMagic2),
+                                     and_or(w[2 * j + 1] >> (BITS * (2 * u)), kMask2, kMagic2),
+                                     and_or(w[2 * j] >> (BITS * (2 * u + 1)), kMask2, kMagic2),
+                                     and_or(w[2 * j + 1] >> (BITS * (2 * u + 1)), kMask2, kMagic2)};
+              mma_f16<kBf16>(tmp[j], a, b0, b1);
+            }
+          }
+        } else if constexpr (kInt) {
           uint32_t a[4];
           int_fragments<AM>(a, r0, r1);
           mma_s8(sumx, a, kOnes2, kOnes2);
 #pragma unroll
-          for (int s = 0; s < kSub; ++s) {
+          for (int s = 0; s < kAcc; ++s) {
             mma_s8(tmp[s], a, w[s] & 0x0F0F0F0Fu, (w[s] >> 4) & 0x0F0F0F0Fu);
           }
         } else {
@@ -431,7 +540,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
             const uint32_t a[4] = {r0[2 * u], r1[2 * u], r0[2 * u + 1], r1[2 * u + 1]};
             mma_f16<kBf16>(sumx, a, kOnes2, kOnes2);
 #pragma unroll
-            for (int s = 0; s < kSub; ++s) {
+            for (int s = 0; s < kAcc; ++s) {
               const uint32_t b0 = and_or(w[s] >> (BITS * (2 * u)), kMask2, kMagic2);
               const uint32_t b1 = and_or(w[s] >> (BITS * (2 * u + 1)), kMask2, kMagic2);
               mma_f16<kBf16>(tmp[s], a, b0, b1);
@@ -448,9 +557,21 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
   __syncwarp();
   if (kb < ke) flush(flush_slot);
 
-  // reduce the 4 warps through shared memory, in warp order
+  // reduce the 4 warps through shared memory, in warp order (sm reuses the rings: every warp
+  // must be done with its ring first)
+  __syncthreads();
+  if constexpr (SWAP) {
 #pragma unroll
-  for (int s = 0; s < kSub; ++s) {
+    for (int j = 0; j < kAcc; ++j) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {  // row 2t + (r & 1), column 16 j + 8 (r >> 1) + g
+        sm[warp][2 * t + (r & 1)][16 * j + 8 * (r >> 1) + g] =
+            kIntOut ? static_cast<uint32_t>(acci[j][r]) : __float_as_uint(acc[j][r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < (SWAP ? 0 : kAcc); ++s) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // rows g, g + 8
       uint2 v;
@@ -509,14 +630,30 @@ __global__ void __launch_bounds__(kWarps * 32, 3) decode_kernel(Args p) {
   if (threadIdx.x == 0) p.counters[nt] = 0;
 }
 
+constexpr size_t kScaleBytes = sizeof(uint32_t) * kWarps * (kDepth + 1) * 2 * kTN;
+constexpr size_t kRingBytes = sizeof(uint4) * kWarps * kDepth * 64;
+constexpr size_t kReduceBytes = sizeof(uint32_t) * kWarps * 16 * (kTN + 8);
+constexpr size_t kSmemBytes = kScaleBytes + (kRingBytes > kReduceBytes ? kRingBytes : kReduceBytes);
+
 template <int BITS, int AM, bool DEBUG>
-void launch(const Args& p, bool grouped, cudaStream_t stream) {
+void launch(const Args& p, bool grouped, int device, cudaStream_t stream) {
   const dim3 grid(p.n_pad / kTN, p.splits);
-  if (grouped) {
-    decode_kernel<BITS, AM, true, DEBUG><<<grid, kWarps * 32, 0, stream>>>(p);
-  } else {
-    decode_kernel<BITS, AM, false, DEBUG><<<grid, kWarps * 32, 0, stream>>>(p);
+  const bool swap = p.m <= 8;
+  const auto kernel = grouped ? (swap ? decode_kernel<BITS, AM, true, DEBUG, true>
+                                      : decode_kernel<BITS, AM, true, DEBUG, false>)
+                              : (swap ? decode_kernel<BITS, AM, false, DEBUG, true>
+                                      : decode_kernel<BITS, AM, false, DEBUG, false>);
+  // more dynamic shared memory than the 48 KB default: allowed once per kernel and device
+  static uint32_t attr_set[4] = {0u, 0u, 0u, 0u};  // bit d: set on device d (< 32)
+  const int which = 2 * grouped + swap;
+  const uint32_t bit = device < 32 ? 1u << device : 0u;
+  if (!(attr_set[which] & bit)) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(kSmemBytes)),
+               "cudaFuncSetAttribute");
+    attr_set[which] |= bit;
   }
+  kernel<<<grid, kWarps * 32, kSmemBytes, stream>>>(p);
 }
 
 }  // namespace
@@ -566,18 +703,18 @@ void gemm_decode_cuda(const void* x, const float* x_scales, int a_mode, const in
   }
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (bits == 2) {
-    if (a_mode == kABf16) launch<2, kABf16, false>(p, grouped, s);
-    else launch<2, kAFp16, false>(p, grouped, s);
+    if (a_mode == kABf16) launch<2, kABf16, false>(p, grouped, device, s);
+    else launch<2, kAFp16, false>(p, grouped, device, s);
   } else if (a_mode == kABf16) {
-    launch<4, kABf16, false>(p, grouped, s);
+    launch<4, kABf16, false>(p, grouped, device, s);
   } else if (a_mode == kAFp16) {
-    launch<4, kAFp16, false>(p, grouped, s);
+    launch<4, kAFp16, false>(p, grouped, device, s);
   } else if (a_mode == kAInt8) {
-    if (debug) launch<4, kAInt8, true>(p, grouped, s);
-    else launch<4, kAInt8, false>(p, grouped, s);
+    if (debug) launch<4, kAInt8, true>(p, grouped, device, s);
+    else launch<4, kAInt8, false>(p, grouped, device, s);
   } else {
-    if (debug) launch<4, kAInt4, true>(p, grouped, s);
-    else launch<4, kAInt4, false>(p, grouped, s);
+    if (debug) launch<4, kAInt4, true>(p, grouped, device, s);
+    else launch<4, kAInt4, false>(p, grouped, device, s);
   }
   const cudaError_t err = cudaGetLastError();
   if (previous != device) cudaSetDevice(previous);
