@@ -28,7 +28,9 @@ columns 4t + i, a1 = row g + 8, a2 / a3 = columns + 16; b0 = byte i -> row 4t + 
 b1 = rows + 16), the byte permutes (``prmt``) and bit masks the kernel applies, written
 independently of :func:`prepare_decode`'s indexing: the CPU tests check the layout against the
 instructions' specification, the GPU tests check the kernel against
-:func:`cbq_kernels.gemm.gemm_ref`.
+:func:`cbq_kernels.gemm.gemm_ref`. For M <= 8 the kernel swaps the MMA operands (y^T = W x^T:
+the words 2j / 2j + 1 of a lane, columns 16 j + g / 16 j + 8 + g, are rows g / g + 8 of the A
+fragment of n16-tile j; the activations are B): the same layout and the same products.
 """
 
 from __future__ import annotations
@@ -41,9 +43,14 @@ from torch import Tensor
 
 DECODE_MAX_M = 16  # one m16n8k16 row tile
 TILE_N = 64  # output channels per n-tile (8 MMA subtiles of 8)
-# the split-K model (default_splits): blocks resident per SM (__launch_bounds__ of the
-# kernel) and the fixed cost of a wave in chunk-times (benchmarks/sweep_decode.py)
+# the split-K model (default_splits): blocks resident per SM and the fixed cost of a wave in
+# chunk-times (benchmarks/sweep_decode.py). M <= 8 runs the swapped-operand kernel (<= 105
+# registers, 50 KB of shared memory per block: 4 blocks per SM; its best split at 1 x 28672
+# x 8192 is S = 1, benchmarks/results/h200/sweep_decode_variants_1da67a5.txt), M = 9..16 the
+# other one (up to 168 registers, __launch_bounds__(128, 3): 3 blocks)
 BLOCKS_PER_SM = 3
+BLOCKS_PER_SM_SWAP = 4
+SWAP_MAX_M = 8
 WAVE_COST = 32
 
 
@@ -268,14 +275,15 @@ def _sm_count(index: int | None) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def default_splits(n_tiles: int, chunks: int, device: torch.device) -> int:
+def default_splits(n_tiles: int, chunks: int, device: torch.device, m: int = 1) -> int:
     """K splits that minimise a makespan model of the grid: ``BLOCKS_PER_SM`` blocks fit an SM
-    (the kernel's register bound), so ``n_tiles * S`` blocks run in
-    ``ceil(n_tiles * S / (BLOCKS_PER_SM * SMs))`` waves of ``ceil(chunks / S)`` chunks each
+    (``BLOCKS_PER_SM_SWAP`` for M <= 8; the kernels' register and shared-memory use), so
+    ``n_tiles * S`` blocks run in ``ceil(n_tiles * S / (BLOCKS_PER_SM * SMs))`` waves of ``ceil(chunks / S)`` chunks each
     plus a fixed cost per wave (its first loads' latency), ``WAVE_COST`` chunk-times, fitted
     to the H200 sweep (benchmarks/results/h200/sweep_decode_*.txt: one full wave beats a wave
     and a tail); at least 2 chunks per warp."""
-    slots = BLOCKS_PER_SM * _sm_count(device.index)
+    per_sm = BLOCKS_PER_SM_SWAP if m <= SWAP_MAX_M else BLOCKS_PER_SM
+    slots = per_sm * _sm_count(device.index)
     best = (float("inf"), 1)
     for s in range(1, max(1, min(chunks // 8, 64)) + 1):
         waves = -(-n_tiles * s // slots)
@@ -297,7 +305,7 @@ def launch(x: Tensor, x_scales: Tensor | None, dw: DecodeWeight, bias: Tensor | 
     a_mode = _A_MODES[x.dtype]
     chunks = dw.words.shape[1]
     n_tiles = dw.words.shape[0]
-    split = default_splits(n_tiles, chunks, x.device) if splits is None else splits
+    split = default_splits(n_tiles, chunks, x.device, m) if splits is None else splits
     dev = x.device
     if x.stride(-1) != 1:
         x = x.contiguous()

@@ -23,8 +23,19 @@
 //  - integer modes: the weight codes are unsigned bytes after one AND ((w >> 4) & 0x0F0F0F0F:
 //    4 codes per instruction), the MMA is s8 x s8 -> s32 (exact), and z sum_k x is subtracted
 //    per group in int32: the debug output x_codes @ (q - z)^T is exact for any K;
-//  - a group change is one compare per chunk (no division), and a ring of kDepth chunks of
-//    weight loads is in flight per warp.
+//  - a group change is one compare per chunk (no division);
+//  - (v6) the weights go global -> shared memory by cp.async into a per-warp ring of kDepth = 8
+//    chunks (each lane copies, and later reads, its own 32 bytes per chunk: no barrier), so the
+//    bytes in flight cost no registers (v4 held a 4-chunk ring in 32 registers);
+//  - (v7) M <= 8 swaps the MMA operands: y^T = W x^T with the weights as the 16-row A operand
+//    and x as the 8-column B operand, so no MMA row is padding (with x as A, 15 of 16 rows are
+//    padding at M = 1): 10 MMAs per chunk instead of 18, 16 accumulators instead of 32, one
+//    activation load per lane, B = two consecutive registers of that load (v4 spent ~20
+//    register moves per chunk assembling A from two loads); <= 105 registers: 4 blocks per SM;
+//  - (v8) the activation addresses are per-lane pointers plus one add per chunk.
+//  H200, M = 1, best split (benchmarks/results/h200/sweep_decode_variants_1da67a5.txt):
+//  1 x 28672 x 8192 W4A16 g128 70.9 -> 48.1 us (2.44 TB/s), W4A8 52.5 -> 41.6, W2A16 g128
+//  57.6 -> 39.8; 1 x 4096 x 11008 W4A16 16.7 -> 14.4.
 //
 // Layout (prepare_decode documents the same in Python; its emulator test checks it against the
 // PTX fragment layouts). Chunk = CK values of K: CK = 32 for 4-bit containers, 64 for 2-bit;
