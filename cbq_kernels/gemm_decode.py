@@ -279,9 +279,9 @@ def default_splits(n_tiles: int, chunks: int, device: torch.device, m: int = 1) 
     """K splits that minimise a makespan model of the grid: ``BLOCKS_PER_SM`` blocks fit an SM
     (``BLOCKS_PER_SM_SWAP`` for M <= 8; the kernels' register and shared-memory use), so
     ``n_tiles * S`` blocks run in ``ceil(n_tiles * S / (BLOCKS_PER_SM * SMs))`` waves of
-    ``ceil(chunks / S)`` chunks each plus a fixed cost per wave (its first loads' latency), ``WAVE_COST`` chunk-times, fitted
-    to the H200 sweep (benchmarks/results/h200/sweep_decode_*.txt: one full wave beats a wave
-    and a tail); at least 2 chunks per warp."""
+    ``ceil(chunks / S)`` chunks each plus a fixed cost per wave (its first loads' latency),
+    ``WAVE_COST`` chunk-times, fitted to the H200 sweep (benchmarks/results/h200/
+    sweep_decode_*.txt: one full wave beats a wave and a tail); at least 2 chunks per warp."""
     per_sm = BLOCKS_PER_SM_SWAP if m <= SWAP_MAX_M else BLOCKS_PER_SM
     slots = per_sm * _sm_count(device.index)
     best = (float("inf"), 1)
