@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cbq_kernels.gemm import PreparedWeight, prepare_weight
+from cbq_kernels.gemm import PreparedWeight, mark_static, prepare_weight
 from cbq_kernels.gemm import linear as gemm_linear
 from cbq_kernels.packing import pack_ref
 from cbq_kernels.quant_math import quantize_weight
@@ -61,6 +61,8 @@ class KernelLinear(torch.nn.Module):
         self.bias = bias.to(compute_dtype) if bias is not None else None
         self.act_kwargs = dict(act_kwargs or {})
         self.kind = f"W{settings.w_bits}A{settings.a_bits}"
+        # static for CUDA graphs (cbq_kernels.gemm.mark_static): not copied on every replay
+        mark_static(weight, self.bias, *self.act_kwargs.values())
 
     @classmethod
     def from_codes(cls, name: str, codes: Tensor, scales: Tensor, zeros: Tensor,

@@ -81,3 +81,30 @@ def test_round_to_nearest_kernels_equal_the_pipelines_rtn(stories):
     with torch.no_grad():
         got = fast(x).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("setting", ["W4A16g128", "W4A8"])
+def test_packed_weights_are_static_inputs_for_cuda_graphs(setting):
+    # a PreparedWeight is a plain attribute, not a buffer: unmarked, torch.compile's CUDA
+    # graphs copy every packed weight into graph memory on each replay (cbq_kernels.gemm.
+    # mark_static); the decode layout's tensors (where the extension builds it) are marked too
+    from dataclasses import fields
+
+    from cbq_ptq.serve import KernelLinear
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(256, 96, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 256, generator=g))
+    layer = KernelLinear.round_to_nearest("l", lin, parse_setting(setting), torch.float32)
+    w = layer.weight
+    tensors = [getattr(w, f.name) for f in fields(w)
+               if isinstance(getattr(w, f.name), torch.Tensor)]  # fmt: skip
+    if w.decode is not None:
+        tensors += [getattr(w.decode, f.name) for f in fields(w.decode)
+                    if isinstance(getattr(w.decode, f.name), torch.Tensor)]  # fmt: skip
+    assert len(tensors) >= 3 and layer.bias is not None
+    for t in [*tensors, layer.bias]:
+        assert getattr(t, "_dynamo_static_input_type", None) == "unguarded"
+    unmarked = torch.zeros(3)
+    assert getattr(unmarked, "_dynamo_static_input_type", None) is None
