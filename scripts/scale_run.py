@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/scale")
     ap.add_argument("--results", default=None)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -52,7 +53,14 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     out = Path(args.out)
     src = out / "fp"
-    if not (src / "config.json").is_file():  # random weights, built on the GPU, then to disk
+    if not (src / "config.json").is_file() and not args.make_only:
+        # the random model is built and saved by a child process, so that this process's peak
+        # host memory (ru_maxrss) is the quantization's alone (the first H200 run, ad8bc8c,
+        # built it in-process: its 10.3 GiB host peak includes the 7.9 GB save)
+        import subprocess
+
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--make-only"], check=True)
+    if not (src / "config.json").is_file():  # random weights, built on the device, then to disk
         config = LlamaConfig(hidden_size=hidden, intermediate_size=inter,
                              num_attention_heads=heads, num_key_value_heads=kv,
                              num_hidden_layers=args.layers, vocab_size=32000,
@@ -61,6 +69,8 @@ def main() -> None:
             model = LlamaForCausalLM(config).to(dtype)
         model.save_pretrained(src, max_shard_size="5GB")
         del model
+    if args.make_only:
+        return
     cuda = args.device.startswith("cuda")
     settings = parse_setting(args.setting)
     fields = recipe(settings, "cuda" if cuda else "cpu")
@@ -86,6 +96,7 @@ def main() -> None:
            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
            "peak_host_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
            "blocks_resident_max": max(e.get("blocks_resident", 0) for e in log),
+           "phase_seconds_per_window": [e.get("phase_seconds") for e in log],
            "gpu": env.gpu, "torch": env.torch, "commit": env.commit}  # fmt: skip
     print(json.dumps(row), flush=True)
     if args.results:
