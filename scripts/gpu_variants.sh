@@ -20,3 +20,6 @@ for v in main $variants; do
 done
 cp "$out/main.cu" csrc/gemm_decode.cu
 bash scripts/gpu_gemm.sh "$out/main_rebuilt" build > /dev/null 2>&1; echo "main rebuilt: $?"
+# one archive: the device returns a limited number of files per call (the sweeps of v7 / v8
+# at 1da67a5 did not come back)
+tar czf "$out.tgz" -C "$out" . && rm -rf "$out" && mkdir -p "$out" && mv "$out.tgz" "$out/variants.tgz"
