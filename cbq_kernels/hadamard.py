@@ -217,6 +217,20 @@ def _fwht(x: Tensor) -> Tensor:
     return x
 
 
+def _signed(x: Tensor, signs: Tensor | None) -> tuple[Tensor, int, int]:
+    """x * signs in the working precision (fp32; fp64 for fp64 inputs) and n's factors (m,
+    2^j): the start of both forms of the transform."""
+    n = x.shape[-1]
+    m, p = factor(n)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(work)
+    if signs is not None:
+        if signs.shape != (n,):
+            raise ValueError(f"signs must have shape ({n},), got {tuple(signs.shape)}")
+        y = y * signs.to(device=x.device, dtype=work)
+    return y, m, p
+
+
 _MAX_FACTOR = 64  # largest Sylvester factor per matrix product in transform_matmul
 
 
@@ -232,14 +246,8 @@ def transform_matmul(x: Tensor, signs: Tensor | None = None) -> Tensor:
     to :func:`transform` up to the order of the fp32 additions. The butterflies of
     :func:`transform` take log2(2^j) passes over x, a pass per stage: 7.2 ms for 8192 x 11008
     on the H200 (benchmarks/results/h200/bench_hadamard_ed30008.md), the products ~4."""
-    n = x.shape[-1]
-    m, p = factor(n)
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = x.to(work)
-    if signs is not None:
-        if signs.shape != (n,):
-            raise ValueError(f"signs must have shape ({n},), got {tuple(signs.shape)}")
-        y = y * signs.to(device=x.device, dtype=work)
+    y, m, p = _signed(x, signs)
+    n, work = x.shape[-1], y.dtype
     rows = y.numel() // n if n else 0
     inner = 1  # the length of the axes right of the one being multiplied
     left = p
@@ -268,14 +276,8 @@ def transform(x: Tensor, signs: Tensor | None = None) -> Tensor:
     """x @ R over the last dimension, R = diag(signs) H_n / sqrt(n) (the reference: a fast
     Walsh-Hadamard transform of the 2^j part and an m x m product). Computed in fp32 (fp64
     for fp64 inputs), returned in x's dtype."""
-    n = x.shape[-1]
-    m, p = factor(n)
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = x.to(work)
-    if signs is not None:
-        if signs.shape != (n,):
-            raise ValueError(f"signs must have shape ({n},), got {tuple(signs.shape)}")
-        y = y * signs.to(device=x.device, dtype=work)
+    y, m, p = _signed(x, signs)
+    n, work = x.shape[-1], y.dtype
     y = _fwht(y.reshape(*x.shape[:-1], m, p))  # X B
     if m > 1:
         y = torch.einsum("...ij,ik->...kj", y, _small_tensor(m, x.device, work))  # A^T X B
