@@ -170,8 +170,8 @@ struct ALoad {
   static constexpr int kRegs = kFloat ? kPer / 2 : (AM == kAInt8 ? kPer / 4 : kPer / 8);
 
   // the lane's first bytes of `row` (chunk 0) and the bytes per chunk: the fast loads of
-  // chunk c start at lane_base + c * kChunkBytes (one 64-bit add per chunk, not the index
-  // arithmetic of fast(): ~8 instructions per chunk in the SASS of decode-v7)
+  // chunk c start at lane_base + c * kChunkBytes (one 64-bit add per chunk; indexing from
+  // the chunk number, as v7 did, cost ~8 instructions per chunk in its SASS)
   static constexpr int kChunkBytes = kFloat ? CK * 2 : (AM == kAInt8 ? CK : CK / 2);
   __device__ static const char* lane_base(const Args& p, int row, int t) {
     const char* x = static_cast<const char*>(p.x);
@@ -195,29 +195,6 @@ struct ALoad {
       r[1] = q.y;
     } else {
       r[0] = __ldg(reinterpret_cast<const uint32_t*>(src));
-    }
-  }
-
-  __device__ static void fast(uint32_t* r, const Args& p, int row, int c, int t) {
-    const int64_t col = static_cast<int64_t>(c) * CK + kPer * t;
-    if constexpr (kFloat) {
-      const uint4* src =
-          reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p.x) + row * p.ldx + col);
-#pragma unroll
-      for (int v = 0; v < kRegs / 4; ++v) {
-        const uint4 q = __ldg(src + v);
-        r[4 * v] = q.x;
-        r[4 * v + 1] = q.y;
-        r[4 * v + 2] = q.z;
-        r[4 * v + 3] = q.w;
-      }
-    } else if constexpr (AM == kAInt8) {
-      const uint2 q = __ldg(reinterpret_cast<const uint2*>(static_cast<const int8_t*>(p.x) +
-                                                           row * p.ldx + col));
-      r[0] = q.x;
-      r[1] = q.y;
-    } else {
-      r[0] = __ldg(static_cast<const uint32_t*>(p.x) + row * p.ldx + col / 8);
     }
   }
 
