@@ -62,7 +62,8 @@ class KernelLinear(torch.nn.Module):
         self.act_kwargs = dict(act_kwargs or {})
         self.kind = f"W{settings.w_bits}A{settings.a_bits}"
         # static for CUDA graphs (cbq_kernels.gemm.mark_static): not copied on every replay
-        mark_static(weight, self.bias, *self.act_kwargs.values())
+        # (prepare_weight marked the weight's own tensors)
+        mark_static(self.bias, *self.act_kwargs.values())
 
     @classmethod
     def from_codes(cls, name: str, codes: Tensor, scales: Tensor, zeros: Tensor,
