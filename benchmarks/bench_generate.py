@@ -66,6 +66,17 @@ def env_list(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(v) for v in value.split(",")) if value else default
 
 
+def env_names(p: argparse.ArgumentParser, name: str, default: list[str],
+              known: list[str]) -> list[str]:  # fmt: skip
+    """A comma-separated list of names from the environment ("none": empty); an unknown name
+    is a one-line error naming the known ones."""
+    names = [v for v in os.environ.get(name, ",".join(default)).split(",") if v and v != "none"]
+    bad = sorted(set(names) - set(known))
+    if bad:
+        p.error(f"unknown {name} {bad}; known: {known} or none")
+    return names
+
+
 def measure(model, batch: int, prompt: int, new: int, device: torch.device) -> dict:
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(3, 32000, (batch, prompt), generator=g).to(device)
@@ -98,12 +109,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.tiny else "cuda")
     env = Environment.detect()
-    models = ["tiny"] if args.tiny else os.environ.get(
-        "CBQ_GEN_MODELS", "llama2-7b,llama2-70b-8l").split(",")  # fmt: skip
-    models = [m for m in models if m and m != "none"]  # "none": only the --saved model
-    unknown = sorted(set(models) - set(SHAPES))
-    if unknown:
-        p.error(f"unknown CBQ_GEN_MODELS {unknown}; known: {sorted(SHAPES)} or none")
+    # CBQ_GEN_MODELS=none: only the --saved model
+    models = ["tiny"] if args.tiny else env_names(p, "CBQ_GEN_MODELS",
+                                                  ["llama2-7b", "llama2-70b-8l"], sorted(SHAPES))
     batches = env_list("CBQ_GEN_BATCHES", (1, 2) if args.tiny else (1, 8, 32))
     prompts = env_list("CBQ_GEN_PROMPTS", (16,) if args.tiny else (512, 2048))
     new = env_list("CBQ_GEN_NEW", (4,) if args.tiny else (256,))[0]
@@ -111,10 +119,7 @@ def main() -> int:
     # CBQ_GEN_SETTINGS: a subset, so that a table too long for one call of the lent GPU (10
     # minutes: the 7B run at 1da67a5 did 3 settings x 2 batches) runs in parts; bf16 first
     # where the speed-up column is wanted
-    settings = os.environ.get("CBQ_GEN_SETTINGS", ",".join(SETTINGS)).split(",")
-    bad = sorted(set(settings) - set(SETTINGS))
-    if bad:
-        p.error(f"unknown CBQ_GEN_SETTINGS {bad}; known: {list(SETTINGS)}")
+    settings = env_names(p, "CBQ_GEN_SETTINGS", list(SETTINGS), list(SETTINGS))
     rows: list[dict] = []
     path = args.out / "bench_generate.csv"
     for shape in models:
