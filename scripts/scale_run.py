@@ -53,22 +53,22 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     out = Path(args.out)
     src = out / "fp"
-    if not (src / "config.json").is_file() and not args.make_only:
-        # the random model is built and saved by a child process, so that this process's peak
-        # host memory (ru_maxrss) is the quantization's alone (the first H200 run, ad8bc8c,
-        # built it in-process: its 10.3 GiB host peak includes the 7.9 GB save)
-        import subprocess
-
-        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--make-only"], check=True)
     if not (src / "config.json").is_file():  # random weights, built on the device, then to disk
-        config = LlamaConfig(hidden_size=hidden, intermediate_size=inter,
-                             num_attention_heads=heads, num_key_value_heads=kv,
-                             num_hidden_layers=args.layers, vocab_size=32000,
-                             max_position_embeddings=4096)  # fmt: skip
-        with torch.device(args.device):
-            model = LlamaForCausalLM(config).to(dtype)
-        model.save_pretrained(src, max_shard_size="5GB")
-        del model
+        if not args.make_only:
+            # by a child process, so that this process's peak host memory (ru_maxrss) is the
+            # quantization's alone (the first H200 run, ad8bc8c, built it in-process: its
+            # 10.3 GiB host peak includes the 7.9 GB save)
+            import subprocess
+
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--make-only"], check=True)
+        else:
+            config = LlamaConfig(hidden_size=hidden, intermediate_size=inter,
+                                 num_attention_heads=heads, num_key_value_heads=kv,
+                                 num_hidden_layers=args.layers, vocab_size=32000,
+                                 max_position_embeddings=4096)  # fmt: skip
+            with torch.device(args.device):
+                model = LlamaForCausalLM(config).to(dtype)
+            model.save_pretrained(src, max_shard_size="5GB")
     if args.make_only:
         return
     cuda = args.device.startswith("cuda")
