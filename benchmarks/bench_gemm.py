@@ -1,12 +1,16 @@
 """Quantized GEMMs against cuBLAS bf16, torch._int_mm (int8) and torch._scaled_mm (fp8), at
-Llama-2 7B / 13B / 70B linear-layer shapes and M in {1, 4, 16, 64, 256, 1024, 4096, 8192}.
+Llama-2 7B / 13B / 70B linear-layer shapes and M in {1, 4, 16, 32, 64, 256, 1024, 2048, 4096,
+8192}.
 
 Providers: cublas_bf16 (F.linear, bf16 weight), int_mm (int8 x int8 -> int32; M <= 16 is
 padded to 32 rows, its minimum), scaled_mm (fp8 e4m3 x e4m3 -> bf16, unit scales), and the
 cbq kernels: w4a8 (4-bit per-channel weight, int8 activation codes), w4a8_g128, w4a4
 (packed int4 activation codes), w4a16_g128 and w2a16_g128 (weight-only, bf16 activations),
-each as its public function dispatches it (M <= 16: the CUDA decode kernel of
-csrc/gemm_decode.cu when the extension has it; the Triton decode kernel as *_triton rows);
+each as its public function dispatches it on a weight prepared as a served model holds it
+(prepare_weight's layout "auto": the decode layout alone when the extension has the kernel;
+M <= 16: the CUDA decode kernel of csrc/gemm_decode.cu, M <= 63 the same kernel on 16-row
+slices, larger M expanded from that layout); the Triton kernels on the canonical words (a
+second weight, layout "both") as *_triton rows (M <= 63: the Triton decode kernel);
 int4pack_mm: PyTorch's own W4A16 g128 kernel (torch._weight_int4pack_mm), a peer; a
 "copy" row: the device-to-device copy bandwidth of the same run (what the decode rows'
 GB/s are judged against). At M in {256, 1024, 4096} also the other side of
@@ -38,25 +42,30 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import Environment, Table, Timing, cli, write_report
+from cbq_kernels import formats
 from cbq_kernels.act_quant import act_quant
 from cbq_kernels.gemm import gemm_w4a4, gemm_w4a8, gemm_wonly, prepare_weight
 from cbq_kernels.gemm_triton import _A_FLOAT, _A_INT8, _launch, _split_k
 from cbq_kernels.packing import pack_ref as pack  # no compiled extension needed
 from cbq_kernels.testing import LLAMA_LINEAR_SHAPES
 
-MS = (1, 4, 16, 64, 256, 1024, 4096, 8192)
+MS = (1, 4, 16, 32, 64, 256, 1024, 2048, 4096, 8192)
 
 
 def weight(n, k, bits, group_size, g):
+    """The served form (layout "auto") and the canonical words for the Triton rows."""
     codes = torch.randint(0, 1 << bits, (n, k), generator=g, device="cuda", dtype=torch.uint8)
     groups = 1 if group_size is None else -(-k // group_size)
     scales = torch.rand(n, groups, generator=g, device="cuda") * 0.01 + 0.001
     zeros = torch.randint(0, 1 << bits, (n, groups), generator=g, device="cuda").float()
-    return prepare_weight(pack(codes, bits), bits, k, scales, zeros, group_size)
+    packed = pack(codes, bits)
+    return (prepare_weight(packed, bits, k, scales, zeros, group_size),
+            prepare_weight(packed, bits, k, scales, zeros, group_size, layout="canonical"))
 
 
 def wbytes(w) -> int:
-    return w.packed.numel() * 4 + w.scales.numel() * 4 + w.zeros.numel() * 4
+    """The bytes one GEMM reads: one layout's codes, fp32 scales and int32 zero points."""
+    return w.n * formats.packed_words(w.k, w.bits) * 4 + w.scales.numel() * 8
 
 
 def timed(fn):
@@ -108,9 +117,8 @@ def main() -> None:
         w_i8_t = torch.randint(-127, 128, (n, k), generator=g, device="cuda",
                                dtype=torch.int8).t()  # fmt: skip
         w_f8_t = w_bf16.to(torch.float8_e4m3fn).t()
-        w4 = weight(n, k, 4, None, g)
-        w4g = weight(n, k, 4, 128, g)
-        w2g = weight(n, k, 2, 128, g)
+        (w4, w4c), (w4g, w4gc), (w2g, w2gc) = (weight(n, k, 4, None, g),
+                                               weight(n, k, 4, 128, g), weight(n, k, 2, 128, g))
         one = torch.ones((), device="cuda")
         int4pack = None
         try:  # PyTorch's int4 weight-only kernel: (N, K / 2) uint8 nibbles, g128 bf16 s / z
@@ -165,24 +173,24 @@ def main() -> None:
                         m * k * 2 + n * k // 2 + n * k // 32,
                     ),
                 )
-            if m <= 16:  # the Triton decode kernel (a forced split_k bypasses the CUDA kernel)
+            if m <= 63:  # the Triton decode kernel on the canonical words
                 sk = _split_k(m, n, k, x.device)
                 cases += (
-                    ("w4a8_triton", lambda: gemm_w4a8(xq8, xs8, w4, split_k=sk),
+                    ("w4a8_triton", lambda: gemm_w4a8(xq8, xs8, w4c, split_k=sk),
                      m * k + wbytes(w4)),
-                    ("w4a4_triton", lambda: gemm_w4a4(xq4, xs4, w4, split_k=sk),
+                    ("w4a4_triton", lambda: gemm_w4a4(xq4, xs4, w4c, split_k=sk),
                      m * k // 2 + wbytes(w4)),
-                    ("w4a16_g128_triton", lambda: gemm_wonly(x, w4g, split_k=sk),
+                    ("w4a16_g128_triton", lambda: gemm_wonly(x, w4gc, split_k=sk),
                      m * k * 2 + wbytes(w4g)),
-                    ("w2a16_g128_triton", lambda: gemm_wonly(x, w2g, split_k=sk),
+                    ("w2a16_g128_triton", lambda: gemm_wonly(x, w2gc, split_k=sk),
                      m * k * 2 + wbytes(w2g)),
                 )  # fmt: skip
             if m in (256, 1024, 4096):  # the other side of the dispatch thresholds
                 cases += (
-                    ("w4a8_inloop", lambda: _launch(xq8, xs8.float(), _A_INT8, w4, None,
+                    ("w4a8_inloop", lambda: _launch(xq8, xs8.float(), _A_INT8, w4c, None,
                                                     torch.bfloat16, False, None, None, False),
                      m * k + wbytes(w4)),
-                    ("w4a16_g128_inloop", lambda: _launch(x, None, _A_FLOAT, w4g, None,
+                    ("w4a16_g128_inloop", lambda: _launch(x, None, _A_FLOAT, w4gc, None,
                                                           torch.bfloat16, False, None),
                      m * k * 2 + wbytes(w4g)),
                 )  # fmt: skip

@@ -166,11 +166,7 @@ def _kernel_bytes(module) -> int:
     w = getattr(module, "weight", None)
     if w is None or isinstance(w, torch.Tensor):
         return 0
-    total = sum(t.numel() * t.element_size() for t in (w.words, w.scales, w.zeros))
-    if w.decode is not None:
-        d = w.decode
-        total += sum(t.numel() * t.element_size() for t in (d.words, d.scales, d.zeros))
-    return total
+    return w.nbytes
 
 
 def _saved_rows(saved, batches, prompts, new, device, env) -> list[dict]:

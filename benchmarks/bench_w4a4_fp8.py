@@ -38,7 +38,7 @@ def main() -> None:
     for name in ("7b_gate_up", "7b_down", "70b_gate_up", "70b_down"):
         model, layer = name.split("_", 1)
         n, k = LLAMA_LINEAR_SHAPES[model][layer]
-        w = weight(n, k, 4, None, g)
+        w = weight(n, k, 4, None, g)[1]  # the canonical words, as at 053a7b8
         for m in (2048, 4096, 8192):
             x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
             wb = torch.randn(n, k, generator=g, device="cuda").to(torch.bfloat16)

@@ -34,8 +34,8 @@ def main() -> None:
     for name in args.shapes.split(","):
         model, layer = name.split("_", 1)
         n, k = LLAMA_LINEAR_SHAPES[model][layer]
-        ws = {"w4a16_g128": weight(n, k, 4, 128, g), "w4a8": weight(n, k, 4, None, g),
-              "w2a16_g128": weight(n, k, 2, 128, g)}  # fmt: skip
+        ws = {"w4a16_g128": weight(n, k, 4, 128, g)[0], "w4a8": weight(n, k, 4, None, g)[0],
+              "w2a16_g128": weight(n, k, 2, 128, g)[0]}  # the served layout  # fmt: skip
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
             xq, xs = act_quant(x, 8)

@@ -51,8 +51,9 @@ def sweep(name, m, n, k, configs, splits, lines, g, only, path):
     x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
     xq8, xs8 = act_quant(x, 8)
     xq4, xs4 = act_quant(x, 4)
-    w4, w4g = weight(n, k, 4, None, g), weight(n, k, 4, 128, g)
-    w2g = weight(n, k, 2, 128, g)
+    # the canonical words (the Triton kernels' layout)
+    w4, w4g = weight(n, k, 4, None, g)[1], weight(n, k, 4, 128, g)[1]
+    w2g = weight(n, k, 2, 128, g)[1]
     w_bf16 = torch.randn(n, k, generator=g, device="cuda").to(torch.bfloat16)
     base = timed(lambda: F.linear(x, w_bf16))
     xi = xq8 if m >= 32 else torch.zeros(32, k, dtype=torch.int8, device="cuda")

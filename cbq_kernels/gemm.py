@@ -65,9 +65,9 @@ from cbq_kernels.gemm_triton import (
     GemmPolicy,
     _check_bias,
     _check_out_dtype,
-    _expand,
     _gemm_kernel,
     _launch,
+    dequantize_scratch,
     fp8_available,
     launch_w4a4_fp8,
 )
@@ -92,14 +92,17 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class PreparedWeight:
-    """A quantized linear weight in the form the GEMM kernels read (see prepare_weight).
+    """A quantized linear weight in the form the GEMM kernels read (see prepare_weight): the
+    canonical words, the decode layout, or both.
 
     words: (ceil(K / C), N) int32, the canonical packed words transposed: word row kw holds
-    codes kw*C .. kw*C + C - 1 of every output channel, N contiguous (C codes per word).
-    scales: (N, G) fp32. zeros: (N, G) int32. bits: 2, 3 or 4. k: in_features.
+    codes kw*C .. kw*C + C - 1 of every output channel, N contiguous (C codes per word); None
+    when the decode layout is the only one.
+    scales: (N, G) fp32. zeros: (N, G) int32 (with a decode layout: transposed views of its
+    (G, N_pad) tensors, one copy). bits: 2, 3 or 4. k: in_features.
     group_size: None (per channel) or the group length along K."""
 
-    words: Tensor
+    words: Tensor | None
     scales: Tensor
     zeros: Tensor
     bits: int
@@ -107,14 +110,39 @@ class PreparedWeight:
     group_size: int | None
     decode: gemm_decode.DecodeWeight | None = None  # the CUDA decode kernel's layout
 
+    def __post_init__(self) -> None:
+        if self.words is None and self.decode is None:
+            raise ValueError("a PreparedWeight needs the canonical words or the decode layout")
+
     @property
     def packed(self) -> Tensor:
-        """(N, ceil(K / C)) int32, the canonical storage format (a transposed view)."""
+        """(N, ceil(K / C)) int32, the canonical storage format (a transposed view; rebuilt
+        from the decode layout when that is the only one)."""
+        if self.words is None:
+            from cbq_kernels.packing import pack_ref
+
+            assert self.decode is not None
+            codes = gemm_decode.unpack_codes(self.decode)
+            return pack_ref(codes, self.bits)
         return self.words.t()
 
     @property
     def n(self) -> int:
-        return self.words.shape[1]
+        return self.scales.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.scales.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this weight holds on its device (every layout it keeps; scales and zero
+        points counted once: with a decode layout they are views of its tensors)."""
+        held = [self.words] if self.words is not None else []
+        d = self.decode
+        held += [d.words, d.scales, d.zeros, d.counters] if d is not None else [self.scales,
+                                                                                 self.zeros]
+        return sum(t.numel() * t.element_size() for t in held)
 
     @property
     def groups(self) -> int:
@@ -139,7 +167,7 @@ class PreparedWeight:
 
 def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Tensor | None = None,
                    group_size: int | None = None,
-                   decode: bool | None = None) -> PreparedWeight:  # fmt: skip
+                   layout: str = "auto") -> PreparedWeight:  # fmt: skip
     """Check a packed weight once and convert its parameters for the GEMM kernels.
 
     Args:
@@ -149,11 +177,19 @@ def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Ten
         scales: (N, G) float, G = 1 per channel or ceil(K / group_size).
         zeros: (N, G) integer-valued zero points in [0, 2**bits - 1]; None means 2**(bits-1).
         group_size: None (per channel) or a multiple of 32 (one group per K tile).
-        decode: also build the CUDA decode kernel's layout (:mod:`cbq_kernels.gemm_decode`,
-            used for M <= 16); None: when the extension has that kernel for this device and
-            the groups fit its chunks (gemm_decode.layout_error). It costs a second copy of
-            the packed weight.
+        layout: which copies of the weight to keep. ``"canonical"``: the transposed words
+            the Triton kernels read. ``"decode"``: the CUDA decode kernel's layout
+            (:mod:`cbq_kernels.gemm_decode`) alone: M <= 16 runs that kernel, M up to
+            ``policy.small_m`` runs it on 16-row slices, larger M expand it (int8, fp8 or
+            the dequantized weight) before the GEMM; one copy of the weight, what a served
+            model holds. ``"both"``: both (benchmarks and tests that compare the kernels on
+            one weight). ``"auto"``: ``"decode"`` when the extension has the kernel for this
+            device and the groups fit its chunks (gemm_decode.layout_error), else
+            ``"canonical"``.
     """
+    if layout not in ("auto", "canonical", "decode", "both"):
+        raise ValueError(f"layout must be 'auto', 'canonical', 'decode' or 'both', got "
+                         f"{layout!r}")  # fmt: skip
     bits = formats.check_bits(bits)
     if bits == 8:
         raise ValueError("bits=8 weights are not supported by the GEMM kernels (2, 3 or 4)")
@@ -196,20 +232,23 @@ def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Ten
         ):
             raise ValueError(f"zeros must be integers in [0, {qmax}] for {bits}-bit codes")
         z = zf.to(torch.int32)
-    words = packed.t().contiguous()  # the kernels' layout: N contiguous (coalesced loads)
     layout_err = gemm_decode.layout_error(bits, k, group_size)
-    if decode is None:
-        decode = gemm_decode.available(packed.device) and layout_err is None
-    dw = None
-    if decode:
+    if layout == "auto":
+        use = gemm_decode.available(packed.device) and layout_err is None
+        layout = "decode" if use else "canonical"
+    words, dw = None, None
+    s, z = scales.float().contiguous(), z.contiguous()
+    if layout != "decode":
+        words = packed.t().contiguous()  # the kernels' layout: N contiguous (coalesced loads)
+    if layout != "canonical":
         if layout_err:
             raise ValueError(layout_err)
         from cbq_kernels.packing import unpack_ref
 
         codes = unpack_ref(packed, bits, k)
         dw = gemm_decode.prepare_decode(codes, scales, z, bits, group_size)
-    w = PreparedWeight(words, scales.float().contiguous(), z.contiguous(), bits, k, group_size,
-                       dw)  # fmt: skip
+        s, z = dw.scales[:, :n].t(), dw.zeros[:, :n].t()  # views: one copy of each
+    w = PreparedWeight(words, s, z, bits, k, group_size, dw)
     mark_static(w)
     return w
 
@@ -342,9 +381,11 @@ def _wonly(x: Tensor, weight: PreparedWeight, bias: Tensor | None, split_k: int 
         return (out + bias.float() if bias is not None else out).to(x.dtype)
     if x.dtype != torch.float32 and _use_decode(weight, x, split_k, policy):
         return gemm_decode.launch(x, None, weight.decode, bias, x.dtype)
-    if x.shape[0] >= policy.wonly_cublas_min_m and x.dtype != torch.float32 and split_k is None:
-        # Compute-bound: dequantize to a scratch (N, K) weight in x's dtype, then cuBLAS.
-        w = _dequantize_scratch(weight, x.dtype)
+    big = x.shape[0] >= policy.wonly_cublas_min_m and x.dtype != torch.float32
+    if split_k is None and (big or weight.words is None):
+        # Compute-bound (or no canonical words for the Triton kernel): dequantize to a
+        # scratch (N, K) weight in x's dtype, then cuBLAS.
+        w = dequantize_scratch(weight, x.dtype)
         return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)
     return _launch(x, None, _A_FLOAT, weight, bias, x.dtype, False, split_k, policy=policy)
 
@@ -374,7 +415,7 @@ def _weight_args(w: PreparedWeight) -> tuple:
               else (None, None, None, None, 0, 0)))  # fmt: skip
 
 
-def _weight_from(words: Tensor, scales: Tensor, zeros: Tensor, bits: int, k: int,
+def _weight_from(words: Tensor | None, scales: Tensor, zeros: Tensor, bits: int, k: int,
                  group_size: int, d_words: Tensor | None, d_scales: Tensor | None,
                  d_zeros: Tensor | None, d_counters: Tensor | None, d_bits: int,
                  d_group: int) -> PreparedWeight:  # fmt: skip
@@ -382,7 +423,7 @@ def _weight_from(words: Tensor, scales: Tensor, zeros: Tensor, bits: int, k: int
     if d_words is not None:
         assert d_scales is not None and d_zeros is not None and d_counters is not None
         dw = gemm_decode.DecodeWeight(d_words, d_scales, d_zeros, d_counters, d_bits,
-                                      words.shape[1], k, d_group)  # fmt: skip
+                                      scales.shape[0], k, d_group)  # fmt: skip
     return PreparedWeight(words, scales, zeros, bits, k, group_size or None, dw)
 
 
@@ -390,7 +431,7 @@ def _integer_op(name: str, impl):
     """The custom op ``cbq::name`` of an integer GEMM (W4A8, W4A4: the same signature; x is
     int8 codes or packed int4 codes) running ``impl`` (:func:`_w4a8` / :func:`_w4a4`)."""
 
-    def op(x: Tensor, x_scales: Tensor, words: Tensor, scales: Tensor, zeros: Tensor,
+    def op(x: Tensor, x_scales: Tensor, words: Tensor | None, scales: Tensor, zeros: Tensor,
            bits: int, k: int, group_size: int, d_words: Tensor | None, d_scales: Tensor | None,
            d_zeros: Tensor | None, d_counters: Tensor | None, d_bits: int, d_group: int,
            bias: Tensor | None, out_dtype: torch.dtype, debug: bool, split_k: int | None,
@@ -402,9 +443,9 @@ def _integer_op(name: str, impl):
     custom = torch.library.custom_op(f"cbq::{name}", mutates_args=())(op)
 
     @custom.register_fake
-    def _(x, x_scales, words, *args):
-        out_dtype, debug = args[12], args[13]
-        return x.new_empty((x.shape[0], words.shape[1]),
+    def _(x, x_scales, words, scales, *args):
+        out_dtype, debug = args[11], args[12]
+        return x.new_empty((x.shape[0], scales.shape[0]),
                            dtype=torch.int32 if debug else out_dtype)  # fmt: skip
 
     return custom
@@ -415,8 +456,8 @@ _gemm_w4a4_op = _integer_op("gemm_w4a4", _w4a4)
 
 
 @torch.library.custom_op("cbq::gemm_wonly", mutates_args=())
-def _gemm_wonly_op(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, bits: int, k: int,
-                   group_size: int, d_words: Tensor | None, d_scales: Tensor | None,
+def _gemm_wonly_op(x: Tensor, words: Tensor | None, scales: Tensor, zeros: Tensor, bits: int,
+                   k: int, group_size: int, d_words: Tensor | None, d_scales: Tensor | None,
                    d_zeros: Tensor | None, d_counters: Tensor | None, d_bits: int,
                    d_group: int, bias: Tensor | None, split_k: int | None,
                    policy: list[int]) -> Tensor:  # fmt: skip
@@ -426,14 +467,14 @@ def _gemm_wonly_op(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, bits
 
 
 @_gemm_wonly_op.register_fake
-def _(x, words, *args):
-    return x.new_empty((x.shape[0], words.shape[1]))
+def _(x, words, scales, *args):
+    return x.new_empty((x.shape[0], scales.shape[0]))
 
 
 @torch.library.custom_op("cbq::prepare_weight", mutates_args=())
 def _prepare_weight_op(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Tensor | None,
                        group_size: int) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    w = prepare_weight(packed, bits, k, scales, zeros, group_size or None, decode=False)
+    w = prepare_weight(packed, bits, k, scales, zeros, group_size or None, layout="canonical")
     return w.words, w.scales.clone(), w.zeros  # fp32 scales would alias the input
 
 
@@ -456,18 +497,15 @@ def _check_policy(policy: object) -> GemmPolicy:
 def _use_decode(weight: PreparedWeight, x: Tensor, split_k: int | None,
                 policy: GemmPolicy) -> bool:  # fmt: skip
     """The CUDA decode kernel takes M <= policy.decode_max_m when the weight has its layout
-    and no split-K was forced (tests and sweeps force the Triton kernel with split_k). The
-    kernel reads x with vector loads when its rows are aligned for them, element by element
-    otherwise."""
-    return (policy.cuda_decode and weight.decode is not None and x.device.type == "cuda"
-            and split_k is None and 1 <= x.shape[0] <= policy.decode_max_m)  # fmt: skip
-
-
-def _dequantize_scratch(weight: PreparedWeight, dtype: torch.dtype) -> Tensor:
-    """(N, K) ``(q - z) * s`` in ``dtype`` from the prepared words (Triton; no extension)."""
-    return _expand(weight.words, weight.n, weight.k, weight.bits, 1, weight.n, weight.zeros,
-                   weight.kernel_group,
-                   scales=weight.scales, dtype=dtype)  # fmt: skip
+    and no split-K was forced (tests and sweeps force the Triton kernel with split_k), and M
+    up to policy.small_m (16-row slices) when that layout is the weight's only one (the
+    Triton kernel there reads the canonical words). The kernel reads x with vector loads when
+    its rows are aligned for them, element by element otherwise."""
+    if not (policy.cuda_decode and weight.decode is not None and x.device.type == "cuda"
+            and split_k is None and x.shape[0] >= 1):  # fmt: skip
+        return False
+    limit = policy.small_m if weight.words is None else policy.decode_max_m
+    return x.shape[0] <= limit
 
 
 def _int_gemm_torch(codes: Tensor, xs: Tensor, weight: PreparedWeight, bias: Tensor | None,

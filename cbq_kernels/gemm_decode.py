@@ -39,7 +39,11 @@ import dataclasses
 import functools
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
+
+from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpreter gets right
 
 DECODE_MAX_M = 16  # one m16n8k16 row tile
 TILE_N = 64  # output channels per n-tile (8 MMA subtiles of 8)
@@ -140,6 +144,72 @@ def prepare_decode(codes: Tensor, scales: Tensor, zeros: Tensor, bits: int,
     z_t[:, :n] = zeros.to(torch.int32).t()
     counters = torch.zeros(nt, dtype=torch.int32, device=dev)
     return DecodeWeight(words, s_t.contiguous(), z_t.contiguous(), counters, cb, n, k, gs)
+
+
+def unpack_codes(dw: DecodeWeight) -> Tensor:
+    """(N, K) uint8 codes of a decode-layout weight: the inverse of :func:`prepare_decode`'s
+    word order, written from the module docstring's layout (PyTorch; the reference of
+    :func:`expand` and the source of the canonical words of a weight kept in this layout
+    alone)."""
+    nt, kc = dw.words.shape[:2]
+    ck, ppw = chunk_k(dw.bits), 16 // dw.bits
+    mask = (1 << dw.bits) - 1
+    w = dw.words.to(torch.int64) & 0xFFFFFFFF  # (NT, KC, h, lane = 4 g + t, j) -> g, t, s
+    w = w.permute(0, 1, 3, 2, 4).reshape(nt, kc, 8, 4, 8)
+    j = torch.arange(ppw, device=w.device)
+    e = torch.arange(2, device=w.device)
+    shift = dw.bits * j.view(ppw, 1) + 16 * e.view(1, 2)  # code i = 2 j + e of a lane's row
+    codes = (w[..., None, None] >> shift) & mask  # (NT, KC, g, t, s, j, e)
+    # n = 64 tile + 8 s + g, k = CK chunk + (CK / 4) t + 2 j + e
+    codes = codes.permute(0, 4, 2, 1, 3, 5, 6).reshape(nt * TILE_N, kc * ck)
+    return codes[: dw.n, : dw.k].to(torch.uint8)
+
+
+@triton.jit
+def _expand_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, N_PAD, KC, GS, BITS: tl.constexpr,
+                   SCALED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """out (N, K) from the decode layout: codes - zero point (int8 or fp8), or with SCALED
+    (codes - z) * s in out's float dtype (fp32 arithmetic, one rounding). A program takes
+    BLOCK consecutive words; word w holds the CK / 4 codes of one column at consecutive K
+    (module docstring), so each word becomes one contiguous run of its output row."""
+    CK: tl.constexpr = 64 if BITS == 2 else 32
+    PER: tl.constexpr = CK // 4
+    w = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    word = tl.load(w_ptr + w)
+    chunk = w // 256  # (tile, chunk) pairs of 256 words: h, lane = 4 g + t, j
+    r = w % 256
+    lane = (r // 4) % 32
+    n = (chunk // KC) * 64 + 8 * (4 * (r // 128) + r % 4) + lane // 4
+    k0 = (chunk % KC) * CK + PER * (lane % 4)
+    i = tl.arange(0, PER)
+    q = (word[:, None] >> (BITS * (i // 2) + 16 * (i % 2))[None, :]) & ((1 << BITS) - 1)
+    g = k0 // GS
+    mw = (n < N) & (k0 < K)  # the padding words: N to 64, K to CK (their groups may not exist)
+    q -= tl.load(z_ptr + g * N_PAD + n, mask=mw, other=0)[:, None]
+    k = k0[:, None] + i[None, :]
+    mask = mw[:, None] & (k < K)
+    ptrs = out_ptr + n[:, None] * K + k
+    if SCALED:
+        v = q.to(tl.float32) * tl.load(s_ptr + g * N_PAD + n, mask=mw, other=0.0)[:, None]
+        tl.store(ptrs, _to_store(v, out_ptr), mask=mask)
+    elif out_ptr.dtype.element_ty == tl.int8:
+        tl.store(ptrs, q.to(tl.int8), mask=mask)
+    else:  # fp8 e4m3: integers up to 16 are exact
+        tl.store(ptrs, q.to(tl.float32).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def expand(dw: DecodeWeight, dtype: torch.dtype = torch.int8, scaled: bool = False) -> Tensor:
+    """(N, K) ``dtype`` from the decode layout (Triton): ``q - z`` (int8, or fp8 e4m3 where
+    these integers are exact), or with ``scaled`` the dequantized ``(q - z) * s``. The
+    expansion / dequantization pass of the integer GEMMs at large M, of the weight-only GEMM
+    before cuBLAS and of W4A4 on fp8, for a weight kept in this layout alone."""
+    out = torch.empty((dw.n, dw.k), dtype=dtype, device=dw.words.device)
+    block = 64 if dw.words.device.type == "cpu" else 256
+    total = dw.words.numel()  # a multiple of 256 (one tile-chunk), so of BLOCK
+    _expand_kernel[(total // block,)](dw.words, dw.scales, dw.zeros, out, dw.n, dw.k, dw.n_pad,
+                                      dw.words.shape[1], dw.group_size, BITS=dw.bits,
+                                      SCALED=scaled, BLOCK=block)  # fmt: skip
+    return out
 
 
 def _prmt(a: Tensor, b: Tensor, sel: int) -> Tensor:
@@ -295,29 +365,34 @@ def default_splits(n_tiles: int, chunks: int, device: torch.device, m: int = 1) 
 def launch(x: Tensor, x_scales: Tensor | None, dw: DecodeWeight, bias: Tensor | None,
            out_dtype: torch.dtype, debug: bool = False,
            splits: int | None = None) -> Tensor:  # fmt: skip
-    """Run the CUDA decode kernel. x: (M <= 16, K) bf16 / fp16 activations, int8 codes, or
-    packed int4 codes (M, ceil(K / 8)) int32 (offset 8); x_scales (M,) fp32 for the last two.
-    The caller (cbq_kernels.gemm) has checked shapes, dtypes and devices; x must have unit
-    stride along K (its row stride may be anything)."""
+    """Run the CUDA decode kernel. x: (M, K) bf16 / fp16 activations, int8 codes, or packed
+    int4 codes (M, ceil(K / 8)) int32 (offset 8); x_scales (M,) fp32 for the last two. M > 16
+    runs one launch per 16-row slice (each reads the whole weight: for a weight kept in this
+    layout alone, up to GemmPolicy.small_m). The caller (cbq_kernels.gemm) has checked shapes,
+    dtypes and devices; x must have unit stride along K (its row stride may be anything)."""
     from cbq_kernels import _C  # type: ignore[attr-defined]
 
     m = x.shape[0]
     a_mode = _A_MODES[x.dtype]
     chunks = dw.words.shape[1]
     n_tiles = dw.words.shape[0]
-    split = default_splits(n_tiles, chunks, x.device, m) if splits is None else splits
     dev = x.device
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty((m, dw.n), dtype=torch.int32 if debug else out_dtype, device=dev)
-    ws = torch.empty((split, 16, dw.n_pad), dtype=torch.int32, device=dev) if split > 1 else None
     bias_f = bias.float().contiguous() if bias is not None else None
     xs = x_scales.float().contiguous() if x_scales is not None else None
     ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
-    _C.gemm_decode_cuda(
-        ptr(x), ptr(xs), a_mode, ptr(dw.words), ptr(dw.scales), ptr(dw.zeros), ptr(bias_f),
-        ptr(out), ptr(ws), ptr(dw.counters), m, dw.n, dw.k, dw.n_pad, x.stride(0),
-        dw.bits, dw.group_size, split, _OUT_CODES.get(out_dtype, 2), debug, dev.index,
-        torch.cuda.current_stream(dev).cuda_stream,
-    )  # fmt: skip
+    for r0 in range(0, m, DECODE_MAX_M):
+        rows = min(DECODE_MAX_M, m - r0)
+        split = default_splits(n_tiles, chunks, dev, rows) if splits is None else splits
+        ws = torch.empty((split, 16, dw.n_pad), dtype=torch.int32, device=dev) if split > 1 \
+            else None  # fmt: skip
+        _C.gemm_decode_cuda(
+            ptr(x[r0:]), ptr(xs[r0:] if xs is not None else None), a_mode, ptr(dw.words),
+            ptr(dw.scales), ptr(dw.zeros), ptr(bias_f), ptr(out[r0:]), ptr(ws),
+            ptr(dw.counters), rows, dw.n, dw.k, dw.n_pad, x.stride(0), dw.bits, dw.group_size,
+            split, _OUT_CODES.get(out_dtype, 2), debug, dev.index,
+            torch.cuda.current_stream(dev).cuda_stream,
+        )  # fmt: skip
     return out

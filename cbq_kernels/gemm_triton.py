@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cbq_kernels import formats
+from cbq_kernels import formats, gemm_decode
 from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, describe
 from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpreter gets right
 
@@ -71,12 +71,13 @@ DEFAULT_POLICY = GemmPolicy()
 
 @triton.jit
 def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, K, KW_X, KW_W,
-                 G, GS, A_MODE: tl.constexpr, W_BITS: tl.constexpr, GROUPED: tl.constexpr,
+                 WS_N, WS_G, GS, A_MODE: tl.constexpr, W_BITS: tl.constexpr, GROUPED: tl.constexpr,
                  HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr, SPLIT_K: tl.constexpr,
                  DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr):  # fmt: skip
     """out (M, N) = x (M, K) @ W^T, W as prepared words (KW_W, N) int32. See the module
-    docstring.
+    docstring. Scales and zero points (N, G): element (n, g) at n * WS_N + g * WS_G (both
+    tensors: contiguous, or transposed views of the decode layout's (G, N_pad)).
 
     SPLIT_K > 1: out_ptr is an fp32 (SPLIT_K, M, N) buffer of partials (bias not added).
     DEBUG: out_ptr is int32 (M, N), the raw accumulator.
@@ -110,7 +111,7 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if not GROUPED and W_BITS != 8:  # one zero point (and scale) per output channel
-        z_n = tl.load(wz_ptr + rn64 * G, mask=mn, other=0)
+        z_n = tl.load(wz_ptr + rn64 * WS_N, mask=mn, other=0)
 
     k_step = BLOCK_K * SPLIT_K
     for k0 in range(split * BLOCK_K, K, k_step):
@@ -151,9 +152,9 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
             q = tl.reshape(q3, (BLOCK_K, BLOCK_N))
         if GROUPED:
             g = k0 // GS  # BLOCK_K divides GS: one group per tile
-            s_w = tl.load(ws_ptr + rn64 * G + g, mask=mn, other=0.0)
+            s_w = tl.load(ws_ptr + rn64 * WS_N + g * WS_G, mask=mn, other=0.0)
             if W_BITS != 8:
-                z = tl.load(wz_ptr + rn64 * G + g, mask=mn, other=0)
+                z = tl.load(wz_ptr + rn64 * WS_N + g * WS_G, mask=mn, other=0)
                 wq = tl.where(mk[:, None], q - z[None, :], 0)
             # the per-channel scale broadcast against the accumulator
             s_acc = s_w[:, None] if SWAP else s_w[None, :]
@@ -196,11 +197,11 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
     else:
         if INT_PATH:
             if not GROUPED:
-                s_n = tl.load(ws_ptr + rn64 * G, mask=mn, other=0.0)
+                s_n = tl.load(ws_ptr + rn64 * WS_N, mask=mn, other=0.0)
                 acc = acc_i.to(tl.float32) * s_n[None, :]
             acc = acc * tl.load(xs_ptr + rm64, mask=mm, other=0.0)[:, None]
         elif not GROUPED:
-            acc = acc * tl.load(ws_ptr + rn64 * G, mask=mn, other=0.0)[None, :]
+            acc = acc * tl.load(ws_ptr + rn64 * WS_N, mask=mn, other=0.0)[None, :]
         if SPLIT_K > 1:
             tl.store(out_ptr + split.to(tl.int64) * M * N + rm64[:, None] * N + rn64[None, :],
                      acc, mask=mo)  # fmt: skip
@@ -212,13 +213,14 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
 
 
 @triton.jit
-def _expand_kernel(w_ptr, z_ptr, s_ptr, out_ptr, R, K, KW, G, GS, S_R, S_KW, Z_CONST,
+def _expand_kernel(w_ptr, z_ptr, s_ptr, out_ptr, R, K, KW, SZ_R, SZ_G, GS, S_R, S_KW, Z_CONST,
                    W_BITS: tl.constexpr, HAS_Z: tl.constexpr, SCALED: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """out (R, K) int8 = codes - zero point, from packed words: word (r, kw) at
     w_ptr + r * S_R + kw * S_KW holds codes kw*C .. kw*C + C - 1 of row r. Zero points
     z (R, G) int32 per group of GS, or the constant Z_CONST. SCALED: out is float,
-    (codes - z) * s with fp32 scales s (R, G), one rounding (the dequantized weight)."""
+    (codes - z) * s with fp32 scales s (R, G), one rounding (the dequantized weight). z and s
+    share their strides: element (r, g) at r * SZ_R + g * SZ_G."""
     PER_W: tl.constexpr = 32 // W_BITS
     W_MASK: tl.constexpr = (1 << W_BITS) - 1
     rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -234,7 +236,7 @@ def _expand_kernel(w_ptr, z_ptr, s_ptr, out_ptr, R, K, KW, G, GS, S_R, S_KW, Z_C
     # One group per tile (the host picks BLOCK_K dividing GS, or GS >= K): the zero points
     # and scales are one (BLOCK_R,) vector per tile. (Gathering them per element, rows
     # G words apart, made the grouped dequantization ~10x slower on the H200.)
-    gidx = rr64 * G + (tl.program_id(1) * BLOCK_K) // GS
+    gidx = rr64 * SZ_R + ((tl.program_id(1) * BLOCK_K) // GS) * SZ_G
     if HAS_Z:
         q -= tl.load(z_ptr + gidx, mask=mr, other=0)[:, None]
     else:
@@ -264,10 +266,13 @@ def _expand(words: Tensor, rows: int, k: int, bits: int, s_r: int, s_kw: int,
             bk //= 2
     kw = formats.packed_words(k, bits)
     grid = (triton.cdiv(rows, br), triton.cdiv(k, bk))
+    sz = zeros.stride() if zeros is not None else (1, 1)
+    if scales is not None and zeros is not None and scales.stride() != sz:
+        raise ValueError(f"scales and zeros must share their strides, got {scales.stride()} "
+                         f"and {sz}")  # fmt: skip
     _expand_kernel[grid](words, zeros if zeros is not None else words,
-                         scales if scales is not None else out, out, rows, k, kw,
-                         zeros.shape[1] if zeros is not None else 1, group_size, s_r, s_kw,
-                         z_const, W_BITS=formats.container_bits(bits),
+                         scales if scales is not None else out, out, rows, k, kw, sz[0], sz[1],
+                         group_size, s_r, s_kw, z_const, W_BITS=formats.container_bits(bits),
                          HAS_Z=zeros is not None, SCALED=scales is not None, BLOCK_R=br,
                          BLOCK_K=bk)  # fmt: skip
     return out
@@ -337,15 +342,15 @@ def _tuned(configs):
 
 @triton.jit
 def _gemm_entry(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, K, KW_X, KW_W,
-                G, GS, M_BUCKET, A_MODE: tl.constexpr, W_BITS: tl.constexpr,
+                WS_N, WS_G, GS, M_BUCKET, A_MODE: tl.constexpr, W_BITS: tl.constexpr,
                 GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
                 SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                 SWAP: tl.constexpr):  # fmt: skip
     """The kernel with an M bucket argument, the autotuning key (tuning once per bucket)."""
     _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, K, KW_X, KW_W,
-                 G, GS, A_MODE, W_BITS, GROUPED, HAS_BIAS, DEBUG, SPLIT_K, DOT_F32, BLOCK_M,
-                 BLOCK_N, BLOCK_K, GROUP_M, SWAP)  # fmt: skip
+                 WS_N, WS_G, GS, A_MODE, W_BITS, GROUPED, HAS_BIAS, DEBUG, SPLIT_K, DOT_F32,
+                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SWAP)  # fmt: skip
 
 
 _gemm_large = _tuned(_LARGE_CONFIGS)(_gemm_entry)
@@ -406,8 +411,8 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
     device = x.device
     if debug and a_mode == _A_FLOAT:
         raise ValueError("debug (raw int32 accumulator) exists for the integer GEMMs only")
-    if weight.words.device != device:
-        raise ValueError(f"weight is on {weight.words.device} but x is on {device}")
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but x is on {device}")
     _check_bias(bias, n, device)
     _check_out_dtype(out_dtype)
     split = _split_k(m, n, k, device, policy) if split_k is None else split_k
@@ -426,14 +431,20 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
     xs = x_scales if x_scales is not None else weight.scales
     kw_x = x.shape[1]
     w_words, w_bits = weight.words, weight.container_bits
-    if expand is None:
-        expand = m >= policy.expand_min_m
+    if expand is None:  # a weight kept in the decode layout alone is always expanded here
+        expand = m >= policy.expand_min_m or weight.words is None
     if expand and a_mode != _A_FLOAT:
-        w_words, w_bits = _expand(w_words, n, k, weight.bits, 1, n, weight.zeros, gs), 8
+        w_words, w_bits = expand_weight(weight), 8
         if a_mode == _A_INT4:
             x, a_mode = _expand(x, m, k, 4, kw_x, 1, None, k, z_const=8), _A_INT8
+    if w_words is None:
+        raise ValueError(
+            f"this weight keeps only the decode layout (prepare_weight(layout='auto') on a GPU "
+            f"with the extension); the Triton kernel at M = {m} (forced split_k, or "
+            f"policy.cuda_decode=False) reads the canonical one: prepare it with layout='both'"
+        )
     args = (x, xs, w_words, weight.scales, weight.zeros, bias if bias is not None else xs,
-            out, m, n, k, kw_x, weight.words.shape[0], weight.groups, gs)  # fmt: skip
+            out, m, n, k, kw_x, w_words.shape[0], *weight.scales.stride(), gs)  # fmt: skip
     consts = {"A_MODE": a_mode, "W_BITS": w_bits, "GROUPED": grouped,
               "HAS_BIAS": bias is not None, "DEBUG": debug, "SPLIT_K": split}  # fmt: skip
     # fp32 activations multiply in IEEE fp32 (tl.dot would use tf32); on the CPU the
@@ -459,6 +470,23 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
     return out
 
 
+def expand_weight(weight: PreparedWeight, dtype: torch.dtype = torch.int8) -> Tensor:
+    """(N, K) ``q - z`` in int8 (or fp8 e4m3, where these integers are exact) from whichever
+    layout the weight keeps (the canonical words, else the decode layout)."""
+    if weight.words is None:
+        return gemm_decode.expand(weight.decode, dtype)
+    return _expand(weight.words, weight.n, weight.k, weight.bits, 1, weight.n, weight.zeros,
+                   weight.kernel_group, dtype=dtype)  # fmt: skip
+
+
+def dequantize_scratch(weight: PreparedWeight, dtype: torch.dtype) -> Tensor:
+    """(N, K) ``(q - z) * s`` in ``dtype`` (Triton) from whichever layout the weight keeps."""
+    if weight.words is None:
+        return gemm_decode.expand(weight.decode, dtype, scaled=True)
+    return _expand(weight.words, weight.n, weight.k, weight.bits, 1, weight.n, weight.zeros,
+                   weight.kernel_group, scales=weight.scales, dtype=dtype)  # fmt: skip
+
+
 def fp8_available(device: torch.device) -> bool:
     """fp8 e4m3 tensor cores (compute capability 8.9 and later) and torch's fp8 GEMM."""
     return (device.type == "cuda" and hasattr(torch, "float8_e4m3fn")
@@ -473,8 +501,7 @@ def launch_w4a4_fp8(x_packed: Tensor, xs: Tensor, weight: PreparedWeight) -> Ten
     bf16 out. Per-channel weights only (one scale per output column)."""
     m, n, k = x_packed.shape[0], weight.n, weight.k
     fp8 = torch.float8_e4m3fn
-    w8 = _expand(weight.words, n, k, weight.bits, 1, n, weight.zeros, weight.kernel_group,
-                 dtype=fp8)  # fmt: skip
+    w8 = expand_weight(weight, fp8)
     x8 = _expand(x_packed, m, k, 4, x_packed.shape[1], 1, None, k, z_const=8, dtype=fp8)
     return torch._scaled_mm(x8, w8.t(), scale_a=xs.reshape(m, 1).float(),
                             scale_b=weight.scales.reshape(1, n).float(),

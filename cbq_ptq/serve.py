@@ -112,7 +112,7 @@ class KernelLinear(torch.nn.Module):
     def fuse_rotation(self, signs: Tensor) -> None:
         """Take an online Hadamard rotation of the input into the GEMM call (with plain
         per-token activations: one kernel with the quantizer) instead of a pre-hook."""
-        self.act_kwargs["rotation_signs"] = signs.to(self.weight.words.device)
+        self.act_kwargs["rotation_signs"] = signs.to(self.weight.device)
 
     def forward(self, x: Tensor) -> Tensor:
         y = gemm_linear(x.to(self.compute_dtype).contiguous(), self.weight, self.act_bits,

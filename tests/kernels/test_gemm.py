@@ -24,13 +24,14 @@ from cbq_kernels.packing import pack_ref, unpack_ref
 SHAPES = ((1, 33, 100), (3, 40, 64), (13, 5, 7), (67, 33, 200))
 
 
-def make_weight(n, k, bits, group_size=None, seed=0, zeros=True):
+def make_weight(n, k, bits, group_size=None, seed=0, zeros=True, layout="auto"):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
     groups = 1 if group_size is None else -(-k // group_size)
     scales = torch.rand(n, groups, generator=g) * 0.02 + 0.005
     z = torch.randint(0, 1 << bits, (n, groups), generator=g).float() if zeros else None
-    return prepare_weight(pack_ref(codes, bits), bits, k, scales, z, group_size), codes
+    w = prepare_weight(pack_ref(codes, bits), bits, k, scales, z, group_size, layout=layout)
+    return w, codes
 
 
 def act_codes(m, k, bits, seed=1):
@@ -207,7 +208,7 @@ def test_weight_only_dequantize_then_matmul_path(bits, group_size):
 
     m, n, k = 5, 33, 100
     w, _ = make_weight(n, k, bits, group_size, seed=11)
-    deq = gemm_module._dequantize_scratch(w, torch.bfloat16)
+    deq = gemm_module.dequantize_scratch(w, torch.bfloat16)
     want = dequantize_ref(w.packed.contiguous(), bits, k, w.scales, w.zeros.float(), group_size,
                           torch.bfloat16)  # fmt: skip
     assert torch.equal(deq, want)
@@ -217,6 +218,36 @@ def test_weight_only_dequantize_then_matmul_path(bits, group_size):
     exact = gemm_ref(x, w, bias=bias)
     torch_out = torch.nn.functional.linear(x, want, bias.to(torch.bfloat16))
     assert max_err(out, exact) <= 2 * max_err(torch_out, exact) + 1e-5 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(4, None), (4, 64), (3, 32), (2, 64)])
+def test_a_weight_in_the_decode_layout_alone_serves_every_path(bits, group_size):
+    """layout="decode" (what a served model holds on a GPU with the extension: one copy of the
+    weight) gives the canonical weight's integer accumulators exactly and its products: the
+    integer GEMMs expand it to int8 (gemm_decode.expand), the weight-only GEMM dequantizes it
+    then multiplies; scales and zero points are views of the layout's own tensors."""
+    n, k = 70, 192
+    one, _ = make_weight(n, k, bits, group_size, seed=31, layout="decode")
+    canon, _ = make_weight(n, k, bits, group_size, seed=31, layout="canonical")
+    both, _ = make_weight(n, k, bits, group_size, seed=31, layout="both")
+    assert one.words is None and one.decode is not None
+    assert one.scales.untyped_storage().data_ptr() == one.decode.scales.untyped_storage().data_ptr()
+    assert torch.equal(one.scales, canon.scales) and torch.equal(one.zeros, canon.zeros)
+    assert torch.equal(one.packed, canon.packed)
+    # the served weight holds one copy of the codes, scales and zero points
+    assert both.nbytes - one.nbytes == canon.words.numel() * 4
+    if bits != 2:  # the integer GEMMs take 3- and 4-bit weights
+        for act_bits, fn in ((8, gemm_w4a8), (4, gemm_w4a4)):
+            xq, xs = act_codes(5, k, act_bits, seed=32)
+            assert torch.equal(fn(xq, xs, one, debug=True), fn(xq, xs, canon, debug=True))
+            out = fn(xq, xs, one, out_dtype=torch.float32)
+            torch.testing.assert_close(out.double(), gemm_ref(xq, one, xs, act_bits),
+                                       rtol=1e-5, atol=1e-5)  # fmt: skip
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(33))
+    torch.testing.assert_close(gemm_wonly(x, one).double(), gemm_ref(x, canon), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match=r"keeps only the decode layout.*layout='both'"):
+        gemm_wonly(x, one, split_k=2)
 
 
 def test_gemm_ops_pass_opcheck_and_compile_with_fullgraph():
@@ -239,6 +270,11 @@ def test_gemm_ops_pass_opcheck_and_compile_with_fullgraph():
     compiled = torch.compile(lambda q, s: gemm_w4a8(q, s, w, out_dtype=torch.float32),
                              fullgraph=True)  # fmt: skip
     assert torch.equal(compiled(xq, xs), gemm_w4a8(xq, xs, w, out_dtype=torch.float32))
+    one, _ = make_weight(33, 100, 4, 32, seed=21, layout="decode")  # no canonical words
+    torch.library.opcheck(torch.ops.cbq.gemm_wonly.default,
+                          (x, *gemm_module._weight_args(one), None, None, pol))  # fmt: skip
+    compiled = torch.compile(lambda x: gemm_wonly(x, one), fullgraph=True)
+    assert torch.equal(compiled(x), gemm_wonly(x, one))
 
 
 def test_gemm_policy_is_checked():

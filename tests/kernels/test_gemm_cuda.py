@@ -23,17 +23,23 @@ from cbq_kernels.packing import unpack_ref as unpack
 
 pytestmark = pytest.mark.cuda
 
-# (M, N, K): decode and prefill sizes at Llama-2 shapes (70B gate/up, 7B gate/up, 70B kv).
-SHAPES = ((1, 28672, 8192), (13, 1024, 8192), (67, 11008, 4096), (4096, 4096, 4096))
+# (M, N, K): decode and prefill sizes at Llama-2 shapes (70B gate/up, 7B gate/up, 70B kv);
+# M = 40: the decode kernel on 16-row slices when the weight has only the decode layout
+SHAPES = ((1, 28672, 8192), (13, 1024, 8192), (40, 4096, 4096), (67, 11008, 4096),
+          (4096, 4096, 4096))
+# "auto": the served weight (the decode layout alone, every M from it), "both": with the
+# canonical words the Triton kernels read (M = 17..63 unpacked in the K loop, larger M
+# expanded from those words)
+LAYOUTS = ("auto", "both")
 
 
-def make_weight(n, k, bits, group_size, seed=0, decode=None):
+def make_weight(n, k, bits, group_size, seed=0, layout="auto"):
     g = torch.Generator(device="cuda").manual_seed(seed)
     codes = torch.randint(0, 1 << bits, (n, k), generator=g, device="cuda", dtype=torch.uint8)
     groups = 1 if group_size is None else -(-k // group_size)
     scales = torch.rand(n, groups, generator=g, device="cuda") * 0.02 + 0.005
     zeros = torch.randint(0, 1 << bits, (n, groups), generator=g, device="cuda").float()
-    w = prepare_weight(pack(codes, bits), bits, k, scales, zeros, group_size, decode=decode)
+    w = prepare_weight(pack(codes, bits), bits, k, scales, zeros, group_size, layout=layout)
     return w, codes
 
 
@@ -44,9 +50,10 @@ def activations(m, k, seed=1):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("act_bits", [8, 4])
-def test_int32_accumulator_exact(shape, act_bits):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int32_accumulator_exact(shape, act_bits, layout):
     m, n, k = shape
-    w, codes = make_weight(n, k, 4, 128)
+    w, codes = make_weight(n, k, 4, 128, layout=layout)
     xq, xs = act_quant(activations(m, k), act_bits)
     fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
     acc = fn(xq, xs, w, debug=True)
@@ -76,9 +83,10 @@ def test_scaled_output(shape, act_bits, group_size):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("group_size", [None, 64])
-def test_weight_only(shape, bits, group_size):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_weight_only(shape, bits, group_size, layout):
     m, n, k = shape
-    w, _ = make_weight(n, k, bits, group_size, seed=4)
+    w, _ = make_weight(n, k, bits, group_size, seed=4, layout=layout)
     x = activations(m, k, seed=5)
     out = gemm_wonly(x, w)
     exact = gemm_ref(x, w)
@@ -89,7 +97,7 @@ def test_weight_only(shape, bits, group_size):
 
 
 def test_split_k_matches_one_slice():
-    w, _ = make_weight(28672, 8192, 4, 128, seed=6)
+    w, _ = make_weight(28672, 8192, 4, 128, seed=6, layout="both")
     x = activations(1, 8192, seed=7)
     xq, xs = act_quant(x, 8)
     for fn, args in ((gemm_w4a8, (xq, xs, w)), (gemm_wonly, (x, w))):
@@ -99,9 +107,10 @@ def test_split_k_matches_one_slice():
 
 
 @pytest.mark.parametrize("act_bits", [None, 8, 4])
-def test_linear(act_bits):
-    w, _ = make_weight(4096, 4096, 4, 128, seed=8)
-    for m in (1, 300, 2048):  # decode, codes unpacked in the K loop, expanded / dequantized
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_linear(act_bits, layout):
+    w, _ = make_weight(4096, 4096, 4, 128, seed=8, layout=layout)
+    for m in (1, 33, 300, 2048):  # decode, decode slices or the Triton kernel, expanded
         x = activations(m, 4096, seed=m)
         y = linear(x, w, act_bits)
         if act_bits is None:
@@ -128,7 +137,7 @@ def test_every_autotuner_config(which, act_bits):
         pytest.skip("weight-only GEMMs are not expanded")
     m = 13 if which == "small" else 200
     n, k = 1000, 1024  # N not a multiple of any tile
-    w, codes = make_weight(n, k, 4, 64, seed=9)
+    w, codes = make_weight(n, k, 4, 64, seed=9, layout="canonical")
     x = activations(m, k, seed=10)
     for cfg in CONFIG_LISTS[which]:
         if 64 % cfg.kwargs["BLOCK_K"]:
@@ -153,7 +162,8 @@ def test_every_autotuner_config(which, act_bits):
 
 
 @pytest.mark.parametrize("shape", [(2048, 4096, 4096), (4096, 8192, 28672), (2051, 1024, 4160)])
-def test_w4a4_on_fp8_tensor_cores(shape):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_w4a4_on_fp8_tensor_cores(shape, layout):
     """From GemmPolicy.fp8_w4a4_min_m (per-channel weights, bf16 out, no bias) W4A4 runs on
     fp8 e4m3 tensor cores: its fp32 sums are the exact integer sums, so the output is the
     exact result rounded once to bf16, as the int8 path's; the policy with the threshold at 0
@@ -161,7 +171,7 @@ def test_w4a4_on_fp8_tensor_cores(shape):
     if not gemm_module.fp8_available(torch.device("cuda")):
         pytest.skip("no fp8 tensor cores (compute capability < 8.9)")
     m, n, k = shape
-    w, _ = make_weight(n, k, 4, None, seed=5)
+    w, _ = make_weight(n, k, 4, None, seed=5, layout=layout)
     xq, xs = act_quant(activations(m, k, seed=6), 4)
     fp8 = gemm_w4a4(xq, xs, w)
     int8 = gemm_w4a4(xq, xs, w, policy=gemm_module.GemmPolicy(fp8_w4a4_min_m=0))

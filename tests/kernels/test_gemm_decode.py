@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cbq_kernels.gemm import gemm_ref, prepare_weight
-from cbq_kernels.gemm_decode import chunk_k, emulate, prepare_decode, tile_n
+from cbq_kernels.gemm_decode import chunk_k, emulate, expand, prepare_decode, tile_n, unpack_codes
 from cbq_kernels.packing import pack_ref
 
 # (bits, N, K, group_size, M): N not a multiple of the tile, K not of the chunk (odd too), M
@@ -33,7 +33,7 @@ def test_layout_through_the_mma_fragments_is_the_reference_product(bits, n, k, g
     assert dw.bits == (2 if bits == 2 and group_size != 32 else 4)
     assert dw.words.shape == (-(-n // tn), -(-k // ck), 2, 32, 4) and dw.n_pad % tn == 0
     if group_size is None:  # gemm_ref's weight from the same codes (per channel)
-        weight = prepare_weight(pack_ref(codes, bits), bits, k, scales, zeros, decode=False)
+        weight = prepare_weight(pack_ref(codes, bits), bits, k, scales, zeros, layout="canonical")
         x = torch.randn(m, k, dtype=torch.float64)
         want = gemm_ref(x, weight)
         torch.testing.assert_close(emulate(x, dw), want, rtol=1e-10, atol=1e-10)
@@ -78,6 +78,23 @@ def test_a_wrong_layout_would_be_caught():
     assert not torch.allclose(good, bad)
 
 
+@pytest.mark.parametrize(("bits", "n", "k", "group_size", "m"), CASES)
+def test_the_layout_expands_back_to_the_codes_and_the_dequantized_weight(bits, n, k, group_size,
+                                                                         m):  # fmt: skip
+    """unpack_codes inverts prepare_decode; the Triton expansion (int8 q - z, fp8, and the
+    dequantized weight in fp32 / bf16) equals the PyTorch formulas exactly."""
+    codes, scales, zeros = make(bits, n, k, group_size, seed=m)
+    dw = prepare_decode(codes, scales, zeros, bits, group_size)
+    assert torch.equal(unpack_codes(dw), codes)
+    gid = torch.arange(k) // (group_size or k)
+    wq = codes.to(torch.int32) - zeros.to(torch.int32)[:, gid]
+    assert torch.equal(expand(dw).to(torch.int32), wq)
+    assert torch.equal(expand(dw, torch.float8_e4m3fn).float(), wq.float())
+    deq = wq.float() * scales[:, gid]
+    assert torch.equal(expand(dw, torch.float32, scaled=True), deq)
+    assert torch.equal(expand(dw, torch.bfloat16, scaled=True), deq.to(torch.bfloat16))
+
+
 def test_padding_is_zero_codes_scales_and_zero_points():
     codes, scales, zeros = make(4, 70, 40, None)
     dw = prepare_decode(codes, scales, zeros, 4, None)
@@ -88,9 +105,11 @@ def test_padding_is_zero_codes_scales_and_zero_points():
 
 def test_the_layout_is_built_on_request_and_checks_groups():
     codes, scales, zeros = make(4, 16, 48, None)
-    w = prepare_weight(pack_ref(codes, 4), 4, 48, scales, zeros, decode=True)
+    w = prepare_weight(pack_ref(codes, 4), 4, 48, scales, zeros, layout="both")
     assert w.decode is not None and w.decode.k == 48 and w.decode.n == 16
-    assert prepare_weight(pack_ref(codes, 4), 4, 48, scales, zeros).decode is None  # CPU
+    assert w.words is not None
+    auto = prepare_weight(pack_ref(codes, 4), 4, 48, scales, zeros)  # CPU: no CUDA kernel
+    assert auto.decode is None and auto.words is not None
     codes, scales, zeros = make(4, 16, 96, 16)
     with pytest.raises(ValueError, match="groups that are multiples of 32, got group_size=16"):
         prepare_decode(codes, scales, zeros, 4, 16)

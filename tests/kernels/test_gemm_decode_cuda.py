@@ -27,7 +27,8 @@ def need_kernel():
 
 
 def make_weight(n, k, bits, group_size, seed=0):
-    return gemm_cuda_weight(n, k, bits, group_size, seed, decode=True)
+    # with the canonical words: gemm_ref reads those, independently of the decode layout
+    return gemm_cuda_weight(n, k, bits, group_size, seed, layout="both")
 
 
 def exact_int(x_codes, w, codes):
