@@ -166,8 +166,9 @@ def unpack_codes(dw: DecodeWeight) -> Tensor:
 
 
 @triton.jit
-def _expand_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, N_PAD, KC, GS, BITS: tl.constexpr,
-                   SCALED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _expand_decode_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, N_PAD, KC, GS,
+                          BITS: tl.constexpr, SCALED: tl.constexpr,
+                          BLOCK: tl.constexpr):  # fmt: skip
     """out (N, K) from the decode layout: codes - zero point (int8 or fp8), or with SCALED
     (codes - z) * s in out's float dtype (fp32 arithmetic, one rounding). A program takes
     BLOCK consecutive words; word w holds the CK / 4 codes of one column at consecutive K
@@ -206,9 +207,10 @@ def expand(dw: DecodeWeight, dtype: torch.dtype = torch.int8, scaled: bool = Fal
     out = torch.empty((dw.n, dw.k), dtype=dtype, device=dw.words.device)
     block = 64 if dw.words.device.type == "cpu" else 256
     total = dw.words.numel()  # a multiple of 256 (one tile-chunk), so of BLOCK
-    _expand_kernel[(total // block,)](dw.words, dw.scales, dw.zeros, out, dw.n, dw.k, dw.n_pad,
-                                      dw.words.shape[1], dw.group_size, BITS=dw.bits,
-                                      SCALED=scaled, BLOCK=block)  # fmt: skip
+    _expand_decode_kernel[(total // block,)](dw.words, dw.scales, dw.zeros, out, dw.n, dw.k,
+                                             dw.n_pad, dw.words.shape[1], dw.group_size,
+                                             BITS=dw.bits, SCALED=scaled,
+                                             BLOCK=block)  # fmt: skip
     return out
 
 

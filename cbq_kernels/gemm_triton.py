@@ -32,7 +32,9 @@ class GemmPolicy:
 
     decode_max_m: M up to which the CUDA decode kernel runs (csrc/gemm_decode.cu) when the
     weight has its layout; cuda_decode=False keeps the Triton kernel there. small_m: M up to
-    which the Triton kernel takes its decode configurations and split-K. expand_min_m: M from
+    which the Triton kernel takes its decode configurations and split-K, and up to which a
+    weight kept in the decode layout alone (prepare_weight's layout "auto" on a GPU) runs the
+    CUDA decode kernel on 16-row slices (larger M expand that layout). expand_min_m: M from
     which the integer GEMMs expand the 4-bit weight (and int4 activations) to an int8 scratch
     copy before the K loop. wonly_cublas_min_m: M from which the weight-only GEMM dequantizes
     to a scratch bf16 / fp16 weight and calls cuBLAS. From the H200 table

@@ -45,3 +45,31 @@ def test_gemm_summary_checks_the_targets(tmp_path):
     assert "| 1 | w2a16_g128 | 40.0 | 30 | 180.0 | no |" in text
     assert "| 70b_gate_up | 28672 | 8192 | w2a16_g128 | 2.00 | yes |" in text
     assert speedup_by_m(times)["w4a8"] == {1: 4.5, 4096: 2.0}
+
+
+def test_summarize_generate_merges_parts_and_checks_the_targets(tmp_path):
+    import csv
+
+    from benchmarks.summarize_generate import merge, summary
+
+    fields = ["model", "setting", "batch", "prompt", "new_tokens", "ttft_ms", "decode_tok_s",
+              "weight_gib", "gpu", "torch", "commit"]  # fmt: skip
+    parts = {"a.csv": [("bf16", 1, 100.0, 12.0), ("W4A16g128", 1, 10.0, 7.0)],
+             "b.csv": [("W4A16g128", 1, 260.0, 3.8), ("W4A8", 32, 900.0, 4.0),
+                       ("bf16", 32, 1000.0, 12.0)]}  # fmt: skip
+    for name, rows in parts.items():
+        with (tmp_path / name).open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            for setting, batch, tok_s, gib in rows:
+                w.writerow({"model": "llama2-7b", "setting": setting, "batch": batch,
+                            "prompt": 512, "new_tokens": 64, "ttft_ms": 30,
+                            "decode_tok_s": tok_s, "weight_gib": gib, "gpu": "G", "torch": "t",
+                            "commit": "c"})  # fmt: skip
+    rows = merge([tmp_path / "a.csv", tmp_path / "b.csv"])  # b's W4A16 row replaces a's
+    assert len(rows) == 4
+    text = summary(rows)
+    assert "| decode_tok_s | 260.0 vs bf16 100.0 | 2.60x | >= 2.5x | met" in text
+    assert "| W4A8 | batch 32, prompt 512 | decode_tok_s | 900.0 vs bf16 1000.0 | 0.90x |" in text
+    assert "| >= 1.5x | missed |" in text
+    assert "| weight_gib | 3.8 vs bf16 12.0 | 0.32x | <= 0.32x | met |" in text

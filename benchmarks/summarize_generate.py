@@ -1,0 +1,130 @@
+"""Summary of bench_generate CSVs against issue 14's targets, and a tokens/s-vs-batch plot.
+
+    python benchmarks/summarize_generate.py OUT_DIR PART.csv [PART.csv ...]
+
+merges the parts (a table too long for one call of the lent GPU runs in parts: later rows
+replace earlier ones with the same model, setting, batch, prompt and new tokens), writes
+OUT_DIR/bench_generate.csv, OUT_DIR/bench_generate_summary.md and, when matplotlib is
+installed, OUT_DIR/bench_generate_tok_s.png. Targets (Llama-2-7B-shaped model):
+
+* batch 1 decode tokens/s: W4A16 >= 2.5x bf16, W4A8 and W4A4 >= 2.3x, W2A16 >= 3.5x;
+* batch 32 decode: every quantized setting >= 1.5x bf16;
+* prefill of 2048 tokens (time to first token, batch 1): W4A8 / W4A4 >= 1.4x bf16;
+* loaded W4A16 model: weights <= 0.32x the bf16 model's.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+KEY = ("model", "setting", "batch", "prompt", "new_tokens")
+DECODE_B1 = {"W4A16g128": 2.5, "W4A8": 2.3, "W4A4": 2.3, "W2A16g128": 3.5}
+PREFILL = {"W4A8": 1.4, "W4A4": 1.4}
+
+
+def merge(paths: list[Path]) -> list[dict]:
+    rows: dict[tuple, dict] = {}
+    for path in paths:
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                rows[tuple(row[k] for k in KEY)] = row
+    return list(rows.values())
+
+
+def _find(rows, **want) -> dict | None:
+    for r in rows:
+        if all(str(r[k]) == str(v) for k, v in want.items()):
+            return r
+    return None
+
+
+def _check(rows, setting, batch, prompt, field, target, larger_better=True,
+           at_most=False) -> str | None:  # fmt: skip
+    """A summary line comparing ``setting`` with bf16 at (batch, prompt) on the 7B shape:
+    the speed-up (bf16 / setting for times) against ``target``, or with ``at_most`` the
+    fraction setting / bf16 against an upper bound."""
+    q = _find(rows, model="llama2-7b", setting=setting, batch=batch, prompt=prompt)
+    b = _find(rows, model="llama2-7b", setting="bf16", batch=batch, prompt=prompt)
+    if q is None or b is None or not q[field] or not b[field]:
+        return None
+    ratio = float(q[field]) / float(b[field])
+    if not larger_better and not at_most:
+        ratio = 1 / ratio
+    met = ratio <= target if at_most else ratio >= target
+    return (f"| {setting} | batch {batch}, prompt {prompt} | {field} | {q[field]} vs bf16 "
+            f"{b[field]} | {ratio:.2f}x | {'<=' if at_most else '>='} {target}x | "
+            f"{'met' if met else 'missed'} |")  # fmt: skip
+
+
+def summary(rows: list[dict]) -> str:
+    lines = ["# bench_generate against issue 14's targets", ""]
+    envs = sorted({(r["gpu"], r["torch"], r["commit"]) for r in rows})
+    lines += [f"- {g}, torch {t}, commit {c}" for g, t, c in envs]
+    lines += ["- weights: random values, RTN (speed does not depend on the values); see the CSV",
+              "", "| setting | where | measure | value | ratio | target | |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    prompts = sorted({int(r["prompt"]) for r in rows if r["model"] == "llama2-7b"})
+    checks = []
+    for p in prompts:
+        checks += [_check(rows, s, 1, p, "decode_tok_s", t) for s, t in DECODE_B1.items()]
+        checks += [_check(rows, s, 32, p, "decode_tok_s", 1.5) for s in DECODE_B1]
+    checks += [_check(rows, s, 1, 2048, "ttft_ms", t, False) for s, t in PREFILL.items()]
+    for p in prompts[:1]:
+        checks.append(_check(rows, "W4A16g128", 1, p, "weight_gib", 0.32, at_most=True))
+    lines += [c for c in checks if c]
+    missing = len([c for c in checks if c is None])
+    if missing:
+        lines += ["", f"{missing} target rows have no measurement in these CSVs."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = sorted({(r["model"], int(r["prompt"])) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (model, prompt) in zip(axes[0], panels, strict=True):
+        settings = sorted({r["setting"] for r in rows if r["model"] == model})
+        for s in settings:
+            pts = sorted((int(r["batch"]), float(r["decode_tok_s"])) for r in rows
+                         if r["model"] == model and int(r["prompt"]) == prompt
+                         and r["setting"] == s and r["decode_tok_s"])  # fmt: skip
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=s)
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s",
+               title=f"{model}, prompt {prompt}")  # fmt: skip
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> int:
+    if len(sys.argv) < 3:
+        print(__doc__)
+        return 2
+    out = Path(sys.argv[1])
+    rows = merge([Path(p) for p in sys.argv[2:]])
+    if not rows:
+        raise SystemExit("no rows in the given CSVs")
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "bench_generate.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "bench_generate_summary.md").write_text(summary(rows))
+    print(summary(rows))
+    if plot(rows, out / "bench_generate_tok_s.png"):
+        print(f"wrote {out / 'bench_generate_tok_s.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
