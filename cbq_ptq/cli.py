@@ -480,6 +480,11 @@ def cmd_quantize(args) -> int:
         rotate = "none"
     if rotate != config.rotate:
         config = dataclasses.replace(config, rotate=rotate)
+    if args.act_quantizer == "auto":  # the recipe's quantizer depends on the rotation too
+        act = default_act_quantizer(settings.a_bits, device.split(":")[0], rotate != "none")
+        if act != settings.act_quantizer:
+            settings = dataclasses.replace(settings, act_quantizer=act)
+            config = dataclasses.replace(config, settings=settings)
 
     from cbq_ptq.data import calibration_data
     from cbq_ptq.evaluate import kernel_proportions

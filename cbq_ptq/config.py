@@ -247,14 +247,21 @@ def window_schedule(num_blocks: int, window: int, overlap: int) -> list[tuple[in
         start += step
 
 
-def default_act_quantizer(a_bits: int, device: str = "cuda") -> str:
+def default_act_quantizer(a_bits: int, device: str = "cuda", rotated: bool = False) -> str:
     """The activation quantizer of a setting's default recipe (the CLI's 'auto'), chosen on
     the held-out split of each recipe (docs/DECISIONS.md, "Recipe"): CrossQuant where
     activations are quantized in the GPU recipe (SmolLM2-135M CBQ held-out perplexity 25.98
     vs 26.51 per token at W4A8, 26.49 vs 29.28 at W6A6; H200 table at 8c3a96f), per token in
     the CPU recipe (W4A8 held-out 27.65 per token vs 28.09 CrossQuant: its channel factors
-    come from the calibration maxima, 16 x 256 tokens there against 128 x 2048). The API's
-    QuantSettings stays explicit (per_token unless told)."""
+    come from the calibration maxima, 16 x 256 tokens there against 128 x 2048), and per
+    token on a rotated model: the rotation spreads the massive tokens' energy over every
+    channel, so CrossQuant's column maxima crush the other tokens (H200, e2455c7: W4A4 CBQ +
+    rotation with CrossQuant held-out 190.1 against 44.6 for GPTQ + rotation per token;
+    CPU proxy, blocks 28-29 at GPTQ init: window loss 0.555 CrossQuant vs 0.053 per token,
+    docs/results/issue15/cpu_proxy). The API's QuantSettings stays explicit (per_token
+    unless told)."""
+    if rotated:
+        return "per_token"
     return "crossquant" if a_bits < 16 and device == "cuda" else "per_token"
 
 

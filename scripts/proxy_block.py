@@ -5,7 +5,9 @@ calibration windows (docs/results/smollm2_issue11/cpu_proxy, DECISIONS.md "Recip
     THREADS=1 python scripts/proxy_block.py SETTING FIRST_BLOCK '{"name": {config fields}}'
 
 N (24) calibration windows of T (256) tokens of WikiText-2 (validation), the last 4 held
-out; the window's input is the full-precision stream (blocks before it unquantized). Prints
+out; the window's input is the full-precision stream (blocks before it unquantized). ROTATE=
+hadamard rotates the model first (as ``--rotate hadamard``); a variant's "act_quantizer" /
+"crossquant_alpha" go to the setting, its other fields to CBQConfig. Prints
 one JSON line per variant: held-out loss before / after (the kept state), hard and soft
 losses at the end of training, the held-out MSE, which state was kept, seconds.
 """
@@ -30,6 +32,10 @@ setting, start_block = sys.argv[1], int(sys.argv[2])
 variants = json.loads(sys.argv[3])
 n, t = int(os.environ.get("N", "24")), int(os.environ.get("T", "256"))
 model, tok = load_model("smollm2-135m")
+if os.environ.get("ROTATE", "none") != "none":
+    from cbq_ptq.rotation import rotate_model
+
+    rotate_model(model, os.environ["ROTATE"], 0)
 calib = calibration_data(tok, "wikitext2", n, t, 0)
 layers = blocks(model)
 x, kwargs = capture_inputs(model, calib)
@@ -39,7 +45,9 @@ idx = range(start_block, start_block + 2)
 for name, kw in variants.items():
     m = copy.deepcopy(model)
     ls = blocks(m)
-    cfg = CBQConfig(settings=parse_setting(setting), holdout=4 / n, eval_points=0, **kw)
+    kw = dict(kw)
+    sk = {f: kw.pop(f) for f in ("act_quantizer", "crossquant_alpha") if f in kw}
+    cfg = CBQConfig(settings=parse_setting(setting, **sk), holdout=4 / n, eval_points=0, **kw)
     t0 = time.time()
     for j in idx:
         xin = propagate(ls, range(start_block, j), x, kwargs, 8, fp=False)

@@ -71,9 +71,10 @@ def config_for(name: str):
         method = method[: -len("_rotate")]
     # the baselines quantize activations per token (the usual reference); CBQ and its variants
     # take the CLI's default (CrossQuant where activations are quantized, from 8c3a96f's
-    # held-out table); cbq_pertoken / cbq_crossquant force one or the other
+    # held-out table; per token on a rotated model, from e2455c7's); cbq_pertoken /
+    # cbq_crossquant force one or the other
     a_bits = parse_setting(setting).a_bits
-    quantizer = default_act_quantizer(a_bits, "cuda")
+    quantizer = default_act_quantizer(a_bits, "cuda", rotated=rotate)
     if method in ("rtn", "gptq", "bw", "cbq_pertoken"):
         quantizer = "per_token"
     elif method == "cbq_crossquant":

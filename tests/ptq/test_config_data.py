@@ -108,3 +108,5 @@ def test_the_recipes_activation_quantizer():
     got = [default_act_quantizer(a, "cuda") for a in (4, 6, 8, 16)]
     assert got == ["crossquant"] * 3 + ["per_token"]
     assert {default_act_quantizer(a, "cpu") for a in (4, 6, 8, 16)} == {"per_token"}
+    # a rotated model quantizes its activations per token on every device
+    assert {default_act_quantizer(a, "cuda", rotated=True) for a in (4, 8)} == {"per_token"}

@@ -36,7 +36,7 @@ def saved(request, tmp_path_factory):
                     progress=False)  # fmt: skip
     assert q.config.use_cache  # quantize() restores it: the saved model generates with a cache
     out = tmp_path_factory.mktemp("gen") / request.param
-    save(q, out, tok)
+    save(q, out, tok, base_model="stories260K")
     return out, request.param
 
 
@@ -138,3 +138,25 @@ def test_bench_generate_smoke_run(tmp_path):
     rows = list(csv.DictReader((tmp_path / "bench_generate.csv").open()))
     assert [r["setting"] for r in rows[::2]] == ["bf16", "W4A16g128", "W4A8", "W4A4", "W2A16g128"]
     assert all(float(r["decode_tok_s"]) > 0 and float(r["ttft_ms"]) > 0 for r in rows)
+    # each setting is measured in its own process; the parent relates it to bf16
+    assert all(float(r["speedup_vs_bf16"]) > 0 for r in rows)
+
+
+def test_bench_generate_measures_a_saved_model_beside_its_base(saved, tmp_path):
+    """--saved: the bf16 base and the saved model, each in its own process (CPU, 2 tokens)."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    path, setting = saved
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CBQ_GEN_SETTINGS="none", CBQ_GEN_BATCHES="1", CBQ_GEN_NEW="3")
+    subprocess.run([sys.executable, str(root / "benchmarks" / "bench_generate.py"), "--tiny",
+                    "--saved", str(path), "--out", str(tmp_path)], check=True,
+                   capture_output=True, env=env)  # fmt: skip
+    rows = list(csv.DictReader((tmp_path / "bench_generate.csv").open()))
+    assert [(r["model"], r["setting"], r["weights"]) for r in rows] == [
+        (path.name, "bf16", "bf16"), (path.name, setting, "cbq")]
+    assert all(float(r["decode_tok_s"]) > 0 for r in rows)
