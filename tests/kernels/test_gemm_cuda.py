@@ -167,15 +167,30 @@ def test_w4a4_on_fp8_tensor_cores(shape, layout):
     """From GemmPolicy.fp8_w4a4_min_m (per-channel weights, bf16 out, no bias) W4A4 runs on
     fp8 e4m3 tensor cores: its fp32 sums are the exact integer sums, so the output is the
     exact result rounded once to bf16, as the int8 path's; the policy with the threshold at 0
-    keeps the int8 path."""
+    keeps the int8 path. Checked in three steps, so that a failure says which one broke: the
+    expanded operands, the unit-scale fp8 product (fp32 out) against int64 arithmetic, then
+    the scaled bf16 output."""
     if not gemm_module.fp8_available(torch.device("cuda")):
         pytest.skip("no fp8 tensor cores (compute capability < 8.9)")
     m, n, k = shape
-    w, _ = make_weight(n, k, 4, None, seed=5, layout=layout)
+    w, codes = make_weight(n, k, 4, None, seed=5, layout=layout)
     xq, xs = act_quant(activations(m, k, seed=6), 4)
-    fp8 = gemm_w4a4(xq, xs, w)
-    int8 = gemm_w4a4(xq, xs, w, policy=gemm_module.GemmPolicy(fp8_w4a4_min_m=0))
+    w8 = gemm_module.expand_weight(w, torch.float8_e4m3fn)
+    x8 = gemm_module._expand(xq, m, k, 4, xq.shape[1], 1, None, k, z_const=8,
+                             dtype=torch.float8_e4m3fn)  # fmt: skip
+    w_int = codes.double() - w.zeros.double()
+    x_int = unpack(xq, 4, k).double() - 8
+    assert torch.equal(w8.double(), w_int) and torch.equal(x8.double(), x_int)
+    one = torch.ones((), device="cuda")
+    raw = torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    bad = int((raw.double() != x_int @ w_int.t()).sum())
+    assert bad == 0, f"unit-scale fp8 product: {bad} of {raw.numel()} sums inexact"
+    fp8 = gemm_w4a4(xq, xs, w, policy=gemm_module.GemmPolicy(fp8_w4a4_min_m=1))
+    int8 = gemm_w4a4(xq, xs, w)  # the default policy: the int8 path
     exact = gemm_ref(xq, w, xs, 4, None)
     ulp = exact.abs().clamp_min(1e-30) * 2.0**-8  # one bf16 rounding
-    assert bool(((fp8.double() - exact).abs() <= ulp + 1e-30).all())
+    err = (fp8.double() - exact).abs()
+    bad = int((err > ulp + 1e-30).sum())
+    assert bad == 0, (f"{bad} of {err.numel()} outputs beyond one bf16 rounding (worst "
+                      f"{float((err / ulp).max()):.2f} half-ulps)")  # fmt: skip
     assert (fp8 != int8).float().mean() <= 1e-3  # both round the same fp32 value, or one ulp
