@@ -347,6 +347,7 @@ def _sm_count(index: int | None) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=4096)  # per layer shape and M: called on every launch
 def default_splits(n_tiles: int, chunks: int, device: torch.device, m: int = 1) -> int:
     """K splits that minimise a makespan model of the grid: ``BLOCKS_PER_SM`` blocks fit an SM
     (``BLOCKS_PER_SM_SWAP`` for M <= 8; the kernels' register and shared-memory use), so

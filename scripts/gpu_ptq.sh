@@ -96,10 +96,12 @@ case $stage in
         ) > /dev/null 2>&1 < /dev/null &
       done
     fi
-    if [ -n "${CBQ_GENMODEL:-}" ]; then  # issue 14: a CBQ model to generate with (gencheck)
+    if [ -n "${CBQ_GENMODEL:-}" ]; then  # issue 14: a model to generate with (gencheck); the
+      # checks compare the kernels with the fake-quantized model, whatever the method: GPTQ
+      # (~1.5 min) by default, CBQ_GENMETHOD=cbq for the full recipe (~7 min)
       for s in $CBQ_GENMODEL; do
         python3 -m cbq_ptq.cli quantize --model smollm2-135m --setting $s --eval-windows 8 \
-          --out /tmp/gen_$s > $table/genmodel_$s.log 2>&1 < /dev/null &
+          --method ${CBQ_GENMETHOD:-gptq} --out /tmp/gen_$s > $table/genmodel_$s.log 2>&1 < /dev/null &
       done
     fi
     sleep 60; cat $table/driver_*.log; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
