@@ -15,6 +15,8 @@ with ``cbq quantize``), which runs at its own setting beside its bf16 base.
     CBQ_GEN_SETTINGS=bf16,W4A16g128 ...   (a subset of the settings: a table in parts)
     CBQ_GEN_COMPILE=off ...   (transformers' own torch.compile of the decode step with a static
                                cache, its CUDA graphs included, is on by default: "auto")
+    CBQ_GEN_COMPILE=graph ... (greedy without generate(): each decode step replayed from one
+                               CUDA graph captured by cbq_ptq.generate.graph_greedy)
     python benchmarks/bench_generate.py --tiny --out /tmp/gen   (a CPU smoke run, 2 blocks)
 """
 
@@ -35,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import Environment
 from cbq_ptq.config import parse_setting
-from cbq_ptq.generate import timed_generate
+from cbq_ptq.generate import graph_greedy, timed_generate
 from cbq_ptq.serve import rtn_kernels
 
 SETTINGS = ("bf16", "W4A16g128", "W4A8", "W4A4", "W2A16g128")
@@ -91,10 +93,14 @@ def measure(model, batch: int, prompt: int, new: int, device: torch.device) -> d
     # warm-up with the very options of the timed run: the static cache's length is prompt +
     # new tokens, and a compiled decode step is specialised to it (a 2-token warm-up left the
     # compilation inside the timed run: 456 ms per step for bf16 7B on the H200, 053a7b8)
-    timed_generate(model, inputs, options)
+    if COMPILE == "graph":  # the manual loop: one CUDA graph per decode step, no generate()
+        run = lambda: graph_greedy(model, ids, new)  # noqa: E731
+    else:
+        run = lambda: timed_generate(model, inputs, options)  # noqa: E731
+    run()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _, prefill, decode = timed_generate(model, inputs, options)
+    _, prefill, decode = run()
     steps = new - 1
     return {"ttft_ms": round(prefill * 1e3, 2),
             "decode_tok_s": round(batch * steps / decode, 1) if decode > 0 else "",

@@ -137,6 +137,14 @@ def test_bench_generate_smoke_run(tmp_path):
                     "--out", str(tmp_path)], check=True, capture_output=True, env=env)  # fmt: skip
     rows = list(csv.DictReader((tmp_path / "bench_generate.csv").open()))
     assert [r["setting"] for r in rows[::2]] == ["bf16", "W4A16g128", "W4A8", "W4A4", "W2A16g128"]
+    env.update(CBQ_GEN_COMPILE="graph", CBQ_GEN_SETTINGS="bf16,W4A8")  # the manual loop
+    subprocess.run([sys.executable, str(root / "benchmarks" / "bench_generate.py"), "--tiny",
+                    "--out", str(tmp_path / "graph")], check=True, capture_output=True,
+                   env=env)  # fmt: skip
+    graph = list(csv.DictReader((tmp_path / "graph" / "bench_generate.csv").open()))
+    assert [(r["setting"], r["compile"]) for r in graph[::2]] == [("bf16", "graph"),
+                                                                  ("W4A8", "graph")]
+    assert all(float(r["decode_tok_s"]) > 0 for r in graph)
     assert all(float(r["decode_tok_s"]) > 0 and float(r["ttft_ms"]) > 0 for r in rows)
     # each setting is measured in its own process; the parent relates it to bf16
     assert all(float(r["speedup_vs_bf16"]) > 0 for r in rows)
@@ -160,3 +168,29 @@ def test_bench_generate_measures_a_saved_model_beside_its_base(saved, tmp_path):
     assert [(r["model"], r["setting"], r["weights"]) for r in rows] == [
         (path.name, "bf16", "bf16"), (path.name, setting, "cbq")]
     assert all(float(r["decode_tok_s"]) > 0 for r in rows)
+
+
+def test_graph_greedy_equals_generate_greedy():
+    """The manual decode loop of graph_greedy (here without capture: CPU) gives the tokens of
+    Hugging Face's greedy generate with a static cache, and checks its arguments."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cbq_ptq.generate import graph_greedy
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=2, vocab_size=300,
+                         max_position_embeddings=256)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(1))
+    out, prefill, decode = graph_greedy(model, ids, 8)
+    ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                         min_new_tokens=8, do_sample=False, pad_token_id=0,
+                         cache_implementation="static")  # fmt: skip
+    assert torch.equal(out, ref[:, 10:]) and prefill > 0 and decode > 0
+    one, _, none = graph_greedy(model, ids, 1)
+    assert torch.equal(one, ref[:, 10:11]) and none == 0.0
+    with pytest.raises(ValueError, match="graph capture needs a CUDA device, got cpu"):
+        graph_greedy(model, ids, 4, capture=True)
+    with pytest.raises(ValueError, match="new_tokens must be >= 1, got 0"):
+        graph_greedy(model, ids, 0)
