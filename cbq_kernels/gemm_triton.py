@@ -20,7 +20,7 @@ from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, describe
 from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpreter gets right
 
 if TYPE_CHECKING:
-    from cbq_kernels.gemm import PreparedWeight
+    from cbq_kernels.gemm_weight import PreparedWeight
 
 _A_INT8, _A_INT4, _A_FLOAT = 0, 1, 2
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -1,0 +1,195 @@
+"""The prepared form of a quantized linear weight (:func:`prepare_weight`, one check at load
+time) that every GEMM of :mod:`cbq_kernels.gemm` reads: the canonical words, the CUDA decode
+kernel's layout (:mod:`cbq_kernels.gemm_decode`), or both; and :func:`mark_static`, which
+keeps torch.compile's CUDA graphs from copying it on every replay."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from cbq_kernels import formats, gemm_decode
+from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, describe
+
+__all__ = ["PreparedWeight", "mark_static", "prepare_weight"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedWeight:
+    """A quantized linear weight in the form the GEMM kernels read (see prepare_weight): the
+    canonical words, the decode layout, or both.
+
+    words: (ceil(K / C), N) int32, the canonical packed words transposed: word row kw holds
+    codes kw*C .. kw*C + C - 1 of every output channel, N contiguous (C codes per word); None
+    when the decode layout is the only one.
+    scales: (N, G) fp32. zeros: (N, G) int32 (with a decode layout: transposed views of its
+    (G, N_pad) tensors, one copy). bits: 2, 3 or 4. k: in_features.
+    group_size: None (per channel) or the group length along K."""
+
+    words: Tensor | None
+    scales: Tensor
+    zeros: Tensor
+    bits: int
+    k: int
+    group_size: int | None
+    decode: gemm_decode.DecodeWeight | None = None  # the CUDA decode kernel's layout
+
+    def __post_init__(self) -> None:
+        if self.words is None and self.decode is None:
+            raise ValueError("a PreparedWeight needs the canonical words or the decode layout")
+
+    @property
+    def packed(self) -> Tensor:
+        """(N, ceil(K / C)) int32, the canonical storage format (a transposed view; rebuilt
+        from the decode layout when that is the only one)."""
+        if self.words is None:
+            from cbq_kernels.packing import pack_ref
+
+            assert self.decode is not None
+            codes = gemm_decode.unpack_codes(self.decode)
+            return pack_ref(codes, self.bits)
+        return self.words.t()
+
+    @property
+    def n(self) -> int:
+        return self.scales.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.scales.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this weight holds on its device (every layout it keeps; scales and zero
+        points counted once: with a decode layout they are views of its tensors)."""
+        held = [self.words] if self.words is not None else []
+        d = self.decode
+        if d is not None:
+            held += [d.words, d.scales, d.zeros, d.counters]
+        else:
+            held += [self.scales, self.zeros]
+        return sum(t.numel() * t.element_size() for t in held)
+
+    @property
+    def groups(self) -> int:
+        return self.scales.shape[1]
+
+    @property
+    def container_bits(self) -> int:
+        return formats.container_bits(self.bits)
+
+    @property
+    def kernel_group(self) -> int:
+        """The group length the kernels use: group_size, or K when one group spans a row."""
+        return self.group_size if self.group_size is not None and self.groups > 1 else self.k
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+        """(N, K) ``(q - z) * s`` in ``dtype`` (fp32 arithmetic, one rounding)."""
+        from cbq_kernels.packing import dequantize
+
+        return dequantize(self.packed.contiguous(), self.bits, self.k, self.scales,
+                          self.zeros.float(), self.group_size, dtype)  # fmt: skip
+
+
+def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Tensor | None = None,
+                   group_size: int | None = None,
+                   layout: str = "auto") -> PreparedWeight:  # fmt: skip
+    """Check a packed weight once and convert its parameters for the GEMM kernels.
+
+    Args:
+        packed: (N, ceil(K / C)) int32 in the canonical format (``cbq_kernels.pack``).
+        bits: 2, 3 or 4 (3 in 4-bit containers). The integer kernels take 3 and 4.
+        k: in_features K.
+        scales: (N, G) float, G = 1 per channel or ceil(K / group_size).
+        zeros: (N, G) integer-valued zero points in [0, 2**bits - 1]; None means 2**(bits-1).
+        group_size: None (per channel) or a multiple of 32 (one group per K tile).
+        layout: which copies of the weight to keep. ``"canonical"``: the transposed words
+            the Triton kernels read. ``"decode"``: the CUDA decode kernel's layout
+            (:mod:`cbq_kernels.gemm_decode`) alone: M <= 16 runs that kernel, M up to
+            ``policy.small_m`` runs it on 16-row slices, larger M expand it (int8, fp8 or
+            the dequantized weight) before the GEMM; one copy of the weight, what a served
+            model holds. ``"both"``: both (benchmarks and tests that compare the kernels on
+            one weight). ``"auto"``: ``"decode"`` when the extension has the kernel for this
+            device and the groups fit its chunks (gemm_decode.layout_error), else
+            ``"canonical"``.
+    """
+    if layout not in ("auto", "canonical", "decode", "both"):
+        raise ValueError(f"layout must be 'auto', 'canonical', 'decode' or 'both', got "
+                         f"{layout!r}")  # fmt: skip
+    bits = formats.check_bits(bits)
+    if bits == 8:
+        raise ValueError("bits=8 weights are not supported by the GEMM kernels (2, 3 or 4)")
+    check_tensor(packed, "packed", (torch.int32,), 2, "N, words")
+    n = packed.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if packed.shape[1] != formats.packed_words(k, bits):
+        raise ValueError(
+            f"packed must have {formats.packed_words(k, bits)} words per row for K={k} at "
+            f"{bits} bits, got {describe(packed)}"
+        )
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be None or a positive int, got {group_size!r}")
+        if group_size % 32:
+            raise ValueError(
+                f"group_size must be a multiple of 32 for the GEMM kernels (one group per K "
+                f"tile), got {group_size}"
+            )
+    groups = formats.groups_per_row(k, group_size)
+    if not isinstance(scales, Tensor) or scales.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"scales must be a float tensor, got {scales!r:.60}")
+    if tuple(scales.shape) != (n, groups):
+        raise ValueError(f"scales must have shape (N, G) = {(n, groups)}, got {describe(scales)}")
+    if scales.device != packed.device:
+        raise ValueError(f"scales is on {scales.device} but packed is on {packed.device}")
+    qmax = (1 << bits) - 1
+    if zeros is None:
+        z = torch.full((n, groups), formats.default_zero_point(bits), dtype=torch.int32,
+                       device=packed.device)  # fmt: skip
+    else:
+        if not isinstance(zeros, Tensor) or tuple(zeros.shape) != (n, groups):
+            raise ValueError(f"zeros must have shape (N, G) = {(n, groups)}, got {zeros!r:.80}")
+        if zeros.device != packed.device:
+            raise ValueError(f"zeros is on {zeros.device} but packed is on {packed.device}")
+        zf = zeros.float()
+        if zeros.numel() and (
+            bool((zf != torch.round(zf)).any()) or float(zf.min()) < 0 or float(zf.max()) > qmax
+        ):
+            raise ValueError(f"zeros must be integers in [0, {qmax}] for {bits}-bit codes")
+        z = zf.to(torch.int32)
+    layout_err = gemm_decode.layout_error(bits, k, group_size)
+    if layout == "auto":
+        use = gemm_decode.available(packed.device) and layout_err is None
+        layout = "decode" if use else "canonical"
+    words, dw = None, None
+    s, z = scales.float().contiguous(), z.contiguous()
+    if layout != "decode":
+        words = packed.t().contiguous()  # the kernels' layout: N contiguous (coalesced loads)
+    if layout != "canonical":
+        if layout_err:
+            raise ValueError(layout_err)
+        from cbq_kernels.packing import unpack_ref
+
+        codes = unpack_ref(packed, bits, k)
+        dw = gemm_decode.prepare_decode(codes, scales, z, bits, group_size)
+        s, z = dw.scales[:, :n].t(), dw.zeros[:, :n].t()  # views: one copy of each
+    w = PreparedWeight(words, s, z, bits, k, group_size, dw)
+    mark_static(w)
+    return w
+
+
+def mark_static(*objs) -> None:
+    """Mark the tensors of prepared weights (and any other tensors given) as static inputs of
+    compiled graphs: a PreparedWeight is a plain attribute of its layer, not a parameter or a
+    buffer, so torch.compile's CUDA graphs ("reduce-overhead", what transformers' generate
+    uses with a static cache) would otherwise copy every packed weight into the graph's own
+    memory on every replay: 7.27 GiB per decode step for a Llama-2-7B-shaped W4A16 model
+    holding both layouts (1da67a5)."""
+    for obj in objs:
+        if isinstance(obj, Tensor):
+            torch._dynamo.mark_static_address(obj)
+        elif isinstance(obj, (PreparedWeight, gemm_decode.DecodeWeight)):
+            mark_static(*(getattr(obj, f.name) for f in dataclasses.fields(obj)))
