@@ -154,15 +154,15 @@ def unpack_codes(dw: DecodeWeight) -> Tensor:
     nt, kc = dw.words.shape[:2]
     ck, ppw = chunk_k(dw.bits), 16 // dw.bits
     mask = (1 << dw.bits) - 1
-    w = dw.words.to(torch.int64) & 0xFFFFFFFF  # (NT, KC, h, lane = 4 g + t, j) -> g, t, s
-    w = w.permute(0, 1, 3, 2, 4).reshape(nt, kc, 8, 4, 8)
-    j = torch.arange(ppw, device=w.device)
-    e = torch.arange(2, device=w.device)
+    # int32: the arithmetic shift's sign bits land above the mask (shifts <= 30)
+    w = dw.words.permute(0, 1, 3, 2, 4).reshape(nt, kc, 8, 4, 8)  # (h, lane, j) -> g, t, s
+    j = torch.arange(ppw, device=w.device, dtype=torch.int32)
+    e = torch.arange(2, device=w.device, dtype=torch.int32)
     shift = dw.bits * j.view(ppw, 1) + 16 * e.view(1, 2)  # code i = 2 j + e of a lane's row
-    codes = (w[..., None, None] >> shift) & mask  # (NT, KC, g, t, s, j, e)
+    codes = ((w[..., None, None] >> shift) & mask).to(torch.uint8)  # (NT, KC, g, t, s, j, e)
     # n = 64 tile + 8 s + g, k = CK chunk + (CK / 4) t + 2 j + e
     codes = codes.permute(0, 4, 2, 1, 3, 5, 6).reshape(nt * TILE_N, kc * ck)
-    return codes[: dw.n, : dw.k].to(torch.uint8)
+    return codes[: dw.n, : dw.k].contiguous()
 
 
 @triton.jit
