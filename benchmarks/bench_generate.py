@@ -1,8 +1,9 @@
 """Generation speed of quantized models (issue 14): time to first token (the prefill of the
 batch) and decode tokens per second, for bf16 and the W4A16 (g128), W4A8, W4A4 and W2A16 (g128)
-kernels, batch in {1, 8, 32}, prompts of 512 and 2048 tokens, 256 new tokens (greedy, static
-KV cache, Hugging Face generate), peak GPU memory per row; each model and setting measured in
-a fresh process (one run of the script drives them).
+kernels and W4A4 with the online Hadamard rotation of the down_proj inputs (W4A4rot), batch in
+{1, 8, 32}, prompts of 512 and 2048 tokens, 256 new tokens (greedy, static KV cache, Hugging
+Face generate), peak GPU memory per row; each model and setting measured in a fresh process
+(one run of the script drives them).
 
 Models: ``llama2-7b`` (Llama-2-7B's shapes, random weights, round-to-nearest: speed does not
 depend on the weights' values), ``llama2-70b-8l`` (Llama-2-70B's shapes with 8 of its 80
@@ -40,7 +41,10 @@ from cbq_ptq.config import parse_setting
 from cbq_ptq.generate import graph_greedy, timed_generate
 from cbq_ptq.serve import rtn_kernels
 
-SETTINGS = ("bf16", "W4A16g128", "W4A8", "W4A4", "W2A16g128")
+# W4A4rot: W4A4 with the online Hadamard rotation of every down_proj input (issue 15's R4,
+# fused with the activation quantizer); R1 / R2 fold into the weights offline and cost
+# nothing here, so only R4 is attached (the weights' values do not change the speed)
+SETTINGS = ("bf16", "W4A16g128", "W4A8", "W4A4", "W2A16g128", "W4A4rot")
 SHAPES = {  # hidden, intermediate, heads, kv heads, blocks built, blocks of the real model
     "llama2-7b": (4096, 11008, 32, 32, 32, 32),
     "llama2-70b-8l": (8192, 28672, 64, 8, 8, 80),
@@ -197,7 +201,19 @@ def _measure_setting(shape: str, setting: str, batches, prompts, new: int,
     dtype = torch.float32 if shape == "tiny" else torch.bfloat16
     model = build(shape, device, dtype)
     if setting != "bf16":
-        rtn_kernels(model, parse_setting(setting), dtype)
+        base = setting.removesuffix("rot")
+        if base != setting:
+            from cbq_ptq.models import arch_spec, blocks
+            from cbq_ptq.rotation import OnlineRotation, attach
+
+            spec = arch_spec(model)
+            for block in blocks(model):
+                down = block.get_submodule(spec.down)
+                attach(down, OnlineRotation("hadamard", down.in_features, 2))
+        rtn_kernels(model, parse_setting(base), dtype)
+        if base != setting and not all("rotation_signs" in getattr(
+                b.get_submodule(spec.down), "act_kwargs", {}) for b in blocks(model)):
+            raise RuntimeError("the online rotation did not reach the down_proj kernels")
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     weights += sum(_kernel_bytes(m) for m in model.modules())
     rows = []

@@ -136,7 +136,8 @@ def test_bench_generate_smoke_run(tmp_path):
     subprocess.run([sys.executable, str(root / "benchmarks" / "bench_generate.py"), "--tiny",
                     "--out", str(tmp_path)], check=True, capture_output=True, env=env)  # fmt: skip
     rows = list(csv.DictReader((tmp_path / "bench_generate.csv").open()))
-    assert [r["setting"] for r in rows[::2]] == ["bf16", "W4A16g128", "W4A8", "W4A4", "W2A16g128"]
+    assert [r["setting"] for r in rows[::2]] == ["bf16", "W4A16g128", "W4A8", "W4A4", "W2A16g128",
+                                                 "W4A4rot"]  # fmt: skip
     env.update(CBQ_GEN_COMPILE="graph", CBQ_GEN_SETTINGS="bf16,W4A8")  # the manual loop
     subprocess.run([sys.executable, str(root / "benchmarks" / "bench_generate.py"), "--tiny",
                     "--out", str(tmp_path / "graph")], check=True, capture_output=True,
