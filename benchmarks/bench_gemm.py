@@ -10,7 +10,9 @@ each as its public function dispatches it on a weight prepared as a served model
 (prepare_weight's layout "auto": the decode layout alone when the extension has the kernel;
 M <= 16: the CUDA decode kernel of csrc/gemm_decode.cu, M <= 63 the same kernel on 16-row
 slices, larger M expanded from that layout); the Triton kernels on the canonical words (a
-second weight, layout "both") as *_triton rows (M <= 63: the Triton decode kernel);
+second weight, layout "both") as *_triton rows (M <= 63: the Triton decode kernel); at 16 < M
+<= 63 also *_tiles rows (GemmPolicy(tiles_max_m=64): a Triton kernel reading the decode layout
+once for all rows, gemm_decode.launch_triton, against the default 16-row slices);
 int4pack_mm: PyTorch's own W4A16 g128 kernel (torch._weight_int4pack_mm), a peer; a
 "copy" row: the device-to-device copy bandwidth of the same run (what the decode rows'
 GB/s are judged against). At M in {256, 1024, 4096} also the other side of
@@ -44,12 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import Environment, Table, Timing, cli, write_report
 from cbq_kernels import formats
 from cbq_kernels.act_quant import act_quant
-from cbq_kernels.gemm import gemm_w4a4, gemm_w4a8, gemm_wonly, prepare_weight
+from cbq_kernels.gemm import GemmPolicy, gemm_w4a4, gemm_w4a8, gemm_wonly, prepare_weight
 from cbq_kernels.gemm_triton import _A_FLOAT, _A_INT8, _launch, _split_k
 from cbq_kernels.packing import pack_ref as pack  # no compiled extension needed
 from cbq_kernels.testing import LLAMA_LINEAR_SHAPES
 
 MS = (1, 4, 16, 32, 64, 256, 1024, 2048, 4096, 8192)
+TILES = GemmPolicy(tiles_max_m=64)  # the *_tiles rows: gemm_decode.launch_triton at 16 < M <= 64
 
 
 def weight(n, k, bits, group_size, g):
@@ -173,6 +176,17 @@ def main() -> None:
                         m * k * 2 + n * k // 2 + n * k // 32,
                     ),
                 )
+            if 16 < m <= 63:  # the decode layout read once for all rows (Triton) vs the slices
+                cases += (
+                    ("w4a8_tiles", lambda: gemm_w4a8(xq8, xs8, w4, policy=TILES),
+                     m * k + wbytes(w4)),
+                    ("w4a4_tiles", lambda: gemm_w4a4(xq4, xs4, w4, policy=TILES),
+                     m * k // 2 + wbytes(w4)),
+                    ("w4a16_g128_tiles", lambda: gemm_wonly(x, w4g, policy=TILES),
+                     m * k * 2 + wbytes(w4g)),
+                    ("w2a16_g128_tiles", lambda: gemm_wonly(x, w2g, policy=TILES),
+                     m * k * 2 + wbytes(w2g)),
+                )  # fmt: skip
             if m <= 63:  # the Triton decode kernel on the canonical words
                 sk = _split_k(m, n, k, x.device)
                 cases += (

@@ -138,7 +138,7 @@ def _w4a8(x_codes: Tensor, xs: Tensor, weight: PreparedWeight, bias: Tensor | No
     if not use_triton(_gemm_kernel, x_codes.device):
         return _int_gemm_torch(x_codes.to(torch.int32), xs, weight, bias, out_dtype, debug)
     if _use_decode(weight, x_codes, split_k, policy):
-        return gemm_decode.launch(x_codes, xs, weight.decode, bias, out_dtype, debug)
+        return _decode(x_codes, xs, weight, bias, out_dtype, debug, policy)
     return _launch(x_codes, xs, _A_INT8, weight, bias, out_dtype, debug, split_k, policy=policy)
 
 
@@ -175,7 +175,7 @@ def _w4a4(x_packed: Tensor, xs: Tensor, weight: PreparedWeight, bias: Tensor | N
         codes = unpack_ref(x_packed, 4, weight.k).to(torch.int32) - 8
         return _int_gemm_torch(codes, xs, weight, bias, out_dtype, debug)
     if _use_decode(weight, x_packed, split_k, policy):
-        return gemm_decode.launch(x_packed, xs, weight.decode, bias, out_dtype, debug)
+        return _decode(x_packed, xs, weight, bias, out_dtype, debug, policy)
     if (0 < policy.fp8_w4a4_min_m <= x_packed.shape[0] and not debug and bias is None
             and split_k is None and out_dtype == torch.bfloat16 and weight.groups == 1
             and weight.k < 139810 and fp8_available(x_packed.device)):  # fmt: skip
@@ -207,7 +207,7 @@ def _wonly(x: Tensor, weight: PreparedWeight, bias: Tensor | None, split_k: int 
         out = x.float() @ weight.dequantize(torch.float32).t()
         return (out + bias.float() if bias is not None else out).to(x.dtype)
     if x.dtype != torch.float32 and _use_decode(weight, x, split_k, policy):
-        return gemm_decode.launch(x, None, weight.decode, bias, x.dtype)
+        return _decode(x, None, weight, bias, x.dtype, False, policy)
     big = x.shape[0] >= policy.wonly_cublas_min_m and x.dtype != torch.float32
     if split_k is None and (big or weight.words is None):
         # Compute-bound (or no canonical words for the Triton kernel): dequantize to a
@@ -222,7 +222,7 @@ def _wonly(x: Tensor, weight: PreparedWeight, bias: Tensor | None, split_k: int 
 # for tracing): a PreparedWeight travels as its tensors and ints, the policy as a list.
 
 _POLICY_FIELDS = ("decode_max_m", "cuda_decode", "small_m", "expand_min_m", "wonly_cublas_min_m",
-                  "fp8_w4a4_min_m")  # fmt: skip
+                  "fp8_w4a4_min_m", "tiles_max_m")  # fmt: skip
 
 
 def _eager() -> bool:
@@ -344,6 +344,16 @@ def _use_decode(weight: PreparedWeight, x: Tensor, split_k: int | None,
         return False
     limit = policy.small_m if weight.words is None else policy.decode_max_m
     return x.shape[0] <= limit
+
+
+def _decode(x: Tensor, xs: Tensor | None, weight: PreparedWeight, bias: Tensor | None,
+            out_dtype: torch.dtype, debug: bool, policy: GemmPolicy) -> Tensor:  # fmt: skip
+    """The decode-layout product (:func:`_use_decode` said yes): the CUDA kernel, or between
+    policy.decode_max_m and policy.tiles_max_m rows the Triton kernel that reads the layout
+    once for all rows."""
+    if policy.decode_max_m < x.shape[0] <= policy.tiles_max_m and weight.words is None:
+        return gemm_decode.launch_triton(x, xs, weight.decode, bias, out_dtype, debug)
+    return gemm_decode.launch(x, xs, weight.decode, bias, out_dtype, debug)
 
 
 def _int_gemm_torch(codes: Tensor, xs: Tensor, weight: PreparedWeight, bias: Tensor | None,

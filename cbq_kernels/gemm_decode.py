@@ -399,3 +399,108 @@ def launch(x: Tensor, x_scales: Tensor | None, dw: DecodeWeight, bias: Tensor | 
             torch.cuda.current_stream(dev).cuda_stream,
         )  # fmt: skip
     return out
+
+
+@triton.jit
+def _tiles_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, N_PAD, KC, GS, SX,
+                  BITS: tl.constexpr, A_INT: tl.constexpr, GROUPED: tl.constexpr,
+                  DEBUG: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+                  BLOCK_M: tl.constexpr):  # fmt: skip
+    """Partial products of x (M <= BLOCK_M, K) with a decode-layout weight, one n-tile (64
+    columns) and one K split per program, into out (SPLIT, M, N) fp32 (int32 with DEBUG, or
+    for integer activations with per-channel scales: the caller scales). The 256 words of a
+    (tile, chunk) load as (t, n') with n' = 32 h + 4 g + j (column n = 32 h + 8 j + g): each
+    word unpacks to the CK / 4 codes at k = (CK / 4) t + i, so the (t, i) axes merge into K in
+    order and only the columns are permuted (undone at the store)."""
+    CK: tl.constexpr = 64 if BITS == 2 else 32
+    PER: tl.constexpr = CK // 4
+    MASK: tl.constexpr = (1 << BITS) - 1
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    mm = rm < M
+    jn = tl.arange(0, 64)
+    n = tile * 64 + (jn // 32) * 32 + (jn % 4) * 8 + (jn // 4) % 8
+    mn = n < N
+    woff = (jn // 32) * 128 + ((jn // 4) % 8) * 16 + jn % 4
+    t = tl.arange(0, 4)
+    i = tl.arange(0, PER)
+    shift = BITS * (i // 2) + 16 * (i % 2)
+    kk = tl.arange(0, CK)
+    acc = tl.zeros((BLOCK_M, 64), tl.float32)
+    acc_i = tl.zeros((BLOCK_M, 64), tl.int32)
+    for c in range(split, KC, SPLIT):
+        base = (tile.to(tl.int64) * KC + c) * 256
+        words = tl.load(w_ptr + base + t[:, None] * 4 + woff[None, :])  # (4, 64)
+        q = (words[:, None, :] >> shift[None, :, None]) & MASK  # (4, PER, 64)
+        q = tl.reshape(q, (CK, 64))
+        g = (c * CK) // GS
+        wq = q - tl.load(z_ptr + g * N_PAD + n, mask=mn, other=0)[None, :]
+        k = c * CK + kk
+        a = tl.load(x_ptr + rm[:, None].to(tl.int64) * SX + k[None, :],
+                    mask=mm[:, None] & (k < K)[None, :], other=0)  # fmt: skip
+        if A_INT:
+            part = tl.dot(a, wq.to(tl.int8), out_dtype=tl.int32)
+            if GROUPED and not DEBUG:
+                acc += part.to(tl.float32) * tl.load(s_ptr + g * N_PAD + n, mask=mn,
+                                                     other=0.0)[None, :]  # fmt: skip
+            else:
+                acc_i += part
+        else:
+            if DOT_F32:
+                part = tl.dot(a.to(tl.float32), wq.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(a, wq.to(a.dtype))
+            acc += part * tl.load(s_ptr + g * N_PAD + n, mask=mn, other=0.0)[None, :]
+    ptrs = out_ptr + split.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + n[None, :]
+    mo = mm[:, None] & mn[None, :]
+    if A_INT and (DEBUG or not GROUPED):
+        tl.store(ptrs, acc_i, mask=mo)
+    else:
+        tl.store(ptrs, acc, mask=mo)
+
+
+def launch_triton(x: Tensor, x_scales: Tensor | None, dw: DecodeWeight, bias: Tensor | None,
+                  out_dtype: torch.dtype, debug: bool = False,
+                  splits: int | None = None) -> Tensor:  # fmt: skip
+    """The product of x (M <= 64, K) with a decode-layout weight by a Triton kernel that reads
+    the weight once for all M rows (:func:`launch` reads it once per 16-row slice): float
+    activations (weight-only), int8 codes, or packed int4 codes (expanded to int8 first);
+    x_scales (M,) for the integer ones; ``debug``: the int32 accumulator x_codes @ (q - z)^T.
+    K splits write fp32 / int32 partials summed in a fixed order (deterministic)."""
+    from cbq_kernels.gemm_triton import _expand
+
+    m = x.shape[0]
+    dev = x.device
+    if x.dtype == torch.int32:  # packed int4 codes, offset 8
+        x = _expand(x, m, dw.k, 4, x.shape[1], 1, None, dw.k, z_const=8)
+    a_int = x.dtype == torch.int8
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    nt, kc = dw.words.shape[:2]
+    grouped = dw.group_size < dw.k
+    if splits is None:  # about 4 programs per SM, at least 2 chunks each
+        sms = _sm_count(dev.index) if dev.type == "cuda" else 1
+        splits = 1
+        while nt * splits < 4 * sms and kc // (splits * 2) >= 2:
+            splits *= 2
+    int_out = a_int and (debug or not grouped)
+    part = torch.empty((splits, m, dw.n), dtype=torch.int32 if int_out else torch.float32,
+                       device=dev)  # fmt: skip
+    block_m = max(16, triton.next_power_of_2(m))
+    _tiles_kernel[(nt, splits)](x, dw.words, dw.scales, dw.zeros, part, m, dw.n, dw.k, dw.n_pad,
+                                kc, dw.group_size, x.stride(0), BITS=dw.bits, A_INT=a_int,
+                                GROUPED=grouped, DEBUG=debug, SPLIT=splits,
+                                DOT_F32=dev.type == "cpu" or x.dtype == torch.float32,
+                                BLOCK_M=block_m)  # fmt: skip
+    total = part.sum(0) if splits > 1 else part[0]
+    if debug:
+        return total.to(torch.int32)
+    y = total.float()
+    if a_int:
+        if not grouped:
+            y = y * dw.scales[0, : dw.n][None, :]
+        y = y * x_scales.float()[:, None]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)

@@ -57,16 +57,24 @@ class GemmPolicy:
     # product) failed on the H200 at e2455c7, the first time it ran; on by default again once
     # it passes (tests/kernels/test_gemm_cuda.py::test_w4a4_on_fp8_tensor_cores)
     fp8_w4a4_min_m: int = 0
+    # a weight kept in the decode layout alone, decode_max_m < M <= tiles_max_m: the Triton
+    # kernel that reads that layout once for all M rows (gemm_decode.launch_triton) instead of
+    # the CUDA kernel once per 16-row slice; 0 (the default until the H200 compares them at M
+    # = 32, bench_gemm's *_tiles rows) keeps the slices. At most 64 (its row tile)
+    tiles_max_m: int = 0
 
     def __post_init__(self) -> None:
         for name in ("decode_max_m", "small_m", "expand_min_m", "wonly_cublas_min_m",
-                     "fp8_w4a4_min_m"):  # fmt: skip
+                     "fp8_w4a4_min_m", "tiles_max_m"):  # fmt: skip
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"GemmPolicy.{name} must be a non-negative int, got {v!r}")
         if self.decode_max_m > 16:
             raise ValueError(f"GemmPolicy.decode_max_m must be <= 16 (one MMA row tile), "
                              f"got {self.decode_max_m}")  # fmt: skip
+        if self.tiles_max_m > 64:
+            raise ValueError(f"GemmPolicy.tiles_max_m must be <= 64 (the kernel's row tile), "
+                             f"got {self.tiles_max_m}")  # fmt: skip
 
 
 DEFAULT_POLICY = GemmPolicy()

@@ -6,9 +6,18 @@ is tested on the GPU (test_gemm_decode_cuda.py)."""
 import pytest
 import torch
 
+from cbq_kernels.act_quant import act_quant
 from cbq_kernels.gemm import gemm_ref, prepare_weight
-from cbq_kernels.gemm_decode import chunk_k, emulate, expand, prepare_decode, tile_n, unpack_codes
-from cbq_kernels.packing import pack_ref
+from cbq_kernels.gemm_decode import (
+    chunk_k,
+    emulate,
+    expand,
+    launch_triton,
+    prepare_decode,
+    tile_n,
+    unpack_codes,
+)
+from cbq_kernels.packing import pack_ref, unpack_ref
 
 # (bits, N, K, group_size, M): N not a multiple of the tile, K not of the chunk (odd too), M
 # from 1 to 16; 2-bit with groups of 32 lives in 4-bit containers
@@ -93,6 +102,34 @@ def test_the_layout_expands_back_to_the_codes_and_the_dequantized_weight(bits, n
     deq = wq.float() * scales[:, gid]
     assert torch.equal(expand(dw, torch.float32, scaled=True), deq)
     assert torch.equal(expand(dw, torch.bfloat16, scaled=True), deq.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize(("bits", "n", "k", "group_size", "m"), CASES)
+@pytest.mark.parametrize("rows", [0, 17, 47])
+def test_the_triton_kernel_on_the_layout_reads_it_for_every_row(bits, n, k, group_size, m, rows):
+    """gemm_decode.launch_triton (the decode layout's product for M up to 64, the weight read
+    once): exact int32 accumulators for int8 and packed int4 codes (any split of K), the
+    scaled outputs and the weight-only product against fp64."""
+    m = m + rows
+    codes, scales, zeros = make(bits, n, k, group_size, seed=m)
+    dw = prepare_decode(codes, scales, zeros, bits, group_size)
+    gid = torch.arange(k) // (group_size or k)
+    wq = codes.double() - zeros.double()[:, gid]
+    deq = wq * scales.double()[:, gid]
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    y = launch_triton(x, None, dw, None, torch.float32, splits=2)
+    torch.testing.assert_close(y.double(), x.double() @ deq.t(), rtol=1e-5, atol=1e-4)
+    if bits == 2:
+        return  # the integer GEMMs take 3- and 4-bit weights
+    for act_bits in (8, 4):
+        xq, xs = act_quant(x, act_bits)
+        xc = xq.double() if act_bits == 8 else unpack_ref(xq, 4, k).double() - 8
+        for splits in (1, 3):
+            acc = launch_triton(xq, xs, dw, None, torch.float32, debug=True, splits=splits)
+            assert acc.dtype == torch.int32 and torch.equal(acc.double(), xc @ wq.t())
+        out = launch_triton(xq, xs, dw, torch.ones(n), torch.float32)
+        want = (xc * xs.double()[:, None]) @ deq.t() + 1
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4)
 
 
 def test_padding_is_zero_codes_scales_and_zero_points():

@@ -151,3 +151,34 @@ def test_bias_output_dtypes_and_the_dispatch():
     )
     y = linear(x, w, act_bits=None, bias=bias)
     torch.testing.assert_close(y.double(), gemm_ref(x, w, bias=bias), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("m", [17, 40, 64])
+@pytest.mark.parametrize("act_bits", [None, 8, 4])
+def test_rows_beyond_16_on_a_weight_in_the_decode_layout_alone(m, act_bits):
+    """A served weight (layout "auto": the decode layout alone) at 16 < M <= 64: the CUDA
+    kernel on 16-row slices (the default) and the Triton kernel reading the layout once
+    (GemmPolicy.tiles_max_m) give the exact int32 accumulators, and weight-only products
+    within twice PyTorch's error."""
+    need_kernel()
+    from cbq_kernels.gemm_triton import GemmPolicy
+
+    w, codes = gemm_cuda_weight(4096, 11008, 4, 128, seed=12, layout="auto")
+    assert w.words is None
+    tiles = GemmPolicy(tiles_max_m=64)
+    g = torch.Generator(device="cuda").manual_seed(13)
+    x = torch.randn(m, 11008, generator=g, device="cuda").to(torch.bfloat16)
+    if act_bits is None:
+        exact = gemm_ref(x, w)
+        deq = dequantize_ref(w.packed, 4, 11008, w.scales, w.zeros.float(), 128)
+        torch_err = float((x @ deq.to(torch.bfloat16).t()).double().sub(exact).abs().max())
+        for policy in (None, tiles):
+            err = float((gemm_wonly(x, w, policy=policy).double() - exact).abs().max())
+            assert err <= 2 * torch_err + 1e-6 * float(exact.abs().max()), policy
+        return
+    xq, xs = act_quant(x, act_bits)
+    fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
+    codes_x = xq if act_bits == 8 else unpack(xq, 4, 11008).to(torch.int32) - 8
+    want = exact_int(codes_x, w, codes)
+    for policy in (None, tiles):
+        assert torch.equal(fn(xq, xs, w, debug=True, policy=policy).long(), want), policy
