@@ -65,3 +65,17 @@ def test_symmetric_weights_start_from_round_to_nearest_without_lora():
     args = build_parser().parse_args(["quantize", "--setting", "W8A8"])
     config = build_config(args, parse_setting("W8A8"), "cpu")
     assert config.init == "gptq" and config.lora_rounding
+
+
+def test_crossquant_on_a_rotated_model_is_warned_about(tmp_path, capsys):
+    """An explicit --act-quantizer crossquant with a rotation runs, with a one-line warning
+    (CrossQuant crushed the rotated W4A4 model: 211 against 48, docs/results/issue15)."""
+    need_shared(SHARED_MODELS / "stories260K" / "config.json")
+    rc = main(["quantize", "--model", "stories260K", "--setting", "W4A8", "--corpus",
+               "tinystories", "--n-calib", "2", "--calib-len", "32", "--epochs", "0",
+               "--no-lora", "--eval-windows", "1", "--also", "", "--rotate", "random",
+               "--act-quantizer", "crossquant", "--out", str(tmp_path / "r"),
+               "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(err) == 1 and "CrossQuant on a rotated model" in err[0]
