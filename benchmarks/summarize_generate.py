@@ -3,7 +3,9 @@
     python benchmarks/summarize_generate.py OUT_DIR PART.csv [PART.csv ...]
 
 merges the parts (a table too long for one call of the lent GPU runs in parts: later rows
-replace earlier ones with the same model, setting, batch, prompt and new tokens), writes
+replace earlier ones with the same model, setting, batch, prompt, new tokens and compile mode;
+each mode, generate()'s "auto" or "off" or the captured loop "graph", is compared with bf16 in
+the same mode), writes
 OUT_DIR/bench_generate.csv, OUT_DIR/bench_generate_summary.md and, when matplotlib is
 installed, OUT_DIR/bench_generate_tok_s.png. Targets (Llama-2-7B-shaped model):
 
@@ -19,7 +21,7 @@ import csv
 import sys
 from pathlib import Path
 
-KEY = ("model", "setting", "batch", "prompt", "new_tokens")
+KEY = ("model", "setting", "batch", "prompt", "new_tokens", "compile")
 DECODE_B1 = {"W4A16g128": 2.5, "W4A8": 2.3, "W4A4": 2.3, "W2A16g128": 3.5}
 PREFILL = {"W4A8": 1.4, "W4A4": 1.4}
 
@@ -29,6 +31,7 @@ def merge(paths: list[Path]) -> list[dict]:
     for path in paths:
         with path.open() as f:
             for row in csv.DictReader(f):
+                row["compile"] = row.get("compile") or "auto"  # older CSVs lack the column
                 rows[tuple(row[k] for k in KEY)] = row
     return list(rows.values())
 
@@ -41,19 +44,22 @@ def _find(rows, **want) -> dict | None:
 
 
 def _check(rows, setting, batch, prompt, field, target, larger_better=True,
-           at_most=False) -> str | None:  # fmt: skip
+           at_most=False, compile_mode: str = "auto") -> str | None:  # fmt: skip
     """A summary line comparing ``setting`` with bf16 at (batch, prompt) on the 7B shape:
     the speed-up (bf16 / setting for times) against ``target``, or with ``at_most`` the
     fraction setting / bf16 against an upper bound."""
-    q = _find(rows, model="llama2-7b", setting=setting, batch=batch, prompt=prompt)
-    b = _find(rows, model="llama2-7b", setting="bf16", batch=batch, prompt=prompt)
+    q = _find(rows, model="llama2-7b", setting=setting, batch=batch, prompt=prompt,
+              compile=compile_mode)  # fmt: skip
+    b = _find(rows, model="llama2-7b", setting="bf16", batch=batch, prompt=prompt,
+              compile=compile_mode)  # fmt: skip
     if q is None or b is None or not q[field] or not b[field]:
         return None
     ratio = float(q[field]) / float(b[field])
     if not larger_better and not at_most:
         ratio = 1 / ratio
     met = ratio <= target if at_most else ratio >= target
-    return (f"| {setting} | batch {batch}, prompt {prompt} | {field} | {q[field]} vs bf16 "
+    return (f"| {setting} | {compile_mode}, batch {batch}, prompt {prompt} | {field} | "
+            f"{q[field]} vs bf16 "
             f"{b[field]} | {ratio:.2f}x | {'<=' if at_most else '>='} {target}x | "
             f"{'met' if met else 'missed'} |")  # fmt: skip
 
@@ -66,13 +72,19 @@ def summary(rows: list[dict]) -> str:
               "", "| setting | where | measure | value | ratio | target | |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     prompts = sorted({int(r["prompt"]) for r in rows if r["model"] == "llama2-7b"})
+    modes = sorted({r["compile"] for r in rows})  # compared within a mode
     checks = []
-    for p in prompts:
-        checks += [_check(rows, s, 1, p, "decode_tok_s", t) for s, t in DECODE_B1.items()]
-        checks += [_check(rows, s, 32, p, "decode_tok_s", 1.5) for s in DECODE_B1]
-    checks += [_check(rows, s, 1, 2048, "ttft_ms", t, False) for s, t in PREFILL.items()]
-    for p in prompts[:1]:
-        checks.append(_check(rows, "W4A16g128", 1, p, "weight_gib", 0.32, at_most=True))
+    for mode in modes:
+        for p in prompts:
+            checks += [_check(rows, s, 1, p, "decode_tok_s", t, compile_mode=mode)
+                       for s, t in DECODE_B1.items()]  # fmt: skip
+            checks += [_check(rows, s, 32, p, "decode_tok_s", 1.5, compile_mode=mode)
+                       for s in DECODE_B1]  # fmt: skip
+        checks += [_check(rows, s, 1, 2048, "ttft_ms", t, False, compile_mode=mode)
+                   for s, t in PREFILL.items()]  # fmt: skip
+        for p in prompts[:1]:
+            checks.append(_check(rows, "W4A16g128", 1, p, "weight_gib", 0.32, at_most=True,
+                                 compile_mode=mode))  # fmt: skip
     lines += [c for c in checks if c]
     missing = len([c for c in checks if c is None])
     if missing:

@@ -66,10 +66,22 @@ def test_summarize_generate_merges_parts_and_checks_the_targets(tmp_path):
                             "prompt": 512, "new_tokens": 64, "ttft_ms": 30,
                             "decode_tok_s": tok_s, "weight_gib": gib, "gpu": "G", "torch": "t",
                             "commit": "c"})  # fmt: skip
+    with (tmp_path / "c.csv").open("w", newline="") as f:  # the captured loop: its own mode
+        w = csv.DictWriter(f, fieldnames=[*fields, "compile"])
+        w.writeheader()
+        for setting, tok_s in (("bf16", 200.0), ("W4A16g128", 300.0)):
+            w.writerow({"model": "llama2-7b", "setting": setting, "batch": 1, "prompt": 512,
+                        "new_tokens": 64, "ttft_ms": 30, "decode_tok_s": tok_s,
+                        "weight_gib": 1, "gpu": "G", "torch": "t", "commit": "c",
+                        "compile": "graph"})  # fmt: skip
     rows = merge([tmp_path / "a.csv", tmp_path / "b.csv"])  # b's W4A16 row replaces a's
     assert len(rows) == 4
+    assert len(merge([tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"])) == 6
+    graph = summary(merge([tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"]))
+    assert "| W4A16g128 | graph, batch 1, prompt 512 | decode_tok_s | 300.0 vs bf16 200.0 | 1.50x" \
+        in graph  # fmt: skip
     text = summary(rows)
     assert "| decode_tok_s | 260.0 vs bf16 100.0 | 2.60x | >= 2.5x | met" in text
-    assert "| W4A8 | batch 32, prompt 512 | decode_tok_s | 900.0 vs bf16 1000.0 | 0.90x |" in text
+    assert "| W4A8 | auto, batch 32, prompt 512 | decode_tok_s | 900.0 vs bf16 1000.0 |" in text
     assert "| >= 1.5x | missed |" in text
     assert "| weight_gib | 3.8 vs bf16 12.0 | 0.32x | <= 0.32x | met |" in text
