@@ -161,13 +161,24 @@ def main() -> None:
                           baseline_name="cublas_bf16")  # fmt: skip
             except RuntimeError as exc:
                 notes.append(f"- scaled_mm {shape}: not run ({str(exc).splitlines()[0][:80]})")
-            cases = (
-                ("w4a8", lambda: gemm_w4a8(xq8, xs8, w4), m * k + wbytes(w4)),
-                ("w4a8_g128", lambda: gemm_w4a8(xq8, xs8, w4g), m * k + wbytes(w4g)),
-                ("w4a4", lambda: gemm_w4a4(xq4, xs4, w4), m * k // 2 + wbytes(w4)),
-                ("w4a16_g128", lambda: gemm_wonly(x, w4g), m * k * 2 + wbytes(w4g)),
-                ("w2a16_g128", lambda: gemm_wonly(x, w2g), m * k * 2 + wbytes(w2g)),
-            )
+
+            def rows(suffix, a, ag, a2, **kw):
+                """The four GEMM rows on weights a (4-bit), ag (4-bit g128), a2 (2-bit g128)
+                with keyword arguments kw; bytes counted for one layout either way."""
+                return (
+                    (f"w4a8{suffix}", lambda: gemm_w4a8(xq8, xs8, a, **kw), m * k + wbytes(w4)),
+                    (f"w4a4{suffix}", lambda: gemm_w4a4(xq4, xs4, a, **kw),
+                     m * k // 2 + wbytes(w4)),
+                    (f"w4a16_g128{suffix}", lambda: gemm_wonly(x, ag, **kw),
+                     m * k * 2 + wbytes(w4g)),
+                    (f"w2a16_g128{suffix}", lambda: gemm_wonly(x, a2, **kw),
+                     m * k * 2 + wbytes(w2g)),
+                )  # fmt: skip
+
+            served = rows("", w4, w4g, w2g)
+            cases = (served[0],
+                     ("w4a8_g128", lambda: gemm_w4a8(xq8, xs8, w4g), m * k + wbytes(w4g)),
+                     *served[1:])  # fmt: skip
             if int4pack is not None:
                 cases += (
                     (
@@ -177,28 +188,9 @@ def main() -> None:
                     ),
                 )
             if 16 < m <= 63:  # the decode layout read once for all rows (Triton) vs the slices
-                cases += (
-                    ("w4a8_tiles", lambda: gemm_w4a8(xq8, xs8, w4, policy=TILES),
-                     m * k + wbytes(w4)),
-                    ("w4a4_tiles", lambda: gemm_w4a4(xq4, xs4, w4, policy=TILES),
-                     m * k // 2 + wbytes(w4)),
-                    ("w4a16_g128_tiles", lambda: gemm_wonly(x, w4g, policy=TILES),
-                     m * k * 2 + wbytes(w4g)),
-                    ("w2a16_g128_tiles", lambda: gemm_wonly(x, w2g, policy=TILES),
-                     m * k * 2 + wbytes(w2g)),
-                )  # fmt: skip
+                cases += rows("_tiles", w4, w4g, w2g, policy=TILES)
             if m <= 63:  # the Triton decode kernel on the canonical words
-                sk = _split_k(m, n, k, x.device)
-                cases += (
-                    ("w4a8_triton", lambda: gemm_w4a8(xq8, xs8, w4c, split_k=sk),
-                     m * k + wbytes(w4)),
-                    ("w4a4_triton", lambda: gemm_w4a4(xq4, xs4, w4c, split_k=sk),
-                     m * k // 2 + wbytes(w4)),
-                    ("w4a16_g128_triton", lambda: gemm_wonly(x, w4gc, split_k=sk),
-                     m * k * 2 + wbytes(w4g)),
-                    ("w2a16_g128_triton", lambda: gemm_wonly(x, w2gc, split_k=sk),
-                     m * k * 2 + wbytes(w2g)),
-                )  # fmt: skip
+                cases += rows("_triton", w4c, w4gc, w2gc, split_k=_split_k(m, n, k, x.device))
             if m in (256, 1024, 4096):  # the other side of the dispatch thresholds
                 cases += (
                     ("w4a8_inloop", lambda: _launch(xq8, xs8.float(), _A_INT8, w4c, None,

@@ -198,32 +198,38 @@ def _child_rows(args, shape: str, setting: str) -> list[dict]:
 def _measure_setting(shape: str, setting: str, batches, prompts, new: int,
                      device: torch.device, env) -> list[dict]:  # fmt: skip
     """Build the model, quantize it (RTN) unless bf16, measure every batch and prompt."""
+    from cbq_ptq.models import arch_spec, blocks
+    from cbq_ptq.rotation import OnlineRotation, attach
+
     dtype = torch.float32 if shape == "tiny" else torch.bfloat16
     model = build(shape, device, dtype)
+    down = arch_spec(model).down
+    rotated = setting.endswith("rot")
+    if rotated:
+        for block in blocks(model):
+            attach(block.get_submodule(down), OnlineRotation(
+                "hadamard", block.get_submodule(down).in_features, 2))  # fmt: skip
     if setting != "bf16":
-        base = setting.removesuffix("rot")
-        if base != setting:
-            from cbq_ptq.models import arch_spec, blocks
-            from cbq_ptq.rotation import OnlineRotation, attach
-
-            spec = arch_spec(model)
-            for block in blocks(model):
-                down = block.get_submodule(spec.down)
-                attach(down, OnlineRotation("hadamard", down.in_features, 2))
-        rtn_kernels(model, parse_setting(base), dtype)
-        if base != setting and not all("rotation_signs" in getattr(
-                b.get_submodule(spec.down), "act_kwargs", {}) for b in blocks(model)):
-            raise RuntimeError("the online rotation did not reach the down_proj kernels")
+        rtn_kernels(model, parse_setting(setting.removesuffix("rot")), dtype)
+    if rotated and not all("rotation_signs" in getattr(b.get_submodule(down), "act_kwargs", {})
+                           for b in blocks(model)):  # fmt: skip
+        raise RuntimeError("the online rotation did not reach the down_proj kernels")
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     weights += sum(_kernel_bytes(m) for m in model.modules())
+    fields = {"model": shape, "setting": setting, "weight_gib": round(weights / 2**30, 3),
+              "weights": "random, RTN"}  # fmt: skip
+    return _rows(model, fields, batches, prompts, new, device, env)
+
+
+def _rows(model, fields: dict, batches, prompts, new: int, device, env) -> list[dict]:
+    """Measure ``model`` at every batch and prompt: one row each, ``fields`` included."""
     rows = []
     for batch in batches:
         for prompt in prompts:
             r = measure(model, batch, prompt, new, device)
-            rows.append({"model": shape, "setting": setting, "batch": batch, "prompt": prompt,
-                         "new_tokens": new, **r, "speedup_vs_bf16": "", "decode_tok_s_x80": "",
-                         "weight_gib": round(weights / 2**30, 3), "weights": "random, RTN",
-                         "gpu": env.gpu, "torch": env.torch, "commit": env.commit})  # fmt: skip
+            rows.append({**fields, "batch": batch, "prompt": prompt, "new_tokens": new, **r,
+                         "speedup_vs_bf16": "", "decode_tok_s_x80": "", "gpu": env.gpu,
+                         "torch": env.torch, "commit": env.commit})  # fmt: skip
     return rows
 
 
@@ -250,16 +256,9 @@ def _saved_rows(saved, label: str, batches, prompts, new, device, env) -> list[d
         model, _ = load_model(meta["base_model"], dtype=torch.bfloat16, device=str(device))
     else:
         model, _, _ = load_for_generation(saved, device)
-    rows = []
-    for batch in batches:
-        for prompt in prompts:
-            r = measure(model, batch, prompt, new, device)
-            rows.append({"model": Path(saved).name, "setting": label if label == "bf16"
-                         else setting, "batch": batch, "prompt": prompt, "new_tokens": new, **r,
-                         "speedup_vs_bf16": "", "decode_tok_s_x80": "",
-                         "weights": "cbq" if label != "bf16" else "bf16", "gpu": env.gpu,
-                         "torch": env.torch, "commit": env.commit})  # fmt: skip
-    return rows
+    fields = {"model": Path(saved).name, "setting": label if label == "bf16" else setting,
+              "weights": "cbq" if label != "bf16" else "bf16"}  # fmt: skip
+    return _rows(model, fields, batches, prompts, new, device, env)
 
 
 def _write(rows: list[dict], path: Path) -> None:

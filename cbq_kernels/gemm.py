@@ -66,7 +66,7 @@ from cbq_kernels.gemm_triton import (
     _check_out_dtype,
     _gemm_kernel,
     _launch,
-    dequantize_scratch,
+    expand_weight,
     fp8_available,
     launch_w4a4_fp8,
 )
@@ -212,7 +212,7 @@ def _wonly(x: Tensor, weight: PreparedWeight, bias: Tensor | None, split_k: int 
     if split_k is None and (big or weight.words is None):
         # Compute-bound (or no canonical words for the Triton kernel): dequantize to a
         # scratch (N, K) weight in x's dtype, then cuBLAS.
-        w = dequantize_scratch(weight, x.dtype)
+        w = expand_weight(weight, x.dtype, scaled=True)
         return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)
     return _launch(x, None, _A_FLOAT, weight, bias, x.dtype, False, split_k, policy=policy)
 

@@ -483,21 +483,16 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
     return out
 
 
-def expand_weight(weight: PreparedWeight, dtype: torch.dtype = torch.int8) -> Tensor:
-    """(N, K) ``q - z`` in int8 (or fp8 e4m3, where these integers are exact) from whichever
-    layout the weight keeps (the canonical words, else the decode layout)."""
+def expand_weight(weight: PreparedWeight, dtype: torch.dtype = torch.int8,
+                  scaled: bool = False) -> Tensor:  # fmt: skip
+    """(N, K) ``q - z`` in int8 (or fp8 e4m3, where these integers are exact), or with
+    ``scaled`` the dequantized ``(q - z) * s`` in ``dtype`` (Triton), from whichever layout the
+    weight keeps (the canonical words, else the decode layout)."""
     if weight.words is None:
-        return gemm_decode.expand(weight.decode, dtype)
+        return gemm_decode.expand(weight.decode, dtype, scaled=scaled)
     return _expand(weight.words, weight.n, weight.k, weight.bits, 1, weight.n, weight.zeros,
-                   weight.kernel_group, dtype=dtype)  # fmt: skip
-
-
-def dequantize_scratch(weight: PreparedWeight, dtype: torch.dtype) -> Tensor:
-    """(N, K) ``(q - z) * s`` in ``dtype`` (Triton) from whichever layout the weight keeps."""
-    if weight.words is None:
-        return gemm_decode.expand(weight.decode, dtype, scaled=True)
-    return _expand(weight.words, weight.n, weight.k, weight.bits, 1, weight.n, weight.zeros,
-                   weight.kernel_group, scales=weight.scales, dtype=dtype)  # fmt: skip
+                   weight.kernel_group, scales=weight.scales if scaled else None,
+                   dtype=dtype)  # fmt: skip
 
 
 def fp8_available(device: torch.device) -> bool:

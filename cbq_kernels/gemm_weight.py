@@ -165,7 +165,6 @@ def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Ten
         use = gemm_decode.available(packed.device) and layout_err is None
         layout = "decode" if use else "canonical"
     words, dw = None, None
-    s, z = scales.float().contiguous(), z.contiguous()
     if layout != "decode":
         words = packed.t().contiguous()  # the kernels' layout: N contiguous (coalesced loads)
     if layout != "canonical":
@@ -176,6 +175,8 @@ def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Ten
         codes = unpack_ref(packed, bits, k)
         dw = gemm_decode.prepare_decode(codes, scales, z, bits, group_size)
         s, z = dw.scales[:, :n].t(), dw.zeros[:, :n].t()  # views: one copy of each
+    else:
+        s, z = scales.float().contiguous(), z.contiguous()
     w = PreparedWeight(words, s, z, bits, k, group_size, dw)
     mark_static(w)
     return w

@@ -208,7 +208,7 @@ def test_weight_only_dequantize_then_matmul_path(bits, group_size):
 
     m, n, k = 5, 33, 100
     w, _ = make_weight(n, k, bits, group_size, seed=11)
-    deq = gemm_module.dequantize_scratch(w, torch.bfloat16)
+    deq = gemm_module.expand_weight(w, torch.bfloat16, scaled=True)
     want = dequantize_ref(w.packed.contiguous(), bits, k, w.scales, w.zeros.float(), group_size,
                           torch.bfloat16)  # fmt: skip
     assert torch.equal(deq, want)
