@@ -228,8 +228,9 @@ _POLICY_FIELDS = ("decode_max_m", "cuda_decode", "small_m", "expand_min_m", "won
 def _eager() -> bool:
     """Outside torch.compile the GEMMs call their implementations directly: the custom op's
     dispatch (the dispatcher, its autograd and dynamo-disable wrappers, rebuilding the weight
-    and the policy from the op's arguments) took ~25% of a small GEMM call's Python time (CPU,
-    1 x 64 x 64: W4A16 88 -> 67 us, W4A8 107 -> 81 us per call without it), paid per linear in
+    and the policy from the op's arguments) took about a third of a small GEMM call's Python
+    time (CPU, 1 x 64 x 64: W4A16 90.3 -> 60.4 us, W4A8 106.7 -> 73.0 us per call without it;
+    benchmarks/results/cpu/gemm_call_981ad9b.md), paid per linear in
     every uncompiled forward (prefill, ``cbq eval --kernels``: the H200's eager 7B-shaped
     W4A16 decode step spent ~96 us per linear beyond bf16's); traced code still sees the
     registered ops."""

@@ -96,8 +96,7 @@ def _impl(x: Tensor, bits: int, signs: Tensor, clip_ratio: float) -> tuple[Tenso
         if x.device.type != "cpu":  # the composition of the two kernels on the GPU
             from cbq_kernels.act_quant import act_quant
 
-            return act_quant(hadamard.transform_matmul(x.float(), signs), bits,
-                             clip_ratio=clip_ratio)  # fmt: skip
+            return act_quant(hadamard.apply(x.float(), signs), bits, clip_ratio=clip_ratio)
         return hadamard_act_quant_ref(x, bits, signs, clip_ratio)
     t, n = x.shape
     m, p = hadamard.factor(n)
