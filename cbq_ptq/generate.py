@@ -138,7 +138,14 @@ def graph_greedy(model, input_ids: torch.Tensor, new_tokens: int,
             for _ in range(new_tokens - 1):
                 step()
             return out, t1 - t0, sync() - t1
-        tok0, pos0 = tok.clone(), pos.clone()
+        # the state that a step advances: our token and position, and the cache's own write
+        # position (transformers' static layers keep a device tensor, cumulative_length, and
+        # write there, not at cache_position: without its restore the replays wrote past the
+        # cache's end, an index_copy_ out of bounds on the H200 at f30d25d)
+        state = [tok, pos] + [layer.cumulative_length for layer in getattr(cache, "layers", ())
+                              if isinstance(getattr(layer, "cumulative_length", None),
+                                            torch.Tensor)]  # fmt: skip
+        saved = [t.clone() for t in state]
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up (allocations, autotuning) off the graph
@@ -148,8 +155,8 @@ def graph_greedy(model, input_ids: torch.Tensor, new_tokens: int,
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-        tok.copy_(tok0)  # the warm-up's positions are rewritten by the replays
-        pos.copy_(pos0)
+        for t, t0 in zip(state, saved):  # the warm-up's positions are rewritten by replays
+            t.copy_(t0)
         t2 = sync()  # warm-up and capture (setup, once per call) are in neither time
         for _ in range(new_tokens - 1):
             graph.replay()
