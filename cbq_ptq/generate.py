@@ -155,8 +155,8 @@ def graph_greedy(model, input_ids: torch.Tensor, new_tokens: int,
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-        for t, t0 in zip(state, saved):  # the warm-up's positions are rewritten by replays
-            t.copy_(t0)
+        for now, before in zip(state, saved):  # the warm-up's positions are rewritten by replays
+            now.copy_(before)
         t2 = sync()  # warm-up and capture (setup, once per call) are in neither time
         for _ in range(new_tokens - 1):
             graph.replay()

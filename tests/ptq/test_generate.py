@@ -189,6 +189,7 @@ def test_graph_greedy_equals_generate_greedy():
                          min_new_tokens=8, do_sample=False, pad_token_id=0,
                          cache_implementation="static")  # fmt: skip
     assert torch.equal(out, ref[:, 10:]) and prefill > 0 and decode > 0
+    assert isinstance(prefill, float) and isinstance(decode, float)
     one, _, none = graph_greedy(model, ids, 1)
     assert torch.equal(one, ref[:, 10:11]) and none == 0.0
     with pytest.raises(ValueError, match="graph capture needs a CUDA device, got cpu"):

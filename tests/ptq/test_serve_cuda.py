@@ -73,4 +73,5 @@ def test_graph_greedy_replays_give_the_eager_loops_tokens(setting):
     out, prefill, decode = graph_greedy(model, ids, 12)
     eager, _, _ = graph_greedy(model, ids, 12, capture=False)
     again, _, _ = graph_greedy(model, ids, 12)
-    assert torch.equal(out, eager) and torch.equal(out, again) and prefill > 0 and decode > 0
+    assert torch.equal(out, eager) and torch.equal(out, again)
+    assert isinstance(prefill, float) and isinstance(decode, float) and prefill > 0 < decode
