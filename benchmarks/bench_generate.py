@@ -7,9 +7,10 @@ Face generate), peak GPU memory per row; each model and setting measured in a fr
 
 Models: ``llama2-7b`` (Llama-2-7B's shapes, random weights, round-to-nearest: speed does not
 depend on the weights' values), ``llama2-70b-8l`` (Llama-2-70B's shapes with 8 of its 80
-blocks; the ``x80`` columns scale the per-token time of the blocks to 80, embedding and head
-counted once), and a saved model folder (``--saved DIR``, e.g. SmolLM2-135M quantized by CBQ
-with ``cbq quantize``), which runs at its own setting beside its bf16 base.
+blocks; the ``x80`` column scales the whole per-step time by 80 / 8, the embedding and LM
+head included: a slightly pessimistic projection), and a saved model folder (``--saved
+DIR``, e.g. SmolLM2-135M quantized by CBQ with ``cbq quantize``), which runs at its own
+setting beside its bf16 base.
 
     python benchmarks/bench_generate.py --out benchmarks/results/h200
     CBQ_GEN_MODELS=llama2-7b CBQ_GEN_BATCHES=1,32 CBQ_GEN_PROMPTS=512 CBQ_GEN_NEW=64 ...
@@ -17,7 +18,8 @@ with ``cbq quantize``), which runs at its own setting beside its bf16 base.
     CBQ_GEN_COMPILE=off ...   (transformers' own torch.compile of the decode step with a static
                                cache, its CUDA graphs included, is on by default: "auto")
     CBQ_GEN_COMPILE=graph ... (greedy without generate(): each decode step replayed from one
-                               CUDA graph captured by cbq_ptq.generate.graph_greedy)
+                               CUDA graph captured by cbq_ptq.generate.decode_loop)
+    CBQ_GEN_COMPILE=graph-compiled ... (the same, the step's forward through torch.compile)
     python benchmarks/bench_generate.py --tiny --out /tmp/gen   (a CPU smoke run, 2 blocks)
 """
 
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import Environment
 from cbq_ptq.config import parse_setting
-from cbq_ptq.generate import graph_greedy, timed_generate
+from cbq_ptq.generate import decode_loop, timed_generate
 from cbq_ptq.serve import rtn_kernels
 
 # W4A4rot: W4A4 with the online Hadamard rotation of every down_proj input (issue 15's R4,
@@ -55,6 +57,7 @@ FIELDS = ["model", "setting", "batch", "prompt", "new_tokens", "ttft_ms", "decod
           "weights",
           "compile", "gpu", "torch", "commit"]  # fmt: skip
 COMPILE = os.environ.get("CBQ_GEN_COMPILE", "auto")
+COMPILE_MODES = ("auto", "off", "graph", "graph-compiled")
 
 
 def build(shape: str, device: torch.device, dtype: torch.dtype):
@@ -97,8 +100,8 @@ def measure(model, batch: int, prompt: int, new: int, device: torch.device) -> d
     # warm-up with the very options of the timed run: the static cache's length is prompt +
     # new tokens, and a compiled decode step is specialised to it (a 2-token warm-up left the
     # compilation inside the timed run: 456 ms per step for bf16 7B on the H200, 053a7b8)
-    if COMPILE == "graph":  # the manual loop: one CUDA graph per decode step, no generate()
-        run = lambda: graph_greedy(model, ids, new)  # noqa: E731
+    if COMPILE in ("graph", "graph-compiled"):  # the manual loop: one captured decode step
+        run = lambda: decode_loop(model, ids, new, compile=COMPILE != "graph")  # noqa: E731
     else:
         run = lambda: timed_generate(model, inputs, options)  # noqa: E731
     run()
@@ -120,6 +123,8 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="CPU smoke run on a 2-block model")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "SETTING"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if COMPILE not in COMPILE_MODES:
+        p.error(f"unknown CBQ_GEN_COMPILE {COMPILE!r}; known: {list(COMPILE_MODES)}")
     device = torch.device("cpu" if args.tiny else "cuda")
     env = Environment.detect()
     batches = env_list("CBQ_GEN_BATCHES", (1, 2) if args.tiny else (1, 8, 32))

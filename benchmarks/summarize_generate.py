@@ -103,13 +103,17 @@ def plot(rows: list[dict], path: Path) -> bool:
     panels = sorted({(r["model"], int(r["prompt"])) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (model, prompt) in zip(axes[0], panels, strict=True):
-        settings = sorted({r["setting"] for r in rows if r["model"] == model})
-        for s in settings:
+        # one line per setting and compile mode (a mode's own bf16 is its baseline); the
+        # captured loop ("graph") solid, generate()'s modes dashed
+        lines = sorted({(r["setting"], r["compile"]) for r in rows if r["model"] == model})
+        for s, mode in lines:
             pts = sorted((int(r["batch"]), float(r["decode_tok_s"])) for r in rows
                          if r["model"] == model and int(r["prompt"]) == prompt
-                         and r["setting"] == s and r["decode_tok_s"])  # fmt: skip
+                         and r["setting"] == s and r["compile"] == mode
+                         and r["decode_tok_s"])  # fmt: skip
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=s)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{s} ({mode})",
+                        linestyle="-" if mode == "graph" else "--")  # fmt: skip
         ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s",
                title=f"{model}, prompt {prompt}")  # fmt: skip
         ax.legend(fontsize=8)

@@ -2,12 +2,13 @@
 
 The saved model is loaded (:func:`cbq_ptq.io.load`), its quantized layers are replaced by the
 inference kernels (:func:`cbq_ptq.serve.use_kernels`: the W4A8 / W4A4 / weight-only GEMMs on a
-GPU, their PyTorch paths on the CPU), and Hugging Face ``generate`` runs with a static KV
-cache, greedy or sampling. Prompts are batched with left padding (decoder-only models continue
-from the last position). Timings come from a streamer called once per generated position, the
-device synchronised at each call: time to first token (the prefill of the batch) and decode
-tokens per second (new tokens of the whole batch over the time after the first).
-"""
+GPU, their PyTorch paths on the CPU), and :func:`decode_loop` generates with Hugging Face's
+static KV cache, greedy or sampling, each decode step replayed from one captured CUDA graph on
+a GPU (faster than ``generate``'s compiled step on the H200: see :func:`decode_loop`). Prompts
+are batched with left padding (decoder-only models continue from the last position). Timings:
+time to first token (the prefill of the batch) and decode tokens per second (new tokens of the
+whole batch over the time after the first). :func:`timed_generate` times Hugging Face's
+``generate`` (bench_generate's ``auto`` / ``off`` modes)."""
 
 from __future__ import annotations
 
@@ -81,31 +82,64 @@ def timed_generate(model, inputs: dict, options: dict) -> tuple[torch.Tensor, fl
     return ids, clock.times[1] - t0, clock.times[-1] - clock.times[1]
 
 
-def graph_greedy(model, input_ids: torch.Tensor, new_tokens: int,
-                 capture: bool | None = None) -> tuple[torch.Tensor, float, float]:
-    """Greedy decoding of unpadded prompts (B, P) without ``generate``: the prefill, then
-    every decode step (the model's forward on one token per row, the argmax, the next
-    position) replayed from one CUDA graph captured once (``capture``; default: on a GPU),
-    the host issuing only replays; returns (new token ids (B, new_tokens), seconds to the
-    first token, seconds for the rest), like :func:`timed_generate`.
+def _next_token(logits: torch.Tensor, sample: bool, temperature: float,
+                top_p: float) -> torch.Tensor:  # fmt: skip
+    """(B,) next tokens from (B, V) logits: the argmax, or a draw from the softmax at
+    ``temperature`` restricted to the smallest set of most likely tokens whose probability
+    reaches ``top_p`` (nucleus sampling; the default generator: seed it with
+    torch.manual_seed). Shape-static and free of host syncs, so it can be captured."""
+    if not sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    # drop a token when the tokens before it already reach top_p (the first always stays)
+    sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
+    pick = torch.multinomial(sorted_p, 1)  # multinomial renormalises the kept mass
+    return order.gather(-1, pick)[:, 0]
 
-    Why: Hugging Face ``generate`` runs Python between steps (logits processors, stopping
-    criteria, a device sync per step), which with CUDA graphs for the forward alone left a
-    floor of a few ms per step on the H200 (bf16 7B-shaped batch 1: 6.63 ms per step, where
-    its 13.5 GB of weights take ~2.8 ms at 4.8 TB/s; not profiled further). Not yet run on a
-    GPU: bench_generate's CBQ_GEN_COMPILE=graph measures it beside generate(). The static KV
-    cache is Hugging Face's; the step writes
-    its token into an output buffer at index ``position - P``, so nothing in the graph
-    depends on a Python value that changes between steps."""
+
+def decode_loop(model, input_ids: torch.Tensor, new_tokens: int,
+                attention_mask: torch.Tensor | None = None, sample: bool = False,
+                temperature: float = 1.0, top_p: float = 1.0, capture: bool | None = None,
+                compile: bool = False) -> tuple[torch.Tensor, float, float]:  # fmt: skip
+    """Generate ``new_tokens`` tokens after left-padded prompts (B, P) (``attention_mask``: 1
+    for a token, 0 for padding; default: no padding) with a static KV cache: the prefill,
+    then every decode step (the model's forward on one token per row, the next token, the
+    next positions) replayed from one CUDA graph captured once (``capture``; default: on a
+    GPU), the host issuing only replays. Greedy, or sampling (:func:`_next_token`). Returns
+    (new token ids (B, new_tokens), seconds to the first token, seconds for the rest); every
+    row runs all ``new_tokens`` positions (the caller cuts at an end-of-sequence token).
+
+    Why not Hugging Face ``generate``: it runs Python between steps (logits processors,
+    stopping criteria, a device sync per step); measured on the H200 (f6e29c6, 7B-shaped, batch
+    1, benchmarks/results/h200/bench_generate_f6e29c6.md) this loop took 7.16 ms per bf16 step
+    against 7.36 for generate's compiled step (CUDA graphs of the forward), and 5.50 against
+    10.02 ms for the W4A16 g128 kernels. The static KV cache is Hugging Face's; every input of
+    the step is a tensor updated in place (token, cache position, per-row positions), and
+    the mask covers all P + new_tokens positions from the start (the causal mask hides the
+    later ones), so nothing captured depends on a Python value that changes between steps.
+
+    ``compile``: the step's forward through ``torch.compile(model, dynamic=False)`` (its
+    norms, rotary and elementwise ops fused by inductor; the GEMMs stay the registered cbq
+    ops), compiled in the warm-up and captured like the eager one: the ~3.4 ms per 7B bf16
+    step that is not GEMMs (f6e29c6) is what it aims at. Not yet measured on a GPU."""
     from transformers import StaticCache
 
     device = input_ids.device
     capture = device.type == "cuda" if capture is None else capture
     if capture and device.type != "cuda":
         raise ValueError(f"graph capture needs a CUDA device, got {device}")
-    if new_tokens < 1:
-        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"new_tokens must be an int >= 1, got {new_tokens!r}")
     b, p = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {(b, p)}, got "
+                         f"{tuple(attention_mask.shape)}")  # fmt: skip
+    mask = torch.cat([attention_mask.long(), attention_mask.new_ones((b, new_tokens)).long()],
+                     dim=1)  # fmt: skip
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # as generate() counts
     cache = StaticCache(config=model.config, max_cache_len=p + new_tokens)
     out = torch.zeros((b, new_tokens), dtype=torch.long, device=device)
 
@@ -114,37 +148,42 @@ def graph_greedy(model, input_ids: torch.Tensor, new_tokens: int,
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    t0 = sync()
+    t_start = sync()
     with torch.inference_mode():
-        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True,
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                       past_key_values=cache, use_cache=True,
                        cache_position=torch.arange(p, device=device)).logits  # fmt: skip
-        out[:, 0] = logits[:, -1].argmax(-1)
-    t1 = sync()
+        out[:, 0] = _next_token(logits[:, -1], sample, temperature, top_p)
+    t_first = sync()
     if new_tokens == 1:
-        return out, t1 - t0, 0.0
+        return out, t_first - t_start, 0.0
     tok = out[:, :1].clone()  # the static inputs of the step
     pos = torch.full((1,), p, dtype=torch.long, device=device)
+    row_pos = positions[:, -1:] + 1
+
+    forward = torch.compile(model, dynamic=False) if compile else model
 
     def step() -> None:
-        logits = model(input_ids=tok, past_key_values=cache, use_cache=True,
-                       cache_position=pos, position_ids=pos.expand(b, 1)).logits  # fmt: skip
-        nxt = logits[:, -1].argmax(-1)
+        logits = forward(input_ids=tok, attention_mask=mask, position_ids=row_pos,
+                       past_key_values=cache, use_cache=True, cache_position=pos).logits
+        nxt = _next_token(logits[:, -1], sample, temperature, top_p)
         out.index_copy_(1, pos - (p - 1), nxt[:, None])
         tok.copy_(nxt[:, None])
         pos.add_(1)
+        row_pos.add_(1)
 
     with torch.inference_mode():
         if not capture:
             for _ in range(new_tokens - 1):
                 step()
-            return out, t1 - t0, sync() - t1
-        # the state that a step advances: our token and position, and the cache's own write
+            return out, t_first - t_start, sync() - t_first
+        # the state that a step advances: our token and positions, and the cache's own write
         # position (transformers' static layers keep a device tensor, cumulative_length, and
         # write there, not at cache_position: without its restore the replays wrote past the
         # cache's end, an index_copy_ out of bounds on the H200 at f30d25d)
-        state = [tok, pos] + [layer.cumulative_length for layer in getattr(cache, "layers", ())
-                              if isinstance(getattr(layer, "cumulative_length", None),
-                                            torch.Tensor)]  # fmt: skip
+        state = [tok, pos, row_pos] + [
+            layer.cumulative_length for layer in getattr(cache, "layers", ())
+            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]  # fmt: skip
         saved = [t.clone() for t in state]
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -155,12 +194,12 @@ def graph_greedy(model, input_ids: torch.Tensor, new_tokens: int,
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-        for now, before in zip(state, saved):  # the warm-up's positions are rewritten by replays
+        for now, before in zip(state, saved, strict=True):  # replays rewrite the warm-up's
             now.copy_(before)
-        t2 = sync()  # warm-up and capture (setup, once per call) are in neither time
+        t_replay = sync()  # warm-up and capture (setup, once per call) are in neither time
         for _ in range(new_tokens - 1):
             graph.replay()
-        return out, t1 - t0, sync() - t2
+        return out, t_first - t_start, sync() - t_replay
 
 
 def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 32,
@@ -185,20 +224,15 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 3
         tokenizer.pad_token = tokenizer.eos_token
     eos = tokenizer.eos_token_id
     out = Generation([], [], 0.0, 0.0, 0)
-    options = {"do_sample": sample, "max_new_tokens": max_new_tokens, "use_cache": True,
-               "cache_implementation": "static",
-               "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
-    if sample:
-        options.update(temperature=temperature, top_p=top_p)
-    else:  # greedy: no sampling knobs (the model's generation_config may carry some)
-        options.update(temperature=None, top_p=None, top_k=None)
     for i in range(0, len(prompts), batch_size):
         batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(device)  # fmt: skip
         torch.manual_seed(seed + i)
-        ids, prefill, decode = timed_generate(model, batch, options)
-        new = ids[:, batch["input_ids"].shape[1] :].tolist()
-        positions = ids.shape[1] - batch["input_ids"].shape[1]
+        new_ids, prefill, decode = decode_loop(
+            model, batch["input_ids"], max_new_tokens, batch["attention_mask"], sample,
+            temperature, top_p)  # fmt: skip
+        new = new_ids.tolist()
+        positions = max_new_tokens
         out.prefill_seconds += prefill
         out.decode_seconds += decode
         out.decode_tokens += len(new) * max(0, positions - 1)  # every row runs every position

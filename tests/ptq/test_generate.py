@@ -171,28 +171,61 @@ def test_bench_generate_measures_a_saved_model_beside_its_base(saved, tmp_path):
     assert all(float(r["decode_tok_s"]) > 0 for r in rows)
 
 
-def test_graph_greedy_equals_generate_greedy():
-    """The manual decode loop of graph_greedy (here without capture: CPU) gives the tokens of
-    Hugging Face's greedy generate with a static cache, and checks its arguments."""
+def _random_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from cbq_ptq.generate import graph_greedy
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                          num_key_value_heads=2, num_hidden_layers=2, vocab_size=300,
                          max_position_embeddings=256)  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
-    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(1))
-    out, prefill, decode = graph_greedy(model, ids, 8)
-    ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                         min_new_tokens=8, do_sample=False, pad_token_id=0,
-                         cache_implementation="static")  # fmt: skip
-    assert torch.equal(out, ref[:, 10:]) and prefill > 0 and decode > 0
-    assert isinstance(prefill, float) and isinstance(decode, float)
-    one, _, none = graph_greedy(model, ids, 1)
-    assert torch.equal(one, ref[:, 10:11]) and none == 0.0
+    return LlamaForCausalLM(config).eval()
+
+
+def test_decode_loop_equals_generate_greedy_with_and_without_padding():
+    """The manual decode loop (here without capture: CPU) gives the tokens of Hugging Face's
+    greedy generate with a static cache, for unpadded and for left-padded prompts, and checks
+    its arguments."""
+    from cbq_ptq.generate import decode_loop
+
+    model = _random_llama()
+    ids = torch.randint(3, 300, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # row 1: a 6-token prompt, row 2: 9 tokens, left-padded
+    mask[2, :1] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    for m in (None, mask):
+        out, prefill, decode = decode_loop(model, ids, 8, m)
+        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids) if m is None
+                             else m, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                             pad_token_id=0, cache_implementation="static")  # fmt: skip
+        assert torch.equal(out, ref[:, 10:]), m
+        assert isinstance(prefill, float) and isinstance(decode, float) and prefill > 0 < decode
+    one, _, none = decode_loop(model, ids, 1, mask)
+    assert torch.equal(one, out[:, :1]) and none == 0.0
     with pytest.raises(ValueError, match="graph capture needs a CUDA device, got cpu"):
-        graph_greedy(model, ids, 4, capture=True)
-    with pytest.raises(ValueError, match="new_tokens must be >= 1, got 0"):
-        graph_greedy(model, ids, 0)
+        decode_loop(model, ids, 4, capture=True)
+    with pytest.raises(ValueError, match="new_tokens must be an int >= 1, got 0"):
+        decode_loop(model, ids, 0)
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids"):
+        decode_loop(model, ids, 2, mask[:, 1:])
+
+
+def test_decode_loop_sampling_is_seeded_and_keeps_the_nucleus():
+    """Sampling: the same seed gives the same tokens, another seed other tokens; a tiny top_p
+    keeps only the most likely token (greedy), and the nucleus filter of _next_token keeps the
+    smallest set of most likely tokens whose probability reaches top_p."""
+    from cbq_ptq.generate import _next_token, decode_loop
+
+    model = _random_llama()
+    ids = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(2))
+    draws = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        draws.append(decode_loop(model, ids, 10, sample=True, temperature=1.5)[0])
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    greedy = decode_loop(model, ids, 10)[0]
+    assert torch.equal(decode_loop(model, ids, 10, sample=True, top_p=1e-6)[0], greedy)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.manual_seed(0)
+    picks = {int(_next_token(logits, True, 1.0, 0.75)) for _ in range(300)}
+    assert picks == {0, 1}  # 0.5 < 0.75 <= 0.5 + 0.3: the first two tokens

@@ -51,14 +51,14 @@ def test_kernels_on_the_gpu_reproduce_the_fake_quantized_logits(stories_cuda, se
 
 
 @pytest.mark.parametrize("setting", ["bf16", "W4A16g128", "W4A8", "W4A4"])
-def test_graph_greedy_replays_give_the_eager_loops_tokens(setting):
-    """graph_greedy with its decode step captured in one CUDA graph (the kernels included)
+def test_decode_loop_replays_give_the_eager_loops_tokens(setting):
+    """decode_loop with its decode step captured in one CUDA graph (the kernels included)
     gives the tokens of the same loop run eagerly (capture=False), which the CPU test holds
-    equal to Hugging Face's greedy generate; a second call (a new cache, a new capture) the
-    same again."""
+    equal to Hugging Face's greedy generate, for unpadded and left-padded prompts; a second
+    call (a new cache, a new capture) the same again; seeded sampling repeats itself."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from cbq_ptq.generate import graph_greedy
+    from cbq_ptq.generate import decode_loop
     from cbq_ptq.serve import rtn_kernels
 
     torch.manual_seed(0)
@@ -70,8 +70,37 @@ def test_graph_greedy_replays_give_the_eager_loops_tokens(setting):
     if setting != "bf16":
         rtn_kernels(model, parse_setting(setting), torch.bfloat16)
     ids = torch.randint(3, 1000, (3, 40), generator=torch.Generator().manual_seed(1)).cuda()
-    out, prefill, decode = graph_greedy(model, ids, 12)
-    eager, _, _ = graph_greedy(model, ids, 12, capture=False)
-    again, _, _ = graph_greedy(model, ids, 12)
-    assert torch.equal(out, eager) and torch.equal(out, again)
-    assert isinstance(prefill, float) and isinstance(decode, float) and prefill > 0 < decode
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    for m in (None, mask):
+        out, prefill, decode = decode_loop(model, ids, 12, m)
+        eager, _, _ = decode_loop(model, ids, 12, m, capture=False)
+        again, _, _ = decode_loop(model, ids, 12, m)
+        assert torch.equal(out, eager) and torch.equal(out, again), m
+        assert isinstance(prefill, float) and isinstance(decode, float) and prefill > 0 < decode
+    torch.manual_seed(3)
+    one = decode_loop(model, ids, 12, mask, sample=True, top_p=0.9)[0]
+    torch.manual_seed(3)
+    assert torch.equal(decode_loop(model, ids, 12, mask, sample=True, top_p=0.9)[0], one)
+
+
+def test_decode_loop_with_a_compiled_step_gives_the_eager_tokens():
+    """compile=True: the step's forward through torch.compile (the cbq GEMM and act-quant
+    ops opaque inside it), captured, gives the eager loop's tokens (fp32 compute, so that
+    inductor's reordered elementwise arithmetic cannot flip an argmax)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cbq_ptq.generate import decode_loop
+    from cbq_ptq.serve import rtn_kernels
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=2, vocab_size=1000,
+                         max_position_embeddings=512)  # fmt: skip
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).eval()
+    rtn_kernels(model, parse_setting("W4A8"), torch.float32)
+    ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(1)).cuda()
+    eager, _, _ = decode_loop(model, ids, 10, capture=False)
+    compiled, _, decode = decode_loop(model, ids, 10, compile=True)
+    assert torch.equal(compiled, eager) and decode > 0
