@@ -20,6 +20,8 @@ setting beside its bf16 base.
     CBQ_GEN_COMPILE=graph ... (greedy without generate(): each decode step replayed from one
                                CUDA graph captured by cbq_ptq.generate.decode_loop)
     CBQ_GEN_COMPILE=graph-compiled ... (the same, the step's forward through torch.compile)
+    CBQ_GEN_FUSE=1 ...        (q / k / v and gate / up as one GEMM each: the fused column
+                               counts the fused groups)
     python benchmarks/bench_generate.py --tiny --out /tmp/gen   (a CPU smoke run, 2 blocks)
 """
 
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import Environment
 from cbq_ptq.config import parse_setting
 from cbq_ptq.generate import decode_loop, timed_generate
-from cbq_ptq.serve import rtn_kernels
+from cbq_ptq.serve import fuse_projections, rtn_kernels
 
 # W4A4rot: W4A4 with the online Hadamard rotation of every down_proj input (issue 15's R4,
 # fused with the activation quantizer); R1 / R2 fold into the weights offline and cost
@@ -55,9 +57,10 @@ SHAPES = {  # hidden, intermediate, heads, kv heads, blocks built, blocks of the
 FIELDS = ["model", "setting", "batch", "prompt", "new_tokens", "ttft_ms", "decode_tok_s",
           "decode_ms_per_step", "speedup_vs_bf16", "decode_tok_s_x80", "peak_gib", "weight_gib",
           "weights",
-          "compile", "gpu", "torch", "commit"]  # fmt: skip
+          "compile", "fused", "gpu", "torch", "commit"]  # fmt: skip
 COMPILE = os.environ.get("CBQ_GEN_COMPILE", "auto")
 COMPILE_MODES = ("auto", "off", "graph", "graph-compiled")
+FUSE = os.environ.get("CBQ_GEN_FUSE", "0") == "1"
 
 
 def build(shape: str, device: torch.device, dtype: torch.dtype):
@@ -214,15 +217,18 @@ def _measure_setting(shape: str, setting: str, batches, prompts, new: int,
         for block in blocks(model):
             attach(block.get_submodule(down), OnlineRotation(
                 "hadamard", block.get_submodule(down).in_features, 2))  # fmt: skip
+    fused = 0
     if setting != "bf16":
         rtn_kernels(model, parse_setting(setting.removesuffix("rot")), dtype)
+        if FUSE:  # q / k / v and gate / up as one GEMM each (serve.fuse_projections)
+            fused = fuse_projections(model)
     if rotated and not all("rotation_signs" in getattr(b.get_submodule(down), "act_kwargs", {})
                            for b in blocks(model)):  # fmt: skip
         raise RuntimeError("the online rotation did not reach the down_proj kernels")
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     weights += sum(_kernel_bytes(m) for m in model.modules())
     fields = {"model": shape, "setting": setting, "weight_gib": round(weights / 2**30, 3),
-              "weights": "random, RTN"}  # fmt: skip
+              "weights": "random, RTN", "fused": fused}  # fmt: skip
     return _rows(model, fields, batches, prompts, new, device, env)
 
 

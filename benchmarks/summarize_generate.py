@@ -21,7 +21,7 @@ import csv
 import sys
 from pathlib import Path
 
-KEY = ("model", "setting", "batch", "prompt", "new_tokens", "compile")
+KEY = ("model", "setting", "batch", "prompt", "new_tokens", "compile", "fused")
 DECODE_B1 = {"W4A16g128": 2.5, "W4A8": 2.3, "W4A4": 2.3, "W2A16g128": 3.5}
 PREFILL = {"W4A8": 1.4, "W4A4": 1.4}
 
@@ -31,7 +31,8 @@ def merge(paths: list[Path]) -> list[dict]:
     for path in paths:
         with path.open() as f:
             for row in csv.DictReader(f):
-                row["compile"] = row.get("compile") or "auto"  # older CSVs lack the column
+                row["compile"] = row.get("compile") or "auto"  # older CSVs lack the columns
+                row["fused"] = row.get("fused") or "0"
                 rows[tuple(row[k] for k in KEY)] = row
     return list(rows.values())
 
@@ -44,21 +45,23 @@ def _find(rows, **want) -> dict | None:
 
 
 def _check(rows, setting, batch, prompt, field, target, larger_better=True,
-           at_most=False, compile_mode: str = "auto") -> str | None:  # fmt: skip
+           at_most=False, compile_mode: str = "auto", fused: str = "0") -> str | None:  # fmt: skip
     """A summary line comparing ``setting`` with bf16 at (batch, prompt) on the 7B shape:
     the speed-up (bf16 / setting for times) against ``target``, or with ``at_most`` the
-    fraction setting / bf16 against an upper bound."""
+    fraction setting / bf16 against an upper bound. ``fused``: the quantized row's fused
+    groups ("0": unfused; bf16 rows are never fused)."""
     q = _find(rows, model="llama2-7b", setting=setting, batch=batch, prompt=prompt,
-              compile=compile_mode)  # fmt: skip
+              compile=compile_mode, fused=fused)  # fmt: skip
     b = _find(rows, model="llama2-7b", setting="bf16", batch=batch, prompt=prompt,
-              compile=compile_mode)  # fmt: skip
+              compile=compile_mode, fused="0")  # fmt: skip
     if q is None or b is None or not q[field] or not b[field]:
         return None
     ratio = float(q[field]) / float(b[field])
     if not larger_better and not at_most:
         ratio = 1 / ratio
     met = ratio <= target if at_most else ratio >= target
-    return (f"| {setting} | {compile_mode}, batch {batch}, prompt {prompt} | {field} | "
+    where = compile_mode + (", fused" if fused != "0" else "")
+    return (f"| {setting} | {where}, batch {batch}, prompt {prompt} | {field} | "
             f"{q[field]} vs bf16 "
             f"{b[field]} | {ratio:.2f}x | {'<=' if at_most else '>='} {target}x | "
             f"{'met' if met else 'missed'} |")  # fmt: skip
@@ -72,19 +75,20 @@ def summary(rows: list[dict]) -> str:
               "", "| setting | where | measure | value | ratio | target | |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     prompts = sorted({int(r["prompt"]) for r in rows if r["model"] == "llama2-7b"})
-    modes = sorted({r["compile"] for r in rows})  # compared within a mode
+    # compared within a compile mode, unfused and fused quantized rows each against bf16
+    modes = sorted({(r["compile"], r["fused"]) for r in rows if r["setting"] != "bf16"})
     checks = []
-    for mode in modes:
+    for mode, fused in modes:
+        kw = {"compile_mode": mode, "fused": fused}
         for p in prompts:
-            checks += [_check(rows, s, 1, p, "decode_tok_s", t, compile_mode=mode)
+            checks += [_check(rows, s, 1, p, "decode_tok_s", t, **kw)
                        for s, t in DECODE_B1.items()]  # fmt: skip
-            checks += [_check(rows, s, 32, p, "decode_tok_s", 1.5, compile_mode=mode)
-                       for s in DECODE_B1]  # fmt: skip
-        checks += [_check(rows, s, 1, 2048, "ttft_ms", t, False, compile_mode=mode)
+            checks += [_check(rows, s, 32, p, "decode_tok_s", 1.5, **kw) for s in DECODE_B1]
+        checks += [_check(rows, s, 1, 2048, "ttft_ms", t, False, **kw)
                    for s, t in PREFILL.items()]  # fmt: skip
         for p in prompts[:1]:
             checks.append(_check(rows, "W4A16g128", 1, p, "weight_gib", 0.32, at_most=True,
-                                 compile_mode=mode))  # fmt: skip
+                                 **kw))  # fmt: skip
     lines += [c for c in checks if c]
     missing = len([c for c in checks if c is None])
     if missing:
@@ -105,15 +109,17 @@ def plot(rows: list[dict], path: Path) -> bool:
     for ax, (model, prompt) in zip(axes[0], panels, strict=True):
         # one line per setting and compile mode (a mode's own bf16 is its baseline); the
         # captured loop ("graph") solid, generate()'s modes dashed
-        lines = sorted({(r["setting"], r["compile"]) for r in rows if r["model"] == model})
-        for s, mode in lines:
+        lines = sorted({(r["setting"], r["compile"], r["fused"]) for r in rows
+                        if r["model"] == model})  # fmt: skip
+        for s, mode, fused in lines:
             pts = sorted((int(r["batch"]), float(r["decode_tok_s"])) for r in rows
                          if r["model"] == model and int(r["prompt"]) == prompt
-                         and r["setting"] == s and r["compile"] == mode
+                         and (r["setting"], r["compile"], r["fused"]) == (s, mode, fused)
                          and r["decode_tok_s"])  # fmt: skip
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{s} ({mode})",
-                        linestyle="-" if mode == "graph" else "--")  # fmt: skip
+                label = f"{s} ({mode}{', fused' if fused != '0' else ''})"
+                ax.plot(*zip(*pts, strict=True), marker="o", label=label,
+                        linestyle="-" if mode.startswith("graph") else "--")  # fmt: skip
         ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s",
                title=f"{model}, prompt {prompt}")  # fmt: skip
         ax.legend(fontsize=8)

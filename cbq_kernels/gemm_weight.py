@@ -13,7 +13,7 @@ from torch import Tensor
 from cbq_kernels import formats, gemm_decode
 from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, describe
 
-__all__ = ["PreparedWeight", "mark_static", "prepare_weight"]
+__all__ = ["PreparedWeight", "concat_weights", "mark_static", "prepare_weight"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,3 +194,47 @@ def mark_static(*objs) -> None:
             torch._dynamo.mark_static_address(obj)
         elif isinstance(obj, (PreparedWeight, gemm_decode.DecodeWeight)):
             mark_static(*(getattr(obj, f.name) for f in dataclasses.fields(obj)))
+
+
+def concat_weights(weights: list[PreparedWeight]) -> PreparedWeight:
+    """Several prepared weights of the same input (a block's q / k / v projections, or gate
+    and up) as one, their output channels one after another: one GEMM reads them all (fewer
+    launches, and one activation quantization of the shared input instead of one per layer).
+    They must agree in bits, K, group size, device and kept layouts; with the decode layout
+    every weight but the last must fill its 64-column n-tiles (no padding in the middle)."""
+    if not weights:
+        raise ValueError("concat_weights needs at least one weight")
+    first = weights[0]
+    for w in weights:
+        if not isinstance(w, PreparedWeight):
+            raise TypeError(f"concat_weights takes PreparedWeights, got {type(w).__name__}")
+        same = (w.bits, w.k, w.group_size, w.groups, w.device, w.words is None,
+                w.decode is None)  # fmt: skip
+        if same != (first.bits, first.k, first.group_size, first.groups, first.device,
+                    first.words is None, first.decode is None):  # fmt: skip
+            raise ValueError("concat_weights: the weights differ in bits, K, groups, device or "
+                             "kept layouts")  # fmt: skip
+    if len(weights) == 1:
+        return first
+    words = dw = None
+    if first.words is not None:
+        words = torch.cat([w.words for w in weights], dim=1)
+    if first.decode is not None:
+        parts = [w.decode for w in weights]
+        if any(d.n != d.n_pad for d in parts[:-1]):
+            raise ValueError(f"concat_weights: with the decode layout every weight but the last "
+                             f"needs N a multiple of {gemm_decode.TILE_N}, got "
+                             f"{[d.n for d in parts]}")  # fmt: skip
+        ws = torch.cat([d.scales for d in parts], dim=1)
+        wz = torch.cat([d.zeros for d in parts], dim=1)
+        wd = torch.cat([d.words for d in parts], dim=0)
+        dw = gemm_decode.DecodeWeight(wd, ws, wz, torch.zeros_like(torch.cat(
+            [d.counters for d in parts])), parts[0].bits, sum(d.n for d in parts), first.k,
+            parts[0].group_size)  # fmt: skip
+        s, z = dw.scales[:, : dw.n].t(), dw.zeros[:, : dw.n].t()
+    else:
+        s = torch.cat([w.scales for w in weights], dim=0)
+        z = torch.cat([w.zeros for w in weights], dim=0)
+    out = PreparedWeight(words, s, z, first.bits, first.k, first.group_size, dw)
+    mark_static(out)
+    return out

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from cbq_kernels.gemm import PreparedWeight, mark_static, prepare_weight
 from cbq_kernels.gemm import linear as gemm_linear
+from cbq_kernels.gemm_weight import concat_weights
 from cbq_kernels.packing import pack_ref
 from cbq_kernels.quant_math import quantize_weight
 from cbq_ptq import rotation
@@ -54,7 +55,7 @@ class KernelLinear(torch.nn.Module):
                  compute_dtype: torch.dtype = torch.bfloat16) -> None:  # fmt: skip
         super().__init__()
         _check_kind(settings)
-        self.name, self.weight = name, weight
+        self.name, self.weight, self.settings = name, weight, settings
         self.out_features, self.in_features = weight.n, weight.k
         self.act_bits = settings.a_bits if settings.a_bits < 16 else None
         self.compute_dtype = compute_dtype
@@ -118,6 +119,108 @@ class KernelLinear(torch.nn.Module):
         y = gemm_linear(x.to(self.compute_dtype).contiguous(), self.weight, self.act_bits,
                         self.bias, **self.act_kwargs)  # fmt: skip
         return y.to(x.dtype)
+
+
+class _FusedGroup(torch.nn.Module):
+    """Layers that read the same input (a block's q / k / v, or gate and up) run as one GEMM
+    on their concatenated weights (:func:`cbq_kernels.gemm_weight.concat_weights`): the first
+    member called computes the whole output, each member returns its columns. The output is
+    kept only until every member has taken its part (a prefill's activations are large)."""
+
+    def __init__(self, parts: list[KernelLinear]) -> None:
+        super().__init__()
+        first = parts[0]
+        biases = [p.bias for p in parts]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else torch.zeros(p.out_features,
+                              dtype=first.compute_dtype, device=p.weight.device)
+                              for b, p in zip(biases, parts, strict=True)])  # fmt: skip
+        self.fused = KernelLinear("+".join(p.name for p in parts),
+                                  concat_weights([p.weight for p in parts]), first.settings,
+                                  bias, first.act_kwargs, first.compute_dtype)  # fmt: skip
+        self.splits = [p.out_features for p in parts]
+        self._input: Tensor | None = None
+        self._outputs: tuple[Tensor, ...] = ()
+        self._taken: set[int] = set()
+
+    def output(self, x: Tensor, index: int) -> Tensor:
+        if self._input is not x or index in self._taken:
+            self._outputs = self.fused(x).split(self.splits, dim=-1)
+            self._input, self._taken = x, set()
+        out = self._outputs[index]
+        self._taken.add(index)
+        if len(self._taken) == len(self.splits):
+            self._input, self._outputs, self._taken = None, (), set()
+        return out
+
+
+class FusedMember(torch.nn.Module):
+    """One layer of a :class:`_FusedGroup` in its old place (``q_proj``, ``up_proj``...)."""
+
+    def __init__(self, group: _FusedGroup, index: int, name: str) -> None:
+        super().__init__()
+        self.index, self.name = index, name
+        self.in_features = group.fused.in_features
+        self.out_features = group.splits[index]
+        # the group is shared: registered under the first member only (one copy in
+        # named_modules and state_dict), held as a plain attribute by the others
+        if index == 0:
+            self.group = group
+        else:
+            object.__setattr__(self, "group", group)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.group.output(x, self.index)
+
+
+def _fusable(parts: list) -> bool:
+    """KernelLinears of one kind whose activation quantizers agree (the input is quantized
+    once for all of them) and that carry no online rotation or forward hook."""
+    if not all(isinstance(p, KernelLinear) for p in parts):
+        return False
+    first = parts[0]
+    for p in parts:
+        if (p.kind, p.compute_dtype, p.act_bits) != (first.kind, first.compute_dtype,
+                                                     first.act_bits):  # fmt: skip
+            return False
+        if p._forward_pre_hooks or p._forward_hooks or "rotation_signs" in p.act_kwargs:
+            return False
+        if p.act_kwargs.keys() != first.act_kwargs.keys():
+            return False
+        for key, value in p.act_kwargs.items():
+            other = first.act_kwargs[key]
+            same = (torch.equal(value, other) if isinstance(value, Tensor)
+                    and isinstance(other, Tensor) else value == other)  # fmt: skip
+            if not same:
+                return False
+    return True
+
+
+def fuse_projections(model: torch.nn.Module) -> int:
+    """Run each block's q / k / v kernel layers as one GEMM, and gate / up as another, where
+    they are fusable (:func:`_fusable`: same kind, the same activation quantizer, no online
+    rotation); returns how many groups were fused. The model computes the same function (the
+    activations of a group are quantized once, with the quantizer they share)."""
+    from cbq_ptq.models import arch_spec, blocks
+
+    spec = arch_spec(model)
+    fused = 0
+    for block in blocks(model):
+        for names in (spec.qkv, spec.gate_up):
+            parts = [block.get_submodule(n) for n in names]
+            if not _fusable(parts):
+                continue
+            try:
+                group = _FusedGroup(parts)
+            except ValueError:  # weights whose layouts cannot be concatenated
+                continue
+            for i, name in enumerate(names):
+                parent_name, _, leaf = name.rpartition(".")
+                setattr(block.get_submodule(parent_name), leaf,
+                        FusedMember(group, i, parts[i].name))  # fmt: skip
+            fused += 1
+    return fused
 
 
 def activation_kwargs(settings: QuantSettings, act_ratio: Tensor,

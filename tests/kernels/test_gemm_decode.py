@@ -150,3 +150,44 @@ def test_the_layout_is_built_on_request_and_checks_groups():
     codes, scales, zeros = make(4, 16, 96, 16)
     with pytest.raises(ValueError, match="groups that are multiples of 32, got group_size=16"):
         prepare_decode(codes, scales, zeros, 4, 16)
+
+
+@pytest.mark.parametrize(("bits", "group_size", "layout"),
+                         [(4, None, "both"), (4, 32, "decode"), (2, 64, "both"),
+                          (3, None, "canonical")])  # fmt: skip
+def test_concatenated_weights_are_the_weight_of_the_concatenated_codes(bits, group_size,
+                                                                         layout):  # fmt: skip
+    """concat_weights of q / k / v-like weights (N 128, 64, 70: the last one padded in the
+    decode layout) holds exactly the layouts prepare_weight builds from the stacked codes."""
+    from cbq_kernels.gemm_weight import concat_weights
+
+    k = 96
+    made = [make(bits, n, k, group_size, seed=n) for n in (128, 64, 70)]
+    parts = [prepare_weight(pack_ref(c, bits), bits, k, s, z, group_size, layout=layout)
+             for c, s, z in made]  # fmt: skip
+    whole = prepare_weight(pack_ref(torch.cat([c for c, _, _ in made]), bits), bits, k,
+                           torch.cat([s for _, s, _ in made]), torch.cat([z for _, _, z in made]),
+                           group_size, layout=layout)  # fmt: skip
+    got = concat_weights(parts)
+    assert got.n == whole.n == 262 and got.k == k
+    assert torch.equal(got.scales, whole.scales) and torch.equal(got.zeros, whole.zeros)
+    if layout != "decode":
+        assert torch.equal(got.words, whole.words)
+    if layout != "canonical":
+        for f in ("words", "scales", "zeros", "counters"):
+            assert torch.equal(getattr(got.decode, f), getattr(whole.decode, f)), f
+        assert (got.decode.n, got.decode.bits) == (whole.decode.n, whole.decode.bits)
+
+
+def test_concat_weights_refuses_what_cannot_be_one_weight():
+    from cbq_kernels.gemm_weight import concat_weights
+
+    c, s, z = make(4, 70, 64, None)
+    a = prepare_weight(pack_ref(c, 4), 4, 64, s, z, layout="decode")
+    with pytest.raises(ValueError, match="every weight but the last needs N a multiple of 64"):
+        concat_weights([a, a])
+    b = prepare_weight(pack_ref(c, 4), 4, 64, s, z, layout="canonical")
+    with pytest.raises(ValueError, match="differ in bits, K, groups, device or kept layouts"):
+        concat_weights([a, b])
+    with pytest.raises(ValueError, match="at least one weight"):
+        concat_weights([])

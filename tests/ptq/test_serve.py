@@ -108,3 +108,37 @@ def test_packed_weights_are_static_inputs_for_cuda_graphs(setting):
         assert getattr(t, "_dynamo_static_input_type", None) == "unguarded"
     unmarked = torch.zeros(3)
     assert getattr(unmarked, "_dynamo_static_input_type", None) is None
+
+
+@pytest.mark.parametrize("setting", ["W4A16g32", "W4A8", "W4A4"])
+def test_fused_projections_compute_the_same_model(setting):
+    """fuse_projections: each block's q / k / v and gate / up kernels run as one GEMM (the
+    shared input quantized once); logits equal the unfused model's (the same integer codes,
+    fp32 sums over the same K), one group registered once, and layers whose activation
+    quantizers differ are left alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cbq_ptq.serve import FusedMember, KernelLinear, fuse_projections, rtn_kernels
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=2, vocab_size=300,
+                         max_position_embeddings=128)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    rtn_kernels(model, parse_setting(setting), torch.float32)
+    fused = copy.deepcopy(model)
+    a_bits = parse_setting(setting).a_bits
+    if a_bits < 16:  # block 1's k_proj clips its activations differently: not fused
+        fused.model.layers[1].self_attn.k_proj.act_kwargs["clip_ratio"] = 0.9
+        model.model.layers[1].self_attn.k_proj.act_kwargs["clip_ratio"] = 0.9
+    assert fuse_projections(fused) == (4 if a_bits == 16 else 3)
+    attn = fused.model.layers[0].self_attn
+    assert all(isinstance(getattr(attn, n), FusedMember) for n in ("q_proj", "k_proj", "v_proj"))
+    assert attn.k_proj.group is attn.q_proj.group
+    assert attn.q_proj.group.fused.weight.n == 64 + 32 + 32
+    kernels = [n for n, m in fused.named_modules() if isinstance(m, KernelLinear)]
+    assert len(kernels) == (2 * 4 if a_bits == 16 else 2 * 4 + 2)  # q/k/v, o, gate/up, down
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model(ids).logits, fused(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

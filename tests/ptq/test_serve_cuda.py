@@ -104,3 +104,28 @@ def test_decode_loop_with_a_compiled_step_gives_the_eager_tokens():
     eager, _, _ = decode_loop(model, ids, 10, capture=False)
     compiled, _, decode = decode_loop(model, ids, 10, compile=True)
     assert torch.equal(compiled, eager) and decode > 0
+
+
+@pytest.mark.parametrize("setting", ["W4A16g128", "W4A8", "W4A4"])
+def test_fused_projections_on_the_gpu_kernels(setting):
+    """fuse_projections on decode-layout weights (layout 'auto' on the GPU): the fused model's
+    logits match the unfused one's up to the bf16 rounding of differently split sums, at
+    decode (M = 2, the CUDA kernel) and prefill (M = 96, the expanded path) sizes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cbq_ptq.serve import fuse_projections, rtn_kernels
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_attention_heads=8,
+                         num_key_value_heads=2, num_hidden_layers=2, vocab_size=1000,
+                         max_position_embeddings=512)  # fmt: skip
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    rtn_kernels(model, parse_setting(setting), torch.bfloat16)
+    fused = copy.deepcopy(model)
+    assert fuse_projections(fused) == 4
+    for rows in (1, 48):
+        ids = torch.randint(3, 1000, (2, rows), generator=torch.Generator().manual_seed(rows))
+        with torch.no_grad():
+            want, got = model(ids.cuda()).logits.float(), fused(ids.cuda()).logits.float()
+        assert float((got - want).abs().max()) <= 0.02 * float(want.abs().max()), rows
