@@ -92,8 +92,8 @@ def _next_token(logits: torch.Tensor, sample: bool, temperature: float,
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
-    # drop a token when the tokens before it already reach top_p (the first always stays)
-    sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
+    if top_p < 1.0:  # drop a token when the tokens before it reach top_p (the first stays)
+        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
     pick = torch.multinomial(sorted_p, 1)  # multinomial renormalises the kept mass
     return order.gather(-1, pick)[:, 0]
 

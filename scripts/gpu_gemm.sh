@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine: build the extension (the CUDA decode GEMM lives there), the GEMM GPU tests
 # and the GEMM benchmark.
-#   bash scripts/gpu_gemm.sh OUT_DIR [build|sanitize|decode|sweep|tests|bench|generate]...
+#   bash scripts/gpu_gemm.sh OUT_DIR [build|sanitize|decode|sweep|tests|bench|generate|serve]...
 #   (default: build decode tests bench)
 # sanitize: the decode kernel's small-shape tests under compute-sanitizer (memcheck, racecheck).
 # decode: tests/kernels/test_gemm_decode_cuda.py; tests: tests/kernels/test_gemm_cuda.py;
@@ -46,6 +46,11 @@ for step in $steps; do
       rc=$(( rc || PIPESTATUS[0] )) ;;
     generate)
       python3 benchmarks/bench_generate.py --out "$out" 2>&1 | tail -5
+      rc=$(( rc || PIPESTATUS[0] )) ;;
+    serve)  # the served model's GPU tests: kernels vs fake-quantized logits, the captured
+      # decode loop (eager / captured / compiled step), fused projections, the Hadamard op
+      python3 -m pytest -q -p no:cacheprovider -rs tests/ptq/test_serve_cuda.py \
+        tests/kernels/test_hadamard_quant_cuda.py 2>&1 | tee "$out/pytest_serve.txt" | tail -15
       rc=$(( rc || PIPESTATUS[0] )) ;;
     bench)
       python3 benchmarks/bench_gemm.py --out "$out" 2>&1 | grep -v "done$" | tail -3
