@@ -216,9 +216,7 @@ def fuse_projections(model: torch.nn.Module) -> int:
             except ValueError:  # weights whose layouts cannot be concatenated
                 continue
             for i, name in enumerate(names):
-                parent_name, _, leaf = name.rpartition(".")
-                setattr(block.get_submodule(parent_name), leaf,
-                        FusedMember(group, i, parts[i].name))  # fmt: skip
+                replace_module(block, name, FusedMember(group, i, parts[i].name))
             fused += 1
     return fused
 
