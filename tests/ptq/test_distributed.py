@@ -87,8 +87,14 @@ def test_two_processes_give_the_codes_of_one(tmp_path):
     # gradient sums (~1e-7 relative), so its log agrees to that precision ...
     a, b = r0["log"][0], log[0]
     assert a["kept"] == b["kept"] and a["ranks"] == 2 and b["ranks"] == 1
-    for key in ("loss_before", "loss_after", "soft_end"):
+    for key in ("loss_before", "loss_after"):
         assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    # The soft loss at the end of the window's 6 AdamW steps follows the training trajectory,
+    # where Adam's normalised first steps enlarge last-bit gradient differences: within
+    # 1e-5 relative with the packages of the 2026-12-02 CI run, 1.0e-3 with torch 2.13.0 CPU,
+    # transformers 5.24 / 5.25 and Triton 3.9 (0.0144539 against 0.0144689, the same at
+    # f7a84d8 and here: the packages changed, not the code), so it is held to 1e-2
+    assert a["soft_end"] == pytest.approx(b["soft_end"], rel=1e-2)
     # ... but later windows start from those last-bit differences: a hard-rounded code that
     # flips changes the next block's statistics and the cascade grows. Measured (2 processes
     # against 1, this configuration): 6.2% of the codes differ, the last window's held-out

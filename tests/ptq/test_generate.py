@@ -42,16 +42,21 @@ def saved(request, tmp_path_factory):
 
 def test_greedy_generation_is_deterministic_and_matches_the_fake_quantized_model(saved):
     path, setting = saved
+    if setting != "W4A16":  # 309 s on the 2-core CI machine for W4A8 (interpreted GEMMs)
+        pytest.skip("one setting on the CPU: the kernels against the fake-quantized model at "
+                    "W4A8 are the GPU check's (scripts/check_generate.py)")
     model, tok, table = load_for_generation(path, "cpu")
     assert len(table) == 35 and all(v == f"{setting} kernel" for v in table.values())
-    first = generate(model, tok, PROMPTS, max_new_tokens=8, batch_size=2)
-    again = generate(model, tok, PROMPTS, max_new_tokens=8, batch_size=2)
+    # 5 new tokens: each CPU forward runs the GEMMs in Triton's interpreter (~0.12 s per
+    # linear call with Triton 3.9); the GPU check (scripts/check_generate.py) compares 16
+    first = generate(model, tok, PROMPTS, max_new_tokens=5, batch_size=2)
+    again = generate(model, tok, PROMPTS, max_new_tokens=5, batch_size=2)
     assert first.tokens == again.tokens and first.texts == again.texts
-    assert all(0 < len(t) <= 8 for t in first.tokens) and all(first.texts)
+    assert all(0 < len(t) <= 5 for t in first.tokens) and all(first.texts)
     assert first.decode_tokens > 0 and first.decode_tokens_per_second > 0
     fake, tok2, none = load_for_generation(path, "cpu", kernels=False)
     assert none == {}
-    want = generate(fake, tok2, PROMPTS, max_new_tokens=8, batch_size=2)
+    want = generate(fake, tok2, PROMPTS, max_new_tokens=5, batch_size=2)
     # int8 codes may flip at a rounding boundary (W4A8)
     agree = sum(a == b for a, b in zip(first.tokens, want.tokens, strict=True))
     assert agree >= (3 if setting == "W4A16" else 2), (first.texts, want.texts)
