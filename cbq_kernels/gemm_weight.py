@@ -228,9 +228,9 @@ def concat_weights(weights: list[PreparedWeight]) -> PreparedWeight:
         ws = torch.cat([d.scales for d in parts], dim=1)
         wz = torch.cat([d.zeros for d in parts], dim=1)
         wd = torch.cat([d.words for d in parts], dim=0)
-        dw = gemm_decode.DecodeWeight(wd, ws, wz, torch.zeros_like(torch.cat(
-            [d.counters for d in parts])), parts[0].bits, sum(d.n for d in parts), first.k,
-            parts[0].group_size)  # fmt: skip
+        counters = torch.zeros(wd.shape[0], dtype=torch.int32, device=wd.device)  # one per n-tile
+        dw = gemm_decode.DecodeWeight(wd, ws, wz, counters, parts[0].bits,
+                                      sum(d.n for d in parts), first.k, parts[0].group_size)
         s, z = dw.scales[:, : dw.n].t(), dw.zeros[:, : dw.n].t()
     else:
         s = torch.cat([w.scales for w in weights], dim=0)

@@ -232,10 +232,9 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 3
             model, batch["input_ids"], max_new_tokens, batch["attention_mask"], sample,
             temperature, top_p)  # fmt: skip
         new = new_ids.tolist()
-        positions = max_new_tokens
         out.prefill_seconds += prefill
         out.decode_seconds += decode
-        out.decode_tokens += len(new) * max(0, positions - 1)  # every row runs every position
+        out.decode_tokens += len(new) * (max_new_tokens - 1)  # every row runs every position
         for seq in new:
             if eos is not None and eos in seq:
                 seq = seq[: seq.index(eos)]

@@ -18,6 +18,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def random_llama(hidden=64, inter=128, heads=4, kv_heads=2, vocab=300, device="cpu",
+                 dtype=torch.float32):
+    """A 2-block Llama with random weights (seeded), for tests of serving and generation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, num_hidden_layers=2, vocab_size=vocab,
+                         max_position_embeddings=512)  # fmt: skip
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(dtype).eval()
+
+
 def need_shared(path):
     """A file or folder under ../shared that a test reads: skip when it is missing, except
     under CI (CI=true), where a missing input must fail the run."""

@@ -12,7 +12,7 @@ from cbq_ptq.data import calibration_windows
 from cbq_ptq.generate import generate, load_for_generation
 from cbq_ptq.models import SHARED_MODELS, load_model
 from cbq_ptq.pipeline import quantize
-from tests.conftest import need_shared
+from tests.conftest import need_shared, random_llama
 
 PROMPTS = ["Once upon a time", "The little dog", "Lily saw a big"]  # two batches of 2
 
@@ -47,8 +47,8 @@ def test_greedy_generation_is_deterministic_and_matches_the_fake_quantized_model
                     "W4A8 are the GPU check's (scripts/check_generate.py)")
     model, tok, table = load_for_generation(path, "cpu")
     assert len(table) == 35 and all(v == f"{setting} kernel" for v in table.values())
-    # 5 new tokens: each CPU forward runs the GEMMs in Triton's interpreter (~0.12 s per
-    # linear call with Triton 3.9); the GPU check (scripts/check_generate.py) compares 16
+    # 5 new tokens: each CPU forward runs the GEMMs in Triton's interpreter (pytest
+    # --durations: 137 s for this test in CI); the GPU check (scripts/check_generate.py) 16
     first = generate(model, tok, PROMPTS, max_new_tokens=5, batch_size=2)
     again = generate(model, tok, PROMPTS, max_new_tokens=5, batch_size=2)
     assert first.tokens == again.tokens and first.texts == again.texts
@@ -176,23 +176,13 @@ def test_bench_generate_measures_a_saved_model_beside_its_base(saved, tmp_path):
     assert all(float(r["decode_tok_s"]) > 0 for r in rows)
 
 
-def _random_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                         num_key_value_heads=2, num_hidden_layers=2, vocab_size=300,
-                         max_position_embeddings=256)  # fmt: skip
-    return LlamaForCausalLM(config).eval()
-
-
 def test_decode_loop_equals_generate_greedy_with_and_without_padding():
     """The manual decode loop (here without capture: CPU) gives the tokens of Hugging Face's
     greedy generate with a static cache, for unpadded and for left-padded prompts, and checks
     its arguments."""
     from cbq_ptq.generate import decode_loop
 
-    model = _random_llama()
+    model = random_llama()
     ids = torch.randint(3, 300, (3, 10), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # row 1: a 6-token prompt, row 2: 9 tokens, left-padded
@@ -221,7 +211,7 @@ def test_decode_loop_sampling_is_seeded_and_keeps_the_nucleus():
     smallest set of most likely tokens whose probability reaches top_p."""
     from cbq_ptq.generate import _next_token, decode_loop
 
-    model = _random_llama()
+    model = random_llama()
     ids = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(2))
     draws = []
     for seed in (5, 5, 6):

@@ -11,7 +11,7 @@ from cbq_ptq.data import calibration_windows
 from cbq_ptq.models import SHARED_MODELS, load_model
 from cbq_ptq.pipeline import quantize
 from cbq_ptq.serve import kernel_table, use_kernels
-from tests.conftest import need_shared
+from tests.conftest import need_shared, random_llama
 
 
 @pytest.fixture(scope="module")
@@ -116,15 +116,9 @@ def test_fused_projections_compute_the_same_model(setting):
     shared input quantized once); logits equal the unfused model's (the same integer codes,
     fp32 sums over the same K), one group registered once, and layers whose activation
     quantizers differ are left alone."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from cbq_ptq.serve import FusedMember, KernelLinear, fuse_projections, rtn_kernels
 
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                         num_key_value_heads=2, num_hidden_layers=2, vocab_size=300,
-                         max_position_embeddings=128)  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
+    model = random_llama()
     rtn_kernels(model, parse_setting(setting), torch.float32)
     fused = copy.deepcopy(model)
     a_bits = parse_setting(setting).a_bits

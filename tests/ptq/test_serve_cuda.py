@@ -9,6 +9,7 @@ from cbq_ptq.config import CBQConfig, parse_setting
 from cbq_ptq.data import calibration_windows
 from cbq_ptq.pipeline import quantize
 from cbq_ptq.serve import use_kernels
+from tests.conftest import random_llama
 
 pytestmark = pytest.mark.cuda
 
@@ -56,17 +57,10 @@ def test_decode_loop_replays_give_the_eager_loops_tokens(setting):
     gives the tokens of the same loop run eagerly (capture=False), which the CPU test holds
     equal to Hugging Face's greedy generate, for unpadded and left-padded prompts; a second
     call (a new cache, a new capture) the same again; seeded sampling repeats itself."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from cbq_ptq.generate import decode_loop
     from cbq_ptq.serve import rtn_kernels
 
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                         num_key_value_heads=2, num_hidden_layers=2, vocab_size=1000,
-                         max_position_embeddings=512)  # fmt: skip
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model = random_llama(256, 512, vocab=1000, device="cuda", dtype=torch.bfloat16)
     if setting != "bf16":
         rtn_kernels(model, parse_setting(setting), torch.bfloat16)
     ids = torch.randint(3, 1000, (3, 40), generator=torch.Generator().manual_seed(1)).cuda()
@@ -88,17 +82,10 @@ def test_decode_loop_with_a_compiled_step_gives_the_eager_tokens():
     """compile=True: the step's forward through torch.compile (the cbq GEMM and act-quant
     ops opaque inside it), captured, gives the eager loop's tokens (fp32 compute, so that
     inductor's reordered elementwise arithmetic cannot flip an argmax)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from cbq_ptq.generate import decode_loop
     from cbq_ptq.serve import rtn_kernels
 
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                         num_key_value_heads=2, num_hidden_layers=2, vocab_size=1000,
-                         max_position_embeddings=512)  # fmt: skip
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).eval()
+    model = random_llama(256, 512, vocab=1000, device="cuda")
     rtn_kernels(model, parse_setting("W4A8"), torch.float32)
     ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(1)).cuda()
     eager, _, _ = decode_loop(model, ids, 10, capture=False)
@@ -111,16 +98,9 @@ def test_fused_projections_on_the_gpu_kernels(setting):
     """fuse_projections on decode-layout weights (layout 'auto' on the GPU): the fused model's
     logits match the unfused one's up to the bf16 rounding of differently split sums, at
     decode (M = 2, the CUDA kernel) and prefill (M = 96, the expanded path) sizes."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from cbq_ptq.serve import fuse_projections, rtn_kernels
 
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=512, intermediate_size=1408, num_attention_heads=8,
-                         num_key_value_heads=2, num_hidden_layers=2, vocab_size=1000,
-                         max_position_embeddings=512)  # fmt: skip
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model = random_llama(512, 1408, heads=8, vocab=1000, device="cuda", dtype=torch.bfloat16)
     rtn_kernels(model, parse_setting(setting), torch.bfloat16)
     fused = copy.deepcopy(model)
     assert fuse_projections(fused) == 4
