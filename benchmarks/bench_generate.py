@@ -22,6 +22,9 @@ setting beside its bf16 base.
     CBQ_GEN_COMPILE=graph-compiled ... (the same, the step's forward through torch.compile)
     CBQ_GEN_FUSE=1 ...        (q / k / v and gate / up as one GEMM each: the fused column
                                counts the fused groups)
+    CBQ_GEN_PROFILE=DIR ...   (also the GPU time of every kernel in one eager prefill and one
+                               eager decode step of the first batch / prompt, a markdown
+                               table per setting in DIR: where a step's time goes)
     python benchmarks/bench_generate.py --tiny --out /tmp/gen   (a CPU smoke run, 2 blocks)
 """
 
@@ -61,6 +64,7 @@ FIELDS = ["model", "setting", "batch", "prompt", "new_tokens", "ttft_ms", "decod
 COMPILE = os.environ.get("CBQ_GEN_COMPILE", "auto")
 COMPILE_MODES = ("auto", "off", "graph", "graph-compiled")
 FUSE = os.environ.get("CBQ_GEN_FUSE", "0") == "1"
+PROFILE = os.environ.get("CBQ_GEN_PROFILE")
 
 
 def build(shape: str, device: torch.device, dtype: torch.dtype):
@@ -238,10 +242,89 @@ def _rows(model, fields: dict, batches, prompts, new: int, device, env) -> list[
     for batch in batches:
         for prompt in prompts:
             r = measure(model, batch, prompt, new, device)
+            if PROFILE and not rows:
+                name = f"profile_{fields['model']}_{fields['setting']}_b{batch}_p{prompt}.md"
+                profile_step(model, batch, prompt, r, Path(PROFILE) / name)
             rows.append({**fields, "batch": batch, "prompt": prompt, "new_tokens": new, **r,
                          "speedup_vs_bf16": "", "decode_tok_s_x80": "", "gpu": env.gpu,
                          "torch": env.torch, "commit": env.commit})  # fmt: skip
     return rows
+
+
+KINDS = (  # a kernel's kind from its name (first match): the profile's summary lines
+    ("gemm", ("gemm", "matmul", "cutlass", "sm90_", "xmma", "cublas", "nvjet", "mma", "_mm_",
+              "aten::mm", "addmm", "decode")),
+    ("attention", ("flash", "attention", "fmha", "sdpa", "softmax")),
+    ("act quant / rotation", ("quant", "hadamard", "crossquant")),
+)
+
+
+def _kind(name: str) -> str:
+    low = name.lower()
+    return next((k for k, keys in KINDS if any(w in low for w in keys)), "other")
+
+
+def _kernel_times(fn) -> dict[str, float]:
+    """Microseconds per kernel name over one call of ``fn`` (GPU time of the CUDA kernels,
+    copies and memsets; on the CPU, the self time of the operators)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for e in prof.key_averages():
+        if cuda and e.device_type == DeviceType.CUDA:
+            t = e.self_device_time_total or e.device_time_total
+        elif not cuda and e.device_type == DeviceType.CPU:
+            t = e.self_cpu_time_total
+        else:
+            continue
+        times[e.key] = times.get(e.key, 0.0) + t
+    return times
+
+
+def profile_step(model, batch: int, prompt: int, row: dict, path: Path, steps: int = 8) -> None:
+    """Per-kernel times of one eager prefill and one eager decode step (the difference of a
+    run of ``steps`` + 1 tokens and of a run of 1 token, over ``steps``), written to ``path``
+    beside the row's measured (captured / compiled) times: the kernels' sum against the
+    measured step says how much of a step is kernels and which."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device="cpu").manual_seed(0)
+    vocab = model.config.vocab_size
+    ids = torch.randint(min(3, vocab - 1), vocab, (batch, prompt), generator=g).to(device)
+    decode_loop(model, ids, steps + 1, capture=False)  # warm-up (autotuning) off the profile
+    first = _kernel_times(lambda: decode_loop(model, ids, 1, capture=False))
+    full = _kernel_times(lambda: decode_loop(model, ids, steps + 1, capture=False))
+    names = sorted(set(first) | set(full))
+    per_step = {n: max(full.get(n, 0.0) - first.get(n, 0.0), 0.0) / steps for n in names}
+    kinds: dict[str, list[float]] = {}
+    for n in names:
+        k = kinds.setdefault(_kind(n), [0.0, 0.0])
+        k[0] += first.get(n, 0.0)
+        k[1] += per_step[n]
+    lines = [f"# Kernel times: {path.stem}", "",
+             f"Measured row: time to first token {row['ttft_ms']} ms, decode "
+             f"{row['decode_ms_per_step']} ms per step ({row['compile']}). Below: one eager "
+             f"prefill and one eager decode step (mean of {steps}), GPU time per kernel "
+             f"(torch.profiler).", "",
+             "| kind | prefill ms | decode us per step |", "|---|---|---|"]  # fmt: skip
+    for k, (pre, dec) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"| {k} | {pre / 1e3:.3f} | {dec:.1f} |")
+    lines.append(f"| **sum** | {sum(first.values()) / 1e3:.3f} | {sum(per_step.values()):.1f} |")
+    lines += ["", "| kernel | kind | prefill ms | decode us per step |", "|---|---|---|---|"]
+    top = sorted(names, key=lambda n: -(per_step[n] + first.get(n, 0.0) / 100))[:40]
+    for n in top:
+        short = n if len(n) <= 100 else n[:97] + "..."
+        lines.append(f"| `{short.replace('|', '/')}` | {_kind(n)} | "
+                     f"{first.get(n, 0.0) / 1e3:.3f} | {per_step[n]:.1f} |")  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}", flush=True)
 
 
 def _kernel_bytes(module) -> int:
