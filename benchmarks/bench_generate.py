@@ -251,10 +251,13 @@ def _rows(model, fields: dict, batches, prompts, new: int, device, env) -> list[
     return rows
 
 
-KINDS = (  # a kernel's kind from its name (first match): the profile's summary lines
+# a kernel's kind from its name (first match): the profile's summary lines. Attention first:
+# cuDNN's SDPA kernels are named "..._sdpa_sm80_flash_fprop_wmma_...", which the GEMM words
+# would catch (the H200 profiles of bbe9d36 counted their 455 us per step as GEMM)
+KINDS = (
+    ("attention", ("flash", "attention", "fmha", "sdpa", "softmax")),
     ("gemm", ("gemm", "matmul", "cutlass", "sm90_", "xmma", "cublas", "nvjet", "mma", "_mm_",
               "aten::mm", "addmm", "decode")),
-    ("attention", ("flash", "attention", "fmha", "sdpa", "softmax")),
     ("act quant / rotation", ("quant", "hadamard", "crossquant")),
 )
 
