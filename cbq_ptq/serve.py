@@ -238,8 +238,10 @@ def kernel_table(model: torch.nn.Module) -> dict[str, str]:
     """{layer: 'W4A8 kernel' or 'fake-quantized: <reason>'} of a model's quantized layers."""
     table = {}
     for name, m in model.named_modules():
-        if isinstance(m, KernelLinear):
+        if isinstance(m, KernelLinear) and not name.endswith(".group.fused"):
             table[name] = f"{m.kind} kernel"
+        elif isinstance(m, FusedMember):  # one GEMM with its block's siblings
+            table[name] = f"{m.group.fused.kind} kernel"
         elif isinstance(m, QLinear):
             reason = kind_error(m.settings, m.gs) or "not converted"
             table[name] = f"fake-quantized: {reason}"

@@ -74,9 +74,15 @@ def test_sampling_is_seeded(saved):
 
 def test_the_served_model_holds_no_full_precision_copy_of_a_quantized_weight(saved):
     path, _ = saved
+    from cbq_ptq.serve import FusedMember
+
     model, _, table = load_for_generation(path, "cpu")
+    fused = [n for n in table if isinstance(model.get_submodule(n), FusedMember)]
+    assert len(fused) == 25  # 5 blocks: q / k / v and gate / up fused (load_for_generation)
     for name in table:
         layer = model.get_submodule(name)
+        if isinstance(layer, FusedMember):  # the GEMM it shares with its block's siblings
+            layer = layer.group.fused
         tensors = list(layer.parameters()) + list(layer.buffers())
         w = layer.weight
         assert not any(t.numel() >= layer.in_features * layer.out_features for t in tensors)
