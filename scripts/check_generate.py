@@ -7,7 +7,18 @@
 2. the perplexity through the model that ``generate`` runs equals ``cbq eval --kernels``'s
    (the same forward: both load the kernels from the file).
 
-    python scripts/check_generate.py OUT/model [--device cuda] [--out check.json]
+Beside them, what says whether a failed greedy check is the kernels or the reference's own
+sensitivity (measured on the H200 at bbe9d36: the fp32 fake-quantized W4A8 SmolLM2 agreed
+with itself on the GPU vs the CPU in only 19 of 32 prompts):
+
+* ``reference_batch1_vs_batch8``: the reference's continuations generated one prompt at a
+  time against eight at a time (left padding changes only the rounding of the reductions);
+* ``teacher_forced_agreement``: both models read the reference's own continuation (prompt
+  plus 16 tokens, one prompt at a time) and their next-token argmaxes are compared at each of
+  the 16 positions: the share of positions where the two functions agree, without the cascade
+  of greedy decoding (one differing token changes everything after it).
+
+    python scripts/check_generate.py OUT/model [--device cuda] [--dtype float32] [--out check.json]
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cbq_ptq.data import load_text
 from cbq_ptq.evaluate import evaluate_perplexity
-from cbq_ptq.generate import generate, load_for_generation
+from cbq_ptq.generate import Generation, generate, load_for_generation
 
 
 def prompts(n: int = 32, words: int = 8) -> list[str]:
@@ -50,30 +61,63 @@ def cli_eval_kernels(model: str, device: str, windows: int) -> float:
     return float(line.split("perplexity ")[1].split()[0])
 
 
+def teacher_forced(models: list, tokenizer, texts: list[str], continuations: list[list[int]],
+                   tokens: int) -> list[int]:  # fmt: skip
+    """Per prompt, the positions (of the first ``tokens`` of its continuation) at which all
+    ``models``, reading prompt + continuation one prompt at a time, predict the same next
+    token (argmax)."""
+    counts = []
+    for text, cont in zip(texts, continuations, strict=True):
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cont = list(cont[:tokens])
+        preds = []
+        for model in models:
+            ids = torch.tensor([prompt + cont], device=next(model.parameters()).device)
+            first = len(prompt) - 1  # the logits that predict the continuation's tokens
+            with torch.inference_mode():
+                logits = model(input_ids=ids).logits[0, first : first + len(cont)]
+            preds.append(logits.argmax(-1).tolist())
+        counts.append(sum(len(set(column)) == 1 for column in zip(*preds, strict=True)))
+    return counts
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                   help="the kernels' model (default: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     texts = prompts(args.prompts)
-    kern, tok, table = load_for_generation(args.model, args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    kern, tok, table = load_for_generation(args.model, args.device, dtype=dtype)
     got = generate(kern, tok, texts, max_new_tokens=args.tokens, batch_size=8)
     fake, tok2, _ = load_for_generation(args.model, "cpu", kernels=False)  # fp32 reference
     want = generate(fake, tok2, texts, max_new_tokens=args.tokens, batch_size=8)
-    same = [a[: args.tokens] == b[: args.tokens] for a, b in zip(got.tokens, want.tokens,
-                                                                  strict=True)]  # fmt: skip
+    alone = generate(fake, tok2, texts, max_new_tokens=args.tokens, batch_size=1)
+
+    def equal(a: Generation, b: Generation) -> list[bool]:
+        return [x[: args.tokens] == y[: args.tokens] for x, y in zip(a.tokens, b.tokens,
+                                                                      strict=True)]  # fmt: skip
+
+    same = equal(got, want)
+    forced = teacher_forced([kern, fake], tok, texts, want.tokens, args.tokens)
     ppl_generate = evaluate_perplexity(kern, tok, "wikitext2", max_windows=args.eval_windows)
     ppl_cli = cli_eval_kernels(args.model, args.device, args.eval_windows)
     result = {
         "model": args.model, "device": args.device,
+        "dtype": str(next(kern.parameters()).dtype).removeprefix("torch."),
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "layers": sorted(set(table.values())),
         "prompts": len(texts), "tokens": args.tokens, "equal_prompts": sum(same),
         "greedy_check": sum(same) >= len(texts) - 2,
+        "reference_batch1_vs_batch8": sum(equal(alone, want)),
+        "teacher_forced_agreement": sum(forced) / sum(min(len(c), args.tokens)
+                                                      for c in want.tokens),
         "ppl_through_generate_model": ppl_generate["ppl"],
         "ppl_cbq_eval_kernels": ppl_cli,
         "ppl_equal": abs(ppl_generate["ppl"] - ppl_cli) <= 5e-4 * ppl_cli,
