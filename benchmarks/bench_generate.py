@@ -257,7 +257,7 @@ def _rows(model, fields: dict, batches, prompts, new: int, device, env) -> list[
 KINDS = (
     ("attention", ("flash", "attention", "fmha", "sdpa", "softmax")),
     ("gemm", ("gemm", "matmul", "cutlass", "sm90_", "xmma", "cublas", "nvjet", "mma", "_mm_",
-              "aten::mm", "addmm", "decode")),
+              "aten::mm", "addmm", "decode", "dequantize")),  # the CPU path's weight unpack
     ("act quant / rotation", ("quant", "hadamard", "crossquant")),
 )
 

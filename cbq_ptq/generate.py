@@ -132,11 +132,12 @@ def decode_loop(model, input_ids: torch.Tensor, new_tokens: int,
 
     ``compile``: the step's forward through ``torch.compile(model, dynamic=False)`` (its
     norms, rotary and elementwise ops fused by inductor; the GEMMs stay the registered cbq
-    ops), compiled in the warm-up and captured like the eager one: the ~3.4 ms per 7B bf16
-    step that is not GEMMs is what it aims at: measured on the H200 (bbe9d36, 7B-shaped, batch
-    1) 5.05 against 7.03 ms per bf16 step and 3.49 against 5.50 for W4A16 g128; off by default
-    because the compilation takes about a minute per model and batch shape. Not yet measured
-    with fused projections (:func:`cbq_ptq.serve.fuse_projections`)."""
+    ops), compiled in the warm-up and captured like the eager one: the ~2 ms of small
+    elementwise kernels of every 7B step (profiled at bbe9d36) is what it aims at. Measured on
+    the H200 (bbe9d36, 7B-shaped, batch 1): 5.05 against 7.03 ms per bf16 step, 3.49 against
+    5.50 for W4A16 g128; off by default because the compilation takes about a minute per
+    model and batch shape. Not yet measured with fused projections
+    (:func:`cbq_ptq.serve.fuse_projections`)."""
     from transformers import StaticCache
 
     device = input_ids.device
