@@ -106,13 +106,18 @@ case $stage in
     fi
     sleep 60; cat $table/driver_*.log; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
     tail -3 $table/*.log | head -60 ;;
-  gencheck)  # issue 14 on the models of CBQ_GENMODEL (start): greedy continuations and the
-    # perplexity through generate's model (scripts/check_generate.py), then generation speed
+  gencheck)  # issue 14 on the models of CBQ_GENMODEL (start; e.g. "W4A16 W4A8": weight-only
+    # kernels have no activation codes to flip): greedy continuations, teacher-forced
+    # agreement and the perplexity through generate's model (scripts/check_generate.py),
+    # then generation speed
     for s in ${CBQ_GENMODEL:-W4A8}; do
       tail -3 $table/genmodel_$s.log
       python3 scripts/check_generate.py /tmp/gen_$s/model --out "$out/check_generate_$s.json" \
         2>&1 | grep -v Warning | tail -12
+      # the captured loop (what cbq generate runs): the default "auto" mode compiles
+      # generate()'s step for each setting (~2 min), which the 200-s call of bbe9d36 cut short
       CBQ_GEN_MODELS=none CBQ_GEN_BATCHES=${CBQ_GEN_BATCHES:-1,8} CBQ_GEN_PROMPTS=512 \
+        CBQ_GEN_COMPILE=${CBQ_GEN_COMPILE:-graph} \
         CBQ_GEN_NEW=${CBQ_GEN_NEW:-128} python3 benchmarks/bench_generate.py --saved \
         /tmp/gen_$s/model --out "$out/gen_$s" 2>&1 | grep -v Warning | cut -c1-300 | tail -6
     done ;;
