@@ -95,10 +95,15 @@ def env_names(p: argparse.ArgumentParser, name: str, default: list[str],
     return names
 
 
-def measure(model, batch: int, prompt: int, new: int, device: torch.device) -> dict:
+def prompt_ids(model, batch: int, prompt: int, device: torch.device) -> torch.Tensor:
+    """(batch, prompt) seeded random token ids: the prompts of every measurement."""
     g = torch.Generator(device="cpu").manual_seed(0)
     vocab = model.config.vocab_size
-    ids = torch.randint(min(3, vocab - 1), vocab, (batch, prompt), generator=g).to(device)
+    return torch.randint(min(3, vocab - 1), vocab, (batch, prompt), generator=g).to(device)
+
+
+def measure(model, batch: int, prompt: int, new: int, device: torch.device) -> dict:
+    ids = prompt_ids(model, batch, prompt, device)
     options = {"do_sample": False, "max_new_tokens": new, "min_new_tokens": new,
                "use_cache": True, "cache_implementation": "static", "pad_token_id": 0,
                "temperature": None, "top_p": None, "top_k": None,
@@ -296,10 +301,7 @@ def profile_step(model, batch: int, prompt: int, row: dict, path: Path, steps: i
     run of ``steps`` + 1 tokens and of a run of 1 token, over ``steps``), written to ``path``
     beside the row's measured (captured / compiled) times: the kernels' sum against the
     measured step says how much of a step is kernels and which."""
-    device = next(model.parameters()).device
-    g = torch.Generator(device="cpu").manual_seed(0)
-    vocab = model.config.vocab_size
-    ids = torch.randint(min(3, vocab - 1), vocab, (batch, prompt), generator=g).to(device)
+    ids = prompt_ids(model, batch, prompt, next(model.parameters()).device)
     decode_loop(model, ids, steps + 1, capture=False)  # warm-up (autotuning) off the profile
     first = _kernel_times(lambda: decode_loop(model, ids, 1, capture=False))
     full = _kernel_times(lambda: decode_loop(model, ids, steps + 1, capture=False))

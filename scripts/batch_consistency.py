@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cbq_ptq.generate import generate, load_for_generation
-from scripts.check_generate import prompts
+from scripts.check_generate import first_difference, prompts
 
 
 def main() -> int:
@@ -45,14 +45,8 @@ def main() -> int:
     texts = prompts(args.prompts)
     runs = {b: generate(model, tok, texts, max_new_tokens=args.tokens, batch_size=b).tokens
             for b in (1, 8)}  # fmt: skip
-    def first_difference(a: list[int], b: list[int]) -> int:
-        a, b = a[: args.tokens], b[: args.tokens]  # cut at an end-of-sequence token: shorter
-        if a == b:
-            return args.tokens
-        return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
-                    min(len(a), len(b)))  # fmt: skip
-
-    first = [first_difference(a, b) for a, b in zip(runs[1], runs[8], strict=True)]
+    first = [first_difference(a, b, args.tokens) for a, b in zip(runs[1], runs[8],
+                                                                  strict=True)]  # fmt: skip
     print(json.dumps({"model": args.model, "kernels": args.kernels, "device": args.device,
                       "dtype": args.dtype, "prompts": len(texts), "tokens": args.tokens,
                       "equal_batch1_vs_batch8": sum(f == args.tokens for f in first),

@@ -61,6 +61,16 @@ def cli_eval_kernels(model: str, device: str, windows: int) -> float:
     return float(line.split("perplexity ")[1].split()[0])
 
 
+def first_difference(a: list[int], b: list[int], tokens: int) -> int:
+    """The first of the first ``tokens`` positions where two continuations differ (a shorter
+    one, cut at its end-of-sequence token, differs where it ends); ``tokens`` if equal."""
+    a, b = a[:tokens], b[:tokens]
+    if a == b:
+        return tokens
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))  # fmt: skip
+
+
 def teacher_forced(models: list, tokenizer, texts: list[str], continuations: list[list[int]],
                    tokens: int) -> list[int]:  # fmt: skip
     """Per prompt, the positions (of the first ``tokens`` of its continuation) at which all
@@ -101,8 +111,8 @@ def main() -> int:
     alone = generate(fake, tok2, texts, max_new_tokens=args.tokens, batch_size=1)
 
     def equal(a: Generation, b: Generation) -> list[bool]:
-        return [x[: args.tokens] == y[: args.tokens] for x, y in zip(a.tokens, b.tokens,
-                                                                      strict=True)]  # fmt: skip
+        return [first_difference(x, y, args.tokens) == args.tokens
+                for x, y in zip(a.tokens, b.tokens, strict=True)]  # fmt: skip
 
     same = equal(got, want)
     forced = teacher_forced([kern, fake], tok, texts, want.tokens, args.tokens)
