@@ -1,8 +1,10 @@
 """Online Hadamard rotation fused with per-token activation quantization (issue 15), bf16 in:
-SmolLM2's down_proj width 1536 = 12 x 128 and Llama-2's 11008 = 344 x 32 and 28672 = 28 x
-1024, 8192 tokens (target: >= 80% of the copy bandwidth). Providers: the fused kernel
-(cbq_kernels.hadamard_quant; widths it does not take run the composition), the composition
-(the transform, then act_quant), act_quant alone (the cost without rotation).
+SmolLM2's down_proj width 1536 = 12 x 128, a power of two (4096), Llama-2's 11008 = 344 x 32
+and 28672 = 28 x 1024, 8192 tokens (target: >= 80% of the copy bandwidth). Providers: the
+fused kernel (cbq_kernels.hadamard_quant; widths it does not take run the composition), the
+composition (the transform, then act_quant), act_quant alone (the cost without rotation);
+then, int8 codes, the fused kernel at other rows per program / warps than its default
+(``fused R=rows w=warps``: where the default came from).
 
     python benchmarks/bench_hadamard.py --out benchmarks/results/h200
 """
@@ -19,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import Environment, Table, bench, cli, write_report
 from cbq_kernels import hadamard
 from cbq_kernels.act_quant import act_quant
-from cbq_kernels.hadamard_quant import _fits, hadamard_act_quant
+from cbq_kernels.hadamard_quant import _config, _fits, _launch, _tile, hadamard_act_quant
 
 
 def main() -> None:
@@ -28,7 +30,7 @@ def main() -> None:
     table = Table(Environment.detect())
     t = 8192
     notes = []
-    for n in (1536, 11008, 28672):
+    for n in (1536, 4096, 11008, 28672):
         x = (torch.randn(t, n, device="cuda") * 2).to(torch.bfloat16)
         dst = torch.empty_like(x)
         copy_t = bench(lambda x=x, dst=dst: dst.copy_(x))
@@ -48,14 +50,37 @@ def main() -> None:
             )
             table.add(name, "transform_then_act_quant", shape, "bf16", comp, nbytes=nbytes,
                       copy_gbps=copy_gbps)  # fmt: skip
-            fused = bench(lambda x=x, b=bits, s=signs: hadamard_act_quant(x, b, s))
+            try:
+                fused = bench(lambda x=x, b=bits, s=signs: hadamard_act_quant(x, b, s))
+            except Exception as err:  # e.g. out of shared memory at a width: noted, not fatal
+                notes.append(f"- {n}, int{bits}: the fused op failed: {str(err)[:160]}")
+                continue
             table.add(name, "fused" if _fits(n) else "fused_api_composition", shape, "bf16",
                       fused, nbytes=nbytes, copy_gbps=copy_gbps, baseline=comp,
                       baseline_name="transform_then_act_quant")  # fmt: skip
-        if not _fits(n):
-            notes.append(f"- width {n}: outside the fused kernel's tile (n <= 16384, padded "
-                         "small factor <= 64): the API runs hadamard.transform_matmul (matrix "
-                         "products) then act_quant; transform_then_act_quant is the "
+        if _fits(n):  # the sweep of the launch configuration (int8 codes)
+            m_pad, p1, p2 = _tile(n)
+            nbytes = x.numel() * 3 + t * 4
+            default = _config(m_pad * p1 * p2)
+            for rows in (1, 2, 4, 8, 16):
+                elems = rows * m_pad * p1 * p2
+                for warps in (4, 8) if elems <= 8192 else (8, 16):
+                    if not 2048 <= elems <= 32768 or (rows, warps) == default:
+                        continue
+                    try:
+                        tm = bench(lambda x=x, s=signs, r=rows, w=warps:
+                                   _launch(x, 8, s, 1.0, r, w))  # fmt: skip
+                    except Exception as err:  # e.g. out of shared memory: noted, not fatal
+                        notes.append(f"- {n}: fused R={rows} w={warps} failed: {str(err)[:120]}")
+                        continue
+                    table.add("hadamard_int8", f"fused R={rows} w={warps}", shape, "bf16", tm,
+                              nbytes=nbytes, copy_gbps=copy_gbps)  # fmt: skip
+            notes.append(f"- {n}: tile (m_pad, p1, p2) = {(m_pad, p1, p2)}, default (rows per "
+                         f"program, warps) = {default}")
+        else:
+            notes.append(f"- width {n}: outside the fused kernel's tile (padded small factor <= "
+                         "64, m_pad x 2^j <= 32768): the API runs hadamard.transform_matmul "
+                         "(matrix products) then act_quant; transform_then_act_quant is the "
                          "butterfly reference")  # fmt: skip
     columns = ("op", "provider", "shape", "p50_ms", "gbps", "frac_copy_bw", "speedup")
     print(write_report(table, out, "bench_hadamard", "Online Hadamard + activation quantization",

@@ -3,18 +3,27 @@
 randomised Hadamard matrix, cbq_kernels.hadamard), in one pass over x (issue 15: R4 on the
 down_proj input of a rotated model).
 
-The kernel holds one token's row as an (m, 2^j) tile (n = m 2^j, m padded to a power of two):
-the fast Walsh-Hadamard transform runs along the 2^j axis in j butterfly stages (reshape,
-split, join: the same additions in the same order as :func:`cbq_kernels.hadamard.transform`,
-so bit-identical), the small factor H_m is one ``tl.dot`` (fp32, IEEE), then the per-token
-quantization of :mod:`cbq_kernels.act_quant` (same step, same rounding) writes int8 codes or
-packed int4 words and the fp32 scale.
+H_n = H_m (x) H_p (n = m p, p = 2^j, m = 1 or a Paley order; cbq_kernels.hadamard.factor),
+and H_p = H_p1 (x) H_p2 (Sylvester's matrices, p1 = 1 or 2^floor(j/2), p2 the rest). A
+program holds R rows, each as an (m_pad, p1, p2) tile, and contracts one axis at a time on
+the tensor cores: ``tl.dot`` of the tile, reshaped to (rows, 16..128), with the +-1 factor
+(p2, then p1 after a permute, then the small factor m). The butterflies of the reference
+(log2 p passes, each a reshape and permute of the tile) ran at 10% of the copy bandwidth
+at 8192 x 1536 on the H200 (benchmarks/results/h200/bench_hadamard_ed30008.md).
 
-Exactness against the reference (:func:`hadamard_act_quant_ref`, the transform in fp32 then
-:func:`cbq_kernels.act_quant.act_quant_ref`): for n a power of two the codes are equal bit for
-bit; with a small factor the dot product adds its m terms in another order than PyTorch's
-matmul, so a code may differ by one level where x R lies within an ulp of a rounding boundary
-(the tests bound how many).
+Precision: each operand is an fp16 pair, hi = fp16(a) and lo = fp16(a - hi) (22 significant
+bits), and the products with +-1 are exact, summed in fp32 by the MMA. A row is scaled by a
+power of two first so that |x| < 1/4 and no partial sum leaves fp16's range (n <= 32768);
+the scaling is undone exactly at the end. A bf16 input is exact in one fp16 part (its first
+product takes one MMA, not two). The per-token quantization of :mod:`cbq_kernels.act_quant`
+(same step, same rounding) then writes int8 codes or packed int4 words and the fp32 scale.
+
+Exactness against the reference (:func:`hadamard_act_quant_ref`, the fp32 butterflies then
+:func:`cbq_kernels.act_quant.act_quant_ref`): the MMA adds the terms in another order (and
+the lo parts carry 2^-22 of each value), so a scale can differ in its last bits and a code
+by one level where x R lies within ~1e-6 of a rounding boundary (the tests bound how many).
+Widths the tile does not take (m_pad > 64, p < 16, m_pad p > 32768: e.g. 11008 = 344 x 32)
+run the composition: the transform as matrix products, then act_quant.
 """
 
 from __future__ import annotations
@@ -33,40 +42,72 @@ from cbq_kernels.formats import packed_words
 
 __all__ = ["hadamard_act_quant", "hadamard_act_quant_ref"]
 
-_MAX_N = 16384  # one row in registers
+_MAX_TILE = 32768  # m_pad x p elements of one row in a program (28672 = 28 x 1024 fits)
 _MAX_M_PAD = 64  # the small factor's tile (m padded) for tl.dot
+_MAX_FACTOR = 128  # largest Sylvester factor of one tl.dot
+_ROWS_TILE = 8192  # rows per program: R = _ROWS_TILE // (m_pad p), at most 16
 
 
 @triton.jit
-def _hadamard_quant_kernel(x_ptr, sg_ptr, a_ptr, q_ptr, s_ptr, N, M, ratio, P, inv_sqrt_n,
-                           BITS: tl.constexpr, M_PAD: tl.constexpr, PP: tl.constexpr,
-                           LOGP: tl.constexpr, SMALL: tl.constexpr,
-                           PER_WORD: tl.constexpr):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    i = tl.arange(0, M_PAD)[:, None]
-    j = tl.arange(0, PP)[None, :]
-    idx = i * PP + j  # position in the row: block i of the small factor, element j
-    live = (i < M) & (j < PP)
-    x = tl.load(x_ptr + row * N + idx, mask=live, other=0.0).to(tl.float32)
-    x = x * tl.load(sg_ptr + idx, mask=live, other=0.0)
-    # butterflies at distance 2^stage along j (no named constexpr in the loop: the compiler,
-    # unlike the interpreter, refuses to reassign one: "h is already defined")
-    for stage in tl.static_range(LOGP):
-        y = tl.permute(tl.reshape(x, (M_PAD, PP // (2 << stage), 2, 1 << stage)), (0, 1, 3, 2))
-        a, b = tl.split(y)
-        y = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
-        x = tl.reshape(y, (M_PAD, PP))
-    if SMALL:  # Y = A^T X with the m x m factor A (rows / columns >= m are zero)
-        kk = tl.arange(0, M_PAD)[:, None]
-        ii = tl.arange(0, M_PAD)[None, :]
-        at = tl.load(a_ptr + ii * M + kk, mask=(kk < M) & (ii < M), other=0.0)
-        x = tl.dot(at, x, input_precision="ieee")
-    y = tl.reshape(x * inv_sqrt_n, (M_PAD * PP,))
-    m = tl.arange(0, M_PAD * PP) < N
+def _dot_pair(a, h, TWO: tl.constexpr):
+    """a @ h for fp32 a (|a| in fp16's range) and an fp16 +-1 matrix h: a as fp16 hi + lo
+    (one part when TWO is false: a is exact in fp16), exact products summed in fp32."""
+    hi = a.to(tl.float16)
+    acc = tl.dot(hi, h, out_dtype=tl.float32)
+    if TWO:
+        acc = tl.dot((a - hi.to(tl.float32)).to(tl.float16), h, acc)
+    return acc
+
+
+@triton.jit
+def _sylvester_tile(h_ptr, F: tl.constexpr):
+    i = tl.arange(0, F)
+    return tl.load(h_ptr + i[:, None] * F + i[None, :])
+
+
+@triton.jit
+def _hadamard_quant_kernel(x_ptr, sg_ptr, a_ptr, h1_ptr, h2_ptr, q_ptr, s_ptr, T, N, M, ratio,
+                           P, inv_sqrt_n, BITS: tl.constexpr, R: tl.constexpr,
+                           MP: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                           EXACT_IN: tl.constexpr, PER_WORD: tl.constexpr):  # fmt: skip
+    W: tl.constexpr = MP * P1 * P2
+    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    col = tl.arange(0, W)  # i * p + j1 * p2 + j2: block i of the small factor, element j
+    live = col < N  # i < m
+    row_ok = rows < T
+    m = row_ok[:, None] & live[None, :]
+    x = tl.load(x_ptr + rows[:, None] * N + col[None, :], mask=m, other=0.0).to(tl.float32)
+    x = x * tl.load(sg_ptr + col, mask=live, other=0.0)[None, :]
+    # a power of two e per row with |x e| < 1/4: every partial sum (at most n terms) stays
+    # inside fp16's range; e = 2^-(E + 3) for max |x| in [2^E, 2^(E + 1)), built from the bits
+    ebits = (tl.max(tl.abs(x), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF
+    e = (tl.minimum(tl.maximum(251 - ebits, 1), 254) << 23).to(tl.float32, bitcast=True)
+    y = tl.reshape(x * e[:, None], (R * MP * P1, P2))
+    y = _dot_pair(y, _sylvester_tile(h2_ptr, P2), not EXACT_IN)  # contract j2
+    if P1 > 1:  # contract j1: (R, MP, P1, P2) -> (R, MP, P2, P1)
+        y = tl.permute(tl.reshape(y, (R * MP, P1, P2)), (0, 2, 1))
+        y = _dot_pair(tl.reshape(y, (R * MP * P2, P1)), _sylvester_tile(h1_ptr, P1), True)
+        y = tl.reshape(y, (R, MP, P2, P1))
+        if MP > 1:  # contract i (A^T X; rows / columns >= m of A are zero)
+            y = tl.reshape(tl.permute(y, (0, 2, 3, 1)), (R * P2 * P1, MP))
+            ii = tl.arange(0, MP)
+            a = tl.load(a_ptr + ii[:, None] * M + ii[None, :],
+                        mask=(ii[:, None] < M) & (ii[None, :] < M), other=0.0)
+            y = tl.permute(tl.reshape(_dot_pair(y, a, True), (R, P2, P1, MP)), (0, 3, 2, 1))
+        else:
+            y = tl.permute(y, (0, 1, 3, 2))
+    elif MP > 1:
+        y = tl.reshape(tl.permute(tl.reshape(y, (R, MP, P2)), (0, 2, 1)), (R * P2, MP))
+        ii = tl.arange(0, MP)
+        a = tl.load(a_ptr + ii[:, None] * M + ii[None, :],
+                    mask=(ii[:, None] < M) & (ii[None, :] < M), other=0.0)
+        y = tl.permute(tl.reshape(_dot_pair(y, a, True), (R, P2, MP)), (0, 2, 1))
+    y = tl.reshape(y, (R, W)) * (inv_sqrt_n / e)[:, None]
     # the per-token quantizer of cbq_kernels.act_quant (plain: no factors, alpha = 1)
-    s = _act_step(tl.max(tl.abs(y), axis=0), ratio, P)
-    tl.store(s_ptr + row, s)
-    _round_store(y * tl.math.div_rn(1.0, s), m, row, N, P, q_ptr, BITS, PER_WORD, M_PAD * PP)
+    s = _act_step(tl.max(tl.abs(y), axis=1), ratio, P)
+    tl.store(s_ptr + rows, s, mask=row_ok)
+    _round_store(y * tl.math.div_rn(1.0, s)[:, None], m, rows, row_ok, N, P, q_ptr, BITS,
+                 PER_WORD, W)
 
 
 def _check(x, bits, signs, clip_ratio) -> None:
@@ -84,39 +125,69 @@ def _check(x, bits, signs, clip_ratio) -> None:
         raise ValueError(f"signs is on {signs.device} but x is on {x.device}")
 
 
+def _tile(n: int) -> tuple[int, int, int] | None:
+    """(m_pad, p1, p2) of the fused kernel's row tile for width n, or None where the kernel
+    does not take n (then the transform, then act_quant)."""
+    m, p = hadamard.factor(n)
+    m_pad = 1 if m == 1 else max(16, triton.next_power_of_2(m))
+    j = p.bit_length() - 1
+    p1, p2 = (1, p) if j <= 7 else (1 << (j // 2), 1 << (j - j // 2))
+    if m_pad > _MAX_M_PAD or p2 < 16 or p2 > _MAX_FACTOR or m_pad * p > _MAX_TILE:
+        return None
+    return m_pad, p1, p2
+
+
 def _fits(n: int) -> bool:
     """Whether the fused kernel takes width n (else: the transform, then act_quant)."""
-    m, p = hadamard.factor(n)
-    return n <= _MAX_N and (m == 1 or (triton.next_power_of_2(m) <= _MAX_M_PAD and p >= 16))
+    return _tile(n) is not None
+
+
+def _launch(x: Tensor, bits: int, signs: Tensor, clip_ratio: float, rows: int | None = None,
+            warps: int | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The fused kernel on (T, N) x; rows per program and warps default to :func:`_config`
+    (the benchmark passes others to sweep them)."""
+    t, n = x.shape
+    m, _ = hadamard.factor(n)
+    tile = _tile(n)
+    assert tile is not None and n % 4 == 0
+    m_pad, p1, p2 = tile
+    d_rows, d_warps = _config(m_pad * p1 * p2)
+    rows, warps = rows or d_rows, warps or d_warps
+    shape = (t, n) if bits == 8 else (t, packed_words(n, 4))
+    codes = torch.empty(shape, dtype=torch.int8 if bits == 8 else torch.int32, device=x.device)
+    scales = torch.empty(t, dtype=torch.float32, device=x.device)
+    if t:
+        dev, f16 = x.device, torch.float16
+        small = hadamard._small_tensor(m, dev, f16) if m > 1 else signs
+        h1 = hadamard._sylvester_tensor(p1, dev, f16)
+        h2 = hadamard._sylvester_tensor(p2, dev, f16)
+        out = codes.view(torch.int32) if bits == 8 else codes
+        _hadamard_quant_kernel[(triton.cdiv(t, rows),)](
+            x.contiguous(), signs.float().contiguous(), small, h1, h2, out, scales, t, n, m,
+            float(clip_ratio), float((1 << (bits - 1)) - 1), 1.0 / math.sqrt(n),
+            BITS=bits, R=rows, MP=m_pad, P1=p1, P2=p2, EXACT_IN=x.dtype == torch.bfloat16,
+            PER_WORD=4 if bits == 8 else 8, num_warps=warps, enable_fp_fusion=False,
+        )  # fmt: skip
+    return codes, scales
+
+
+def _config(tile: int) -> tuple[int, int]:
+    """(rows per program, warps) for a row tile of `tile` elements: ~_ROWS_TILE elements per
+    program (the +-1 factors are read once per program from L2), 4 warps per 4096."""
+    rows = max(1, min(16, _ROWS_TILE // tile))
+    return rows, max(4, min(16, rows * tile // 1024))
 
 
 def _impl(x: Tensor, bits: int, signs: Tensor, clip_ratio: float) -> tuple[Tensor, Tensor]:
     _check(x, bits, signs, clip_ratio)
-    if not use_triton(_hadamard_quant_kernel, x.device) or not _fits(x.shape[1]):
+    n = x.shape[1]
+    if not use_triton(_hadamard_quant_kernel, x.device) or not _fits(n) or n % 4:
         if x.device.type != "cpu":  # the composition of the two kernels on the GPU
             from cbq_kernels.act_quant import act_quant
 
             return act_quant(hadamard.apply(x.float(), signs), bits, clip_ratio=clip_ratio)
         return hadamard_act_quant_ref(x, bits, signs, clip_ratio)
-    t, n = x.shape
-    m, p = hadamard.factor(n)
-    m_pad = max(16, triton.next_power_of_2(m)) if m > 1 else 1
-    shape = (t, n) if bits == 8 else (t, packed_words(n, 4))
-    codes = torch.empty(shape, dtype=torch.int8 if bits == 8 else torch.int32, device=x.device)
-    scales = torch.empty(t, dtype=torch.float32, device=x.device)
-    if t and n % 4 == 0:
-        small = hadamard._small_tensor(m, x.device, torch.float32) if m > 1 else signs
-        out = codes.view(torch.int32) if bits == 8 else codes
-        _hadamard_quant_kernel[(t,)](
-            x.contiguous(), signs.float().contiguous(), small, out, scales, n, m,
-            float(clip_ratio), float((1 << (bits - 1)) - 1), 1.0 / math.sqrt(n),
-            BITS=bits, M_PAD=m_pad, PP=p, LOGP=p.bit_length() - 1, SMALL=m > 1,
-            PER_WORD=4 if bits == 8 else 8, num_warps=min(16, max(1, m_pad * p // 512)),
-            enable_fp_fusion=False,
-        )  # fmt: skip
-    elif t:
-        return hadamard_act_quant_ref(x, bits, signs, clip_ratio)
-    return codes, scales
+    return _launch(x, bits, signs, clip_ratio)
 
 
 _op = torch.library.custom_op("cbq::hadamard_act_quant", mutates_args=())(_impl)

@@ -17,28 +17,51 @@ def data(t, n, seed=0, dtype=torch.float32):
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("n", [16, 64, 256])
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_power_of_two_widths_are_bit_exact(n, bits, dtype):
-    x = data(5, n, seed=n, dtype=dtype)
-    signs = hadamard.random_signs(n, seed=1)
-    codes, scales = hadamard_act_quant(x, bits, signs, clip_ratio=0.9)
-    want_codes, want_scales = hadamard_act_quant_ref(x, bits, signs, 0.9)
-    assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
-
-
-@pytest.mark.parametrize(("n", "bits"), [(192, 8), (192, 4), (320, 8), (576, 4)])  # m = 12, 20, 36
-def test_widths_with_a_small_factor_differ_by_at_most_one_level_rarely(n, bits):
-    x = data(6, n, seed=n)
-    signs = hadamard.random_signs(n, seed=2)
-    codes, scales = hadamard_act_quant(x, bits, signs)
-    want_codes, want_scales = hadamard_act_quant_ref(x, bits, signs)
-    torch.testing.assert_close(scales, want_scales, rtol=1e-6, atol=0)
+def assert_near(codes, scales, want_codes, want_scales, bits, n):
+    """The kernel's contract (module docstring of cbq_kernels.hadamard_quant): the MMA adds in
+    another order than the fp32 butterflies, so scales agree to ~1e-6 and a code differs by
+    one level rarely (within ~1e-6 of a rounding boundary). A scale is one row maximum of
+    sums of n fp32 terms added in two orders: 1.06e-6 apart at n = 256 (measured), so 1e-5."""
+    torch.testing.assert_close(scales, want_scales, rtol=1e-5, atol=0)
     q = codes.long() if bits == 8 else unpack(codes, 4, n).long()
     qw = want_codes.long() if bits == 8 else unpack(want_codes, 4, n).long()
     diff = (q - qw).abs()
     assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= max(2, q.numel() // 500)
+
+
+# powers of two: one Sylvester factor (16, 64), two (256 = 16 x 16, 1024 = 32 x 32)
+@pytest.mark.parametrize("n", [16, 64, 256, 1024])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_power_of_two_widths_match_the_reference(n, bits, dtype):
+    x = data(5, n, seed=n, dtype=dtype)
+    signs = hadamard.random_signs(n, seed=1)
+    codes, scales = hadamard_act_quant(x, bits, signs, clip_ratio=0.9)
+    assert_near(codes, scales, *hadamard_act_quant_ref(x, bits, signs, 0.9), bits, n)
+
+
+# m = 12, 20, 36 with one Sylvester factor; 12 x 256 and 28 x 256 with two (rows: 19 is not a
+# multiple of the rows per program)
+@pytest.mark.parametrize(("n", "bits", "t"),
+                         [(192, 8, 6), (192, 4, 6), (320, 8, 19), (576, 4, 6), (3072, 8, 3),
+                          (7168, 4, 2)])  # fmt: skip
+def test_widths_with_a_small_factor_differ_by_at_most_one_level_rarely(n, bits, t):
+    x = data(t, n, seed=n)
+    signs = hadamard.random_signs(n, seed=2)
+    codes, scales = hadamard_act_quant(x, bits, signs)
+    assert_near(codes, scales, *hadamard_act_quant_ref(x, bits, signs), bits, n)
+
+
+def test_large_and_zero_rows_keep_their_scale():
+    """The power-of-two row scaling of the kernel: rows of ~1e30, ~1e-30 and zeros."""
+    n = 256
+    x = data(4, n, seed=5)
+    x[0] *= 1e30
+    x[1] *= 1e-30
+    x[2] = 0
+    signs = hadamard.random_signs(n, seed=3)
+    codes, scales = hadamard_act_quant(x, 8, signs)
+    assert_near(codes, scales, *hadamard_act_quant_ref(x, 8, signs), 8, n)
 
 
 def test_the_rotation_spreads_an_outlier_channel():
