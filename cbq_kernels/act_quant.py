@@ -48,17 +48,21 @@ def _act_step(r, ratio, P):
 
 
 @triton.jit
-def _round_store(u, m, rows, row_ok, K, P, q_ptr, BITS: tl.constexpr, PER_WORD: tl.constexpr,
-                 BLOCK_K: tl.constexpr):  # fmt: skip
-    """Round y / s (u, (R, BLOCK_K), lanes m valid) to codes in [-P - 1, P] and store rows
-    ``rows`` ((R,) int64; those with row_ok) of them: int8 bytes, or whole int32 words (4 int8
-    codes, or 8 int4 codes offset by 8). One row per program here, several in the fused
-    Hadamard kernel (cbq_kernels.hadamard_quant)."""
+def _round(u, P):
+    """Codes in [-P - 1, P] of y / s (round half to even, as torch.round)."""
     u = tl.minimum(tl.maximum(u, -4194304.0), 4194304.0)  # keeps the rounding trick valid
-    q = tl.minimum(tl.maximum((u + 12582912.0) - 12582912.0, -P - 1.0), P)
+    return tl.minimum(tl.maximum((u + 12582912.0) - 12582912.0, -P - 1.0), P)
+
+
+@triton.jit
+def _round_store(u, m, row, K, P, q_ptr, BITS: tl.constexpr, PER_WORD: tl.constexpr,
+                 BLOCK_K: tl.constexpr):  # fmt: skip
+    """Round y / s (u, (BLOCK_K,), lanes m valid) to codes in [-P - 1, P] and store row ``row``
+    of them: int8 bytes, or whole int32 words (4 int8 codes, or 8 int4 codes offset by 8)."""
+    q = _round(u, P)
     if BITS == 8 and K % 4 != 0:
         k = tl.arange(0, BLOCK_K)
-        tl.store(q_ptr + rows[:, None] * K + k[None, :], q.to(tl.int32).to(tl.int8), mask=m)
+        tl.store(q_ptr + row * K + k, q.to(tl.int32).to(tl.int8), mask=m)
     else:
         # Whole int32 words: 4 int8 codes (two's complement bytes) or 8 int4 codes (offset by
         # 8), code j of a word at bit CODE_BITS * j, little endian; padding codes are 0.
@@ -66,13 +70,34 @@ def _round_store(u, m, rows, row_ok, K, P, q_ptr, BITS: tl.constexpr, PER_WORD: 
             code = q.to(tl.int32) & 0xFF
         else:
             code = tl.where(m, q.to(tl.int32) + 8, 0)
-        words = tl.reshape(code, (u.shape[0], BLOCK_K // PER_WORD, PER_WORD))
+        words = tl.reshape(code, (BLOCK_K // PER_WORD, PER_WORD))
         shifts = tl.arange(0, PER_WORD) * (32 // PER_WORD)
-        packed = tl.sum(words << shifts[None, None, :], axis=2)  # disjoint bits: sum == or
+        packed = tl.sum(words << shifts[None, :], axis=1)  # disjoint bits: sum == or
         n_words = (K + PER_WORD - 1) // PER_WORD
         w_idx = tl.arange(0, BLOCK_K // PER_WORD)
-        tl.store(q_ptr + rows[:, None] * n_words + w_idx[None, :], packed,
-                 mask=row_ok[:, None] & (w_idx < n_words)[None, :])
+        tl.store(q_ptr + row * n_words + w_idx, packed, mask=w_idx < n_words)
+
+
+@triton.jit
+def _round_store_rows(u, m, rows, row_ok, K, P, q_ptr, BITS: tl.constexpr,
+                      PER_WORD: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """:func:`_round_store` for a block of rows (u, m: (R, BLOCK_K); rows: (R,) int64, those
+    with row_ok stored), K a multiple of 4 (whole words): the fused Hadamard kernel's store.
+    (The one-row form stays separate: with its row as a (1, BLOCK_K) block the act_quant
+    kernel took 0.166 ms at 8192 x 11008 int8 on the H200 (2d9c58b) against 0.120 ms in its
+    one-row form (ed30008), two runs of benchmarks/bench_hadamard.py.)"""
+    q = _round(u, P)
+    if BITS == 8:
+        code = q.to(tl.int32) & 0xFF
+    else:
+        code = tl.where(m, q.to(tl.int32) + 8, 0)
+    words = tl.reshape(code, (u.shape[0], BLOCK_K // PER_WORD, PER_WORD))
+    shifts = tl.arange(0, PER_WORD) * (32 // PER_WORD)
+    packed = tl.sum(words << shifts[None, None, :], axis=2)  # disjoint bits: sum == or
+    n_words = (K + PER_WORD - 1) // PER_WORD
+    w_idx = tl.arange(0, BLOCK_K // PER_WORD)
+    tl.store(q_ptr + rows[:, None] * n_words + w_idx[None, :], packed,
+             mask=row_ok[:, None] & (w_idx < n_words)[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -96,9 +121,7 @@ def _act_quant_kernel(x_ptr, w_ptr, f_ptr, q_ptr, s_ptr, K, ratio, alpha, norm_e
     if FACTORS:  # f_ptr holds 1 / f, computed once by the caller
         y = y * tl.load(f_ptr + k, mask=m, other=1.0)
     tl.store(s_ptr + row, s)
-    one = tl.full((1,), 1, tl.int1)
-    _round_store((y * inv_s)[None, :], m[None, :], row + tl.zeros((1,), tl.int64), one, K, P,
-                 q_ptr, BITS, PER_WORD, BLOCK_K)
+    _round_store(y * inv_s, m, row, K, P, q_ptr, BITS, PER_WORD, BLOCK_K)
 
 
 def _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha) -> None:

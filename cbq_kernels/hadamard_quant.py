@@ -37,7 +37,7 @@ from torch import Tensor
 
 from cbq_kernels import hadamard
 from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, use_triton
-from cbq_kernels.act_quant import _act_step, _round_store, act_quant_ref
+from cbq_kernels.act_quant import _act_step, _round_store_rows, act_quant_ref
 from cbq_kernels.formats import packed_words
 
 __all__ = ["hadamard_act_quant", "hadamard_act_quant_ref"]
@@ -45,7 +45,6 @@ __all__ = ["hadamard_act_quant", "hadamard_act_quant_ref"]
 _MAX_TILE = 32768  # m_pad x p elements of one row in a program (28672 = 28 x 1024 fits)
 _MAX_M_PAD = 64  # the small factor's tile (m padded) for tl.dot
 _MAX_FACTOR = 128  # largest Sylvester factor of one tl.dot
-_ROWS_TILE = 8192  # rows per program: R = _ROWS_TILE // (m_pad p), at most 16
 
 
 @triton.jit
@@ -106,7 +105,7 @@ def _hadamard_quant_kernel(x_ptr, sg_ptr, a_ptr, h1_ptr, h2_ptr, q_ptr, s_ptr, T
     # the per-token quantizer of cbq_kernels.act_quant (plain: no factors, alpha = 1)
     s = _act_step(tl.max(tl.abs(y), axis=1), ratio, P)
     tl.store(s_ptr + rows, s, mask=row_ok)
-    _round_store(y * tl.math.div_rn(1.0, s)[:, None], m, rows, row_ok, N, P, q_ptr, BITS,
+    _round_store_rows(y * tl.math.div_rn(1.0, s)[:, None], m, rows, row_ok, N, P, q_ptr, BITS,
                  PER_WORD, W)
 
 
@@ -172,10 +171,12 @@ def _launch(x: Tensor, bits: int, signs: Tensor, clip_ratio: float, rows: int | 
 
 
 def _config(tile: int) -> tuple[int, int]:
-    """(rows per program, warps) for a row tile of `tile` elements: ~_ROWS_TILE elements per
-    program (the +-1 factors are read once per program from L2), 4 warps per 4096."""
-    rows = max(1, min(16, _ROWS_TILE // tile))
-    return rows, max(4, min(16, rows * tile // 1024))
+    """(rows per program, warps) for a row tile of `tile` elements. From the H200 sweep of
+    benchmarks/bench_hadamard.py (2d9c58b, int8, 8192 rows): 1536 (tile 2048) R = 2 or 4 with
+    4 warps 0.057 ms (R = 4 with 8 warps 0.165); 4096 R = 1 with 4 warps 0.088 ms (R = 2
+    0.098, 8 warps 0.151); 28672 (tile 32768) R = 1 with 8 warps 3.62 ms, 16 warps 3.79."""
+    rows = max(1, min(16, 4096 // tile))
+    return rows, 4 if rows * tile <= 8192 else 8
 
 
 def _impl(x: Tensor, bits: int, signs: Tensor, clip_ratio: float) -> tuple[Tensor, Tensor]:

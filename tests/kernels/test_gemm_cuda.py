@@ -194,3 +194,27 @@ def test_w4a4_on_fp8_tensor_cores(shape, layout):
     assert bad == 0, (f"{bad} of {err.numel()} outputs beyond one bf16 rounding (worst "
                       f"{float((err / ulp).max()):.2f} half-ulps)")  # fmt: skip
     assert (fp8 != int8).float().mean() <= 1e-3  # both round the same fp32 value, or one ulp
+
+
+# SmolLM2-135M's layers (fused q/k/v 960 x 576, k / v 192 x 576, fused gate/up 3072 x 576,
+# down 576 x 1536): K not a multiple of 128, N not a multiple of the decode kernel's 64-column
+# tile (960 = 15 x 64, 192 = 3 x 64: the tile is exact; 576 = 9 x 64), per-channel weights
+# (W4A8 / W4A16 per channel are what `cbq quantize` makes by default) and a massive-activation
+# channel, at every M the dispatch treats differently
+@pytest.mark.parametrize(("n", "k"), [(960, 576), (192, 576), (3072, 576), (576, 1536)])
+@pytest.mark.parametrize("group_size", [None, 64])
+@pytest.mark.parametrize("act_bits", [None, 8, 4])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_linear_at_smollm2_shapes(n, k, group_size, act_bits, layout):
+    w, _ = make_weight(n, k, 4, group_size, seed=11, layout=layout)
+    for m in (1, 8, 16, 17, 40, 64, 300, 2048):
+        x = activations(m, k, seed=m)
+        x[:, 5] *= 300.0
+        y = linear(x, w, act_bits)
+        if act_bits is None:
+            want = gemm_ref(x, w)
+        else:
+            q, s = act_quant(x, act_bits)
+            want = gemm_ref(q, w, s, act_bits)
+        torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max(),
+                                   msg=lambda e, m=m: f"M = {m}: {e}")  # fmt: skip
