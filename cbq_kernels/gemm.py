@@ -411,7 +411,9 @@ def linear(x: Tensor, weight: PreparedWeight, act_bits: int | None = None,
       benchmarks/results/h200/bench_gemm.csv).
     * ``act_bits`` 8 or 4: per-token activation quantization (:func:`act_quant`, keyword
       arguments passed on: ``norm_weight``, ``clip_ratio``, CrossQuant ``channel_factor`` /
-      ``alpha``) then the W4A8 / W4A4 integer GEMM.
+      ``alpha``) then the W4A8 / W4A4 integer GEMM; with CrossQuant factors the quantized
+      activations are dequantized (``q s_t f_k``) and multiplied by the weight-only GEMM
+      (the factors are not folded into the weight's codes, so no integer product holds).
     * ``rotation_signs`` (K,): the input is first rotated online, x @ diag(signs) H_K /
       sqrt(K) (cbq_kernels.hadamard); with plain per-token quantization the rotation and the
       quantizer run as one kernel (:func:`cbq_kernels.hadamard_quant.hadamard_act_quant`).
@@ -435,8 +437,19 @@ def linear(x: Tensor, weight: PreparedWeight, act_bits: int | None = None,
             codes, scales = hadamard_act_quant(x2, act_bits, rotation_signs, **act_kwargs)
         else:
             codes, scales = act_quant(x2, act_bits, **act_kwargs)
-        fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
-        y = fn(codes, scales, weight, bias, out_dtype=x.dtype, policy=policy)
+        factor = act_kwargs.get("channel_factor")
+        if factor is not None:
+            # CrossQuant: x ~= q * s_t * f_k, and f varies along K, so the integer product of
+            # q with the weight's codes is not the layer's (that needs the weight quantized
+            # as W diag(f), which calibration does not do): the activations are dequantized
+            # (q s f, the fake-quantized model's values) and run through the weight-only GEMM
+            from cbq_kernels.act_quant import dequantize_act_ref
+
+            x_hat = dequantize_act_ref(codes, scales, act_bits, x2.shape[1], factor)
+            y = gemm_wonly(x_hat.to(x.dtype), weight, bias, policy=policy)
+        else:
+            fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
+            y = fn(codes, scales, weight, bias, out_dtype=x.dtype, policy=policy)
     else:
         raise ValueError(f"act_bits must be None, 4 or 8, got {act_bits!r}")
     return y.reshape(*x.shape[:-1], weight.n)

@@ -234,14 +234,20 @@ def activation_kwargs(settings: QuantSettings, act_ratio: Tensor,
     return kwargs
 
 
+def _label(layer: KernelLinear) -> str:
+    if "channel_factor" in layer.act_kwargs:  # cbq_kernels.gemm.linear: no integer product
+        return f"{layer.kind} kernel (CrossQuant: dequantized activations, weight-only GEMM)"
+    return f"{layer.kind} kernel"
+
+
 def kernel_table(model: torch.nn.Module) -> dict[str, str]:
     """{layer: 'W4A8 kernel' or 'fake-quantized: <reason>'} of a model's quantized layers."""
     table = {}
     for name, m in model.named_modules():
         if isinstance(m, KernelLinear) and not name.endswith(".group.fused"):
-            table[name] = f"{m.kind} kernel"
+            table[name] = _label(m)
         elif isinstance(m, FusedMember):  # one GEMM with its block's siblings
-            table[name] = f"{m.group.fused.kind} kernel"
+            table[name] = _label(m.group.fused)
         elif isinstance(m, QLinear):
             reason = kind_error(m.settings, m.gs) or "not converted"
             table[name] = f"fake-quantized: {reason}"
@@ -283,5 +289,5 @@ def use_kernels(model, compute_dtype: torch.dtype = torch.bfloat16) -> dict[str,
             table[name] = f"fake-quantized: {exc}"
             continue
         replace_module(model, name, k)
-        table[name] = f"{k.kind} kernel"
+        table[name] = _label(k)
     return table

@@ -55,6 +55,36 @@ def test_kernels_reproduce_the_fake_quantized_logits(stories, setting, atol, tmp
         assert torch.equal(direct(x).logits, got)
 
 
+@pytest.mark.parametrize(("setting", "atol"), [("W4A8", 0.25), ("W4A4", 1e-3)])  # as above
+def test_crossquant_layers_reproduce_the_fake_quantized_logits(stories, setting, atol,
+                                                               tmp_path):  # fmt: skip
+    """CrossQuant quantizes x / f per token (f = c^(1 - alpha) per input channel): the integer
+    product of those codes with the weight's codes misses f (2d9c58b: the GPTQ W4A8
+    CrossQuant SmolLM2 model read perplexity 4.8e9 through the H200 kernels against ~24
+    fake-quantized). The kernel layer now dequantizes them (q s f) into the weight-only GEMM:
+    the fake-quantized model's logits, on the served path that the GPU runs too (a code may
+    still flip where a layer's fp32 sums differ, as with per-token activations above)."""
+    from cbq_ptq.io import load, save
+
+    model, tok = stories
+    x = ids()
+    settings = parse_setting(setting, act_quantizer="crossquant", crossquant_alpha=0.15,
+                             ragged_groups=True)  # fmt: skip
+    config = CBQConfig(settings=settings, epochs=0, lora_rounding=False)
+    q, _ = quantize(copy.deepcopy(model), config, x, progress=False)
+    save(q, tmp_path / "q", tok)
+    served = load(tmp_path / "q")
+    assert any(getattr(m, "channel_factor", None) is not None for m in served.modules())
+    with torch.no_grad():
+        want = served(x).logits
+    table = use_kernels(served, torch.float32)
+    assert all("CrossQuant" in v for v in table.values()), table
+    with torch.no_grad():
+        got = served(x).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
+
+
 def test_layers_the_kernels_do_not_take_stay_fake_quantized(stories):
     model, _ = stories
     config = CBQConfig(settings=parse_setting("W6A6"), epochs=0, lora_rounding=False, cfp=False)
