@@ -30,7 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from cbq_ptq.config import CBQConfig, default_act_quantizer, parse_setting, recipe
+from cbq_ptq.config import (
+    CBQConfig,
+    default_act_quantizer,
+    parse_setting,
+    recipe,
+    rotated_recipe,
+)
 
 # (calibration windows, tokens per window, evaluation windows) by device; the training recipe
 # (steps, learning rates, start...) comes from cbq_ptq.config.recipe(setting, device)
@@ -480,6 +486,8 @@ def cmd_quantize(args) -> int:
         rotate = "none"
     if rotate != config.rotate:
         config = dataclasses.replace(config, rotate=rotate)
+    if rotate != "none" and args.method == "cbq":  # the rotated recipe (config.rotated_recipe)
+        config = dataclasses.replace(config, **rotated_recipe(settings))
     if args.act_quantizer == "auto":  # the recipe's quantizer depends on the rotation too
         act = default_act_quantizer(settings.a_bits, device.split(":")[0], rotate != "none")
         if act != settings.act_quantizer:

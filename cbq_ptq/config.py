@@ -265,6 +265,15 @@ def default_act_quantizer(a_bits: int, device: str = "cuda", rotated: bool = Fal
     return "crossquant" if a_bits < 16 and device == "cuda" else "per_token"
 
 
+def rotated_recipe(settings: QuantSettings) -> dict:
+    """What the recipe changes on a rotated model (CBQ; applied after :func:`recipe` when the
+    rotation is on). 4-bit activations: no coarse-to-fine preprocessing; H200, 2d9c58b,
+    SmolLM2 W4A4 CBQ + rotation held-out perplexity 40.78 without CFP against 42.23 with it
+    (test 44.21 vs 45.12; docs/results/issue15). At 8-bit activations CFP stays (held-out
+    25.77 without against 25.20 with)."""
+    return {"cfp": False} if settings.a_bits == 4 else {}
+
+
 def recipe(settings: QuantSettings, device: str = "cuda") -> dict:
     """The default training recipe of a setting (CBQConfig fields beyond the dataclass
     defaults), as the CLI and the result tables use it (docs/DECISIONS.md, "Recipe").

@@ -63,7 +63,13 @@ CSV_FIELDS = ["setting", "method", "act_quantizer", "rotate", "init", "rounding"
 
 def config_for(name: str):
     """(settings, CBQConfig) of a job name."""
-    from cbq_ptq.config import CBQConfig, default_act_quantizer, parse_setting, recipe
+    from cbq_ptq.config import (
+        CBQConfig,
+        default_act_quantizer,
+        parse_setting,
+        recipe,
+        rotated_recipe,
+    )
 
     setting, method = name.split("-", 1)
     rotate = method.endswith("_rotate")  # e.g. cbq_rotate, rtn_rotate: Hadamard rotation first
@@ -92,6 +98,9 @@ def config_for(name: str):
         fields[key] = value
     if rotate:
         fields["rotate"] = "hadamard"
+        if method.startswith("cbq"):  # the CLI's rotated recipe, then the variant's changes
+            fields.update({k: v for k, v in rotated_recipe(settings).items()
+                           if k not in changes})  # fmt: skip
     return settings, CBQConfig(settings=settings, **fields)
 
 
