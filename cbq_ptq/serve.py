@@ -243,8 +243,10 @@ def _label(layer: KernelLinear) -> str:
 def kernel_table(model: torch.nn.Module) -> dict[str, str]:
     """{layer: 'W4A8 kernel' or 'fake-quantized: <reason>'} of a model's quantized layers."""
     table = {}
+    # a fused group's own KernelLinear is listed through its members, under their names
+    inner = {id(g.fused) for g in model.modules() if isinstance(g, _FusedGroup)}
     for name, m in model.named_modules():
-        if isinstance(m, KernelLinear) and not name.endswith(".group.fused"):
+        if isinstance(m, KernelLinear) and id(m) not in inner:
             table[name] = _label(m)
         elif isinstance(m, FusedMember):  # one GEMM with its block's siblings
             table[name] = _label(m.group.fused)
