@@ -51,6 +51,10 @@ VARIANTS = {  # ablations / recipe variants: changes of the default CBQ recipe
     "cbq_steps2x": {"steps": "2x"},
     "cbq_lr2x": {"lr": "2x", "lr_lora": "2x"},
     "cbq_lrhalf": {"lr": "0.5x", "lr_lora": "0.5x"},
+    "cbq_lrquarter": {"lr": "0.25x", "lr_lora": "0.25x"},
+    # the held-out loss checked every 8 of 128 steps (the recipe: 32, 64, 96, 128): rotated W4A8
+    # windows kept their step-32 state (2d9c58b), so finer checks may keep a better one
+    "cbq_evalfine": {"eval_points": 15},
     "cbq_nocfp": {"cfp": False},
     "cbq_nooverlap": {"window": 2, "overlap": 0},
     "cbq_crossquant": {},  # activations forced to CrossQuant (config_for)
