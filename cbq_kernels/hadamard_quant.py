@@ -14,8 +14,10 @@ at 8192 x 1536 on the H200 (benchmarks/results/h200/bench_hadamard_ed30008.md).
 Precision: each operand is an fp16 pair, hi = fp16(a) and lo = fp16(a - hi) (22 significant
 bits), and the products with +-1 are exact, summed in fp32 by the MMA. A row is scaled by a
 power of two first so that |x| < 1/4 and no partial sum leaves fp16's range (n <= 32768);
-the scaling is undone exactly at the end. A bf16 input is exact in one fp16 part (its first
-product takes one MMA, not two). The per-token quantization of :mod:`cbq_kernels.act_quant`
+the scaling is undone exactly at the end. A bf16 input takes one fp16 part for its first
+product (one MMA, not two): exact except where an element falls below fp16's normal range
+after the scaling (2^-14, against a row maximum of at least 2^-3), an error of at most 2^-25
+against a quantization step of at least 2^-3 / 127. The per-token quantization of :mod:`cbq_kernels.act_quant`
 (same step, same rounding) then writes int8 codes or packed int4 words and the fp32 scale.
 
 Exactness against the reference (:func:`hadamard_act_quant_ref`, the fp32 butterflies then
