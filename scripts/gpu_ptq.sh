@@ -114,6 +114,11 @@ case $stage in
       tail -3 $table/genmodel_$s.log
       python3 scripts/check_generate.py /tmp/gen_$s/model --out "$out/check_generate_$s.json" \
         2>&1 | grep -v Warning | tail -12
+      if [ -n "${CBQ_GENCHECK_FP32:-}" ]; then  # the kernels' model in fp32 too (2d9c58b: the
+        # bf16 W4A16 model agreed with the fp32 reference in 16 of 32 continuations)
+        python3 scripts/check_generate.py /tmp/gen_$s/model --dtype float32 \
+          --out "$out/check_generate_${s}_fp32.json" 2>&1 | grep -v Warning | tail -4
+      fi
       # the captured loop (what cbq generate runs): the default "auto" mode compiles
       # generate()'s step for each setting (~2 min), which the 200-s call of bbe9d36 cut short
       CBQ_GEN_MODELS=none CBQ_GEN_BATCHES=${CBQ_GEN_BATCHES:-1,8} CBQ_GEN_PROMPTS=512 \
