@@ -497,7 +497,8 @@ def cmd_quantize(args) -> int:
         print("cbq quantize: warning: CrossQuant on a rotated model crushes most activations "
               "(SmolLM2 W4A4 CBQ: perplexity 211 against 48 for GPTQ per token); the default "
               "with a rotation is --act-quantizer per_token", file=sys.stderr)  # fmt: skip
-    if settings.act_quantizer == "crossquant" and settings.a_bits in (4, 8):
+    crossquant = settings.act_quantizer == "crossquant"
+    if crossquant and settings.a_bits in (4, 8) and settings.w_bits == 4:
         print(f"cbq quantize: note: CrossQuant activations are served without the integer GEMM "
               f"(dequantized into the W{settings.w_bits}A16 kernel: its channel factors are not "
               f"in the weight's codes); --act-quantizer per_token or --rotate hadamard keeps "
