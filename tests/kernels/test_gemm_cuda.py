@@ -111,14 +111,19 @@ def test_split_k_matches_one_slice():
 def test_linear(act_bits, layout):
     w, _ = make_weight(4096, 4096, 4, 128, seed=8, layout=layout)
     for m in (1, 33, 300, 2048):  # decode, decode slices or the Triton kernel, expanded
-        x = activations(m, 4096, seed=m)
-        y = linear(x, w, act_bits)
-        if act_bits is None:
-            want = gemm_ref(x, w)
-        else:
-            q, s = act_quant(x, act_bits)
-            want = gemm_ref(q, w, s, act_bits)
-        torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max())
+        assert_linear(activations(m, 4096, seed=m), w, act_bits)
+
+
+def assert_linear(x, w, act_bits):
+    """linear(x, w, act_bits) against gemm_ref of the same activation codes, within 2%."""
+    y = linear(x, w, act_bits)
+    if act_bits is None:
+        want = gemm_ref(x, w)
+    else:
+        q, s = act_quant(x, act_bits)
+        want = gemm_ref(q, w, s, act_bits)
+    torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max(),
+                               msg=lambda e: f"M = {x.shape[0]}: {e}")  # fmt: skip
 
 
 CONFIG_LISTS = {
@@ -210,11 +215,4 @@ def test_linear_at_smollm2_shapes(n, k, group_size, act_bits, layout):
     for m in (1, 8, 16, 17, 40, 64, 300, 2048):
         x = activations(m, k, seed=m)
         x[:, 5] *= 300.0
-        y = linear(x, w, act_bits)
-        if act_bits is None:
-            want = gemm_ref(x, w)
-        else:
-            q, s = act_quant(x, act_bits)
-            want = gemm_ref(q, w, s, act_bits)
-        torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max(),
-                                   msg=lambda e, m=m: f"M = {m}: {e}")  # fmt: skip
+        assert_linear(x, w, act_bits)
