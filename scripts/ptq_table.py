@@ -91,6 +91,8 @@ def config_for(name: str):
         quantizer = "crossquant"
     settings = parse_setting(setting, act_quantizer=quantizer, ragged_groups=True)
     fields = recipe(settings, "cuda")
+    if rotate:  # the CLI's rotated recipe; a variant's changes come after it
+        fields.update(rotated_recipe(settings))
     default = CBQConfig(settings=settings, **fields)
     changes = BASE.get(method, VARIANTS.get(method))
     if changes is None:
@@ -102,9 +104,6 @@ def config_for(name: str):
         fields[key] = value
     if rotate:
         fields["rotate"] = "hadamard"
-        if method.startswith("cbq"):  # the CLI's rotated recipe, then the variant's changes
-            fields.update({k: v for k, v in rotated_recipe(settings).items()
-                           if k not in changes})  # fmt: skip
     return settings, CBQConfig(settings=settings, **fields)
 
 
