@@ -21,7 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import Environment, Table, bench, cli, write_report
 from cbq_kernels import hadamard
 from cbq_kernels.act_quant import act_quant
-from cbq_kernels.hadamard_quant import _config, _fits, _launch, _tile, hadamard_act_quant
+from cbq_kernels.hadamard_quant import (
+    _config,
+    _fits,
+    _launch,
+    _tile,
+    hadamard_act_quant,
+    launch_configs,
+)
 
 
 def main() -> None:
@@ -62,19 +69,16 @@ def main() -> None:
             m_pad, p1, p2 = _tile(n)
             nbytes = x.numel() * 3 + t * 4
             default = _config(m_pad * p1 * p2)
-            for rows in (1, 2, 4, 8, 16):
-                elems = rows * m_pad * p1 * p2
-                for warps in (4, 8) if elems <= 8192 else (8, 16):
-                    if not 2048 <= elems <= 32768 or (rows, warps) == default:
-                        continue
-                    try:
-                        tm = bench(lambda x=x, s=signs, r=rows, w=warps:
-                                   _launch(x, 8, s, 1.0, r, w))  # fmt: skip
-                    except Exception as err:  # e.g. out of shared memory: noted, not fatal
-                        notes.append(f"- {n}: fused R={rows} w={warps} failed: {str(err)[:120]}")
-                        continue
-                    table.add("hadamard_int8", f"fused R={rows} w={warps}", shape, "bf16", tm,
-                              nbytes=nbytes, copy_gbps=copy_gbps)  # fmt: skip
+            for rows, warps in launch_configs(n):
+                if (rows, warps) == default:
+                    continue
+                try:
+                    tm = bench(lambda x=x, s=signs, r=rows, w=warps: _launch(x, 8, s, 1.0, r, w))
+                except Exception as err:  # e.g. out of shared memory: noted, not fatal
+                    notes.append(f"- {n}: fused R={rows} w={warps} failed: {str(err)[:120]}")
+                    continue
+                table.add("hadamard_int8", f"fused R={rows} w={warps}", shape, "bf16", tm,
+                          nbytes=nbytes, copy_gbps=copy_gbps)  # fmt: skip
             notes.append(f"- {n}: tile (m_pad, p1, p2) = {(m_pad, p1, p2)}, default (rows per "
                          f"program, warps) = {default}")
         else:

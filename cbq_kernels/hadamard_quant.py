@@ -17,8 +17,9 @@ power of two first so that |x| < 1/4 and no partial sum leaves fp16's range (n <
 the scaling is undone exactly at the end. A bf16 input takes one fp16 part for its first
 product (one MMA, not two): exact except where an element falls below fp16's normal range
 after the scaling (2^-14, against a row maximum of at least 2^-3), an error of at most 2^-25
-against a quantization step of at least 2^-3 / 127. The per-token quantization of :mod:`cbq_kernels.act_quant`
-(same step, same rounding) then writes int8 codes or packed int4 words and the fp32 scale.
+against a quantization step of at least 2^-3 / 127. The per-token quantization of
+:mod:`cbq_kernels.act_quant` (same step, same rounding) then writes int8 codes or packed int4
+words and the fp32 scale.
 
 Exactness against the reference (:func:`hadamard_act_quant_ref`, the fp32 butterflies then
 :func:`cbq_kernels.act_quant.act_quant_ref`): the MMA adds the terms in another order (and
@@ -67,6 +68,14 @@ def _sylvester_tile(h_ptr, F: tl.constexpr):
 
 
 @triton.jit
+def _small_tile(a_ptr, M, MP: tl.constexpr):
+    """The m x m small factor A as an (MP, MP) tile, zero beyond m."""
+    i = tl.arange(0, MP)
+    return tl.load(a_ptr + i[:, None] * M + i[None, :], mask=(i[:, None] < M) & (i[None, :] < M),
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
 def _hadamard_quant_kernel(x_ptr, sg_ptr, a_ptr, h1_ptr, h2_ptr, q_ptr, s_ptr, T, N, M, ratio,
                            P, inv_sqrt_n, BITS: tl.constexpr, R: tl.constexpr,
                            MP: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
@@ -91,17 +100,13 @@ def _hadamard_quant_kernel(x_ptr, sg_ptr, a_ptr, h1_ptr, h2_ptr, q_ptr, s_ptr, T
         y = tl.reshape(y, (R, MP, P2, P1))
         if MP > 1:  # contract i (A^T X; rows / columns >= m of A are zero)
             y = tl.reshape(tl.permute(y, (0, 2, 3, 1)), (R * P2 * P1, MP))
-            ii = tl.arange(0, MP)
-            a = tl.load(a_ptr + ii[:, None] * M + ii[None, :],
-                        mask=(ii[:, None] < M) & (ii[None, :] < M), other=0.0)
+            a = _small_tile(a_ptr, M, MP)
             y = tl.permute(tl.reshape(_dot_pair(y, a, True), (R, P2, P1, MP)), (0, 3, 2, 1))
         else:
             y = tl.permute(y, (0, 1, 3, 2))
     elif MP > 1:
         y = tl.reshape(tl.permute(tl.reshape(y, (R, MP, P2)), (0, 2, 1)), (R * P2, MP))
-        ii = tl.arange(0, MP)
-        a = tl.load(a_ptr + ii[:, None] * M + ii[None, :],
-                    mask=(ii[:, None] < M) & (ii[None, :] < M), other=0.0)
+        a = _small_tile(a_ptr, M, MP)
         y = tl.permute(tl.reshape(_dot_pair(y, a, True), (R, P2, MP)), (0, 2, 1))
     y = tl.reshape(y, (R, W)) * (inv_sqrt_n / e)[:, None]
     # the per-token quantizer of cbq_kernels.act_quant (plain: no factors, alpha = 1)
@@ -179,6 +184,20 @@ def _config(tile: int) -> tuple[int, int]:
     0.098, 8 warps 0.151); 28672 (tile 32768) R = 1 with 8 warps 3.62 ms, 16 warps 3.79."""
     rows = max(1, min(16, 4096 // tile))
     return rows, 4 if rows * tile <= 8192 else 8
+
+
+def launch_configs(n: int) -> list[tuple[int, int]]:
+    """The (rows per program, warps) configurations that benchmarks/bench_hadamard.py sweeps
+    for width n (a fused width) and the GPU test checks: 2048 to 32768 elements per program
+    (one row always), 4 or 8 warps up to 8192 elements, 8 or 16 above."""
+    m_pad, p1, p2 = _tile(n)
+    configs = []
+    for rows in (1, 2, 4, 8, 16):
+        elems = rows * m_pad * p1 * p2
+        if rows > 1 and not 2048 <= elems <= 32768:
+            continue
+        configs += [(rows, w) for w in ((4, 8) if elems <= 8192 else (8, 16))]
+    return configs
 
 
 def _impl(x: Tensor, bits: int, signs: Tensor, clip_ratio: float) -> tuple[Tensor, Tensor]:

@@ -43,20 +43,15 @@ def test_launch_configs(n):
     """Every launch configuration benchmarks/bench_hadamard.py sweeps gives the reference's
     codes (2d9c58b: at 28672 the int8 codes with 16 warps were up to 255 levels off while 8
     warps passed)."""
-    from cbq_kernels.hadamard_quant import _launch, _tile
+    from cbq_kernels.hadamard_quant import _launch, launch_configs
 
-    m_pad, p1, p2 = _tile(n)
     x = data(64, n, seed=7)
     signs = hadamard.random_signs(n, 5).cuda()
     for bits in (8, 4):
         want_codes, want_scales = hadamard_act_quant_ref(x, bits, signs, 1.0)
-        for rows in (1, 2, 4, 8, 16):
-            elems = rows * m_pad * p1 * p2
-            for warps in (4, 8) if elems <= 8192 else (8, 16):
-                if not 2048 <= elems <= 32768 and rows > 1:
-                    continue
-                codes, scales = _launch(x, bits, signs, 1.0, rows, warps)
-                diff = (levels(codes, bits, n) - levels(want_codes, bits, n)).abs()
-                assert int(diff.max()) <= 1, (bits, rows, warps)
-                assert int((diff > 0).sum()) <= diff.numel() // 1000, (bits, rows, warps)
-                torch.testing.assert_close(scales, want_scales, rtol=1e-5, atol=0)
+        for rows, warps in launch_configs(n):
+            codes, scales = _launch(x, bits, signs, 1.0, rows, warps)
+            diff = (levels(codes, bits, n) - levels(want_codes, bits, n)).abs()
+            assert int(diff.max()) <= 1, (bits, rows, warps)
+            assert int((diff > 0).sum()) <= diff.numel() // 1000, (bits, rows, warps)
+            torch.testing.assert_close(scales, want_scales, rtol=1e-5, atol=0)
