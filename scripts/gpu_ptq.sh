@@ -17,6 +17,7 @@ set -uo pipefail
 out=$1; stage=$2; shift 2
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 CBQ_MODELS_DIR=$PWD/.carry/shared/models CBQ_DATA_DIR=$PWD/.carry/shared/data
+[ -z "${CBQ_COMMIT:-}" ] && [ -f .cbq_commit ] && CBQ_COMMIT=$(cat .cbq_commit)  # as gpu_gemm.sh
 export CBQ_CACHE=/tmp/cbqcache CBQ_COMMIT=${CBQ_COMMIT:-unknown}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .carry/whl/*.whl && export PYTHONPATH=/tmp/site
