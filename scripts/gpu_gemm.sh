@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine: build the extension (the CUDA decode GEMM lives there), the GEMM GPU tests
 # and the GEMM benchmark.
-#   bash scripts/gpu_gemm.sh OUT_DIR [build|sanitize|decode|sweep|tests|bench|generate|serve]...
+#   bash scripts/gpu_gemm.sh OUT_DIR [build|sanitize|decode|sweep|ncu|tests|bench|generate|serve]...
 #   (default: build decode tests bench)
 # sanitize: the decode kernel's small-shape tests under compute-sanitizer (memcheck, racecheck).
 # decode: tests/kernels/test_gemm_decode_cuda.py; tests: tests/kernels/test_gemm_cuda.py;
@@ -37,9 +37,16 @@ for step in $steps; do
       python3 -m pytest tests/kernels/test_gemm_decode_cuda.py -q -p no:cacheprovider 2>&1 \
         | tee "$out/pytest_gemm_decode.txt" | tail -15
       rc=$(( rc || PIPESTATUS[0] )) ;;
-    sweep)  # split-K of the CUDA decode kernel
-      python3 benchmarks/sweep_decode.py --ms ${CBQ_SWEEP_MS:-1} 2>&1 | tee "$out/sweep_decode.txt" | tail -25
+    sweep)  # grids of the CUDA decode kernel (CBQ_SWEEP_SHAPES: names or NxK)
+      python3 benchmarks/sweep_decode.py --ms ${CBQ_SWEEP_MS:-1} \
+        ${CBQ_SWEEP_SHAPES:+--shapes $CBQ_SWEEP_SHAPES} 2>&1 | tee "$out/sweep_decode.txt" | tail -25
       rc=$(( rc || PIPESTATUS[0] )) ;;
+    ncu)  # Nsight Compute on the decode kernel at 1 x 28672 x 8192 (W4A16 g128, W4A8, W2A16 g128,
+      # W4A4: one launch each; scripts/ncu_decode.py)
+      ncu -k regex:decode_kernel -c 4 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section Occupancy --section LaunchStats \
+        python3 scripts/ncu_decode.py > "$out/ncu_decode.txt" 2>&1
+      rc=$(( rc || $? )); grep -E "decode_kernel|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per" "$out/ncu_decode.txt" | head -40 ;;
     tests)
       python3 -m pytest tests/kernels/test_gemm_cuda.py -q -p no:cacheprovider -x 2>&1 \
         | tee "$out/pytest_gemm.txt" | tail -15
