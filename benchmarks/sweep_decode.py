@@ -1,8 +1,8 @@
-"""Grid sweep of the CUDA decode GEMM (csrc/gemm_decode.cu) at M = 1 (and --ms) for Llama-2
-shapes (or NxK, e.g. 33792x8192), W4A16 g128, W4A8 per channel and W2A16 g128: time per
-split-K grid (n-tiles x S blocks, S in SPLITS) and per stream-K grid (a multiple of the
-resident blocks, "R"), beside cbq_kernels.gemm_decode.default_blocks ("default"), with the
-bytes moved per second of the best. CUDA-graph replays, median.
+"""Split-K sweep of the CUDA decode GEMM (csrc/gemm_decode.cu): time per number of K splits
+at M = 1 (and --ms) for Llama-2 shapes (or NxK, e.g. 33792x8192), W4A16 g128, W4A8 per channel
+and W2A16 g128, beside the choice of cbq_kernels.gemm_decode.default_splits, with the weight
+bytes (codes, scales, zero points) read per second at the best split. CUDA-graph replays,
+median.
 
     python benchmarks/sweep_decode.py [--ms 1,16] [--shapes 70b_gate_up,33792x8192]
 """
@@ -22,7 +22,6 @@ from cbq_kernels.act_quant import act_quant
 from cbq_kernels.testing import LLAMA_LINEAR_SHAPES
 
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24)
-RESIDENT = (0.25, 0.5, 1, 2, 3)  # stream-K grids: multiples of the resident blocks
 
 
 def main() -> None:
@@ -32,12 +31,8 @@ def main() -> None:
                     default="7b_qkvo,7b_gate_up,7b_down,13b_down,70b_kv,70b_gate_up,70b_down")
     args = ap.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
-    sms = torch.cuda.get_device_properties().multi_processor_count
-    print(f"# {torch.cuda.get_device_name()} ({sms} SMs), torch {torch.__version__}; time in us"
-          " (median); S=s: split-K grid, n-tiles x s blocks; Rx: stream-K grid, x times the"
-          " resident blocks")  # fmt: skip
-    print("shape kind M default(blocks) | " + " ".join(f"S={s}" for s in SPLITS) + " | "
-          + " ".join(f"R{r}" for r in RESIDENT) + " | default | best | GB/s")  # fmt: skip
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; time in us (median)")
+    print("shape kind M default | " + " ".join(f"S={s}" for s in SPLITS) + " | best | GB/s")
     for name in args.shapes.split(","):
         if "x" in name:
             n, k = (int(v) for v in name.split("x"))
@@ -52,32 +47,23 @@ def main() -> None:
             for kind, w in ws.items():
                 dw = w.decode
                 a, sc = (xq, xs) if kind == "w4a8" else (x, None)
-                nt, chunks = dw.words.shape[0], dw.words.shape[1]
-                work = nt * chunks
-                a_mode = gemm_decode._A_MODES[a.dtype]
-                per_sm = gemm_decode.blocks_per_sm(a_mode, m <= gemm_decode.SWAP_MAX_M, dw.bits,
-                                                   dw.group_size < dw.k, None)  # fmt: skip
-                default = gemm_decode.default_blocks(nt, chunks, x.device, m, a_mode, dw.bits,
-                                                     dw.group_size < dw.k)  # fmt: skip
-                grids = [nt * s if s <= max(1, chunks // 2) else 0 for s in SPLITS]
-                grids += [min(work, int(r * per_sm * sms)) for r in RESIDENT] + [default]
-                byts = sum(t.numel() * t.element_size() for t in (dw.words, dw.scales, dw.zeros))
+                default = gemm_decode.default_splits(dw.words.shape[0], dw.words.shape[1],
+                                                     x.device, m)  # fmt: skip
                 times = []
-                for b in grids:
-                    if b <= 0:
+                for s in SPLITS:
+                    if s > max(1, dw.words.shape[1] // 2):
                         times.append(float("nan"))
                         continue
-                    fn = lambda b=b, a=a, sc=sc, dw=dw: gemm_decode.launch(  # noqa: E731
-                        a, sc, dw, None, torch.bfloat16, blocks=b)
+                    fn = lambda s=s, a=a, sc=sc, dw=dw: gemm_decode.launch(  # noqa: E731
+                        a, sc, dw, None, torch.bfloat16, splits=s)
                     fn()
                     torch.cuda.synchronize()
                     times.append(1000 * do_bench_cudagraph(fn, rep=20))
-                labels = [f"S={s}" for s in SPLITS] + [f"R{r}" for r in RESIDENT] + ["default"]
-                best = min((t, lab) for t, lab in zip(times, labels, strict=True) if t == t)
-                cols = " ".join(f"{t:6.1f}" for t in times)
-                print(f"{name} {kind} {m} {default} | {cols[:7 * len(SPLITS)]}|"
-                      f"{cols[7 * len(SPLITS):]} | {best[1]} {best[0]:.1f} | "
-                      f"{byts / best[0] / 1e3:.0f}", flush=True)  # fmt: skip
+                best = min((t, s) for t, s in zip(times, SPLITS, strict=True) if t == t)
+                byts = sum(t.numel() * t.element_size() for t in (dw.words, dw.scales, dw.zeros))
+                print(f"{name} {kind} {m} {default} | " + " ".join(f"{t:6.1f}" for t in times)
+                      + f" | S={best[1]} {best[0]:.1f} | {byts / best[0] / 1e3:.0f}",
+                      flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

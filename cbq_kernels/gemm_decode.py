@@ -47,13 +47,15 @@ from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpret
 
 DECODE_MAX_M = 16  # one m16n8k16 row tile
 TILE_N = 64  # output channels per n-tile (8 MMA subtiles of 8)
-# the grid (default_blocks): stream-K shares of at least MIN_BLOCK_CHUNKS chunks (one per warp
-# and more: each share pays its first loads' latency and a reduction), at most the blocks
-# resident on the GPU (the extension's occupancy query: M <= 8 runs the swapped-operand kernel,
-# <= 105 registers and 50 KB of shared memory per block, 4 blocks per SM on the H200; M = 9..16
-# the other one, __launch_bounds__(128, 3))
+# the split-K model (default_splits): blocks resident per SM and the fixed cost of a wave in
+# chunk-times (benchmarks/sweep_decode.py). M <= 8 runs the swapped-operand kernel (<= 105
+# registers, 50 KB of shared memory per block: 4 blocks per SM; its best split at 1 x 28672
+# x 8192 is S = 1, benchmarks/results/h200/sweep_decode_variants_1da67a5.txt), M = 9..16 the
+# other one (up to 168 registers, __launch_bounds__(128, 3): 3 blocks)
+BLOCKS_PER_SM = 3
+BLOCKS_PER_SM_SWAP = 4
 SWAP_MAX_M = 8
-MIN_BLOCK_CHUNKS = 16
+WAVE_COST = 32
 
 
 def tile_n(bits: int) -> int:
@@ -345,49 +347,32 @@ def _sm_count(index: int | None) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-@functools.lru_cache(maxsize=64)
-def blocks_per_sm(a_mode: int, swap: bool, bits: int, grouped: bool, index: int | None) -> int:
-    """Resident blocks per SM of the decode kernel that runs these arguments (CUDA's occupancy
-    calculator on the compiled kernel: registers and shared memory as built)."""
-    from cbq_kernels import _C  # type: ignore[attr-defined]
-
-    k = 1024
-    index = torch.cuda.current_device() if index is None else index
-    return int(_C.decode_occupancy(a_mode, 1 if swap else 16, k, bits, 128 if grouped else k,
-                                   False, index))  # fmt: skip
-
-
 @functools.lru_cache(maxsize=4096)  # per layer shape and M: called on every launch
-def default_blocks(n_tiles: int, chunks: int, device: torch.device, m: int = 1,
-                   a_mode: int = 0, bits: int = 4, grouped: bool = True) -> int:  # fmt: skip
-    """The stream-K grid: every resident block (SMs x :func:`blocks_per_sm`) takes an equal
-    share of the n-tiles x chunks of work, or fewer blocks where a share would drop below
-    ``MIN_BLOCK_CHUNKS`` chunks (small layers). With one block per n-tile (split-K at S = 1)
-    1 x 28672 x 8192 ran 448 blocks in 528 slots, 52 SMs with 4 blocks and 80 with 3."""
-    per_sm = blocks_per_sm(a_mode, m <= SWAP_MAX_M, bits, grouped, device.index)
-    slots = max(1, per_sm) * _sm_count(device.index)
-    work = n_tiles * chunks
-    return max(1, min(slots, work // MIN_BLOCK_CHUNKS))
-
-
-@functools.lru_cache(maxsize=4096)
-def pieces(n_tiles: int, chunks: int, blocks: int) -> int:
-    """Most pieces (blocks sharing one n-tile) of a stream-K grid: the workspace's depth."""
-    from cbq_kernels import _C  # type: ignore[attr-defined]
-
-    return int(_C.decode_pieces(n_tiles, chunks, blocks))
+def default_splits(n_tiles: int, chunks: int, device: torch.device, m: int = 1) -> int:
+    """K splits that minimise a makespan model of the grid: ``BLOCKS_PER_SM`` blocks fit an SM
+    (``BLOCKS_PER_SM_SWAP`` for M <= 8; the kernels' register and shared-memory use), so
+    ``n_tiles * S`` blocks run in ``ceil(n_tiles * S / (BLOCKS_PER_SM * SMs))`` waves of
+    ``ceil(chunks / S)`` chunks each plus a fixed cost per wave (its first loads' latency),
+    ``WAVE_COST`` chunk-times, fitted to the H200 sweep (benchmarks/results/h200/
+    sweep_decode_*.txt: one full wave beats a wave and a tail); at least 2 chunks per warp."""
+    per_sm = BLOCKS_PER_SM_SWAP if m <= SWAP_MAX_M else BLOCKS_PER_SM
+    slots = per_sm * _sm_count(device.index)
+    best = (float("inf"), 1)
+    for s in range(1, max(1, min(chunks // 8, 64)) + 1):
+        waves = -(-n_tiles * s // slots)
+        cost = waves * (-(-chunks // s) + WAVE_COST)
+        best = min(best, (cost, s))
+    return best[1]
 
 
 def launch(x: Tensor, x_scales: Tensor | None, dw: DecodeWeight, bias: Tensor | None,
-           out_dtype: torch.dtype, debug: bool = False, splits: int | None = None,
-           blocks: int | None = None) -> Tensor:  # fmt: skip
+           out_dtype: torch.dtype, debug: bool = False,
+           splits: int | None = None) -> Tensor:  # fmt: skip
     """Run the CUDA decode kernel. x: (M, K) bf16 / fp16 activations, int8 codes, or packed
     int4 codes (M, ceil(K / 8)) int32 (offset 8); x_scales (M,) fp32 for the last two. M > 16
     runs one launch per 16-row slice (each reads the whole weight: for a weight kept in this
     layout alone, up to GemmPolicy.small_m). The caller (cbq_kernels.gemm) has checked shapes,
-    dtypes and devices; x must have unit stride along K (its row stride may be anything).
-    blocks: the stream-K grid (default :func:`default_blocks`); splits S sets n-tiles x S
-    blocks instead (with S dividing the chunks: split-K, S slices of K per n-tile)."""
+    dtypes and devices; x must have unit stride along K (its row stride may be anything)."""
     from cbq_kernels import _C  # type: ignore[attr-defined]
 
     m = x.shape[0]
@@ -401,23 +386,16 @@ def launch(x: Tensor, x_scales: Tensor | None, dw: DecodeWeight, bias: Tensor | 
     bias_f = bias.float().contiguous() if bias is not None else None
     xs = x_scales.float().contiguous() if x_scales is not None else None
     ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
-    grouped = dw.group_size < dw.k
     for r0 in range(0, m, DECODE_MAX_M):
         rows = min(DECODE_MAX_M, m - r0)
-        if blocks is not None:
-            grid = blocks
-        elif splits is not None:
-            grid = min(n_tiles * splits, n_tiles * chunks)
-        else:
-            grid = default_blocks(n_tiles, chunks, dev, rows, a_mode, dw.bits, grouped)
-        depth = pieces(n_tiles, chunks, grid)
-        ws = torch.empty((depth, 16, dw.n_pad), dtype=torch.int32, device=dev) if depth > 1 \
+        split = default_splits(n_tiles, chunks, dev, rows) if splits is None else splits
+        ws = torch.empty((split, 16, dw.n_pad), dtype=torch.int32, device=dev) if split > 1 \
             else None  # fmt: skip
         _C.gemm_decode_cuda(
             ptr(x[r0:]), ptr(xs[r0:] if xs is not None else None), a_mode, ptr(dw.words),
-            ptr(dw.scales), ptr(dw.zeros), ptr(bias_f), ptr(out[r0:]), ptr(ws), depth,
+            ptr(dw.scales), ptr(dw.zeros), ptr(bias_f), ptr(out[r0:]), ptr(ws),
             ptr(dw.counters), rows, dw.n, dw.k, dw.n_pad, x.stride(0), dw.bits, dw.group_size,
-            grid, _OUT_CODES.get(out_dtype, 2), debug, dev.index,
+            split, _OUT_CODES.get(out_dtype, 2), debug, dev.index,
             torch.cuda.current_stream(dev).cuda_stream,
         )  # fmt: skip
     return out

@@ -88,59 +88,37 @@ void py_dequantize_cuda(Ptr packed, Ptr scales, Ptr zeros, Ptr out, int64_t n, i
                   device, stream);
 }
 
-void check_decode(int a_mode, int64_t m, int64_t n, int64_t k, int bits, int64_t group_size) {
+void py_gemm_decode_cuda(Ptr x, Ptr x_scales, int a_mode, Ptr words, Ptr scales, Ptr zeros,
+                         Ptr bias, Ptr out, Ptr ws, Ptr counters, int64_t m, int64_t n,
+                         int64_t k, int64_t n_pad, int64_t ldx, int bits, int64_t group_size,
+                         int splits, int out_dtype, bool debug, int device, Ptr stream) {
   CBQ_CHECK(bits == 2 || bits == 4, "decode GEMM bits must be 2 or 4 (containers), got ", bits);
   CBQ_CHECK(a_mode >= 0 && a_mode <= 3, "unknown activation mode ", a_mode);
   CBQ_CHECK(bits == 4 || a_mode <= 1, "2-bit weights take bf16 / fp16 activations only");
+  CBQ_CHECK(!debug || a_mode >= 2, "debug (raw int32 output) exists for integer activations only");
   CBQ_CHECK(m >= 1 && m <= 16, "decode GEMM takes 1 <= M <= 16, got ", m);
   CBQ_CHECK(n >= 1 && k >= 1, "decode GEMM needs N >= 1 and K >= 1, got n=", n, " k=", k);
-  const int64_t ck = decode_chunk_k(bits);
+  const int64_t tn = decode_tile_n(bits), ck = decode_chunk_k(bits);
+  CBQ_CHECK(n_pad % tn == 0 && n_pad >= n, "n_pad must be a multiple of ", tn, " >= n");
   CBQ_CHECK(group_size >= k || (group_size > 0 && group_size % ck == 0),
             "decode GEMM groups must be multiples of ", ck, " for ", bits, "-bit containers, got ",
             group_size);
-}
-
-void py_gemm_decode_cuda(Ptr x, Ptr x_scales, int a_mode, Ptr words, Ptr scales, Ptr zeros,
-                         Ptr bias, Ptr out, Ptr ws, int64_t ws_pieces, Ptr counters, int64_t m,
-                         int64_t n, int64_t k, int64_t n_pad, int64_t ldx, int bits,
-                         int64_t group_size, int blocks, int out_dtype, bool debug, int device,
-                         Ptr stream) {
-  check_decode(a_mode, m, n, k, bits, group_size);
-  CBQ_CHECK(!debug || a_mode >= 2, "debug (raw int32 output) exists for integer activations only");
-  const int64_t tn = decode_tile_n(bits), ck = decode_chunk_k(bits);
-  CBQ_CHECK(n_pad % tn == 0 && n_pad >= n, "n_pad must be a multiple of ", tn, " >= n");
-  const int64_t chunks = (k + ck - 1) / ck, work = n_pad / tn * chunks;
-  CBQ_CHECK(blocks >= 1 && blocks <= work, "decode GEMM blocks must be in [1, ", work,
-            "] (n-tiles x chunks), got ", blocks);
-  const int pieces = decode_pieces(n_pad / tn, chunks, blocks);
-  CBQ_CHECK(pieces <= ws_pieces || pieces == 1, "decode GEMM workspace holds ", ws_pieces,
-            " pieces per tile, ", blocks, " blocks need ", pieces);
+  CBQ_CHECK(splits >= 1 && splits <= 1024, "splits must be in [1, 1024], got ", splits);
   check_dtype(out_dtype);
   check_ptr(x, m * k, "x");
-  check_ptr(words, n_pad * chunks * ck, "words");
+  check_ptr(words, n_pad * ((k + ck - 1) / ck) * ck, "words");
   check_ptr(scales, n_pad, "scales");
   check_ptr(zeros, n_pad, "zeros");
   check_ptr(out, m * n, "out");
   check_ptr(counters, n_pad / tn, "counters");
   if (a_mode >= 2) check_ptr(x_scales, m, "x_scales");
-  if (pieces > 1) check_ptr(ws, pieces * 16 * n_pad, "ws");
+  if (splits > 1) check_ptr(ws, splits * 16 * n_pad, "ws");
   gemm_decode_cuda(reinterpret_cast<const void*>(x), reinterpret_cast<const float*>(x_scales),
                    a_mode, reinterpret_cast<const int32_t*>(words),
                    reinterpret_cast<const float*>(scales), reinterpret_cast<const int32_t*>(zeros),
                    reinterpret_cast<const float*>(bias), reinterpret_cast<void*>(out),
                    reinterpret_cast<void*>(ws), reinterpret_cast<int32_t*>(counters), m, n, k,
-                   n_pad, ldx, bits, group_size, blocks, out_dtype, debug, device, stream);
-}
-
-// blocks per SM of the decode kernel that a call with these arguments runs
-int py_decode_occupancy(int a_mode, int64_t m, int64_t k, int bits, int64_t group_size,
-                        bool debug, int device) {
-  check_decode(a_mode, m, 1, k, bits, group_size);
-  int occupancy = 0;
-  gemm_decode_cuda(nullptr, nullptr, a_mode, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
-                   nullptr, m, 1, k, decode_tile_n(bits), k, bits, group_size, 1, 2, debug,
-                   device, 0, &occupancy);
-  return occupancy;
+                   n_pad, ldx, bits, group_size, splits, out_dtype, debug, device, stream);
 }
 #endif
 
@@ -173,11 +151,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("gemm_decode_cuda", &py_gemm_decode_cuda, release);
   m.def("decode_tile_n", [](int bits) { return decode_tile_n(bits); });
   m.def("decode_chunk_k", [](int bits) { return decode_chunk_k(bits); });
-  m.def("decode_pieces", [](int64_t n_tiles, int64_t chunks, int64_t blocks) {
-    CBQ_CHECK(n_tiles >= 1 && chunks >= 1 && blocks >= 1 && blocks <= n_tiles * chunks,
-              "decode_pieces needs 1 <= blocks <= n_tiles x chunks");
-    return decode_pieces(n_tiles, chunks, blocks);
-  });
-  m.def("decode_occupancy", &py_decode_occupancy);
 #endif
 }

@@ -48,20 +48,16 @@
 // 32-bit register.
 //   scales: fp32 [G][N_pad]; zeros: int32 [G][N_pad] (padding: scale 0, zero 0, codes 0).
 //
-// Work split (stream-K, decode_kernel): the N_pad / 64 n-tiles x chunks, tile-major, cut into B
-// equal contiguous shares, one per block (B: cbq_kernels.gemm_decode.default_blocks, normally
-// the blocks resident on the GPU). A block's share is one or more pieces (an n-tile's chunk
-// range), each cut in 4 contiguous warp ranges. Warps reduce through shared memory in a fixed
-// order; a tile with several pieces gets their partial sums in a workspace and the last block to
-// finish one of them (an atomic counter, reset by that block) adds them in piece order: one
-// launch, deterministic. B = n-tiles x S with S dividing the chunks is the old split-K.
+// Work split: block = 4 warps on one n-tile; grid (N_pad / 64, S). Split s of S owns a range of
+// chunks, cut in 4 contiguous warp ranges. Warps reduce through shared memory in a fixed order;
+// with S > 1 each block writes its partial sums to a workspace and the last block of the n-tile
+// (an atomic counter, reset by that block) adds the S partials in order 0..S-1: one launch,
+// deterministic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <map>
-#include <tuple>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -155,10 +151,9 @@ struct Args {
   const int32_t* zeros;   // (G, N_pad)
   const float* bias;      // (N,) or null
   void* out;              // (M, N) out_dtype, or int32 (debug)
-  uint32_t* ws;           // (pieces, 16, N_pad) 32-bit partial sums (pieces > 1)
+  uint32_t* ws;           // (S, 16, N_pad) 32-bit partial sums (S > 1)
   int32_t* counters;      // (N_pad / 64,) zero on entry, left zero
-  int m, n, k, n_pad, chunks, seg_chunks;
-  int64_t work;    // n-tiles x chunks: the flattened work that the blocks share
+  int m, n, k, n_pad, chunks, seg_chunks, splits;
   int64_t ldx;     // row stride of x in elements (int4: in int32 words)
   int out_dtype;   // DType
   bool vec_x;      // x rows allow the vector loads (alignment, stride)
@@ -298,8 +293,7 @@ __device__ __forceinline__ void finish(const Args& p, int row, int col, uint32_t
 // weight layout is the same: words 2j and 2j + 1 (columns 16 j + g and 16 j + 8 + g) are rows g
 // and g + 8 of n16-tile j.
 template <int BITS, int AM, bool GROUPED, bool DEBUG, bool SWAP>
-__device__ __forceinline__ void run_piece(const Args& p, unsigned char* smem_raw, bool& last_block,
-                                          int nt, int s_begin, int s_end, int piece, int pieces) {
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p) {
   constexpr bool kInt = AM == kAInt8 || AM == kAInt4;
   constexpr bool kBf16 = AM != kAFp16;
   constexpr int CK = BITS == 4 ? 32 : 64;  // K per chunk
@@ -318,17 +312,23 @@ __device__ __forceinline__ void run_piece(const Args& p, unsigned char* smem_raw
   // dynamic shared memory (decode_smem_bytes): the group scales and zero points of each warp,
   // then each warp's ring of kDepth weight chunks, which the warp reduction reuses after the K
   // loop (+8: conflict-free 64-bit stores)
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   auto& sc_sm = *reinterpret_cast<uint32_t(*)[kWarps][kSlots][2][kTN]>(smem_raw);
   auto& ring = *reinterpret_cast<uint4(*)[kWarps][kDepth][64]>(smem_raw + sizeof(sc_sm));
   auto& sm = *reinterpret_cast<uint32_t(*)[kWarps][16][kTN + 8]>(smem_raw + sizeof(sc_sm));
+  __shared__ bool last_block;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
+  const int nt = blockIdx.x, split = blockIdx.y;
   const int n0 = nt * kTN;
   const int row0 = min(g, p.m - 1), row1 = min(g + 8, p.m - 1);
   constexpr int kAcc = SWAP ? kSub / 2 : kSub;  // accumulator tiles: n16 x m8, or m16 x n8
 
-  // this warp's chunks: quarter `warp` of the piece's
+  // this warp's chunks: split `split` of S, then quarter `warp` of it
+  const int per_split = (p.chunks + p.splits - 1) / p.splits;
+  const int s_begin = min(split * per_split, p.chunks);
+  const int s_end = min(s_begin + per_split, p.chunks);
   const int per_warp = (s_end - s_begin + kWarps - 1) / kWarps;
   const int kb = min(s_begin + warp * per_warp, s_end);
   const int ke = min(kb + per_warp, s_end);
@@ -580,7 +580,7 @@ __device__ __forceinline__ void run_piece(const Args& p, unsigned char* smem_raw
     }
   };
   const int items = p.m * kTN;
-  if (pieces == 1) {
+  if (p.splits == 1) {
     for (int e = threadIdx.x; e < items; e += blockDim.x) {
       const int row = e / kTN, col = e % kTN;
       if (n0 + col >= p.n) continue;
@@ -596,12 +596,12 @@ __device__ __forceinline__ void run_piece(const Args& p, unsigned char* smem_raw
     uint32_t v = sm[0][row][col];
 #pragma unroll
     for (int w = 1; w < kWarps; ++w) v = add(v, sm[w][row][col]);
-    p.ws[(static_cast<int64_t>(piece) * 16 + row) * p.n_pad + n0 + col] = v;
+    p.ws[(static_cast<int64_t>(split) * 16 + row) * p.n_pad + n0 + col] = v;
   }
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
-    last_block = atomicAdd(p.counters + nt, 1) == pieces - 1;
+    last_block = atomicAdd(p.counters + nt, 1) == p.splits - 1;
   }
   __syncthreads();
   if (!last_block) return;
@@ -610,7 +610,7 @@ __device__ __forceinline__ void run_piece(const Args& p, unsigned char* smem_raw
     const int row = e / kTN, col = e % kTN;
     if (n0 + col >= p.n) continue;
     uint32_t v = __ldcg(p.ws + static_cast<int64_t>(row) * p.n_pad + n0 + col);
-    for (int sp = 1; sp < pieces; ++sp) {
+    for (int sp = 1; sp < p.splits; ++sp) {
       v = add(v, __ldcg(p.ws + (static_cast<int64_t>(sp) * 16 + row) * p.n_pad + n0 + col));
     }
     finish<AM, GROUPED, DEBUG>(p, row, n0 + col, v);
@@ -618,50 +618,14 @@ __device__ __forceinline__ void run_piece(const Args& p, unsigned char* smem_raw
   if (threadIdx.x == 0) p.counters[nt] = 0;
 }
 
-// the first / last block whose share of the work holds chunk c of the flattened work: block b
-// owns [floor(b W / B), floor((b + 1) W / B)), so the last b with floor(b W / B) <= c is
-// floor(((c + 1) B - 1) / W)
-__host__ __device__ __forceinline__ int64_t owner(int64_t c, int64_t work, int64_t blocks) {
-  return ((c + 1) * blocks - 1) / work;
-}
-
-// Stream-K (Marlin's striped partition, CUTLASS' stream-K): the n-tiles x chunks of work, in
-// tile-major order, cut into gridDim.x equal contiguous shares, one per block, so that every
-// block (and, with gridDim.x = resident blocks, every SM) streams the same number of weight
-// bytes: with one block per n-tile (the old split-K at S = 1), 1 x 28672 x 8192 ran 448 blocks
-// on 132 SMs x 4 slots, so 52 SMs held 4 blocks and 80 held 3 (the slowest SMs 1.18x the mean
-// load). A share crosses n-tile boundaries: each tile piece is reduced by its block and, when
-// the tile has several pieces, added by the last one to finish, in piece order (deterministic
-// for a given grid).
-template <int BITS, int AM, bool GROUPED, bool DEBUG, bool SWAP>
-__global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ bool last_block;
-  const int64_t blocks = gridDim.x;
-  const int64_t begin = p.work * blockIdx.x / blocks, end = p.work * (blockIdx.x + 1) / blocks;
-  for (int64_t pos = begin; pos < end;) {
-    const int nt = static_cast<int>(pos / p.chunks);
-    const int a = static_cast<int>(pos - static_cast<int64_t>(nt) * p.chunks);
-    const int e = static_cast<int>(min(static_cast<int64_t>(p.chunks), a + (end - pos)));
-    const int64_t first = owner(static_cast<int64_t>(nt) * p.chunks, p.work, blocks);
-    const int64_t last = owner(static_cast<int64_t>(nt + 1) * p.chunks - 1, p.work, blocks);
-    run_piece<BITS, AM, GROUPED, DEBUG, SWAP>(p, smem_raw, last_block, nt, a, e,
-                                              static_cast<int>(blockIdx.x - first),
-                                              static_cast<int>(last - first + 1));
-    pos += e - a;
-    __syncthreads();  // the next piece's weight copies reuse the shared memory just reduced
-  }
-}
-
 constexpr size_t kScaleBytes = sizeof(uint32_t) * kWarps * (kDepth + 1) * 2 * kTN;
 constexpr size_t kRingBytes = sizeof(uint4) * kWarps * kDepth * 64;
 constexpr size_t kReduceBytes = sizeof(uint32_t) * kWarps * 16 * (kTN + 8);
 constexpr size_t kSmemBytes = kScaleBytes + (kRingBytes > kReduceBytes ? kRingBytes : kReduceBytes);
 
-// occupancy != nullptr: only report the blocks per SM of the kernel that would run
 template <int BITS, int AM, bool DEBUG>
-void launch(const Args& p, bool grouped, int blocks, int device, cudaStream_t stream,
-            int* occupancy) {
+void launch(const Args& p, bool grouped, int device, cudaStream_t stream) {
+  const dim3 grid(p.n_pad / kTN, p.splits);
   const bool swap = p.m <= 8;
   const auto kernel = grouped ? (swap ? decode_kernel<BITS, AM, true, DEBUG, true>
                                       : decode_kernel<BITS, AM, true, DEBUG, false>)
@@ -677,13 +641,7 @@ void launch(const Args& p, bool grouped, int blocks, int device, cudaStream_t st
                "cudaFuncSetAttribute");
     attr_set[which] |= bit;
   }
-  if (occupancy != nullptr) {
-    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(occupancy, kernel, kWarps * 32,
-                                                             kSmemBytes),
-               "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-    return;
-  }
-  kernel<<<blocks, kWarps * 32, kSmemBytes, stream>>>(p);
+  kernel<<<grid, kWarps * 32, kSmemBytes, stream>>>(p);
 }
 
 }  // namespace
@@ -691,30 +649,11 @@ void launch(const Args& p, bool grouped, int blocks, int device, cudaStream_t st
 int decode_tile_n(int) { return kTN; }
 int decode_chunk_k(int bits) { return bits == 2 ? 64 : 32; }
 
-int decode_pieces(int64_t n_tiles, int64_t chunks, int64_t blocks) {
-  // O(n_tiles) per distinct grid, then from a per-thread cache (a 7B decode step calls the
-  // GEMM 224 times on 4 shapes)
-  thread_local std::map<std::tuple<int64_t, int64_t, int64_t>, int> cache;
-  const auto key = std::make_tuple(n_tiles, chunks, blocks);
-  const auto hit = cache.find(key);
-  if (hit != cache.end()) return hit->second;
-  const int64_t work = n_tiles * chunks;
-  int64_t most = 1;
-  for (int64_t nt = 0; nt < n_tiles; ++nt) {
-    const int64_t pieces =
-        owner((nt + 1) * chunks - 1, work, blocks) - owner(nt * chunks, work, blocks) + 1;
-    most = pieces > most ? pieces : most;
-  }
-  if (cache.size() > 4096) cache.clear();
-  return cache[key] = static_cast<int>(most);
-}
-
 void gemm_decode_cuda(const void* x, const float* x_scales, int a_mode, const int32_t* words,
                       const float* scales, const int32_t* zeros, const float* bias, void* out,
                       void* ws, int32_t* counters, int64_t m, int64_t n, int64_t k,
-                      int64_t n_pad, int64_t ldx, int bits, int64_t group_size, int blocks,
-                      int out_dtype, bool debug, int device, std::uintptr_t stream,
-                      int* occupancy) {
+                      int64_t n_pad, int64_t ldx, int bits, int64_t group_size, int splits,
+                      int out_dtype, bool debug, int device, std::uintptr_t stream) {
   int previous = 0;
   check_cuda(cudaGetDevice(&previous), "cudaGetDevice");
   if (previous != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
@@ -739,7 +678,7 @@ void gemm_decode_cuda(const void* x, const float* x_scales, int a_mode, const in
   // segments: a group; per channel: the whole K (integer: int32 is exact), or 128 K (float:
   // keeps the fp32 sums of (128 + q) x small)
   p.seg_chunks = static_cast<int>(grouped ? group_size / ck : (is_int ? p.chunks : kFloatSegment));
-  p.work = static_cast<int64_t>(n_pad / kTN) * p.chunks;
+  p.splits = splits;
   p.ldx = ldx;
   p.out_dtype = out_dtype;
   const auto addr = reinterpret_cast<std::uintptr_t>(x);
@@ -752,18 +691,18 @@ void gemm_decode_cuda(const void* x, const float* x_scales, int a_mode, const in
   }
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (bits == 2) {
-    if (a_mode == kABf16) launch<2, kABf16, false>(p, grouped, blocks, device, s, occupancy);
-    else launch<2, kAFp16, false>(p, grouped, blocks, device, s, occupancy);
+    if (a_mode == kABf16) launch<2, kABf16, false>(p, grouped, device, s);
+    else launch<2, kAFp16, false>(p, grouped, device, s);
   } else if (a_mode == kABf16) {
-    launch<4, kABf16, false>(p, grouped, blocks, device, s, occupancy);
+    launch<4, kABf16, false>(p, grouped, device, s);
   } else if (a_mode == kAFp16) {
-    launch<4, kAFp16, false>(p, grouped, blocks, device, s, occupancy);
+    launch<4, kAFp16, false>(p, grouped, device, s);
   } else if (a_mode == kAInt8) {
-    if (debug) launch<4, kAInt8, true>(p, grouped, blocks, device, s, occupancy);
-    else launch<4, kAInt8, false>(p, grouped, blocks, device, s, occupancy);
+    if (debug) launch<4, kAInt8, true>(p, grouped, device, s);
+    else launch<4, kAInt8, false>(p, grouped, device, s);
   } else {
-    if (debug) launch<4, kAInt4, true>(p, grouped, blocks, device, s, occupancy);
-    else launch<4, kAInt4, false>(p, grouped, blocks, device, s, occupancy);
+    if (debug) launch<4, kAInt4, true>(p, grouped, device, s);
+    else launch<4, kAInt4, false>(p, grouped, device, s);
   }
   const cudaError_t err = cudaGetLastError();
   if (previous != device) cudaSetDevice(previous);

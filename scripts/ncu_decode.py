@@ -16,7 +16,7 @@ from cbq_kernels.gemm import gemm_w4a4, gemm_w4a8, gemm_wonly
 m, n, k = (int(v) for v in (sys.argv[1:] or ["1", "28672", "8192"]))
 g = torch.Generator(device="cuda").manual_seed(0)
 x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
-w4g, w4, w2g = weight(n, k, 4, 128, g), weight(n, k, 4, None, g), weight(n, k, 2, 128, g)
+w4g, w4, w2g = (weight(n, k, b, gs, g)[0] for b, gs in ((4, 128), (4, None), (2, 128)))
 xq8, xs8 = act_quant(x, 8)
 xq4, xs4 = act_quant(x, 4)
 for fn in (lambda: gemm_wonly(x, w4g), lambda: gemm_w4a8(xq8, xs8, w4),

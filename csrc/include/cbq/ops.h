@@ -32,20 +32,15 @@ void dequantize_cuda(const int32_t* packed, const float* scales, const float* ze
 
 // The decode GEMM (gemm_decode.cu; layout in its header and cbq_kernels/gemm_decode.py).
 // a_mode: 0 bf16, 1 fp16, 2 int8 codes, 3 packed int4 codes (offset 8). out: (m, n) of
-// out_dtype (DType), int32 when debug. blocks: the grid (stream-K: the n-tiles x chunks of work
-// cut into `blocks` equal shares). ws: (decode_pieces(n_pad / tile_n, chunks, blocks), 16,
-// n_pad) 32-bit scratch when that is > 1; counters: (n_pad / decode_tile_n(bits),) int32,
-// zero, left zero. occupancy != nullptr: nothing runs; *occupancy = the blocks per SM of the
-// kernel that would.
+// out_dtype (DType), int32 when debug. ws: (splits, 16, n_pad) 32-bit scratch when splits > 1;
+// counters: (n_pad / decode_tile_n(bits),) int32, zero, left zero.
 int decode_tile_n(int bits);
 int decode_chunk_k(int bits);
-int decode_pieces(int64_t n_tiles, int64_t chunks, int64_t blocks);
 void gemm_decode_cuda(const void* x, const float* x_scales, int a_mode, const int32_t* words,
                       const float* scales, const int32_t* zeros, const float* bias, void* out,
                       void* ws, int32_t* counters, int64_t m, int64_t n, int64_t k,
-                      int64_t n_pad, int64_t ldx, int bits, int64_t group_size, int blocks,
-                      int out_dtype, bool debug, int device, std::uintptr_t stream,
-                      int* occupancy = nullptr);
+                      int64_t n_pad, int64_t ldx, int bits, int64_t group_size, int splits,
+                      int out_dtype, bool debug, int device, std::uintptr_t stream);
 #endif
 
 }  // namespace cbq
