@@ -1,5 +1,5 @@
 """Online Hadamard rotation fused with per-token activation quantization (issue 15), bf16 in:
-SmolLM2's down_proj width 1536 = 12 x 128, a power of two (4096), Llama-2's 11008 = 344 x 32
+SmolLM2's down_proj width 1536 = 12 x 128, a power of two (4096), Llama-2's 11008 = 172 x 64
 and 28672 = 28 x 1024, 8192 tokens (target: >= 80% of the copy bandwidth). Providers: the
 fused kernel (cbq_kernels.hadamard_quant; widths it does not take run the composition), the
 composition (the transform, then act_quant), act_quant alone (the cost without rotation);

@@ -9,9 +9,11 @@ written ``n = m * 2^j`` with a small Hadamard order m, and
 
 where H_(2^j) is Sylvester's matrix (a fast Walsh-Hadamard transform: j butterfly stages) and
 H_m comes from Paley's constructions over a finite field GF(q), q a prime or a prime's square
-or cube: Paley I (q = 3 mod 4) gives order q + 1, Paley II (q = 1 mod 4) order 2 (q + 1).
-Orders like 172 need other constructions (Williamson); a size with no factorisation here gets
-an error that names it and the nearest sizes that have one.
+or cube: Paley I (q = 3 mod 4) gives order q + 1, Paley II (q = 1 mod 4) order 2 (q + 1); or,
+for an order 4 p (p an odd prime) that Paley does not reach, from Williamson matrices found
+by a small search (:func:`williamson`: 172 = 4 x 43, so Llama-2's 11008 = 172 x 64 and
+stories260K's FFN width 172). A size with no factorisation here gets an error that names it
+and the nearest sizes that have one.
 
 ``x @ R`` with ``R = diag(signs) H_n / sqrt(n)`` costs j additions per element plus an m x m
 product per block of 2^j, instead of n multiply-adds: :func:`transform` (the reference,
@@ -123,34 +125,127 @@ def small_orders() -> dict[int, int]:
     return orders
 
 
+# ------------------------------------------------------------- Williamson matrices of order 4 p
+
+WILLIAMSON_MAX_CLASSES = 9  # <= 2^10 sequences per class count: the search takes < 0.1 s
+
+
+def _primitive_root(p: int) -> int:
+    return next(g for g in range(2, p) if len({pow(g, k, p) for k in range(p - 1)}) == p - 1)
+
+
+def _is_odd_prime(p: int) -> bool:
+    return p > 2 and p % 2 == 1 and all(p % d for d in range(3, int(p**0.5) + 1, 2))
+
+
+@functools.cache
+def williamson_sequences(p: int) -> np.ndarray | None:
+    """Four symmetric +-1 sequences A, B, C, D of length p (p an odd prime) with periodic
+    autocorrelations summing to 0 at every non-zero shift (Williamson matrices: the circulants
+    satisfy A^2 + B^2 + C^2 + D^2 = 4 p I), or None if the search finds none.
+
+    The search (written here) looks only at sequences that are constant on the cosets of a
+    subgroup of GF(p)* that contains -1 (the e cyclotomic classes, e | (p - 1) / 2, e <=
+    WILLIAMSON_MAX_CLASSES; every such sequence is symmetric), with a free sign at 0: 2^(e+1)
+    sequences, whose autocorrelation is constant on the same classes, so a solution is two
+    pairs whose e-vectors of integer autocorrelations add to 0 (an exact sort-and-match, no
+    floating point: the same four sequences on every machine). For p = 43 it finds one with e =
+    7 classes of 6 (Williamson himself gave order 43 in 1944). Measured over the odd primes <=
+    257 whose order 4 p is not a Paley order: only 43 has a solution of this form (23, 29, 47,
+    59, 67, 73, ... do not, each search < 0.02 s; 47 and 59 have no Williamson matrices
+at all, by the exhaustive searches of the literature)."""
+    if not _is_odd_prime(p):
+        raise ValueError(f"Williamson sequences are searched for odd primes, got {p}")
+    g, half = _primitive_root(p), (p - 1) // 2
+    # class counts e | (p - 1) / 2 whose matching key below is exact in int64
+    counts = [d for d in range(1, min(half, WILLIAMSON_MAX_CLASSES) + 1)
+              if half % d == 0 and (4 * p + 1) ** d < 2**62]  # fmt: skip
+    for e in counts:
+        classes = [[pow(g, k * e + i, p) for k in range((p - 1) // e)] for i in range(e)]
+        signs = 1 - 2 * ((np.arange(2 ** (e + 1))[:, None] >> np.arange(e + 1)) & 1)
+        seqs = np.empty((len(signs), p), dtype=np.int64)
+        seqs[:, 0] = signs[:, 0]
+        for i, cls in enumerate(classes):
+            seqs[:, cls] = signs[:, i + 1 : i + 2]
+        paf = np.stack([(seqs * np.roll(seqs, -c[0], axis=1)).sum(1) for c in classes], 1)
+        i, j = np.triu_indices(len(seqs))
+        pair = paf[i] + paf[j]  # in [-2p, 2p]
+        base = (4 * p + 1) ** np.arange(e, dtype=np.int64)  # digits of the shifted pair sums
+        key, want = (pair + 2 * p) @ base, (2 * p - pair) @ base
+        order = np.argsort(key, kind="stable")
+        at = np.minimum(np.searchsorted(key[order], want), len(order) - 1)
+        hits = np.flatnonzero(key[order][at] == want)
+        if len(hits):
+            t, u = int(hits[0]), int(order[at[hits[0]]])
+            return np.stack([seqs[i[t]], seqs[j[t]], seqs[i[u]], seqs[j[u]]])
+    return None
+
+
+def _circulant(row: np.ndarray) -> np.ndarray:
+    return np.stack([np.roll(row, k) for k in range(len(row))])
+
+
+def williamson(p: int) -> np.ndarray:
+    """The Hadamard matrix of order 4 p of Williamson's array from :func:`williamson_sequences`
+    (rows [A B C D; -B A -D C; -C D A -B; -D -C B A] of symmetric, commuting circulants)."""
+    seq = williamson_sequences(p)
+    if seq is None:
+        raise ValueError(f"no Williamson sequences of length {p} found here")
+    a, b, c, d = (_circulant(s) for s in seq)
+    return np.block([[a, b, c, d], [-b, a, -d, c], [-c, d, a, -b], [-d, -c, b, a]])
+
+
+def _williamson_order(n: int) -> int | None:
+    """4 p for the odd part p of n, when it is a prime with Williamson sequences and n / (4 p) is
+    a power of two; else None."""
+    p = n
+    while p % 2 == 0:
+        p //= 2
+    if n % (4 * p) or not _is_odd_prime(p) or 4 * p in small_orders():
+        return None
+    return 4 * p if williamson_sequences(p) is not None else None
+
+
 def _is_pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def _split(n: int) -> tuple[int, int] | None:
-    """(m, 2^j) with n = m * 2^j, m = 1 or the smallest Paley order that fits; None if none."""
+CONSTRUCTION = 2  # 1: Paley and Sylvester only (saved rotations before the Williamson order)
+
+
+def _split(n: int, construction: int = CONSTRUCTION) -> tuple[int, int] | None:
+    """(m, 2^j) with n = m * 2^j, m = 1 or the smallest small order that fits (Paley's, and
+    Williamson's 4 p from construction 2 on); None if none."""
     if _is_pow2(n):
         return 1, n
+    found = None
     for m in sorted(small_orders()):
         if m > n:
             break
         if n % m == 0 and _is_pow2(n // m):
-            return m, n // m
-    return None
+            found = (m, n // m)
+            break
+    w = _williamson_order(n) if construction >= 2 else None
+    if w is not None and (found is None or w < found[0]):
+        found = (w, n // w)
+    return found
 
 
-def factor(n: int) -> tuple[int, int]:
-    """(m, 2^j) with n = m * 2^j and m = 1 or a Paley order (the smallest such m: the fast
-    part is as long as possible). A clear error when n has no such factorisation."""
+def factor(n: int, construction: int = CONSTRUCTION) -> tuple[int, int]:
+    """(m, 2^j) with n = m * 2^j and m = 1, a Paley order or a Williamson order 4 p (the
+    smallest such m: the fast part is as long as possible). ``construction=1`` gives the
+    factorisation of rotations saved before the Williamson orders (Paley only: 11008 = 344 x
+    32). A clear error when n has no such factorisation."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"a Hadamard size must be a positive integer, got {n!r}")
-    found = _split(n)
+    found = _split(n, construction)
     if found is not None:
         return found
     near = [s for s in range(max(1, n - 64), n + 65) if s != n and _split(s) is not None]
     nearest = min(near, key=lambda s: (abs(s - n), s)) if near else None
     raise ValueError(
-        f"no Hadamard matrix of size {n} here (n = m * 2^j with m a Paley order or 1); the "
+        f"no Hadamard matrix of size {n} here (n = m * 2^j with m 1, a Paley or a Williamson "
+        f"order); the "
         f"nearest supported size is {nearest}; rotation kind 'random' (a dense random orthogonal "
         f"matrix) takes any width"
     )
@@ -163,7 +258,9 @@ def supported(n: int) -> bool:
 
 @functools.cache
 def _small(m: int) -> np.ndarray:
-    return np.ones((1, 1), dtype=np.int64) if m == 1 else paley(small_orders()[m])
+    if m == 1:
+        return np.ones((1, 1), dtype=np.int64)
+    return paley(small_orders()[m]) if m in small_orders() else williamson(m // 4)
 
 
 @functools.lru_cache(maxsize=64)

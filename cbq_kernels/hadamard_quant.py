@@ -3,7 +3,8 @@
 randomised Hadamard matrix, cbq_kernels.hadamard), in one pass over x (issue 15: R4 on the
 down_proj input of a rotated model).
 
-H_n = H_m (x) H_p (n = m p, p = 2^j, m = 1 or a Paley order; cbq_kernels.hadamard.factor),
+H_n = H_m (x) H_p (n = m p, p = 2^j, m = 1, a Paley or a Williamson order;
+cbq_kernels.hadamard.factor),
 and H_p = H_p1 (x) H_p2 (Sylvester's matrices, p1 = 1 or 2^floor(j/2), p2 the rest). A
 program holds R rows, each as an (m_pad, p1, p2) tile, and contracts one axis at a time on
 the tensor cores: ``tl.dot`` of the tile, reshaped to (rows, 16..128), with the +-1 factor
@@ -25,7 +26,7 @@ Exactness against the reference (:func:`hadamard_act_quant_ref`, the fp32 butter
 :func:`cbq_kernels.act_quant.act_quant_ref`): the MMA adds the terms in another order (and
 the lo parts carry 2^-22 of each value), so a scale can differ in its last bits and a code
 by one level where x R lies within ~1e-6 of a rounding boundary (the tests bound how many).
-Widths the tile does not take (m_pad > 64, p < 16, m_pad p > 32768: e.g. 11008 = 344 x 32)
+Widths the tile does not take (m_pad > 64, p < 16, m_pad p > 32768: e.g. 11008 = 172 x 64)
 run the composition: the transform as matrix products, then act_quant.
 """
 

@@ -49,6 +49,10 @@ class RotationInfo:
     kind: str
     seed: int
     online_down: bool = True  # R4 on every down_proj input
+    # cbq_kernels.hadamard.CONSTRUCTION when it was applied (1: Paley only, what a saved model
+    # without the field used; 2: also Williamson's 172, which changed 11008 = 344 x 32 into
+    # 172 x 64): the online R4 is rebuilt at load and must be the matrix the weights expect
+    construction: int = hadamard.CONSTRUCTION
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -57,7 +61,8 @@ class RotationInfo:
     def from_json(cls, d: dict) -> RotationInfo:
         if not isinstance(d, dict) or d.get("kind") not in KINDS:
             raise ValueError(f"rotation must be an object with kind in {KINDS}, got {d!r:.80}")
-        return cls(kind=d["kind"], seed=int(d["seed"]), online_down=bool(d.get("online_down", 1)))
+        return cls(kind=d["kind"], seed=int(d["seed"]), online_down=bool(d.get("online_down", 1)),
+                   construction=int(d.get("construction", 1)))  # fmt: skip
 
 
 def rotation_matrix(kind: str, n: int, seed: int, dtype=torch.float64) -> Tensor:
@@ -221,6 +226,13 @@ def rotate_model(model, kind: str = "hadamard", seed: int = 0,
     return info
 
 
+def _factor_or_none(n: int, construction: int = hadamard.CONSTRUCTION) -> tuple[int, int] | None:
+    try:
+        return hadamard.factor(n, construction)
+    except ValueError:
+        return None
+
+
 def reattach(model, info: RotationInfo) -> None:
     """After loading a rotated model: the online rotations its weights expect (the folded
     ones are in the weights already)."""
@@ -229,5 +241,14 @@ def reattach(model, info: RotationInfo) -> None:
         return
     spec = arch_spec(model)
     n = model.config.intermediate_size
+    if info.kind == "hadamard" and info.construction != hadamard.CONSTRUCTION:
+        was, now = _factor_or_none(n, info.construction), _factor_or_none(n)
+        if was != now:
+            raise ValueError(
+                f"this model's online rotation of width {n} was built as H_{was[0] if was else '?'}"
+                f" x H_{was[1] if was else '?'} (Hadamard construction {info.construction}); "
+                f"this cbq builds H_{now[0] if now else '?'} x H_{now[1] if now else '?'} "
+                f"(construction {hadamard.CONSTRUCTION}): quantize the model again"
+            )
     for block in blocks(model):
         attach(block.get_submodule(spec.down), OnlineRotation(info.kind, n, info.seed + 2))

@@ -1,6 +1,6 @@
 """GPU tests of the online Hadamard + per-token quantization (same contracts as on CPU) at
 real widths: SmolLM2's down_proj input 1536 = 12 x 128, a power of two, Llama-2-70B's 28672
-= 28 x 32 x 32 (the fused kernel), Llama-2-7B's 11008 = 344 x 32 (the composition:
+= 28 x 32 x 32 (the fused kernel), Llama-2-7B's 11008 = 172 x 64 (the composition:
 transform, then act_quant); bf16 and fp32 inputs."""
 
 import pytest

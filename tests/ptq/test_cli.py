@@ -18,7 +18,8 @@ def test_quantize_then_eval(tmp_path, capsys):
                "--eval-windows", "2", "--out", str(out), "--device", "cpu"])  # fmt: skip
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "stories260K float32: perplexity" in printed and "W4A8 (CBQ): perplexity" in printed
+    assert "stories260K float32: perplexity" in printed  # --rotate auto: Hadamard (FFN 172 =
+    assert "W4A8 (CBQ + hadamard rotation): perplexity" in printed  # Williamson's 4 x 43)
     assert "on ptb (first 2 windows" in printed and "quantization kernel" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ppl_after"]["tinystories"]["windows"] == 2
@@ -29,6 +30,7 @@ def test_quantize_then_eval(tmp_path, capsys):
     assert not (out / "checkpoint").exists()  # removed once the model is saved
     meta = json.loads((out / "model" / "quant_config.json").read_text())
     assert meta["settings"]["act_quantizer"] == "per_token"  # --act-quantizer auto, CPU recipe
+    assert meta["rotation"]["kind"] == "hadamard" and meta["rotation"]["construction"] == 2
     rc = main(["eval", str(out / "model"), "--corpus", "tinystories", "--eval-windows", "2",
                "--device", "cpu", "--also", ""])  # fmt: skip
     assert rc == 0

@@ -67,8 +67,6 @@ USAGE = [  # (extra argv, message): exit 2, before the model is loaded
     (["--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
     (["--method", "awq"], "argument --method: invalid choice: 'awq'"),
     (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
-    (["--rotate", "hadamard"], "argument --rotate: stories260K's FFN width: no Hadamard matrix "
-     "of size 172"),
     (["--rotate", "givens"], "argument --rotate: invalid choice: 'givens'"),
 ]
 
@@ -87,6 +85,19 @@ def test_cuda_without_a_gpu(capsys, tmp_path, monkeypatch):
     rc, err = run([*Q, "--device", "cuda", "--out", str(tmp_path)], capsys,
                   monkeypatch=monkeypatch)  # fmt: skip
     assert rc == 2 and "cuda requested but no CUDA GPU is available" in err
+
+
+def test_rotate_hadamard_on_a_width_without_a_construction(capsys, tmp_path, monkeypatch):
+    # stories260K's FFN 172 has one (Williamson's 4 x 43); a copy of its folder whose config
+    # says 188 = 4 x 47 does not
+    src = models.resolve("stories260K")
+    shutil.copytree(src, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 188}))
+    rc, err = run([*Q, "--model", str(tmp_path / "m"), "--rotate", "hadamard", "--out",
+                   str(tmp_path / "o")], capsys, monkeypatch=monkeypatch)  # fmt: skip
+    assert rc == 2 and "argument --rotate: " in err
+    assert "FFN width: no Hadamard matrix of size 188" in err
 
 
 def test_model_folder_without_config(capsys, tmp_path, monkeypatch):
