@@ -120,6 +120,10 @@ class CBQConfig:
     h(V)'s gradient); round_temp: the relaxation's temperature h(V / T), geometric from the
     first to the second value.
 
+    act_clip: the per-token activation clipping ratio every quantized layer starts from (the
+    quantization range is act_clip x the token's max |x|; learned from there with the
+    clipping, else fixed).
+
     rotate: 'none', 'hadamard' or 'random': rotate the full-precision model first
     (cbq_ptq.rotation: RMSNorm folded, R1 on the residual stream, R2 per head, R4 online on
     the down_proj input; seeded by ``seed``), an identity that spreads activation outliers.
@@ -147,6 +151,7 @@ class CBQConfig:
     lora_init: str = "nearest"
     lora_margin: float = 2.0
     learn_clipping: bool = True
+    act_clip: float = 1.0
     epochs: int = 2
     steps: int | None = None
     batch_size: int = 4
@@ -208,6 +213,8 @@ class CBQConfig:
             raise ValueError(f"eval_points must be >= 0, got {self.eval_points}")
         if not 0.0 <= self.gptq_damp < 1.0:
             raise ValueError(f"gptq_damp must be in [0, 1), got {self.gptq_damp}")
+        if not 0.0 < self.act_clip <= 1.0:
+            raise ValueError(f"act_clip must be in (0, 1], got {self.act_clip}")
 
     @property
     def trains(self) -> bool:

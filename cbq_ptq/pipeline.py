@@ -82,7 +82,8 @@ def prepare_block(model, j: int, x_in: Tensor, kwargs: dict, config: CBQConfig) 
         q = QLinear(getattr(parent, leaf), settings, name=f"{j}.{name}", train=train,
                     lora=config.lora_rounding, lora_rank=config.lora_rank,
                     learn_clipping=config.learn_clipping, truncated=truncated.get(name),
-                    lora_init=config.lora_init, lora_margin=config.lora_margin)  # fmt: skip
+                    lora_init=config.lora_init, lora_margin=config.lora_margin,
+                    act_clip=config.act_clip if settings.a_bits < 16 else 1.0)  # fmt: skip
         if channel_max is not None:
             alpha = settings.crossquant_alpha
             q.channel_factor = channel_max[name].clamp_min(1e-6).pow(1 - alpha)

@@ -78,7 +78,8 @@ class QLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, settings: QuantSettings, *, name: str = "",
                  train: bool = True, lora: bool = True, lora_rank: int = 8,
                  learn_clipping: bool = True, truncated: Tensor | None = None,
-                 lora_init: str = "nearest", lora_margin: float = 2.0) -> None:  # fmt: skip
+                 lora_init: str = "nearest", lora_margin: float = 2.0,
+                 act_clip: float = 1.0) -> None:  # fmt: skip
         super().__init__()
         n, k = linear.weight.shape
         gs = settings.group_size
@@ -114,10 +115,17 @@ class QLinear(torch.nn.Module):
         self.lora = lora
         if lora:
             self._start_lora()
+        # the per-token activation clipping ratio: learned from act_clip (a logit; at the
+        # default 1.0 the logit is CLIP_MAX_LOGIT = 5, where sigmoid's slope is 0.0066, so a
+        # run's ~128 Adam steps of 0.005 move the ratio by < 0.5%), or fixed at act_clip
+        if not 0.0 < act_clip <= 1.0:
+            raise ValueError(f"act_clip must be in (0, 1], got {act_clip}")
         self.register_buffer("act_logit", None)
         if settings.a_bits < 16 and train and learn_clipping:
-            self._put("act_logit", torch.tensor([CLIP_MAX_LOGIT], device=dev), learn=True)
-        self.register_buffer("act_ratio", torch.ones(1, device=dev))  # fixed ratio after hardening
+            p = act_clip * _SIG_MAX
+            self._put("act_logit", torch.tensor([math.log(p / (1 - p))], device=dev), learn=True)
+        # the fixed ratio (after hardening: the learned one)
+        self.register_buffer("act_ratio", torch.full((1,), float(act_clip), device=dev))
         self.register_buffer("channel_factor", None)  # CrossQuant c^(1 - alpha), (K,)
         self.register_buffer("codes", None)  # (N, K) uint8 after hardening
         self.register_buffer("scales", None)

@@ -67,4 +67,5 @@ for name, kw in variants.items():
     print(json.dumps({"v": name, "before": r5(e["loss_before"]), "after": r5(e["loss_after"]),
                       "hard_end": r5(e.get("hard_end")), "soft_end": r5(e.get("soft_end")),
                       "mse": r5(mse), "kept": e["kept"], "prep_s": round(t1 - t0, 1),
+                      "act_ratio": r5(sum(float(q._act_ratio()) for q in qls) / len(qls)),
                       "train_s": round(time.time() - t1, 1)}), flush=True)  # fmt: skip

@@ -96,3 +96,22 @@ def test_the_rotated_recipe_drops_cfp_at_4_bit_activations(tmp_path, setting, cf
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cbq_config"]["cfp"] is cfp and summary["cbq_config"]["rotate"] == "random"
+
+
+def test_act_clip_reaches_every_layer_and_the_saved_model(tmp_path):
+    from safetensors.torch import load_file
+
+    need_shared(SHARED_MODELS / "stories260K" / "config.json")
+    out = tmp_path / "run"
+    rc = main(["quantize", "--model", "stories260K", "--setting", "W4A4", "--corpus",
+               "tinystories", "--n-calib", "2", "--calib-len", "32", "--epochs", "0",
+               "--eval-windows", "1", "--also", "", "--rotate", "none", "--act-clip", "0.8",
+               "--out", str(out), "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cbq_config"]["act_clip"] == 0.8
+    tensors = {}
+    for f in (out / "model").glob("*.safetensors"):
+        tensors.update(load_file(f))
+    ratios = [float(v) for k, v in tensors.items() if k.endswith(".act_ratio")]
+    assert len(ratios) == 35 and all(r == pytest.approx(0.8, abs=1e-6) for r in ratios)

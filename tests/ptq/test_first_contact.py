@@ -55,6 +55,7 @@ USAGE = [  # (extra argv, message): exit 2, before the model is loaded
     (["--lora-rank", "0"], "argument --lora-rank: must be >= 1, got 0"),
     (["--lr", "0"], "argument --lr: must be > 0, got 0.0"),
     (["--lr-lora", "-1"], "argument --lr-lora: must be > 0, got -1.0"),
+    (["--act-clip", "1.2"], "argument --act-clip: must be in (0, 1], got 1.2"),
     (["--n-calib", "abc"], "argument --n-calib: expected an integer, got 'abc'"),
     (["--crossquant-alpha", "2"], "argument --crossquant-alpha: must be in (0, 1], got 2.0"),
     (["--setting", "W5A3"], "argument --setting: w_bits must be one of"),

@@ -126,6 +126,30 @@ def test_clipping_and_activation_ratios_start_at_one():
     torch.testing.assert_close(got, rtn(x), rtol=0, atol=0)
 
 
+def test_an_activation_clip_below_one_is_where_the_ratio_starts_and_what_rtn_keeps():
+    from cbq_ptq.qlinear import clip_factor
+
+    layer, st = lin(seed=5), parse_setting("W4A4")
+    q = QLinear(layer, st, lora=False, learn_clipping=True, act_clip=0.9)
+    assert q.act_logit.requires_grad
+    torch.testing.assert_close(clip_factor(q.act_logit.detach()), torch.tensor([0.9]))
+    rtn = QLinear(layer, st, lora=False, train=False, act_clip=0.9)
+    assert rtn.act_logit is None and float(rtn.act_ratio) == pytest.approx(0.9)
+    full = QLinear(layer, st, lora=False, train=False)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(6))
+    x[:, 3] *= 20  # an outlier channel sets every token's range
+    with quantized([q], rounding="hard"):
+        got = q(x)
+    torch.testing.assert_close(got, rtn(x), rtol=0, atol=1e-6)  # learned = fixed at the start
+    assert not torch.allclose(rtn(x), full(x))  # 0.9 quantizes otherwise than 1.0
+    q.harden()
+    assert float(q.act_ratio) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match=r"act_clip must be in \(0, 1\], got 1.5"):
+        QLinear(layer, st, act_clip=1.5)
+    with pytest.raises(ValueError, match=r"act_clip must be in \(0, 1\], got 0"):
+        CBQConfig(act_clip=0)
+
+
 def test_lora_rounding_reaches_both_neighbours():
     """From the round-to-nearest start, V0 = +-margin: pushing V up / down moves codes to
     floor + 1 / floor, i.e. both neighbours of the weight are reachable."""
