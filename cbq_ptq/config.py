@@ -277,8 +277,12 @@ def rotated_recipe(settings: QuantSettings) -> dict:
     rotation is on). 4-bit activations: no coarse-to-fine preprocessing; H200, 2d9c58b,
     SmolLM2 W4A4 CBQ + rotation held-out perplexity 40.78 without CFP against 42.23 with it
     (test 44.21 vs 45.12; docs/results/issue15). At 8-bit activations CFP stays (held-out
-    25.77 without against 25.20 with)."""
-    return {"cfp": False} if settings.a_bits == 4 else {}
+    25.77 without against 25.20 with). 4-bit activations also start their clipping ratio at
+    0.8 (``act_clip``; learned from there): CPU recipe, SmolLM2 W4A4 CBQ + rotation held-out
+    44.30 -> 36.67 (test, 4 windows, 54.96 -> 45.20); the block proxy (blocks 14-15, held-out
+    window loss) 0.0193 at 1.0, 0.0159 at 0.9, 0.0135 at 0.8, 0.0147 at 0.7, 0.0189 at 0.6;
+    at W4A8 0.9 was not better (0.00292 vs 0.00284), so 8-bit keeps 1.0."""
+    return {"cfp": False, "act_clip": 0.8} if settings.a_bits == 4 else {}
 
 
 def recipe(settings: QuantSettings, device: str = "cuda") -> dict:

@@ -83,8 +83,9 @@ def test_crossquant_on_a_rotated_model_is_warned_about(tmp_path, capsys):
     assert len(err) == 1 and "CrossQuant on a rotated model" in err[0]
 
 
-@pytest.mark.parametrize(("setting", "cfp"), [("W4A4", False), ("W4A8", True)])
-def test_the_rotated_recipe_drops_cfp_at_4_bit_activations(tmp_path, setting, cfp):
+@pytest.mark.parametrize(("setting", "cfp", "act_clip"), [("W4A4", False, 0.8),
+                                                          ("W4A8", True, 1.0)])  # fmt: skip
+def test_the_rotated_recipe_drops_cfp_at_4_bit_activations(tmp_path, setting, cfp, act_clip):
     """config.rotated_recipe: a rotated CBQ run at 4-bit activations skips the coarse-to-fine
     preprocessing (H200 held-out 40.78 without against 42.23 with), 8-bit keeps it."""
     need_shared(SHARED_MODELS / "stories260K" / "config.json")
@@ -96,6 +97,7 @@ def test_the_rotated_recipe_drops_cfp_at_4_bit_activations(tmp_path, setting, cf
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cbq_config"]["cfp"] is cfp and summary["cbq_config"]["rotate"] == "random"
+    assert summary["cbq_config"]["act_clip"] == act_clip  # 4-bit: clipped from the start
 
 
 def test_act_clip_reaches_every_layer_and_the_saved_model(tmp_path):
