@@ -96,8 +96,8 @@ def config_for(name: str):
         quantizer = "crossquant"
     settings = parse_setting(setting, act_quantizer=quantizer, ragged_groups=True)
     fields = recipe(settings, "cuda")
-    if rotate:  # the CLI's rotated recipe; a variant's changes come after it
-        fields.update(rotated_recipe(settings))
+    if rotate and method not in ("rtn", "gptq"):  # the CLI's rotated recipe (CBQ runs, as
+        fields.update(rotated_recipe(settings))  # `cbq quantize`); a variant's changes after it
     default = CBQConfig(settings=settings, **fields)
     changes = BASE.get(method, VARIANTS.get(method))
     if changes is None:
