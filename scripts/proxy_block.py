@@ -42,16 +42,58 @@ x, kwargs = capture_inputs(model, calib)
 with torch.no_grad():
     x = propagate(layers, range(0, start_block), x, kwargs, 8, fp=True)
 idx = range(start_block, start_block + 2)
+def act_search(block, xin, kwargs, cfg, grid):
+    """Per QLinear of the block: the activation clipping ratio of ``grid`` that minimises the
+    output error ||Q_a(x; r) W^T - x W^T||^2 (fp weight) on the first 8 windows' inputs; the
+    learned logit starts there."""
+    import math
+
+    from cbq_kernels.quant_math import quantize_act
+    from cbq_ptq.qlinear import _SIG_MAX
+    from cbq_ptq.streams import run_block
+
+    seen, hooks = {}, []
+
+    def keep(mod, args, out):
+        seen.setdefault(mod, []).append(args[0].detach().flatten(0, -2))
+
+    for q in qlinears([block]):
+        hooks.append(q.register_forward_hook(keep))
+    with torch.no_grad():
+        for i in range(0, 8, 4):
+            run_block(block, xin[i: i + 4], kwargs)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for q, xs in seen.items():
+        xx = torch.cat(xs).float()
+        w = q.w_fp
+        ref = xx @ w.t()
+        errs = []
+        for r in grid:
+            c, st = quantize_act(xx, cfg.settings.a_bits, r)
+            errs.append(float(((c * st) @ w.t() - ref).square().sum()))
+        best = grid[min(range(len(grid)), key=errs.__getitem__)]
+        p = best * _SIG_MAX
+        q.act_logit.data.fill_(math.log(p / (1 - p)))
+        out[q.name] = best
+    return out
+
+
 for name, kw in variants.items():
     m = copy.deepcopy(model)
     ls = blocks(m)
     kw = dict(kw)
     sk = {f: kw.pop(f) for f in ("act_quantizer", "crossquant_alpha") if f in kw}
-    cfg = CBQConfig(settings=parse_setting(setting, **sk), holdout=4 / n, eval_points=0, **kw)
     t0 = time.time()
+    search = kw.pop("act_search", None)  # experiment: a per-layer activation-clip search
+    cfg = CBQConfig(settings=parse_setting(setting, **sk), holdout=4 / n, eval_points=0, **kw)
+    chosen = {}
     for j in idx:
         xin = propagate(ls, range(start_block, j), x, kwargs, 8, fp=False)
         prepare_block(m, j, xin, kwargs, cfg)
+        if search:
+            chosen.update(act_search(ls[j], xin, kwargs, cfg, search))
     qls = qlinears(ls[j] for j in idx)
     y = propagate(ls, idx, x, kwargs, 8, fp=True)
     t1 = time.time()
@@ -68,4 +110,5 @@ for name, kw in variants.items():
                       "hard_end": r5(e.get("hard_end")), "soft_end": r5(e.get("soft_end")),
                       "mse": r5(mse), "kept": e["kept"], "prep_s": round(t1 - t0, 1),
                       "act_ratio": r5(sum(float(q._act_ratio()) for q in qls) / len(qls)),
+                      "searched": chosen or None,
                       "train_s": round(time.time() - t1, 1)}), flush=True)  # fmt: skip
