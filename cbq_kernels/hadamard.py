@@ -246,9 +246,8 @@ def factor(n: int, construction: int = CONSTRUCTION) -> tuple[int, int]:
     nearest = min(near, key=lambda s: (abs(s - n), s)) if near else None
     raise ValueError(
         f"no Hadamard matrix of size {n} here (n = m * 2^j with m 1, a Paley or a Williamson "
-        f"order); the "
-        f"nearest supported size is {nearest}; rotation kind 'random' (a dense random orthogonal "
-        f"matrix) takes any width"
+        f"order); the nearest supported size is {nearest}; rotation kind 'random' (a dense "
+        f"random orthogonal matrix) takes any width"
     )
 
 

@@ -122,8 +122,8 @@ class QLinear(torch.nn.Module):
             raise ValueError(f"act_clip must be in (0, 1], got {act_clip}")
         self.register_buffer("act_logit", None)
         if settings.a_bits < 16 and train and learn_clipping:
-            p = act_clip * _SIG_MAX
-            self._put("act_logit", torch.tensor([math.log(p / (1 - p))], device=dev), learn=True)
+            start = clip_logit(torch.tensor([float(act_clip)], device=dev))
+            self._put("act_logit", start, learn=True)
         # the fixed ratio (after hardening: the learned one)
         self.register_buffer("act_ratio", torch.full((1,), float(act_clip), device=dev))
         self.register_buffer("channel_factor", None)  # CrossQuant c^(1 - alpha), (K,)

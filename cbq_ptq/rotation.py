@@ -226,11 +226,13 @@ def rotate_model(model, kind: str = "hadamard", seed: int = 0,
     return info
 
 
-def _factor_or_none(n: int, construction: int = hadamard.CONSTRUCTION) -> tuple[int, int] | None:
+def _factors_text(n: int, construction: int = hadamard.CONSTRUCTION) -> str:
+    """'H_m x H_p' of a width under a construction ('no Hadamard matrix' where it has none)."""
     try:
-        return hadamard.factor(n, construction)
+        m, p = hadamard.factor(n, construction)
     except ValueError:
-        return None
+        return "no Hadamard matrix"
+    return f"H_{m} x H_{p}"
 
 
 def reattach(model, info: RotationInfo) -> None:
@@ -242,13 +244,12 @@ def reattach(model, info: RotationInfo) -> None:
     spec = arch_spec(model)
     n = model.config.intermediate_size
     if info.kind == "hadamard" and info.construction != hadamard.CONSTRUCTION:
-        was, now = _factor_or_none(n, info.construction), _factor_or_none(n)
+        was, now = _factors_text(n, info.construction), _factors_text(n)
         if was != now:
             raise ValueError(
-                f"this model's online rotation of width {n} was built as H_{was[0] if was else '?'}"
-                f" x H_{was[1] if was else '?'} (Hadamard construction {info.construction}); "
-                f"this cbq builds H_{now[0] if now else '?'} x H_{now[1] if now else '?'} "
-                f"(construction {hadamard.CONSTRUCTION}): quantize the model again"
+                f"this model's online rotation of width {n} was built as {was} (Hadamard "
+                f"construction {info.construction}); this cbq builds {now} (construction "
+                f"{hadamard.CONSTRUCTION}): quantize the model again"
             )
     for block in blocks(model):
         attach(block.get_submodule(spec.down), OnlineRotation(info.kind, n, info.seed + 2))

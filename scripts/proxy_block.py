@@ -42,14 +42,14 @@ x, kwargs = capture_inputs(model, calib)
 with torch.no_grad():
     x = propagate(layers, range(0, start_block), x, kwargs, 8, fp=True)
 idx = range(start_block, start_block + 2)
+
+
 def act_search(block, xin, kwargs, cfg, grid):
     """Per QLinear of the block: the activation clipping ratio of ``grid`` that minimises the
     output error ||Q_a(x; r) W^T - x W^T||^2 (fp weight) on the first 8 windows' inputs; the
     learned logit starts there."""
-    import math
-
     from cbq_kernels.quant_math import quantize_act
-    from cbq_ptq.qlinear import _SIG_MAX
+    from cbq_ptq.qlinear import clip_logit
     from cbq_ptq.streams import run_block
 
     seen, hooks = {}, []
@@ -74,8 +74,7 @@ def act_search(block, xin, kwargs, cfg, grid):
             c, st = quantize_act(xx, cfg.settings.a_bits, r)
             errs.append(float(((c * st) @ w.t() - ref).square().sum()))
         best = grid[min(range(len(grid)), key=errs.__getitem__)]
-        p = best * _SIG_MAX
-        q.act_logit.data.fill_(math.log(p / (1 - p)))
+        q.act_logit.data.copy_(clip_logit(torch.tensor([best])))
         out[q.name] = best
     return out
 
