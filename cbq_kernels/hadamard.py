@@ -153,7 +153,8 @@ def williamson_sequences(p: int) -> np.ndarray | None:
     floating point: the same four sequences on every machine). For p = 43 it finds one with e =
     7 classes of 6 (Williamson himself gave order 43 in 1944). Measured over the odd primes <=
     257 whose order 4 p is not a Paley order: only 43 has a solution of this form (23, 29, 47,
-    59, 67, 73, ... do not, each search < 0.02 s; 47 and 59 have no Williamson matrices at
+    59, 67, 73, ... do not, each search <= 0.01 s: scripts/williamson_orders.py, its output in
+    docs/results/issue15/williamson_orders.txt; 47 and 59 have no Williamson matrices at
     all: Holzmann, Kharaghani and Tayfeh-Rezaie's exhaustive search, 2008)."""
     if not _is_odd_prime(p):
         raise ValueError(f"Williamson sequences are searched for odd primes, got {p}")

@@ -4,7 +4,10 @@ ahead of time for sm_90a (``triton.compile`` with a ``GPUTarget``), then ``ptxas
 toolkit's; the PTX's ``.version`` line is lowered to what that ptxas reads) prints what the
 kernel uses per thread. Triton's own ptxas may be older than its PTX: hence the toolkit's.
 
-    python scripts/triton_ptxas.py [--ptxas ptxas] [N:BITS:ROWS:WARPS ...]
+    python scripts/triton_ptxas.py [--ptxas ptxas] [--max-m-pad M] [N:BITS:ROWS:WARPS ...]
+
+``--max-m-pad`` raises the fused tile's limit on the padded small factor (hadamard_quant.
+_MAX_M_PAD, 64) for this compile only: what a wider tile would use (11008 = 172 x 64 needs 256).
 
 Default configurations: each fused width at its default (rows, warps) (`_config`), and 28672 at
 16 warps. The numbers belong to the Triton version that runs the script (printed first).
@@ -25,6 +28,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cbq_kernels import hadamard_quant
 from cbq_kernels.hadamard_quant import _config, _hadamard_quant_kernel, _tile
 
 SIGNATURE = {"x_ptr": "*bf16", "sg_ptr": "*fp32", "a_ptr": "*fp16", "h1_ptr": "*fp16",
@@ -58,7 +62,10 @@ def main() -> None:
     ap.add_argument("configs", nargs="*")
     ap.add_argument("--ptxas", default="ptxas")
     ap.add_argument("--ptx-version", default="8.8")
+    ap.add_argument("--max-m-pad", type=int, default=None)
     args = ap.parse_args()
+    if args.max_m_pad is not None:
+        hadamard_quant._MAX_M_PAD = args.max_m_pad  # read by _tile at each call
     configs = [tuple(int(v) for v in c.split(":")) for c in args.configs]
     if not configs:
         for n in (1536, 4096, 28672):
