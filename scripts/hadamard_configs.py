@@ -2,7 +2,8 @@
 kernel against the reference, per configuration rather than stopping at the first failure as
 the GPU test does: how many codes differ, by how many levels, and the worst scale error.
 
-    python scripts/hadamard_configs.py [--widths 28672] [--warps 4,8,16] [--rows 64] [--per-program 1,2]
+    python scripts/hadamard_configs.py [--widths 28672] [--warps 4,8,16] [--rows 64] \
+        [--per-program 1,2]
 """
 
 import argparse
