@@ -160,6 +160,9 @@ def _launch(x: Tensor, bits: int, signs: Tensor, clip_ratio: float, rows: int | 
     m_pad, p1, p2 = tile
     d_rows, d_warps = _config(m_pad * p1 * p2)
     rows, warps = rows or d_rows, warps or d_warps
+    if m_pad > 1 and warps > _MAX_WARPS_SMALL_FACTOR:
+        raise ValueError(f"{warps} warps with a small Hadamard factor (width {n}, m = {m}) "
+                         f"give wrong codes; at most {_MAX_WARPS_SMALL_FACTOR}")  # fmt: skip
     shape = (t, n) if bits == 8 else (t, packed_words(n, 4))
     codes = torch.empty(shape, dtype=torch.int8 if bits == 8 else torch.int32, device=x.device)
     scales = torch.empty(t, dtype=torch.float32, device=x.device)
@@ -190,15 +193,26 @@ def _config(tile: int) -> tuple[int, int]:
 def launch_configs(n: int) -> list[tuple[int, int]]:
     """The (rows per program, warps) configurations that benchmarks/bench_hadamard.py sweeps
     for width n (a fused width) and the GPU test checks: 2048 to 32768 elements per program
-    (one row always), 4 or 8 warps up to 8192 elements, 8 or 16 above."""
+    (one row always), 4 or 8 warps up to 8192 elements, 8 or 16 above (8 only with a small
+    factor: see :data:`_MAX_WARPS_SMALL_FACTOR`)."""
     m_pad, p1, p2 = _tile(n)
     configs = []
     for rows in (1, 2, 4, 8, 16):
         elems = rows * m_pad * p1 * p2
         if rows > 1 and not 2048 <= elems <= 32768:
             continue
-        configs += [(rows, w) for w in ((4, 8) if elems <= 8192 else (8, 16))]
+        warps = (4, 8) if elems <= 8192 else (8, 16)
+        configs += [(rows, w) for w in warps if m_pad == 1 or w <= _MAX_WARPS_SMALL_FACTOR]
     return configs
+
+
+# With a small factor (m_pad > 1), 16 warps give wrong codes under Triton 3.6 on the H200: at
+# 28672 (tile 32 x 32 x 32, one row per program) 1,300,380 of 1,835,008 int8 codes off, by up
+# to 255 levels, while the scales were right (relative error 2.2e-6) and 8 warps gave 126 codes
+# one level off (scripts/hadamard_configs.py, 0d500ea; first seen at 2d9c58b). Power-of-two
+# widths passed at 16 warps (4096 with 4 and 8 rows per program, test_launch_configs). The
+# default configuration never asks for more than 8 warps; _launch refuses 16 here.
+_MAX_WARPS_SMALL_FACTOR = 8
 
 
 def _impl(x: Tensor, bits: int, signs: Tensor, clip_ratio: float) -> tuple[Tensor, Tensor]:

@@ -93,3 +93,17 @@ def test_registered_op_passes_opcheck():
     x = data(3, 64, seed=9)
     torch.library.opcheck(_op, (x, 8, hadamard.random_signs(64, 0), 1.0))
     torch.library.opcheck(_op, (x, 4, hadamard.random_signs(64, 0), 0.5))
+
+
+def test_sixteen_warps_with_a_small_factor_are_neither_swept_nor_launched():
+    """16 warps with a small factor gave wrong codes on the H200 (hadamard_quant's
+    _MAX_WARPS_SMALL_FACTOR): the swept list leaves them out, a direct launch is refused, and
+    power-of-two widths keep them."""
+    from cbq_kernels.hadamard_quant import _launch, launch_configs
+
+    assert launch_configs(28672) == [(1, 8)]
+    assert (4, 16) in launch_configs(4096) and (8, 16) in launch_configs(4096)
+    assert all(w <= 8 for _, w in launch_configs(1536))
+    x = torch.zeros(1, 28672)
+    with pytest.raises(ValueError, match=r"16 warps with a small Hadamard factor \(width 28672"):
+        _launch(x, 8, torch.ones(28672), 1.0, 1, 16)
