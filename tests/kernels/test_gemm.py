@@ -73,6 +73,21 @@ def test_int32_accumulator_exact(shape, act_bits, group_size, swap, expand, monk
     assert torch.equal(acc.to(torch.int64), x_int @ signed_weight(w, codes).t())
 
 
+@pytest.mark.parametrize("shape", [(67, 33, 200), (3, 40, 64)])
+def test_fp8_epilogue_equals_the_int8_path(shape):
+    """The epilogue of W4A4 on fp8 tensor cores (gemm_triton.scale_out on the exact fp32
+    product of unit-scale _scaled_mm) gives the int8 path's output bit for bit: same fp32
+    products in the same order, one rounding to bf16."""
+    m, n, k = shape
+    w, codes = make_weight(n, k, 4, None, seed=m, zeros=True)
+    xq, xs = act_codes(m, k, 4)
+    x_int = unpack_ref(xq, 4, k).to(torch.int64) - 8
+    raw = (x_int @ signed_weight(w, codes).t()).float()  # exact: |sum| < 2^24
+    got = gemm_triton.scale_out(raw, xs.reshape(m), w.scales.reshape(n), torch.bfloat16)
+    assert torch.equal(got, gemm_w4a4(xq, xs, w, policy=expand_policy(True)))
+    assert torch.equal(got, ((raw * w.scales.reshape(1, n)) * xs.reshape(m, 1)).bfloat16())
+
+
 def max_err(got, exact):
     return float((got.double() - exact).abs().max())
 
