@@ -52,10 +52,11 @@ class GemmPolicy:
     # e4m3 (int4 codes and weight codes minus zero point are exact there, and the fp32 sums
     # below 2^24) and cuBLAS' fp8 GEMM runs them: 1.44-1.78x cuBLAS bf16 on the H200 at M >=
     # 2048 against 1.35-1.58x for the int8 path (benchmarks/results/h200/
-    # bench_w4a4_fp8_053a7b8.txt, unit scales, exact). 0 (the default) switches it off: its
-    # GPU test (per-token and per-channel scales, bf16 out, within one rounding of the exact
-    # product) failed on the H200 at e2455c7, the first time it ran; on by default again once
-    # it passes (tests/kernels/test_gemm_cuda.py::test_w4a4_on_fp8_tensor_cores)
+    # bench_w4a4_fp8_053a7b8.txt, unit scales, exact). 0 (the default) switches it off: with
+    # _scaled_mm's rowwise scales its GPU test failed (e2455c7, f30d25d, 0d500ea: those sums
+    # are not exact), so the path now takes the unit-scale fp32 product and scales it in a
+    # second pass (launch_w4a4_fp8); on by default once the H200 has timed that form against
+    # the int8 path and tests/kernels/test_gemm_cuda.py::test_w4a4_on_fp8_tensor_cores passes
     fp8_w4a4_min_m: int = 0
     # a weight kept in the decode layout alone, decode_max_m < M <= tiles_max_m: the Triton
     # kernel that reads that layout once for all M rows (gemm_decode.launch_triton) instead of
