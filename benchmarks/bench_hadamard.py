@@ -1,10 +1,13 @@
 """Online Hadamard rotation fused with per-token activation quantization (issue 15), bf16 in:
 SmolLM2's down_proj width 1536 = 12 x 128, a power of two (4096), Llama-2's 11008 = 172 x 64
 and 28672 = 28 x 1024, 8192 tokens (target: >= 80% of the copy bandwidth). Providers: the
-fused kernel (cbq_kernels.hadamard_quant; widths it does not take run the composition), the
-composition (the transform, then act_quant), act_quant alone (the cost without rotation);
-then, int8 codes, the fused kernel at other rows per program / warps than its default
-(``fused R=rows w=warps``: where the default came from).
+op as the API runs it (``cuda``: csrc/hadamard_quant.cu, the wide widths with a small factor
+when the extension has it; ``fused``: the Triton kernel; ``fused_api_composition``: widths
+neither takes, the transform as matrix products then act_quant), the Triton tile beside the
+CUDA kernel where both take a width (``triton_tile``), the butterfly reference's composition
+(the transform, then act_quant), act_quant alone (the cost without rotation); then, int8
+codes, the Triton kernel at other rows per program / warps than its default (``fused
+R=rows w=warps``: where the default came from).
 
     python benchmarks/bench_hadamard.py --out benchmarks/results/h200
 """
@@ -26,6 +29,7 @@ from cbq_kernels.hadamard_quant import (
     _fits,
     _launch,
     _tile,
+    _use_cuda,
     hadamard_act_quant,
     launch_configs,
 )
@@ -62,9 +66,13 @@ def main() -> None:
             except Exception as err:  # e.g. out of shared memory at a width: noted, not fatal
                 notes.append(f"- {n}, int{bits}: the fused op failed: {str(err)[:160]}")
                 continue
-            table.add(name, "fused" if _fits(n) else "fused_api_composition", shape, "bf16",
-                      fused, nbytes=nbytes, copy_gbps=copy_gbps, baseline=comp,
-                      baseline_name="transform_then_act_quant")  # fmt: skip
+            provider = "cuda" if _use_cuda(x) else "fused" if _fits(n) else "fused_api_composition"
+            table.add(name, provider, shape, "bf16", fused, nbytes=nbytes, copy_gbps=copy_gbps,
+                      baseline=comp, baseline_name="transform_then_act_quant")  # fmt: skip
+            if provider == "cuda" and _fits(n):
+                tile = bench(lambda x=x, b=bits, s=signs: _launch(x, b, s, 1.0))
+                table.add(name, "triton_tile", shape, "bf16", tile, nbytes=nbytes,
+                          copy_gbps=copy_gbps)  # fmt: skip
         if _fits(n):  # the sweep of the launch configuration (int8 codes)
             m_pad, p1, p2 = _tile(n)
             nbytes = x.numel() * 3 + t * 4

@@ -28,10 +28,19 @@ the lo parts carry 2^-22 of each value), so a scale can differ in its last bits 
 by one level where x R lies within ~1e-6 of a rounding boundary (the tests bound how many).
 Widths the tile does not take (m_pad > 64, p < 16, m_pad p > 32768: e.g. 11008 = 172 x 64)
 run the composition: the transform as matrix products, then act_quant.
+
+Wide widths with a small factor (n >= ``_CUDA_MIN_N``: Llama-2's 11008 = 172 x 64 and 28672 =
+28 x 1024) run the CUDA kernel of csrc/hadamard_quant.cu when the extension has it: a row per
+thread block in shared memory, the small factor on the CUDA cores, radix-32 butterflies,
+the same quantizer arithmetic and the same contract as this module's kernel (one level, in
+rare elements; scales to their last bits). The Triton tile spills at those widths (255
+registers and 700-1552 bytes per thread) and ran at 4.7% (28672) of the copy bandwidth, the
+composition at 3.2% (11008; benchmarks/results/h200/bench_hadamard_3a9aa0a.md).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -215,9 +224,86 @@ def launch_configs(n: int) -> list[tuple[int, int]]:
 _MAX_WARPS_SMALL_FACTOR = 8
 
 
+# The CUDA kernel (csrc/hadamard_quant.cu) for widths from this one, when the small factor is
+# > 1: the widths where the Triton tile spills or does not fit (28672, 11008); below, the
+# Triton kernel (1536, 4096: no spills, 22-32% of the copy bandwidth at 2d9c58b)
+_CUDA_MIN_N = 8192
+_CUDA_MAX_N = 32768  # one row in a block's shared memory (fp32)
+_CUDA_SMALL_M = 32  # m up to this: the register path; above it, (32-column, 16-output) tasks
+_CUDA_MAX_TASKS = 32  # of those per row (kMaxTasks x kHqWarps in hadamard_quant.cu)
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cbq::DType
+
+
+def _cuda_built() -> bool:
+    try:
+        from cbq_kernels import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return False
+    return bool(_C.has_cuda()) and hasattr(_C, "hadamard_quant_cuda")
+
+
+def _cuda_shape(n: int) -> tuple[int, int, int] | None:
+    """(m, mp, p) of the CUDA kernel's launch for width n, or None where it does not run n:
+    n = m p, mp = m rounded up to 16 (the small factor's padded columns)."""
+    m, p = hadamard.factor(n)
+    if m == 1 or n % 8 or not _CUDA_MIN_N <= n <= _CUDA_MAX_N:
+        return None
+    mp = -(-m // 16) * 16
+    if m > _CUDA_SMALL_M and -(-p // 32) * (mp // 16) > _CUDA_MAX_TASKS:
+        return None
+    return m, mp, p
+
+
+@functools.lru_cache(maxsize=64)
+def _small_padded(m: int, mp: int, device: torch.device) -> Tensor:
+    """H_m as an (m, mp) fp32 tensor, columns >= m zero (the CUDA kernel's small factor)."""
+    out = torch.zeros((m, mp), dtype=torch.float32)
+    out[:, :m] = torch.from_numpy(hadamard._small(m)).float()
+    return out.to(device)
+
+
+def _use_cuda(x: Tensor) -> bool:
+    """Whether the CUDA kernel runs this x: a GPU tensor, the kernel built, a width it takes,
+    16-byte aligned rows and the shared memory it needs on this device."""
+    if not x.is_cuda or not _cuda_built():
+        return False
+    shape = _cuda_shape(x.shape[1])
+    if shape is None or x.data_ptr() % 16:
+        return False
+    from cbq_kernels import _C  # type: ignore[attr-defined]
+
+    m, mp, _ = shape
+    need = _C.hadamard_quant_smem_bytes(x.shape[1], m, mp, _DTYPE_CODES[x.dtype])
+    props = torch.cuda.get_device_properties(x.device)
+    return need <= getattr(props, "shared_memory_per_block_optin", 0)
+
+
+def _launch_cuda(x: Tensor, bits: int, signs: Tensor, clip_ratio: float) -> tuple[Tensor, Tensor]:
+    """The CUDA kernel on contiguous (T, N) x (the caller checked :func:`_use_cuda`)."""
+    from cbq_kernels import _C  # type: ignore[attr-defined]
+
+    t, n = x.shape
+    m, mp, p = _cuda_shape(n)
+    shape = (t, n) if bits == 8 else (t, packed_words(n, 4))
+    codes = torch.empty(shape, dtype=torch.int8 if bits == 8 else torch.int32, device=x.device)
+    scales = torch.empty(t, dtype=torch.float32, device=x.device)
+    sg = signs.float().contiguous()
+    small = _small_padded(m, mp, x.device)
+    _C.hadamard_quant_cuda(
+        x.data_ptr(), sg.data_ptr(), small.data_ptr(), codes.data_ptr(), scales.data_ptr(), t, n,
+        m, mp, p, bits, _DTYPE_CODES[x.dtype], float(clip_ratio), 1.0 / math.sqrt(n),
+        x.device.index, torch.cuda.current_stream(x.device).cuda_stream,
+    )  # fmt: skip
+    return codes, scales
+
+
 def _impl(x: Tensor, bits: int, signs: Tensor, clip_ratio: float) -> tuple[Tensor, Tensor]:
     _check(x, bits, signs, clip_ratio)
     n = x.shape[1]
+    if x.is_cuda:
+        x = x.contiguous()
+        if _use_cuda(x):
+            return _launch_cuda(x, bits, signs, clip_ratio)
     if not use_triton(_hadamard_quant_kernel, x.device) or not _fits(n) or n % 4:
         if x.device.type != "cpu":  # the composition of the two kernels on the GPU
             from cbq_kernels.act_quant import act_quant

@@ -120,6 +120,30 @@ void py_gemm_decode_cuda(Ptr x, Ptr x_scales, int a_mode, Ptr words, Ptr scales,
                    reinterpret_cast<void*>(ws), reinterpret_cast<int32_t*>(counters), m, n, k,
                    n_pad, ldx, bits, group_size, splits, out_dtype, debug, device, stream);
 }
+
+void py_hadamard_quant_cuda(Ptr x, Ptr signs, Ptr small, Ptr codes, Ptr scales, int64_t rows,
+                            int64_t n, int64_t m, int64_t mp, int64_t p, int bits,
+                            int in_dtype, float ratio, float inv_sqrt_n, int device,
+                            Ptr stream) {
+  CBQ_CHECK(bits == 4 || bits == 8, "hadamard_quant bits must be 4 or 8, got ", bits);
+  CBQ_CHECK(rows >= 0, "rows must be >= 0, got ", rows);
+  CBQ_CHECK(m >= 1 && p >= 1 && (p & (p - 1)) == 0 && n == m * p,
+            "width n must be m * p with p a power of two, got n=", n, " m=", m, " p=", p);
+  CBQ_CHECK(n % 8 == 0 && n <= 32768, "width must be a multiple of 8 up to 32768, got ", n);
+  CBQ_CHECK(mp >= m && mp % 16 == 0, "mp must be a multiple of 16 >= m, got ", mp);
+  CBQ_CHECK(ratio > 0.f && ratio <= 1.f, "clip ratio must be in (0, 1], got ", ratio);
+  check_dtype(in_dtype);
+  CBQ_CHECK(x % 16 == 0, "x must be 16-byte aligned");
+  check_ptr(x, rows * n, "x");
+  check_ptr(signs, n, "signs");
+  check_ptr(small, m * mp, "small");
+  check_ptr(codes, rows * n / (bits == 8 ? 4 : 8), "codes");
+  check_ptr(scales, rows, "scales");
+  hadamard_quant_cuda(reinterpret_cast<const void*>(x), reinterpret_cast<const float*>(signs),
+                      reinterpret_cast<const float*>(small), reinterpret_cast<int32_t*>(codes),
+                      reinterpret_cast<float*>(scales), rows, n, m, mp, p, bits, in_dtype, ratio,
+                      inv_sqrt_n, device, stream);
+}
 #endif
 
 }  // namespace
@@ -151,5 +175,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("gemm_decode_cuda", &py_gemm_decode_cuda, release);
   m.def("decode_tile_n", [](int bits) { return decode_tile_n(bits); });
   m.def("decode_chunk_k", [](int bits) { return decode_chunk_k(bits); });
+  m.def("hadamard_quant_cuda", &py_hadamard_quant_cuda, release);
+  m.def("hadamard_quant_smem_bytes", [](int64_t n, int64_t m, int64_t mp, int in_dtype) {
+    return hadamard_quant_smem_bytes(n, m, mp, in_dtype);
+  });
 #endif
 }

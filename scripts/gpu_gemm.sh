@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # On a CUDA machine: build the extension (the CUDA decode GEMM lives there), the GEMM GPU tests
 # and the GEMM benchmark.
-#   bash scripts/gpu_gemm.sh OUT_DIR [build|sanitize|decode|sweep|ncu|tests|bench|generate|serve]...
-#   (default: build decode tests bench)
-# sanitize: the decode kernel's small-shape tests under compute-sanitizer (memcheck, racecheck).
+#   bash scripts/gpu_gemm.sh OUT_DIR [build|sanitize|hsanitize|hadamard|decode|sweep|ncu|tests|
+#                                     bench|generate|serve]...   (default: build decode tests bench)
+# sanitize: the decode kernel's small-shape tests under compute-sanitizer (memcheck, racecheck);
+# hsanitize: the same for the CUDA Hadamard kernel; hadamard: the Hadamard GPU tests, then
+# benchmarks/bench_hadamard.py.
 # decode: tests/kernels/test_gemm_decode_cuda.py; tests: tests/kernels/test_gemm_cuda.py;
 # generate: benchmarks/bench_generate.py (CBQ_GEN_* select models, batches, prompts).
 # CBQ_BENCH_MS picks the M values of the benchmark (see benchmarks/bench_gemm.py); the
@@ -31,6 +33,20 @@ for step in $steps; do
         compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \
           tests/kernels/test_gemm_decode_cuda.py -k "shape3" -x 2>&1 \
           | tee "$out/sanitize_$tool.txt" | tail -4
+        rc=$(( rc || PIPESTATUS[0] ))
+      done ;;
+    hadamard)
+      python3 -m pytest -q -p no:cacheprovider tests/kernels/test_hadamard_quant_cuda.py 2>&1 \
+        | tee "$out/pytest_hadamard.txt" | tail -6
+      rc=$(( rc || PIPESTATUS[0] ))
+      python3 benchmarks/bench_hadamard.py --out "$out" 2>&1 | tail -30 ;;
+    hsanitize)  # the same for the CUDA Hadamard kernel: one block per row, and blocks that
+      # loop over rows with the next one copied ahead (333 rows > the SMs)
+      t=tests/kernels/test_hadamard_quant_cuda.py::test_the_cuda_kernel_matches_the_reference
+      for tool in memcheck racecheck; do
+        compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \
+          "$t[3-dtype0-28672]" "$t[333-dtype0-11008]" "$t[3-dtype2-20480]" -x 2>&1 \
+          | tee "$out/hsanitize_$tool.txt" | tail -4
         rc=$(( rc || PIPESTATUS[0] ))
       done ;;
     decode)

@@ -107,3 +107,18 @@ def test_sixteen_warps_with_a_small_factor_are_neither_swept_nor_launched():
     x = torch.zeros(1, 28672)
     with pytest.raises(ValueError, match=r"16 warps with a small Hadamard factor \(width 28672"):
         _launch(x, 8, torch.ones(28672), 1.0, 1, 16)
+
+
+def test_the_cuda_kernel_takes_the_wide_widths_with_a_small_factor():
+    """Which widths csrc/hadamard_quant.cu runs (where the extension has it): n >= 8192 with a
+    small factor; the (m, mp, p) it is launched with; the padded small factor it reads."""
+    from cbq_kernels.hadamard_quant import _cuda_shape, _small_padded, _use_cuda
+
+    assert _cuda_shape(28672) == (28, 32, 1024)
+    assert _cuda_shape(11008) == (172, 176, 64)
+    assert _cuda_shape(4096) is None and _cuda_shape(1536) is None  # Triton's
+    assert _cuda_shape(65536) is None  # a power of two, and beyond one block's row
+    small = _small_padded(28, 32, torch.device("cpu"))
+    assert small.shape == (28, 32) and not small[:, 28:].any()
+    assert torch.equal(small[:, :28], torch.from_numpy(hadamard._small(28)).float())
+    assert not _use_cuda(torch.zeros(2, 28672))  # a CPU tensor

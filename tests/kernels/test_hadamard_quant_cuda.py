@@ -1,13 +1,21 @@
 """GPU tests of the online Hadamard + per-token quantization (same contracts as on CPU) at
-real widths: SmolLM2's down_proj input 1536 = 12 x 128, a power of two, Llama-2-70B's 28672
-= 28 x 32 x 32 (the fused kernel), Llama-2-7B's 11008 = 172 x 64 (the composition:
-transform, then act_quant); bf16 and fp32 inputs."""
+real widths: SmolLM2's down_proj input 1536 = 12 x 128, a power of two (the Triton kernel),
+Llama-2-70B's 28672 = 28 x 1024 and Llama-2-7B's 11008 = 172 x 64 (the CUDA kernel of
+csrc/hadamard_quant.cu where the extension has it; else the Triton tile at 28672 and the
+composition, transform then act_quant, at 11008); bf16 and fp32 inputs. The Triton tile at
+28672 keeps its own test (test_launch_configs)."""
 
 import pytest
 import torch
 
 from cbq_kernels import hadamard
-from cbq_kernels.hadamard_quant import _fits, hadamard_act_quant, hadamard_act_quant_ref
+from cbq_kernels.hadamard_quant import (
+    _cuda_built,
+    _fits,
+    _use_cuda,
+    hadamard_act_quant,
+    hadamard_act_quant_ref,
+)
 from cbq_kernels.packing import unpack
 
 pytestmark = pytest.mark.cuda
@@ -55,3 +63,42 @@ def test_launch_configs(n):
             assert int(diff.max()) <= 1, (bits, rows, warps)
             assert int((diff > 0).sum()) <= diff.numel() // 1000, (bits, rows, warps)
             torch.testing.assert_close(scales, want_scales, rtol=1e-5, atol=0)
+
+
+def need_cuda_kernel():
+    if not _cuda_built():
+        pytest.fail("cbq_kernels._C lacks hadamard_quant_cuda: build with scripts/gpu_check.sh")
+
+
+# the register path of the small factor (m = 12, 20, 28) and the task path (m = 172); one
+# row, fewer rows than SMs, more rows than SMs (each block loops over rows and copies the
+# next one ahead)
+@pytest.mark.parametrize("n", [28672, 11008, 12288, 20480])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("t", [1, 3, 333])
+def test_the_cuda_kernel_matches_the_reference(n, dtype, t):
+    need_cuda_kernel()
+    x = data(t, n, seed=n + t).to(dtype)
+    assert _use_cuda(x)
+    signs = hadamard.random_signs(n, 11).cuda()
+    for bits, ratio in ((8, 1.0), (4, 0.8)):
+        codes, scales = hadamard_act_quant(x, bits, signs, clip_ratio=ratio)
+        want_codes, want_scales = hadamard_act_quant_ref(x, bits, signs, ratio)
+        torch.testing.assert_close(scales, want_scales, rtol=1e-5, atol=0)
+        diff = (levels(codes, bits, n) - levels(want_codes, bits, n)).abs()
+        assert int(diff.max()) <= 1, (bits, int(diff.max()))
+        assert int((diff > 0).sum()) <= max(1, diff.numel() // 1000), (bits, int((diff > 0).sum()))
+
+
+def test_the_cuda_kernel_is_deterministic_and_takes_zero_rows():
+    need_cuda_kernel()
+    n = 28672
+    x = data(200, n, seed=3)
+    x[7] = 0  # a zero row: the step's floor, all codes 0
+    signs = hadamard.random_signs(n, 2).cuda()
+    a = hadamard_act_quant(x, 8, signs)
+    b = hadamard_act_quant(x, 8, signs)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert int(a[0][7].abs().max()) == 0 and float(a[1][7]) == float(torch.tensor(1e-8))
+    codes, scales = hadamard_act_quant(x[:0], 4, signs)
+    assert codes.shape == (0, n // 8) and scales.shape == (0,)

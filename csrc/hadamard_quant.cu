@@ -1,0 +1,416 @@
+// Online Hadamard rotation fused with per-token activation quantization for wide rows: one
+// thread block per token row (persistent blocks, one per SM, looping over rows), the row in
+// shared memory. The contract is cbq_kernels/hadamard_quant.py's (reference:
+// hadamard_act_quant_ref):
+//   y = (x * signs) (H_m (x) H_p) / sqrt(n),   n = m p, p = 2^j, H_m +-1 (Paley / Williamson),
+//   r = max |y|,  s = max(ratio r / P, max(2^-20 r, 1e-8)),  q = clamp(round(y (1 / s)), -P-1, P)
+// int8 codes, or int4 codes offset by 8 and packed 8 per little-endian int32 word.
+//
+// Why a CUDA kernel (issue 15): the Triton kernel holds a row in one program's registers; at
+// 28672 = 28 x 1024 and at 11008 = 172 x 64 that tile spills (ptxas: 255 registers and 700-1552
+// bytes per thread, docs/results/issue15/hadamard_ptxas.txt) and ran at 4.7% and 3.2% of the
+// copy bandwidth (benchmarks/results/h200/bench_hadamard_3a9aa0a.md). Here the row is spread
+// over a block's shared memory and registers, with the exchanges written out:
+//  1. the row (bf16 / fp16: copied one row ahead by cp.async into a staging buffer, so that the
+//     next row's HBM read overlaps this row's arithmetic; fp32: loaded directly) goes to an
+//     fp32 buffer with the signs applied (a sign flip is exact), one padding float per 32
+//     (element e at e + e / 32: the strided passes below are free of bank conflicts);
+//  2. the small factor along the segments (y[i'][j] = sum_i H[i][i'] x[i][j]): exact +-1
+//     products, fp32 sums. m <= 32: a thread owns two columns and all their m inputs in
+//     registers, 16 outputs per pass; larger m: a warp owns 32 columns and 16 outputs, the
+//     outputs held until every input has been read;
+//  3. the power-of-two factor: radix-32 passes (a thread loads 32 values at one stride,
+//     butterflies in registers, stores them back), the last one also takes the row maximum;
+//  4. the scale and the codes, eight consecutive elements (one int4 word) per thread.
+// The factors are applied in another order than the reference (small factor first) and the
+// fp32 sums in another order, so a code can differ by one level where y / s lies within ~1e-6
+// of a rounding boundary and a scale in its last bits: the Triton kernel's contract, which
+// the same GPU tests check.
+// The small factor runs on the CUDA cores: m fused multiply-adds per element (28 at 28672,
+// 172 at 11008). Not measured yet; on the tensor cores (as an m16n8k16 product) it would cost
+// a fraction of that.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "cbq/format.h"
+#include "cbq/ops.h"
+
+namespace cbq {
+namespace {
+
+constexpr int kHqThreads = 256;  // 512 spilled (128 registers); 256: 214-221, none
+constexpr int kHqWarps = kHqThreads / 32;
+constexpr int kOut = 16;        // outputs of the small factor per pass
+constexpr int kSmallM = 32;     // m up to this: the register path of step 2
+constexpr int kMaxTasks = 4;    // (32 columns, 16 outputs) tasks per warp in the large path
+
+void hq_check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("cbq_kernels._C: ") + what + ": " +
+                             cudaGetErrorString(err));
+  }
+}
+
+struct HqArgs {
+  const void* x;
+  const float* signs;
+  const float* small;  // (m, mp) fp32, +-1, columns >= m zero
+  int32_t* codes;
+  float* scales;
+  int64_t rows;
+  int n, m, mp, p;
+  float ratio, qmax, inv_sqrt_n;
+};
+
+__device__ __forceinline__ int padded(int e) { return e + (e >> 5); }
+
+// floats of the padded row buffer, a multiple of 4 so that the small factor after it is
+// 16-byte aligned
+__host__ __device__ __forceinline__ int row_floats(int n) { return (n + (n + 31) / 32 + 3) / 4 * 4; }
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  const auto d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+template <typename T>
+__device__ __forceinline__ void to_float8(const uint4& v, float* f) {
+  const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      f[2 * j] = __uint_as_float(u[j] << 16);
+      f[2 * j + 1] = __uint_as_float(u[j] & 0xFFFF0000u);
+    } else {
+      __half2 h2;
+      memcpy(&h2, &u[j], 4);
+      const float2 f2 = __half22float2(h2);
+      f[2 * j] = f2.x;
+      f[2 * j + 1] = f2.y;
+    }
+  }
+}
+
+// Step 2, m <= 32: thread owns columns j and j + p / 2 (consecutive threads, consecutive j).
+__device__ void small_factor_regs(float* w, const float* h, int m, int mp, int p) {
+  const int half = p / 2;
+  for (int j = threadIdx.x; j < half; j += kHqThreads) {
+    float z0[kSmallM], z1[kSmallM];
+#pragma unroll
+    for (int i = 0; i < kSmallM; ++i) {
+      z0[i] = i < m ? w[padded(i * p + j)] : 0.f;
+      z1[i] = i < m ? w[padded(i * p + j + half)] : 0.f;
+    }
+#pragma unroll
+    for (int c = 0; c < kSmallM; c += kOut) {
+      if (c >= m) break;
+      float a0[kOut], a1[kOut];
+#pragma unroll
+      for (int q = 0; q < kOut; ++q) a0[q] = a1[q] = 0.f;
+#pragma unroll
+      for (int i = 0; i < kSmallM; ++i) {
+        if (i < m) {
+          const float4* hr = reinterpret_cast<const float4*>(h + i * mp + c);
+#pragma unroll
+          for (int q4 = 0; q4 < kOut / 4; ++q4) {
+            const float4 hv = hr[q4];
+            const float hq[4] = {hv.x, hv.y, hv.z, hv.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              a0[4 * q4 + e] = fmaf(hq[e], z0[i], a0[4 * q4 + e]);
+              a1[4 * q4 + e] = fmaf(hq[e], z1[i], a1[4 * q4 + e]);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < kOut; ++q) {
+        if (c + q < m) {
+          w[padded((c + q) * p + j)] = a0[q];
+          w[padded((c + q) * p + j + half)] = a1[q];
+        }
+      }
+    }
+  }
+}
+
+// Step 2, 32 < m: warp task t = (column block of 32, chunk of 16 outputs); every input is read
+// before any output is written (one barrier), so the tasks need no order.
+__device__ void small_factor_tasks(float* w, const float* h, int m, int mp, int p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int col_blocks = (p + 31) / 32, chunks = mp / kOut;
+  const int tasks = col_blocks * chunks;
+  float out[kMaxTasks][kOut];
+#pragma unroll
+  for (int t = 0; t < kMaxTasks; ++t) {
+    const int task = warp + t * kHqWarps;
+    if (task < tasks) {
+      const int c = (task % chunks) * kOut, j = (task / chunks) * 32 + lane;
+#pragma unroll
+      for (int q = 0; q < kOut; ++q) out[t][q] = 0.f;
+      if (j < p) {
+        for (int i = 0; i < m; ++i) {
+          const float z = w[padded(i * p + j)];
+          const float4* hr = reinterpret_cast<const float4*>(h + i * mp + c);
+#pragma unroll
+          for (int q4 = 0; q4 < kOut / 4; ++q4) {
+            const float4 hv = hr[q4];
+            out[t][4 * q4] = fmaf(hv.x, z, out[t][4 * q4]);
+            out[t][4 * q4 + 1] = fmaf(hv.y, z, out[t][4 * q4 + 1]);
+            out[t][4 * q4 + 2] = fmaf(hv.z, z, out[t][4 * q4 + 2]);
+            out[t][4 * q4 + 3] = fmaf(hv.w, z, out[t][4 * q4 + 3]);
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int t = 0; t < kMaxTasks; ++t) {
+    const int task = warp + t * kHqWarps;
+    if (task < tasks) {
+      const int c = (task % chunks) * kOut, j = (task / chunks) * 32 + lane;
+      if (j < p) {
+#pragma unroll
+        for (int q = 0; q < kOut; ++q) {
+          if (c + q < m) w[padded((c + q) * p + j)] = out[t][q];
+        }
+      }
+    }
+  }
+}
+
+// Step 3: one radix-R pass at stride s over the whole row (segments of p are independent:
+// the passes' strides multiply to p). Returns this thread's max |value| when LAST.
+template <int R>
+__device__ float fwht_pass(float* w, int n, int s) {
+  float amax = 0.f;
+  const int units = n / R;
+  for (int u = threadIdx.x; u < units; u += kHqThreads) {
+    const int lo = u % s, hi = u / s;
+    const int base = hi * s * R + lo;
+    float v[R];
+#pragma unroll
+    for (int k = 0; k < R; ++k) v[k] = w[padded(base + k * s)];
+#pragma unroll
+    for (int hh = 1; hh < R; hh *= 2) {
+#pragma unroll
+      for (int a = 0; a < R; ++a) {
+        if ((a & hh) == 0) {
+          const float x0 = v[a], x1 = v[a + hh];
+          v[a] = x0 + x1;
+          v[a + hh] = x0 - x1;
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      w[padded(base + k * s)] = v[k];
+      amax = fmaxf(amax, fabsf(v[k]));
+    }
+  }
+  return amax;
+}
+
+__device__ float fwht(float* w, int n, int p) {
+  float amax = 0.f;
+  for (int s = 1; s < p; s *= 32) {
+    const int r = p / s < 32 ? p / s : 32;
+    switch (r) {
+      case 32: amax = fwht_pass<32>(w, n, s); break;
+      case 16: amax = fwht_pass<16>(w, n, s); break;
+      case 8: amax = fwht_pass<8>(w, n, s); break;
+      case 4: amax = fwht_pass<4>(w, n, s); break;
+      default: amax = fwht_pass<2>(w, n, s); break;
+    }
+    __syncthreads();
+  }
+  if (p == 1) {  // no pass ran: scan the row
+    for (int e = threadIdx.x; e < n; e += kHqThreads) amax = fmaxf(amax, fabsf(w[padded(e)]));
+  }
+  return amax;  // the last pass's values are the final ones
+}
+
+template <typename T, bool STAGE, int BITS>
+__global__ void __launch_bounds__(kHqThreads, 1) hadamard_quant_kernel(HqArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int n = a.n, words32 = (n + 31) / 32;
+  T* stage = reinterpret_cast<T*>(smem);
+  float* w = reinterpret_cast<float*>(smem + (STAGE ? static_cast<size_t>(n) * sizeof(T) : 0));
+  float* h = w + row_floats(n);
+  uint32_t* sbits = reinterpret_cast<uint32_t*>(h + a.m * a.mp);
+  float* red = reinterpret_cast<float*>(sbits + words32);
+  const int tid = threadIdx.x;
+  const T* x = static_cast<const T*>(a.x);
+  const int copies = static_cast<int>(static_cast<size_t>(n) * sizeof(T) / 16);
+
+  for (int i = tid; i < a.m * a.mp; i += kHqThreads) h[i] = a.small[i];
+  for (int wd = tid; wd < words32; wd += kHqThreads) {
+    uint32_t bits = 0;
+    for (int b = 0; b < 32 && wd * 32 + b < n; ++b) bits |= (a.signs[wd * 32 + b] < 0.f ? 1u : 0u) << b;
+    sbits[wd] = bits;
+  }
+  int64_t row = blockIdx.x;
+  if (STAGE && row < a.rows) {
+    const char* src = reinterpret_cast<const char*>(x + row * n);
+    for (int c = tid; c < copies; c += kHqThreads) cp_async16(smem + 16 * c, src + 16 * c);
+  }
+  cp_async_commit();
+  for (; row < a.rows; row += gridDim.x) {
+    // 1. the row, signs applied, into w
+    if (STAGE) cp_async_wait_all();
+    __syncthreads();  // the staged row is visible; the previous row's readers of w are done
+    for (int v = tid; v < n / 8; v += kHqThreads) {
+      float f[8];
+      if constexpr (std::is_same_v<T, float>) {
+        const float4* src = reinterpret_cast<const float4*>(x + row * n + 8 * v);
+        const float4 lo = src[0], hi = src[1];
+        f[0] = lo.x; f[1] = lo.y; f[2] = lo.z; f[3] = lo.w;
+        f[4] = hi.x; f[5] = hi.y; f[6] = hi.z; f[7] = hi.w;
+      } else {
+        to_float8<T>(reinterpret_cast<const uint4*>(stage)[v], f);
+      }
+      const uint32_t bits = sbits[(8 * v) >> 5] >> ((8 * v) & 31);
+      const int base = padded(8 * v);  // eight elements inside one 32-element block
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        w[base + j] = __uint_as_float(__float_as_uint(f[j]) ^ (((bits >> j) & 1u) << 31));
+      }
+    }
+    __syncthreads();
+    if (STAGE) {  // the next row's copy overlaps this row's arithmetic
+      const int64_t next = row + gridDim.x;
+      if (next < a.rows) {
+        const char* src = reinterpret_cast<const char*>(x + next * n);
+        for (int c = tid; c < copies; c += kHqThreads) cp_async16(smem + 16 * c, src + 16 * c);
+      }
+      cp_async_commit();
+    }
+    // 2. the small factor, 3. the power-of-two factor and the row maximum
+    if (a.m > 1) {
+      if (a.m <= kSmallM) small_factor_regs(w, h, a.m, a.mp, a.p);
+      else small_factor_tasks(w, h, a.m, a.mp, a.p);
+      __syncthreads();
+    }
+    float amax = fwht(w, n, a.p);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, o));
+    if (tid % 32 == 0) red[tid / 32] = amax;
+    __syncthreads();
+    amax = red[0];
+#pragma unroll
+    for (int k = 1; k < kHqWarps; ++k) amax = fmaxf(amax, red[k]);
+    // 4. the scale (cbq_kernels.quant_math.act_step) and the codes
+    const float r = __fmul_rn(amax, a.inv_sqrt_n);
+    const float s = fmaxf(__fdiv_rn(__fmul_rn(a.ratio, r), a.qmax),
+                          fmaxf(__fmul_rn(r, 9.5367431640625e-07f), 1e-8f));
+    const float inv_s = __fdiv_rn(1.0f, s);
+    if (tid == 0) a.scales[row] = s;
+    for (int v = tid; v < n / 8; v += kHqThreads) {
+      const int base = padded(8 * v);
+      int q[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        float u = __fmul_rn(__fmul_rn(w[base + j], a.inv_sqrt_n), inv_s);
+        u = fminf(fmaxf(u, -4194304.0f), 4194304.0f);
+        q[j] = static_cast<int>(fminf(fmaxf(rintf(u), -a.qmax - 1.0f), a.qmax));
+      }
+      if constexpr (BITS == 8) {
+        uint2 out;
+        out.x = (q[0] & 0xFF) | ((q[1] & 0xFF) << 8) | ((q[2] & 0xFF) << 16) |
+                (static_cast<uint32_t>(q[3] & 0xFF) << 24);
+        out.y = (q[4] & 0xFF) | ((q[5] & 0xFF) << 8) | ((q[6] & 0xFF) << 16) |
+                (static_cast<uint32_t>(q[7] & 0xFF) << 24);
+        reinterpret_cast<uint2*>(a.codes + row * (n / 4))[v] = out;
+      } else {
+        uint32_t word = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) word |= static_cast<uint32_t>(q[j] + 8) << (4 * j);
+        a.codes[row * (n / 8) + v] = static_cast<int32_t>(word);
+      }
+    }
+  }
+  cp_async_wait_all();
+}
+
+template <typename T, bool STAGE>
+void hq_launch(const HqArgs& a, int bits, size_t smem, int blocks, cudaStream_t stream) {
+  const auto kernel = bits == 8 ? hadamard_quant_kernel<T, STAGE, 8>
+                                : hadamard_quant_kernel<T, STAGE, 4>;
+  hq_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                static_cast<int>(smem)),
+           "cudaFuncSetAttribute");
+  kernel<<<blocks, kHqThreads, smem, stream>>>(a);
+}
+
+}  // namespace
+
+int64_t hadamard_quant_smem_bytes(int64_t n, int64_t m, int64_t mp, int in_dtype) {
+  const int64_t words32 = (n + 31) / 32;
+  const int64_t stage = in_dtype == static_cast<int>(DType::kFloat32) ? 0 : 2 * n;
+  return stage + 4 * row_floats(static_cast<int>(n)) + 4 * m * mp + 4 * words32 + 4 * kHqWarps;
+}
+
+void hadamard_quant_cuda(const void* x, const float* signs, const float* small, int32_t* codes,
+                         float* scales, int64_t rows, int64_t n, int64_t m, int64_t mp,
+                         int64_t p, int bits, int in_dtype, float ratio, float inv_sqrt_n,
+                         int device, std::uintptr_t stream) {
+  int previous = 0;
+  hq_check(cudaGetDevice(&previous), "cudaGetDevice");
+  if (previous != device) hq_check(cudaSetDevice(device), "cudaSetDevice");
+  int sms = 0, smem_max = 0;
+  hq_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count");
+  hq_check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+           "shared memory limit");
+  const int64_t smem = hadamard_quant_smem_bytes(n, m, mp, in_dtype);
+  const int64_t tasks = m > kSmallM ? (p + 31) / 32 * (mp / kOut) : 0;
+  if (smem > smem_max || tasks > kMaxTasks * kHqWarps) {
+    if (previous != device) cudaSetDevice(previous);
+    throw std::invalid_argument("cbq_kernels._C: hadamard_quant_cuda: width " +
+                                std::to_string(n) + " with a small factor of " +
+                                std::to_string(m) + " needs " + std::to_string(smem) +
+                                " bytes of shared memory (the device has " +
+                                std::to_string(smem_max) + ") and " + std::to_string(tasks) +
+                                " small-factor tasks (at most " +
+                                std::to_string(kMaxTasks * kHqWarps) + ")");
+  }
+  HqArgs a{};
+  a.x = x;
+  a.signs = signs;
+  a.small = small;
+  a.codes = codes;
+  a.scales = scales;
+  a.rows = rows;
+  a.n = static_cast<int>(n);
+  a.m = static_cast<int>(m);
+  a.mp = static_cast<int>(mp);
+  a.p = static_cast<int>(p);
+  a.ratio = ratio;
+  a.qmax = static_cast<float>((1 << (bits - 1)) - 1);
+  a.inv_sqrt_n = inv_sqrt_n;
+  const int blocks = static_cast<int>(rows < sms ? rows : sms);
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  if (rows > 0) {
+    if (in_dtype == static_cast<int>(DType::kBFloat16)) {
+      hq_launch<__nv_bfloat16, true>(a, bits, smem, blocks, s);
+    } else if (in_dtype == static_cast<int>(DType::kFloat16)) {
+      hq_launch<__half, true>(a, bits, smem, blocks, s);
+    } else {
+      hq_launch<float, false>(a, bits, smem, blocks, s);
+    }
+  }
+  const cudaError_t err = cudaGetLastError();
+  if (previous != device) cudaSetDevice(previous);
+  hq_check(err, "hadamard_quant launch");
+}
+
+}  // namespace cbq
