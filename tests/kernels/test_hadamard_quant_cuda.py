@@ -12,6 +12,7 @@ from cbq_kernels import hadamard
 from cbq_kernels.hadamard_quant import (
     _cuda_built,
     _fits,
+    _launch_cuda,
     _use_cuda,
     hadamard_act_quant,
     hadamard_act_quant_ref,
@@ -82,7 +83,7 @@ def test_the_cuda_kernel_matches_the_reference(n, dtype, t):
     assert _use_cuda(x)
     signs = hadamard.random_signs(n, 11).cuda()
     for bits, ratio in ((8, 1.0), (4, 0.8)):
-        codes, scales = hadamard_act_quant(x, bits, signs, clip_ratio=ratio)
+        codes, scales = _launch_cuda(x, bits, signs, ratio)
         want_codes, want_scales = hadamard_act_quant_ref(x, bits, signs, ratio)
         torch.testing.assert_close(scales, want_scales, rtol=1e-5, atol=0)
         diff = (levels(codes, bits, n) - levels(want_codes, bits, n)).abs()
@@ -96,9 +97,20 @@ def test_the_cuda_kernel_is_deterministic_and_takes_zero_rows():
     x = data(200, n, seed=3)
     x[7] = 0  # a zero row: the step's floor, all codes 0
     signs = hadamard.random_signs(n, 2).cuda()
-    a = hadamard_act_quant(x, 8, signs)
-    b = hadamard_act_quant(x, 8, signs)
+    a = _launch_cuda(x, 8, signs, 1.0)
+    b = _launch_cuda(x, 8, signs, 1.0)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert int(a[0][7].abs().max()) == 0 and float(a[1][7]) == float(torch.tensor(1e-8))
-    codes, scales = hadamard_act_quant(x[:0], 4, signs)
+    codes, scales = _launch_cuda(x[:0], 4, signs, 1.0)
     assert codes.shape == (0, n // 8) and scales.shape == (0,)
+
+
+def test_the_api_runs_the_cuda_kernel_when_switched_on(monkeypatch):
+    need_cuda_kernel()
+    n = 11008
+    x = data(64, n, seed=5)
+    signs = hadamard.random_signs(n, 4).cuda()
+    monkeypatch.setenv("CBQ_HADAMARD_CUDA", "1")
+    codes, scales = hadamard_act_quant(x, 8, signs)
+    want_codes, want_scales = _launch_cuda(x, 8, signs, 1.0)
+    assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
