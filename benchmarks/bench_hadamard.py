@@ -6,7 +6,8 @@ does not take, the transform as matrix products then act_quant; ``cuda``: csrc/
 hadamard_quant.cu, where CBQ_HADAMARD_CUDA=1 routes the wide widths with a small factor to
 it), the CUDA kernel timed beside the API's path where it takes the width and is not what the
 API ran (``cuda``), the Triton tile beside the CUDA kernel where the API ran the latter
-(``triton_tile``), the butterfly reference's composition (the transform, then act_quant),
+(``triton_tile``), the CUDA kernel with its small factor on the CUDA cores instead of the
+tensor cores (``cuda_fma``), the butterfly reference's composition (the transform, then act_quant),
 act_quant alone (the cost without rotation); then, int8 codes, the Triton kernel at other
 rows per program / warps than its default (``fused R=rows w=warps``: where the default came
 from).
@@ -78,6 +79,10 @@ def main() -> None:
                 cu = bench(lambda x=x, b=bits, s=signs: _launch_cuda(x, b, s, 1.0))
                 table.add(name, "cuda", shape, "bf16", cu, nbytes=nbytes, copy_gbps=copy_gbps,
                           baseline=comp, baseline_name="transform_then_act_quant")  # fmt: skip
+            if _use_cuda(x, mma=False):  # its small factor on the CUDA cores instead
+                cu = bench(lambda x=x, b=bits, s=signs: _launch_cuda(x, b, s, 1.0, mma=False))
+                table.add(name, "cuda_fma", shape, "bf16", cu, nbytes=nbytes,
+                          copy_gbps=copy_gbps)  # fmt: skip
             if api and _fits(n):  # the Triton tile beside the CUDA kernel
                 tile = bench(lambda x=x, b=bits, s=signs: _launch(x, b, s, 1.0))
                 table.add(name, "triton_tile", shape, "bf16", tile, nbytes=nbytes,

@@ -32,7 +32,8 @@ run the composition: the transform as matrix products, then act_quant.
 Wide widths with a small factor (n >= ``_CUDA_MIN_N``: Llama-2's 11008 = 172 x 64 and 28672 =
 28 x 1024) run the CUDA kernel of csrc/hadamard_quant.cu when the extension has it (for now
 only with CBQ_HADAMARD_CUDA=1: not yet run on a GPU): a row per
-thread block in shared memory, the small factor on the CUDA cores, radix-32 butterflies,
+thread block in shared memory, the small factor on the tensor cores (16-bit inputs; the CUDA
+cores for fp32 ones), radix-32 butterflies,
 the same quantizer arithmetic and the same contract as this module's kernel (one level, in
 rare elements; scales to their last bits). The Triton tile spills at those widths (255
 registers and 700-1552 bytes per thread) and ran at 4.7% (28672) of the copy bandwidth, the
@@ -252,7 +253,7 @@ def _cuda_shape(n: int) -> tuple[int, int, int] | None:
     """(m, mp, p) of the CUDA kernel's launch for width n, or None where it does not run n:
     n = m p, mp = m rounded up to 16 (the small factor's padded columns)."""
     m, p = hadamard.factor(n)
-    if m == 1 or n % 8 or not _CUDA_MIN_N <= n <= _CUDA_MAX_N:
+    if m == 1 or p < 32 or not _CUDA_MIN_N <= n <= _CUDA_MAX_N:
         return None
     mp = -(-m // 16) * 16
     if m > _CUDA_SMALL_M and -(-p // 32) * (mp // 16) > _CUDA_MAX_TASKS:
@@ -268,7 +269,13 @@ def _small_padded(m: int, mp: int, device: torch.device) -> Tensor:
     return out.to(device)
 
 
-def _use_cuda(x: Tensor) -> bool:
+def _mma_default(x: Tensor) -> bool:
+    """The small factor on the tensor cores for 16-bit inputs (exact operands), on the CUDA
+    cores for fp32 ones."""
+    return x.dtype != torch.float32
+
+
+def _use_cuda(x: Tensor, mma: bool | None = None) -> bool:
     """Whether the CUDA kernel runs this x: a GPU tensor, the kernel built, a width it takes,
     16-byte aligned rows and the shared memory it needs on this device."""
     if not x.is_cuda or not _cuda_built():
@@ -278,18 +285,24 @@ def _use_cuda(x: Tensor) -> bool:
         return False
     from cbq_kernels import _C  # type: ignore[attr-defined]
 
-    m, mp, _ = shape
-    need = _C.hadamard_quant_smem_bytes(x.shape[1], m, mp, _DTYPE_CODES[x.dtype])
+    mma = _mma_default(x) if mma is None else mma
+    if mma and x.dtype == torch.float32:
+        return False
+    m, mp, p = shape
+    need = _C.hadamard_quant_smem_bytes(x.shape[1], m, mp, p, _DTYPE_CODES[x.dtype], mma)
     props = torch.cuda.get_device_properties(x.device)
     return need <= getattr(props, "shared_memory_per_block_optin", 0)
 
 
-def _launch_cuda(x: Tensor, bits: int, signs: Tensor, clip_ratio: float) -> tuple[Tensor, Tensor]:
-    """The CUDA kernel on contiguous (T, N) x (the caller checked :func:`_use_cuda`)."""
+def _launch_cuda(x: Tensor, bits: int, signs: Tensor, clip_ratio: float,
+                 mma: bool | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The CUDA kernel on contiguous (T, N) x (the caller checked :func:`_use_cuda`); ``mma``
+    picks where the small factor runs (default: :func:`_mma_default`)."""
     from cbq_kernels import _C  # type: ignore[attr-defined]
 
     t, n = x.shape
     m, mp, p = _cuda_shape(n)
+    mma = _mma_default(x) if mma is None else mma
     shape = (t, n) if bits == 8 else (t, packed_words(n, 4))
     codes = torch.empty(shape, dtype=torch.int8 if bits == 8 else torch.int32, device=x.device)
     scales = torch.empty(t, dtype=torch.float32, device=x.device)
@@ -297,7 +310,7 @@ def _launch_cuda(x: Tensor, bits: int, signs: Tensor, clip_ratio: float) -> tupl
     small = _small_padded(m, mp, x.device)
     _C.hadamard_quant_cuda(
         x.data_ptr(), sg.data_ptr(), small.data_ptr(), codes.data_ptr(), scales.data_ptr(), t, n,
-        m, mp, p, bits, _DTYPE_CODES[x.dtype], float(clip_ratio), 1.0 / math.sqrt(n),
+        m, mp, p, bits, _DTYPE_CODES[x.dtype], mma, float(clip_ratio), 1.0 / math.sqrt(n),
         x.device.index, torch.cuda.current_stream(x.device).cuda_stream,
     )  # fmt: skip
     return codes, scales

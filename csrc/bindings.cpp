@@ -123,13 +123,13 @@ void py_gemm_decode_cuda(Ptr x, Ptr x_scales, int a_mode, Ptr words, Ptr scales,
 
 void py_hadamard_quant_cuda(Ptr x, Ptr signs, Ptr small, Ptr codes, Ptr scales, int64_t rows,
                             int64_t n, int64_t m, int64_t mp, int64_t p, int bits,
-                            int in_dtype, float ratio, float inv_sqrt_n, int device,
+                            int in_dtype, bool mma, float ratio, float inv_sqrt_n, int device,
                             Ptr stream) {
   CBQ_CHECK(bits == 4 || bits == 8, "hadamard_quant bits must be 4 or 8, got ", bits);
   CBQ_CHECK(rows >= 0, "rows must be >= 0, got ", rows);
-  CBQ_CHECK(m >= 1 && p >= 1 && (p & (p - 1)) == 0 && n == m * p,
-            "width n must be m * p with p a power of two, got n=", n, " m=", m, " p=", p);
-  CBQ_CHECK(n % 8 == 0 && n <= 32768, "width must be a multiple of 8 up to 32768, got ", n);
+  CBQ_CHECK(m >= 1 && p >= 32 && (p & (p - 1)) == 0 && n == m * p,
+            "width n must be m * p with p a power of two >= 32, got n=", n, " m=", m, " p=", p);
+  CBQ_CHECK(n <= 32768, "width must be at most 32768, got ", n);
   CBQ_CHECK(mp >= m && mp % 16 == 0, "mp must be a multiple of 16 >= m, got ", mp);
   CBQ_CHECK(ratio > 0.f && ratio <= 1.f, "clip ratio must be in (0, 1], got ", ratio);
   check_dtype(in_dtype);
@@ -141,8 +141,8 @@ void py_hadamard_quant_cuda(Ptr x, Ptr signs, Ptr small, Ptr codes, Ptr scales, 
   check_ptr(scales, rows, "scales");
   hadamard_quant_cuda(reinterpret_cast<const void*>(x), reinterpret_cast<const float*>(signs),
                       reinterpret_cast<const float*>(small), reinterpret_cast<int32_t*>(codes),
-                      reinterpret_cast<float*>(scales), rows, n, m, mp, p, bits, in_dtype, ratio,
-                      inv_sqrt_n, device, stream);
+                      reinterpret_cast<float*>(scales), rows, n, m, mp, p, bits, in_dtype, mma,
+                      ratio, inv_sqrt_n, device, stream);
 }
 #endif
 
@@ -176,8 +176,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("decode_tile_n", [](int bits) { return decode_tile_n(bits); });
   m.def("decode_chunk_k", [](int bits) { return decode_chunk_k(bits); });
   m.def("hadamard_quant_cuda", &py_hadamard_quant_cuda, release);
-  m.def("hadamard_quant_smem_bytes", [](int64_t n, int64_t m, int64_t mp, int in_dtype) {
-    return hadamard_quant_smem_bytes(n, m, mp, in_dtype);
-  });
+  m.def("hadamard_quant_smem_bytes",
+        [](int64_t n, int64_t m, int64_t mp, int64_t p, int in_dtype, bool mma) {
+          return hadamard_quant_smem_bytes(n, m, mp, p, in_dtype, mma);
+        });
 #endif
 }

@@ -11,24 +11,27 @@
 // bytes per thread, docs/results/issue15/hadamard_ptxas.txt) and ran at 4.7% and 3.2% of the
 // copy bandwidth (benchmarks/results/h200/bench_hadamard_3a9aa0a.md). Here the row is spread
 // over a block's shared memory and registers, with the exchanges written out:
-//  1. the row (bf16 / fp16: copied one row ahead by cp.async into a staging buffer, so that the
-//     next row's HBM read overlaps this row's arithmetic; fp32: loaded directly) goes to an
-//     fp32 buffer with the signs applied (a sign flip is exact), one padding float per 32
-//     (element e at e + e / 32: the strided passes below are free of bank conflicts);
-//  2. the small factor along the segments (y[i'][j] = sum_i H[i][i'] x[i][j]): exact +-1
-//     products, fp32 sums. m <= 32: a thread owns two columns and all their m inputs in
-//     registers, 16 outputs per pass; larger m: a warp owns 32 columns and 16 outputs, the
-//     outputs held until every input has been read;
+//  1. bf16 / fp16 rows are copied one row ahead by cp.async into a staging buffer (segment i at
+//     row i of an (mp, p + 8) array: the pad keeps ldmatrix free of bank conflicts), so that
+//     the next row's HBM read overlaps this row's arithmetic; fp32 rows are loaded directly;
+//  2. the small factor along the segments, y[i'][j] = sum_i H[i][i'] x[i][j] (exact +-1
+//     products, fp32 sums), into an fp32 row buffer (element e at e + e / 32 + e / 1024: the
+//     strided passes below are free of bank conflicts), either
+//     - on the tensor cores (MMA, 16-bit inputs): the signs flipped in the staging buffer,
+//       then mma.m16n8k16 with H^T as A (fragments built once per block) and x as B (ldmatrix
+//       .trans from the staging buffer); bf16 / fp16 x and +-1 are exact operands; or
+//     - on the CUDA cores (fp32 inputs, and the comparison): the row with its signs in the fp32
+//       buffer, then m <= 32: a thread owns two columns and all their m inputs in registers,
+//       16 outputs per pass; larger m: a warp owns 32 columns and 16 outputs, the outputs
+//       held until every input has been read;
 //  3. the power-of-two factor: radix-32 passes (a thread loads 32 values at one stride,
 //     butterflies in registers, stores them back), the last one also takes the row maximum;
 //  4. the scale and the codes, eight consecutive elements (one int4 word) per thread.
 // The factors are applied in another order than the reference (small factor first) and the
 // fp32 sums in another order, so a code can differ by one level where y / s lies within ~1e-6
 // of a rounding boundary and a scale in its last bits: the Triton kernel's contract, which
-// the same GPU tests check.
-// The small factor runs on the CUDA cores: m fused multiply-adds per element (28 at 28672,
-// 172 at 11008). Not measured yet; on the tensor cores (as an m16n8k16 product) it would cost
-// a fraction of that.
+// the same GPU tests check. Cost of the small factor: m multiply-adds per element on the CUDA
+// cores (28 at 28672, 172 at 11008), a sixteenth of an MMA's work per 16 on the tensor cores.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -69,11 +72,15 @@ struct HqArgs {
   float ratio, qmax, inv_sqrt_n;
 };
 
-__device__ __forceinline__ int padded(int e) { return e + (e >> 5); }
+// element e of the fp32 row buffer: one padding float per 32 elements and one per 1024 (the
+// MMA's stores go to rows of the segments, 1024 apart at 28672)
+__host__ __device__ __forceinline__ int padded(int e) { return e + (e >> 5) + (e >> 10); }
 
-// floats of the padded row buffer, a multiple of 4 so that the small factor after it is
-// 16-byte aligned
-__host__ __device__ __forceinline__ int row_floats(int n) { return (n + (n + 31) / 32 + 3) / 4 * 4; }
+// floats of the padded row buffer, a multiple of 4 so that what follows is 16-byte aligned
+__host__ __device__ __forceinline__ int row_floats(int n) { return (padded(n - 1) + 1 + 3) / 4 * 4; }
+
+// staging buffer: (mp, p + 8) 16-bit values
+__host__ __device__ __forceinline__ int stage_pitch(int p) { return p + 8; }
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   const auto d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
@@ -240,68 +247,195 @@ __device__ float fwht(float* w, int n, int p) {
   return amax;  // the last pass's values are the final ones
 }
 
-template <typename T, bool STAGE, int BITS>
+// --- tensor-core small factor (16-bit inputs)
+
+template <typename T>
+__device__ __forceinline__ uint32_t one_bits(float v) {  // +-1 or 0 as a 16-bit pattern
+  const uint32_t one = std::is_same_v<T, __nv_bfloat16> ? 0x3F80u : 0x3C00u;
+  return v == 0.f ? 0u : (v < 0.f ? (one | 0x8000u) : one);
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float* c, const uint4& a, uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* row_addr) {
+  const auto a = static_cast<uint32_t>(__cvta_generic_to_shared(row_addr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+// The A fragments of H^T (A[i'][i] = H[i][i'], zero for i >= m), tile (ti, kt) of 16 x 16 at
+// frag[(ti * tiles + kt) * 32 + lane] in the m16n8k16 register layout: lane = 4 g + t holds
+// (g, 2t..2t+1), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..), low half the lower column.
+template <typename T>
+__device__ void build_fragments(uint4* frag, const float* small, int m, int mp) {
+  const int tiles = mp / 16;
+  for (int idx = threadIdx.x; idx < tiles * tiles * 32; idx += kHqThreads) {
+    const int tile = idx / 32, lane = idx % 32, g = lane / 4, t = lane % 4;
+    const int r0 = (tile / tiles) * 16, c0 = (tile % tiles) * 16;
+    auto val = [&](int r, int c) {
+      const int i = c0 + c, ip = r0 + r;
+      return i < m ? one_bits<T>(small[i * mp + ip]) : 0u;
+    };
+    auto pair = [&](int r, int c) { return val(r, c) | (val(r, c + 1) << 16); };
+    frag[idx] = make_uint4(pair(g, 2 * t), pair(g + 8, 2 * t), pair(g, 2 * t + 8),
+                           pair(g + 8, 2 * t + 8));
+  }
+}
+
+// Step 2 on the tensor cores: warp task = (16 outputs i', 32 columns j); B from the staging
+// buffer (signs applied, rows >= m zero), D to the fp32 row buffer.
+template <typename T>
+__device__ void small_factor_mma(float* w, const T* stage, const uint4* frag, int m, int mp,
+                                 int p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int tiles = mp / 16, sp = stage_pitch(p);
+  const int tasks = tiles * (p / 32);
+  for (int task = warp; task < tasks; task += kHqWarps) {
+    const int ti = task % tiles, j0 = (task / tiles) * 32;
+    float acc[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    for (int kt = 0; kt < tiles; ++kt) {
+      const uint4 a = frag[(ti * tiles + kt) * 32 + lane];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        // lanes 0-7: k rows 0-7 of n-tile 2 half; 8-15: k rows 8-15; 16-31: n-tile 2 half + 1
+        const int row = kt * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+        const int col = j0 + half * 16 + (lane >> 4) * 8;
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, stage + row * sp + col);
+        mma16816<T>(acc[2 * half], a, b[0], b[1]);
+        mma16816<T>(acc[2 * half + 1], a, b[2], b[3]);
+      }
+    }
+    const int i0 = ti * 16 + g;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int j = j0 + nt * 8 + 2 * t;
+      if (i0 < m) {
+        w[padded(i0 * p + j)] = acc[nt][0];
+        w[padded(i0 * p + j + 1)] = acc[nt][1];
+      }
+      if (i0 + 8 < m) {
+        w[padded((i0 + 8) * p + j)] = acc[nt][2];
+        w[padded((i0 + 8) * p + j + 1)] = acc[nt][3];
+      }
+    }
+  }
+}
+
+template <typename T, bool STAGE, int BITS, bool MMA>
 __global__ void __launch_bounds__(kHqThreads, 1) hadamard_quant_kernel(HqArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int n = a.n, words32 = (n + 31) / 32;
+  const int n = a.n, p = a.p, words32 = (n + 31) / 32, sp = stage_pitch(p);
   T* stage = reinterpret_cast<T*>(smem);
-  float* w = reinterpret_cast<float*>(smem + (STAGE ? static_cast<size_t>(n) * sizeof(T) : 0));
-  float* h = w + row_floats(n);
-  uint32_t* sbits = reinterpret_cast<uint32_t*>(h + a.m * a.mp);
+  const size_t stage_bytes = STAGE ? static_cast<size_t>(a.mp) * sp * sizeof(T) : 0;
+  float* w = reinterpret_cast<float*>(smem + stage_bytes);
+  float* h = w + row_floats(n);                     // CUDA-core path: (m, mp) fp32
+  uint4* frag = reinterpret_cast<uint4*>(h);        // MMA path: the A fragments
+  const size_t h_bytes = MMA ? static_cast<size_t>(a.mp / 16) * (a.mp / 16) * 512
+                             : static_cast<size_t>(a.m) * a.mp * 4;
+  uint32_t* sbits = reinterpret_cast<uint32_t*>(reinterpret_cast<unsigned char*>(h) + h_bytes);
   float* red = reinterpret_cast<float*>(sbits + words32);
   const int tid = threadIdx.x;
   const T* x = static_cast<const T*>(a.x);
-  const int copies = static_cast<int>(static_cast<size_t>(n) * sizeof(T) / 16);
+  const int chunks = n / 8;  // 16-byte copies of a 16-bit row; 8 elements per thread step
 
-  for (int i = tid; i < a.m * a.mp; i += kHqThreads) h[i] = a.small[i];
+  if constexpr (MMA) {
+    build_fragments<T>(frag, a.small, a.m, a.mp);
+  } else {
+    for (int i = tid; i < a.m * a.mp; i += kHqThreads) h[i] = a.small[i];
+  }
   for (int wd = tid; wd < words32; wd += kHqThreads) {
     uint32_t bits = 0;
-    for (int b = 0; b < 32 && wd * 32 + b < n; ++b) bits |= (a.signs[wd * 32 + b] < 0.f ? 1u : 0u) << b;
+    for (int b = 0; b < 32 && wd * 32 + b < n; ++b) {
+      bits |= (a.signs[wd * 32 + b] < 0.f ? 1u : 0u) << b;
+    }
     sbits[wd] = bits;
   }
-  int64_t row = blockIdx.x;
-  if (STAGE && row < a.rows) {
-    const char* src = reinterpret_cast<const char*>(x + row * n);
-    for (int c = tid; c < copies; c += kHqThreads) cp_async16(smem + 16 * c, src + 16 * c);
-  }
-  cp_async_commit();
-  for (; row < a.rows; row += gridDim.x) {
-    // 1. the row, signs applied, into w
-    if (STAGE) cp_async_wait_all();
-    __syncthreads();  // the staged row is visible; the previous row's readers of w are done
-    for (int v = tid; v < n / 8; v += kHqThreads) {
-      float f[8];
-      if constexpr (std::is_same_v<T, float>) {
-        const float4* src = reinterpret_cast<const float4*>(x + row * n + 8 * v);
-        const float4 lo = src[0], hi = src[1];
-        f[0] = lo.x; f[1] = lo.y; f[2] = lo.z; f[3] = lo.w;
-        f[4] = hi.x; f[5] = hi.y; f[6] = hi.z; f[7] = hi.w;
-      } else {
-        to_float8<T>(reinterpret_cast<const uint4*>(stage)[v], f);
-      }
-      const uint32_t bits = sbits[(8 * v) >> 5] >> ((8 * v) & 31);
-      const int base = padded(8 * v);  // eight elements inside one 32-element block
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        w[base + j] = __uint_as_float(__float_as_uint(f[j]) ^ (((bits >> j) & 1u) << 31));
-      }
+  if constexpr (STAGE) {  // padding rows m..mp-1 of the staging buffer: zero K rows of the MMA
+    for (int e = tid; e < (a.mp - a.m) * sp; e += kHqThreads) {
+      reinterpret_cast<uint16_t*>(stage)[a.m * sp + e] = 0;
     }
-    __syncthreads();
-    if (STAGE) {  // the next row's copy overlaps this row's arithmetic
-      const int64_t next = row + gridDim.x;
-      if (next < a.rows) {
-        const char* src = reinterpret_cast<const char*>(x + next * n);
-        for (int c = tid; c < copies; c += kHqThreads) cp_async16(smem + 16 * c, src + 16 * c);
+  }
+  // the staging address of 8-element chunk c (segment i = 8c / p, column j = 8c % p)
+  auto staged = [&](int c) { return stage + (8 * c / p) * sp + (8 * c) % p; };
+  auto copy_row = [&](int64_t r) {
+    if constexpr (STAGE) {
+      if (r < a.rows) {
+        const uint4* src = reinterpret_cast<const uint4*>(x + r * n);
+        for (int c = tid; c < chunks; c += kHqThreads) cp_async16(staged(c), src + c);
       }
       cp_async_commit();
     }
-    // 2. the small factor, 3. the power-of-two factor and the row maximum
-    if (a.m > 1) {
-      if (a.m <= kSmallM) small_factor_regs(w, h, a.m, a.mp, a.p);
-      else small_factor_tasks(w, h, a.m, a.mp, a.p);
+  };
+  int64_t row = blockIdx.x;
+  copy_row(row);
+  for (; row < a.rows; row += gridDim.x) {
+    if constexpr (STAGE) cp_async_wait_all();
+    __syncthreads();  // the staged row is visible; the previous row's readers of w are done
+    if constexpr (MMA) {
+      // 1-2. the signs in the staging buffer, then the small factor into w
+      for (int c = tid; c < chunks; c += kHqThreads) {
+        uint4* q = reinterpret_cast<uint4*>(staged(c));
+        const uint32_t bits = sbits[(8 * c) >> 5] >> ((8 * c) & 31);
+        uint4 v = *q;
+        v.x ^= ((bits & 1u) << 15) | (((bits >> 1) & 1u) << 31);
+        v.y ^= (((bits >> 2) & 1u) << 15) | (((bits >> 3) & 1u) << 31);
+        v.z ^= (((bits >> 4) & 1u) << 15) | (((bits >> 5) & 1u) << 31);
+        v.w ^= (((bits >> 6) & 1u) << 15) | (((bits >> 7) & 1u) << 31);
+        *q = v;
+      }
       __syncthreads();
+      small_factor_mma<T>(w, stage, frag, a.m, a.mp, p);
+      __syncthreads();
+      copy_row(row + gridDim.x);  // the next row's copy overlaps the rest of this one
+    } else {
+      // 1. the row, signs applied, into w
+      for (int v = tid; v < chunks; v += kHqThreads) {
+        float f[8];
+        if constexpr (std::is_same_v<T, float>) {
+          const float4* src = reinterpret_cast<const float4*>(x + row * n + 8 * v);
+          const float4 lo = src[0], hi = src[1];
+          f[0] = lo.x; f[1] = lo.y; f[2] = lo.z; f[3] = lo.w;
+          f[4] = hi.x; f[5] = hi.y; f[6] = hi.z; f[7] = hi.w;
+        } else {
+          to_float8<T>(*reinterpret_cast<const uint4*>(staged(v)), f);
+        }
+        const uint32_t bits = sbits[(8 * v) >> 5] >> ((8 * v) & 31);
+        const int base = padded(8 * v);  // eight elements inside one 32-element block
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          w[base + j] = __uint_as_float(__float_as_uint(f[j]) ^ (((bits >> j) & 1u) << 31));
+        }
+      }
+      __syncthreads();
+      copy_row(row + gridDim.x);  // the next row's copy overlaps this row's arithmetic
+      // 2. the small factor
+      if (a.m > 1) {
+        if (a.m <= kSmallM) small_factor_regs(w, h, a.m, a.mp, p);
+        else small_factor_tasks(w, h, a.m, a.mp, p);
+        __syncthreads();
+      }
     }
-    float amax = fwht(w, n, a.p);
+    // 3. the power-of-two factor and the row maximum
+    float amax = fwht(w, n, p);
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, o));
     if (tid % 32 == 0) red[tid / 32] = amax;
@@ -315,7 +449,7 @@ __global__ void __launch_bounds__(kHqThreads, 1) hadamard_quant_kernel(HqArgs a)
                           fmaxf(__fmul_rn(r, 9.5367431640625e-07f), 1e-8f));
     const float inv_s = __fdiv_rn(1.0f, s);
     if (tid == 0) a.scales[row] = s;
-    for (int v = tid; v < n / 8; v += kHqThreads) {
+    for (int v = tid; v < chunks; v += kHqThreads) {
       const int base = padded(8 * v);
       int q[8];
 #pragma unroll
@@ -339,13 +473,13 @@ __global__ void __launch_bounds__(kHqThreads, 1) hadamard_quant_kernel(HqArgs a)
       }
     }
   }
-  cp_async_wait_all();
+  if constexpr (STAGE) cp_async_wait_all();
 }
 
-template <typename T, bool STAGE>
+template <typename T, bool STAGE, bool MMA>
 void hq_launch(const HqArgs& a, int bits, size_t smem, int blocks, cudaStream_t stream) {
-  const auto kernel = bits == 8 ? hadamard_quant_kernel<T, STAGE, 8>
-                                : hadamard_quant_kernel<T, STAGE, 4>;
+  const auto kernel = bits == 8 ? hadamard_quant_kernel<T, STAGE, 8, MMA>
+                                : hadamard_quant_kernel<T, STAGE, 4, MMA>;
   hq_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 static_cast<int>(smem)),
            "cudaFuncSetAttribute");
@@ -354,16 +488,19 @@ void hq_launch(const HqArgs& a, int bits, size_t smem, int blocks, cudaStream_t 
 
 }  // namespace
 
-int64_t hadamard_quant_smem_bytes(int64_t n, int64_t m, int64_t mp, int in_dtype) {
+int64_t hadamard_quant_smem_bytes(int64_t n, int64_t m, int64_t mp, int64_t p, int in_dtype,
+                                  bool mma) {
   const int64_t words32 = (n + 31) / 32;
-  const int64_t stage = in_dtype == static_cast<int>(DType::kFloat32) ? 0 : 2 * n;
-  return stage + 4 * row_floats(static_cast<int>(n)) + 4 * m * mp + 4 * words32 + 4 * kHqWarps;
+  const bool fp32 = in_dtype == static_cast<int>(DType::kFloat32);
+  const int64_t stage = fp32 ? 0 : 2 * mp * stage_pitch(static_cast<int>(p));
+  const int64_t small = mma ? (mp / 16) * (mp / 16) * 512 : 4 * m * mp;
+  return stage + 4 * row_floats(static_cast<int>(n)) + small + 4 * words32 + 4 * kHqWarps;
 }
 
 void hadamard_quant_cuda(const void* x, const float* signs, const float* small, int32_t* codes,
                          float* scales, int64_t rows, int64_t n, int64_t m, int64_t mp,
-                         int64_t p, int bits, int in_dtype, float ratio, float inv_sqrt_n,
-                         int device, std::uintptr_t stream) {
+                         int64_t p, int bits, int in_dtype, bool mma, float ratio,
+                         float inv_sqrt_n, int device, std::uintptr_t stream) {
   int previous = 0;
   hq_check(cudaGetDevice(&previous), "cudaGetDevice");
   if (previous != device) hq_check(cudaSetDevice(device), "cudaSetDevice");
@@ -371,17 +508,18 @@ void hadamard_quant_cuda(const void* x, const float* signs, const float* small, 
   hq_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count");
   hq_check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
            "shared memory limit");
-  const int64_t smem = hadamard_quant_smem_bytes(n, m, mp, in_dtype);
-  const int64_t tasks = m > kSmallM ? (p + 31) / 32 * (mp / kOut) : 0;
-  if (smem > smem_max || tasks > kMaxTasks * kHqWarps) {
+  const bool fp32 = in_dtype == static_cast<int>(DType::kFloat32);
+  const int64_t smem = hadamard_quant_smem_bytes(n, m, mp, p, in_dtype, mma);
+  const int64_t tasks = !mma && m > kSmallM ? (p + 31) / 32 * (mp / kOut) : 0;
+  if (smem > smem_max || tasks > kMaxTasks * kHqWarps || (mma && fp32)) {
     if (previous != device) cudaSetDevice(previous);
-    throw std::invalid_argument("cbq_kernels._C: hadamard_quant_cuda: width " +
-                                std::to_string(n) + " with a small factor of " +
-                                std::to_string(m) + " needs " + std::to_string(smem) +
-                                " bytes of shared memory (the device has " +
-                                std::to_string(smem_max) + ") and " + std::to_string(tasks) +
-                                " small-factor tasks (at most " +
-                                std::to_string(kMaxTasks * kHqWarps) + ")");
+    throw std::invalid_argument(
+        "cbq_kernels._C: hadamard_quant_cuda: width " + std::to_string(n) +
+        " with a small factor of " + std::to_string(m) + (mma ? " (tensor cores)" : "") +
+        " needs " + std::to_string(smem) + " bytes of shared memory (the device has " +
+        std::to_string(smem_max) + ") and " + std::to_string(tasks) +
+        " small-factor tasks (at most " + std::to_string(kMaxTasks * kHqWarps) +
+        "); the tensor-core path takes 16-bit inputs only");
   }
   HqArgs a{};
   a.x = x;
@@ -401,11 +539,13 @@ void hadamard_quant_cuda(const void* x, const float* signs, const float* small, 
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (rows > 0) {
     if (in_dtype == static_cast<int>(DType::kBFloat16)) {
-      hq_launch<__nv_bfloat16, true>(a, bits, smem, blocks, s);
+      if (mma) hq_launch<__nv_bfloat16, true, true>(a, bits, smem, blocks, s);
+      else hq_launch<__nv_bfloat16, true, false>(a, bits, smem, blocks, s);
     } else if (in_dtype == static_cast<int>(DType::kFloat16)) {
-      hq_launch<__half, true>(a, bits, smem, blocks, s);
+      if (mma) hq_launch<__half, true, true>(a, bits, smem, blocks, s);
+      else hq_launch<__half, true, false>(a, bits, smem, blocks, s);
     } else {
-      hq_launch<float, false>(a, bits, smem, blocks, s);
+      hq_launch<float, false, false>(a, bits, smem, blocks, s);
     }
   }
   const cudaError_t err = cudaGetLastError();

@@ -45,7 +45,8 @@ for step in $steps; do
       t=tests/kernels/test_hadamard_quant_cuda.py::test_the_cuda_kernel_matches_the_reference
       for tool in memcheck racecheck; do
         compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \
-          "$t[3-dtype0-28672]" "$t[333-dtype0-11008]" "$t[3-dtype2-20480]" -x 2>&1 \
+          "$t[3-dtype0-True-28672]" "$t[333-dtype0-True-11008]" "$t[333-dtype2-False-11008]" \
+          "$t[3-dtype4-False-20480]" -x 2>&1 \
           | tee "$out/hsanitize_$tool.txt" | tail -4
         rc=$(( rc || PIPESTATUS[0] ))
       done ;;

@@ -71,19 +71,21 @@ def need_cuda_kernel():
         pytest.fail("cbq_kernels._C lacks hadamard_quant_cuda: build with scripts/gpu_check.sh")
 
 
-# the register path of the small factor (m = 12, 20, 28) and the task path (m = 172); one
-# row, fewer rows than SMs, more rows than SMs (each block loops over rows and copies the
-# next one ahead)
+# the small factor on the tensor cores (16-bit inputs) and on the CUDA cores (its register
+# path: m = 12, 20, 28; its task path: m = 172); one row, fewer rows than SMs, more rows than
+# SMs (each block loops over rows and copies the next one ahead)
 @pytest.mark.parametrize("n", [28672, 11008, 12288, 20480])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("dtype", "mma"), [(torch.bfloat16, True), (torch.float16, True),
+                                            (torch.bfloat16, False), (torch.float16, False),
+                                            (torch.float32, False)])  # fmt: skip
 @pytest.mark.parametrize("t", [1, 3, 333])
-def test_the_cuda_kernel_matches_the_reference(n, dtype, t):
+def test_the_cuda_kernel_matches_the_reference(n, dtype, mma, t):
     need_cuda_kernel()
     x = data(t, n, seed=n + t).to(dtype)
-    assert _use_cuda(x)
+    assert _use_cuda(x, mma) and not _use_cuda(x.float(), mma=True)
     signs = hadamard.random_signs(n, 11).cuda()
     for bits, ratio in ((8, 1.0), (4, 0.8)):
-        codes, scales = _launch_cuda(x, bits, signs, ratio)
+        codes, scales = _launch_cuda(x, bits, signs, ratio, mma)
         want_codes, want_scales = hadamard_act_quant_ref(x, bits, signs, ratio)
         torch.testing.assert_close(scales, want_scales, rtol=1e-5, atol=0)
         diff = (levels(codes, bits, n) - levels(want_codes, bits, n)).abs()
@@ -97,12 +99,13 @@ def test_the_cuda_kernel_is_deterministic_and_takes_zero_rows():
     x = data(200, n, seed=3)
     x[7] = 0  # a zero row: the step's floor, all codes 0
     signs = hadamard.random_signs(n, 2).cuda()
-    a = _launch_cuda(x, 8, signs, 1.0)
-    b = _launch_cuda(x, 8, signs, 1.0)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert int(a[0][7].abs().max()) == 0 and float(a[1][7]) == float(torch.tensor(1e-8))
-    codes, scales = _launch_cuda(x[:0], 4, signs, 1.0)
-    assert codes.shape == (0, n // 8) and scales.shape == (0,)
+    for mma in (True, False):
+        a = _launch_cuda(x, 8, signs, 1.0, mma)
+        b = _launch_cuda(x, 8, signs, 1.0, mma)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert int(a[0][7].abs().max()) == 0 and float(a[1][7]) == float(torch.tensor(1e-8))
+        codes, scales = _launch_cuda(x[:0], 4, signs, 1.0, mma)
+        assert codes.shape == (0, n // 8) and scales.shape == (0,)
 
 
 def test_the_api_runs_the_cuda_kernel_when_switched_on(monkeypatch):

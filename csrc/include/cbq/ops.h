@@ -44,14 +44,15 @@ void gemm_decode_cuda(const void* x, const float* x_scales, int a_mode, const in
 
 // The online Hadamard rotation fused with per-token quantization (hadamard_quant.cu; contract
 // in cbq_kernels/hadamard_quant.py). x: (rows, n) of in_dtype (DType), n = m p, p a power of
-// two, n % 8 == 0, 16-byte aligned; signs (n,) fp32 +-1; small (m, mp) fp32 +-1 (columns >= m
-// zero, mp a multiple of 16); codes (rows, n) int8 or (rows, n / 8) int32 (bits 4); scales
-// (rows,) fp32.
-int64_t hadamard_quant_smem_bytes(int64_t n, int64_t m, int64_t mp, int in_dtype);
+// two >= 32, 16-byte aligned; signs (n,) fp32 +-1; small (m, mp) fp32 +-1 (columns >= m zero,
+// mp a multiple of 16); codes (rows, n) int8 or (rows, n / 8) int32 (bits 4); scales (rows,)
+// fp32. mma: the small factor on the tensor cores (16-bit inputs), else on the CUDA cores.
+int64_t hadamard_quant_smem_bytes(int64_t n, int64_t m, int64_t mp, int64_t p, int in_dtype,
+                                  bool mma);
 void hadamard_quant_cuda(const void* x, const float* signs, const float* small, int32_t* codes,
                          float* scales, int64_t rows, int64_t n, int64_t m, int64_t mp,
-                         int64_t p, int bits, int in_dtype, float ratio, float inv_sqrt_n,
-                         int device, std::uintptr_t stream);
+                         int64_t p, int bits, int in_dtype, bool mma, float ratio,
+                         float inv_sqrt_n, int device, std::uintptr_t stream);
 #endif
 
 }  // namespace cbq
