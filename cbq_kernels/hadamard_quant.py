@@ -31,13 +31,13 @@ run the composition: the transform as matrix products, then act_quant.
 
 Wide widths with a small factor (n >= ``_CUDA_MIN_N``: Llama-2's 11008 = 172 x 64 and 28672 =
 28 x 1024) run the CUDA kernel of csrc/hadamard_quant.cu when the extension has it (for now
-only with CBQ_HADAMARD_CUDA=1: not yet run on a GPU): a row per
-thread block in shared memory, the small factor on the tensor cores (16-bit inputs; the CUDA
-cores for fp32 ones), radix-32 butterflies,
-the same quantizer arithmetic and the same contract as this module's kernel (one level, in
-rare elements; scales to their last bits). The Triton tile spills at those widths (255
-registers and 700-1552 bytes per thread) and ran at 4.7% (28672) of the copy bandwidth, the
-composition at 3.2% (11008; benchmarks/results/h200/bench_hadamard_3a9aa0a.md).
+only with CBQ_HADAMARD_CUDA=1: not yet run on a GPU): a row per thread block in shared
+memory, the small factor on the tensor cores (16-bit inputs; the CUDA cores for fp32 ones),
+radix-32 butterflies, the same quantizer arithmetic and the same contract as this module's
+kernel (one level, in rare elements; scales to their last bits). The Triton tile spills at
+those widths (255 registers and 700-1552 bytes per thread) and ran at 4.7% (28672) of the
+copy bandwidth, the composition at 3.2% (11008; benchmarks/results/h200/
+bench_hadamard_3a9aa0a.md).
 """
 
 from __future__ import annotations
