@@ -17,7 +17,8 @@ int4pack_mm: PyTorch's own W4A16 g128 kernel (torch._weight_int4pack_mm), a peer
 "copy" row: the device-to-device copy bandwidth of the same run (what the decode rows'
 GB/s are judged against). At M in {256, 1024, 4096} also the other side of
 the dispatch thresholds (EXPAND_MIN_M, WONLY_CUBLAS_MIN_M): w4a8_inloop (codes unpacked in the
-K loop, no int8 expansion) and w4a16_g128_inloop (the Triton kernel, no dequantize + cuBLAS).
+K loop, no int8 expansion) and w4a16_g128_inloop (the Triton kernel, no dequantize + cuBLAS);
+at M >= 256 w4a4_fp8 (W4A4 on fp8 tensor cores: GemmPolicy.fp8_w4a4_min_m, off by default).
 Times are CUDA-graph replays (``do_bench_cudagraph``): the GPU time, without the Python
 launch cost, as a served model replays its decode step.
 Activation quantization is not included in the kernel times (it is a separate, fused-with-
@@ -47,12 +48,13 @@ from benchmarks.common import Environment, Table, Timing, cli, write_report
 from cbq_kernels import formats
 from cbq_kernels.act_quant import act_quant
 from cbq_kernels.gemm import GemmPolicy, gemm_w4a4, gemm_w4a8, gemm_wonly, prepare_weight
-from cbq_kernels.gemm_triton import _A_FLOAT, _A_INT8, _launch, _split_k
+from cbq_kernels.gemm_triton import _A_FLOAT, _A_INT8, _launch, _split_k, fp8_available
 from cbq_kernels.packing import pack_ref as pack  # no compiled extension needed
 from cbq_kernels.testing import LLAMA_LINEAR_SHAPES
 
 MS = (1, 4, 16, 32, 64, 256, 1024, 2048, 4096, 8192)
 TILES = GemmPolicy(tiles_max_m=64)  # the *_tiles rows: gemm_decode.launch_triton at 16 < M <= 64
+FP8_W4A4 = GemmPolicy(fp8_w4a4_min_m=1)  # the w4a4_fp8 rows (M >= 256)
 
 
 def weight(n, k, bits, group_size, g):
@@ -200,6 +202,10 @@ def main() -> None:
                                                           torch.bfloat16, False, None),
                      m * k * 2 + wbytes(w4g)),
                 )  # fmt: skip
+            if m >= 256 and fp8_available(x.device):  # W4A4 on fp8 tensor cores (off by
+                # default: GemmPolicy.fp8_w4a4_min_m), exact product then the scaling pass
+                cases += (("w4a4_fp8", lambda: gemm_w4a4(xq4, xs4, w4, policy=FP8_W4A4),
+                           m * k // 2 + wbytes(w4)),)  # fmt: skip
             for prov, fn, nbytes in cases:
                 if only != [""] and prov not in only:
                     continue
