@@ -36,6 +36,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -480,13 +481,24 @@ __global__ void __launch_bounds__(kHqThreads, 1) hadamard_quant_kernel(HqArgs a)
   if constexpr (STAGE) cp_async_wait_all();
 }
 
+constexpr int kMaxDevices = 64;
+
 template <typename T, bool STAGE, bool MMA>
-void hq_launch(const HqArgs& a, int bits, size_t smem, int blocks, cudaStream_t stream) {
+void hq_launch(const HqArgs& a, int bits, size_t smem, int device, int blocks,
+               cudaStream_t stream) {
   const auto kernel = bits == 8 ? hadamard_quant_kernel<T, STAGE, 8, MMA>
                                 : hadamard_quant_kernel<T, STAGE, 4, MMA>;
-  hq_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                static_cast<int>(smem)),
-           "cudaFuncSetAttribute");
+  // the dynamic shared memory limit, raised once per kernel, device and larger size (a host
+  // call per launch otherwise: the online rotation runs once per layer and token step)
+  static std::atomic<int> allowed[2][kMaxDevices] = {};
+  std::atomic<int>* slot = device >= 0 && device < kMaxDevices ? &allowed[bits == 8][device]
+                                                               : nullptr;
+  if (slot == nullptr || slot->load() < static_cast<int>(smem)) {
+    hq_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(smem)),
+             "cudaFuncSetAttribute");
+    if (slot != nullptr) slot->store(static_cast<int>(smem));
+  }
   kernel<<<blocks, kHqThreads, smem, stream>>>(a);
 }
 
@@ -543,13 +555,13 @@ void hadamard_quant_cuda(const void* x, const float* signs, const float* small, 
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (rows > 0) {
     if (in_dtype == static_cast<int>(DType::kBFloat16)) {
-      if (mma) hq_launch<__nv_bfloat16, true, true>(a, bits, smem, blocks, s);
-      else hq_launch<__nv_bfloat16, true, false>(a, bits, smem, blocks, s);
+      if (mma) hq_launch<__nv_bfloat16, true, true>(a, bits, smem, device, blocks, s);
+      else hq_launch<__nv_bfloat16, true, false>(a, bits, smem, device, blocks, s);
     } else if (in_dtype == static_cast<int>(DType::kFloat16)) {
-      if (mma) hq_launch<__half, true, true>(a, bits, smem, blocks, s);
-      else hq_launch<__half, true, false>(a, bits, smem, blocks, s);
+      if (mma) hq_launch<__half, true, true>(a, bits, smem, device, blocks, s);
+      else hq_launch<__half, true, false>(a, bits, smem, device, blocks, s);
     } else {
-      hq_launch<float, false, false>(a, bits, smem, blocks, s);
+      hq_launch<float, false, false>(a, bits, smem, device, blocks, s);
     }
   }
   const cudaError_t err = cudaGetLastError();
