@@ -232,8 +232,6 @@ _MAX_WARPS_SMALL_FACTOR = 8
 # Triton kernel (1536, 4096: no spills, 22-32% of the copy bandwidth at 2d9c58b)
 _CUDA_MIN_N = 8192
 _CUDA_MAX_N = 32768  # one row in a block's shared memory (fp32)
-_CUDA_SMALL_M = 32  # m up to this: the register path; above it, (32-column, 16-output) tasks
-_CUDA_MAX_TASKS = 32  # of those per row (kMaxTasks x kHqWarps in hadamard_quant.cu)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cbq::DType
 # The API routes to the CUDA kernel only with CBQ_HADAMARD_CUDA=1 until its GPU tests have
 # passed on a GPU (written and compiled at b248c0d, not yet run); its tests and the benchmark
@@ -250,15 +248,13 @@ def _cuda_built() -> bool:
 
 
 def _cuda_shape(n: int) -> tuple[int, int, int] | None:
-    """(m, mp, p) of the CUDA kernel's launch for width n, or None where it does not run n:
-    n = m p, mp = m rounded up to 16 (the small factor's padded columns)."""
+    """(m, mp, p) of the CUDA kernel's launch for width n, or None where it is not routed
+    there: n = m p, mp = m rounded up to 16 (the small factor's padded columns). Whether the
+    kernel takes the shape on a device is the extension's answer (:func:`_use_cuda`)."""
     m, p = hadamard.factor(n)
     if m == 1 or p < 32 or not _CUDA_MIN_N <= n <= _CUDA_MAX_N:
         return None
-    mp = -(-m // 16) * 16
-    if m > _CUDA_SMALL_M and -(-p // 32) * (mp // 16) > _CUDA_MAX_TASKS:
-        return None
-    return m, mp, p
+    return m, -(-m // 16) * 16, p
 
 
 @functools.lru_cache(maxsize=64)
@@ -276,8 +272,9 @@ def _mma_default(x: Tensor) -> bool:
 
 
 def _use_cuda(x: Tensor, mma: bool | None = None) -> bool:
-    """Whether the CUDA kernel runs this x: a GPU tensor, the kernel built, a width it takes,
-    16-byte aligned rows and the shared memory it needs on this device."""
+    """Whether the CUDA kernel runs this x: a GPU tensor, the kernel built, a routed width,
+    16-byte aligned rows, and the extension's answer for the shape, dtype and path (-1: not
+    taken, e.g. fp32 on the tensor cores) within this device's shared memory."""
     if not x.is_cuda or not _cuda_built():
         return False
     shape = _cuda_shape(x.shape[1])
@@ -286,12 +283,10 @@ def _use_cuda(x: Tensor, mma: bool | None = None) -> bool:
     from cbq_kernels import _C  # type: ignore[attr-defined]
 
     mma = _mma_default(x) if mma is None else mma
-    if mma and x.dtype == torch.float32:
-        return False
     m, mp, p = shape
     need = _C.hadamard_quant_smem_bytes(x.shape[1], m, mp, p, _DTYPE_CODES[x.dtype], mma)
     props = torch.cuda.get_device_properties(x.device)
-    return need <= getattr(props, "shared_memory_per_block_optin", 0)
+    return 0 <= need <= getattr(props, "shared_memory_per_block_optin", 0)
 
 
 def _launch_cuda(x: Tensor, bits: int, signs: Tensor, clip_ratio: float,

@@ -202,7 +202,8 @@ __device__ void small_factor_tasks(float* w, const float* h, int m, int mp, int 
 }
 
 // Step 3: one radix-R pass at stride s over the whole row (segments of p are independent:
-// the passes' strides multiply to p). Returns this thread's max |value| when LAST.
+// the passes' strides multiply to p). Returns this thread's max |value| of the pass's outputs
+// (the caller keeps the last pass's: the final values).
 template <int R>
 __device__ float fwht_pass(float* w, int n, int s) {
   float amax = 0.f;
@@ -246,10 +247,7 @@ __device__ float fwht(float* w, int n, int p) {
     }
     __syncthreads();
   }
-  if (p == 1) {  // no pass ran: scan the row
-    for (int e = threadIdx.x; e < n; e += kHqThreads) amax = fmaxf(amax, fabsf(w[padded(e)]));
-  }
-  return amax;  // the last pass's values are the final ones
+  return amax;  // p >= 32 (the binding's check): at least one pass ran
 }
 
 // --- tensor-core small factor (16-bit inputs)
@@ -508,6 +506,8 @@ int64_t hadamard_quant_smem_bytes(int64_t n, int64_t m, int64_t mp, int64_t p, i
                                   bool mma) {
   const int64_t words32 = (n + 31) / 32;
   const bool fp32 = in_dtype == static_cast<int>(DType::kFloat32);
+  if (mma && fp32) return -1;  // the tensor-core path takes 16-bit inputs
+  if (!mma && m > kSmallM && (p + 31) / 32 * (mp / kOut) > kMaxTasks * kHqWarps) return -1;
   const int64_t stage = fp32 ? 0 : 2 * mp * stage_pitch(static_cast<int>(p));
   const int64_t small = mma ? (mp / 16) * (mp / 16) * 512 : 4 * m * mp;
   return stage + 4 * row_floats(static_cast<int>(n)) + small + 4 * words32 + 4 * kHqWarps;
@@ -524,18 +524,17 @@ void hadamard_quant_cuda(const void* x, const float* signs, const float* small, 
   hq_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count");
   hq_check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
            "shared memory limit");
-  const bool fp32 = in_dtype == static_cast<int>(DType::kFloat32);
   const int64_t smem = hadamard_quant_smem_bytes(n, m, mp, p, in_dtype, mma);
-  const int64_t tasks = !mma && m > kSmallM ? (p + 31) / 32 * (mp / kOut) : 0;
-  if (smem > smem_max || tasks > kMaxTasks * kHqWarps || (mma && fp32)) {
+  if (smem < 0 || smem > smem_max) {
     if (previous != device) cudaSetDevice(previous);
     throw std::invalid_argument(
         "cbq_kernels._C: hadamard_quant_cuda: width " + std::to_string(n) +
         " with a small factor of " + std::to_string(m) + (mma ? " (tensor cores)" : "") +
-        " needs " + std::to_string(smem) + " bytes of shared memory (the device has " +
-        std::to_string(smem_max) + ") and " + std::to_string(tasks) +
-        " small-factor tasks (at most " + std::to_string(kMaxTasks * kHqWarps) +
-        "); the tensor-core path takes 16-bit inputs only");
+        (smem < 0 ? " is not taken (the tensor-core path takes 16-bit inputs; the CUDA-core "
+                    "path at most " + std::to_string(kMaxTasks * kHqWarps) +
+                    " tasks of 32 columns x 16 outputs)"
+                  : " needs " + std::to_string(smem) +
+                    " bytes of shared memory, the device has " + std::to_string(smem_max)));
   }
   HqArgs a{};
   a.x = x;

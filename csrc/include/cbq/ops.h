@@ -47,6 +47,8 @@ void gemm_decode_cuda(const void* x, const float* x_scales, int a_mode, const in
 // two >= 32, 16-byte aligned; signs (n,) fp32 +-1; small (m, mp) fp32 +-1 (columns >= m zero,
 // mp a multiple of 16); codes (rows, n) int8 or (rows, n / 8) int32 (bits 4); scales (rows,)
 // fp32. mma: the small factor on the tensor cores (16-bit inputs), else on the CUDA cores.
+// hadamard_quant_smem_bytes: the dynamic shared memory a launch needs, -1 where the kernel
+// does not take the shape (the one answer to "does it run this", for the Python side too).
 int64_t hadamard_quant_smem_bytes(int64_t n, int64_t m, int64_t mp, int64_t p, int in_dtype,
                                   bool mma);
 void hadamard_quant_cuda(const void* x, const float* signs, const float* small, int32_t* codes,
