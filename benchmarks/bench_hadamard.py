@@ -1,16 +1,16 @@
 """Online Hadamard rotation fused with per-token activation quantization (issue 15), bf16 in:
 SmolLM2's down_proj width 1536 = 12 x 128, a power of two (4096), Llama-2's 11008 = 172 x 64
-and 28672 = 28 x 1024, 8192 tokens (target: >= 80% of the copy bandwidth). Providers: the
-op as the API runs it (``fused``: the Triton kernel; ``fused_api_composition``: widths it
-does not take, the transform as matrix products then act_quant; ``cuda``: csrc/
-hadamard_quant.cu, where CBQ_HADAMARD_CUDA=1 routes the wide widths with a small factor to
-it), the CUDA kernel timed beside the API's path where it takes the width and is not what the
-API ran (``cuda``), the Triton tile beside the CUDA kernel where the API ran the latter
-(``triton_tile``), the CUDA kernel with its small factor on the CUDA cores instead of the
-tensor cores (``cuda_fma``), the butterfly reference's composition (the transform, then act_quant),
-act_quant alone (the cost without rotation); then, int8 codes, the Triton kernel at other
-rows per program / warps than its default (``fused R=rows w=warps``: where the default came
-from).
+and 28672 = 28 x 1024, 8192 tokens (target: >= 80% of the copy bandwidth). Providers: the op as
+the API runs it (``fused``: the Triton kernel; ``fused_api_composition``: widths it does not
+take, the transform as matrix products then act_quant; ``cuda``: csrc/hadamard_quant.cu, where
+the API routes the wide widths with a small factor unless CBQ_HADAMARD_CUDA=0), the CUDA kernel
+timed beside the API's path where it takes the width and is not what the API ran (``cuda``),
+the Triton tile or the composition beside the CUDA kernel where the API ran the latter
+(``triton_tile``, ``fused_api_composition``), the CUDA kernel with its small factor on the CUDA
+cores instead of the tensor cores (``cuda_fma``), the butterfly reference's composition (the
+transform, then act_quant), act_quant alone (the cost without rotation); then, int8 codes, the
+Triton kernel at other rows per program / warps than its default (``fused R=rows w=warps``:
+where the default came from).
 
     python benchmarks/bench_hadamard.py --out benchmarks/results/h200
 """
@@ -71,7 +71,7 @@ def main() -> None:
             except Exception as err:  # e.g. out of shared memory at a width: noted, not fatal
                 notes.append(f"- {n}, int{bits}: the fused op failed: {str(err)[:160]}")
                 continue
-            api = os.environ.get("CBQ_HADAMARD_CUDA") == "1" and _use_cuda(x)
+            api = os.environ.get("CBQ_HADAMARD_CUDA") != "0" and _use_cuda(x)
             provider = "cuda" if api else "fused" if _fits(n) else "fused_api_composition"
             table.add(name, provider, shape, "bf16", fused, nbytes=nbytes, copy_gbps=copy_gbps,
                       baseline=comp, baseline_name="transform_then_act_quant")  # fmt: skip
@@ -86,6 +86,10 @@ def main() -> None:
             if api and _fits(n):  # the Triton tile beside the CUDA kernel
                 tile = bench(lambda x=x, b=bits, s=signs: _launch(x, b, s, 1.0))
                 table.add(name, "triton_tile", shape, "bf16", tile, nbytes=nbytes,
+                          copy_gbps=copy_gbps)  # fmt: skip
+            elif api:  # the composition that CBQ_HADAMARD_CUDA=0 runs there
+                cm = bench(lambda x=x, b=bits, s=signs: act_quant(hadamard.apply(x.float(), s), b))
+                table.add(name, "fused_api_composition", shape, "bf16", cm, nbytes=nbytes,
                           copy_gbps=copy_gbps)  # fmt: skip
         if _fits(n):  # the sweep of the launch configuration (int8 codes)
             m_pad, p1, p2 = _tile(n)

@@ -30,14 +30,16 @@ Widths the tile does not take (m_pad > 64, p < 16, m_pad p > 32768: e.g. 11008 =
 run the composition: the transform as matrix products, then act_quant.
 
 Wide widths with a small factor (n >= ``_CUDA_MIN_N``: Llama-2's 11008 = 172 x 64 and 28672 =
-28 x 1024) run the CUDA kernel of csrc/hadamard_quant.cu when the extension has it (for now
-only with CBQ_HADAMARD_CUDA=1: not yet run on a GPU): a row per thread block in shared
+28 x 1024) run the CUDA kernel of csrc/hadamard_quant.cu when the extension has it
+(CBQ_HADAMARD_CUDA=0 routes them back to Triton, for comparison): a row per thread block in shared
 memory, the small factor on the tensor cores (16-bit inputs; the CUDA cores for fp32 ones),
 radix-32 butterflies, the same quantizer arithmetic and the same contract as this module's
 kernel (one level, in rare elements; scales to their last bits). The Triton tile spills at
 those widths (255 registers and 700-1552 bytes per thread) and ran at 4.7% (28672) of the
 copy bandwidth, the composition at 3.2% (11008; benchmarks/results/h200/
-bench_hadamard_3a9aa0a.md).
+bench_hadamard_3a9aa0a.md); the CUDA kernel at 12.1% (11008) and 18.5% (28672), 3.8x the
+composition and 3.9x the tile (H200, bench_hadamard_7a9193f.md, where its ncu reading says
+what limits it).
 """
 
 from __future__ import annotations
@@ -233,9 +235,9 @@ _MAX_WARPS_SMALL_FACTOR = 8
 _CUDA_MIN_N = 8192
 _CUDA_MAX_N = 32768  # one row in a block's shared memory (fp32)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cbq::DType
-# The API routes to the CUDA kernel only with CBQ_HADAMARD_CUDA=1 until its GPU tests have
-# passed on a GPU (written and compiled at b248c0d, not yet run); its tests and the benchmark
-# call it directly.
+# The API routes those widths to the CUDA kernel unless CBQ_HADAMARD_CUDA=0 (on by default
+# since its GPU tests and compute-sanitizer's memcheck/racecheck passed on the H200 at 7a9193f:
+# benchmarks/results/h200/pytest_hadamard_7a9193f.txt).
 _CUDA_ENV = "CBQ_HADAMARD_CUDA"
 
 
@@ -316,7 +318,7 @@ def _impl(x: Tensor, bits: int, signs: Tensor, clip_ratio: float) -> tuple[Tenso
     n = x.shape[1]
     if x.is_cuda:
         x = x.contiguous()
-        if os.environ.get(_CUDA_ENV) == "1" and _use_cuda(x):
+        if os.environ.get(_CUDA_ENV) != "0" and _use_cuda(x):
             return _launch_cuda(x, bits, signs, clip_ratio)
     if not use_triton(_hadamard_quant_kernel, x.device) or not _fits(n) or n % 4:
         if x.device.type != "cpu":  # the composition of the two kernels on the GPU

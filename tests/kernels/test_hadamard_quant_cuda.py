@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cbq_kernels import hadamard
+from cbq_kernels.act_quant import act_quant
 from cbq_kernels.hadamard_quant import (
     _cuda_built,
     _fits,
@@ -107,12 +108,15 @@ def test_the_cuda_kernel_is_deterministic_and_takes_zero_rows():
         assert codes.shape == (0, n // 8) and scales.shape == (0,)
 
 
-def test_the_api_runs_the_cuda_kernel_when_switched_on(monkeypatch):
+def test_the_api_runs_the_cuda_kernel_unless_switched_off(monkeypatch):
     need_cuda_kernel()
     n = 11008
     x = data(64, n, seed=5)
     signs = hadamard.random_signs(n, 4).cuda()
-    monkeypatch.setenv("CBQ_HADAMARD_CUDA", "1")
     codes, scales = hadamard_act_quant(x, 8, signs)
     want_codes, want_scales = _launch_cuda(x, 8, signs, 1.0)
+    assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+    monkeypatch.setenv("CBQ_HADAMARD_CUDA", "0")  # the composition: the transform, act_quant
+    codes, scales = hadamard_act_quant(x, 8, signs)
+    want_codes, want_scales = act_quant(hadamard.apply(x.float(), signs), 8)
     assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
