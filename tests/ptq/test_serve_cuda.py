@@ -43,6 +43,10 @@ def test_kernels_on_the_gpu_reproduce_the_fake_quantized_logits(stories_cuda, se
     with torch.no_grad():
         got = served(x).logits
     agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+    if compute == torch.float32:
+        # the contract, layer by layer: each kernel layer on the fake-quantized layer's input
+        worst = layerwise_worst(load(tmp_path / "q", device="cuda"), served, x)
+        assert worst <= atol, (setting, worst)
     if compute == torch.float32 and setting == "W4A8":
         # int8 codes flip where a layer's fp32 sums differ (GPU fake-quantized vs kernels), and
         # a flip moves a few logits: H200, 2d9c58b, 15 of 262144 logits beyond 0.25, at most
@@ -50,12 +54,37 @@ def test_kernels_on_the_gpu_reproduce_the_fake_quantized_logits(stories_cuda, se
         err = (got - want).abs()
         assert float((err > atol).float().mean()) <= 1e-3 and float(err.max()) <= 4 * atol
         assert agree >= 0.95
+    elif compute == torch.float32 and setting == "W4A4":
+        # a 4-bit code flips where the two paths' fp32 sums (1e-5 apart) straddle a rounding
+        # boundary, and a flip (one step = max / 7) carries along its sequence: H200 and CPU
+        # interpreter, 7a9193f, one token's o_proj input of block 1 flipped -> 12.8% of the
+        # logits beyond 1e-3 (max 2.1) with every layer within 1.3e-5 of its fake-quantized
+        # twin on the same input (layerwise_worst above) and argmax agreement 0.986
+        assert agree >= 0.95
     elif compute == torch.float32:
         torch.testing.assert_close(got, want, rtol=0, atol=atol)
         assert agree >= 0.95
     else:  # bf16 activations: rounding differences, bounded loosely
         assert float((got - want).abs().mean()) < 0.05 * float(want.abs().mean())
         assert agree >= 0.9
+
+
+def layerwise_worst(fake, served, x) -> float:
+    """The largest difference between a kernel layer of ``served`` and the fake-quantized
+    layer of the same name in ``fake``, both given the input the latter saw in fake(x)."""
+    from cbq_ptq.qlinear import QLinear
+
+    seen = {}
+    for name, m in fake.named_modules():
+        if isinstance(m, QLinear):
+            m.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (i[0], o)))
+    worst = 0.0
+    with torch.no_grad():
+        fake(x)
+        assert seen, "no quantized layer in the loaded model"
+        for name, (inp, out) in seen.items():
+            worst = max(worst, float((served.get_submodule(name)(inp) - out).abs().max()))
+    return worst
 
 
 @pytest.mark.parametrize("setting", ["bf16", "W4A16g128", "W4A8", "W4A4"])
