@@ -39,7 +39,8 @@ def main() -> None:
     args = p.parse_args()
     kern, tok, table = load_for_generation(args.model, args.device,
                                            dtype=getattr(torch, args.dtype))  # fmt: skip
-    fake, _, _ = load_for_generation(args.model, args.device, kernels=False)
+    fake, _, _ = load_for_generation(args.model, args.device, kernels=False,
+                                     dtype=getattr(torch, args.dtype))  # the same dtype
     print("kernel layers:", sorted(set(table.values())))
     ids = tok(load_text("wikitext2")[:20000], return_tensors="pt")["input_ids"]
     ids = ids[:, : args.tokens].to(args.device)
