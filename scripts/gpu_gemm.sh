@@ -9,7 +9,7 @@
 # decode: tests/kernels/test_gemm_decode_cuda.py; tests: tests/kernels/test_gemm_cuda.py;
 # generate: benchmarks/bench_generate.py (CBQ_GEN_* select models, batches, prompts).
 # CBQ_BENCH_MS picks the M values of the benchmark (see benchmarks/bench_gemm.py); the
-# benchmark's CSV/markdown land in OUT_DIR (merge parts with benchmarks/summarize_gemm.py).
+# benchmark's CSV/markdown land in OUT_DIR (join the parts' CSVs, then benchmarks/summarize_gemm.py).
 # The device copy's git metadata can be older than the tree it runs: write the commit first
 # (git rev-parse --short=12 HEAD > .cbq_commit, ignored) and carry it; the CSVs record it.
 set -uo pipefail

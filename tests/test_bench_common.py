@@ -2,6 +2,8 @@
 
 import csv
 
+import pytest
+
 from benchmarks.common import COLUMNS, Environment, Table, Timing, write_report
 
 
@@ -29,22 +31,30 @@ def test_gemm_summary_checks_the_targets(tmp_path):
 
     env = Environment("TestGPU", "", "2.13", "3.9", "13.0", "abc")
     table = Table(env)
-    for m, bf16, int_mm, ours in ((4096, 2.0, 1.5, 1.0), (1, 0.18, 0.1, 0.04)):
+    table.add("copy", "torch_copy", "1GiB", "u8", Timing(1.0, 1.0, 1.0), nbytes=2_000_000_000)
+    table.add("read", "torch_sum", "1GiB", "bf16", Timing(0.5, 0.5, 0.5), nbytes=2_000_000_000)
+    # (M, bf16, fp8, int4pack, w4a8, w2a16) in ms
+    for m, bf16, fp8, i4, w4, w2 in ((4096, 2.0, 1.1, 9.0, 1.0, 2.2), (1, 0.18, 0.07, 0.09,
+                                                                        0.05, 0.04)):
         shape = f"{m}x28672x8192"
-        base = Timing(bf16, bf16, bf16)
-        table.add("70b_gate_up", "cublas_bf16", shape, "bf16", base)
-        table.add("70b_gate_up", "int_mm", shape, "int8", Timing(int_mm, int_mm, int_mm))
-        table.add("70b_gate_up", "w4a8", shape, "int4", Timing(ours, ours, ours))
-        table.add("70b_gate_up", "w2a16_g128", shape, "bf16", Timing(ours, ours, ours))
+        table.add("70b_gate_up", "cublas_bf16", shape, "bf16", Timing(bf16, bf16, bf16))
+        for prov, t in (("scaled_mm", fp8), ("int4pack_mm", i4), ("w4a8", w4),
+                        ("w2a16_g128", w2)):
+            table.add("70b_gate_up", prov, shape, "x", Timing(t, t, t), nbytes=100_000_000)
     table.write_csv(tmp_path / "bench_gemm.csv")
-    times = load(tmp_path / "bench_gemm.csv")
-    text = summarize(times)
-    # M=4096: 2.0x bf16 and 1.5x int_mm -> met; M=1: w4a8 40 us <= 50 met, w2a16 40 > 30 not.
-    assert "| 70b_gate_up | 4096 | 28672 | 8192 | w4a8 | 2.00 | 1.5 | None | yes |" in text
-    assert "| 1 | w4a8 | 40.0 | 50 | 180.0 | yes |" in text
-    assert "| 1 | w2a16_g128 | 40.0 | 30 | 180.0 | no |" in text
-    assert "| 70b_gate_up | 28672 | 8192 | w2a16_g128 | 2.00 | yes |" in text
-    assert speedup_by_m(times)["w4a8"] == {1: 4.5, 4096: 2.0}
+    times, rates = load(tmp_path / "bench_gemm.csv")
+    assert rates == {"torch_copy": 2000.0, "torch_sum": 4000.0}
+    text = summarize(times, rates)
+    # M = 1: w4a8 3.6x >= 3.0 (met) and faster than both peers, 1e8 B in 50 us = 2000 GB/s
+    # (1.0 of the copy rate, 0.5 of the read rate); w2a16 4.5x >= 4.5 (met), faster than both
+    assert ("| 70b_gate_up | 1 | w4a8 | 50.0 | 3.60 | 3.0 | yes | 1.40 | 1.80 | yes | 1.00 | "
+            "0.50 |") in text
+    assert "| 70b_gate_up | 1 | w2a16_g128 | 40.0 | 4.50 | 4.5 | yes | 1.75 | 2.25 | yes |" in text
+    # M = 4096: w4a8 2.0x bf16 (>= 1.7) and 1.1x fp8 (>= 0.95): met; w2a16 0.91x < 0.95: not
+    assert "| 70b_gate_up | 4096 | w4a8 | 1.000 | 2.00 | 1.70 | 1.10 | 0.95 | yes |" in text
+    assert "| 70b_gate_up | 4096 | w2a16_g128 | 2.200 | 0.91 | 0.95 | 0.50 | - | no |" in text
+    assert "Targets met: 5 of 6 judged rows" in text
+    assert speedup_by_m(times)["w4a8"] == pytest.approx({1: 3.6, 4096: 2.0})
 
 
 def test_summarize_generate_merges_parts_and_checks_the_targets(tmp_path):
