@@ -2,7 +2,7 @@
 # On a CUDA machine: build the extension (the CUDA decode GEMM lives there), the GEMM GPU tests
 # and the GEMM benchmark.
 #   bash scripts/gpu_gemm.sh OUT_DIR [build|sanitize|hsanitize|hadamard|decode|sweep|ncu|tests|
-#                                     bench|generate|serve]...   (default: build decode tests bench)
+#                                     fp8|bench|generate|serve]...   (default: build decode tests bench)
 # sanitize: the decode kernel's small-shape tests under compute-sanitizer (memcheck, racecheck);
 # hsanitize: the same for the CUDA Hadamard kernel; hadamard: the Hadamard GPU tests, then
 # benchmarks/bench_hadamard.py.
@@ -64,6 +64,12 @@ for step in $steps; do
         --section WarpStateStats --section Occupancy --section LaunchStats \
         python3 scripts/ncu_decode.py > "$out/ncu_decode.txt" 2>&1
       rc=$(( rc || $? )); grep -E "decode_kernel|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per" "$out/ncu_decode.txt" | head -40 ;;
+    fp8)  # W4A4 on fp8: the GPU test, then rowwise vs unit-scale exactness (scripts/fp8_rowwise_check.py)
+      python3 -m pytest tests/kernels/test_gemm_cuda.py -q -p no:cacheprovider -k fp8 2>&1 \
+        | tee "$out/pytest_fp8.txt" | tail -4
+      rc=$(( rc || PIPESTATUS[0] ))
+      python3 scripts/fp8_rowwise_check.py 2>&1 | tee "$out/fp8_rowwise.txt"
+      rc=$(( rc || PIPESTATUS[0] )) ;;
     tests)
       python3 -m pytest tests/kernels/test_gemm_cuda.py -q -p no:cacheprovider -x 2>&1 \
         | tee "$out/pytest_gemm.txt" | tail -15
