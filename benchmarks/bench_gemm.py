@@ -11,8 +11,10 @@ each as its public function dispatches it on a weight prepared as a served model
 M <= 16: the CUDA decode kernel of csrc/gemm_decode.cu, M <= 63 the same kernel on 16-row
 slices, larger M expanded from that layout); the Triton kernels on the canonical words (a
 second weight, layout "both") as *_triton rows (M <= 63: the Triton decode kernel); at 16 < M
-<= 63 also *_tiles rows (GemmPolicy(tiles_max_m=64): a Triton kernel reading the decode layout
-once for all rows, gemm_decode.launch_triton, against the default 16-row slices);
+<= 63 also *_mt2 rows (GemmPolicy(decode_mtiles=2): the CUDA kernel on 32-row slices whose
+two m-tiles share each weight chunk, against the default 16-row slices; the *_tiles rows of
+bench_gemm.csv at 7a9193f, a Triton kernel reading the decode layout once for all rows, lost
+to the slices: 70b gate/up M = 32 W4A8 0.218 vs 0.133 ms);
 int4pack_mm: PyTorch's own W4A16 g128 kernel (torch._weight_int4pack_mm), a peer; a
 "copy" row: the device-to-device copy bandwidth of the same run (what the decode rows'
 GB/s are judged against). At M in {256, 1024, 4096} also the other side of
@@ -53,7 +55,7 @@ from cbq_kernels.packing import pack_ref as pack  # no compiled extension needed
 from cbq_kernels.testing import LLAMA_LINEAR_SHAPES
 
 MS = (1, 4, 16, 32, 64, 256, 1024, 2048, 4096, 8192)
-TILES = GemmPolicy(tiles_max_m=64)  # the *_tiles rows: gemm_decode.launch_triton at 16 < M <= 64
+MTILES = GemmPolicy(decode_mtiles=2)  # the *_mt2 rows: 32-row launches at 16 < M <= 63
 FP8_W4A4 = GemmPolicy(fp8_w4a4_min_m=1)  # the w4a4_fp8 rows (M >= 256)
 
 
@@ -189,8 +191,8 @@ def main() -> None:
                         m * k * 2 + n * k // 2 + n * k // 32,
                     ),
                 )
-            if 16 < m <= 63:  # the decode layout read once for all rows (Triton) vs the slices
-                cases += rows("_tiles", w4, w4g, w2g, policy=TILES)
+            if 16 < m <= 63:  # two m-tiles per launch vs the 16-row slices
+                cases += rows("_mt2", w4, w4g, w2g, policy=MTILES)
             if m <= 63:  # the Triton decode kernel on the canonical words
                 cases += rows("_triton", w4c, w4gc, w2gc, split_k=_split_k(m, n, k, x.device))
             if m in (256, 1024, 4096):  # the other side of the dispatch thresholds

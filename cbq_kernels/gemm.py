@@ -222,7 +222,7 @@ def _wonly(x: Tensor, weight: PreparedWeight, bias: Tensor | None, split_k: int 
 # for tracing): a PreparedWeight travels as its tensors and ints, the policy as a list.
 
 _POLICY_FIELDS = ("decode_max_m", "cuda_decode", "small_m", "expand_min_m", "wonly_cublas_min_m",
-                  "fp8_w4a4_min_m", "tiles_max_m")  # fmt: skip
+                  "fp8_w4a4_min_m", "tiles_max_m", "decode_mtiles")  # fmt: skip
 
 
 def _eager() -> bool:
@@ -354,7 +354,8 @@ def _decode(x: Tensor, xs: Tensor | None, weight: PreparedWeight, bias: Tensor |
     once for all rows."""
     if policy.decode_max_m < x.shape[0] <= policy.tiles_max_m and weight.words is None:
         return gemm_decode.launch_triton(x, xs, weight.decode, bias, out_dtype, debug)
-    return gemm_decode.launch(x, xs, weight.decode, bias, out_dtype, debug)
+    return gemm_decode.launch(x, xs, weight.decode, bias, out_dtype, debug,
+                              mtiles=policy.decode_mtiles)  # fmt: skip
 
 
 def _int_gemm_torch(codes: Tensor, xs: Tensor, weight: PreparedWeight, bias: Tensor | None,

@@ -54,6 +54,9 @@ TILE_N = 64  # output channels per n-tile (8 MMA subtiles of 8)
 # other one (up to 168 registers, __launch_bounds__(128, 3): 3 blocks)
 BLOCKS_PER_SM = 3
 BLOCKS_PER_SM_SWAP = 4
+# M = 17..32 in one launch (two m-tiles, GemmPolicy.decode_mtiles = 2): 205-254 registers,
+# __launch_bounds__(128, 2)
+BLOCKS_PER_SM_MTILES = 2
 SWAP_MAX_M = 8
 WAVE_COST = 32
 
@@ -355,7 +358,8 @@ def default_splits(n_tiles: int, chunks: int, device: torch.device, m: int = 1) 
     ``ceil(chunks / S)`` chunks each plus a fixed cost per wave (its first loads' latency),
     ``WAVE_COST`` chunk-times, fitted to the H200 sweep (benchmarks/results/h200/
     sweep_decode_*.txt: one full wave beats a wave and a tail); at least 2 chunks per warp."""
-    per_sm = BLOCKS_PER_SM_SWAP if m <= SWAP_MAX_M else BLOCKS_PER_SM
+    per_sm = (BLOCKS_PER_SM_SWAP if m <= SWAP_MAX_M else
+              BLOCKS_PER_SM if m <= DECODE_MAX_M else BLOCKS_PER_SM_MTILES)  # fmt: skip
     slots = per_sm * _sm_count(device.index)
     best = (float("inf"), 1)
     for s in range(1, max(1, min(chunks // 8, 64)) + 1):
@@ -366,14 +370,21 @@ def default_splits(n_tiles: int, chunks: int, device: torch.device, m: int = 1) 
 
 
 def launch(x: Tensor, x_scales: Tensor | None, dw: DecodeWeight, bias: Tensor | None,
-           out_dtype: torch.dtype, debug: bool = False,
-           splits: int | None = None) -> Tensor:  # fmt: skip
+           out_dtype: torch.dtype, debug: bool = False, splits: int | None = None,
+           mtiles: int = 1) -> Tensor:  # fmt: skip
     """Run the CUDA decode kernel. x: (M, K) bf16 / fp16 activations, int8 codes, or packed
     int4 codes (M, ceil(K / 8)) int32 (offset 8); x_scales (M,) fp32 for the last two. M > 16
-    runs one launch per 16-row slice (each reads the whole weight: for a weight kept in this
-    layout alone, up to GemmPolicy.small_m). The caller (cbq_kernels.gemm) has checked shapes,
-    dtypes and devices; x must have unit stride along K (its row stride may be anything)."""
+    runs one launch per slice of 16 ``mtiles`` rows (each reads the whole weight: for a weight
+    kept in this layout alone, up to GemmPolicy.small_m; ``mtiles`` = 2 needs an extension
+    whose kernel takes 32 rows, ``_C.decode_max_m()``). The caller (cbq_kernels.gemm) has
+    checked shapes, dtypes and devices; x must have unit stride along K (its row stride may
+    be anything)."""
     from cbq_kernels import _C  # type: ignore[attr-defined]
+
+    step = DECODE_MAX_M * mtiles
+    if step > DECODE_MAX_M and step > getattr(_C, "decode_max_m", lambda: DECODE_MAX_M)():
+        raise RuntimeError(f"the built extension's decode kernel takes at most {DECODE_MAX_M} "
+                           f"rows per launch, not {step}: rebuild cbq_kernels._C")  # fmt: skip
 
     m = x.shape[0]
     a_mode = _A_MODES[x.dtype]
@@ -386,11 +397,12 @@ def launch(x: Tensor, x_scales: Tensor | None, dw: DecodeWeight, bias: Tensor | 
     bias_f = bias.float().contiguous() if bias is not None else None
     xs = x_scales.float().contiguous() if x_scales is not None else None
     ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
-    for r0 in range(0, m, DECODE_MAX_M):
-        rows = min(DECODE_MAX_M, m - r0)
+    for r0 in range(0, m, step):
+        rows = min(step, m - r0)
         split = default_splits(n_tiles, chunks, dev, rows) if splits is None else splits
-        ws = torch.empty((split, 16, dw.n_pad), dtype=torch.int32, device=dev) if split > 1 \
-            else None  # fmt: skip
+        ws_rows = _C.decode_ws_rows(rows) if rows > DECODE_MAX_M else DECODE_MAX_M
+        ws = torch.empty((split, ws_rows, dw.n_pad), dtype=torch.int32, device=dev) \
+            if split > 1 else None  # fmt: skip
         _C.gemm_decode_cuda(
             ptr(x[r0:]), ptr(xs[r0:] if xs is not None else None), a_mode, ptr(dw.words),
             ptr(dw.scales), ptr(dw.zeros), ptr(bias_f), ptr(out[r0:]), ptr(ws),

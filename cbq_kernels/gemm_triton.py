@@ -63,8 +63,17 @@ class GemmPolicy:
     # the CUDA kernel once per 16-row slice; 0 (the default until the H200 compares them at M
     # = 32, bench_gemm's *_tiles rows) keeps the slices. At most 64 (its row tile)
     tiles_max_m: int = 0
+    # 16-row m-tiles per launch of the CUDA decode kernel where it runs M > 16 (a weight kept
+    # in the decode layout alone, M <= small_m): 1 launches it per 16-row slice, each reading
+    # the whole weight (M = 32 costs 2x M = 16: 70b gate/up W4A8 133 vs 67 us, bench_gemm.csv
+    # at 7a9193f); 2 launches 32-row slices whose two m-tiles share each weight chunk
+    # (csrc/gemm_decode.cu, MT = 2). 1 (the default) until that kernel's GPU tests have passed
+    decode_mtiles: int = 1
 
     def __post_init__(self) -> None:
+        if self.decode_mtiles not in (1, 2) or isinstance(self.decode_mtiles, bool):
+            raise ValueError(f"GemmPolicy.decode_mtiles must be 1 or 2, "
+                             f"got {self.decode_mtiles!r}")  # fmt: skip
         for name in ("decode_max_m", "small_m", "expand_min_m", "wonly_cublas_min_m",
                      "fp8_w4a4_min_m", "tiles_max_m"):  # fmt: skip
             v = getattr(self, name)

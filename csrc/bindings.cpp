@@ -96,7 +96,8 @@ void py_gemm_decode_cuda(Ptr x, Ptr x_scales, int a_mode, Ptr words, Ptr scales,
   CBQ_CHECK(a_mode >= 0 && a_mode <= 3, "unknown activation mode ", a_mode);
   CBQ_CHECK(bits == 4 || a_mode <= 1, "2-bit weights take bf16 / fp16 activations only");
   CBQ_CHECK(!debug || a_mode >= 2, "debug (raw int32 output) exists for integer activations only");
-  CBQ_CHECK(m >= 1 && m <= 16, "decode GEMM takes 1 <= M <= 16, got ", m);
+  CBQ_CHECK(m >= 1 && m <= decode_max_m(), "decode GEMM takes 1 <= M <= ", decode_max_m(),
+            ", got ", m);
   CBQ_CHECK(n >= 1 && k >= 1, "decode GEMM needs N >= 1 and K >= 1, got n=", n, " k=", k);
   const int64_t tn = decode_tile_n(bits), ck = decode_chunk_k(bits);
   CBQ_CHECK(n_pad % tn == 0 && n_pad >= n, "n_pad must be a multiple of ", tn, " >= n");
@@ -112,7 +113,7 @@ void py_gemm_decode_cuda(Ptr x, Ptr x_scales, int a_mode, Ptr words, Ptr scales,
   check_ptr(out, m * n, "out");
   check_ptr(counters, n_pad / tn, "counters");
   if (a_mode >= 2) check_ptr(x_scales, m, "x_scales");
-  if (splits > 1) check_ptr(ws, splits * 16 * n_pad, "ws");
+  if (splits > 1) check_ptr(ws, splits * decode_ws_rows(static_cast<int>(m)) * n_pad, "ws");
   gemm_decode_cuda(reinterpret_cast<const void*>(x), reinterpret_cast<const float*>(x_scales),
                    a_mode, reinterpret_cast<const int32_t*>(words),
                    reinterpret_cast<const float*>(scales), reinterpret_cast<const int32_t*>(zeros),
@@ -175,6 +176,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("gemm_decode_cuda", &py_gemm_decode_cuda, release);
   m.def("decode_tile_n", [](int bits) { return decode_tile_n(bits); });
   m.def("decode_chunk_k", [](int bits) { return decode_chunk_k(bits); });
+  m.def("decode_max_m", [] { return decode_max_m(); });
+  m.def("decode_ws_rows", [](int m) { return decode_ws_rows(m); });
   m.def("hadamard_quant_cuda", &py_hadamard_quant_cuda, release);
   m.def("hadamard_quant_smem_bytes",
         [](int64_t n, int64_t m, int64_t mp, int64_t p, int in_dtype, bool mma) {

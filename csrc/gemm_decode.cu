@@ -48,10 +48,11 @@
 // 32-bit register.
 //   scales: fp32 [G][N_pad]; zeros: int32 [G][N_pad] (padding: scale 0, zero 0, codes 0).
 //
-// Work split: block = 4 warps on one n-tile; grid (N_pad / 64, S). Split s of S owns a range of
-// chunks, cut in 4 contiguous warp ranges. Warps reduce through shared memory in a fixed order;
-// with S > 1 each block writes its partial sums to a workspace and the last block of the n-tile
-// (an atomic counter, reset by that block) adds the S partials in order 0..S-1: one launch,
+// Work split: block = 4 warps on one n-tile and all M rows (up to two 16-row m-tiles); grid
+// (N_pad / 64, S). Split s of S owns a range of chunks, cut in 4 contiguous warp ranges. Warps
+// reduce through shared memory in a fixed order; with S > 1 each block writes its partial sums
+// to a workspace (S, decode_ws_rows(M), N_pad) and the last block of the n-tile (an atomic
+// counter, reset by that block) adds the S partials in order 0..S-1: one launch,
 // deterministic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -80,6 +81,11 @@ constexpr int kSub = 8;           // 8-column MMA subtiles per block
 constexpr int kDepth = CBQ_DEC_DEPTH;
 constexpr int kMinBlocks = CBQ_DEC_BLOCKS;  // blocks per SM the register budget is set for
 constexpr int kFloatSegment = 4;  // 4-bit chunks between fp32 flushes (per-channel scales)
+// M = 17..32: two 16-row m-tiles per block (MT = 2) share each weight chunk, its conversion and
+// its B fragments, so the weight stream is read once instead of once per 16-row slice (the
+// slices cost 2x the M = 16 time at M = 32: 70b gate/up W4A8 133 vs 67 us, bench_gemm.csv at
+// 7a9193f). Twice the accumulators: __launch_bounds__(128, 2) (<= 255 registers).
+constexpr int kMaxMTiles = 2;
 
 enum AMode : int { kABf16 = 0, kAFp16 = 1, kAInt8 = 2, kAInt4 = 3 };
 
@@ -286,14 +292,17 @@ __device__ __forceinline__ void finish(const Args& p, int row, int col, uint32_t
   }
 }
 
+// MT: 16-row m-tiles of x per block (1, or 2 for M = 17..32; not with SWAP): each m-tile has
+// its own A fragments, row sums and accumulators; the weight chunk, its conversion and the B
+// fragments are shared.
 // SWAP (M <= 8): the MMA computes y^T = W x^T, weights as the 16-row A operand and the
 // activations as the 8-column B operand, so no MMA row is padding for M <= 8 (with x as A, 15
 // of 16 rows are padding at M = 1): half the MMAs and accumulators, one activation load per
 // lane, and the B operand is two consecutive registers of that load (no register moves). The
 // weight layout is the same: words 2j and 2j + 1 (columns 16 j + g and 16 j + 8 + g) are rows g
 // and g + 8 of n16-tile j.
-template <int BITS, int AM, bool GROUPED, bool DEBUG, bool SWAP>
-__global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p) {
+template <int BITS, int AM, bool GROUPED, bool DEBUG, bool SWAP, int MT>
+__global__ void __launch_bounds__(kWarps * 32, MT == 1 ? kMinBlocks : 2) decode_kernel(Args p) {
   constexpr bool kInt = AM == kAInt8 || AM == kAInt4;
   constexpr bool kBf16 = AM != kAFp16;
   constexpr int CK = BITS == 4 ? 32 : 64;  // K per chunk
@@ -307,6 +316,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
   using Acc = std::conditional_t<kInt, int32_t, float>;
   using ALd = ALoad<AM, CK>;
   static_assert(!kInt || BITS == 4, "integer activations take 4-bit containers");
+  static_assert(MT >= 1 && MT <= kMaxMTiles && (MT == 1 || !SWAP), "m-tiles: 1, or 2 unswapped");
 
   constexpr int kSlots = kDepth + 1;  // group scales in flight per warp (one per chunk at most)
   // dynamic shared memory (decode_smem_bytes): the group scales and zero points of each warp,
@@ -315,14 +325,20 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   auto& sc_sm = *reinterpret_cast<uint32_t(*)[kWarps][kSlots][2][kTN]>(smem_raw);
   auto& ring = *reinterpret_cast<uint4(*)[kWarps][kDepth][64]>(smem_raw + sizeof(sc_sm));
-  auto& sm = *reinterpret_cast<uint32_t(*)[kWarps][16][kTN + 8]>(smem_raw + sizeof(sc_sm));
+  auto& sm = *reinterpret_cast<uint32_t(*)[kWarps][16 * MT][kTN + 8]>(smem_raw + sizeof(sc_sm));
   __shared__ bool last_block;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int nt = blockIdx.x, split = blockIdx.y;
   const int n0 = nt * kTN;
-  const int row0 = min(g, p.m - 1), row1 = min(g + 8, p.m - 1);
+  // rows g and g + 8 of each m-tile, clamped to M - 1 (rows >= M are never stored)
+  int row0[MT], row1[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    row0[mt] = min(16 * mt + g, p.m - 1);
+    row1[mt] = min(16 * mt + g + 8, p.m - 1);
+  }
   constexpr int kAcc = SWAP ? kSub / 2 : kSub;  // accumulator tiles: n16 x m8, or m16 x n8
 
   // this warp's chunks: split `split` of S, then quarter `warp` of it
@@ -333,23 +349,26 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
   const int kb = min(s_begin + warp * per_warp, s_end);
   const int ke = min(kb + per_warp, s_end);
 
-  Acc tmp[kAcc][4];    // the MMA sums of the current segment (group)
+  Acc tmp[MT][kAcc][4];    // the MMA sums of the current segment (group)
   // row sums of x over the segment (SWAP: c[0] / c[1] rows 2t / 2t + 1; else c[0] / c[2] rows
-  // g / g + 8)
-  Acc sumx[4];
-  float acc[kAcc][4];  // the scaled result (float modes, grouped integer modes)
-  int32_t acci[kAcc][4];
+  // g / g + 8 of the m-tile)
+  Acc sumx[MT][4];
+  float acc[MT][kAcc][4];  // the scaled result (float modes, grouped integer modes)
+  int32_t acci[MT][kAcc][4];
 #pragma unroll
-  for (int s = 0; s < kAcc; ++s) {
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      tmp[s][r] = 0;
-      acc[s][r] = 0.f;
-      acci[s][r] = 0;
+    for (int s = 0; s < kAcc; ++s) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        tmp[mt][s][r] = 0;
+        acc[mt][s][r] = 0.f;
+        acci[mt][s][r] = 0;
+      }
     }
-  }
 #pragma unroll
-  for (int r = 0; r < 4; ++r) sumx[r] = 0;
+    for (int r = 0; r < 4; ++r) sumx[mt][r] = 0;
+  }
 
   // the segment's sums -> the result: y += s (tmp - (magic + z) sumx) per column
   // (the segment's scales and zero points are in this warp's shared-memory slot slot_i)
@@ -357,7 +376,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
     const uint32_t(&slot)[2][kTN] = sc_sm[warp][slot_i];
     if constexpr (SWAP) {
       // tile j: c[0] / c[1] column 16 j + g, rows 2t / 2t + 1; c[2] / c[3] column 16 j + 8 + g
-      const Acc sx[2] = {sumx[0], sumx[1]};
+      const Acc sx[2] = {sumx[0][0], sumx[0][1]};
 #pragma unroll
       for (int j = 0; j < kAcc; ++j) {
 #pragma unroll
@@ -369,53 +388,62 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
           for (int e = 0; e < 2; ++e) {
             const int r = 2 * h + e;
             if constexpr (kInt) {
-              const int32_t d = tmp[j][r] - z * sx[e];
+              const int32_t d = tmp[0][j][r] - z * sx[e];
               if constexpr (kIntOut) {
-                acci[j][r] += d;
+                acci[0][j][r] += d;
               } else {
-                acc[j][r] += sc * static_cast<float>(d);
+                acc[0][j][r] += sc * static_cast<float>(d);
               }
             } else {
-              acc[j][r] += fmaf(sc, tmp[j][r], -(sc * (kMagic + static_cast<float>(z))) * sx[e]);
+              acc[0][j][r] +=
+                  fmaf(sc, tmp[0][j][r], -(sc * (kMagic + static_cast<float>(z))) * sx[e]);
             }
-            tmp[j][r] = 0;
+            tmp[0][j][r] = 0;
           }
         }
       }
 #pragma unroll
-      for (int r = 0; r < 4; ++r) sumx[r] = 0;
+      for (int r = 0; r < 4; ++r) sumx[0][r] = 0;
       return;
-    }
-    const Acc sx0 = sumx[0], sx1 = sumx[2];
+    } else {
 #pragma unroll
-    for (int s = 0; s < kAcc; ++s) {
-      const int col = 8 * s + 2 * t;
-      const int2 z = *reinterpret_cast<const int2*>(&slot[1][col]);
-      if constexpr (kInt) {
-        const int32_t d[4] = {tmp[s][0] - z.x * sx0, tmp[s][1] - z.y * sx0,
-                              tmp[s][2] - z.x * sx1, tmp[s][3] - z.y * sx1};
-        if constexpr (kIntOut) {
-#pragma unroll
-          for (int r = 0; r < 4; ++r) acci[s][r] += d[r];
-        } else {
-          const float2 sc = *reinterpret_cast<const float2*>(&slot[0][col]);
-#pragma unroll
-          for (int r = 0; r < 4; ++r) acc[s][r] += ((r & 1) ? sc.y : sc.x) * static_cast<float>(d[r]);
-        }
-      } else {
+      for (int s = 0; s < kAcc; ++s) {
+        const int col = 8 * s + 2 * t;
+        const int2 z = *reinterpret_cast<const int2*>(&slot[1][col]);
         const float2 sc = *reinterpret_cast<const float2*>(&slot[0][col]);
-        const float c0 = sc.x * (kMagic + static_cast<float>(z.x));
-        const float c1 = sc.y * (kMagic + static_cast<float>(z.y));
-        acc[s][0] += fmaf(sc.x, tmp[s][0], -c0 * sx0);
-        acc[s][1] += fmaf(sc.y, tmp[s][1], -c1 * sx0);
-        acc[s][2] += fmaf(sc.x, tmp[s][2], -c0 * sx1);
-        acc[s][3] += fmaf(sc.y, tmp[s][3], -c1 * sx1);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const Acc sx0 = sumx[mt][0], sx1 = sumx[mt][2];
+          if constexpr (kInt) {
+            const int32_t d[4] = {tmp[mt][s][0] - z.x * sx0, tmp[mt][s][1] - z.y * sx0,
+                                  tmp[mt][s][2] - z.x * sx1, tmp[mt][s][3] - z.y * sx1};
+            if constexpr (kIntOut) {
+#pragma unroll
+              for (int r = 0; r < 4; ++r) acci[mt][s][r] += d[r];
+            } else {
+#pragma unroll
+              for (int r = 0; r < 4; ++r) {
+                acc[mt][s][r] += ((r & 1) ? sc.y : sc.x) * static_cast<float>(d[r]);
+              }
+            }
+          } else {
+            const float c0 = sc.x * (kMagic + static_cast<float>(z.x));
+            const float c1 = sc.y * (kMagic + static_cast<float>(z.y));
+            acc[mt][s][0] += fmaf(sc.x, tmp[mt][s][0], -c0 * sx0);
+            acc[mt][s][1] += fmaf(sc.y, tmp[mt][s][1], -c1 * sx0);
+            acc[mt][s][2] += fmaf(sc.x, tmp[mt][s][2], -c0 * sx1);
+            acc[mt][s][3] += fmaf(sc.y, tmp[mt][s][3], -c1 * sx1);
+          }
+#pragma unroll
+          for (int r = 0; r < 4; ++r) tmp[mt][s][r] = 0;
+        }
       }
 #pragma unroll
-      for (int r = 0; r < 4; ++r) tmp[s][r] = 0;
-    }
+      for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r) sumx[r] = 0;
+        for (int r = 0; r < 4; ++r) sumx[mt][r] = 0;
+      }
+    }
   };
 
   // a group's scales and zero points -> a slot (lanes 0-15: 64 scales, 16-31: 64 zero points,
@@ -439,12 +467,17 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
   cp_async_commit();
   // chunk cn's weights into ring slot d: each lane copies the 32 bytes it will read itself, so
   // its own cp.async.wait_group makes them visible (no barrier)
-  const char* xb0 = ALd::lane_base(p, row0, t);
-  const char* xb1 = ALd::lane_base(p, row1, t);
-  // opaque to the compiler: kept in registers, not recomputed from the thread index in the
-  // loop (it rematerialised them: S2R + 9 integer instructions per chunk)
-  asm volatile("" : "+l"(xb0));
-  asm volatile("" : "+l"(xb1));
+  const char* xb0[MT];
+  const char* xb1[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    xb0[mt] = ALd::lane_base(p, row0[mt], t);
+    xb1[mt] = ALd::lane_base(p, row1[mt], t);
+    // opaque to the compiler: kept in registers, not recomputed from the thread index in the
+    // loop (it rematerialised them: S2R + 9 integer instructions per chunk)
+    asm volatile("" : "+l"(xb0[mt]));
+    asm volatile("" : "+l"(xb1[mt]));
+  }
   auto request = [&](int cn, int d) {
     cp_async16(&ring[warp][d][lane], base + static_cast<int64_t>(cn) * 64);
     cp_async16(&ring[warp][d][32 + lane], base + static_cast<int64_t>(cn) * 64 + 32);
@@ -477,61 +510,82 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
         }
         const uint4 w0 = ring[warp][d][lane], w1 = ring[warp][d][32 + lane];
         const uint32_t w[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
-        uint32_t r0[ALd::kRegs], r1[ALd::kRegs];
+        uint32_t r0[MT][ALd::kRegs], r1[MT][ALd::kRegs];
         if (p.vec_x && (c + 1) * CK <= p.k) {
-          ALd::fast_at(r0, xb0 + static_cast<int64_t>(c) * ALd::kChunkBytes);
-          if constexpr (!SWAP) ALd::fast_at(r1, xb1 + static_cast<int64_t>(c) * ALd::kChunkBytes);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            ALd::fast_at(r0[mt], xb0[mt] + static_cast<int64_t>(c) * ALd::kChunkBytes);
+            if constexpr (!SWAP) {
+              ALd::fast_at(r1[mt], xb1[mt] + static_cast<int64_t>(c) * ALd::kChunkBytes);
+            }
+          }
         } else {
-          ALd::slow(r0, p, row0, c, t);
-          if constexpr (!SWAP) ALd::slow(r1, p, row1, c, t);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            ALd::slow(r0[mt], p, row0[mt], c, t);
+            if constexpr (!SWAP) ALd::slow(r1[mt], p, row1[mt], c, t);
+          }
         }
         if constexpr (SWAP && kInt) {
           // B = x (k32 x m8): b0 = row g's K slots 4t.., b1 = slots 16 + 4t.. (to_fragments)
           uint32_t xa[4];
-          int_fragments<AM>(xa, r0, r0);
+          int_fragments<AM>(xa, r0[0], r0[0]);
           const uint32_t ones[4] = {kOnes2, kOnes2, kOnes2, kOnes2};
-          mma_s8(sumx, ones, xa[0], xa[2]);
+          mma_s8(sumx[0], ones, xa[0], xa[2]);
 #pragma unroll
           for (int j = 0; j < kAcc; ++j) {
             const uint32_t a[4] = {w[2 * j] & 0x0F0F0F0Fu, w[2 * j + 1] & 0x0F0F0F0Fu,
                                    (w[2 * j] >> 4) & 0x0F0F0F0Fu, (w[2 * j + 1] >> 4) & 0x0F0F0F0Fu};
-            mma_s8(tmp[j], a, xa[0], xa[2]);
+            mma_s8(tmp[0][j], a, xa[0], xa[2]);
           }
         } else if constexpr (SWAP) {
 #pragma unroll
           for (int u = 0; u < kSteps; ++u) {
             // B = x (k16 x m8): pairs 2u (K slots 2t, 2t + 1) and 2u + 1 (slots 2t + 8, 2t + 9)
-            const uint32_t b0 = r0[2 * u], b1 = r0[2 * u + 1];
+            const uint32_t b0 = r0[0][2 * u], b1 = r0[0][2 * u + 1];
             const uint32_t ones[4] = {kOnes2, kOnes2, kOnes2, kOnes2};
-            mma_f16<kBf16>(sumx, ones, b0, b1);
+            mma_f16<kBf16>(sumx[0], ones, b0, b1);
 #pragma unroll
             for (int j = 0; j < kAcc; ++j) {
               const uint32_t a[4] = {and_or(w[2 * j] >> (BITS * (2 * u)), kMask2, kMagic2),
                                      and_or(w[2 * j + 1] >> (BITS * (2 * u)), kMask2, kMagic2),
                                      and_or(w[2 * j] >> (BITS * (2 * u + 1)), kMask2, kMagic2),
                                      and_or(w[2 * j + 1] >> (BITS * (2 * u + 1)), kMask2, kMagic2)};
-              mma_f16<kBf16>(tmp[j], a, b0, b1);
+              mma_f16<kBf16>(tmp[0][j], a, b0, b1);
             }
           }
         } else if constexpr (kInt) {
-          uint32_t a[4];
-          int_fragments<AM>(a, r0, r1);
-          mma_s8(sumx, a, kOnes2, kOnes2);
+          uint32_t a[MT][4];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            int_fragments<AM>(a[mt], r0[mt], r1[mt]);
+            mma_s8(sumx[mt], a[mt], kOnes2, kOnes2);
+          }
 #pragma unroll
           for (int s = 0; s < kAcc; ++s) {
-            mma_s8(tmp[s], a, w[s] & 0x0F0F0F0Fu, (w[s] >> 4) & 0x0F0F0F0Fu);
+            const uint32_t b0 = w[s] & 0x0F0F0F0Fu, b1 = (w[s] >> 4) & 0x0F0F0F0Fu;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) mma_s8(tmp[mt][s], a[mt], b0, b1);
           }
         } else {
 #pragma unroll
           for (int u = 0; u < kSteps; ++u) {
             // step u: pairs 2u (K slots 2t, 2t + 1) and 2u + 1 (slots 2t + 8, 2t + 9)
-            const uint32_t a[4] = {r0[2 * u], r1[2 * u], r0[2 * u + 1], r1[2 * u + 1]};
-            mma_f16<kBf16>(sumx, a, kOnes2, kOnes2);
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              a[mt][0] = r0[mt][2 * u];
+              a[mt][1] = r1[mt][2 * u];
+              a[mt][2] = r0[mt][2 * u + 1];
+              a[mt][3] = r1[mt][2 * u + 1];
+              mma_f16<kBf16>(sumx[mt], a[mt], kOnes2, kOnes2);
+            }
 #pragma unroll
             for (int s = 0; s < kAcc; ++s) {
               const uint32_t b0 = and_or(w[s] >> (BITS * (2 * u)), kMask2, kMagic2);
               const uint32_t b1 = and_or(w[s] >> (BITS * (2 * u + 1)), kMask2, kMagic2);
-              mma_f16<kBf16>(tmp[s], a, b0, b1);
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt) mma_f16<kBf16>(tmp[mt][s], a[mt], b0, b1);
             }
           }
         }
@@ -554,21 +608,27 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
 #pragma unroll
       for (int r = 0; r < 4; ++r) {  // row 2t + (r & 1), column 16 j + 8 (r >> 1) + g
         sm[warp][2 * t + (r & 1)][16 * j + 8 * (r >> 1) + g] =
-            kIntOut ? static_cast<uint32_t>(acci[j][r]) : __float_as_uint(acc[j][r]);
+            kIntOut ? static_cast<uint32_t>(acci[0][j][r]) : __float_as_uint(acc[0][j][r]);
       }
     }
-  }
+  } else {
 #pragma unroll
-  for (int s = 0; s < (SWAP ? 0 : kAcc); ++s) {
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {  // rows g, g + 8
-      uint2 v;
-      if constexpr (kIntOut) {
-        v = make_uint2(static_cast<uint32_t>(acci[s][2 * h]), static_cast<uint32_t>(acci[s][2 * h + 1]));
-      } else {
-        v = make_uint2(__float_as_uint(acc[s][2 * h]), __float_as_uint(acc[s][2 * h + 1]));
+      for (int s = 0; s < kAcc; ++s) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // rows 16 mt + g, 16 mt + g + 8
+          uint2 v;
+          if constexpr (kIntOut) {
+            v = make_uint2(static_cast<uint32_t>(acci[mt][s][2 * h]),
+                           static_cast<uint32_t>(acci[mt][s][2 * h + 1]));
+          } else {
+            v = make_uint2(__float_as_uint(acc[mt][s][2 * h]),
+                           __float_as_uint(acc[mt][s][2 * h + 1]));
+          }
+          *reinterpret_cast<uint2*>(&sm[warp][16 * mt + g + 8 * h][8 * s + 2 * t]) = v;
+        }
       }
-      *reinterpret_cast<uint2*>(&sm[warp][g + 8 * h][8 * s + 2 * t]) = v;
     }
   }
   __syncthreads();
@@ -596,7 +656,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
     uint32_t v = sm[0][row][col];
 #pragma unroll
     for (int w = 1; w < kWarps; ++w) v = add(v, sm[w][row][col]);
-    p.ws[(static_cast<int64_t>(split) * 16 + row) * p.n_pad + n0 + col] = v;
+    p.ws[(static_cast<int64_t>(split) * 16 * MT + row) * p.n_pad + n0 + col] = v;
   }
   __threadfence();
   __syncthreads();
@@ -611,7 +671,7 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
     if (n0 + col >= p.n) continue;
     uint32_t v = __ldcg(p.ws + static_cast<int64_t>(row) * p.n_pad + n0 + col);
     for (int sp = 1; sp < p.splits; ++sp) {
-      v = add(v, __ldcg(p.ws + (static_cast<int64_t>(sp) * 16 + row) * p.n_pad + n0 + col));
+      v = add(v, __ldcg(p.ws + (static_cast<int64_t>(sp) * 16 * MT + row) * p.n_pad + n0 + col));
     }
     finish<AM, GROUPED, DEBUG>(p, row, n0 + col, v);
   }
@@ -620,34 +680,46 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) decode_kernel(Args p)
 
 constexpr size_t kScaleBytes = sizeof(uint32_t) * kWarps * (kDepth + 1) * 2 * kTN;
 constexpr size_t kRingBytes = sizeof(uint4) * kWarps * kDepth * 64;
-constexpr size_t kReduceBytes = sizeof(uint32_t) * kWarps * 16 * (kTN + 8);
-constexpr size_t kSmemBytes = kScaleBytes + (kRingBytes > kReduceBytes ? kRingBytes : kReduceBytes);
+// the reduction reuses the rings: 18 KB per m-tile (MT = 2: 36 KB, more than the 32 KB rings)
+constexpr size_t smem_bytes(int mt) {
+  return kScaleBytes + (kRingBytes > sizeof(uint32_t) * kWarps * 16 * mt * (kTN + 8)
+                            ? kRingBytes
+                            : sizeof(uint32_t) * kWarps * 16 * mt * (kTN + 8));
+}
 
 template <int BITS, int AM, bool DEBUG>
 void launch(const Args& p, bool grouped, int device, cudaStream_t stream) {
   const dim3 grid(p.n_pad / kTN, p.splits);
-  const bool swap = p.m <= 8;
-  const auto kernel = grouped ? (swap ? decode_kernel<BITS, AM, true, DEBUG, true>
-                                      : decode_kernel<BITS, AM, true, DEBUG, false>)
-                              : (swap ? decode_kernel<BITS, AM, false, DEBUG, true>
-                                      : decode_kernel<BITS, AM, false, DEBUG, false>);
+  // M <= 8: swapped operands; 9..16: one m-tile; 17..32: two (decode_ws_rows says the same)
+  const int variant = p.m <= 8 ? 0 : (p.m <= 16 ? 1 : 2);
+  using Kernel = void (*)(Args);
+  const Kernel kernels[2][3] = {{decode_kernel<BITS, AM, false, DEBUG, true, 1>,
+                                 decode_kernel<BITS, AM, false, DEBUG, false, 1>,
+                                 decode_kernel<BITS, AM, false, DEBUG, false, 2>},
+                                {decode_kernel<BITS, AM, true, DEBUG, true, 1>,
+                                 decode_kernel<BITS, AM, true, DEBUG, false, 1>,
+                                 decode_kernel<BITS, AM, true, DEBUG, false, 2>}};
+  const Kernel kernel = kernels[grouped][variant];
+  const size_t smem = smem_bytes(variant == 2 ? 2 : 1);
   // more dynamic shared memory than the 48 KB default: allowed once per kernel and device
-  static uint32_t attr_set[4] = {0u, 0u, 0u, 0u};  // bit d: set on device d (< 32)
-  const int which = 2 * grouped + swap;
+  static uint32_t attr_set[6] = {0u, 0u, 0u, 0u, 0u, 0u};  // bit d: set on device d (< 32)
+  const int which = 3 * grouped + variant;
   const uint32_t bit = device < 32 ? 1u << device : 0u;
   if (!(attr_set[which] & bit)) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(kSmemBytes)),
+                                    static_cast<int>(smem)),
                "cudaFuncSetAttribute");
     attr_set[which] |= bit;
   }
-  kernel<<<grid, kWarps * 32, kSmemBytes, stream>>>(p);
+  kernel<<<grid, kWarps * 32, smem, stream>>>(p);
 }
 
 }  // namespace
 
 int decode_tile_n(int) { return kTN; }
 int decode_chunk_k(int bits) { return bits == 2 ? 64 : 32; }
+int decode_max_m() { return 16 * kMaxMTiles; }
+int decode_ws_rows(int m) { return m <= 16 ? 16 : 16 * kMaxMTiles; }
 
 void gemm_decode_cuda(const void* x, const float* x_scales, int a_mode, const int32_t* words,
                       const float* scales, const int32_t* zeros, const float* bias, void* out,

@@ -299,6 +299,8 @@ def test_gemm_policy_is_checked():
         GemmPolicy(decode_max_m=32)
     with pytest.raises(ValueError, match="tiles_max_m must be <= 64"):
         GemmPolicy(tiles_max_m=65)
+    with pytest.raises(ValueError, match="decode_mtiles must be 1 or 2, got 4"):
+        GemmPolicy(decode_mtiles=4)
     w, _ = make_weight(8, 64, 4)
     with pytest.raises(TypeError, match="policy must be a GemmPolicy or None, got dict"):
         gemm_wonly(torch.randn(2, 64), w, policy={"small_m": 1})

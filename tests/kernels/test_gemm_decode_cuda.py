@@ -153,6 +153,48 @@ def test_bias_output_dtypes_and_the_dispatch():
     torch.testing.assert_close(y.double(), gemm_ref(x, w, bias=bias), rtol=2e-2, atol=2e-2)
 
 
+# (weight bits, group size, activations: a float dtype, or 8 / 4 for integer codes)
+MTILE_CASES = ((4, 128, torch.bfloat16), (4, None, torch.float16), (2, 64, torch.bfloat16),
+               (4, None, 8), (4, 128, 8), (4, None, 4))
+
+
+@pytest.mark.parametrize("m", [17, 24, 32])
+@pytest.mark.parametrize(("bits", "group_size", "a"), MTILE_CASES)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_two_m_tiles_equal_two_launches(m, bits, group_size, a, splits):
+    """M = 17..32 in one launch of the two-m-tile kernel (MT = 2: each weight chunk read once
+    for both 16-row tiles) equals, bit for bit, the same rows in two 16-row launches of the
+    one-m-tile kernel with the same K splits (the second padded to 16 rows, so that neither
+    runs the swapped-operand kernel): each m-tile adds the same MMA results in the same order
+    (also the debug int32 accumulators, and the bias and output dtype in the epilogue)."""
+    need_kernel()
+    from cbq_kernels import _C  # type: ignore[attr-defined]
+
+    assert _C.decode_max_m() == 32 and _C.decode_ws_rows(m) == 32
+    n, k = 1000, 4160  # N not a multiple of the 64-column tile, K of 128 but not of 4096
+    w, _ = gemm_cuda_weight(n, k, bits, group_size, seed=21, layout="auto")
+    g = torch.Generator(device="cuda").manual_seed(22)
+    x = torch.randn(m, k, generator=g, device="cuda")
+    bias = torch.randn(n, generator=g, device="cuda")
+    if isinstance(a, int):
+        xq, xs = act_quant(x, a)
+        runs = [(xq, xs, True, torch.float32), (xq, xs, False, torch.bfloat16)]
+    else:
+        runs = [(x.to(a), None, False, a)]
+    for xin, xs, debug, out_dtype in runs:
+        b = None if debug else bias
+        one = gemm_decode.launch(xin, xs, w.decode, b, out_dtype, debug, splits=splits, mtiles=2)
+        pad = lambda t: torch.cat([t[16:], t[:16][: 32 - m]])  # noqa: E731 (rows 16.., then 16 rows)
+        top = gemm_decode.launch(xin[:16], None if xs is None else xs[:16], w.decode, b,
+                                 out_dtype, debug, splits=splits)  # fmt: skip
+        rest = gemm_decode.launch(pad(xin), None if xs is None else pad(xs), w.decode, b,
+                                  out_dtype, debug, splits=splits)[: m - 16]  # fmt: skip
+        two = torch.cat([top, rest])
+        assert one.dtype == two.dtype and torch.equal(one, two), (debug, out_dtype)
+    # the counters are left zero (the split reduction's semaphores)
+    assert int(w.decode.counters.abs().sum()) == 0
+
+
 @pytest.mark.parametrize("m", [17, 40, 64])
 @pytest.mark.parametrize("act_bits", [None, 8, 4])
 def test_rows_beyond_16_on_a_weight_in_the_decode_layout_alone(m, act_bits):
@@ -166,13 +208,14 @@ def test_rows_beyond_16_on_a_weight_in_the_decode_layout_alone(m, act_bits):
     w, codes = gemm_cuda_weight(4096, 11008, 4, 128, seed=12, layout="auto")
     assert w.words is None
     tiles = GemmPolicy(tiles_max_m=64)
+    mtiles = GemmPolicy(decode_mtiles=2)  # 32-row launches of the two-m-tile kernel
     g = torch.Generator(device="cuda").manual_seed(13)
     x = torch.randn(m, 11008, generator=g, device="cuda").to(torch.bfloat16)
     if act_bits is None:
         exact = gemm_ref(x, w)
         deq = dequantize_ref(w.packed, 4, 11008, w.scales, w.zeros.float(), 128)
         torch_err = float((x @ deq.to(torch.bfloat16).t()).double().sub(exact).abs().max())
-        for policy in (None, tiles):
+        for policy in (None, tiles, mtiles):
             err = float((gemm_wonly(x, w, policy=policy).double() - exact).abs().max())
             assert err <= 2 * torch_err + 1e-6 * float(exact.abs().max()), policy
         return
@@ -180,5 +223,5 @@ def test_rows_beyond_16_on_a_weight_in_the_decode_layout_alone(m, act_bits):
     fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
     codes_x = xq if act_bits == 8 else unpack(xq, 4, 11008).to(torch.int32) - 8
     want = exact_int(codes_x, w, codes)
-    for policy in (None, tiles):
+    for policy in (None, tiles, mtiles):
         assert torch.equal(fn(xq, xs, w, debug=True, policy=policy).long(), want), policy
