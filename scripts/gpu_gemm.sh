@@ -28,11 +28,17 @@ for step in $steps; do
       CBQ_CUDA_ARCHS=${CBQ_CUDA_ARCHS:-90a} CBQ_REQUIRE_CUDA=1 python3 setup.py build_ext \
         --inplace > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
       grep -E "spill|warning" "$out/build.log" | tail -5 ;;
-    sanitize)  # out-of-bounds accesses and shared-memory races, on small shapes (slow)
+    sanitize)  # out-of-bounds accesses and shared-memory races, on small shapes (slow), and
+      # the two-m-tile kernel with K splits (its 32-row workspace and reduction)
+      m2=tests/kernels/test_gemm_decode_cuda.py::test_two_m_tiles_equal_two_launches
       for tool in memcheck racecheck; do
         compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \
           tests/kernels/test_gemm_decode_cuda.py -k "shape3" -x 2>&1 \
           | tee "$out/sanitize_$tool.txt" | tail -4
+        rc=$(( rc || PIPESTATUS[0] ))
+        compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \
+          "$m2[3-4-128-a0-24]" "$m2[3-4-128-8-32]" -x 2>&1 \
+          | tee -a "$out/sanitize_$tool.txt" | tail -4
         rc=$(( rc || PIPESTATUS[0] ))
       done ;;
     hadamard)
