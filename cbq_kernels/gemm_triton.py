@@ -52,11 +52,13 @@ class GemmPolicy:
     # e4m3 (int4 codes and weight codes minus zero point are exact there, and the fp32 sums
     # below 2^24) and cuBLAS' fp8 GEMM runs them: 1.44-1.78x cuBLAS bf16 on the H200 at M >=
     # 2048 against 1.35-1.58x for the int8 path (benchmarks/results/h200/
-    # bench_w4a4_fp8_053a7b8.txt, unit scales, exact). 0 (the default) switches it off: with
-    # _scaled_mm's rowwise scales its GPU test failed (e2455c7, f30d25d, 0d500ea: those sums
-    # are not exact), so the path now takes the unit-scale fp32 product and scales it in a
-    # second pass (launch_w4a4_fp8); on by default once the H200 has timed that form against
-    # the int8 path and tests/kernels/test_gemm_cuda.py::test_w4a4_on_fp8_tensor_cores passes
+    # bench_w4a4_fp8_053a7b8.txt, unit scales, exact). 0 (the default) switches it off: its
+    # GPU test failed (e2455c7, f30d25d, 0d500ea, 7a9193f), at 7a9193f traced to the test's
+    # reference (gemm_ref leaves ~1e-14 where the integer sum is 0; DECISIONS, "W4A4 prefill
+    # on fp8"). The path takes the unit-scale fp32 product and scales it in a second pass
+    # (launch_w4a4_fp8): 1.14-1.79x bf16 at M >= 2048 against 1.14-1.58x for the int8 path
+    # (bench_gemm.csv at 7a9193f, `w4a4_fp8`); on from a measured M once the corrected test
+    # passes on the GPU
     fp8_w4a4_min_m: int = 0
     # a weight kept in the decode layout alone, decode_max_m < M <= tiles_max_m: the Triton
     # kernel that reads that layout once for all M rows (gemm_decode.launch_triton) instead of
