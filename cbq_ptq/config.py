@@ -264,7 +264,8 @@ def default_act_quantizer(a_bits: int, device: str = "cuda", rotated: bool = Fal
     token on a rotated model: the rotation spreads the massive tokens' energy over every
     channel, so CrossQuant's column maxima crush the other tokens (H200, e2455c7: W4A4 CBQ +
     rotation with CrossQuant held-out 190.1 against 44.6 for GPTQ + rotation per token;
-    CPU proxy, blocks 28-29 at GPTQ init: window loss 0.555 CrossQuant vs 0.053 per token,
+    CPU proxy, blocks 28-29 untrained (round-to-nearest weights: the proxy's 'gptq_*' init
+    rows never ran GPTQ, see its README): window loss 0.555 CrossQuant vs 0.053 per token,
     docs/results/issue15/cpu_proxy). The API's QuantSettings stays explicit (per_token
     unless told)."""
     if rotated:
