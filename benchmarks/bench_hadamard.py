@@ -7,10 +7,11 @@ the API routes the wide widths with a small factor unless CBQ_HADAMARD_CUDA=0), 
 timed beside the API's path where it takes the width and is not what the API ran (``cuda``),
 the Triton tile or the composition beside the CUDA kernel where the API ran the latter
 (``triton_tile``, ``fused_api_composition``), the CUDA kernel with its small factor on the CUDA
-cores instead of the tensor cores (``cuda_fma``), the butterfly reference's composition (the
-transform, then act_quant), act_quant alone (the cost without rotation); then, int8 codes, the
-Triton kernel at other rows per program / warps than its default (``fused R=rows w=warps``:
-where the default came from).
+cores instead of the tensor cores (``cuda_fma``), the register kernel csrc/hadamard_quant_reg.cu
+(``cuda_reg``; what the API runs under CBQ_HADAMARD_CUDA=reg), the butterfly reference's
+composition (the transform, then act_quant), act_quant alone (the cost without rotation);
+then, int8 codes, the Triton kernel at other rows per program / warps than its default
+(``fused R=rows w=warps``: where the default came from).
 
     python benchmarks/bench_hadamard.py --out benchmarks/results/h200
 """
@@ -35,6 +36,7 @@ from cbq_kernels.hadamard_quant import (
     _launch_cuda,
     _tile,
     _use_cuda,
+    _use_cuda_reg,
     hadamard_act_quant,
     launch_configs,
 )
@@ -71,11 +73,19 @@ def main() -> None:
             except Exception as err:  # e.g. out of shared memory at a width: noted, not fatal
                 notes.append(f"- {n}, int{bits}: the fused op failed: {str(err)[:160]}")
                 continue
-            api = os.environ.get("CBQ_HADAMARD_CUDA") != "0" and _use_cuda(x)
-            provider = "cuda" if api else "fused" if _fits(n) else "fused_api_composition"
+            env = os.environ.get("CBQ_HADAMARD_CUDA")
+            api_reg = env == "reg" and _use_cuda_reg(x, bits)
+            api = api_reg or (env != "0" and _use_cuda(x))
+            provider = ("cuda_reg" if api_reg else "cuda" if api else "fused" if _fits(n)
+                        else "fused_api_composition")  # fmt: skip
             table.add(name, provider, shape, "bf16", fused, nbytes=nbytes, copy_gbps=copy_gbps,
                       baseline=comp, baseline_name="transform_then_act_quant")  # fmt: skip
-            if _use_cuda(x) and not api:  # the CUDA kernel beside what the API runs
+            if _use_cuda_reg(x, bits) and not api_reg:  # the register kernel beside it
+                rg = bench(lambda x=x, b=bits, s=signs: _launch_cuda(x, b, s, 1.0, reg=True))
+                table.add(name, "cuda_reg", shape, "bf16", rg, nbytes=nbytes,
+                          copy_gbps=copy_gbps, baseline=comp,
+                          baseline_name="transform_then_act_quant")  # fmt: skip
+            if _use_cuda(x) and (api_reg or not api):  # the CUDA kernel beside what the API runs
                 cu = bench(lambda x=x, b=bits, s=signs: _launch_cuda(x, b, s, 1.0))
                 table.add(name, "cuda", shape, "bf16", cu, nbytes=nbytes, copy_gbps=copy_gbps,
                           baseline=comp, baseline_name="transform_then_act_quant")  # fmt: skip

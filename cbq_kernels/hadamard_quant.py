@@ -237,8 +237,13 @@ _CUDA_MAX_N = 32768  # one row in a block's shared memory (fp32)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cbq::DType
 # The API routes those widths to the CUDA kernel unless CBQ_HADAMARD_CUDA=0 (on by default
 # since its GPU tests and compute-sanitizer's memcheck/racecheck passed on the H200 at 7a9193f:
-# benchmarks/results/h200/pytest_hadamard_7a9193f.txt).
+# benchmarks/results/h200/pytest_hadamard_7a9193f.txt). CBQ_HADAMARD_CUDA=reg routes 16-bit
+# inputs to the register kernel (csrc/hadamard_quant_reg.cu) instead: written for the 80%-of-
+# copy-bandwidth target from that kernel's ncu reading, compiled without spills (ptxas, sm_90a)
+# and its index math checked against the reference in an emulation on the CPU, but not yet run
+# on a GPU, so it is not the default until its GPU tests and benchmark have run.
 _CUDA_ENV = "CBQ_HADAMARD_CUDA"
+_REG = "reg"
 
 
 def _cuda_built() -> bool:
@@ -246,7 +251,7 @@ def _cuda_built() -> bool:
         from cbq_kernels import _C  # type: ignore[attr-defined]
     except ImportError:
         return False
-    return bool(_C.has_cuda()) and hasattr(_C, "hadamard_quant_cuda")
+    return bool(_C.has_cuda()) and hasattr(_C, "hadamard_quant_reg_cuda")
 
 
 def _cuda_shape(n: int) -> tuple[int, int, int] | None:
@@ -291,25 +296,51 @@ def _use_cuda(x: Tensor, mma: bool | None = None) -> bool:
     return 0 <= need <= getattr(props, "shared_memory_per_block_optin", 0)
 
 
+def reg_smem_bytes(n: int, bits: int, dtype: torch.dtype) -> int:
+    """Shared memory of the register kernel's launch at width n (-1: it does not take n: fp32
+    input, no small factor, p < 32, or m p / min(p, 128) > 256). Host code of the extension:
+    answers on a machine without a GPU too."""
+    from cbq_kernels import _C  # type: ignore[attr-defined]
+
+    m, p = hadamard.factor(n)
+    if dtype not in _DTYPE_CODES:
+        return -1
+    return int(_C.hadamard_quant_reg_smem_bytes(n, m, p, bits, _DTYPE_CODES[dtype]))
+
+
+def _use_cuda_reg(x: Tensor, bits: int) -> bool:
+    """Whether the register kernel runs this x: as :func:`_use_cuda` (the API's widths), 16-bit
+    inputs only."""
+    if not x.is_cuda or not _cuda_built() or x.data_ptr() % 16 or _cuda_shape(x.shape[1]) is None:
+        return False
+    need = reg_smem_bytes(x.shape[1], bits, x.dtype)
+    props = torch.cuda.get_device_properties(x.device)
+    return 0 <= need <= getattr(props, "shared_memory_per_block_optin", 0)
+
+
 def _launch_cuda(x: Tensor, bits: int, signs: Tensor, clip_ratio: float,
-                 mma: bool | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """The CUDA kernel on contiguous (T, N) x (the caller checked :func:`_use_cuda`); ``mma``
-    picks where the small factor runs (default: :func:`_mma_default`)."""
+                 mma: bool | None = None, reg: bool = False) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The CUDA kernel on contiguous (T, N) x (the caller checked :func:`_use_cuda`, or
+    :func:`_use_cuda_reg` with ``reg``); ``mma`` picks where the small factor runs (default:
+    :func:`_mma_default`); ``reg`` runs csrc/hadamard_quant_reg.cu instead."""
     from cbq_kernels import _C  # type: ignore[attr-defined]
 
     t, n = x.shape
-    m, mp, p = _cuda_shape(n)
+    m, p = hadamard.factor(n)
+    mp = -(-m // 16) * 16
     mma = _mma_default(x) if mma is None else mma
     shape = (t, n) if bits == 8 else (t, packed_words(n, 4))
     codes = torch.empty(shape, dtype=torch.int8 if bits == 8 else torch.int32, device=x.device)
     scales = torch.empty(t, dtype=torch.float32, device=x.device)
     sg = signs.float().contiguous()
     small = _small_padded(m, mp, x.device)
-    _C.hadamard_quant_cuda(
-        x.data_ptr(), sg.data_ptr(), small.data_ptr(), codes.data_ptr(), scales.data_ptr(), t, n,
-        m, mp, p, bits, _DTYPE_CODES[x.dtype], mma, float(clip_ratio), 1.0 / math.sqrt(n),
-        x.device.index, torch.cuda.current_stream(x.device).cuda_stream,
-    )  # fmt: skip
+    ptrs = (x.data_ptr(), sg.data_ptr(), small.data_ptr(), codes.data_ptr(), scales.data_ptr())
+    tail = (float(clip_ratio), 1.0 / math.sqrt(n), x.device.index,
+            torch.cuda.current_stream(x.device).cuda_stream)  # fmt: skip
+    if reg:
+        _C.hadamard_quant_reg_cuda(*ptrs, t, n, m, mp, p, bits, _DTYPE_CODES[x.dtype], *tail)
+    else:
+        _C.hadamard_quant_cuda(*ptrs, t, n, m, mp, p, bits, _DTYPE_CODES[x.dtype], mma, *tail)
     return codes, scales
 
 
@@ -318,7 +349,10 @@ def _impl(x: Tensor, bits: int, signs: Tensor, clip_ratio: float) -> tuple[Tenso
     n = x.shape[1]
     if x.is_cuda:
         x = x.contiguous()
-        if os.environ.get(_CUDA_ENV) != "0" and _use_cuda(x):
+        env = os.environ.get(_CUDA_ENV)
+        if env == _REG and _use_cuda_reg(x, bits):
+            return _launch_cuda(x, bits, signs, clip_ratio, reg=True)
+        if env != "0" and _use_cuda(x):
             return _launch_cuda(x, bits, signs, clip_ratio)
     if not use_triton(_hadamard_quant_kernel, x.device) or not _fits(n) or n % 4:
         if x.device.type != "cpu":  # the composition of the two kernels on the GPU

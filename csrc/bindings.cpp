@@ -122,10 +122,10 @@ void py_gemm_decode_cuda(Ptr x, Ptr x_scales, int a_mode, Ptr words, Ptr scales,
                    n_pad, ldx, bits, group_size, splits, out_dtype, debug, device, stream);
 }
 
-void py_hadamard_quant_cuda(Ptr x, Ptr signs, Ptr small, Ptr codes, Ptr scales, int64_t rows,
-                            int64_t n, int64_t m, int64_t mp, int64_t p, int bits,
-                            int in_dtype, bool mma, float ratio, float inv_sqrt_n, int device,
-                            Ptr stream) {
+// The argument checks of both Hadamard kernels (csrc/hadamard_quant.cu, hadamard_quant_reg.cu)
+void check_hadamard_args(Ptr x, Ptr signs, Ptr small, Ptr codes, Ptr scales, int64_t rows,
+                         int64_t n, int64_t m, int64_t mp, int64_t p, int bits, int in_dtype,
+                         float ratio) {
   CBQ_CHECK(bits == 4 || bits == 8, "hadamard_quant bits must be 4 or 8, got ", bits);
   CBQ_CHECK(rows >= 0, "rows must be >= 0, got ", rows);
   CBQ_CHECK(m >= 1 && p >= 32 && (p & (p - 1)) == 0 && n == m * p,
@@ -140,10 +140,28 @@ void py_hadamard_quant_cuda(Ptr x, Ptr signs, Ptr small, Ptr codes, Ptr scales, 
   check_ptr(small, m * mp, "small");
   check_ptr(codes, rows * n / (bits == 8 ? 4 : 8), "codes");
   check_ptr(scales, rows, "scales");
+}
+
+void py_hadamard_quant_cuda(Ptr x, Ptr signs, Ptr small, Ptr codes, Ptr scales, int64_t rows,
+                            int64_t n, int64_t m, int64_t mp, int64_t p, int bits,
+                            int in_dtype, bool mma, float ratio, float inv_sqrt_n, int device,
+                            Ptr stream) {
+  check_hadamard_args(x, signs, small, codes, scales, rows, n, m, mp, p, bits, in_dtype, ratio);
   hadamard_quant_cuda(reinterpret_cast<const void*>(x), reinterpret_cast<const float*>(signs),
                       reinterpret_cast<const float*>(small), reinterpret_cast<int32_t*>(codes),
                       reinterpret_cast<float*>(scales), rows, n, m, mp, p, bits, in_dtype, mma,
                       ratio, inv_sqrt_n, device, stream);
+}
+
+void py_hadamard_quant_reg_cuda(Ptr x, Ptr signs, Ptr small, Ptr codes, Ptr scales,
+                                int64_t rows, int64_t n, int64_t m, int64_t mp, int64_t p,
+                                int bits, int in_dtype, float ratio, float inv_sqrt_n, int device,
+                                Ptr stream) {
+  check_hadamard_args(x, signs, small, codes, scales, rows, n, m, mp, p, bits, in_dtype, ratio);
+  hadamard_quant_reg_cuda(reinterpret_cast<const void*>(x), reinterpret_cast<const float*>(signs),
+                          reinterpret_cast<const float*>(small), reinterpret_cast<int32_t*>(codes),
+                          reinterpret_cast<float*>(scales), rows, n, m, mp, p, bits, in_dtype,
+                          ratio, inv_sqrt_n, device, stream);
 }
 #endif
 
@@ -179,6 +197,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("decode_max_m", [] { return decode_max_m(); });
   m.def("decode_ws_rows", [](int m) { return decode_ws_rows(m); });
   m.def("hadamard_quant_cuda", &py_hadamard_quant_cuda, release);
+  m.def("hadamard_quant_reg_cuda", &py_hadamard_quant_reg_cuda, release);
+  m.def("hadamard_quant_reg_smem_bytes", [](int64_t n, int64_t m, int64_t p, int bits,
+                                            int in_dtype) {
+    return hadamard_quant_reg_smem_bytes(n, m, p, bits, in_dtype);
+  });
   m.def("hadamard_quant_smem_bytes",
         [](int64_t n, int64_t m, int64_t mp, int64_t p, int in_dtype, bool mma) {
           return hadamard_quant_smem_bytes(n, m, mp, p, in_dtype, mma);

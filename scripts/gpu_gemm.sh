@@ -55,6 +55,11 @@ for step in $steps; do
           "$t[3-dtype4-False-20480]" -x 2>&1 \
           | tee "$out/hsanitize_$tool.txt" | tail -4
         rc=$(( rc || PIPESTATUS[0] ))
+        r=tests/kernels/test_hadamard_quant_cuda.py::test_the_register_kernel_matches_the_reference
+        compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \
+          "$r[333-dtype0-28672]" "$r[333-dtype0-11008]" "$r[3-dtype1-12288]" "$r[333-dtype0-640]" \
+          -x 2>&1 | tee -a "$out/hsanitize_$tool.txt" | tail -4
+        rc=$(( rc || PIPESTATUS[0] ))
       done ;;
     decode)
       python3 -m pytest tests/kernels/test_gemm_decode_cuda.py -q -p no:cacheprovider 2>&1 \

@@ -122,3 +122,20 @@ def test_the_cuda_kernel_takes_the_wide_widths_with_a_small_factor():
     assert small.shape == (28, 32) and not small[:, 28:].any()
     assert torch.equal(small[:, :28], torch.from_numpy(hadamard._small(28)).float())
     assert not _use_cuda(torch.zeros(2, 28672))  # a CPU tensor
+
+
+def test_the_register_kernel_takes_16_bit_rows_with_m_p_over_128_at_most_256():
+    """csrc/hadamard_quant_reg.cu's launch query (host code: answers without a GPU): 16-bit
+    inputs, p >= 32, m' = m p / min(p, 128) <= 256; the shared memory of Llama's widths within
+    the H100/H200's 227 KB; -1 (not taken) otherwise."""
+    from cbq_kernels.hadamard_quant import _cuda_built, reg_smem_bytes
+
+    if not _cuda_built():
+        pytest.skip("cbq_kernels._C built without its CUDA kernels")
+    for n in (28672, 11008, 12288, 20480, 640, 4096):
+        for bits in (4, 8):
+            for dtype in (torch.bfloat16, torch.float16):
+                assert 0 < reg_smem_bytes(n, bits, dtype) <= 227 * 1024, (n, bits, dtype)
+    assert reg_smem_bytes(28672, 8, torch.float32) == -1  # the tensor cores take 16-bit x
+    assert reg_smem_bytes(192, 8, torch.bfloat16) == -1  # 12 x 16: p < 32
+    assert reg_smem_bytes(172 * 256, 8, torch.bfloat16) == -1  # m' = 172 x 2 > 256

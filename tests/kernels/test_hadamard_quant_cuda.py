@@ -15,6 +15,7 @@ from cbq_kernels.hadamard_quant import (
     _fits,
     _launch_cuda,
     _use_cuda,
+    _use_cuda_reg,
     hadamard_act_quant,
     hadamard_act_quant_ref,
 )
@@ -120,3 +121,41 @@ def test_the_api_runs_the_cuda_kernel_unless_switched_off(monkeypatch):
     codes, scales = hadamard_act_quant(x, 8, signs)
     want_codes, want_scales = act_quant(hadamard.apply(x.float(), signs), 8)
     assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+
+
+# The register kernel (csrc/hadamard_quant_reg.cu, CBQ_HADAMARD_CUDA=reg): the same contract at
+# the same widths, which cover its three accumulator widths' two (pw = 64 at 11008, 128 at the
+# others; pw = 32 below: 20 x 32 = 640, launched directly), one to sixteen rows per block
+# (12288: m' = 96, two rows per block of 12 warps; 640: eight rows per block), a last block
+# with fewer rows than it holds (t = 3, 333), 16-bit inputs.
+@pytest.mark.parametrize("n", [28672, 11008, 12288, 20480, 640])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t", [1, 3, 333])
+def test_the_register_kernel_matches_the_reference(n, dtype, t):
+    need_cuda_kernel()
+    x = data(t, n, seed=n + t + 1).to(dtype)
+    for bits, ratio in ((8, 1.0), (4, 0.8)):
+        assert _use_cuda_reg(x, bits) == (n != 640)  # 640: below the API's widths
+        assert_contract(_launch_cuda(x, bits, hadamard.random_signs(n, 13).cuda(), ratio,
+                                     reg=True),
+                        hadamard_act_quant_ref(x, bits, hadamard.random_signs(n, 13).cuda(),
+                                               ratio), bits, n)  # fmt: skip
+
+
+def test_the_register_kernel_is_deterministic_and_takes_zero_rows(monkeypatch):
+    need_cuda_kernel()
+    n = 28672
+    x = data(200, n, seed=4)
+    x[9] = 0  # a zero row: the step's floor, all codes 0
+    signs = hadamard.random_signs(n, 2).cuda()
+    a = _launch_cuda(x, 8, signs, 1.0, reg=True)
+    b = _launch_cuda(x, 8, signs, 1.0, reg=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert int(a[0][9].abs().max()) == 0 and float(a[1][9]) == float(torch.tensor(1e-8))
+    codes, scales = _launch_cuda(x[:0], 4, signs, 1.0, reg=True)
+    assert codes.shape == (0, n // 8) and scales.shape == (0,)
+    monkeypatch.setenv("CBQ_HADAMARD_CUDA", "reg")  # the API's switch
+    codes, scales = hadamard_act_quant(x, 8, signs)
+    assert torch.equal(codes, a[0]) and torch.equal(scales, a[1])
+    with pytest.raises(ValueError, match="not taken"):  # fp32: the register kernel refuses
+        _launch_cuda(x.float(), 8, signs, 1.0, reg=True)

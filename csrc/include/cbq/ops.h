@@ -58,6 +58,13 @@ void hadamard_quant_cuda(const void* x, const float* signs, const float* small, 
                          float* scales, int64_t rows, int64_t n, int64_t m, int64_t mp,
                          int64_t p, int bits, int in_dtype, bool mma, float ratio,
                          float inv_sqrt_n, int device, std::uintptr_t stream);
+// The register version (hadamard_quant_reg.cu): the same contract and arguments, 16-bit inputs,
+// p >= 32 and m p / min(p, 128) <= 256; its smem query answers -1 where it does not run.
+int64_t hadamard_quant_reg_smem_bytes(int64_t n, int64_t m, int64_t p, int bits, int in_dtype);
+void hadamard_quant_reg_cuda(const void* x, const float* signs, const float* small,
+                             int32_t* codes, float* scales, int64_t rows, int64_t n, int64_t m,
+                             int64_t mp, int64_t p, int bits, int in_dtype, float ratio,
+                             float inv_sqrt_n, int device, std::uintptr_t stream);
 #endif
 
 }  // namespace cbq

@@ -1,0 +1,490 @@
+// Online Hadamard rotation fused with per-token activation quantization, register version
+// (issue 15's kernel target: >= 80% of the copy bandwidth at 8192 x 11008 and 8192 x 28672).
+// The contract is cbq_kernels/hadamard_quant.py's, as for csrc/hadamard_quant.cu:
+//   y = (x * signs) (H_m (x) H_p) / sqrt(n),   n = m p, p = 2^j,
+//   r = max |y|,  s = max(ratio r / P, max(2^-20 r, 1e-8)),  q = clamp(round(y / s), -P-1, P).
+//
+// Why a second kernel: csrc/hadamard_quant.cu ran at 12.1% (11008) and 18.5% (28672) of the
+// copy bandwidth on the H200, and its ncu reading (benchmarks/results/h200/
+// ncu_hadamard_7a9193f.txt) says why: 64 instructions per element, the integer ALU pipe the
+// busiest (the padded index math of an fp32 row buffer that every butterfly pass reads and
+// writes), one 190-KB block of 8 warps per SM issuing every 1.9 cycles. Here the fp32 row
+// never goes to shared memory:
+//  - the width is viewed as (m' = m f) segments of pw = min(p, 128) elements, f = p / pw, and
+//    H_m (x) H_p = (H_m (x) H_f) (x) H_pw (Sylvester: H_p = H_f (x) H_pw). The first factor
+//    (the "small" one, m' <= 256) runs on the tensor cores: one warp per 16 output segments,
+//    mma.m16n8k16 with its +-1 fragment rebuilt from 8 sign bits per lane and k-tile (two
+//    instructions per register), x from the staging buffer by ldmatrix.trans; 16-bit x and +-1
+//    are exact operands, the sums fp32;
+//  - H_pw runs on the accumulators where the MMA left them: a lane holds columns 8 nt + 2 t
+//    + e of rows g and g + 8, so column bit 0 (e) and bits 3.. (nt) are butterflies inside a
+//    thread and bits 1-2 (t) are two shuffle stages (a shfl and an fma per value);
+//  - the row maximum is a warp reduction then one value per warp in shared memory; the codes
+//    are rounded with the 1.5 2^23 trick (an fadd; no F2I, which runs at a quarter rate) and
+//    go through a small code buffer so that global stores are whole 16-byte chunks;
+//  - rows are copied two ahead of use (cp.async, double-buffered staging), the signs applied
+//    by one xor pass over the staged row with precomputed per-chunk masks.
+// Cost estimate (instructions per element): MMA and ldmatrix ~0.3 (warp-level, amortised),
+// butterflies ~9 at pw = 128 (5 in-thread stages, 2 shuffle stages at 2), quantizer ~6, sign
+// pass ~1.3: ~17, against 64. What it costs elsewhere: the small factor grows to m' = m f
+// (224 multiply-adds per element at 28672 = 28 x 8 x 128, on the tensor cores), and every
+// warp reads the whole staged row (m' / 16 times per row from shared memory).
+//
+// The factors' order and the fp32 sums differ from the reference's, so a code can differ by
+// one level where y / s lies within ~1e-6 of a rounding boundary and a scale in its last bits:
+// the contract of the other kernels, which the same GPU tests check.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "cbq/format.h"
+#include "cbq/ops.h"
+
+namespace cbq {
+namespace {
+
+constexpr int kRegMaxWarps = 16;     // a block: R rows x (m' / 16) warps, at most 512 threads
+constexpr int kRegMaxTiles = 16;     // m' <= 256: four 32-bit words of A signs per lane
+constexpr int kRegMaxPw = 128;       // a warp's accumulators: pw / 2 floats per lane
+constexpr float kMagic = 12582912.0f;  // 1.5 2^23: x + kMagic rounds x to an integer (RNE)
+
+void reg_check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("cbq_kernels._C: ") + what + ": " +
+                             cudaGetErrorString(err));
+  }
+}
+
+struct RegShape {
+  int pw, f, mq, tiles, rows_per_block, warps;
+};
+
+// pw = min(p, 128), f = p / pw, m' = m f, tiles = ceil(m' / 16), R = max(1, 16 / tiles)
+// rows per block; pw < 32 or m' > 256 are not taken (tiles = 0).
+RegShape reg_shape(int64_t m, int64_t p) {
+  RegShape s{};
+  s.pw = static_cast<int>(p < kRegMaxPw ? p : kRegMaxPw);
+  s.f = static_cast<int>(p / s.pw);
+  s.mq = static_cast<int>(m * s.f);
+  s.tiles = (s.mq + 15) / 16;
+  if (s.pw < 32 || s.tiles > kRegMaxTiles) {
+    s.tiles = 0;
+    return s;
+  }
+  s.rows_per_block = s.tiles >= kRegMaxWarps ? 1 : kRegMaxWarps / s.tiles;
+  s.warps = s.rows_per_block * s.tiles;
+  return s;
+}
+
+__host__ __device__ __forceinline__ int reg_stage_pitch(int pw) { return pw + 8; }  // 16-bit
+// bytes per code row of a segment, padded so that the fragment-layout stores (8 rows g of a
+// warp at once) land in distinct banks and rows stay 16-byte aligned
+__host__ __device__ __forceinline__ int reg_code_pitch(int pw, int bits) {
+  const int seg = bits == 8 ? pw : pw / 2;
+  int pitch = seg + 16;
+  if ((pitch / 4) % 8 == 0) pitch += 16;
+  return pitch;
+}
+
+struct RegLayout {  // byte offsets in dynamic shared memory
+  int64_t stage_elems;  // one buffer: R x (tiles 16) x pitch 16-bit values
+  int64_t stage, pmask, abits, cbuf, red, total;
+};
+
+RegLayout reg_layout(int64_t n, const RegShape& s, int bits) {
+  RegLayout l{};
+  l.stage_elems = static_cast<int64_t>(s.rows_per_block) * s.tiles * 16 * reg_stage_pitch(s.pw);
+  l.stage = 0;
+  l.pmask = l.stage + 2 * l.stage_elems * 2;
+  l.abits = l.pmask + (n / 8) * 4;
+  l.cbuf = l.abits + static_cast<int64_t>(s.warps) * (kRegMaxTiles / 4) * 32 * 4;
+  l.red = l.cbuf + (static_cast<int64_t>(s.rows_per_block) * s.mq * reg_code_pitch(s.pw, bits) + 15) /
+                       16 * 16;
+  l.total = l.red + 4 * s.warps;
+  return l;
+}
+
+struct RegArgs {
+  const void* x;
+  const float* signs;
+  const float* small;  // (m, mp) fp32 H_m, columns >= m zero
+  int32_t* codes;
+  float* scales;
+  int64_t rows;
+  int n, m, mp, f, mq, tiles, R;
+  float ratio, qmax, inv_sqrt_n;
+  RegLayout l;
+};
+
+__device__ __forceinline__ void reg_cp_async16(void* dst, const void* src) {
+  const auto d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void reg_ldmatrix_x4_trans(uint32_t* r, const void* row_addr) {
+  const auto a = static_cast<uint32_t>(__cvta_generic_to_shared(row_addr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+template <typename T>
+__device__ __forceinline__ void reg_mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Whether H'[k][o] < 0 for H' = H_m (x) H_f: k = i f + a, o = i' f + b (f a power of two),
+// H'[k][o] = H_m[i][i'] (-1)^popc(a & b). Outside m' (padding): +1 (the staged rows k >= m'
+// are zero; outputs o >= m' are not used).
+__device__ __forceinline__ bool reg_negative(const RegArgs& a, int k, int o) {
+  if (k >= a.mq || o >= a.mq) return false;
+  const int i = k / a.f, ib = k % a.f, io = o / a.f, ob = o % a.f;
+  return (a.small[i * a.mp + io] < 0.f) ^ (__popc(ib & ob) & 1);
+}
+
+// The A operand of H'^T (A[o][k] = H'[k][o]) for this lane's m-tile, as sign bits: k-tile kt's
+// register r (0..3: rows g / g + 8, columns 2t.. / 2t + 8..) keeps its low element's bit at
+// 15 - r - 4 (kt % 4) of word kt / 4 and its high element's at 31 - r - 4 (kt % 4), so that
+// (word << (r + 4 (kt % 4))) & 0x80008000 is the register's two sign bits.
+// Kept in shared memory, word w of lane l at sb[w * 32 + l] (conflict-free; one load per four
+// k-tiles): in registers, the pw = 128 kernel spilled 600 bytes at the 128-register cap that
+// 16 warps per block set (ptxas, sm_90a).
+__device__ __forceinline__ void reg_a_bits(const RegArgs& a, int tile, uint32_t* sb) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  for (int w = 0; w < kRegMaxTiles / 4; ++w) {
+    uint32_t bits = 0;
+    for (int q = 0; q < 4 && 4 * w + q < a.tiles; ++q) {
+      const int kt = 4 * w + q;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int o = tile * 16 + g + (r & 1) * 8, k = kt * 16 + 2 * t + (r >> 1) * 8;
+        const int sh = r + 4 * q;
+        bits |= static_cast<uint32_t>(reg_negative(a, k, o)) << (15 - sh);
+        bits |= static_cast<uint32_t>(reg_negative(a, k + 1, o)) << (31 - sh);
+      }
+    }
+    sb[w * 32 + lane] = bits;
+  }
+}
+
+template <typename T, int NT, int BITS>
+__global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kernel(RegArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  constexpr int PW = NT * 8;
+  constexpr int SP = PW + 8;  // reg_stage_pitch
+  constexpr uint32_t kOne = std::is_same_v<T, __nv_bfloat16> ? 0x3F803F80u : 0x3C003C00u;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int n = a.n, R = a.R, tiles = a.tiles, mq = a.mq;
+  const int chunks = n / 8;  // 16-byte pieces of a row
+  const int cpitch = reg_code_pitch(PW, BITS);
+  const int nthreads = blockDim.x;
+  uint16_t* stage_base = reinterpret_cast<uint16_t*>(smem + a.l.stage);
+  uint32_t* pmask = reinterpret_cast<uint32_t*>(smem + a.l.pmask);
+  unsigned char* cbuf = smem + a.l.cbuf;
+  float* red = reinterpret_cast<float*>(smem + a.l.red);
+  const int row_elems = tiles * 16 * SP;  // one row's staging (padding rows included)
+  auto stage = [&](int buf, int ri) { return stage_base + (buf * R + ri) * row_elems; };
+
+  // setup: the padding rows m'..16 tiles - 1 of both buffers zero (zero K rows of the MMA;
+  // the copies never write them), the sign masks, this warp's A bits
+  for (int e = tid; e < 2 * R * (tiles * 16 - mq) * SP; e += nthreads) {
+    const int per = (tiles * 16 - mq) * SP, slot = e / per;
+    stage(slot / R, slot % R)[mq * SP + e % per] = 0;
+  }
+  for (int c = tid; c < chunks; c += nthreads) {
+    uint32_t w = 0;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      if (a.signs[8 * c + k] < 0.f) w |= 1u << ((k & 1 ? 31 : 15) - k / 2);
+    }
+    pmask[c] = w;
+  }
+  const int ri = warp / tiles, tile = warp % tiles;
+  uint32_t* sb = reinterpret_cast<uint32_t*>(smem + a.l.abits) + warp * (kRegMaxTiles / 4) * 32;
+  reg_a_bits(a, tile, sb);  // read by this warp only (after S1)
+
+  const T* x = static_cast<const T*>(a.x);
+  auto copy_group = [&](int64_t grp, int buf) {
+    for (int e = tid; e < R * chunks; e += nthreads) {
+      const int r = e / chunks, c = e % chunks;
+      const int64_t row = grp * R + r;
+      if (row < a.rows) {
+        reg_cp_async16(stage(buf, r) + (8 * c / PW) * SP + (8 * c) % PW, x + row * n + 8 * c);
+      }
+    }
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  };
+
+  int buf = 0;
+  int64_t grp = blockIdx.x;
+  copy_group(grp, 0);
+  for (; grp * R < a.rows; grp += gridDim.x, buf ^= 1) {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    __syncthreads();  // S1: this group staged; the last group's readers of everything done
+    copy_group(grp + gridDim.x, buf ^ 1);  // the next group's copy overlaps this one's work
+    // the signs: flip the sign bits of the staged 16-bit values
+    for (int e = tid; e < R * chunks; e += nthreads) {
+      const int r = e / chunks, c = e % chunks;
+      if (grp * R + r < a.rows) {
+        uint4* q = reinterpret_cast<uint4*>(stage(buf, r) + (8 * c / PW) * SP + (8 * c) % PW);
+        const uint32_t w = pmask[c];
+        uint4 v = *q;
+        v.x ^= w & 0x80008000u;
+        v.y ^= (w << 1) & 0x80008000u;
+        v.z ^= (w << 2) & 0x80008000u;
+        v.w ^= (w << 3) & 0x80008000u;
+        *q = v;
+      }
+    }
+    __syncthreads();  // S2
+    const int64_t row = grp * R + ri;
+    const bool live = row < a.rows;
+    float acc[NT][4];
+    float amax = 0.f;
+    if (live) {
+      // the small factor on the tensor cores: D (16 outputs x pw) = A (16 x m'') B (m'' x pw)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+      const uint16_t* st = stage(buf, ri);
+      const int brow = ((lane >> 3) & 1) * 8 + (lane & 7), bcol = (lane >> 4) * 8;
+#pragma unroll
+      for (int kw = 0; kw < kRegMaxTiles / 4; ++kw) {
+        if (4 * kw >= tiles) break;
+        const uint32_t bw = sb[kw * 32 + lane];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int kt = 4 * kw + q;
+          if (kt >= tiles) break;
+          uint32_t af[4];
+#pragma unroll
+          for (int r = 0; r < 4; ++r) af[r] = kOne ^ ((bw << (r + 4 * q)) & 0x80008000u);
+#pragma unroll
+          for (int nb = 0; nb < NT / 2; ++nb) {
+            uint32_t b[4];
+            reg_ldmatrix_x4_trans(b, st + (kt * 16 + brow) * SP + nb * 16 + bcol);
+            reg_mma<T>(acc[2 * nb], af, b[0], b[1]);
+            reg_mma<T>(acc[2 * nb + 1], af, b[2], b[3]);
+          }
+        }
+      }
+      // H_pw on the accumulators: column j = 8 nt + 2 t + e
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int h = 0; h < 4; h += 2) {
+          const float u = acc[nt][h], v = acc[nt][h + 1];
+          acc[nt][h] = u + v;
+          acc[nt][h + 1] = u - v;
+        }
+      }
+#pragma unroll
+      for (int hh = 1; hh < NT; hh *= 2) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          if ((nt & hh) == 0) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const float u = acc[nt][e], v = acc[nt + hh][e];
+              acc[nt][e] = u + v;
+              acc[nt + hh][e] = u - v;
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int sh = 1; sh <= 2; sh *= 2) {
+        const float sgn = (lane & sh) ? -1.f : 1.f;  // lower lane: u + v; upper: u - v
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float o = __shfl_xor_sync(0xFFFFFFFFu, acc[nt][e], sh);
+            acc[nt][e] = fmaf(sgn, acc[nt][e], o);
+          }
+        }
+      }
+      const bool v0 = tile * 16 + g < mq, v1 = tile * 16 + g + 8 < mq;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        if (v0) amax = fmaxf(amax, fmaxf(fabsf(acc[nt][0]), fabsf(acc[nt][1])));
+        if (v1) amax = fmaxf(amax, fmaxf(fabsf(acc[nt][2]), fabsf(acc[nt][3])));
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, o));
+      if (lane == 0) red[warp] = amax;
+    }
+    __syncthreads();  // S3: every warp's maximum
+    if (live) {
+      amax = red[ri * tiles];
+      for (int k = 1; k < tiles; ++k) amax = fmaxf(amax, red[ri * tiles + k]);
+      // the scale (cbq_kernels.quant_math.act_step) and the codes
+      const float r = __fmul_rn(amax, a.inv_sqrt_n);
+      const float s = fmaxf(__fdiv_rn(__fmul_rn(a.ratio, r), a.qmax),
+                            fmaxf(__fmul_rn(r, 9.5367431640625e-07f), 1e-8f));
+      const float inv_s = __fdiv_rn(1.0f, s);
+      if (tile == 0 && lane == 0) a.scales[row] = s;
+      const float lo = -a.qmax - 1.0f, hi = a.qmax;
+      const float magic = BITS == 8 ? kMagic : kMagic + 8.0f;  // int4: the offset 8 folded in
+      unsigned char* cb = cbuf + ri * mq * cpitch;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int o = tile * 16 + g + half * 8;
+        if (o < mq) {
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            uint32_t c[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float u = __fmul_rn(__fmul_rn(acc[nt][2 * half + e], a.inv_sqrt_n), inv_s);
+              u = fminf(fmaxf(u, lo), hi);
+              c[e] = __float_as_uint(__fadd_rn(u, magic));  // low bits: the code
+            }
+            if constexpr (BITS == 8) {
+              *reinterpret_cast<uint16_t*>(cb + o * cpitch + 8 * nt + 2 * t) =
+                  static_cast<uint16_t>(__byte_perm(c[0], c[1], 0x0040));
+            } else {
+              cb[o * cpitch + 4 * nt + t] =
+                  static_cast<unsigned char>((c[0] & 0xFu) | ((c[1] & 0xFu) << 4));
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();  // S4: the group's codes in the code buffer
+    // whole 16-byte chunks to global memory: a row's codes are n (int8) or n / 2 bytes
+    {
+      constexpr int seg = BITS == 8 ? PW : PW / 2;
+      const int row_bytes = BITS == 8 ? n : n / 2, pieces = row_bytes / 16;
+      for (int e = tid; e < R * pieces; e += nthreads) {
+        const int r = e / pieces, c = e % pieces;
+        const int64_t orow = grp * R + r;
+        if (orow < a.rows) {
+          const uint4 v = *reinterpret_cast<const uint4*>(cbuf + r * mq * cpitch +
+                                                          (16 * c / seg) * cpitch + (16 * c) % seg);
+          reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(a.codes) +
+                                   orow * row_bytes)[c] = v;
+        }
+      }
+    }
+  }
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+constexpr int kRegMaxDevices = 64;
+
+template <typename T, int NT, int BITS>
+void reg_launch(const RegArgs& a, int threads, size_t smem, int device, int sms,
+                cudaStream_t stream) {
+  const auto kernel = hadamard_quant_reg_kernel<T, NT, BITS>;
+  // the dynamic shared memory limit, raised once per instantiation, device and larger size
+  static std::atomic<int> allowed[kRegMaxDevices] = {};
+  std::atomic<int>* slot = device >= 0 && device < kRegMaxDevices ? &allowed[device] : nullptr;
+  if (slot == nullptr || slot->load() < static_cast<int>(smem)) {
+    reg_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(smem)),
+              "cudaFuncSetAttribute");
+    if (slot != nullptr) slot->store(static_cast<int>(smem));
+  }
+  int per_sm = 0;
+  reg_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem),
+            "occupancy");
+  const int64_t groups = (a.rows + a.R - 1) / a.R;
+  const int64_t most = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+  const int blocks = static_cast<int>(groups < most ? groups : most);
+  kernel<<<blocks, threads, smem, stream>>>(a);
+}
+
+template <typename T, int BITS>
+void reg_dispatch(const RegArgs& a, int pw, int threads, size_t smem, int device, int sms,
+                  cudaStream_t s) {
+  switch (pw) {
+    case 32: reg_launch<T, 4, BITS>(a, threads, smem, device, sms, s); break;
+    case 64: reg_launch<T, 8, BITS>(a, threads, smem, device, sms, s); break;
+    default: reg_launch<T, 16, BITS>(a, threads, smem, device, sms, s); break;
+  }
+}
+
+}  // namespace
+
+int64_t hadamard_quant_reg_smem_bytes(int64_t n, int64_t m, int64_t p, int bits, int in_dtype) {
+  if (in_dtype == static_cast<int>(DType::kFloat32) || m < 1 || p < 1 || n != m * p) return -1;
+  const RegShape s = reg_shape(m, p);
+  if (s.tiles == 0) return -1;
+  return reg_layout(n, s, bits).total;
+}
+
+void hadamard_quant_reg_cuda(const void* x, const float* signs, const float* small,
+                             int32_t* codes, float* scales, int64_t rows, int64_t n, int64_t m,
+                             int64_t mp, int64_t p, int bits, int in_dtype, float ratio,
+                             float inv_sqrt_n, int device, std::uintptr_t stream) {
+  const int64_t smem = hadamard_quant_reg_smem_bytes(n, m, p, bits, in_dtype);
+  int previous = 0;
+  reg_check(cudaGetDevice(&previous), "cudaGetDevice");
+  if (previous != device) reg_check(cudaSetDevice(device), "cudaSetDevice");
+  int sms = 0, smem_max = 0;
+  reg_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count");
+  reg_check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+            "shared memory limit");
+  if (smem < 0 || smem > smem_max) {
+    if (previous != device) cudaSetDevice(previous);
+    throw std::invalid_argument(
+        "cbq_kernels._C: hadamard_quant_reg_cuda: width " + std::to_string(n) + " = " +
+        std::to_string(m) + " x " + std::to_string(p) +
+        (smem < 0 ? " is not taken (16-bit inputs, p >= 32, m p / min(p, 128) <= 256)"
+                  : " needs " + std::to_string(smem) + " bytes of shared memory, the device has " +
+                        std::to_string(smem_max)));
+  }
+  const RegShape s = reg_shape(m, p);
+  RegArgs a{};
+  a.x = x;
+  a.signs = signs;
+  a.small = small;
+  a.codes = codes;
+  a.scales = scales;
+  a.rows = rows;
+  a.n = static_cast<int>(n);
+  a.m = static_cast<int>(m);
+  a.mp = static_cast<int>(mp);
+  a.f = s.f;
+  a.mq = s.mq;
+  a.tiles = s.tiles;
+  a.R = s.rows_per_block;
+  a.ratio = ratio;
+  a.qmax = static_cast<float>((1 << (bits - 1)) - 1);
+  a.inv_sqrt_n = inv_sqrt_n;
+  a.l = reg_layout(n, s, bits);
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
+  const int threads = 32 * s.warps;
+  if (rows > 0) {
+    if (in_dtype == static_cast<int>(DType::kBFloat16)) {
+      if (bits == 8) reg_dispatch<__nv_bfloat16, 8>(a, s.pw, threads, smem, device, sms, st);
+      else reg_dispatch<__nv_bfloat16, 4>(a, s.pw, threads, smem, device, sms, st);
+    } else {
+      if (bits == 8) reg_dispatch<__half, 8>(a, s.pw, threads, smem, device, sms, st);
+      else reg_dispatch<__half, 4>(a, s.pw, threads, smem, device, sms, st);
+    }
+  }
+  const cudaError_t err = cudaGetLastError();
+  if (previous != device) cudaSetDevice(previous);
+  reg_check(err, "hadamard_quant_reg launch");
+}
+
+}  // namespace cbq
