@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine: build the extension (the CUDA decode GEMM lives there), the GEMM GPU tests
 # and the GEMM benchmark.
-#   bash scripts/gpu_gemm.sh OUT_DIR [build|sanitize|hsanitize|hadamard|decode|sweep|ncu|tests|
+#   bash scripts/gpu_gemm.sh OUT_DIR [build|sanitize|hsanitize|hadamard|hncu|decode|sweep|ncu|tests|
 #                                     fp8|bench|generate|serve]...   (default: build decode tests bench)
 # sanitize: the decode kernel's small-shape tests under compute-sanitizer (memcheck, racecheck);
 # hsanitize: the same for the CUDA Hadamard kernel; hadamard: the Hadamard GPU tests, then
@@ -61,6 +61,12 @@ for step in $steps; do
           -x 2>&1 | tee -a "$out/hsanitize_$tool.txt" | tail -4
         rc=$(( rc || PIPESTATUS[0] ))
       done ;;
+    hncu)  # Nsight Compute on both CUDA Hadamard kernels, 8192 x 28672 and 8192 x 11008 int8
+      ncu -k regex:hadamard_quant -c 4 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section WarpStateStats --section Occupancy --section LaunchStats \
+        --section ComputeWorkloadAnalysis --section SchedulerStats --section InstructionStats \
+        python3 scripts/ncu_hadamard.py > "$out/ncu_hadamard.txt" 2>&1
+      rc=$(( rc || $? )); grep -E "hadamard_quant|DRAM Throughput|Duration|Executed Ipc|Registers Per|Achieved Occupancy" "$out/ncu_hadamard.txt" | head -40 ;;
     decode)
       python3 -m pytest tests/kernels/test_gemm_decode_cuda.py -q -p no:cacheprovider 2>&1 \
         | tee "$out/pytest_gemm_decode.txt" | tail -15
