@@ -34,6 +34,7 @@ from cbq_kernels.hadamard_quant import (
     _fits,
     _launch,
     _launch_cuda,
+    _reg_takes,
     _tile,
     _use_cuda,
     _use_cuda_reg,
@@ -80,7 +81,7 @@ def main() -> None:
                         else "fused_api_composition")  # fmt: skip
             table.add(name, provider, shape, "bf16", fused, nbytes=nbytes, copy_gbps=copy_gbps,
                       baseline=comp, baseline_name="transform_then_act_quant")  # fmt: skip
-            if _use_cuda_reg(x, bits) and not api_reg:  # the register kernel beside it
+            if _reg_takes(x, bits) and not api_reg:  # the register kernel beside it
                 rg = bench(lambda x=x, b=bits, s=signs: _launch_cuda(x, b, s, 1.0, reg=True))
                 table.add(name, "cuda_reg", shape, "bf16", rg, nbytes=nbytes,
                           copy_gbps=copy_gbps, baseline=comp,

@@ -308,14 +308,21 @@ def reg_smem_bytes(n: int, bits: int, dtype: torch.dtype) -> int:
     return int(_C.hadamard_quant_reg_smem_bytes(n, m, p, bits, _DTYPE_CODES[dtype]))
 
 
-def _use_cuda_reg(x: Tensor, bits: int) -> bool:
-    """Whether the register kernel runs this x: as :func:`_use_cuda` (the API's widths), 16-bit
-    inputs only."""
-    if not x.is_cuda or not _cuda_built() or x.data_ptr() % 16 or _cuda_shape(x.shape[1]) is None:
+def _reg_takes(x: Tensor, bits: int) -> bool:
+    """Whether the register kernel can run this x at all: a GPU tensor, the kernel built,
+    16-byte aligned rows, and the extension's answer for the width, bits and dtype within
+    this device's shared memory (any width: the benchmark times it at 1536 and 4096 too)."""
+    if not x.is_cuda or not _cuda_built() or x.data_ptr() % 16:
         return False
     need = reg_smem_bytes(x.shape[1], bits, x.dtype)
     props = torch.cuda.get_device_properties(x.device)
     return 0 <= need <= getattr(props, "shared_memory_per_block_optin", 0)
+
+
+def _use_cuda_reg(x: Tensor, bits: int) -> bool:
+    """Whether the API runs the register kernel on this x under CBQ_HADAMARD_CUDA=reg: the
+    widths it routes to CUDA (:func:`_cuda_shape`), 16-bit inputs."""
+    return _cuda_shape(x.shape[1]) is not None and _reg_takes(x, bits)
 
 
 def _launch_cuda(x: Tensor, bits: int, signs: Tensor, clip_ratio: float,

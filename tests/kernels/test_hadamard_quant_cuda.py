@@ -14,6 +14,7 @@ from cbq_kernels.hadamard_quant import (
     _cuda_built,
     _fits,
     _launch_cuda,
+    _reg_takes,
     _use_cuda,
     _use_cuda_reg,
     hadamard_act_quant,
@@ -124,18 +125,20 @@ def test_the_api_runs_the_cuda_kernel_unless_switched_off(monkeypatch):
 
 
 # The register kernel (csrc/hadamard_quant_reg.cu, CBQ_HADAMARD_CUDA=reg): the same contract at
-# the same widths, which cover its three accumulator widths' two (pw = 64 at 11008, 128 at the
-# others; pw = 32 below: 20 x 32 = 640, launched directly), one to sixteen rows per block
-# (12288: m' = 96, two rows per block of 12 warps; 640: eight rows per block), a last block
-# with fewer rows than it holds (t = 3, 333), 16-bit inputs.
-@pytest.mark.parametrize("n", [28672, 11008, 12288, 20480, 640])
+# the same widths and three below the API's (launched directly): its three accumulator widths
+# (pw = 32 at 640 = 20 x 32, 64 at 11008, 128 at the others), one to sixteen rows per block
+# (12288: m' = 96, two rows per block of 12 warps; 640: eight; 1536: m' = 12, sixteen), no small
+# factor (4096: m' = 32 from H_32 (x) H_128), a last block with fewer rows than it holds (t = 3,
+# 333), 16-bit inputs.
+@pytest.mark.parametrize("n", [28672, 11008, 12288, 20480, 640, 1536, 4096])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("t", [1, 3, 333])
 def test_the_register_kernel_matches_the_reference(n, dtype, t):
     need_cuda_kernel()
     x = data(t, n, seed=n + t + 1).to(dtype)
     for bits, ratio in ((8, 1.0), (4, 0.8)):
-        assert _use_cuda_reg(x, bits) == (n != 640)  # 640: below the API's widths
+        # below 8192 (640 = 20 x 32, 1536 = 12 x 128, 4096 = 1 x 32 x 128) the API runs Triton
+        assert _reg_takes(x, bits) and _use_cuda_reg(x, bits) == (n >= 8192)
         assert_contract(_launch_cuda(x, bits, hadamard.random_signs(n, 13).cuda(), ratio,
                                      reg=True),
                         hadamard_act_quant_ref(x, bits, hadamard.random_signs(n, 13).cuda(),
