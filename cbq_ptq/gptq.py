@@ -147,14 +147,44 @@ def gptq(w: Tensor, hessian: Tensor, bits: int, group_size: int | None,
         raise ValueError(f"gptq: clip must be (N, groups) = "
                          f"{(w.shape[0], segment_index(k, group_size)[1])}, got "
                          f"{tuple(clip.shape)}")  # fmt: skip
+    factors = _factors(clip.float(), symmetric) if clip is not None else (None, None)
+    _, _, _, s, z, _, gid = weight_params(w.detach().float(), group_size, bits, symmetric,
+                                          *factors)  # fmt: skip
+    codes = _columns(w, hessian, s, z, gid, bits, symmetric, act_order, damp, block)
+    if symmetric:
+        offset = float(1 << (bits - 1))
+        return (codes + offset).to(torch.uint8), s, torch.full_like(s, offset)
+    return codes.to(torch.uint8), s, z
+
+
+@torch.no_grad()
+def gptq_to_grid(target: Tensor, hessian: Tensor, scales: Tensor, zeros: Tensor, bits: int,
+                 group_size: int | None, act_order: bool = True, damp: float = 0.01,
+                 block: int = 128) -> Tensor:  # fmt: skip
+    """GPTQ's column loop toward ``target`` (N, K) on a given asymmetric grid (scales, zeros
+    (N, G)): codes (N, K) uint8 whose weight ``(q - z) s`` keeps ``(target - W_hat) H (target -
+    W_hat)^T`` small. The hardening of trained soft rounding (CBQConfig.hardening = 'gptq'):
+    the target is the soft-rounded weight, the grid the learned one."""
+    k = target.shape[1]
+    if target.dim() != 2 or tuple(hessian.shape) != (k, k):
+        raise ValueError(f"gptq_to_grid: target must be (N, K) and the Hessian (K, K); got "
+                         f"{tuple(target.shape)}, {tuple(hessian.shape)}")  # fmt: skip
+    gid = segment_index(k, group_size, target.device)[0]
+    codes = _columns(target, hessian, scales.float(), zeros.float(), gid, bits, False,
+                     act_order, damp, block)  # fmt: skip
+    return codes.to(torch.uint8)
+
+
+def _columns(w: Tensor, hessian: Tensor, s: Tensor, z: Tensor, gid: Tensor, bits: int,
+             symmetric: bool, act_order: bool, damp: float, block: int) -> Tensor:  # fmt: skip
+    """The column loop (module docstring) on the static grid (s, z) (N, G): codes (N, K) as
+    floats in the quantizer's range (signed when symmetric)."""
+    k = w.shape[1]
     W = w.detach().float().clone()
     H = hessian.detach().float().clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    factors = _factors(clip.float(), symmetric) if clip is not None else (None, None)
-    _, _, _, s, z, _, gid = weight_params(w.detach().float(), group_size, bits, symmetric,
-                                          *factors)  # fmt: skip
     inv_s = reciprocal(s)
     qlo, qhi = qrange(bits, symmetric)
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(k)
@@ -178,10 +208,7 @@ def gptq(w: Tensor, hessian: Tensor, bits: int, group_size: int | None,
         W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
     codes = torch.empty_like(Q)
     codes[:, perm] = Q
-    if symmetric:
-        offset = float(1 << (bits - 1))
-        return (codes + offset).to(torch.uint8), s, torch.full_like(s, offset)
-    return codes.to(torch.uint8), s, z
+    return codes
 
 
 def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:

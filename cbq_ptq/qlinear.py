@@ -266,12 +266,27 @@ class QLinear(torch.nn.Module):
         return dequantize_weight(self.codes, self.scales, self.zeros, self.gs)
 
     @torch.no_grad()
+    def set_codes(self, codes: Tensor | None, scales: Tensor | None = None,
+                  zeros: Tensor | None = None) -> None:  # fmt: skip
+        """Give the layer hard codes (N, K) on the grid (scales, zeros) (N, G) ahead of
+        :meth:`harden` (which keeps them): from then on it computes with them, whatever the
+        rounding asked for. ``None`` takes them back (the trained parameters rule again)."""
+        if codes is None:
+            self.codes = self.scales = self.zeros = None
+            return
+        self.codes = codes.to(torch.uint8)
+        self.scales, self.zeros = scales.float().detach(), zeros.float().detach()
+
+    @torch.no_grad()
     def harden(self) -> None:
         """Fix the integer codes (LoRA-Rounding's h = 1[V >= 0], or round-to-nearest through
-        cbq_kernels.quant_math: the codes training computed with), scales, zero points and
-        the activation clipping ratio; drop the learned parameters."""
+        cbq_kernels.quant_math: the codes training computed with; codes given by
+        :meth:`set_codes` are kept), scales, zero points and the activation clipping ratio;
+        drop the learned parameters."""
         bits = self.settings.w_bits
-        if self.lora_a is not None:
+        if self.codes is not None:
+            codes, s, z = self.codes, self.scales, self.zeros
+        elif self.lora_a is not None:
             s, z = self.quant_params()
             fn = harden if self.w.is_cuda else harden_ref
             codes = fn(self.w_round, self.lora_a, self.lora_b, s, z, bits, self.gs, v0=self.v0)

@@ -198,3 +198,71 @@ def train_window(layers, idx: range, xq: Tensor, y_hom: Tensor, y_fp: Tensor, kw
     entry.update(loss_after=best, kept=kept, steps=steps, holdout_curve=curve,
                  diverged=bool(bad) or not math.isfinite(history[-1][1]))  # fmt: skip
     return entry
+
+
+def _call_groups(run_one, qls: list[QLinear]) -> list[list[QLinear]]:
+    """The layers in the order a forward calls them, those that read the same input tensor
+    (q / k / v, gate / up) grouped: the true-sequential order of GPTQ, found by running
+    ``run_one()`` (one batch) rather than named per architecture."""
+    calls: list[tuple[QLinear, int]] = []
+    hooks = [q.register_forward_pre_hook(
+        lambda m, args: calls.append((m, args[0].data_ptr()))) for q in qls]  # fmt: skip
+    try:
+        with torch.no_grad(), quantized(qls, rounding="hard"):
+            run_one()
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[QLinear]] = []
+    last_ptr = None
+    seen: set[int] = set()
+    for q, ptr in calls:
+        if id(q) in seen:
+            continue
+        seen.add(id(q))
+        if groups and ptr == last_ptr:
+            groups[-1].append(q)
+        else:
+            groups.append([q])
+        last_ptr = ptr
+    return groups
+
+
+@torch.no_grad()
+def harden_toward_soft(layers, idx: range, xq: Tensor, kwargs: dict, qls: list[QLinear],
+                       config: CBQConfig, rows: Tensor) -> int:  # fmt: skip
+    """Hard codes for trained layers by GPTQ toward their soft-rounded weights (experiment of
+    issue 15's W4A8 soft-to-hard gap): group by group in call order, the inputs of the
+    calibration windows ``rows`` through the window (layers given codes already compute with
+    them, the others with soft rounding) give each layer's Hessian, and
+    :func:`cbq_ptq.gptq.gptq_to_grid` finds codes on the layer's learned grid whose output
+    stays near the soft weight's. The codes are set on the layers (QLinear.set_codes; harden
+    keeps them). Returns the number of layers given codes."""
+    from cbq_ptq import gptq
+
+    device = qls[0].w_fp.device if qls else xq.device
+    batch = config.batch_size
+
+    def run(sl_rows):
+        for i in range(0, sl_rows.numel(), batch):
+            h = xq[sl_rows[i : i + batch]].to(device)
+            for j in idx:
+                h = run_block(layers[j], h, kwargs)
+
+    groups = _call_groups(lambda: run(rows[:1]), qls)
+    done = 0
+    for group in groups:
+        with gptq.record_inputs({q.name or str(id(q)): q for q in group}, full=True) as stats, \
+                quantized(qls, rounding="soft"):  # fmt: skip
+            run(rows)
+        for q in group:
+            st = stats[q.name or str(id(q))]
+            st.reduce()
+            target, _ = q.weight_hat("soft")
+            s, z = q.quant_params()
+            codes = gptq.gptq_to_grid(target.float(), st.value, s, z, q.settings.w_bits, q.gs,
+                                      config.gptq_act_order, config.gptq_damp,
+                                      config.gptq_block)  # fmt: skip
+            q.set_codes(codes, s, z)
+            done += 1
+    return done

@@ -9,7 +9,9 @@ out; the window's input is the full-precision stream (blocks before it unquantiz
 hadamard rotates the model first (as ``--rotate hadamard``); a variant's "act_quantizer" /
 "crossquant_alpha" go to the setting, its other fields to CBQConfig. Prints
 one JSON line per variant: held-out loss before / after (the kept state), hard and soft
-losses at the end of training, the held-out MSE, which state was kept, seconds.
+losses at the end of training, the held-out MSE, which state was kept, seconds. A variant's
+"harden_gptq": true keeps the end state and hardens it by GPTQ toward the soft-rounded
+weights (cbq_ptq.reconstruct.harden_toward_soft): "hard_gptq" is its held-out loss, "mse" too.
 """
 import copy
 import json
@@ -86,6 +88,9 @@ for name, kw in variants.items():
     sk = {f: kw.pop(f) for f in ("act_quantizer", "crossquant_alpha") if f in kw}
     t0 = time.time()
     search = kw.pop("act_search", None)  # experiment: a per-layer activation-clip search
+    # experiment (issue 15, W4A8 soft-to-hard gap): after training, keep the end state and
+    # give every layer codes by GPTQ toward its soft-rounded weight on its learned grid
+    harden_gptq = kw.pop("harden_gptq", False)
     cfg = CBQConfig(settings=parse_setting(setting, **sk), holdout=4 / n, eval_points=0, **kw)
     chosen = {}
     for j in idx:
@@ -96,7 +101,20 @@ for name, kw in variants.items():
     qls = qlinears(ls[j] for j in idx)
     y = propagate(ls, idx, x, kwargs, 8, fp=True)
     t1 = time.time()
-    e = train_window(ls, idx, x, y, y, kwargs, qls, cfg, name, seed=0)
+    if harden_gptq:
+        import cbq_ptq.reconstruct as rc
+
+        restore, rc._restore = rc._restore, lambda params, saved: None  # the end state stays
+        try:
+            e = train_window(ls, idx, x, y, y, kwargs, qls, cfg, name, seed=0)
+        finally:
+            rc._restore = restore
+        rc.harden_toward_soft(ls, idx, x, kwargs, qls, cfg, torch.arange(n - 4))
+        win = _Window(ls, idx, x, y, y, kwargs, cfg, qls)
+        e["hard_gptq"] = win.evaluate(torch.arange(n - 4, n), "hard")
+        e["kept"] = "end+gptq (forced)"
+    else:
+        e = train_window(ls, idx, x, y, y, kwargs, qls, cfg, name, seed=0)
     # also the held-out MSE with hard rounding (comparable across losses)
     cm = CBQConfig(settings=cfg.settings, loss="mse", fp_weight=0, holdout=4 / n)
     held = torch.arange(n - 4, n)
@@ -107,6 +125,7 @@ for name, kw in variants.items():
 
     print(json.dumps({"v": name, "before": r5(e["loss_before"]), "after": r5(e["loss_after"]),
                       "hard_end": r5(e.get("hard_end")), "soft_end": r5(e.get("soft_end")),
+                      "hard_gptq": r5(e.get("hard_gptq")),
                       "mse": r5(mse), "kept": e["kept"], "prep_s": round(t1 - t0, 1),
                       "act_ratio": r5(sum(float(q._act_ratio()) for q in qls) / len(qls)),
                       "searched": chosen or None,

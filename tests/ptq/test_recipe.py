@@ -218,3 +218,78 @@ def test_default_cbq_beats_round_to_nearest_by_a_clear_margin(stories, setting, 
         q, _ = quantize(copy.deepcopy(model), cfg, ids, progress=False)
         ppl[name] = evaluate_perplexity(q, tok, **ev)["ppl"]
     assert ppl["cbq"] < margin * ppl["rtn"], ppl
+
+
+def test_gptq_to_grid_is_gptq_on_the_same_grid_and_rounding_without_correlation():
+    """gptq_to_grid (the hardening toward a target on a learned grid) runs GPTQ's column loop:
+    on GPTQ's own grid and target it gives GPTQ's codes; with a diagonal Hessian it is
+    round-to-nearest of the target on the given grid."""
+    from cbq_kernels.quant_math import qrange, round_codes
+    from cbq_ptq.gptq import gptq_to_grid
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(12, 64, generator=g) * 0.05
+    x = correlated(seed=7)
+    h = x.t() @ x / x.shape[0]
+    codes, s, z = gptq(w, h, 3, 16, act_order=True, damp=0.01, block=16)
+    assert torch.equal(gptq_to_grid(w, h, s, z, 3, 16, True, 0.01, 16), codes)
+    target = w + torch.randn(12, 64, generator=g) * 0.01  # e.g. a soft-rounded weight
+    diag = torch.diag(torch.rand(64, generator=g) + 0.5)
+    got = gptq_to_grid(target, diag, s, z, 3, 16, True, 0.0, 16)
+    gid = torch.arange(64) // 16
+    lo, hi = qrange(3, False)
+    want = round_codes(target / s[:, gid], z[:, gid], lo, hi)
+    assert torch.equal(got, want.to(torch.uint8))
+    with pytest.raises(ValueError, match=r"target must be \(N, K\) and the Hessian \(K, K\)"):
+        gptq_to_grid(w, torch.eye(16), s, z, 3, 16)
+
+
+def test_codes_given_to_a_layer_rule_its_forward_and_its_hardening():
+    """QLinear.set_codes: the layer computes with the given codes under any rounding, harden
+    keeps them, and None gives the trained parameters back."""
+    st = parse_setting("W4A16")
+    q = QLinear(lin(seed=3), st, lora=True, learn_clipping=True)
+    s, z = q.quant_params()
+    codes = torch.randint(0, 16, (24, 64), generator=torch.Generator().manual_seed(4),
+                          dtype=torch.uint8)  # fmt: skip
+    with quantized([q], rounding="soft"):
+        soft = q._scope[1].clone()
+    q.set_codes(codes, s, z)
+    for rounding in ("soft", "hard"):
+        with quantized([q], rounding=rounding):
+            assert torch.equal(q._scope[1], dequantize_weight(codes, s, z, q.gs))
+    q.set_codes(None)
+    with quantized([q], rounding="soft"):
+        assert torch.equal(q._scope[1], soft)
+    q.set_codes(codes, s, z)
+    q.harden()
+    assert torch.equal(q.codes, codes) and q.lora_a is None
+
+
+def test_hardening_toward_the_soft_weights_groups_layers_by_their_input(stories):
+    """harden_toward_soft on a trained-from-start stories260K block: the call-order groups are
+    q / k / v, o, gate / up, down (found from the forward, not by name), and every layer gets
+    codes on its own grid."""
+    from cbq_ptq.models import blocks
+    from cbq_ptq.pipeline import prepare_block
+    from cbq_ptq.qlinear import qlinears
+    from cbq_ptq.reconstruct import _call_groups, harden_toward_soft
+    from cbq_ptq.streams import capture_inputs, run_block
+
+    model, tok = stories
+    m = copy.deepcopy(model)
+    ids = calibration_data(tok, "tinystories", 4, 32, seed=2)
+    x, kwargs = capture_inputs(m, ids)
+    cfg = CBQConfig(settings=parse_setting("W4A16"), steps=1, batch_size=2)
+    prepare_block(m, 0, x, kwargs, cfg)
+    layers = blocks(m)
+    qls = qlinears([layers[0]])
+    groups = _call_groups(lambda: run_block(layers[0], x[:1], kwargs), qls)
+    names = [[q.name.split(".")[-1] for q in grp] for grp in groups]
+    assert names == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"],
+                     ["down_proj"]]  # fmt: skip
+    assert harden_toward_soft(layers, range(1), x, kwargs, qls, cfg, torch.arange(4)) == 7
+    for q in qls:
+        s, z = q.quant_params()
+        assert q.codes is not None and torch.equal(q.scales, s) and torch.equal(q.zeros, z)
+        assert int(q.codes.max()) <= 15
