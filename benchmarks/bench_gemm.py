@@ -12,7 +12,10 @@ M <= 16: the CUDA decode kernel of csrc/gemm_decode.cu, M <= 63 the same kernel 
 slices, larger M expanded from that layout); the Triton kernels on the canonical words (a
 second weight, layout "both") as *_triton rows (M <= 63: the Triton decode kernel); at 16 < M
 <= 63 also *_mt2 rows (GemmPolicy(decode_mtiles=2): the CUDA kernel on 32-row slices whose
-two m-tiles share each weight chunk, against the default 16-row slices; the *_tiles rows of
+two m-tiles share each weight chunk, against the default 16-row slices); at M <= 16 also *_pdl
+rows (GemmPolicy(decode_pdl=True): the decode kernel with programmatic dependent launch; the
+timed graph replays the GEMM back to back, so this is the overlap between consecutive GEMMs,
+more than a decode step with other kernels between them gets; the *_tiles rows of
 bench_gemm.csv at 7a9193f, a Triton kernel reading the decode layout once for all rows, lost
 to the slices: 70b gate/up M = 32 W4A8 0.218 vs 0.133 ms);
 int4pack_mm: PyTorch's own W4A16 g128 kernel (torch._weight_int4pack_mm), a peer; a
@@ -56,6 +59,7 @@ from cbq_kernels.testing import LLAMA_LINEAR_SHAPES
 
 MS = (1, 4, 16, 32, 64, 256, 1024, 2048, 4096, 8192)
 MTILES = GemmPolicy(decode_mtiles=2)  # the *_mt2 rows: 32-row launches at 16 < M <= 63
+PDL = GemmPolicy(decode_pdl=True)  # the *_pdl rows: programmatic dependent launch, M <= 16
 FP8_W4A4 = GemmPolicy(fp8_w4a4_min_m=1)  # the w4a4_fp8 rows (M >= 256)
 
 
@@ -191,6 +195,9 @@ def main() -> None:
                         m * k * 2 + n * k // 2 + n * k // 32,
                     ),
                 )
+            if m <= 16:  # programmatic dependent launch: each timed graph replays the GEMM
+                # back to back, so the next launch's weight prefetch overlaps this one's tail
+                cases += rows("_pdl", w4, w4g, w2g, policy=PDL)
             if 16 < m <= 63:  # two m-tiles per launch vs the 16-row slices
                 cases += rows("_mt2", w4, w4g, w2g, policy=MTILES)
             if m <= 63:  # the Triton decode kernel on the canonical words

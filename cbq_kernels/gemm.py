@@ -222,7 +222,7 @@ def _wonly(x: Tensor, weight: PreparedWeight, bias: Tensor | None, split_k: int 
 # for tracing): a PreparedWeight travels as its tensors and ints, the policy as a list.
 
 _POLICY_FIELDS = ("decode_max_m", "cuda_decode", "small_m", "expand_min_m", "wonly_cublas_min_m",
-                  "fp8_w4a4_min_m", "tiles_max_m", "decode_mtiles")  # fmt: skip
+                  "fp8_w4a4_min_m", "tiles_max_m", "decode_mtiles", "decode_pdl")  # fmt: skip
 
 
 def _eager() -> bool:
@@ -244,6 +244,7 @@ def _policy_args(policy: GemmPolicy) -> list[int]:
 def _policy_from(args: list[int]) -> GemmPolicy:
     values = dict(zip(_POLICY_FIELDS, args, strict=True))
     values["cuda_decode"] = bool(values["cuda_decode"])
+    values["decode_pdl"] = bool(values["decode_pdl"])
     return GemmPolicy(**values)
 
 
@@ -355,7 +356,7 @@ def _decode(x: Tensor, xs: Tensor | None, weight: PreparedWeight, bias: Tensor |
     if policy.decode_max_m < x.shape[0] <= policy.tiles_max_m and weight.words is None:
         return gemm_decode.launch_triton(x, xs, weight.decode, bias, out_dtype, debug)
     return gemm_decode.launch(x, xs, weight.decode, bias, out_dtype, debug,
-                              mtiles=policy.decode_mtiles)  # fmt: skip
+                              mtiles=policy.decode_mtiles, pdl=policy.decode_pdl)  # fmt: skip
 
 
 def _int_gemm_torch(codes: Tensor, xs: Tensor, weight: PreparedWeight, bias: Tensor | None,

@@ -371,14 +371,16 @@ def default_splits(n_tiles: int, chunks: int, device: torch.device, m: int = 1) 
 
 def launch(x: Tensor, x_scales: Tensor | None, dw: DecodeWeight, bias: Tensor | None,
            out_dtype: torch.dtype, debug: bool = False, splits: int | None = None,
-           mtiles: int = 1) -> Tensor:  # fmt: skip
+           mtiles: int = 1, pdl: bool = False) -> Tensor:  # fmt: skip
     """Run the CUDA decode kernel. x: (M, K) bf16 / fp16 activations, int8 codes, or packed
     int4 codes (M, ceil(K / 8)) int32 (offset 8); x_scales (M,) fp32 for the last two. M > 16
     runs one launch per slice of 16 ``mtiles`` rows (each reads the whole weight: for a weight
     kept in this layout alone, up to GemmPolicy.small_m; ``mtiles`` = 2 needs an extension
     whose kernel takes 32 rows, ``_C.decode_max_m()``). The caller (cbq_kernels.gemm) has
     checked shapes, dtypes and devices; x must have unit stride along K (its row stride may
-    be anything)."""
+    be anything). ``pdl``: launched with programmatic dependent launch (compute capability
+    9.0; ignored below): the kernel's weight prefetch may overlap the previous kernel in the
+    stream (GemmPolicy.decode_pdl)."""
     from cbq_kernels import _C  # type: ignore[attr-defined]
 
     step = DECODE_MAX_M * mtiles
@@ -407,7 +409,7 @@ def launch(x: Tensor, x_scales: Tensor | None, dw: DecodeWeight, bias: Tensor | 
             ptr(x[r0:]), ptr(xs[r0:] if xs is not None else None), a_mode, ptr(dw.words),
             ptr(dw.scales), ptr(dw.zeros), ptr(bias_f), ptr(out[r0:]), ptr(ws),
             ptr(dw.counters), rows, dw.n, dw.k, dw.n_pad, x.stride(0), dw.bits, dw.group_size,
-            split, _OUT_CODES.get(out_dtype, 2), debug, dev.index,
+            split, _OUT_CODES.get(out_dtype, 2), debug, bool(pdl), dev.index,
             torch.cuda.current_stream(dev).cuda_stream,
         )  # fmt: skip
     return out

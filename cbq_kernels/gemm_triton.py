@@ -71,8 +71,20 @@ class GemmPolicy:
     # at 7a9193f); 2 launches 32-row slices whose two m-tiles share each weight chunk
     # (csrc/gemm_decode.cu, MT = 2). 1 (the default) until that kernel's GPU tests have passed
     decode_mtiles: int = 1
+    # launch the CUDA decode kernel with programmatic dependent launch (compute capability
+    # 9.0): its weight prefetch (the cp.async ring and the group scales: nothing a kernel
+    # writes) overlaps the previous kernel in the stream, and griddepcontrol.wait holds back
+    # every read of x and write of the output until that kernel has finished. Aimed at the ~7
+    # us floor of the small decode GEMMs (7B shapes: launch and first DRAM round trips,
+    # DECISIONS "Decode variants of stop 27"), as vLLM and TensorRT-LLM chain their decode
+    # kernels. False (the default) until its GPU test and bench_gemm's *_pdl rows have run
+    decode_pdl: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("cuda_decode", "decode_pdl"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GemmPolicy.{name} must be a bool, "
+                                 f"got {getattr(self, name)!r}")  # fmt: skip
         if self.decode_mtiles not in (1, 2) or isinstance(self.decode_mtiles, bool):
             raise ValueError(f"GemmPolicy.decode_mtiles must be 1 or 2, "
                              f"got {self.decode_mtiles!r}")  # fmt: skip

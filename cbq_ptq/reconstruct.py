@@ -230,14 +230,17 @@ def _call_groups(run_one, qls: list[QLinear]) -> list[list[QLinear]]:
 
 @torch.no_grad()
 def harden_toward_soft(layers, idx: range, xq: Tensor, kwargs: dict, qls: list[QLinear],
-                       config: CBQConfig, rows: Tensor) -> int:  # fmt: skip
+                       config: CBQConfig, rows: Tensor, toward: str = "soft") -> int:  # fmt: skip
     """Hard codes for trained layers by GPTQ toward their soft-rounded weights (experiment of
     issue 15's W4A8 soft-to-hard gap): group by group in call order, the inputs of the
     calibration windows ``rows`` through the window (layers given codes already compute with
     them, the others with soft rounding) give each layer's Hessian, and
     :func:`cbq_ptq.gptq.gptq_to_grid` finds codes on the layer's learned grid whose output
     stays near the soft weight's. The codes are set on the layers (QLinear.set_codes; harden
-    keeps them). Returns the number of layers given codes."""
+    keeps them). ``toward="fp"``: the full-precision weight as the target instead (GPTQ on
+    the learned grid). Returns the number of layers given codes."""
+    if toward not in ("soft", "fp"):
+        raise ValueError(f"toward must be 'soft' or 'fp', got {toward!r}")
     from cbq_ptq import gptq
 
     device = qls[0].w_fp.device if qls else xq.device
@@ -258,7 +261,7 @@ def harden_toward_soft(layers, idx: range, xq: Tensor, kwargs: dict, qls: list[Q
         for q in group:
             st = stats[q.name or str(id(q))]
             st.reduce()
-            target, _ = q.weight_hat("soft")
+            target = q.weight_hat("soft")[0] if toward == "soft" else q.w
             s, z = q.quant_params()
             codes = gptq.gptq_to_grid(target.float(), st.value, s, z, q.settings.w_bits, q.gs,
                                       config.gptq_act_order, config.gptq_damp,

@@ -163,6 +163,7 @@ struct Args {
   int64_t ldx;     // row stride of x in elements (int4: in int32 words)
   int out_dtype;   // DType
   bool vec_x;      // x rows allow the vector loads (alignment, stride)
+  bool pdl;        // launched with programmatic dependent launch (sm_90+, host side only)
 };
 
 // A lane's activations of one chunk for the rows it feeds (g and g + 8, clamped to M - 1: rows
@@ -493,6 +494,14 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? kMinBlocks : 2) decode_
     if (kb + d < ke) request(kb + d, d);
     cp_async_commit();
   }
+  // Programmatic dependent launch (launched with it: Args::pdl): everything above reads only
+  // the weight, its scales and zero points, which no kernel writes, so it may overlap the
+  // previous kernel in the stream; x, the workspace, the counters and the output are touched
+  // only after that kernel has finished and its writes are visible. Without the launch
+  // attribute the wait returns at once.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 
   for (int kc = kb; kc < ke; kc += kDepth) {
 #pragma unroll
@@ -596,6 +605,10 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? kMinBlocks : 2) decode_
     }
   }
   cp_async_wait<0>();
+  // the next kernel (if launched with PDL) may start its own weight prefetch now
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" :::);
+#endif
   __syncwarp();
   if (kb < ke) flush(flush_slot);
 
@@ -711,7 +724,21 @@ void launch(const Args& p, bool grouped, int device, cudaStream_t stream) {
                "cudaFuncSetAttribute");
     attr_set[which] |= bit;
   }
-  kernel<<<grid, kWarps * 32, smem, stream>>>(p);
+  if (!p.pdl) {
+    kernel<<<grid, kWarps * 32, smem, stream>>>(p);
+    return;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kWarps * 32);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  check_cuda(cudaLaunchKernelEx(&cfg, kernel, p), "cudaLaunchKernelEx (PDL)");
 }
 
 }  // namespace
@@ -725,7 +752,7 @@ void gemm_decode_cuda(const void* x, const float* x_scales, int a_mode, const in
                       const float* scales, const int32_t* zeros, const float* bias, void* out,
                       void* ws, int32_t* counters, int64_t m, int64_t n, int64_t k,
                       int64_t n_pad, int64_t ldx, int bits, int64_t group_size, int splits,
-                      int out_dtype, bool debug, int device, std::uintptr_t stream) {
+                      int out_dtype, bool debug, bool pdl, int device, std::uintptr_t stream) {
   int previous = 0;
   check_cuda(cudaGetDevice(&previous), "cudaGetDevice");
   if (previous != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
@@ -753,6 +780,12 @@ void gemm_decode_cuda(const void* x, const float* x_scales, int a_mode, const in
   p.splits = splits;
   p.ldx = ldx;
   p.out_dtype = out_dtype;
+  if (pdl) {  // the launch attribute needs compute capability 9.0 (griddepcontrol)
+    int major = 0;
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+               "compute capability");
+    p.pdl = major >= 9;
+  }
   const auto addr = reinterpret_cast<std::uintptr_t>(x);
   if (a_mode == kABf16 || a_mode == kAFp16) {
     p.vec_x = addr % 16 == 0 && ldx % 8 == 0;

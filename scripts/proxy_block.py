@@ -11,7 +11,8 @@ hadamard rotates the model first (as ``--rotate hadamard``); a variant's "act_qu
 one JSON line per variant: held-out loss before / after (the kept state), hard and soft
 losses at the end of training, the held-out MSE, which state was kept, seconds. A variant's
 "harden_gptq": true keeps the end state and hardens it by GPTQ toward the soft-rounded
-weights (cbq_ptq.reconstruct.harden_toward_soft): "hard_gptq" is its held-out loss, "mse" too.
+weights (cbq_ptq.reconstruct.harden_toward_soft; "harden_gptq": "fp": toward the full-precision
+weights on the learned grid): "hard_gptq" is its held-out loss, "mse" too.
 """
 import copy
 import json
@@ -109,7 +110,8 @@ for name, kw in variants.items():
             e = train_window(ls, idx, x, y, y, kwargs, qls, cfg, name, seed=0)
         finally:
             rc._restore = restore
-        rc.harden_toward_soft(ls, idx, x, kwargs, qls, cfg, torch.arange(n - 4))
+        toward = harden_gptq if isinstance(harden_gptq, str) else "soft"
+        rc.harden_toward_soft(ls, idx, x, kwargs, qls, cfg, torch.arange(n - 4), toward)
         win = _Window(ls, idx, x, y, y, kwargs, cfg, qls)
         e["hard_gptq"] = win.evaluate(torch.arange(n - 4, n), "hard")
         e["kept"] = "end+gptq (forced)"

@@ -225,3 +225,46 @@ def test_rows_beyond_16_on_a_weight_in_the_decode_layout_alone(m, act_bits):
     want = exact_int(codes_x, w, codes)
     for policy in (None, tiles, mtiles):
         assert torch.equal(fn(xq, xs, w, debug=True, policy=policy).long(), want), policy
+
+
+@pytest.mark.parametrize(("m", "bits", "group_size", "a"), [
+    (1, 4, 128, "bf16"), (4, 4, None, "int8"), (16, 4, 128, "int8"), (7, 4, None, "int4"),
+    (3, 2, 64, "fp16"), (32, 4, 128, "bf16")])  # fmt: skip
+def test_programmatic_dependent_launch_gives_the_same_bits(m, bits, group_size, a):
+    """GemmPolicy(decode_pdl=True): the kernel launched with programmatic dependent launch
+    (its weight prefetch before griddepcontrol.wait) gives the launches without it bit for
+    bit, eagerly and replayed in a CUDA graph of back-to-back GEMMs (where the overlap
+    happens), also with split-K's workspace and counters shared by the chain."""
+    need_kernel()
+    from cbq_kernels.gemm_triton import GemmPolicy
+
+    n, k = 4096, 4096
+    w, _ = gemm_cuda_weight(n, k, bits, group_size, seed=31, layout="auto")
+    g = torch.Generator(device="cuda").manual_seed(32)
+    x = torch.randn(m, k, generator=g, device="cuda").to(
+        torch.float16 if a == "fp16" else torch.bfloat16)  # fmt: skip
+    pdl = GemmPolicy(decode_pdl=True, decode_mtiles=2 if m > 16 else 1)
+    plain = GemmPolicy(decode_mtiles=pdl.decode_mtiles)
+    if a in ("bf16", "fp16"):
+        run = lambda policy: gemm_wonly(x, w, policy=policy)  # noqa: E731
+    else:
+        xq, xs = act_quant(x, 8 if a == "int8" else 4)
+        fn = gemm_w4a8 if a == "int8" else gemm_w4a4
+        run = lambda policy: fn(xq, xs, w, debug=True, policy=policy)  # noqa: E731
+    want = run(plain)
+    assert torch.equal(run(pdl), want)
+    chain = lambda: [run(pdl) for _ in range(4)]  # noqa: E731
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain()
+    graph.replay()
+    torch.cuda.synchronize()
+    for out in outs:
+        assert torch.equal(out, want)
+    assert int(w.decode.counters.abs().sum()) == 0

@@ -43,7 +43,7 @@ void gemm_decode_cuda(const void* x, const float* x_scales, int a_mode, const in
                       const float* scales, const int32_t* zeros, const float* bias, void* out,
                       void* ws, int32_t* counters, int64_t m, int64_t n, int64_t k,
                       int64_t n_pad, int64_t ldx, int bits, int64_t group_size, int splits,
-                      int out_dtype, bool debug, int device, std::uintptr_t stream);
+                      int out_dtype, bool debug, bool pdl, int device, std::uintptr_t stream);
 
 // The online Hadamard rotation fused with per-token quantization (hadamard_quant.cu; contract
 // in cbq_kernels/hadamard_quant.py). x: (rows, n) of in_dtype (DType), n = m p, p a power of
