@@ -22,6 +22,9 @@ setting beside its bf16 base.
     CBQ_GEN_COMPILE=graph-compiled ... (the same, the step's forward through torch.compile)
     CBQ_GEN_FUSE=1 ...        (q / k / v and gate / up as one GEMM each: the fused column
                                counts the fused groups)
+    CBQ_GEN_POLICY='{"decode_pdl": true}' ... (the quantized settings' GEMMs under this
+                               cbq_kernels.gemm.GemmPolicy, cbq_ptq.serve.set_policy; the
+                               policy column says which; default: the default dispatch)
     CBQ_GEN_PROFILE=DIR ...   (also the GPU time of every kernel in one eager prefill and one
                                eager decode step of the first batch / prompt, a markdown
                                table per setting in DIR: where a step's time goes)
@@ -46,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import Environment
 from cbq_ptq.config import parse_setting
 from cbq_ptq.generate import decode_loop, timed_generate
-from cbq_ptq.serve import fuse_projections, rtn_kernels
+from cbq_ptq.serve import fuse_projections, rtn_kernels, set_policy
 
 # W4A4rot: W4A4 with the online Hadamard rotation of every down_proj input (issue 15's R4,
 # fused with the activation quantizer); R1 / R2 fold into the weights offline and cost
@@ -60,11 +63,21 @@ SHAPES = {  # hidden, intermediate, heads, kv heads, blocks built, blocks of the
 FIELDS = ["model", "setting", "batch", "prompt", "new_tokens", "ttft_ms", "decode_tok_s",
           "decode_ms_per_step", "speedup_vs_bf16", "decode_tok_s_x80", "peak_gib", "weight_gib",
           "weights",
-          "compile", "fused", "gpu", "torch", "commit"]  # fmt: skip
+          "compile", "fused", "policy", "gpu", "torch", "commit"]  # fmt: skip
 COMPILE = os.environ.get("CBQ_GEN_COMPILE", "auto")
 COMPILE_MODES = ("auto", "off", "graph", "graph-compiled")
 FUSE = os.environ.get("CBQ_GEN_FUSE", "0") == "1"
 PROFILE = os.environ.get("CBQ_GEN_PROFILE")
+POLICY = os.environ.get("CBQ_GEN_POLICY", "")
+
+
+def _policy():
+    """The GemmPolicy of CBQ_GEN_POLICY (JSON of its fields), or None."""
+    if not POLICY:
+        return None
+    from cbq_kernels.gemm import GemmPolicy
+
+    return GemmPolicy(**json.loads(POLICY))
 
 
 def build(shape: str, device: torch.device, dtype: torch.dtype):
@@ -229,6 +242,7 @@ def _measure_setting(shape: str, setting: str, batches, prompts, new: int,
     fused = 0
     if setting != "bf16":
         rtn_kernels(model, parse_setting(setting.removesuffix("rot")), dtype)
+        set_policy(model, _policy())
         if FUSE:  # q / k / v and gate / up as one GEMM each (serve.fuse_projections)
             fused = fuse_projections(model)
     if rotated and not all("rotation_signs" in getattr(b.get_submodule(down), "act_kwargs", {})
@@ -237,7 +251,8 @@ def _measure_setting(shape: str, setting: str, batches, prompts, new: int,
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     weights += sum(_kernel_bytes(m) for m in model.modules())
     fields = {"model": shape, "setting": setting, "weight_gib": round(weights / 2**30, 3),
-              "weights": "random, RTN", "fused": fused}  # fmt: skip
+              "weights": "random, RTN", "fused": fused,
+              "policy": POLICY if setting != "bf16" else ""}  # fmt: skip
     return _rows(model, fields, batches, prompts, new, device, env)
 
 

@@ -21,7 +21,7 @@ import csv
 import sys
 from pathlib import Path
 
-KEY = ("model", "setting", "batch", "prompt", "new_tokens", "compile", "fused")
+KEY = ("model", "setting", "batch", "prompt", "new_tokens", "compile", "fused", "policy")
 DECODE_B1 = {"W4A16g128": 2.5, "W4A8": 2.3, "W4A4": 2.3, "W2A16g128": 3.5}
 PREFILL = {"W4A8": 1.4, "W4A4": 1.4}
 
@@ -33,6 +33,7 @@ def merge(paths: list[Path]) -> list[dict]:
             for row in csv.DictReader(f):
                 row["compile"] = row.get("compile") or "auto"  # older CSVs lack the columns
                 row["fused"] = row.get("fused") or "0"
+                row["policy"] = row.get("policy") or ""
                 rows[tuple(row[k] for k in KEY)] = row
     return list(rows.values())
 
@@ -45,13 +46,15 @@ def _find(rows, **want) -> dict | None:
 
 
 def _check(rows, setting, batch, prompt, field, target, larger_better=True,
-           at_most=False, compile_mode: str = "auto", fused: str = "0") -> str | None:  # fmt: skip
+           at_most=False, compile_mode: str = "auto", fused: str = "0",
+           policy: str = "") -> str | None:  # fmt: skip
     """A summary line comparing ``setting`` with bf16 at (batch, prompt) on the 7B shape:
     the speed-up (bf16 / setting for times) against ``target``, or with ``at_most`` the
     fraction setting / bf16 against an upper bound. ``fused``: the quantized row's fused
-    groups ("0": unfused; bf16 rows are never fused)."""
+    groups ("0": unfused; bf16 rows are never fused); ``policy``: its GemmPolicy (CBQ_GEN_POLICY;
+    "": the default dispatch)."""
     q = _find(rows, model="llama2-7b", setting=setting, batch=batch, prompt=prompt,
-              compile=compile_mode, fused=fused)  # fmt: skip
+              compile=compile_mode, fused=fused, policy=policy)  # fmt: skip
     b = _find(rows, model="llama2-7b", setting="bf16", batch=batch, prompt=prompt,
               compile=compile_mode, fused="0")  # fmt: skip
     if q is None or b is None or not q[field] or not b[field]:
@@ -60,7 +63,7 @@ def _check(rows, setting, batch, prompt, field, target, larger_better=True,
     if not larger_better and not at_most:
         ratio = 1 / ratio
     met = ratio <= target if at_most else ratio >= target
-    where = compile_mode + (", fused" if fused != "0" else "")
+    where = compile_mode + (", fused" if fused != "0" else "") + (f", {policy}" if policy else "")
     return (f"| {setting} | {where}, batch {batch}, prompt {prompt} | {field} | "
             f"{q[field]} vs bf16 "
             f"{b[field]} | {ratio:.2f}x | {'<=' if at_most else '>='} {target}x | "
@@ -76,10 +79,11 @@ def summary(rows: list[dict]) -> str:
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     prompts = sorted({int(r["prompt"]) for r in rows if r["model"] == "llama2-7b"})
     # compared within a compile mode, unfused and fused quantized rows each against bf16
-    modes = sorted({(r["compile"], r["fused"]) for r in rows if r["setting"] != "bf16"})
+    modes = sorted({(r["compile"], r["fused"], r["policy"]) for r in rows
+                    if r["setting"] != "bf16"})  # fmt: skip
     checks = []
-    for mode, fused in modes:
-        kw = {"compile_mode": mode, "fused": fused}
+    for mode, fused, policy in modes:
+        kw = {"compile_mode": mode, "fused": fused, "policy": policy}
         for p in prompts:
             checks += [_check(rows, s, 1, p, "decode_tok_s", t, **kw)
                        for s, t in DECODE_B1.items()]  # fmt: skip

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cbq_kernels.gemm import PreparedWeight, mark_static, prepare_weight
+from cbq_kernels.gemm import GemmPolicy, PreparedWeight, mark_static, prepare_weight
 from cbq_kernels.gemm import linear as gemm_linear
 from cbq_kernels.gemm_weight import concat_weights
 from cbq_kernels.packing import pack_ref
@@ -62,6 +62,7 @@ class KernelLinear(torch.nn.Module):
         self.bias = bias.to(compute_dtype) if bias is not None else None
         self.act_kwargs = dict(act_kwargs or {})
         self.kind = f"W{settings.w_bits}A{settings.a_bits}"
+        self.policy = None  # the GEMMs' dispatch (cbq_kernels.gemm.GemmPolicy; None: default)
         # static for CUDA graphs (cbq_kernels.gemm.mark_static): not copied on every replay
         # (prepare_weight marked the weight's own tensors)
         mark_static(self.bias, *self.act_kwargs.values())
@@ -117,7 +118,7 @@ class KernelLinear(torch.nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = gemm_linear(x.to(self.compute_dtype).contiguous(), self.weight, self.act_bits,
-                        self.bias, **self.act_kwargs)  # fmt: skip
+                        self.bias, policy=self.policy, **self.act_kwargs)  # fmt: skip
         return y.to(x.dtype)
 
 
@@ -139,6 +140,7 @@ class _FusedGroup(torch.nn.Module):
         self.fused = KernelLinear("+".join(p.name for p in parts),
                                   concat_weights([p.weight for p in parts]), first.settings,
                                   bias, first.act_kwargs, first.compute_dtype)  # fmt: skip
+        self.fused.policy = first.policy
         self.splits = [p.out_features for p in parts]
         self._input: Tensor | None = None
         self._outputs: tuple[Tensor, ...] = ()
@@ -195,6 +197,20 @@ def _fusable(parts: list) -> bool:
             if not same:
                 return False
     return True
+
+
+def set_policy(model: torch.nn.Module, policy: GemmPolicy | None) -> int:
+    """Run every kernel layer's GEMM of ``model`` under ``policy`` (None: the default
+    dispatch, cbq_kernels.gemm.DEFAULT_POLICY); returns how many layers took it. Layers fused
+    later by :func:`fuse_projections` keep it."""
+    if policy is not None and not isinstance(policy, GemmPolicy):
+        raise TypeError(f"policy must be a GemmPolicy or None, got {type(policy).__name__}")
+    count = 0
+    for m in model.modules():
+        if isinstance(m, KernelLinear):
+            m.policy = policy
+            count += 1
+    return count
 
 
 def fuse_projections(model: torch.nn.Module) -> int:

@@ -166,3 +166,26 @@ def test_fused_projections_compute_the_same_model(setting):
     with torch.no_grad():
         want, got = model(ids).logits, fused(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_policy_reaches_every_kernel_layer_and_the_fused_ones():
+    """serve.set_policy: every KernelLinear runs its GEMM under the given GemmPolicy (what
+    bench_generate's CBQ_GEN_POLICY measures end to end), fused groups made afterwards keep
+    it, the logits are the default dispatch's on the CPU, and a non-policy is a clear error."""
+    from cbq_kernels.gemm import GemmPolicy
+    from cbq_ptq.serve import KernelLinear, fuse_projections, rtn_kernels, set_policy
+
+    model = random_llama()
+    rtn_kernels(model, parse_setting("W4A8"), torch.float32)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).logits
+    policy = GemmPolicy(decode_pdl=True, decode_mtiles=2)
+    assert set_policy(model, policy) == 2 * 7
+    fuse_projections(model)
+    kernels = [m for m in model.modules() if isinstance(m, KernelLinear)]
+    assert kernels and all(m.policy is policy for m in kernels)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="policy must be a GemmPolicy or None, got dict"):
+        set_policy(model, {"decode_pdl": True})
