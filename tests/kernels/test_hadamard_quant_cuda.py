@@ -136,13 +136,31 @@ def test_the_api_runs_the_cuda_kernel_unless_switched_off(monkeypatch):
 def test_the_register_kernel_matches_the_reference(n, dtype, t):
     need_cuda_kernel()
     x = data(t, n, seed=n + t + 1).to(dtype)
+    signs = hadamard.random_signs(n, 13).cuda()
     for bits, ratio in ((8, 1.0), (4, 0.8)):
         # below 8192 (640 = 20 x 32, 1536 = 12 x 128, 4096 = 1 x 32 x 128) the API runs Triton
         assert _reg_takes(x, bits) and _use_cuda_reg(x, bits) == (n >= 8192)
-        assert_contract(_launch_cuda(x, bits, hadamard.random_signs(n, 13).cuda(), ratio,
-                                     reg=True),
-                        hadamard_act_quant_ref(x, bits, hadamard.random_signs(n, 13).cuda(),
-                                               ratio), bits, n)  # fmt: skip
+        got = _launch_cuda(x, bits, signs, ratio, reg=True)
+        want = hadamard_act_quant_ref(x, bits, signs, ratio)
+        assert_contract(got, want, bits, n, where_codes_differ(got[0], want[0], bits, n))
+
+
+def where_codes_differ(got, want, bits, n):
+    """Where the register kernel's codes differ from the reference's, in its own terms (empty
+    when they agree within a level): rows, and (segment, column) of the first differences for
+    segments of pw = min(p, 128) elements (an MMA tile is 16 segments; a lane holds columns
+    8 nt + 2 t + e), so that a failing GPU run says which part of the kernel to look at."""
+    diff = (levels(got, bits, n) - levels(want, bits, n)).abs() > 1
+    if not bool(diff.any()):
+        return ()
+    _, p = hadamard.factor(n)
+    pw = min(p, 128)
+    rows = diff.any(1).nonzero()[:, 0]
+    cols = diff[rows[0]].nonzero()[:, 0]
+    segs = sorted({int(c) // pw for c in cols})
+    return (f"rows {rows[:8].tolist()} of {diff.shape[0]}", f"segments {segs[:16]}",
+            f"columns in segment {sorted({int(c) % pw for c in cols})[:16]}",
+            f"{int(diff.sum())} codes off by more than one level")
 
 
 def test_the_register_kernel_is_deterministic_and_takes_zero_rows(monkeypatch):
