@@ -238,10 +238,12 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cbq::D
 # The API routes those widths to the CUDA kernel unless CBQ_HADAMARD_CUDA=0 (on by default
 # since its GPU tests and compute-sanitizer's memcheck/racecheck passed on the H200 at 7a9193f:
 # benchmarks/results/h200/pytest_hadamard_7a9193f.txt). CBQ_HADAMARD_CUDA=reg routes 16-bit
-# inputs to the register kernel (csrc/hadamard_quant_reg.cu) instead: written for the 80%-of-
-# copy-bandwidth target from that kernel's ncu reading, compiled without spills (ptxas, sm_90a)
-# and its index math checked against the reference in an emulation on the CPU, but not yet run
-# on a GPU, so it is not the default until its GPU tests and benchmark have run.
+# inputs to the register kernels (csrc/hadamard_quant_reg.cu, hadamard_quant_xch.cu; variant
+# 0, REG_VARIANTS) instead: written for the 80%-of-copy-bandwidth target from that kernel's
+# ncu reading, compiled for sm_80 / 89 / 90a (the exchange kernel with 48-64 bytes of spills,
+# per row: its comment) and the first one's index math checked against the reference in an
+# emulation on the CPU, but not yet run on a GPU, so neither is the default until their GPU
+# tests and benchmark have run.
 _CUDA_ENV = "CBQ_HADAMARD_CUDA"
 _REG = "reg"
 
@@ -296,25 +298,35 @@ def _use_cuda(x: Tensor, mma: bool | None = None) -> bool:
     return 0 <= need <= getattr(props, "shared_memory_per_block_optin", 0)
 
 
-def reg_smem_bytes(n: int, bits: int, dtype: torch.dtype) -> int:
-    """Shared memory of the register kernel's launch at width n (-1: it does not take n: fp32
-    input, no small factor, p < 32, or m p / min(p, 128) > 256). Host code of the extension:
-    answers on a machine without a GPU too."""
+# The register kernels' variants (csrc/include/cbq/ops.h): 1 grows the tensor-core factor to
+# m p / min(p, 128) (csrc/hadamard_quant_reg.cu), 2 splits the power-of-two factor across warps
+# (csrc/hadamard_quant_xch.cu: p = 1024 with m <= 32, p = 2048 with m <= 16), 0 takes 2 where
+# it applies (DECISIONS: why)
+REG_VARIANTS = (0, 1, 2)
+
+
+def reg_smem_bytes(n: int, bits: int, dtype: torch.dtype, variant: int = 0) -> int:
+    """Shared memory of the register kernel's launch at width n (-1: the variant does not take
+    n: fp32 input; variant 1: p < 32 or m p / min(p, 128) > 256; variant 2: other than p =
+    1024 with m <= 32 or p = 2048 with m <= 16). Host code of the extension: answers on a
+    machine without a GPU too."""
     from cbq_kernels import _C  # type: ignore[attr-defined]
 
+    if variant not in REG_VARIANTS:
+        raise ValueError(f"variant must be one of {REG_VARIANTS}, got {variant!r}")
     m, p = hadamard.factor(n)
     if dtype not in _DTYPE_CODES:
         return -1
-    return int(_C.hadamard_quant_reg_smem_bytes(n, m, p, bits, _DTYPE_CODES[dtype]))
+    return int(_C.hadamard_quant_reg_smem_bytes(n, m, p, bits, _DTYPE_CODES[dtype], variant))
 
 
-def _reg_takes(x: Tensor, bits: int) -> bool:
+def _reg_takes(x: Tensor, bits: int, variant: int = 0) -> bool:
     """Whether the register kernel can run this x at all: a GPU tensor, the kernel built,
     16-byte aligned rows, and the extension's answer for the width, bits and dtype within
     this device's shared memory (any width: the benchmark times it at 1536 and 4096 too)."""
     if not x.is_cuda or not _cuda_built() or x.data_ptr() % 16:
         return False
-    need = reg_smem_bytes(x.shape[1], bits, x.dtype)
+    need = reg_smem_bytes(x.shape[1], bits, x.dtype, variant)
     props = torch.cuda.get_device_properties(x.device)
     return 0 <= need <= getattr(props, "shared_memory_per_block_optin", 0)
 
@@ -326,10 +338,12 @@ def _use_cuda_reg(x: Tensor, bits: int) -> bool:
 
 
 def _launch_cuda(x: Tensor, bits: int, signs: Tensor, clip_ratio: float,
-                 mma: bool | None = None, reg: bool = False) -> tuple[Tensor, Tensor]:  # fmt: skip
+                 mma: bool | None = None, reg: bool = False,
+                 variant: int = 0) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The CUDA kernel on contiguous (T, N) x (the caller checked :func:`_use_cuda`, or
-    :func:`_use_cuda_reg` with ``reg``); ``mma`` picks where the small factor runs (default:
-    :func:`_mma_default`); ``reg`` runs csrc/hadamard_quant_reg.cu instead."""
+    :func:`_reg_takes` with ``reg``); ``mma`` picks where the small factor runs (default:
+    :func:`_mma_default`); ``reg`` runs a register kernel instead (``variant``:
+    :data:`REG_VARIANTS`)."""
     from cbq_kernels import _C  # type: ignore[attr-defined]
 
     t, n = x.shape
@@ -345,7 +359,8 @@ def _launch_cuda(x: Tensor, bits: int, signs: Tensor, clip_ratio: float,
     tail = (float(clip_ratio), 1.0 / math.sqrt(n), x.device.index,
             torch.cuda.current_stream(x.device).cuda_stream)  # fmt: skip
     if reg:
-        _C.hadamard_quant_reg_cuda(*ptrs, t, n, m, mp, p, bits, _DTYPE_CODES[x.dtype], *tail)
+        _C.hadamard_quant_reg_cuda(*ptrs, t, n, m, mp, p, bits, _DTYPE_CODES[x.dtype], variant,
+                                   *tail)  # fmt: skip
     else:
         _C.hadamard_quant_cuda(*ptrs, t, n, m, mp, p, bits, _DTYPE_CODES[x.dtype], mma, *tail)
     return codes, scales

@@ -156,13 +156,15 @@ void py_hadamard_quant_cuda(Ptr x, Ptr signs, Ptr small, Ptr codes, Ptr scales, 
 
 void py_hadamard_quant_reg_cuda(Ptr x, Ptr signs, Ptr small, Ptr codes, Ptr scales,
                                 int64_t rows, int64_t n, int64_t m, int64_t mp, int64_t p,
-                                int bits, int in_dtype, float ratio, float inv_sqrt_n, int device,
-                                Ptr stream) {
+                                int bits, int in_dtype, int variant, float ratio, float inv_sqrt_n,
+                                int device, Ptr stream) {
   check_hadamard_args(x, signs, small, codes, scales, rows, n, m, mp, p, bits, in_dtype, ratio);
+  CBQ_CHECK(variant >= 0 && variant <= 2, "hadamard_quant_reg variant must be 0, 1 or 2, got ",
+            variant);
   hadamard_quant_reg_cuda(reinterpret_cast<const void*>(x), reinterpret_cast<const float*>(signs),
                           reinterpret_cast<const float*>(small), reinterpret_cast<int32_t*>(codes),
                           reinterpret_cast<float*>(scales), rows, n, m, mp, p, bits, in_dtype,
-                          ratio, inv_sqrt_n, device, stream);
+                          variant, ratio, inv_sqrt_n, device, stream);
 }
 #endif
 
@@ -200,8 +202,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("hadamard_quant_cuda", &py_hadamard_quant_cuda, release);
   m.def("hadamard_quant_reg_cuda", &py_hadamard_quant_reg_cuda, release);
   m.def("hadamard_quant_reg_smem_bytes", [](int64_t n, int64_t m, int64_t p, int bits,
-                                            int in_dtype) {
-    return hadamard_quant_reg_smem_bytes(n, m, p, bits, in_dtype);
+                                            int in_dtype, int variant) {
+    return hadamard_quant_reg_smem_bytes(n, m, p, bits, in_dtype, variant);
   });
   m.def("hadamard_quant_smem_bytes",
         [](int64_t n, int64_t m, int64_t mp, int64_t p, int in_dtype, bool mma) {

@@ -44,22 +44,17 @@
 #include <type_traits>
 
 #include "cbq/format.h"
+#include "cbq/hadamard_reg.cuh"
 #include "cbq/ops.h"
 
 namespace cbq {
 namespace {
 
+using namespace hreg;
+
 constexpr int kRegMaxWarps = 16;     // a block: R rows x (m' / 16) warps, at most 512 threads
 constexpr int kRegMaxTiles = 16;     // m' <= 256: four 32-bit words of A signs per lane
 constexpr int kRegMaxPw = 128;       // a warp's accumulators: pw / 2 floats per lane
-constexpr float kMagic = 12582912.0f;  // 1.5 2^23: x + kMagic rounds x to an integer (RNE)
-
-void reg_check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("cbq_kernels._C: ") + what + ": " +
-                             cudaGetErrorString(err));
-  }
-}
 
 struct RegShape {
   int pw, f, mq, tiles, rows_per_block, warps;
@@ -122,35 +117,6 @@ struct RegArgs {
   RegLayout l;
 };
 
-__device__ __forceinline__ void reg_cp_async16(void* dst, const void* src) {
-  const auto d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void reg_ldmatrix_x4_trans(uint32_t* r, const void* row_addr) {
-  const auto a = static_cast<uint32_t>(__cvta_generic_to_shared(row_addr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-
-template <typename T>
-__device__ __forceinline__ void reg_mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
 // Whether H'[k][o] < 0 for H' = H_m (x) H_f: k = i f + a, o = i' f + b (f a power of two),
 // H'[k][o] = H_m[i][i'] (-1)^popc(a & b). Outside m' (padding): +1 (the staged rows k >= m'
 // are zero; outputs o >= m' are not used).
@@ -176,9 +142,8 @@ __device__ __forceinline__ void reg_a_bits(const RegArgs& a, int tile, uint32_t*
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int o = tile * 16 + g + (r & 1) * 8, k = kt * 16 + 2 * t + (r >> 1) * 8;
-        const int sh = r + 4 * q;
-        bits |= static_cast<uint32_t>(reg_negative(a, k, o)) << (15 - sh);
-        bits |= static_cast<uint32_t>(reg_negative(a, k + 1, o)) << (31 - sh);
+        if (reg_negative(a, k, o)) bits |= sign_bits_at(q, r, 0);
+        if (reg_negative(a, k + 1, o)) bits |= sign_bits_at(q, r, 1);
       }
     }
     sb[w * 32 + lane] = bits;
@@ -213,7 +178,7 @@ __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kerne
     uint32_t w = 0;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      if (a.signs[8 * c + k] < 0.f) w |= 1u << ((k & 1 ? 31 : 15) - k / 2);
+      if (a.signs[8 * c + k] < 0.f) w |= sign_bits_at(0, k / 2, k & 1);
     }
     pmask[c] = w;
   }
@@ -227,17 +192,17 @@ __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kerne
       const int r = e / chunks, c = e % chunks;
       const int64_t row = grp * R + r;
       if (row < a.rows) {
-        reg_cp_async16(stage(buf, r) + (8 * c / PW) * SP + (8 * c) % PW, x + row * n + 8 * c);
+        cp_async16(stage(buf, r) + (8 * c / PW) * SP + (8 * c) % PW, x + row * n + 8 * c);
       }
     }
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    cp_async_commit();
   };
 
   int buf = 0;
   int64_t grp = blockIdx.x;
   copy_group(grp, 0);
   for (; grp * R < a.rows; grp += gridDim.x, buf ^= 1) {
-    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    cp_async_wait_all();
     __syncthreads();  // S1: this group staged; the last group's readers of everything done
     copy_group(grp + gridDim.x, buf ^ 1);  // the next group's copy overlaps this one's work
     // the signs: flip the sign bits of the staged 16-bit values
@@ -247,10 +212,10 @@ __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kerne
         uint4* q = reinterpret_cast<uint4*>(stage(buf, r) + (8 * c / PW) * SP + (8 * c) % PW);
         const uint32_t w = pmask[c];
         uint4 v = *q;
-        v.x ^= w & 0x80008000u;
-        v.y ^= (w << 1) & 0x80008000u;
-        v.z ^= (w << 2) & 0x80008000u;
-        v.w ^= (w << 3) & 0x80008000u;
+        v.x ^= sign_pair(w, 0, 0);
+        v.y ^= sign_pair(w, 0, 1);
+        v.z ^= sign_pair(w, 0, 2);
+        v.w ^= sign_pair(w, 0, 3);
         *q = v;
       }
     }
@@ -275,13 +240,13 @@ __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kerne
           if (kt >= tiles) break;
           uint32_t af[4];
 #pragma unroll
-          for (int r = 0; r < 4; ++r) af[r] = kOne ^ ((bw << (r + 4 * q)) & 0x80008000u);
+          for (int r = 0; r < 4; ++r) af[r] = kOne ^ sign_pair(bw, q, r);
 #pragma unroll
           for (int nb = 0; nb < NT / 2; ++nb) {
             uint32_t b[4];
-            reg_ldmatrix_x4_trans(b, st + (kt * 16 + brow) * SP + nb * 16 + bcol);
-            reg_mma<T>(acc[2 * nb], af, b[0], b[1]);
-            reg_mma<T>(acc[2 * nb + 1], af, b[2], b[3]);
+            ldmatrix_x4_trans(b, st + (kt * 16 + brow) * SP + nb * 16 + bcol);
+            mma16816<T>(acc[2 * nb], af, b[0], b[1]);
+            mma16816<T>(acc[2 * nb + 1], af, b[2], b[3]);
           }
         }
       }
@@ -336,13 +301,9 @@ __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kerne
       amax = red[ri * tiles];
       for (int k = 1; k < tiles; ++k) amax = fmaxf(amax, red[ri * tiles + k]);
       // the scale (cbq_kernels.quant_math.act_step) and the codes
-      const float r = __fmul_rn(amax, a.inv_sqrt_n);
-      const float s = fmaxf(__fdiv_rn(__fmul_rn(a.ratio, r), a.qmax),
-                            fmaxf(__fmul_rn(r, 9.5367431640625e-07f), 1e-8f));
+      const float s = act_step(amax, a.inv_sqrt_n, a.ratio, a.qmax);
       const float inv_s = __fdiv_rn(1.0f, s);
       if (tile == 0 && lane == 0) a.scales[row] = s;
-      const float lo = -a.qmax - 1.0f, hi = a.qmax;
-      const float magic = BITS == 8 ? kMagic : kMagic + 8.0f;  // int4: the offset 8 folded in
       unsigned char* cb = cbuf + ri * mq * cpitch;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -352,10 +313,8 @@ __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kerne
           for (int nt = 0; nt < NT; ++nt) {
             uint32_t c[2];
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              float u = __fmul_rn(__fmul_rn(acc[nt][2 * half + e], a.inv_sqrt_n), inv_s);
-              u = fminf(fmaxf(u, lo), hi);
-              c[e] = __float_as_uint(__fadd_rn(u, magic));  // low bits: the code
+            for (int e = 0; e < 2; ++e) {  // low bits: the code (int4: offset 8 folded in)
+              c[e] = code_bits<BITS>(acc[nt][2 * half + e], a.inv_sqrt_n, inv_s, a.qmax);
             }
             if constexpr (BITS == 8) {
               *reinterpret_cast<uint16_t*>(cb + o * cpitch + 8 * nt + 2 * t) =
@@ -385,7 +344,7 @@ __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kerne
       }
     }
   }
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  cp_async_wait_all();
 }
 
 constexpr int kRegMaxDevices = 64;
@@ -398,13 +357,13 @@ void reg_launch(const RegArgs& a, int threads, size_t smem, int device, int sms,
   static std::atomic<int> allowed[kRegMaxDevices] = {};
   std::atomic<int>* slot = device >= 0 && device < kRegMaxDevices ? &allowed[device] : nullptr;
   if (slot == nullptr || slot->load() < static_cast<int>(smem)) {
-    reg_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    static_cast<int>(smem)),
               "cudaFuncSetAttribute");
     if (slot != nullptr) slot->store(static_cast<int>(smem));
   }
   int per_sm = 0;
-  reg_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem),
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem),
             "occupancy");
   const int64_t groups = (a.rows + a.R - 1) / a.R;
   const int64_t most = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
@@ -424,8 +383,26 @@ void reg_dispatch(const RegArgs& a, int pw, int threads, size_t smem, int device
 
 }  // namespace
 
-int64_t hadamard_quant_reg_smem_bytes(int64_t n, int64_t m, int64_t p, int bits, int in_dtype) {
+// variant 0: the exchange kernel (hadamard_quant_xch.cu) where it takes the shape (p = 1024
+// with m <= 32, p = 2048 with m <= 16: 28672, 20480, 12288), this one elsewhere; 1: this one;
+// 2: the exchange kernel. Why the exchange kernel first where it applies: here those widths
+// grow the tensor-core factor to m' = m p / 128 and every warp reads the whole staged row
+// (~800 KB of ldmatrix per 28672 row, ~6300 shared-memory cycles per row per SM against
+// ~6700 for 80% of the copy bandwidth); there ~400 KB.
+static int reg_variant(int64_t n, int64_t m, int64_t p, int bits, int in_dtype, int variant) {
+  if (variant == 0) {
+    return hadamard_quant_xch_smem_bytes(n, m, p, bits, in_dtype) >= 0 ? 2 : 1;
+  }
+  return variant;
+}
+
+int64_t hadamard_quant_reg_smem_bytes(int64_t n, int64_t m, int64_t p, int bits, int in_dtype,
+                                      int variant) {
   if (in_dtype == static_cast<int>(DType::kFloat32) || m < 1 || p < 1 || n != m * p) return -1;
+  if (variant < 0 || variant > 2) return -1;
+  if (reg_variant(n, m, p, bits, in_dtype, variant) == 2) {
+    return hadamard_quant_xch_smem_bytes(n, m, p, bits, in_dtype);
+  }
   const RegShape s = reg_shape(m, p);
   if (s.tiles == 0) return -1;
   return reg_layout(n, s, bits).total;
@@ -433,24 +410,35 @@ int64_t hadamard_quant_reg_smem_bytes(int64_t n, int64_t m, int64_t p, int bits,
 
 void hadamard_quant_reg_cuda(const void* x, const float* signs, const float* small,
                              int32_t* codes, float* scales, int64_t rows, int64_t n, int64_t m,
-                             int64_t mp, int64_t p, int bits, int in_dtype, float ratio,
-                             float inv_sqrt_n, int device, std::uintptr_t stream) {
-  const int64_t smem = hadamard_quant_reg_smem_bytes(n, m, p, bits, in_dtype);
+                             int64_t mp, int64_t p, int bits, int in_dtype, int variant,
+                             float ratio, float inv_sqrt_n, int device, std::uintptr_t stream) {
+  const int64_t smem = hadamard_quant_reg_smem_bytes(n, m, p, bits, in_dtype, variant);
   int previous = 0;
-  reg_check(cudaGetDevice(&previous), "cudaGetDevice");
-  if (previous != device) reg_check(cudaSetDevice(device), "cudaSetDevice");
+  check(cudaGetDevice(&previous), "cudaGetDevice");
+  if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
   int sms = 0, smem_max = 0;
-  reg_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count");
-  reg_check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count");
+  check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
             "shared memory limit");
   if (smem < 0 || smem > smem_max) {
     if (previous != device) cudaSetDevice(previous);
     throw std::invalid_argument(
         "cbq_kernels._C: hadamard_quant_reg_cuda: width " + std::to_string(n) + " = " +
         std::to_string(m) + " x " + std::to_string(p) +
-        (smem < 0 ? " is not taken (16-bit inputs, p >= 32, m p / min(p, 128) <= 256)"
+        (smem < 0 ? " is not taken by variant " + std::to_string(variant) +
+                        " (16-bit inputs; 1: p >= 32, m p / min(p, 128) <= 256; 2: p = 1024 "
+                        "with m <= 32 or p = 2048 with m <= 16)"
                   : " needs " + std::to_string(smem) + " bytes of shared memory, the device has " +
                         std::to_string(smem_max)));
+  }
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
+  if (reg_variant(n, m, p, bits, in_dtype, variant) == 2) {
+    hadamard_quant_xch_launch(x, signs, small, codes, scales, rows, n, m, mp, p, bits, in_dtype,
+                              ratio, inv_sqrt_n, device, sms, st);
+    const cudaError_t err = cudaGetLastError();
+    if (previous != device) cudaSetDevice(previous);
+    check(err, "hadamard_quant_xch launch");
+    return;
   }
   const RegShape s = reg_shape(m, p);
   RegArgs a{};
@@ -471,7 +459,6 @@ void hadamard_quant_reg_cuda(const void* x, const float* signs, const float* sma
   a.qmax = static_cast<float>((1 << (bits - 1)) - 1);
   a.inv_sqrt_n = inv_sqrt_n;
   a.l = reg_layout(n, s, bits);
-  const auto st = reinterpret_cast<cudaStream_t>(stream);
   const int threads = 32 * s.warps;
   if (rows > 0) {
     if (in_dtype == static_cast<int>(DType::kBFloat16)) {
@@ -484,7 +471,7 @@ void hadamard_quant_reg_cuda(const void* x, const float* signs, const float* sma
   }
   const cudaError_t err = cudaGetLastError();
   if (previous != device) cudaSetDevice(previous);
-  reg_check(err, "hadamard_quant_reg launch");
+  check(err, "hadamard_quant_reg launch");
 }
 
 }  // namespace cbq

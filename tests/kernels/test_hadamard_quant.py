@@ -124,18 +124,27 @@ def test_the_cuda_kernel_takes_the_wide_widths_with_a_small_factor():
     assert not _use_cuda(torch.zeros(2, 28672))  # a CPU tensor
 
 
-def test_the_register_kernel_takes_16_bit_rows_with_m_p_over_128_at_most_256():
-    """csrc/hadamard_quant_reg.cu's launch query (host code: answers without a GPU): 16-bit
-    inputs, p >= 32, m' = m p / min(p, 128) <= 256; the shared memory of Llama's widths within
-    the H100/H200's 227 KB; -1 (not taken) otherwise."""
+def test_the_register_kernels_take_16_bit_rows_of_their_shapes():
+    """The register kernels' launch query (host code: answers without a GPU): variant 1 (the
+    tensor-core factor grown) takes 16-bit inputs with p >= 32 and m' = m p / min(p, 128) <=
+    256, variant 2 (the power-of-two factor across warps) p = 1024 with m <= 32 or 2048 with
+    m <= 16, variant 0 the second where it applies; the shared memory of Llama's widths within
+    the H100/H200's 227 KB; -1 (not taken) otherwise, and an unknown variant is an error."""
     from cbq_kernels.hadamard_quant import _cuda_built, reg_smem_bytes
 
     if not _cuda_built():
         pytest.skip("cbq_kernels._C built without its CUDA kernels")
-    for n in (28672, 11008, 12288, 20480, 640, 4096):
+    for n in (28672, 11008, 12288, 20480, 640, 1536, 4096):
         for bits in (4, 8):
             for dtype in (torch.bfloat16, torch.float16):
-                assert 0 < reg_smem_bytes(n, bits, dtype) <= 227 * 1024, (n, bits, dtype)
+                one = reg_smem_bytes(n, bits, dtype, 1)
+                assert 0 < one <= 227 * 1024, (n, bits, dtype)
+                two = reg_smem_bytes(n, bits, dtype, 2)
+                assert (two > 0) == (n in (28672, 12288, 20480)) and two <= 227 * 1024, n
+                assert reg_smem_bytes(n, bits, dtype) == (two if two > 0 else one)
     assert reg_smem_bytes(28672, 8, torch.float32) == -1  # the tensor cores take 16-bit x
     assert reg_smem_bytes(192, 8, torch.bfloat16) == -1  # 12 x 16: p < 32
-    assert reg_smem_bytes(172 * 256, 8, torch.bfloat16) == -1  # m' = 172 x 2 > 256
+    assert reg_smem_bytes(172 * 256, 8, torch.bfloat16, 1) == -1  # m' = 172 x 2 > 256
+    assert reg_smem_bytes(11008, 8, torch.bfloat16, 2) == -1  # p = 64
+    with pytest.raises(ValueError, match=r"variant must be one of \(0, 1, 2\), got 3"):
+        reg_smem_bytes(11008, 8, torch.bfloat16, 3)

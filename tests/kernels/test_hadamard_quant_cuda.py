@@ -124,23 +124,26 @@ def test_the_api_runs_the_cuda_kernel_unless_switched_off(monkeypatch):
     assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
 
 
-# The register kernel (csrc/hadamard_quant_reg.cu, CBQ_HADAMARD_CUDA=reg): the same contract at
-# the same widths and three below the API's (launched directly): its three accumulator widths
-# (pw = 32 at 640 = 20 x 32, 64 at 11008, 128 at the others), one to sixteen rows per block
-# (12288: m' = 96, two rows per block of 12 warps; 640: eight; 1536: m' = 12, sixteen), no small
-# factor (4096: m' = 32 from H_32 (x) H_128), a last block with fewer rows than it holds (t = 3,
-# 333), 16-bit inputs.
-@pytest.mark.parametrize("n", [28672, 11008, 12288, 20480, 640, 1536, 4096])
+# The register kernels (CBQ_HADAMARD_CUDA=reg): variant 1 (csrc/hadamard_quant_reg.cu) at the
+# same widths and three below the API's (launched directly): its three accumulator widths (pw =
+# 32 at 640 = 20 x 32, 64 at 11008, 128 at the others), one to sixteen rows per block (12288:
+# m' = 96, two rows per block of 12 warps; 640: eight; 1536: m' = 12, sixteen), no small factor
+# (4096: m' = 32 from H_32 (x) H_128); variant 2 (csrc/hadamard_quant_xch.cu) at the widths it
+# takes (28672: 16 warps, 12288: two rows per block of 8 warps, 20480); a last block with fewer
+# rows than it holds (t = 3, 333), 16-bit inputs.
+@pytest.mark.parametrize(("n", "variant"), [
+    (28672, 1), (28672, 2), (11008, 1), (12288, 1), (12288, 2), (20480, 1), (20480, 2), (640, 1),
+    (1536, 1), (4096, 1)])  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("t", [1, 3, 333])
-def test_the_register_kernel_matches_the_reference(n, dtype, t):
+def test_the_register_kernel_matches_the_reference(n, variant, dtype, t):
     need_cuda_kernel()
     x = data(t, n, seed=n + t + 1).to(dtype)
     signs = hadamard.random_signs(n, 13).cuda()
     for bits, ratio in ((8, 1.0), (4, 0.8)):
         # below 8192 (640 = 20 x 32, 1536 = 12 x 128, 4096 = 1 x 32 x 128) the API runs Triton
-        assert _reg_takes(x, bits) and _use_cuda_reg(x, bits) == (n >= 8192)
-        got = _launch_cuda(x, bits, signs, ratio, reg=True)
+        assert _reg_takes(x, bits, variant) and _use_cuda_reg(x, bits) == (n >= 8192)
+        got = _launch_cuda(x, bits, signs, ratio, reg=True, variant=variant)
         want = hadamard_act_quant_ref(x, bits, signs, ratio)
         assert_contract(got, want, bits, n, where_codes_differ(got[0], want[0], bits, n))
 
@@ -169,7 +172,7 @@ def test_the_register_kernel_is_deterministic_and_takes_zero_rows(monkeypatch):
     x = data(200, n, seed=4)
     x[9] = 0  # a zero row: the step's floor, all codes 0
     signs = hadamard.random_signs(n, 2).cuda()
-    a = _launch_cuda(x, 8, signs, 1.0, reg=True)
+    a = _launch_cuda(x, 8, signs, 1.0, reg=True)  # variant 0: the exchange kernel here
     b = _launch_cuda(x, 8, signs, 1.0, reg=True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert int(a[0][9].abs().max()) == 0 and float(a[1][9]) == float(torch.tensor(1e-8))

@@ -58,13 +58,17 @@ void hadamard_quant_cuda(const void* x, const float* signs, const float* small, 
                          float* scales, int64_t rows, int64_t n, int64_t m, int64_t mp,
                          int64_t p, int bits, int in_dtype, bool mma, float ratio,
                          float inv_sqrt_n, int device, std::uintptr_t stream);
-// The register version (hadamard_quant_reg.cu): the same contract and arguments, 16-bit inputs,
-// p >= 32 and m p / min(p, 128) <= 256; its smem query answers -1 where it does not run.
-int64_t hadamard_quant_reg_smem_bytes(int64_t n, int64_t m, int64_t p, int bits, int in_dtype);
+// The register versions (hadamard_quant_reg.cu, hadamard_quant_xch.cu): the same contract and
+// arguments, 16-bit inputs; variant 1: the tensor-core factor grown to m p / min(p, 128) <= 256
+// (p >= 32), 2: the power-of-two factor across warps (p = 1024 with m <= 32, p = 2048 with
+// m <= 16), 0: 2 where it takes the shape, else 1. The smem query answers -1 where the
+// variant does not run.
+int64_t hadamard_quant_reg_smem_bytes(int64_t n, int64_t m, int64_t p, int bits, int in_dtype,
+                                      int variant);
 void hadamard_quant_reg_cuda(const void* x, const float* signs, const float* small,
                              int32_t* codes, float* scales, int64_t rows, int64_t n, int64_t m,
-                             int64_t mp, int64_t p, int bits, int in_dtype, float ratio,
-                             float inv_sqrt_n, int device, std::uintptr_t stream);
+                             int64_t mp, int64_t p, int bits, int in_dtype, int variant,
+                             float ratio, float inv_sqrt_n, int device, std::uintptr_t stream);
 #endif
 
 }  // namespace cbq
