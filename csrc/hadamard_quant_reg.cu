@@ -187,9 +187,9 @@ __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kerne
   reg_a_bits(a, tile, sb);  // read by this warp only (after S1)
 
   const T* x = static_cast<const T*>(a.x);
+  const int r0 = tid / chunks, c0 = tid % chunks;  // this thread's first (row, chunk)
   auto copy_group = [&](int64_t grp, int buf) {
-    for (int e = tid; e < R * chunks; e += nthreads) {
-      const int r = e / chunks, c = e % chunks;
+    for (int r = r0, c = c0; r < R; flat_next(r, c, nthreads, chunks)) {
       const int64_t row = grp * R + r;
       if (row < a.rows) {
         cp_async16(stage(buf, r) + (8 * c / PW) * SP + (8 * c) % PW, x + row * n + 8 * c);
@@ -206,8 +206,7 @@ __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kerne
     __syncthreads();  // S1: this group staged; the last group's readers of everything done
     copy_group(grp + gridDim.x, buf ^ 1);  // the next group's copy overlaps this one's work
     // the signs: flip the sign bits of the staged 16-bit values
-    for (int e = tid; e < R * chunks; e += nthreads) {
-      const int r = e / chunks, c = e % chunks;
+    for (int r = r0, c = c0; r < R; flat_next(r, c, nthreads, chunks)) {
       if (grp * R + r < a.rows) {
         uint4* q = reinterpret_cast<uint4*>(stage(buf, r) + (8 * c / PW) * SP + (8 * c) % PW);
         const uint32_t w = pmask[c];
@@ -332,8 +331,7 @@ __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kerne
     {
       constexpr int seg = BITS == 8 ? PW : PW / 2;
       const int row_bytes = BITS == 8 ? n : n / 2, pieces = row_bytes / 16;
-      for (int e = tid; e < R * pieces; e += nthreads) {
-        const int r = e / pieces, c = e % pieces;
+      for (int r = tid / pieces, c = tid % pieces; r < R; flat_next(r, c, nthreads, pieces)) {
         const int64_t orow = grp * R + r;
         if (orow < a.rows) {
           const uint4 v = *reinterpret_cast<const uint4*>(cbuf + r * mq * cpitch +

@@ -25,9 +25,10 @@
 // ~800 KB of ldmatrix alone in the register kernel; MMAs 448 against ~3100. Instructions per
 // element about as many (the butterflies and the quantizer dominate both).
 // Registers: the exchange holds its 64 values across the row-maximum barrier; at the
-// 128-register cap of 16 warps ptxas keeps 8 of them in local memory (48-56 bytes per thread,
-// one store and one load per row each: cuobjdump -sass, sm_90a), ~32 KB of L1 traffic per
-// 28672 row against ~400 KB of shared memory.
+// 128-register cap of 16 warps ptxas keeps 10 of them and 3 loop values in local memory
+// (52-56 bytes per thread, one store and one load per row each: cuobjdump -sass, sm_90a),
+// ~53 KB of L1 traffic per 28672 row against ~400 KB of shared memory (writing the values
+// back to W instead would move 512 bytes per thread).
 // Contract and exactness: as the register kernel's (cbq_kernels/hadamard_quant.py).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -152,11 +153,11 @@ __global__ void __launch_bounds__(kXchMaxWarps * 32, 1) hadamard_quant_xch_kerne
   }
 
   const T* x = static_cast<const T*>(a.x);
-  auto copy_group = [&](int64_t grp, int buf) {
-    for (int e = tid; e < R * chunks; e += blockDim.x) {
-      const int r = e / chunks, c = e % chunks;
+  auto copy_group = [&](int64_t grp, int buf) {  // R <= 2 rows of >= 1536 chunks: row-major
+    for (int r = 0; r < R; ++r) {
       const int64_t row = grp * R + r;
-      if (row < a.rows) {
+      if (row >= a.rows) break;
+      for (int c = tid; c < chunks; c += blockDim.x) {
         cp_async16(stage(buf, r) + staged(8 * c / kPw, (8 * c) % kPw), x + row * n + 8 * c);
       }
     }
