@@ -81,9 +81,10 @@ def summary(rows: list[dict]) -> str:
     # compared within a compile mode, unfused and fused quantized rows each against bf16
     modes = sorted({(r["compile"], r["fused"], r["policy"]) for r in rows
                     if r["setting"] != "bf16"})  # fmt: skip
-    checks = []
+    checks, coverage = [], []
     for mode, fused, policy in modes:
         kw = {"compile_mode": mode, "fused": fused, "policy": policy}
+        first = len(checks)
         for p in prompts:
             checks += [_check(rows, s, 1, p, "decode_tok_s", t, **kw)
                        for s, t in DECODE_B1.items()]  # fmt: skip
@@ -93,10 +94,17 @@ def summary(rows: list[dict]) -> str:
         for p in prompts[:1]:
             checks.append(_check(rows, "W4A16g128", 1, p, "weight_gib", 0.32, at_most=True,
                                  **kw))  # fmt: skip
+        mine = checks[first:]
+        where = mode + (", fused" if fused != "0" else "") + (f", {policy}" if policy else "")
+        met = sum(c is not None and c.endswith("| met |") for c in mine)
+        coverage.append(f"- {where}: {sum(c is not None for c in mine)} of {len(mine)} target "
+                        f"rows measured, {met} met")  # fmt: skip
     lines += [c for c in checks if c]
     missing = len([c for c in checks if c is None])
     if missing:
-        lines += ["", f"{missing} target rows have no measurement in these CSVs."]
+        lines += ["", f"{missing} target rows have no measurement in these CSVs. By mode (each "
+                  "mode is compared with bf16 in the same mode; a mode measured in part is a "
+                  "comparison, not the table):", *coverage]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

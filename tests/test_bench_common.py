@@ -95,3 +95,5 @@ def test_summarize_generate_merges_parts_and_checks_the_targets(tmp_path):
     assert "| W4A8 | auto, batch 32, prompt 512 | decode_tok_s | 900.0 vs bf16 1000.0 |" in text
     assert "| >= 1.5x | missed |" in text
     assert "| weight_gib | 3.8 vs bf16 12.0 | 0.32x | <= 0.32x | met |" in text
+    assert "- graph: 2 of 11 target rows measured, 0 met" in graph  # per-mode coverage
+    assert "- auto: 3 of 11 target rows measured, 2 met" in graph
