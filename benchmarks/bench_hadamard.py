@@ -8,8 +8,9 @@ timed beside the API's path where it takes the width and is not what the API ran
 the Triton tile or the composition beside the CUDA kernel where the API ran the latter
 (``triton_tile``, ``fused_api_composition``), the CUDA kernel with its small factor on the CUDA
 cores instead of the tensor cores (``cuda_fma``), the register kernels where each applies
-(``cuda_reg1``: csrc/hadamard_quant_reg.cu, ``cuda_reg2``: csrc/hadamard_quant_xch.cu; the API
-under CBQ_HADAMARD_CUDA=reg: ``cuda_reg``, variant 0), the butterfly reference's
+(``cuda_reg1``: csrc/hadamard_quant_reg.cu, ``cuda_reg3``: the same with two m-tiles per warp,
+``cuda_reg2``: csrc/hadamard_quant_xch.cu; the API under CBQ_HADAMARD_CUDA=reg: ``cuda_reg``,
+variant 0), the butterfly reference's
 composition (the transform, then act_quant), act_quant alone (the cost without rotation);
 then, int8 codes, the Triton kernel at other rows per program / warps than its default
 (``fused R=rows w=warps``: where the default came from).
@@ -82,7 +83,7 @@ def main() -> None:
                         else "fused_api_composition")  # fmt: skip
             table.add(name, provider, shape, "bf16", fused, nbytes=nbytes, copy_gbps=copy_gbps,
                       baseline=comp, baseline_name="transform_then_act_quant")  # fmt: skip
-            for variant in (1, 2):  # the register kernels beside it, each where it applies
+            for variant in (1, 2, 3):  # the register kernels beside it, each where it applies
                 if not _reg_takes(x, bits, variant):
                     continue
                 rg = bench(lambda x=x, b=bits, s=signs, v=variant: _launch_cuda(

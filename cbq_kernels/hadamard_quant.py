@@ -299,17 +299,17 @@ def _use_cuda(x: Tensor, mma: bool | None = None) -> bool:
 
 
 # The register kernels' variants (csrc/include/cbq/ops.h): 1 grows the tensor-core factor to
-# m p / min(p, 128) (csrc/hadamard_quant_reg.cu), 2 splits the power-of-two factor across warps
-# (csrc/hadamard_quant_xch.cu: p = 1024 with m <= 32, p = 2048 with m <= 16), 0 takes 2 where
-# it applies (DECISIONS: why)
-REG_VARIANTS = (0, 1, 2)
+# m p / min(p, 128) (csrc/hadamard_quant_reg.cu), 3 the same with two m-tiles per warp (p <=
+# 64), 2 splits the power-of-two factor across warps (csrc/hadamard_quant_xch.cu: p = 1024
+# with m <= 32, p = 2048 with m <= 16), 0 takes 2, else 3, where they apply (DECISIONS: why)
+REG_VARIANTS = (0, 1, 2, 3)
 
 
 def reg_smem_bytes(n: int, bits: int, dtype: torch.dtype, variant: int = 0) -> int:
     """Shared memory of the register kernel's launch at width n (-1: the variant does not take
-    n: fp32 input; variant 1: p < 32 or m p / min(p, 128) > 256; variant 2: other than p =
-    1024 with m <= 32 or p = 2048 with m <= 16). Host code of the extension: answers on a
-    machine without a GPU too."""
+    n: fp32 input; variant 1: p < 32 or m p / min(p, 128) > 256; variant 3: the same or p >
+    64; variant 2: other than p = 1024 with m <= 32 or p = 2048 with m <= 16). Host code of the
+    extension: answers on a machine without a GPU too."""
     from cbq_kernels import _C  # type: ignore[attr-defined]
 
     if variant not in REG_VARIANTS:

@@ -159,7 +159,7 @@ void py_hadamard_quant_reg_cuda(Ptr x, Ptr signs, Ptr small, Ptr codes, Ptr scal
                                 int bits, int in_dtype, int variant, float ratio, float inv_sqrt_n,
                                 int device, Ptr stream) {
   check_hadamard_args(x, signs, small, codes, scales, rows, n, m, mp, p, bits, in_dtype, ratio);
-  CBQ_CHECK(variant >= 0 && variant <= 2, "hadamard_quant_reg variant must be 0, 1 or 2, got ",
+  CBQ_CHECK(variant >= 0 && variant <= 3, "hadamard_quant_reg variant must be 0, 1, 2 or 3, got ",
             variant);
   hadamard_quant_reg_cuda(reinterpret_cast<const void*>(x), reinterpret_cast<const float*>(signs),
                           reinterpret_cast<const float*>(small), reinterpret_cast<int32_t*>(codes),

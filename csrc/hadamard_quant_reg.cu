@@ -57,23 +57,26 @@ constexpr int kRegMaxTiles = 16;     // m' <= 256: four 32-bit words of A signs 
 constexpr int kRegMaxPw = 128;       // a warp's accumulators: pw / 2 floats per lane
 
 struct RegShape {
-  int pw, f, mq, tiles, rows_per_block, warps;
+  int pw, f, mq, tiles, mt, wpr, rows_per_block, warps;
 };
 
-// pw = min(p, 128), f = p / pw, m' = m f, tiles = ceil(m' / 16), R = max(1, 16 / tiles)
-// rows per block; pw < 32 or m' > 256 are not taken (tiles = 0).
-RegShape reg_shape(int64_t m, int64_t p) {
+// pw = min(p, 128), f = p / pw, m' = m f, tiles = ceil(m' / 16); mt m-tiles per warp (2 only
+// for pw <= 64: 2 x pw / 2 accumulators), wpr = ceil(tiles / mt) warps per row, R = max(1,
+// 16 / wpr) rows per block; pw < 32, m' > 256 or mt = 2 at pw = 128 are not taken (tiles 0).
+RegShape reg_shape(int64_t m, int64_t p, int mt) {
   RegShape s{};
   s.pw = static_cast<int>(p < kRegMaxPw ? p : kRegMaxPw);
   s.f = static_cast<int>(p / s.pw);
   s.mq = static_cast<int>(m * s.f);
   s.tiles = (s.mq + 15) / 16;
-  if (s.pw < 32 || s.tiles > kRegMaxTiles) {
+  s.mt = mt;
+  if (s.pw < 32 || s.tiles > kRegMaxTiles || (mt == 2 && s.pw > 64) || mt < 1 || mt > 2) {
     s.tiles = 0;
     return s;
   }
-  s.rows_per_block = s.tiles >= kRegMaxWarps ? 1 : kRegMaxWarps / s.tiles;
-  s.warps = s.rows_per_block * s.tiles;
+  s.wpr = (s.tiles + mt - 1) / mt;
+  s.rows_per_block = s.wpr >= kRegMaxWarps ? 1 : kRegMaxWarps / s.wpr;
+  s.warps = s.rows_per_block * s.wpr;
   return s;
 }
 
@@ -98,7 +101,7 @@ RegLayout reg_layout(int64_t n, const RegShape& s, int bits) {
   l.stage = 0;
   l.pmask = l.stage + 2 * l.stage_elems * 2;
   l.abits = l.pmask + (n / 8) * 4;
-  l.cbuf = l.abits + static_cast<int64_t>(s.warps) * (kRegMaxTiles / 4) * 32 * 4;
+  l.cbuf = l.abits + static_cast<int64_t>(s.warps) * s.mt * (kRegMaxTiles / 4) * 32 * 4;
   l.red = l.cbuf + (static_cast<int64_t>(s.rows_per_block) * s.mq * reg_code_pitch(s.pw, bits) + 15) /
                        16 * 16;
   l.total = l.red + 4 * s.warps;
@@ -112,7 +115,7 @@ struct RegArgs {
   int32_t* codes;
   float* scales;
   int64_t rows;
-  int n, m, mp, f, mq, tiles, R;
+  int n, m, mp, f, mq, tiles, wpr, R;
   float ratio, qmax, inv_sqrt_n;
   RegLayout l;
 };
@@ -150,14 +153,19 @@ __device__ __forceinline__ void reg_a_bits(const RegArgs& a, int tile, uint32_t*
   }
 }
 
-template <typename T, int NT, int BITS>
+// MT m-tiles per warp (variant 3: MT = 2 at pw <= 64): the B fragments of each k-tile, loaded
+// once, feed both tiles' MMAs, so the staged row is read wpr = ceil(tiles / 2) times instead
+// of tiles times (11008: 6 against 11 reads of 22.5 KB; with 11 the ~336 KB of shared-memory
+// traffic per row is ~2630 cycles per SM, about all of the ~2650 that 80% of the copy
+// bandwidth allows at 8192 rows).
+template <typename T, int NT, int BITS, int MT>
 __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kernel(RegArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int PW = NT * 8;
   constexpr int SP = PW + 8;  // reg_stage_pitch
   constexpr uint32_t kOne = std::is_same_v<T, __nv_bfloat16> ? 0x3F803F80u : 0x3C003C00u;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int n = a.n, R = a.R, tiles = a.tiles, mq = a.mq;
+  const int n = a.n, R = a.R, tiles = a.tiles, mq = a.mq, wpr = a.wpr;
   const int chunks = n / 8;  // 16-byte pieces of a row
   const int cpitch = reg_code_pitch(PW, BITS);
   const int nthreads = blockDim.x;
@@ -182,9 +190,15 @@ __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kerne
     }
     pmask[c] = w;
   }
-  const int ri = warp / tiles, tile = warp % tiles;
-  uint32_t* sb = reinterpret_cast<uint32_t*>(smem + a.l.abits) + warp * (kRegMaxTiles / 4) * 32;
-  reg_a_bits(a, tile, sb);  // read by this warp only (after S1)
+  const int ri = warp / wpr, wt = warp % wpr;  // this warp's row and its m-tiles wt MT + u
+  uint32_t* sb = reinterpret_cast<uint32_t*>(smem + a.l.abits) +
+                 warp * MT * (kRegMaxTiles / 4) * 32;
+  bool has[MT];  // m-tile u exists (the last warp of an odd count has one)
+#pragma unroll
+  for (int u = 0; u < MT; ++u) {
+    has[u] = wt * MT + u < tiles;
+    if (has[u]) reg_a_bits(a, wt * MT + u, sb + u * (kRegMaxTiles / 4) * 32);  // this warp's
+  }
 
   const T* x = static_cast<const T*>(a.x);
   const int r0 = tid / chunks, c0 = tid % chunks;  // this thread's first (row, chunk)
@@ -221,75 +235,94 @@ __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kerne
     __syncthreads();  // S2
     const int64_t row = grp * R + ri;
     const bool live = row < a.rows;
-    float acc[NT][4];
+    float acc[MT][NT][4];
     float amax = 0.f;
     if (live) {
       // the small factor on the tensor cores: D (16 outputs x pw) = A (16 x m'') B (m'' x pw)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+      for (int u = 0; u < MT; ++u) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          acc[u][nt][0] = acc[u][nt][1] = acc[u][nt][2] = acc[u][nt][3] = 0.f;
+        }
+      }
       const uint16_t* st = stage(buf, ri);
       const int brow = ((lane >> 3) & 1) * 8 + (lane & 7), bcol = (lane >> 4) * 8;
 #pragma unroll
       for (int kw = 0; kw < kRegMaxTiles / 4; ++kw) {
         if (4 * kw >= tiles) break;
-        const uint32_t bw = sb[kw * 32 + lane];
+        uint32_t bw[MT];
+#pragma unroll
+        for (int u = 0; u < MT; ++u) bw[u] = sb[(u * (kRegMaxTiles / 4) + kw) * 32 + lane];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const int kt = 4 * kw + q;
           if (kt >= tiles) break;
-          uint32_t af[4];
+          uint32_t af[MT][4];
 #pragma unroll
-          for (int r = 0; r < 4; ++r) af[r] = kOne ^ sign_pair(bw, q, r);
+          for (int u = 0; u < MT; ++u) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) af[u][r] = kOne ^ sign_pair(bw[u], q, r);
+          }
 #pragma unroll
           for (int nb = 0; nb < NT / 2; ++nb) {
             uint32_t b[4];
             ldmatrix_x4_trans(b, st + (kt * 16 + brow) * SP + nb * 16 + bcol);
-            mma16816<T>(acc[2 * nb], af, b[0], b[1]);
-            mma16816<T>(acc[2 * nb + 1], af, b[2], b[3]);
-          }
-        }
-      }
-      // H_pw on the accumulators: column j = 8 nt + 2 t + e
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int h = 0; h < 4; h += 2) {
-          const float u = acc[nt][h], v = acc[nt][h + 1];
-          acc[nt][h] = u + v;
-          acc[nt][h + 1] = u - v;
-        }
-      }
-#pragma unroll
-      for (int hh = 1; hh < NT; hh *= 2) {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          if ((nt & hh) == 0) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const float u = acc[nt][e], v = acc[nt + hh][e];
-              acc[nt][e] = u + v;
-              acc[nt + hh][e] = u - v;
+            for (int u = 0; u < MT; ++u) {
+              if (has[u]) {
+                mma16816<T>(acc[u][2 * nb], af[u], b[0], b[1]);
+                mma16816<T>(acc[u][2 * nb + 1], af[u], b[2], b[3]);
+              }
             }
           }
         }
       }
 #pragma unroll
-      for (int sh = 1; sh <= 2; sh *= 2) {
-        const float sgn = (lane & sh) ? -1.f : 1.f;  // lower lane: u + v; upper: u - v
+      for (int u = 0; u < MT; ++u) {
+        // H_pw on the accumulators: column j = 8 nt + 2 t + e
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const float o = __shfl_xor_sync(0xFFFFFFFFu, acc[nt][e], sh);
-            acc[nt][e] = fmaf(sgn, acc[nt][e], o);
+          for (int h = 0; h < 4; h += 2) {
+            const float x0 = acc[u][nt][h], x1 = acc[u][nt][h + 1];
+            acc[u][nt][h] = x0 + x1;
+            acc[u][nt][h + 1] = x0 - x1;
           }
         }
-      }
-      const bool v0 = tile * 16 + g < mq, v1 = tile * 16 + g + 8 < mq;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        if (v0) amax = fmaxf(amax, fmaxf(fabsf(acc[nt][0]), fabsf(acc[nt][1])));
-        if (v1) amax = fmaxf(amax, fmaxf(fabsf(acc[nt][2]), fabsf(acc[nt][3])));
+        for (int hh = 1; hh < NT; hh *= 2) {
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            if ((nt & hh) == 0) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const float x0 = acc[u][nt][e], x1 = acc[u][nt + hh][e];
+                acc[u][nt][e] = x0 + x1;
+                acc[u][nt + hh][e] = x0 - x1;
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int sh = 1; sh <= 2; sh *= 2) {
+          const float sgn = (lane & sh) ? -1.f : 1.f;  // lower lane: u + v; upper: u - v
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const float o = __shfl_xor_sync(0xFFFFFFFFu, acc[u][nt][e], sh);
+              acc[u][nt][e] = fmaf(sgn, acc[u][nt][e], o);
+            }
+          }
+        }
+        const int o0 = (wt * MT + u) * 16 + g;  // rows o0 and o0 + 8 (outputs >= m' unused)
+        const bool v0 = o0 < mq, v1 = o0 + 8 < mq;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          if (v0) amax = fmaxf(amax, fmaxf(fabsf(acc[u][nt][0]), fabsf(acc[u][nt][1])));
+          if (v1) amax = fmaxf(amax, fmaxf(fabsf(acc[u][nt][2]), fabsf(acc[u][nt][3])));
+        }
       }
 #pragma unroll
       for (int o = 16; o > 0; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, o));
@@ -297,30 +330,33 @@ __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kerne
     }
     __syncthreads();  // S3: every warp's maximum
     if (live) {
-      amax = red[ri * tiles];
-      for (int k = 1; k < tiles; ++k) amax = fmaxf(amax, red[ri * tiles + k]);
+      amax = red[ri * wpr];
+      for (int k = 1; k < wpr; ++k) amax = fmaxf(amax, red[ri * wpr + k]);
       // the scale (cbq_kernels.quant_math.act_step) and the codes
       const float s = act_step(amax, a.inv_sqrt_n, a.ratio, a.qmax);
       const float inv_s = __fdiv_rn(1.0f, s);
-      if (tile == 0 && lane == 0) a.scales[row] = s;
+      if (wt == 0 && lane == 0) a.scales[row] = s;
       unsigned char* cb = cbuf + ri * mq * cpitch;
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int o = tile * 16 + g + half * 8;
-        if (o < mq) {
+      for (int u = 0; u < MT; ++u) {
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            uint32_t c[2];
+        for (int half = 0; half < 2; ++half) {
+          const int o = (wt * MT + u) * 16 + g + half * 8;
+          if (o < mq) {
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {  // low bits: the code (int4: offset 8 folded in)
-              c[e] = code_bits<BITS>(acc[nt][2 * half + e], a.inv_sqrt_n, inv_s, a.qmax);
-            }
-            if constexpr (BITS == 8) {
-              *reinterpret_cast<uint16_t*>(cb + o * cpitch + 8 * nt + 2 * t) =
-                  static_cast<uint16_t>(__byte_perm(c[0], c[1], 0x0040));
-            } else {
-              cb[o * cpitch + 4 * nt + t] =
-                  static_cast<unsigned char>((c[0] & 0xFu) | ((c[1] & 0xFu) << 4));
+            for (int nt = 0; nt < NT; ++nt) {
+              uint32_t c[2];
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {  // low bits: the code (int4: offset 8 folded in)
+                c[e] = code_bits<BITS>(acc[u][nt][2 * half + e], a.inv_sqrt_n, inv_s, a.qmax);
+              }
+              if constexpr (BITS == 8) {
+                *reinterpret_cast<uint16_t*>(cb + o * cpitch + 8 * nt + 2 * t) =
+                    static_cast<uint16_t>(__byte_perm(c[0], c[1], 0x0040));
+              } else {
+                cb[o * cpitch + 4 * nt + t] =
+                    static_cast<unsigned char>((c[0] & 0xFu) | ((c[1] & 0xFu) << 4));
+              }
             }
           }
         }
@@ -347,22 +383,22 @@ __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kerne
 
 constexpr int kRegMaxDevices = 64;
 
-template <typename T, int NT, int BITS>
+template <typename T, int NT, int BITS, int MT>
 void reg_launch(const RegArgs& a, int threads, size_t smem, int device, int sms,
                 cudaStream_t stream) {
-  const auto kernel = hadamard_quant_reg_kernel<T, NT, BITS>;
+  const auto kernel = hadamard_quant_reg_kernel<T, NT, BITS, MT>;
   // the dynamic shared memory limit, raised once per instantiation, device and larger size
   static std::atomic<int> allowed[kRegMaxDevices] = {};
   std::atomic<int>* slot = device >= 0 && device < kRegMaxDevices ? &allowed[device] : nullptr;
   if (slot == nullptr || slot->load() < static_cast<int>(smem)) {
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   static_cast<int>(smem)),
-              "cudaFuncSetAttribute");
+                               static_cast<int>(smem)),
+          "cudaFuncSetAttribute");
     if (slot != nullptr) slot->store(static_cast<int>(smem));
   }
   int per_sm = 0;
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem),
-            "occupancy");
+        "occupancy");
   const int64_t groups = (a.rows + a.R - 1) / a.R;
   const int64_t most = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
   const int blocks = static_cast<int>(groups < most ? groups : most);
@@ -370,26 +406,33 @@ void reg_launch(const RegArgs& a, int threads, size_t smem, int device, int sms,
 }
 
 template <typename T, int BITS>
-void reg_dispatch(const RegArgs& a, int pw, int threads, size_t smem, int device, int sms,
-                  cudaStream_t s) {
+void reg_dispatch(const RegArgs& a, int pw, int mt, int threads, size_t smem, int device,
+                  int sms, cudaStream_t s) {
+  if (mt == 2) {  // pw <= 64 (reg_shape)
+    if (pw == 32) reg_launch<T, 4, BITS, 2>(a, threads, smem, device, sms, s);
+    else reg_launch<T, 8, BITS, 2>(a, threads, smem, device, sms, s);
+    return;
+  }
   switch (pw) {
-    case 32: reg_launch<T, 4, BITS>(a, threads, smem, device, sms, s); break;
-    case 64: reg_launch<T, 8, BITS>(a, threads, smem, device, sms, s); break;
-    default: reg_launch<T, 16, BITS>(a, threads, smem, device, sms, s); break;
+    case 32: reg_launch<T, 4, BITS, 1>(a, threads, smem, device, sms, s); break;
+    case 64: reg_launch<T, 8, BITS, 1>(a, threads, smem, device, sms, s); break;
+    default: reg_launch<T, 16, BITS, 1>(a, threads, smem, device, sms, s); break;
   }
 }
 
 }  // namespace
 
-// variant 0: the exchange kernel (hadamard_quant_xch.cu) where it takes the shape (p = 1024
-// with m <= 32, p = 2048 with m <= 16: 28672, 20480, 12288), this one elsewhere; 1: this one;
-// 2: the exchange kernel. Why the exchange kernel first where it applies: here those widths
-// grow the tensor-core factor to m' = m p / 128 and every warp reads the whole staged row
-// (~800 KB of ldmatrix per 28672 row, ~6300 shared-memory cycles per row per SM against
-// ~6700 for 80% of the copy bandwidth); there ~400 KB.
+// variant 1: this kernel, one m-tile per warp; 3: two m-tiles per warp (pw <= 64); 2: the
+// exchange kernel (hadamard_quant_xch.cu: p = 1024 with m <= 32, p = 2048 with m <= 16);
+// 0: 2 where it takes the shape, else 3 where it does (more than one m-tile), else 1. Why:
+// variant 1 reads the whole staged row once per m-tile (~800 KB of ldmatrix per 28672 row,
+// ~6300 shared-memory cycles per row per SM against ~6700 for 80% of the copy bandwidth;
+// 11008: ~2630 of ~2650), the exchange kernel ~400 KB, two m-tiles per warp half the reads.
 static int reg_variant(int64_t n, int64_t m, int64_t p, int bits, int in_dtype, int variant) {
   if (variant == 0) {
-    return hadamard_quant_xch_smem_bytes(n, m, p, bits, in_dtype) >= 0 ? 2 : 1;
+    if (hadamard_quant_xch_smem_bytes(n, m, p, bits, in_dtype) >= 0) return 2;
+    const RegShape two = reg_shape(m, p, 2);
+    return two.tiles > 1 ? 3 : 1;
   }
   return variant;
 }
@@ -397,11 +440,10 @@ static int reg_variant(int64_t n, int64_t m, int64_t p, int bits, int in_dtype, 
 int64_t hadamard_quant_reg_smem_bytes(int64_t n, int64_t m, int64_t p, int bits, int in_dtype,
                                       int variant) {
   if (in_dtype == static_cast<int>(DType::kFloat32) || m < 1 || p < 1 || n != m * p) return -1;
-  if (variant < 0 || variant > 2) return -1;
-  if (reg_variant(n, m, p, bits, in_dtype, variant) == 2) {
-    return hadamard_quant_xch_smem_bytes(n, m, p, bits, in_dtype);
-  }
-  const RegShape s = reg_shape(m, p);
+  if (variant < 0 || variant > 3) return -1;
+  const int v = reg_variant(n, m, p, bits, in_dtype, variant);
+  if (v == 2) return hadamard_quant_xch_smem_bytes(n, m, p, bits, in_dtype);
+  const RegShape s = reg_shape(m, p, v == 3 ? 2 : 1);
   if (s.tiles == 0) return -1;
   return reg_layout(n, s, bits).total;
 }
@@ -424,8 +466,8 @@ void hadamard_quant_reg_cuda(const void* x, const float* signs, const float* sma
         "cbq_kernels._C: hadamard_quant_reg_cuda: width " + std::to_string(n) + " = " +
         std::to_string(m) + " x " + std::to_string(p) +
         (smem < 0 ? " is not taken by variant " + std::to_string(variant) +
-                        " (16-bit inputs; 1: p >= 32, m p / min(p, 128) <= 256; 2: p = 1024 "
-                        "with m <= 32 or p = 2048 with m <= 16)"
+                        " (16-bit inputs; 1: p >= 32, m p / min(p, 128) <= 256; 3: the same "
+                        "with p <= 64; 2: p = 1024 with m <= 32 or p = 2048 with m <= 16)"
                   : " needs " + std::to_string(smem) + " bytes of shared memory, the device has " +
                         std::to_string(smem_max)));
   }
@@ -438,7 +480,7 @@ void hadamard_quant_reg_cuda(const void* x, const float* signs, const float* sma
     check(err, "hadamard_quant_xch launch");
     return;
   }
-  const RegShape s = reg_shape(m, p);
+  const RegShape s = reg_shape(m, p, reg_variant(n, m, p, bits, in_dtype, variant) == 3 ? 2 : 1);
   RegArgs a{};
   a.x = x;
   a.signs = signs;
@@ -452,6 +494,7 @@ void hadamard_quant_reg_cuda(const void* x, const float* signs, const float* sma
   a.f = s.f;
   a.mq = s.mq;
   a.tiles = s.tiles;
+  a.wpr = s.wpr;
   a.R = s.rows_per_block;
   a.ratio = ratio;
   a.qmax = static_cast<float>((1 << (bits - 1)) - 1);
@@ -460,11 +503,11 @@ void hadamard_quant_reg_cuda(const void* x, const float* signs, const float* sma
   const int threads = 32 * s.warps;
   if (rows > 0) {
     if (in_dtype == static_cast<int>(DType::kBFloat16)) {
-      if (bits == 8) reg_dispatch<__nv_bfloat16, 8>(a, s.pw, threads, smem, device, sms, st);
-      else reg_dispatch<__nv_bfloat16, 4>(a, s.pw, threads, smem, device, sms, st);
+      if (bits == 8) reg_dispatch<__nv_bfloat16, 8>(a, s.pw, s.mt, threads, smem, device, sms, st);
+      else reg_dispatch<__nv_bfloat16, 4>(a, s.pw, s.mt, threads, smem, device, sms, st);
     } else {
-      if (bits == 8) reg_dispatch<__half, 8>(a, s.pw, threads, smem, device, sms, st);
-      else reg_dispatch<__half, 4>(a, s.pw, threads, smem, device, sms, st);
+      if (bits == 8) reg_dispatch<__half, 8>(a, s.pw, s.mt, threads, smem, device, sms, st);
+      else reg_dispatch<__half, 4>(a, s.pw, s.mt, threads, smem, device, sms, st);
     }
   }
   const cudaError_t err = cudaGetLastError();

@@ -58,12 +58,12 @@ for step in $steps; do
         r=tests/kernels/test_hadamard_quant_cuda.py::test_the_register_kernel_matches_the_reference
         compute-sanitizer --tool $tool --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider \
           "$r[333-dtype0-28672-1]" "$r[333-dtype0-28672-2]" "$r[333-dtype0-11008-1]" \
-          "$r[3-dtype1-12288-2]" "$r[333-dtype0-640-1]" \
+          "$r[333-dtype0-11008-3]" "$r[3-dtype1-12288-2]" "$r[333-dtype0-640-1]" \
           -x 2>&1 | tee -a "$out/hsanitize_$tool.txt" | tail -4
         rc=$(( rc || PIPESTATUS[0] ))
       done ;;
     hncu)  # Nsight Compute on both CUDA Hadamard kernels, 8192 x 28672 and 8192 x 11008 int8
-      ncu -k regex:hadamard_quant -c 5 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      ncu -k regex:hadamard_quant -c 6 --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section WarpStateStats --section Occupancy --section LaunchStats \
         --section ComputeWorkloadAnalysis --section SchedulerStats --section InstructionStats \
         python3 scripts/ncu_hadamard.py > "$out/ncu_hadamard.txt" 2>&1

@@ -127,24 +127,29 @@ def test_the_cuda_kernel_takes_the_wide_widths_with_a_small_factor():
 def test_the_register_kernels_take_16_bit_rows_of_their_shapes():
     """The register kernels' launch query (host code: answers without a GPU): variant 1 (the
     tensor-core factor grown) takes 16-bit inputs with p >= 32 and m' = m p / min(p, 128) <=
-    256, variant 2 (the power-of-two factor across warps) p = 1024 with m <= 32 or 2048 with
-    m <= 16, variant 0 the second where it applies; the shared memory of Llama's widths within
-    the H100/H200's 227 KB; -1 (not taken) otherwise, and an unknown variant is an error."""
+    256, variant 3 (two m-tiles per warp) the same with p <= 64, variant 2 (the power-of-two
+    factor across warps) p = 1024 with m <= 32 or 2048 with m <= 16, variant 0 the second
+    where it applies, else the third where there are two m-tiles or more (640 = 20 x 32 has
+    two: m' = 20; 11008: 11), else the first; the shared memory of Llama's widths within the
+    H100/H200's 227 KB; -1 (not taken) otherwise, and an unknown variant is an error."""
     from cbq_kernels.hadamard_quant import _cuda_built, reg_smem_bytes
 
     if not _cuda_built():
         pytest.skip("cbq_kernels._C built without its CUDA kernels")
-    for n in (28672, 11008, 12288, 20480, 640, 1536, 4096):
+    for n in (28672, 11008, 12288, 20480, 640, 1536, 4096, 2304):
         for bits in (4, 8):
             for dtype in (torch.bfloat16, torch.float16):
                 one = reg_smem_bytes(n, bits, dtype, 1)
                 assert 0 < one <= 227 * 1024, (n, bits, dtype)
                 two = reg_smem_bytes(n, bits, dtype, 2)
                 assert (two > 0) == (n in (28672, 12288, 20480)) and two <= 227 * 1024, n
-                assert reg_smem_bytes(n, bits, dtype) == (two if two > 0 else one)
+                three = reg_smem_bytes(n, bits, dtype, 3)  # two m-tiles per warp, p <= 64
+                assert (three > 0) == (n in (11008, 640, 2304)) and three <= 227 * 1024, n
+                auto = two if two > 0 else three if three > 0 else one
+                assert reg_smem_bytes(n, bits, dtype) == auto, n
     assert reg_smem_bytes(28672, 8, torch.float32) == -1  # the tensor cores take 16-bit x
     assert reg_smem_bytes(192, 8, torch.bfloat16) == -1  # 12 x 16: p < 32
     assert reg_smem_bytes(172 * 256, 8, torch.bfloat16, 1) == -1  # m' = 172 x 2 > 256
     assert reg_smem_bytes(11008, 8, torch.bfloat16, 2) == -1  # p = 64
-    with pytest.raises(ValueError, match=r"variant must be one of \(0, 1, 2\), got 3"):
-        reg_smem_bytes(11008, 8, torch.bfloat16, 3)
+    with pytest.raises(ValueError, match=r"variant must be one of \(0, 1, 2, 3\), got 4"):
+        reg_smem_bytes(11008, 8, torch.bfloat16, 4)

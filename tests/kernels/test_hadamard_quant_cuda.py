@@ -129,11 +129,13 @@ def test_the_api_runs_the_cuda_kernel_unless_switched_off(monkeypatch):
 # 32 at 640 = 20 x 32, 64 at 11008, 128 at the others), one to sixteen rows per block (12288:
 # m' = 96, two rows per block of 12 warps; 640: eight; 1536: m' = 12, sixteen), no small factor
 # (4096: m' = 32 from H_32 (x) H_128); variant 2 (csrc/hadamard_quant_xch.cu) at the widths it
-# takes (28672: 16 warps, 12288: two rows per block of 8 warps, 20480); a last block with fewer
-# rows than it holds (t = 3, 333), 16-bit inputs.
+# takes (28672: 16 warps, 12288: two rows per block of 8 warps, 20480); variant 3 (two m-tiles
+# per warp, p <= 64: 11008 = 6 warps of which the last has one tile, 640 = one warp, 2304 = 36 x
+# 64: two warps, the second with one tile); a last block with fewer rows than it holds (t = 3,
+# 333), 16-bit inputs.
 @pytest.mark.parametrize(("n", "variant"), [
-    (28672, 1), (28672, 2), (11008, 1), (12288, 1), (12288, 2), (20480, 1), (20480, 2), (640, 1),
-    (1536, 1), (4096, 1)])  # fmt: skip
+    (28672, 1), (28672, 2), (11008, 1), (11008, 3), (12288, 1), (12288, 2), (20480, 1),
+    (20480, 2), (640, 1), (640, 3), (2304, 3), (1536, 1), (4096, 1)])  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("t", [1, 3, 333])
 def test_the_register_kernel_matches_the_reference(n, variant, dtype, t):

@@ -60,9 +60,10 @@ void hadamard_quant_cuda(const void* x, const float* signs, const float* small, 
                          float inv_sqrt_n, int device, std::uintptr_t stream);
 // The register versions (hadamard_quant_reg.cu, hadamard_quant_xch.cu): the same contract and
 // arguments, 16-bit inputs; variant 1: the tensor-core factor grown to m p / min(p, 128) <= 256
-// (p >= 32), 2: the power-of-two factor across warps (p = 1024 with m <= 32, p = 2048 with
-// m <= 16), 0: 2 where it takes the shape, else 1. The smem query answers -1 where the
-// variant does not run.
+// (p >= 32), 3: the same with two m-tiles per warp (p <= 64), 2: the power-of-two factor
+// across warps (p = 1024 with m <= 32, p = 2048 with m <= 16), 0: 2, else 3 (more than one
+// m-tile), else 1, where they take the shape. The smem query answers -1 where the variant
+// does not run.
 int64_t hadamard_quant_reg_smem_bytes(int64_t n, int64_t m, int64_t p, int bits, int in_dtype,
                                       int variant);
 void hadamard_quant_reg_cuda(const void* x, const float* signs, const float* small,
