@@ -240,7 +240,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cbq::D
 # benchmarks/results/h200/pytest_hadamard_7a9193f.txt). CBQ_HADAMARD_CUDA=reg routes 16-bit
 # inputs to the register kernels (csrc/hadamard_quant_reg.cu, hadamard_quant_xch.cu; variant
 # 0, REG_VARIANTS) instead: written for the 80%-of-copy-bandwidth target from that kernel's
-# ncu reading, compiled for sm_80 / 89 / 90a (the exchange kernel with 52-56 bytes of spills,
+# ncu reading, compiled for sm_80 / 89 / 90a (the exchange kernel with 52-60 bytes of spills,
 # per row: its comment) and the first one's index math checked against the reference in an
 # emulation on the CPU, but not yet run on a GPU, so neither is the default until their GPU
 # tests and benchmark have run.

@@ -64,6 +64,7 @@
 #include <type_traits>
 
 #include "cbq/ops.h"
+#include "cbq/ptx.cuh"
 
 namespace cbq {
 namespace {
@@ -108,33 +109,6 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t mask, uint32_t m
   uint32_t d;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));
   return d;
-}
-
-// mma.m16n8k16 with fp32 accumulation on bf16 (or fp16) pairs
-template <bool BF16>
-__device__ __forceinline__ void mma_f16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  if constexpr (BF16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// mma.m16n8k32 s8 x s8 -> s32 (exact)
-__device__ __forceinline__ void mma_s8(int32_t* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // 16-byte asynchronous copy global -> shared (the group scales: no synchronous global load in
@@ -540,12 +514,12 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? kMinBlocks : 2) decode_
           uint32_t xa[4];
           int_fragments<AM>(xa, r0[0], r0[0]);
           const uint32_t ones[4] = {kOnes2, kOnes2, kOnes2, kOnes2};
-          mma_s8(sumx[0], ones, xa[0], xa[2]);
+          ptx::mma_s8(sumx[0], ones, xa[0], xa[2]);
 #pragma unroll
           for (int j = 0; j < kAcc; ++j) {
             const uint32_t a[4] = {w[2 * j] & 0x0F0F0F0Fu, w[2 * j + 1] & 0x0F0F0F0Fu,
                                    (w[2 * j] >> 4) & 0x0F0F0F0Fu, (w[2 * j + 1] >> 4) & 0x0F0F0F0Fu};
-            mma_s8(tmp[0][j], a, xa[0], xa[2]);
+            ptx::mma_s8(tmp[0][j], a, xa[0], xa[2]);
           }
         } else if constexpr (SWAP) {
 #pragma unroll
@@ -553,14 +527,14 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? kMinBlocks : 2) decode_
             // B = x (k16 x m8): pairs 2u (K slots 2t, 2t + 1) and 2u + 1 (slots 2t + 8, 2t + 9)
             const uint32_t b0 = r0[0][2 * u], b1 = r0[0][2 * u + 1];
             const uint32_t ones[4] = {kOnes2, kOnes2, kOnes2, kOnes2};
-            mma_f16<kBf16>(sumx[0], ones, b0, b1);
+            ptx::mma16816<kBf16>(sumx[0], ones, b0, b1);
 #pragma unroll
             for (int j = 0; j < kAcc; ++j) {
               const uint32_t a[4] = {and_or(w[2 * j] >> (BITS * (2 * u)), kMask2, kMagic2),
                                      and_or(w[2 * j + 1] >> (BITS * (2 * u)), kMask2, kMagic2),
                                      and_or(w[2 * j] >> (BITS * (2 * u + 1)), kMask2, kMagic2),
                                      and_or(w[2 * j + 1] >> (BITS * (2 * u + 1)), kMask2, kMagic2)};
-              mma_f16<kBf16>(tmp[0][j], a, b0, b1);
+              ptx::mma16816<kBf16>(tmp[0][j], a, b0, b1);
             }
           }
         } else if constexpr (kInt) {
@@ -568,13 +542,13 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? kMinBlocks : 2) decode_
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             int_fragments<AM>(a[mt], r0[mt], r1[mt]);
-            mma_s8(sumx[mt], a[mt], kOnes2, kOnes2);
+            ptx::mma_s8(sumx[mt], a[mt], kOnes2, kOnes2);
           }
 #pragma unroll
           for (int s = 0; s < kAcc; ++s) {
             const uint32_t b0 = w[s] & 0x0F0F0F0Fu, b1 = (w[s] >> 4) & 0x0F0F0F0Fu;
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) mma_s8(tmp[mt][s], a[mt], b0, b1);
+            for (int mt = 0; mt < MT; ++mt) ptx::mma_s8(tmp[mt][s], a[mt], b0, b1);
           }
         } else {
 #pragma unroll
@@ -587,14 +561,14 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? kMinBlocks : 2) decode_
               a[mt][1] = r1[mt][2 * u];
               a[mt][2] = r0[mt][2 * u + 1];
               a[mt][3] = r1[mt][2 * u + 1];
-              mma_f16<kBf16>(sumx[mt], a[mt], kOnes2, kOnes2);
+              ptx::mma16816<kBf16>(sumx[mt], a[mt], kOnes2, kOnes2);
             }
 #pragma unroll
             for (int s = 0; s < kAcc; ++s) {
               const uint32_t b0 = and_or(w[s] >> (BITS * (2 * u)), kMask2, kMagic2);
               const uint32_t b1 = and_or(w[s] >> (BITS * (2 * u + 1)), kMask2, kMagic2);
 #pragma unroll
-              for (int mt = 0; mt < MT; ++mt) mma_f16<kBf16>(tmp[mt][s], a[mt], b0, b1);
+              for (int mt = 0; mt < MT; ++mt) ptx::mma16816<kBf16>(tmp[mt][s], a[mt], b0, b1);
             }
           }
         }

@@ -44,10 +44,13 @@
 #include <type_traits>
 
 #include "cbq/format.h"
+#include "cbq/hadamard_common.cuh"
 #include "cbq/ops.h"
 
 namespace cbq {
 namespace {
+
+using namespace hreg;
 
 constexpr int kHqThreads = 256;  // 512 spilled (128 registers); 256: 214-221, none
 constexpr int kHqWarps = kHqThreads / 32;
@@ -55,23 +58,7 @@ constexpr int kOut = 16;        // outputs of the small factor per pass
 constexpr int kSmallM = 32;     // m up to this: the register path of step 2
 constexpr int kMaxTasks = 4;    // (32 columns, 16 outputs) tasks per warp in the large path
 
-void hq_check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("cbq_kernels._C: ") + what + ": " +
-                             cudaGetErrorString(err));
-  }
-}
-
-struct HqArgs {
-  const void* x;
-  const float* signs;
-  const float* small;  // (m, mp) fp32, +-1, columns >= m zero
-  int32_t* codes;
-  float* scales;
-  int64_t rows;
-  int n, m, mp, p;
-  float ratio, qmax, inv_sqrt_n;
-};
+using HqArgs = hreg::HqCommon;
 
 // element e of the fp32 row buffer: one padding float per 32 elements and one per 1024 (the
 // MMA's stores go to rows of the segments, 1024 apart at 28672)
@@ -82,17 +69,6 @@ __host__ __device__ __forceinline__ int row_floats(int n) { return (padded(n - 1
 
 // staging buffer: (mp, p + 8) 16-bit values
 __host__ __device__ __forceinline__ int stage_pitch(int p) { return p + 8; }
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  const auto d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
 
 template <typename T>
 __device__ __forceinline__ void to_float8(const uint4& v, float* f) {
@@ -258,30 +234,6 @@ __device__ __forceinline__ uint32_t one_bits(float v) {  // +-1 or 0 as a 16-bit
   return v == 0.f ? 0u : (v < 0.f ? (one | 0x8000u) : one);
 }
 
-template <typename T>
-__device__ __forceinline__ void mma16816(float* c, const uint4& a, uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
-  }
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* row_addr) {
-  const auto a = static_cast<uint32_t>(__cvta_generic_to_shared(row_addr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-
 // The A fragments of H^T (A[i'][i] = H[i][i'], zero for i >= m), tile (ti, kt) of 16 x 16 at
 // frag[(ti * tiles + kt) * 32 + lane] in the m16n8k16 register layout: lane = 4 g + t holds
 // (g, 2t..2t+1), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..), low half the lower column.
@@ -315,7 +267,8 @@ __device__ void small_factor_mma(float* w, const T* stage, const uint4* frag, in
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
     for (int kt = 0; kt < tiles; ++kt) {
-      const uint4 a = frag[(ti * tiles + kt) * 32 + lane];
+      const uint4 f = frag[(ti * tiles + kt) * 32 + lane];
+      const uint32_t a[4] = {f.x, f.y, f.z, f.w};
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         // lanes 0-7: k rows 0-7 of n-tile 2 half; 8-15: k rows 8-15; 16-31: n-tile 2 half + 1
@@ -323,8 +276,8 @@ __device__ void small_factor_mma(float* w, const T* stage, const uint4* frag, in
         const int col = j0 + half * 16 + (lane >> 4) * 8;
         uint32_t b[4];
         ldmatrix_x4_trans(b, stage + row * sp + col);
-        mma16816<T>(acc[2 * half], a, b[0], b[1]);
-        mma16816<T>(acc[2 * half + 1], a, b[2], b[3]);
+        mma16816<std::is_same_v<T, __nv_bfloat16>>(acc[2 * half], a, b[0], b[1]);
+        mma16816<std::is_same_v<T, __nv_bfloat16>>(acc[2 * half + 1], a, b[2], b[3]);
       }
     }
     const int i0 = ti * 16 + g;
@@ -447,9 +400,7 @@ __global__ void __launch_bounds__(kHqThreads, 1) hadamard_quant_kernel(HqArgs a)
 #pragma unroll
     for (int k = 1; k < kHqWarps; ++k) amax = fmaxf(amax, red[k]);
     // 4. the scale (cbq_kernels.quant_math.act_step) and the codes
-    const float r = __fmul_rn(amax, a.inv_sqrt_n);
-    const float s = fmaxf(__fdiv_rn(__fmul_rn(a.ratio, r), a.qmax),
-                          fmaxf(__fmul_rn(r, 9.5367431640625e-07f), 1e-8f));
+    const float s = act_step(amax, a.inv_sqrt_n, a.ratio, a.qmax);
     const float inv_s = __fdiv_rn(1.0f, s);
     if (tid == 0) a.scales[row] = s;
     for (int v = tid; v < chunks; v += kHqThreads) {
@@ -479,24 +430,13 @@ __global__ void __launch_bounds__(kHqThreads, 1) hadamard_quant_kernel(HqArgs a)
   if constexpr (STAGE) cp_async_wait_all();
 }
 
-constexpr int kMaxDevices = 64;
-
 template <typename T, bool STAGE, bool MMA>
 void hq_launch(const HqArgs& a, int bits, size_t smem, int device, int blocks,
                cudaStream_t stream) {
   const auto kernel = bits == 8 ? hadamard_quant_kernel<T, STAGE, 8, MMA>
                                 : hadamard_quant_kernel<T, STAGE, 4, MMA>;
-  // the dynamic shared memory limit, raised once per kernel, device and larger size (a host
-  // call per launch otherwise: the online rotation runs once per layer and token step)
-  static std::atomic<int> allowed[2][kMaxDevices] = {};
-  std::atomic<int>* slot = device >= 0 && device < kMaxDevices ? &allowed[bits == 8][device]
-                                                               : nullptr;
-  if (slot == nullptr || slot->load() < static_cast<int>(smem)) {
-    hq_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(smem)),
-             "cudaFuncSetAttribute");
-    if (slot != nullptr) slot->store(static_cast<int>(smem));
-  }
+  static std::atomic<int> allowed[2][kMaxDevices] = {};  // per kernel (bits) and device
+  allow_smem(kernel, smem, device, allowed[bits == 8]);
   kernel<<<blocks, kHqThreads, smem, stream>>>(a);
 }
 
@@ -518,11 +458,11 @@ void hadamard_quant_cuda(const void* x, const float* signs, const float* small, 
                          int64_t p, int bits, int in_dtype, bool mma, float ratio,
                          float inv_sqrt_n, int device, std::uintptr_t stream) {
   int previous = 0;
-  hq_check(cudaGetDevice(&previous), "cudaGetDevice");
-  if (previous != device) hq_check(cudaSetDevice(device), "cudaSetDevice");
+  check(cudaGetDevice(&previous), "cudaGetDevice");
+  if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
   int sms = 0, smem_max = 0;
-  hq_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count");
-  hq_check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "SM count");
+  check(cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
            "shared memory limit");
   const int64_t smem = hadamard_quant_smem_bytes(n, m, mp, p, in_dtype, mma);
   if (smem < 0 || smem > smem_max) {
@@ -536,20 +476,8 @@ void hadamard_quant_cuda(const void* x, const float* signs, const float* small, 
                   : " needs " + std::to_string(smem) +
                     " bytes of shared memory, the device has " + std::to_string(smem_max)));
   }
-  HqArgs a{};
-  a.x = x;
-  a.signs = signs;
-  a.small = small;
-  a.codes = codes;
-  a.scales = scales;
-  a.rows = rows;
-  a.n = static_cast<int>(n);
-  a.m = static_cast<int>(m);
-  a.mp = static_cast<int>(mp);
-  a.p = static_cast<int>(p);
-  a.ratio = ratio;
-  a.qmax = static_cast<float>((1 << (bits - 1)) - 1);
-  a.inv_sqrt_n = inv_sqrt_n;
+  const HqArgs a =
+      hq_common(x, signs, small, codes, scales, rows, n, m, mp, p, bits, ratio, inv_sqrt_n);
   const int blocks = static_cast<int>(rows < sms ? rows : sms);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (rows > 0) {
@@ -565,7 +493,7 @@ void hadamard_quant_cuda(const void* x, const float* signs, const float* small, 
   }
   const cudaError_t err = cudaGetLastError();
   if (previous != device) cudaSetDevice(previous);
-  hq_check(err, "hadamard_quant launch");
+  check(err, "hadamard_quant launch");
 }
 
 }  // namespace cbq

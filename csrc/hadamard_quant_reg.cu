@@ -44,7 +44,7 @@
 #include <type_traits>
 
 #include "cbq/format.h"
-#include "cbq/hadamard_reg.cuh"
+#include "cbq/hadamard_common.cuh"
 #include "cbq/ops.h"
 
 namespace cbq {
@@ -108,15 +108,8 @@ RegLayout reg_layout(int64_t n, const RegShape& s, int bits) {
   return l;
 }
 
-struct RegArgs {
-  const void* x;
-  const float* signs;
-  const float* small;  // (m, mp) fp32 H_m, columns >= m zero
-  int32_t* codes;
-  float* scales;
-  int64_t rows;
-  int n, m, mp, f, mq, tiles, wpr, R;
-  float ratio, qmax, inv_sqrt_n;
+struct RegArgs : HqCommon {
+  int f, mq, tiles, wpr, R;
   RegLayout l;
 };
 
@@ -163,7 +156,8 @@ __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kerne
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int PW = NT * 8;
   constexpr int SP = PW + 8;  // reg_stage_pitch
-  constexpr uint32_t kOne = std::is_same_v<T, __nv_bfloat16> ? 0x3F803F80u : 0x3C003C00u;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  constexpr uint32_t kOne = kBf16 ? 0x3F803F80u : 0x3C003C00u;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int n = a.n, R = a.R, tiles = a.tiles, mq = a.mq, wpr = a.wpr;
   const int chunks = n / 8;  // 16-byte pieces of a row
@@ -271,8 +265,8 @@ __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kerne
 #pragma unroll
             for (int u = 0; u < MT; ++u) {
               if (has[u]) {
-                mma16816<T>(acc[u][2 * nb], af[u], b[0], b[1]);
-                mma16816<T>(acc[u][2 * nb + 1], af[u], b[2], b[3]);
+                mma16816<kBf16>(acc[u][2 * nb], af[u], b[0], b[1]);
+                mma16816<kBf16>(acc[u][2 * nb + 1], af[u], b[2], b[3]);
               }
             }
           }
@@ -381,21 +375,12 @@ __global__ void __launch_bounds__(kRegMaxWarps * 32, 1) hadamard_quant_reg_kerne
   cp_async_wait_all();
 }
 
-constexpr int kRegMaxDevices = 64;
-
 template <typename T, int NT, int BITS, int MT>
 void reg_launch(const RegArgs& a, int threads, size_t smem, int device, int sms,
                 cudaStream_t stream) {
   const auto kernel = hadamard_quant_reg_kernel<T, NT, BITS, MT>;
-  // the dynamic shared memory limit, raised once per instantiation, device and larger size
-  static std::atomic<int> allowed[kRegMaxDevices] = {};
-  std::atomic<int>* slot = device >= 0 && device < kRegMaxDevices ? &allowed[device] : nullptr;
-  if (slot == nullptr || slot->load() < static_cast<int>(smem)) {
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem)),
-          "cudaFuncSetAttribute");
-    if (slot != nullptr) slot->store(static_cast<int>(smem));
-  }
+  static std::atomic<int> allowed[kMaxDevices] = {};  // this instantiation's, per device
+  allow_smem(kernel, smem, device, allowed);
   int per_sm = 0;
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem),
         "occupancy");
@@ -482,23 +467,13 @@ void hadamard_quant_reg_cuda(const void* x, const float* signs, const float* sma
   }
   const RegShape s = reg_shape(m, p, reg_variant(n, m, p, bits, in_dtype, variant) == 3 ? 2 : 1);
   RegArgs a{};
-  a.x = x;
-  a.signs = signs;
-  a.small = small;
-  a.codes = codes;
-  a.scales = scales;
-  a.rows = rows;
-  a.n = static_cast<int>(n);
-  a.m = static_cast<int>(m);
-  a.mp = static_cast<int>(mp);
+  static_cast<HqCommon&>(a) =
+      hq_common(x, signs, small, codes, scales, rows, n, m, mp, p, bits, ratio, inv_sqrt_n);
   a.f = s.f;
   a.mq = s.mq;
   a.tiles = s.tiles;
   a.wpr = s.wpr;
   a.R = s.rows_per_block;
-  a.ratio = ratio;
-  a.qmax = static_cast<float>((1 << (bits - 1)) - 1);
-  a.inv_sqrt_n = inv_sqrt_n;
   a.l = reg_layout(n, s, bits);
   const int threads = 32 * s.warps;
   if (rows > 0) {

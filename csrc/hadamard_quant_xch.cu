@@ -25,8 +25,8 @@
 // ~800 KB of ldmatrix alone in the register kernel; MMAs 448 against ~3100. Instructions per
 // element about as many (the butterflies and the quantizer dominate both).
 // Registers: the exchange holds its 64 values across the row-maximum barrier; at the
-// 128-register cap of 16 warps ptxas keeps 10 of them and 3 loop values in local memory
-// (52-56 bytes per thread, one store and one load per row each: cuobjdump -sass, sm_90a),
+// 128-register cap of 16 warps ptxas keeps 10-13 of them and 2-3 loop values in local memory
+// (52-60 bytes per thread, one store and one load per row each: cuobjdump -sass, sm_90a),
 // ~53 KB of L1 traffic per 28672 row against ~400 KB of shared memory (writing the values
 // back to W instead would move 512 bytes per thread).
 // Contract and exactness: as the register kernel's (cbq_kernels/hadamard_quant.py).
@@ -41,7 +41,7 @@
 #include <type_traits>
 
 #include "cbq/format.h"
-#include "cbq/hadamard_reg.cuh"
+#include "cbq/hadamard_common.cuh"
 
 namespace cbq {
 namespace {
@@ -86,15 +86,8 @@ XchLayout xch_layout(int64_t m, const XchShape& s) {
   return l;
 }
 
-struct XchArgs {
-  const void* x;
-  const float* signs;
-  const float* small;  // (m, mp) fp32 H_m, columns >= m zero
-  int32_t* codes;
-  float* scales;
-  int64_t rows;
-  int n, m, mp, p, tiles, wr, R;
-  float ratio, qmax, inv_sqrt_n;
+struct XchArgs : HqCommon {
+  int tiles, wr, R;
   XchLayout l;
 };
 
@@ -103,7 +96,8 @@ __global__ void __launch_bounds__(kXchMaxWarps * 32, 1) hadamard_quant_xch_kerne
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int PJ = 32 / F;        // columns per half per thread in the exchange
   constexpr int LF = F == 8 ? 3 : 4;
-  constexpr uint32_t kOne = std::is_same_v<T, __nv_bfloat16> ? 0x3F803F80u : 0x3C003C00u;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  constexpr uint32_t kOne = kBf16 ? 0x3F803F80u : 0x3C003C00u;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int m = a.m, p = a.p, n = a.n, R = a.R, tiles = a.tiles, wr_n = a.wr;
   const int chunks = n / 8;  // 16-byte pieces of a row
@@ -202,8 +196,8 @@ __global__ void __launch_bounds__(kXchMaxWarps * 32, 1) hadamard_quant_xch_kerne
             ldmatrix_x4_trans(bf, src);
 #pragma unroll
             for (int r = 0; r < 4; ++r) bf[r] ^= sign_pair(sg, nb, r);
-            mma16816<T>(acc[2 * nb], af, bf[0], bf[1]);
-            mma16816<T>(acc[2 * nb + 1], af, bf[2], bf[3]);
+            mma16816<kBf16>(acc[2 * nb], af, bf[0], bf[1]);
+            mma16816<kBf16>(acc[2 * nb + 1], af, bf[2], bf[3]);
           }
         }
         // H_64 on the accumulators: column 64 hc + 8 nt + 2 t + e
@@ -372,20 +366,12 @@ __global__ void __launch_bounds__(kXchMaxWarps * 32, 1) hadamard_quant_xch_kerne
   cp_async_wait_all();
 }
 
-constexpr int kXchMaxDevices = 64;
-
 template <typename T, int F, int BITS>
 void xch_run(const XchArgs& a, int threads, size_t smem, int device, int sms,
              cudaStream_t stream) {
   const auto kernel = hadamard_quant_xch_kernel<T, F, BITS>;
-  static std::atomic<int> allowed[kXchMaxDevices] = {};
-  std::atomic<int>* slot = device >= 0 && device < kXchMaxDevices ? &allowed[device] : nullptr;
-  if (slot == nullptr || slot->load() < static_cast<int>(smem)) {
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem)),
-          "cudaFuncSetAttribute");
-    if (slot != nullptr) slot->store(static_cast<int>(smem));
-  }
+  static std::atomic<int> allowed[kMaxDevices] = {};  // this instantiation's, per device
+  allow_smem(kernel, smem, device, allowed);
   const int64_t groups = (a.rows + a.R - 1) / a.R;
   const int blocks = static_cast<int>(groups < sms ? groups : sms);  // one block per SM
   kernel<<<blocks, threads, smem, stream>>>(a);
@@ -422,22 +408,11 @@ void hadamard_quant_xch_launch(const void* x, const float* signs, const float* s
                                 "16-bit inputs)");
   }
   XchArgs a{};
-  a.x = x;
-  a.signs = signs;
-  a.small = small;
-  a.codes = codes;
-  a.scales = scales;
-  a.rows = rows;
-  a.n = static_cast<int>(n);
-  a.m = static_cast<int>(m);
-  a.mp = static_cast<int>(mp);
-  a.p = static_cast<int>(p);
+  static_cast<HqCommon&>(a) =
+      hq_common(x, signs, small, codes, scales, rows, n, m, mp, p, bits, ratio, inv_sqrt_n);
   a.tiles = s.tiles;
   a.wr = s.wr;
   a.R = s.rows_per_block;
-  a.ratio = ratio;
-  a.qmax = static_cast<float>((1 << (bits - 1)) - 1);
-  a.inv_sqrt_n = inv_sqrt_n;
   a.l = xch_layout(m, s);
   const int threads = 32 * s.warps;
   if (rows <= 0) return;

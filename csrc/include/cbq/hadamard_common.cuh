@@ -1,20 +1,26 @@
-// Shared by the register Hadamard + quantization kernels (csrc/hadamard_quant_reg.cu: the
-// small factor grown on the tensor cores; csrc/hadamard_quant_xch.cu: the power-of-two factor
-// across warps through shared memory): the PTX wrappers, the sign-bit fragments, the
-// quantizer's step and rounding. Contract: cbq_kernels/hadamard_quant.py.
+// Shared by the Hadamard + quantization kernels (csrc/hadamard_quant.cu; the register kernels
+// csrc/hadamard_quant_reg.cu: the small factor grown on the tensor cores, and
+// csrc/hadamard_quant_xch.cu: the power-of-two factor across warps): their common launch
+// arguments, the sign-bit fragments, the quantizer's step and rounding; the PTX wrappers are
+// cbq/ptx.cuh's. Contract: cbq_kernels/hadamard_quant.py.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 
+#include "cbq/ptx.cuh"
+
 namespace cbq {
 namespace hreg {
+
+using namespace ptx;
 
 constexpr float kMagic = 12582912.0f;  // 1.5 2^23: x + kMagic rounds x to an integer (RNE)
 
@@ -25,39 +31,42 @@ inline void check(cudaError_t err, const char* what) {
   }
 }
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  const auto d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
+constexpr int kMaxDevices = 64;
 
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* row_addr) {
-  const auto a = static_cast<uint32_t>(__cvta_generic_to_shared(row_addr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+// Raise `kernel`'s dynamic shared memory limit to `smem` once per device and larger size:
+// `allowed` (kMaxDevices slots) is the kernel's own, a function-local static of its launcher
+// (a host call per launch otherwise: the online rotation runs once per layer and token step)
+template <typename Kernel>
+inline void allow_smem(Kernel kernel, size_t smem, int device, std::atomic<int>* allowed) {
+  std::atomic<int>* slot = device >= 0 && device < kMaxDevices ? &allowed[device] : nullptr;
+  if (slot == nullptr || slot->load() < static_cast<int>(smem)) {
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem)),
+          "cudaFuncSetAttribute");
+    if (slot != nullptr) slot->store(static_cast<int>(smem));
   }
+}
+
+// What every Hadamard kernel is given (the binding checked it): x (rows, n) 16-bit or fp32,
+// the signs (n,), the small factor H_m as (m, mp) fp32 (columns >= m zero), the codes and
+// scales, n = m p, and the quantizer's clip ratio, largest code and 1 / sqrt(n)
+struct HqCommon {
+  const void* x;
+  const float* signs;
+  const float* small;
+  int32_t* codes;
+  float* scales;
+  int64_t rows;
+  int n, m, mp, p;
+  float ratio, qmax, inv_sqrt_n;
+};
+
+inline HqCommon hq_common(const void* x, const float* signs, const float* small, int32_t* codes,
+                          float* scales, int64_t rows, int64_t n, int64_t m, int64_t mp,
+                          int64_t p, int bits, float ratio, float inv_sqrt_n) {
+  return HqCommon{x, signs, small, codes, scales, rows, static_cast<int>(n),
+                  static_cast<int>(m), static_cast<int>(mp), static_cast<int>(p), ratio,
+                  static_cast<float>((1 << (bits - 1)) - 1), inv_sqrt_n};
 }
 
 // Sign bits of fragment registers, four 4-register fragments per 32-bit word: fragment q's
