@@ -402,9 +402,8 @@ def launch(x: Tensor, x_scales: Tensor | None, dw: DecodeWeight, bias: Tensor | 
     for r0 in range(0, m, step):
         rows = min(step, m - r0)
         split = default_splits(n_tiles, chunks, dev, rows) if splits is None else splits
-        ws_rows = _C.decode_ws_rows(rows) if rows > DECODE_MAX_M else DECODE_MAX_M
-        ws = torch.empty((split, ws_rows, dw.n_pad), dtype=torch.int32, device=dev) \
-            if split > 1 else None  # fmt: skip
+        ws = torch.empty((split, _C.decode_ws_rows(rows), dw.n_pad), dtype=torch.int32,
+                         device=dev) if split > 1 else None  # fmt: skip
         _C.gemm_decode_cuda(
             ptr(x[r0:]), ptr(xs[r0:] if xs is not None else None), a_mode, ptr(dw.words),
             ptr(dw.scales), ptr(dw.zeros), ptr(bias_f), ptr(out[r0:]), ptr(ws),

@@ -293,7 +293,13 @@ def _use_cuda(x: Tensor, mma: bool | None = None) -> bool:
 
     mma = _mma_default(x) if mma is None else mma
     m, mp, p = shape
-    need = _C.hadamard_quant_smem_bytes(x.shape[1], m, mp, p, _DTYPE_CODES[x.dtype], mma)
+    return _smem_fits(x, _C.hadamard_quant_smem_bytes(x.shape[1], m, mp, p,
+                                                      _DTYPE_CODES[x.dtype], mma))
+
+
+def _smem_fits(x: Tensor, need: int) -> bool:
+    """Whether a CUDA kernel's launch query (``need`` bytes of shared memory, -1: not taken)
+    fits x's device."""
     props = torch.cuda.get_device_properties(x.device)
     return 0 <= need <= getattr(props, "shared_memory_per_block_optin", 0)
 
@@ -326,9 +332,7 @@ def _reg_takes(x: Tensor, bits: int, variant: int = 0) -> bool:
     this device's shared memory (any width: the benchmark times it at 1536 and 4096 too)."""
     if not x.is_cuda or not _cuda_built() or x.data_ptr() % 16:
         return False
-    need = reg_smem_bytes(x.shape[1], bits, x.dtype, variant)
-    props = torch.cuda.get_device_properties(x.device)
-    return 0 <= need <= getattr(props, "shared_memory_per_block_optin", 0)
+    return _smem_fits(x, reg_smem_bytes(x.shape[1], bits, x.dtype, variant))
 
 
 def _use_cuda_reg(x: Tensor, bits: int) -> bool:

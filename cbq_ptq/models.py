@@ -36,6 +36,12 @@ class ArchSpec:
     def linears(self) -> tuple[str, ...]:
         return (*self.qkv, self.o, *self.gate_up, self.down)
 
+    @property
+    def groups(self) -> tuple[tuple[str, ...], ...]:
+        """The linears grouped by the input they share, in execution order: GPTQ's
+        true-sequential order (each group sees the groups before it quantized)."""
+        return (self.qkv, (self.o,), self.gate_up, (self.down,))
+
 
 _LLAMA_LIKE = ArchSpec(
     blocks="model.layers",

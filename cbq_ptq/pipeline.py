@@ -92,7 +92,7 @@ def prepare_block(model, j: int, x_in: Tensor, kwargs: dict, config: CBQConfig) 
     start = _start_mode(config)
     if start is not None:
         groups = [[(n, block.get_submodule(n)) for n in names]
-                  for names in (spec.qkv, (spec.o,), spec.gate_up, (spec.down,))]  # fmt: skip
+                  for names in spec.groups]  # fmt: skip
         t0 = time.perf_counter()
         layers_info = gptq.init_block(groups, run, start, config.gptq_act_order,
                                       config.gptq_damp, config.gptq_block)  # fmt: skip

@@ -200,39 +200,13 @@ def train_window(layers, idx: range, xq: Tensor, y_hom: Tensor, y_fp: Tensor, kw
     return entry
 
 
-def _call_groups(run_one, qls: list[QLinear]) -> list[list[QLinear]]:
-    """The layers in the order a forward calls them, those that read the same input tensor
-    (q / k / v, gate / up) grouped: the true-sequential order of GPTQ, found by running
-    ``run_one()`` (one batch) rather than named per architecture."""
-    calls: list[tuple[QLinear, int]] = []
-    hooks = [q.register_forward_pre_hook(
-        lambda m, args: calls.append((m, args[0].data_ptr()))) for q in qls]  # fmt: skip
-    try:
-        with torch.no_grad(), quantized(qls, rounding="hard"):
-            run_one()
-    finally:
-        for h in hooks:
-            h.remove()
-    groups: list[list[QLinear]] = []
-    last_ptr = None
-    seen: set[int] = set()
-    for q, ptr in calls:
-        if id(q) in seen:
-            continue
-        seen.add(id(q))
-        if groups and ptr == last_ptr:
-            groups[-1].append(q)
-        else:
-            groups.append([q])
-        last_ptr = ptr
-    return groups
-
-
 @torch.no_grad()
 def harden_toward_soft(layers, idx: range, xq: Tensor, kwargs: dict, qls: list[QLinear],
-                       config: CBQConfig, rows: Tensor, toward: str = "soft") -> int:  # fmt: skip
+                       config: CBQConfig, rows: Tensor, spec,
+                       toward: str = "soft") -> int:  # fmt: skip
     """Hard codes for trained layers by GPTQ toward their soft-rounded weights (experiment of
-    issue 15's W4A8 soft-to-hard gap): group by group in call order, the inputs of the
+    issue 15's W4A8 soft-to-hard gap): group by group in execution order (each block's
+    ``spec.groups``, cbq_ptq.models.ArchSpec), the inputs of the
     calibration windows ``rows`` through the window (layers given codes already compute with
     them, the others with soft rounding) give each layer's Hessian, and
     :func:`cbq_ptq.gptq.gptq_to_grid` finds codes on the layer's learned grid whose output
@@ -252,7 +226,8 @@ def harden_toward_soft(layers, idx: range, xq: Tensor, kwargs: dict, qls: list[Q
             for j in idx:
                 h = run_block(layers[j], h, kwargs)
 
-    groups = _call_groups(lambda: run(rows[:1]), qls)
+    groups = [[layers[j].get_submodule(name) for name in names]
+              for j in idx for names in spec.groups]  # fmt: skip
     done = 0
     for group in groups:
         with gptq.record_inputs({q.name or str(id(q)): q for q in group}, full=True) as stats, \

@@ -24,7 +24,7 @@ import torch
 
 from cbq_ptq.config import CBQConfig, parse_setting
 from cbq_ptq.data import calibration_data
-from cbq_ptq.models import blocks, load_model
+from cbq_ptq.models import arch_spec, blocks, load_model
 from cbq_ptq.pipeline import prepare_block
 from cbq_ptq.qlinear import qlinears
 from cbq_ptq.reconstruct import _Window, train_window
@@ -111,7 +111,8 @@ for name, kw in variants.items():
         finally:
             rc._restore = restore
         toward = harden_gptq if isinstance(harden_gptq, str) else "soft"
-        rc.harden_toward_soft(ls, idx, x, kwargs, qls, cfg, torch.arange(n - 4), toward)
+        rc.harden_toward_soft(ls, idx, x, kwargs, qls, cfg, torch.arange(n - 4), arch_spec(m),
+                              toward)  # fmt: skip
         win = _Window(ls, idx, x, y, y, kwargs, cfg, qls)
         e["hard_gptq"] = win.evaluate(torch.arange(n - 4, n), "hard")
         e["kept"] = "end+gptq (forced)"

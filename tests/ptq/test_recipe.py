@@ -267,13 +267,13 @@ def test_codes_given_to_a_layer_rule_its_forward_and_its_hardening():
 
 
 def test_hardening_toward_the_soft_weights_groups_layers_by_their_input(stories):
-    """harden_toward_soft on a trained-from-start stories260K block: the call-order groups are
-    q / k / v, o, gate / up, down (found from the forward, not by name), and every layer gets
-    codes on its own grid."""
-    from cbq_ptq.models import blocks
+    """harden_toward_soft on a trained-from-start stories260K block: its groups
+    (ArchSpec.groups, shared with GPTQ's start) are q / k / v, o, gate / up, down, in the order
+    the block's forward calls them, and every layer gets codes on its own grid."""
+    from cbq_ptq.models import arch_spec, blocks
     from cbq_ptq.pipeline import prepare_block
-    from cbq_ptq.qlinear import qlinears
-    from cbq_ptq.reconstruct import _call_groups, harden_toward_soft
+    from cbq_ptq.qlinear import qlinears, quantized
+    from cbq_ptq.reconstruct import harden_toward_soft
     from cbq_ptq.streams import capture_inputs, run_block
 
     model, tok = stories
@@ -284,11 +284,18 @@ def test_hardening_toward_the_soft_weights_groups_layers_by_their_input(stories)
     prepare_block(m, 0, x, kwargs, cfg)
     layers = blocks(m)
     qls = qlinears([layers[0]])
-    groups = _call_groups(lambda: run_block(layers[0], x[:1], kwargs), qls)
-    names = [[q.name.split(".")[-1] for q in grp] for grp in groups]
+    spec = arch_spec(m)
+    names = [[n.split(".")[-1] for n in grp] for grp in spec.groups]
     assert names == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"],
                      ["down_proj"]]  # fmt: skip
-    assert harden_toward_soft(layers, range(1), x, kwargs, qls, cfg, torch.arange(4)) == 7
+    calls = []  # the forward's call order
+    hooks = [q.register_forward_pre_hook(lambda mod, args: calls.append(mod)) for q in qls]
+    with torch.no_grad(), quantized(qls, rounding="hard"):
+        run_block(layers[0], x[:1], kwargs)
+    for h in hooks:
+        h.remove()
+    assert calls == [layers[0].get_submodule(n) for grp in spec.groups for n in grp]
+    assert harden_toward_soft(layers, range(1), x, kwargs, qls, cfg, torch.arange(4), spec) == 7
     for q in qls:
         s, z = q.quant_params()
         assert q.codes is not None and torch.equal(q.scales, s) and torch.equal(q.zeros, z)
