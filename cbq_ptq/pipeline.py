@@ -83,6 +83,7 @@ def prepare_block(model, j: int, x_in: Tensor, kwargs: dict, config: CBQConfig) 
                     lora=config.lora_rounding, lora_rank=config.lora_rank,
                     learn_clipping=config.learn_clipping, truncated=truncated.get(name),
                     lora_init=config.lora_init, lora_margin=config.lora_margin,
+                    lora_base=config.lora_base,
                     act_clip=config.act_clip if settings.a_bits < 16 else 1.0)  # fmt: skip
         if channel_max is not None:
             alpha = settings.crossquant_alpha

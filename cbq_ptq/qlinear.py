@@ -79,7 +79,7 @@ class QLinear(torch.nn.Module):
                  train: bool = True, lora: bool = True, lora_rank: int = 8,
                  learn_clipping: bool = True, truncated: Tensor | None = None,
                  lora_init: str = "nearest", lora_margin: float = 2.0,
-                 act_clip: float = 1.0) -> None:  # fmt: skip
+                 act_clip: float = 1.0, lora_base: str = "step") -> None:  # fmt: skip
         super().__init__()
         n, k = linear.weight.shape
         gs = settings.group_size
@@ -95,6 +95,9 @@ class QLinear(torch.nn.Module):
         self.name, self.settings, self.gs = name, settings, gs
         self.in_features, self.out_features = k, n
         self.lora_rank, self.lora_init, self.lora_margin = lora_rank, lora_init, lora_margin
+        if lora_base not in ("step", "start"):
+            raise ValueError(f"lora_base must be 'step' or 'start', got {lora_base!r}")
+        self.lora_base = lora_base
         w_fp = linear.weight.detach().float()
         dev = w_fp.device  # everything is built where the weight is (then moved with .to)
         self.register_buffer("w_fp", w_fp.clone())
@@ -110,7 +113,7 @@ class QLinear(torch.nn.Module):
             self._set_clip(torch.full((n, groups), CLIP_MAX_LOGIT, device=dev))
         # LoRA-Rounding state: the weight that is rounded, the frozen start logits V0 and the
         # low-rank factors (None: round-to-nearest with a straight-through gradient)
-        for attr in ("w_round", "v0", "lora_a", "lora_b"):
+        for attr in ("w_round", "w_base", "v0", "lora_a", "lora_b"):
             self.register_buffer(attr, None)
         self.lora = lora
         if lora:
@@ -182,7 +185,7 @@ class QLinear(torch.nn.Module):
                                      "codes: use lora_init='nearest'")  # fmt: skip
                 w_round = self.w
                 a, b = lora_round_init(self.w, s, self.gs, r, zero=self.lora_init == "zero")
-        self._put("w_round", w_round)
+        self._set_round_point(w_round, s, gid)
         self._put("v0", v0)
         self._put("lora_a", a.to(dev), learn=True)
         self._put("lora_b", b.to(dev), learn=True)
@@ -208,11 +211,30 @@ class QLinear(torch.nn.Module):
             return
         s, z = self.quant_params()
         gid = self._gid()
-        self._put("w_round", (codes.float() - z[:, gid] + 0.5) * s[:, gid])
+        self._set_round_point((codes.float() - z[:, gid] + 0.5) * s[:, gid], s, gid)
         self._put("v0", start_logits(torch.zeros_like(codes, dtype=torch.bool), 3.0))
         dev = self.w.device
         self._put("lora_a", torch.zeros(self.out_features, 1, device=dev))
         self._put("lora_b", torch.zeros(1, self.in_features, device=dev))
+
+    def _set_round_point(self, w_round: Tensor, s: Tensor, gid: Tensor) -> None:
+        """Keep the point that is rounded: as a weight (lora_base 'step': its floor follows the
+        learned step, so a step change of a few percent moves the floor of the large codes by
+        one, a jump no gradient saw) or as the integer floor(w_round / s) at the start
+        (lora_base 'start': the rounding's two candidates stay fixed, the step only scales
+        them)."""
+        if self.lora_base == "step":
+            self._put("w_round", w_round)
+            self._put("w_base", None)
+        else:
+            self._put("w_round", None)
+            self._put("w_base", torch.floor(w_round * reciprocal(s)[:, gid]))
+
+    def _round_point(self, s: Tensor) -> Tensor:
+        """The weight whose floor(. / s) is the rounding's lower candidate, for the step s."""
+        if self.w_base is None:
+            return self.w_round
+        return (self.w_base + 0.5) * s[:, self._gid()]
 
     # ------------------------------------------------------------------ weight quantizer
 
@@ -245,7 +267,7 @@ class QLinear(torch.nn.Module):
         if rounding == "hard":
             with torch.no_grad():
                 fn_h = harden if cuda else harden_ref
-                q = fn_h(self.w_round, self.lora_a, self.lora_b, s, z, bits, self.gs,
+                q = fn_h(self._round_point(s), self.lora_a, self.lora_b, s, z, bits, self.gs,
                          v0=self.v0)  # fmt: skip
                 return dequantize_weight(q, s, z, self.gs), zero
         a, v0 = self.lora_a, self.v0
@@ -255,8 +277,17 @@ class QLinear(torch.nn.Module):
         if rounding not in ("soft", "ste"):
             raise ValueError(f"rounding must be 'hard', 'soft' or 'ste', got {rounding!r}")
         fn = lora_round if cuda else lora_round_ref
-        return fn(self.w_round, a, self.lora_b, s, z, bits, self.gs, beta, v0,
-                  rounding == "ste")  # fmt: skip
+        if self.w_base is None:
+            return fn(self.w_round, a, self.lora_b, s, z, bits, self.gs, beta, v0,
+                      rounding == "ste")  # fmt: skip
+        # a rounded point fixed in step units: w_hat = s (clamp(base + h + z) - z), whose step
+        # gradient is w_hat / s for every weight (the op's is LSQ's, floor(u) + h - u inside
+        # the code range, for a point fixed as a weight); so the op runs at the detached step
+        # and the step enters as the factor s / s_d (1 in value)
+        s_d = s.detach()
+        w_hat, reg = fn(self._round_point(s_d), a, self.lora_b, s_d, z, bits, self.gs, beta, v0,
+                        rounding == "ste")  # fmt: skip
+        return w_hat * (s / s_d)[:, self._gid()], reg
 
     def _gid(self) -> Tensor:
         """The group of every input column (0 everywhere per channel)."""
@@ -289,7 +320,8 @@ class QLinear(torch.nn.Module):
         elif self.lora_a is not None:
             s, z = self.quant_params()
             fn = harden if self.w.is_cuda else harden_ref
-            codes = fn(self.w_round, self.lora_a, self.lora_b, s, z, bits, self.gs, v0=self.v0)
+            codes = fn(self._round_point(s), self.lora_a, self.lora_b, s, z, bits, self.gs,
+                       v0=self.v0)  # fmt: skip
         else:
             fmax, fmin = self.clip_factors()
             codes, s, z = quantize_weight(self.w, bits, self.gs, self.settings.symmetric_weights,
@@ -298,7 +330,8 @@ class QLinear(torch.nn.Module):
         self.scales, self.zeros = s.float().detach(), z.float().detach()
         if self.act_logit is not None:
             self.act_ratio = clip_factor(self.act_logit.detach()).reshape(1)
-        for attr in ("clip_max", "clip_min", "lora_a", "lora_b", "act_logit", "w_round", "v0"):
+        for attr in ("clip_max", "clip_min", "lora_a", "lora_b", "act_logit", "w_round", "w_base",
+                     "v0"):
             self._put(attr, None)
 
     def release_full_precision(self) -> None:

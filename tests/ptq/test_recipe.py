@@ -13,7 +13,7 @@ from cbq_ptq.evaluate import evaluate_perplexity
 from cbq_ptq.gptq import gptq, search_clip
 from cbq_ptq.models import SHARED_MODELS, load_model
 from cbq_ptq.pipeline import quantize
-from cbq_ptq.qlinear import QLinear, quantized
+from cbq_ptq.qlinear import QLinear, clip_logit, quantized
 from tests.conftest import need_shared
 
 
@@ -108,6 +108,55 @@ def test_a_start_from_given_codes_is_reproduced_by_hardening(lora, setting):
     assert torch.allclose(w_hard, dequantize_weight(codes, s, z, q.gs), atol=1e-7)
     q.harden()
     assert torch.equal(q.codes, codes)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_a_rounding_base_fixed_at_the_start_keeps_its_candidates_when_the_step_moves(lora):
+    """lora_base='start': the start's codes are reproduced as with 'step'; after the step
+    grows by 8% the hard codes stay the start's (relative to the zero point) where 'step'
+    re-derives floor(w_round / s) and moves the large ones; the soft weight's step gradient
+    is that of s (floor(u) + h) with the integer floor fixed (checked against the formula
+    by autograd)."""
+    from cbq_kernels.lora_round import GAMMA, ZETA
+
+    st = parse_setting("W4A16")
+    codes = torch.randint(0, 16, (24, 64), generator=torch.Generator().manual_seed(4),
+                          dtype=torch.uint8)  # fmt: skip
+    clip = torch.full((24, 1), 0.9)
+    layers = {}
+    for base in ("step", "start"):
+        q = QLinear(lin(seed=2), st, lora=lora, learn_clipping=True, lora_base=base)
+        q.start_from(codes, clip)
+        with quantized([q], rounding="hard"):
+            assert torch.equal(q._scope[1], dequantize_weight(codes, *q.quant_params(), q.gs))
+        layers[base] = q
+    moved = {}
+    for base, q in layers.items():
+        s0, z0 = q.quant_params()
+        with torch.no_grad():  # larger clipping factors: the step grows by 10%
+            for p in (q.clip_max, q.clip_min):
+                p.copy_(clip_logit(torch.full_like(clip, 0.99)))
+        s1, _ = q.quant_params()
+        assert float((s1 / s0).detach().min()) > 1.09
+        with quantized([q], rounding="hard"):
+            moved[base] = torch.round(q._scope[1] / s1) - (codes.float() - z0)
+    assert int(moved["start"].abs().sum()) == 0
+    assert int(moved["step"].abs().sum()) > 0
+    q = layers["start"]
+    w_soft, _ = q.weight_hat("soft")
+    s, z = q.quant_params()
+    v = (q.v0.float() if q.v0 is not None else 0) + q.lora_a @ q.lora_b
+    h = (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+    want = s * ((q.w_base + h + z).clamp(0, 15) - z)
+    torch.testing.assert_close(w_soft, want, rtol=0, atol=1e-6)
+    g = torch.randn(24, 64, generator=torch.Generator().manual_seed(5))
+    params = [q.clip_max, q.clip_min]
+    got = torch.autograd.grad((w_soft * g).sum(), params)
+    ref = torch.autograd.grad((want * g).sum(), params)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="lora_base"):
+        QLinear(lin(), st, lora_base="floor")
 
 
 def test_clipping_and_activation_ratios_start_at_one():
