@@ -149,7 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=_int_at_least(1), default=None,
                    help="calibration windows per step (default 4)")
     q.add_argument("--no-cfp", action="store_true", help="switch off coarse-to-fine preprocessing")
-    q.add_argument("--no-lora", action="store_true", help="round-to-nearest (STE) instead")
+    rounding = q.add_mutually_exclusive_group()
+    rounding.add_argument("--lora", action="store_true",
+                          help="train the rounding with LoRA-Rounding (METHOD.md section 4) "
+                               "instead of keeping the start's codes (the recipe)")
+    rounding.add_argument("--no-lora", action="store_true",
+                          help="no LoRA-Rounding (the recipe): a GPTQ start keeps its codes and "
+                               "the steps train; with --init rtn, round-to-nearest with a "
+                               "straight-through gradient")
     q.add_argument("--lora-rank", type=_int_at_least(1), default=None, help="default 8")
     q.add_argument("--rotate", choices=["auto", "none", "hadamard", "random"], default="auto",
                    help="rotate the model first (randomised Hadamard R1 / R2 folded, R4 online "
@@ -395,6 +402,14 @@ def build_config(args, settings, device: str) -> CBQConfig:
         fields["cfp"] = False
     if args.no_lora:
         fields["lora_rounding"] = False
+    if getattr(args, "lora", False):
+        if args.method != "cbq":
+            raise ValueError(f"--lora trains the rounding: it needs --method cbq, not "
+                             f"{args.method}")  # fmt: skip
+        if settings.symmetric_weights:
+            raise ValueError("--lora: LoRA-Rounding is implemented for asymmetric weights "
+                             "(zero points); drop --symmetric-weights or --lora")  # fmt: skip
+        fields["lora_rounding"] = True
     if settings.symmetric_weights and args.method == "cbq":
         # GPTQ starts and LoRA-Rounding are built for zero points: symmetric weights start from
         # round-to-nearest with searched clipping and train their rounding straight-through

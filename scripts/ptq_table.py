@@ -62,6 +62,13 @@ VARIANTS = {  # ablations / recipe variants: changes of the default CBQ recipe
     "cbq_aclip90": {"act_clip": 0.9},
     "cbq_aclip70": {"act_clip": 0.7},
     "cbq_nooverlap": {"window": 2, "overlap": 0},
+    # the recipe keeps the GPTQ codes and trains the steps (config.recipe, from the CPU proxy
+    # docs/results/issue15/cpu_proxy/rounding_base.txt); LoRA-Rounding back on, with the
+    # base fixed in step units (the default lora_base) and re-derived from the step (the
+    # recipe up to 5441745), and the fixed-code recipe at twice the clipping rate
+    "cbq_lora": {"lora_rounding": True},
+    "cbq_lorastep": {"lora_rounding": True, "lora_base": "step"},
+    "cbq_codes_lr2x": {"lr": "2x"},
     "cbq_crossquant": {},  # activations forced to CrossQuant (config_for)
     "cbq_pertoken": {},  # activations forced to per token (config_for)
 }
@@ -189,6 +196,17 @@ def _act_quantizer(r: dict) -> str:
     return settings.get("act_quantizer", "") if settings.get("a_bits", 16) < 16 else ""
 
 
+def _rounding(cfg: dict) -> str:
+    """The rounding column: LoRA-Rounding's mode, the start's fixed codes (a GPTQ start
+    without LoRA-Rounding) or round-to-nearest; '+base' where the candidates stay fixed in
+    step units (lora_base 'start')."""
+    if cfg.get("lora_rounding"):
+        label = "lora-" + cfg.get("round_mode", "soft")
+    else:
+        label = "fixed" if cfg.get("init") == "gptq" else "nearest"
+    return label + ("+base" if cfg.get("lora_base") == "start" and label != "nearest" else "")
+
+
 def csv_rows(runs: dict[str, dict], corpus: str = "wikitext2") -> list[dict]:
     rows = []
     def ppl(r: dict, key: str):
@@ -202,8 +220,7 @@ def csv_rows(runs: dict[str, dict], corpus: str = "wikitext2") -> list[dict]:
             "act_quantizer": _act_quantizer(r),
             "rotate": "" if cfg.get("rotate", "none") == "none" else cfg["rotate"],
             "init": cfg.get("init", "") if trains else "",
-            "rounding": (("lora-" + cfg.get("round_mode", "soft")) if cfg.get("lora_rounding")
-                         else "nearest") if trains else "",
+            "rounding": _rounding(cfg) if trains else "",
             "windows_kept_start": sum(e.get("kept") == "start" for e in r.get("windows") or [])
             if trains else "",
             "steps": cfg.get("steps") if trains and cfg.get("steps") is not None else "",

@@ -66,7 +66,16 @@ def test_symmetric_weights_start_from_round_to_nearest_without_lora():
     assert config.init == "rtn" and not config.lora_rounding
     args = build_parser().parse_args(["quantize", "--setting", "W8A8"])
     config = build_config(args, parse_setting("W8A8"), "cpu")
-    assert config.init == "gptq" and config.lora_rounding
+    assert config.init == "gptq" and not config.lora_rounding  # the recipe keeps GPTQ's codes
+    args = build_parser().parse_args(["quantize", "--setting", "W8A8", "--lora"])
+    config = build_config(args, parse_setting("W8A8"), "cpu")
+    assert config.init == "gptq" and config.lora_rounding and config.lora_base == "start"
+    for argv, match in ((["--symmetric-weights", "--lora"], "asymmetric"),
+                        (["--method", "gptq", "--lora"], "--method cbq")):  # fmt: skip
+        args = build_parser().parse_args(["quantize", "--setting", "W8A8", *argv])
+        with pytest.raises(ValueError, match=match):
+            build_config(args, parse_setting("W8A8", symmetric_weights="--symmetric-weights"
+                                             in argv), "cpu")  # fmt: skip
 
 
 def test_crossquant_on_a_rotated_model_is_warned_about(tmp_path, capsys):
