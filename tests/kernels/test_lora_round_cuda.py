@@ -10,7 +10,7 @@ pytestmark = pytest.mark.cuda
 
 @pytest.mark.parametrize(("shape", "group_size"), [((4096, 11008), None), ((11008, 4096), 128),
                                                     ((67, 1000), 64)])  # fmt: skip
-@pytest.mark.parametrize("rank", [8, 32])
+@pytest.mark.parametrize("rank", [1, 8, 32])  # 1: the recipe's fixed codes (QLinear.start_from)
 def test_real_shapes(shape, group_size, rank):
     g = torch.Generator(device="cuda").manual_seed(0)
     n, k = shape

@@ -115,9 +115,11 @@ def test_capture_inputs_feed_the_first_block(stories):
 @pytest.mark.parametrize(
     "config",
     [CBQConfig(settings=parse_setting("W4A8", ragged_groups=True), epochs=1, batch_size=4),
+     CBQConfig(settings=parse_setting("W3A16g32", ragged_groups=True), epochs=1, batch_size=4,
+               lora_rounding=False),  # the recipe: GPTQ codes kept, steps trained
      CBQConfig(settings=parse_setting("W2A16g32", ragged_groups=True), epochs=0, cfp=False,
                lora_rounding=False, window=1, overlap=0)],
-    ids=["cbq_w4a8", "rtn_w2a16g32"],
+    ids=["cbq_w4a8", "codes_w3a16g32", "rtn_w2a16g32"],
 )  # fmt: skip
 def test_quantize_end_to_end(stories, config, tmp_path):
     model, _ = stories

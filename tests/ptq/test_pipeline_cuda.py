@@ -39,17 +39,20 @@ def kl_to(model, ref_logits, ids):
     return float((ref.exp() * (ref - logp)).sum(-1).mean())
 
 
+@pytest.mark.parametrize("lora", [False, True])  # False: the recipe (GPTQ codes kept)
 @pytest.mark.parametrize("setting", ["W4A8", "W4A4", "W2A16g32", "W3A16g32"])
-def test_quantize_on_the_gpu_trains_and_hardens(stories_cuda, setting):
+def test_quantize_on_the_gpu_trains_and_hardens(stories_cuda, setting, lora):
     """Real text (TinyStories): no window ends worse than it started, the codes are
     hardened, and the CBQ model's next-token distributions on held-out text are closer to
-    the full-precision model's than RTN's."""
+    the full-precision model's than RTN's; with LoRA-Rounding and with the recipe's fixed
+    GPTQ codes (only the steps train)."""
     model, tok = stories_cuda
     ids = text_windows(tok, 32, 256)
     held_out = text_windows(tok, 4, 256, start=100_000)
     with torch.no_grad():
         ref = model(held_out.cuda()).logits.float()
-    config = CBQConfig(settings=parse_setting(setting, ragged_groups=True), epochs=8)
+    config = CBQConfig(settings=parse_setting(setting, ragged_groups=True), epochs=8,
+                       lora_rounding=lora)  # fmt: skip
     rtn = CBQConfig(settings=config.settings, epochs=0, cfp=False, lora_rounding=False)
     q, log = quantize(copy.deepcopy(model), config, ids, progress=False)
     r, _ = quantize(copy.deepcopy(model), rtn, ids, progress=False)
