@@ -79,7 +79,7 @@ class QLinear(torch.nn.Module):
                  train: bool = True, lora: bool = True, lora_rank: int = 8,
                  learn_clipping: bool = True, truncated: Tensor | None = None,
                  lora_init: str = "nearest", lora_margin: float = 2.0,
-                 act_clip: float = 1.0, lora_base: str = "step") -> None:  # fmt: skip
+                 act_clip: float = 1.0, lora_base: str = "start") -> None:  # fmt: skip
         super().__init__()
         n, k = linear.weight.shape
         gs = settings.group_size
