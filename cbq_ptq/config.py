@@ -303,8 +303,8 @@ def recipe(settings: QuantSettings, device: str = "cuda") -> dict:
     # No LoRA-Rounding: the GPTQ start's codes stay and the windows train the weight steps
     # (clipping) and the activation ratios, the codes fixed in step units (lora_base
     # 'start'). Chosen on held-out data (CPU, this 2-core machine): the block proxy's
-    # held-out window loss was lower with the codes fixed than with LoRA-Rounding in all 8
-    # windows of 5 settings, 4-17% (W4A8 rotated blocks 14-15: 0.00236 against the start's
+    # held-out window loss was lower with the codes fixed than with LoRA-Rounding in all 9
+    # windows of 6 settings, 4-17% (W4A8 rotated blocks 14-15: 0.00236 against the start's
     # 0.00278, which LoRA-Rounding never beat once hardened; W2A16 g64 blocks 0-1: 0.0353 vs
     # 0.0380), docs/results/issue15/cpu_proxy/rounding_base.txt; end to end on the CPU
     # recipe, held-out perplexity W4A8 rotated 25.34 -> 25.21, W3A16 g64 30.78 -> 30.54.
