@@ -402,7 +402,7 @@ def build_config(args, settings, device: str) -> CBQConfig:
         fields["cfp"] = False
     if args.no_lora:
         fields["lora_rounding"] = False
-    if getattr(args, "lora", False):
+    if args.lora:
         if args.method != "cbq":
             raise ValueError(f"--lora trains the rounding: it needs --method cbq, not "
                              f"{args.method}")  # fmt: skip

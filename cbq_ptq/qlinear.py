@@ -50,7 +50,7 @@ from cbq_kernels.quant_math import (
     weight_params,
 )
 from cbq_kernels.quant_math import fake_quant_act as fake_quant_act_math
-from cbq_ptq.config import QuantSettings
+from cbq_ptq.config import LORA_BASES, QuantSettings
 
 # Learnable clipping factors are f = min(1, sigmoid(logit) / sigmoid(CLIP_MAX_LOGIT)): logit 5
 # is exactly f = 1 (min-max, METHOD.md's start; also where a searched factor of 1 or the
@@ -95,8 +95,8 @@ class QLinear(torch.nn.Module):
         self.name, self.settings, self.gs = name, settings, gs
         self.in_features, self.out_features = k, n
         self.lora_rank, self.lora_init, self.lora_margin = lora_rank, lora_init, lora_margin
-        if lora_base not in ("step", "start"):
-            raise ValueError(f"lora_base must be 'step' or 'start', got {lora_base!r}")
+        if lora_base not in LORA_BASES:
+            raise ValueError(f"lora_base must be one of {LORA_BASES}, got {lora_base!r}")
         self.lora_base = lora_base
         w_fp = linear.weight.detach().float()
         dev = w_fp.device  # everything is built where the weight is (then moved with .to)
