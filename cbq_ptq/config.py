@@ -88,6 +88,7 @@ LORA_BASES = ("start", "step")
 LOSSES = ("rel", "mse")
 SCHEDULES = ("cosine", "constant")
 ROUND_MODES = ("soft", "ste")
+GPTQ_TARGETS = ("quantized", "act", "fp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +122,11 @@ class CBQConfig:
     GPTQ start's codes when LoRA-Rounding is off (the recipe: `recipe`). round_reg: weight of the
     rounding regulariser (a mean over the window's weights), round_beta: its exponent,
     annealed from the first to the second value after the first round_warmup of the steps.
+    gptq_target: what a GPTQ start fits (cbq_ptq.gptq.init_block): 'quantized' (H = E[x x^T]
+    of the layer's inputs in the model quantized so far, the weight as the target), 'act' (H
+    of the inputs as the layer multiplies them, activation-quantized) or 'fp' (that H, and
+    the target W x_fp: the layer's output in the full-precision block on the full-precision
+    stream, the asymmetric objective of GPTAQ, Li et al. 2025).
     round_mode: 'soft' (METHOD.md's relaxation h(V), hardened afterwards) or 'ste' (the
     forward pass uses the hard rounding 1[V >= 0] that hardening fixes, the backward pass
     h(V)'s gradient); round_temp: the relaxation's temperature h(V / T), geometric from the
@@ -179,6 +185,7 @@ class CBQConfig:
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
     gptq_block: int = 128
+    gptq_target: str = "quantized"
     rotate: str = "none"
     seed: int = 0
 
@@ -186,7 +193,7 @@ class CBQConfig:
         for field, allowed in (("method", METHODS), ("init", INITS), ("clip_init", CLIP_INITS),
                                ("lora_init", LORA_INITS), ("lora_base", LORA_BASES),
                                ("loss", LOSSES), ("schedule", SCHEDULES),
-                               ("round_mode", ROUND_MODES),
+                               ("round_mode", ROUND_MODES), ("gptq_target", GPTQ_TARGETS),
                                ("rotate", ROTATIONS)):  # fmt: skip
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")

@@ -53,28 +53,44 @@ class InputStats:
     (measured on stories260K, 2 processes against 1: 6.3% of the codes differed with fp32
     sums, none with fp64)."""
 
-    def __init__(self, k: int, full: bool, device: torch.device) -> None:
+    def __init__(self, k: int, full: bool, device: torch.device, cross: bool = False) -> None:
         self.full = full
         self.sum = torch.zeros((k, k) if full else (k,), device=device, dtype=torch.float64)
+        self.cross = torch.zeros((k, k), device=device, dtype=torch.float64) if cross else None
         self.count = 0
+        self.calls = 0
 
-    def add(self, x: Tensor) -> None:
+    def add(self, x: Tensor, ref: Tensor | None = None) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).double()
         if self.full:
             self.sum.addmm_(x2.t(), x2)
         else:
             self.sum += (x2 * x2).sum(0)
+        if self.cross is not None:
+            if ref is None or ref.shape != x2.shape:
+                raise ValueError("the reference run must send the same batches as the recorded "
+                                 f"one: input {tuple(x2.shape)}, reference "
+                                 f"{None if ref is None else tuple(ref.shape)}")  # fmt: skip
+            self.cross.addmm_(x2.t(), ref.double() - x2)
         self.count += x2.shape[0]
+        self.calls += 1
 
     def reduce(self) -> None:
         """Sum the moments and token counts over the ranks (data-parallel runs)."""
         if distributed.world()[1] > 1:
             distributed.all_reduce_(self.sum)
+            if self.cross is not None:
+                distributed.all_reduce_(self.cross)
             self.count = int(distributed.reduce_sum([float(self.count)], self.sum.device)[0])
 
     @property
     def value(self) -> Tensor:
         return (self.sum / max(self.count, 1)).float()
+
+    @property
+    def cross_value(self) -> Tensor:
+        """E[x (x_ref - x)^T] (K, K) (with reference inputs)."""
+        return (self.cross / max(self.count, 1)).float()
 
     @property
     def diag(self) -> Tensor:
@@ -83,14 +99,24 @@ class InputStats:
 
 
 @contextlib.contextmanager
-def record_inputs(modules: dict[str, torch.nn.Module],
-                  full: bool) -> Iterator[dict[str, InputStats]]:  # fmt: skip
-    """Within the scope, every forward of the given QLinears adds its input to their stats."""
+def record_inputs(modules: dict[str, torch.nn.Module], full: bool, quantized: bool = False,
+                  refs: dict[str, list[Tensor]] | None = None
+                  ) -> Iterator[dict[str, InputStats]]:  # fmt: skip
+    """Within the scope, every forward of the given QLinears adds its input to their stats:
+    as it arrives, or ``quantized`` as the layer multiplies it (its activation quantizer's
+    output); with ``refs`` (per layer, one reference input per call, in call order) also
+    the cross moment E[x (x_ref - x)^T]."""
     stats = {}
     hooks = []
     for name, m in modules.items():
-        stats[name] = InputStats(m.in_features, full, m.w_fp.device)
-        hooks.append(m.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0])))
+        stats[name] = InputStats(m.in_features, full, m.w_fp.device,
+                                 cross=refs is not None)  # fmt: skip
+
+        def hook(_m, args, s=stats[name], r=None if refs is None else refs[name]):
+            x = _m.act_hat(args[0]) if quantized else args[0]
+            s.add(x, None if r is None else r[s.calls])
+
+        hooks.append(m.register_forward_pre_hook(hook))
     try:
         yield stats
     finally:
@@ -136,9 +162,11 @@ def search_clip(w: Tensor, diag: Tensor, bits: int, group_size: int | None,
 @torch.no_grad()
 def gptq(w: Tensor, hessian: Tensor, bits: int, group_size: int | None,
          symmetric: bool = False, clip: Tensor | None = None, act_order: bool = True,
-         damp: float = 0.01, block: int = 128) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+         damp: float = 0.01, block: int = 128,
+         target: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """GPTQ of w (N, K) with H (K, K): (codes (N, K) uint8 in the storage range, scales (N, G),
-    zeros (N, G)); static groups from w with clipping factors ``clip`` (N, G) (None: 1)."""
+    zeros (N, G)); static groups from w with clipping factors ``clip`` (N, G) (None: 1). A
+    ``target`` (N, K) is quantized on w's grid instead of w (:func:`asymmetric_target`)."""
     k = w.shape[1]
     if w.dim() != 2 or tuple(hessian.shape) != (k, k):
         raise ValueError(f"gptq: w must be (N, K) and the Hessian (K, K); got w "
@@ -150,7 +178,8 @@ def gptq(w: Tensor, hessian: Tensor, bits: int, group_size: int | None,
     factors = _factors(clip.float(), symmetric) if clip is not None else (None, None)
     _, _, _, s, z, _, gid = weight_params(w.detach().float(), group_size, bits, symmetric,
                                           *factors)  # fmt: skip
-    codes = _columns(w, hessian, s, z, gid, bits, symmetric, act_order, damp, block)
+    codes = _columns(w if target is None else target, hessian, s, z, gid, bits, symmetric,
+                     act_order, damp, block)  # fmt: skip
     if symmetric:
         offset = float(1 << (bits - 1))
         return (codes + offset).to(torch.uint8), s, torch.full_like(s, offset)
@@ -231,15 +260,26 @@ def _inverse_cholesky(H: Tensor, damp: float) -> Tensor:
 
 
 def init_block(groups: list[list[tuple[str, torch.nn.Module]]], run: Callable[[], None],
-               mode: str, act_order: bool = True, damp: float = 0.01,
-               block: int = 128) -> dict[str, dict]:  # fmt: skip
+               mode: str, act_order: bool = True, damp: float = 0.01, block: int = 128,
+               target: str = "quantized",
+               run_ref: Callable[[], None] | None = None) -> dict[str, dict]:  # fmt: skip
     """Initialise a block's QLinears group by group (true-sequential): ``run()`` sends the
     block's calibration inputs through it; each group's inputs are recorded with the groups
     before it already initialised. ``mode``: 'search' (clipping factors only) or 'gptq'
-    (clipping factors, then GPTQ codes). Returns per layer what was done (for the log)."""
+    (clipping factors, then GPTQ codes). ``target`` (CBQConfig.gptq_target): 'quantized' (H
+    of the inputs as recorded), 'act' (H of the activation-quantized inputs, what the layer
+    multiplies) or 'fp' (that H, and GPTQ toward :func:`asymmetric_target`: the reference
+    inputs come from ``run_ref()``, the same batches in the same order through the block in
+    full precision, default ``run``). Returns per layer what was done (for the log)."""
     info: dict[str, dict] = {}
+    every = [m for group in groups for _, m in group]
     for group in groups:
-        with record_inputs(dict(group), full=mode == "gptq") as stats:
+        refs = None
+        if mode == "gptq" and target == "fp":
+            refs = _reference_inputs(dict(group), every, run_ref or run)
+        with record_inputs(dict(group), full=mode == "gptq",
+                           quantized=mode == "gptq" and target != "quantized",
+                           refs=refs) as stats:  # fmt: skip
             run()
         for st in stats.values():
             st.reduce()
@@ -250,10 +290,49 @@ def init_block(groups: list[list[tuple[str, torch.nn.Module]]], run: Callable[[]
             clip = search_clip(q.w, stats[name].diag, st.w_bits, q.gs, st.symmetric_weights)
             entry = {"clip_mean": round(float(clip.mean()), 4)}
             if mode == "gptq":
+                goal = None
+                if refs is not None:
+                    goal = asymmetric_target(q.w, stats[name].value, stats[name].cross_value,
+                                             damp)  # fmt: skip
+                    entry["target_shift"] = round(float((goal - q.w).norm() / q.w.norm()), 5)
                 codes, _, _ = gptq(q.w, stats[name].value, st.w_bits, q.gs,
-                                   st.symmetric_weights, clip, act_order, damp, block)  # fmt: skip
+                                   st.symmetric_weights, clip, act_order, damp, block,
+                                   target=goal)  # fmt: skip
                 q.start_from(codes, clip)
             else:
                 q.set_clip_factors(clip)
             info[name] = entry
     return info
+
+
+def _reference_inputs(modules: dict[str, torch.nn.Module], every: list[torch.nn.Module],
+                      run: Callable[[], None]) -> dict[str, list[Tensor]]:  # fmt: skip
+    """Each layer's inputs (one (tokens, K) tensor per call) while ``run()`` sends the
+    reference batches through the block with all its layers in full precision."""
+    from cbq_ptq.qlinear import full_precision
+
+    refs: dict[str, list[Tensor]] = {name: [] for name in modules}
+    hooks = [m.register_forward_pre_hook(
+        lambda _m, args, r=refs[name]: r.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+        for name, m in modules.items()]  # fmt: skip
+    try:
+        with full_precision(every), torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return refs
+
+
+@torch.no_grad()
+def asymmetric_target(w: Tensor, hessian: Tensor, cross: Tensor, damp: float) -> Tensor:
+    """The weight W' (N, K) whose output on the layer's inputs x best matches ``W x_ref``: the
+    minimiser of ``E||W x_ref - Q x||^2`` over Q is W' = W + W D^T H^-1 with H = E[x x^T] and
+    D = E[x (x_ref - x)^T] (``cross``), and the objective is a constant plus ``(W' - Q) H (W'
+    - Q)^T``, GPTQ's. H gets GPTQ's dampening (``damp`` times its mean diagonal), which
+    shrinks the correction along directions the inputs hardly visit; W' = W when x = x_ref."""
+    H = hessian.double()
+    lam = max(damp, 1e-6) * float(H.diagonal().mean().clamp_min(1e-12))
+    H = H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    corr = torch.linalg.solve(H, cross.double() @ w.detach().double().t())  # (K, N)
+    return (w.detach().double() + corr.t()).to(w.dtype)

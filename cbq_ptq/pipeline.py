@@ -29,10 +29,13 @@ __all__ = ["prepare_block", "quantize"]
 
 
 @torch.no_grad()
-def prepare_block(model, j: int, x_in: Tensor, kwargs: dict, config: CBQConfig) -> dict:
+def prepare_block(model, j: int, x_in: Tensor, kwargs: dict, config: CBQConfig,
+                  x_ref: Tensor | None = None) -> dict:  # fmt: skip
     """Block j before its first window: CFP (statistics from the full-precision block on its
     quantized-stream input ``x_in``), its linears replaced by QLinears, and their start
-    (round-to-nearest with searched clipping, or GPTQ). Returns what was done (for the log)."""
+    (round-to-nearest with searched clipping, or GPTQ). ``x_ref``: the block's
+    full-precision-stream input, the reference of ``gptq_target='fp'`` (default x_in).
+    Returns what was done (for the log)."""
     spec = arch_spec(model)
     block = blocks(model)[j]
     cfg = model.config
@@ -43,9 +46,13 @@ def prepare_block(model, j: int, x_in: Tensor, kwargs: dict, config: CBQConfig) 
     batch = config.batch_size
     device = next(block.parameters()).device
 
-    def run():
+    def run(x_in=x_in):
         for i in range(0, x_in.shape[0], batch):
             run_block(block, x_in[i : i + batch].to(device, non_blocking=True), kwargs)
+
+    if x_ref is not None and x_ref.shape != x_in.shape:
+        raise ValueError(f"x_ref must have x_in's shape {tuple(x_in.shape)}, got "
+                         f"{tuple(x_ref.shape)}")  # fmt: skip
 
     truncated: dict[str, Tensor] = {}
     scale_acts = config.cfp_activations
@@ -95,8 +102,9 @@ def prepare_block(model, j: int, x_in: Tensor, kwargs: dict, config: CBQConfig) 
         groups = [[(n, block.get_submodule(n)) for n in names]
                   for names in spec.groups]  # fmt: skip
         t0 = time.perf_counter()
-        layers_info = gptq.init_block(groups, run, start, config.gptq_act_order,
-                                      config.gptq_damp, config.gptq_block)  # fmt: skip
+        layers_info = gptq.init_block(
+            groups, run, start, config.gptq_act_order, config.gptq_damp, config.gptq_block,
+            config.gptq_target, None if x_ref is None else (lambda: run(x_ref)))
         info["start"] = start
         info["start_seconds"] = round(time.perf_counter() - t0, 3)
         info["clip_mean"] = round(sum(v["clip_mean"] for v in layers_info.values())
@@ -235,12 +243,15 @@ def quantize(model, config: CBQConfig, calib_ids: Tensor, log_path: str | Path |
                     stream.materialize(layers[j], block_prefix(model, j))
                 if j not in prepared:
                     x_in = propagate(layers, range(start, j), x_q, kwargs, batch, fp=False)
+                    x_ref = None
+                    if config.gptq_target == "fp" and _start_mode(config) == "gptq":
+                        x_ref = propagate(layers, range(start, j), x_fp, kwargs, batch, fp=True)
                     try:
-                        entry["cfp"].append(prepare_block(model, j, x_in, kwargs, config))
+                        entry["cfp"].append(prepare_block(model, j, x_in, kwargs, config, x_ref))
                     except FloatingPointError as exc:
                         raise FloatingPointError(f"{exc} in window {label}: nothing of this "
                                                  "window was written") from exc
-                    del x_in
+                    del x_in, x_ref
                     prepared.add(j)
             lap("prepare")
             idx = range(start, end)

@@ -5,7 +5,8 @@ calibration windows (docs/results/smollm2_issue11/cpu_proxy, DECISIONS.md "Recip
     THREADS=1 python scripts/proxy_block.py SETTING FIRST_BLOCK '{"name": {config fields}}'
 
 N (24) calibration windows of T (256) tokens of WikiText-2 (validation), the last 4 held
-out; the window's input is the full-precision stream (blocks before it unquantized). ROTATE=
+out (FIT=train: the starts' statistics from the other 20 only); the window's input is the
+full-precision stream (blocks before it unquantized). ROTATE=
 hadamard rotates the model first (as ``--rotate hadamard``); a variant's "act_quantizer" /
 "crossquant_alpha" go to the setting, its other fields to CBQConfig. Prints
 one JSON line per variant: held-out loss before / after (the kept state), hard and soft
@@ -45,6 +46,9 @@ x, kwargs = capture_inputs(model, calib)
 with torch.no_grad():
     x = propagate(layers, range(0, start_block), x, kwargs, 8, fp=True)
 idx = range(start_block, start_block + 2)
+# FIT=train: the block's start (CFP statistics, GPTQ's moments) from the training windows
+# only, so that the held-out loss judges a start that did not see them (default: all windows)
+fit = n - 4 if os.environ.get("FIT", "all") == "train" else n
 
 
 def act_search(block, xin, kwargs, cfg, grid):
@@ -96,7 +100,10 @@ for name, kw in variants.items():
     chosen = {}
     for j in idx:
         xin = propagate(ls, range(start_block, j), x, kwargs, 8, fp=False)
-        prepare_block(m, j, xin, kwargs, cfg)
+        xref = None
+        if cfg.gptq_target == "fp":
+            xref = propagate(ls, range(start_block, j), x, kwargs, 8, fp=True)[:fit]
+        prepare_block(m, j, xin[:fit], kwargs, cfg, xref)
         if search:
             chosen.update(act_search(ls[j], xin, kwargs, cfg, search))
     qls = qlinears(ls[j] for j in idx)

@@ -38,6 +38,9 @@ BASE = {  # method -> CBQConfig fields replacing the recipe's
     "gptq": {"method": "gptq", "cfp": False, "window": 1, "overlap": 0},
     "bw": {"cfp": False, "window": 1, "overlap": 0},
     "cbq": {},
+    # GPTQ toward the full-precision model's outputs (CBQConfig.gptq_target 'fp', GPTAQ's
+    # asymmetric objective) instead of the weight on the quantized stream
+    "gptqfp": {"method": "gptq", "cfp": False, "window": 1, "overlap": 0, "gptq_target": "fp"},
 }  # fmt: skip
 VARIANTS = {  # ablations / recipe variants: changes of the default CBQ recipe
     "cbq_rtninit": {"init": "rtn"},
@@ -69,6 +72,7 @@ VARIANTS = {  # ablations / recipe variants: changes of the default CBQ recipe
     "cbq_lora": {"lora_rounding": True},
     "cbq_lorastep": {"lora_rounding": True, "lora_base": "step"},
     "cbq_codes_lr2x": {"lr": "2x"},
+    "cbq_gptqfp": {"gptq_target": "fp"},  # the start: GPTQ toward the fp outputs
     "cbq_crossquant": {},  # activations forced to CrossQuant (config_for)
     "cbq_pertoken": {},  # activations forced to per token (config_for)
 }
@@ -97,13 +101,13 @@ def config_for(name: str):
     # cbq_crossquant force one or the other
     a_bits = parse_setting(setting).a_bits
     quantizer = default_act_quantizer(a_bits, "cuda", rotated=rotate)
-    if method in ("rtn", "gptq", "bw", "cbq_pertoken"):
+    if method in ("rtn", "gptq", "gptqfp", "bw", "cbq_pertoken"):
         quantizer = "per_token"
     elif method == "cbq_crossquant":
         quantizer = "crossquant"
     settings = parse_setting(setting, act_quantizer=quantizer, ragged_groups=True)
     fields = recipe(settings, "cuda")
-    if rotate and method not in ("rtn", "gptq"):  # the CLI's rotated recipe (CBQ runs, as
+    if rotate and method not in ("rtn", "gptq", "gptqfp"):  # the CLI's rotated recipe (CBQ runs, as
         fields.update(rotated_recipe(settings))  # `cbq quantize`); a variant's changes after it
     default = CBQConfig(settings=settings, **fields)
     changes = BASE.get(method, VARIANTS.get(method))
@@ -214,7 +218,8 @@ def csv_rows(runs: dict[str, dict], corpus: str = "wikitext2") -> list[dict]:
 
     for name, r in sorted(runs.items()):
         cfg = r.get("config", {})
-        trains = r.get("method") not in ("rtn", "gptq", "rtn_rotate", "gptq_rotate", None)
+        trains = r.get("method") not in ("rtn", "gptq", "gptqfp", "rtn_rotate", "gptq_rotate",
+                                         "gptqfp_rotate", None)  # fmt: skip
         rows.append({
             "setting": r.get("setting", "FP"), "method": r.get("method", name),
             "act_quantizer": _act_quantizer(r),

@@ -349,3 +349,55 @@ def test_hardening_toward_the_soft_weights_groups_layers_by_their_input(stories)
         s, z = q.quant_params()
         assert q.codes is not None and torch.equal(q.scales, s) and torch.equal(q.zeros, z)
         assert int(q.codes.max()) <= 15
+
+
+def test_the_asymmetric_target_is_the_least_squares_weight_for_the_inputs():
+    """asymmetric_target: W' minimises ||x_ref W^T - x W'^T||^2 (undamped: lstsq), and is W
+    when the inputs are the reference."""
+    from cbq_ptq.gptq import asymmetric_target
+
+    g = torch.Generator().manual_seed(3)
+    x_ref = torch.randn(400, 32, generator=g, dtype=torch.float64)
+    x = x_ref + 0.1 * torch.randn(400, 32, generator=g, dtype=torch.float64)
+    w = torch.randn(8, 32, generator=g, dtype=torch.float64)
+    h, cross = x.t() @ x / 400, x.t() @ (x_ref - x) / 400
+    got = asymmetric_target(w, h, cross, 1e-12)
+    want = torch.linalg.lstsq(x, x_ref @ w.t()).solution.t()
+    assert torch.allclose(got, want, atol=1e-8)
+    assert torch.equal(asymmetric_target(w, h, torch.zeros_like(h), 0.01), w)
+    shrunk = asymmetric_target(w, h, cross, 0.5)  # dampening pulls W' toward W
+    assert (shrunk - w).norm() < (got - w).norm()
+
+
+def test_gptq_targets_on_a_block(stories):
+    """gptq_target on a block whose reference input is its input: at W4A16 'fp' gives the
+    first group (q/k/v: the same input in both runs, nothing quantizes it) GPTQ's codes of
+    'quantized' and moves later groups; at W4A8 'act' (H of the quantized activations)
+    moves the first group; a reference of another shape is a clear error."""
+    from cbq_ptq.models import blocks
+    from cbq_ptq.pipeline import prepare_block
+    from cbq_ptq.qlinear import qlinears
+    from cbq_ptq.streams import capture_inputs
+
+    model, tok = stories
+    x, kwargs = capture_inputs(model, calibration_data(tok, "tinystories", 4, 64, seed=2))
+
+    def start(setting, target):
+        m = copy.deepcopy(model)
+        cfg = CBQConfig(settings=parse_setting(setting), init="gptq", steps=1, cfp=False,
+                        gptq_target=target)  # fmt: skip
+        assert prepare_block(m, 0, x, kwargs, cfg)["start"] == "gptq"
+        return {q.name.split(".")[-1]: q.weight_hat("hard")[0] for q in qlinears([blocks(m)[0]])}
+
+    first, later = ("q_proj", "k_proj", "v_proj"), ("o_proj", "gate_proj", "up_proj", "down_proj")
+    plain, fp = start("W4A16", "quantized"), start("W4A16", "fp")
+    assert all(torch.equal(fp[n], plain[n]) for n in first)
+    assert all(not torch.equal(fp[n], plain[n]) for n in later)
+    plain8, act8 = start("W4A8", "quantized"), start("W4A8", "act")
+    assert all(not torch.equal(act8[n], plain8[n]) for n in first)
+    with pytest.raises(ValueError, match="x_ref must have x_in's shape"):
+        prepare_block(copy.deepcopy(model), 0, x, kwargs,
+                      CBQConfig(settings=parse_setting("W4A8"), init="gptq", steps=1,
+                                gptq_target="fp"), x[:2])  # fmt: skip
+    with pytest.raises(ValueError, match="gptq_target must be one of"):
+        CBQConfig(gptq_target="exact")
