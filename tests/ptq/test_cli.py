@@ -78,6 +78,27 @@ def test_symmetric_weights_start_from_round_to_nearest_without_lora():
                                              in argv), "cpu")  # fmt: skip
 
 
+def test_gptq_target_reaches_the_config_and_needs_a_gptq_start():
+    from cbq_ptq.cli import build_config, build_parser
+    from cbq_ptq.config import parse_setting
+
+    def config(*argv, symmetric=False):
+        args = build_parser().parse_args(["quantize", "--setting", "W4A8", *argv])
+        return build_config(args, parse_setting("W4A8", symmetric_weights=symmetric), "cpu")
+
+    assert config().gptq_target == "quantized"
+    assert config("--gptq-target", "fp").gptq_target == "fp"
+    assert config("--method", "gptq", "--gptq-target", "act").gptq_target == "act"
+    for argv, symmetric in ((["--method", "rtn"], False), (["--init", "rtn"], False),
+                            (["--symmetric-weights"], True)):  # fmt: skip
+        with pytest.raises(ValueError, match="--gptq-target sets what GPTQ fits"):
+            config(*argv, "--gptq-target", "fp", symmetric=symmetric)
+    from cbq_ptq.cli import UsageError
+
+    with pytest.raises(UsageError, match="invalid choice: 'exact'"):
+        config("--gptq-target", "exact")
+
+
 def test_crossquant_on_a_rotated_model_is_warned_about(tmp_path, capsys):
     """An explicit --act-quantizer crossquant with a rotation runs, with a one-line warning
     (CrossQuant crushed the rotated W4A4 model: 211 against 48, docs/results/issue15)."""
