@@ -109,6 +109,9 @@ def prepare_block(model, j: int, x_in: Tensor, kwargs: dict, config: CBQConfig,
         info["start_seconds"] = round(time.perf_counter() - t0, 3)
         info["clip_mean"] = round(sum(v["clip_mean"] for v in layers_info.values())
                                   / len(layers_info), 4)  # fmt: skip
+        shifts = [v["target_shift"] for v in layers_info.values() if "target_shift" in v]
+        if shifts:  # gptq_target 'fp': how far the fitted weights W' moved from W, relative
+            info["target_shift_max"] = max(shifts)
     return info
 
 

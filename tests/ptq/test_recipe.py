@@ -386,7 +386,8 @@ def test_gptq_targets_on_a_block(stories):
         m = copy.deepcopy(model)
         cfg = CBQConfig(settings=parse_setting(setting), init="gptq", steps=1, cfp=False,
                         gptq_target=target)  # fmt: skip
-        assert prepare_block(m, 0, x, kwargs, cfg)["start"] == "gptq"
+        info = prepare_block(m, 0, x, kwargs, cfg)
+        assert info["start"] == "gptq" and ("target_shift_max" in info) == (target == "fp")
         return {q.name.split(".")[-1]: q.weight_hat("hard")[0] for q in qlinears([blocks(m)[0]])}
 
     first, later = ("q_proj", "k_proj", "v_proj"), ("o_proj", "gate_proj", "up_proj", "down_proj")
