@@ -402,3 +402,34 @@ def test_gptq_targets_on_a_block(stories):
                                 gptq_target="fp"), x[:2])  # fmt: skip
     with pytest.raises(ValueError, match="gptq_target must be one of"):
         CBQConfig(gptq_target="exact")
+
+
+@pytest.mark.parametrize("setting", ["W4A8", "W3A16g32", "W2A16g16"])
+@pytest.mark.parametrize("rounding", ["soft", "ste"])
+def test_fixed_codes_on_the_cpu_take_the_ops_values_and_gradients(setting, rounding):
+    """A fixed-code layer (GPTQ start, no LoRA-Rounding) skips the LoRA-Rounding op on the CPU
+    (QLinear._direct_fixed): the same weight, regulariser and clipping gradients as the op,
+    also after the steps moved and codes clamp at the range's ends."""
+    st = parse_setting(setting)
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 1 << st.w_bits, (24, 64), generator=g, dtype=torch.uint8)
+    codes[:, :4] = 0
+    codes[:, 4:8] = (1 << st.w_bits) - 1  # range ends: clamped once the zero point moves
+    got = {}
+    for direct in (True, False):
+        q = QLinear(lin(seed=4), st, lora=False, learn_clipping=True)
+        q._direct_fixed = direct
+        clip = torch.full(q.clip_max.shape, 0.9)
+        q.start_from(codes, clip)
+        with torch.no_grad():  # move the steps and zero points away from the start
+            q.clip_max.add_(torch.linspace(-1.5, 1.5, q.clip_max.numel()).view_as(q.clip_max))
+            q.clip_min.sub_(torch.linspace(-1.0, 1.0, q.clip_min.numel()).view_as(q.clip_min))
+        w, reg = q.weight_hat(rounding)
+        (w * torch.linspace(-1, 1, w.numel()).view_as(w)).sum().backward()
+        got[direct] = (w.detach(), float(reg), q.clip_max.grad.clone(), q.clip_min.grad.clone())
+    d, o = got[True], got[False]
+    torch.testing.assert_close(d[0], o[0], rtol=1e-6, atol=1e-7)
+    assert d[1] == o[1] == 0.0
+    torch.testing.assert_close(d[2], o[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d[3], o[3], rtol=1e-5, atol=1e-6)
+    assert d[2].abs().sum() > 0 and d[3].abs().sum() > 0
