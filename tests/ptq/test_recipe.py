@@ -433,3 +433,23 @@ def test_fixed_codes_on_the_cpu_take_the_ops_values_and_gradients(setting, round
     torch.testing.assert_close(d[2], o[2], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(d[3], o[3], rtol=1e-5, atol=1e-6)
     assert d[2].abs().sum() > 0 and d[3].abs().sum() > 0
+
+
+def test_gptq_toward_the_fp_outputs_runs_through_the_pipeline(stories, tmp_path):
+    """gptq_target 'fp' end to end (the pipeline propagates the full-precision stream to each
+    block's reference run): every block logs how far W' moved, and the model differs from the
+    weight-target GPTQ's."""
+    model, tok = stories
+    ids = calibration_data(tok, "tinystories", 4, 32, seed=2)
+    got = {}
+    for target in ("quantized", "fp"):
+        cfg = CBQConfig(settings=parse_setting("W4A8"), method="gptq", cfp=False, window=1,
+                        overlap=0, gptq_target=target)  # fmt: skip
+        q, log = quantize(copy.deepcopy(model), cfg, ids, progress=False,
+                          log_path=tmp_path / f"{target}.jsonl")  # fmt: skip
+        blocks_info = [b for w in log for b in w["cfp"]]
+        assert blocks_info and all(("target_shift_max" in b) == (target == "fp")
+                                   for b in blocks_info)  # fmt: skip
+        got[target] = {k: v for k, v in q.state_dict().items() if v.dtype == torch.uint8}
+    assert got["fp"] and got["fp"].keys() == got["quantized"].keys()
+    assert any(not torch.equal(got["fp"][k], got["quantized"][k]) for k in got["fp"])
