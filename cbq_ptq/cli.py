@@ -424,7 +424,7 @@ def build_config(args, settings, device: str) -> CBQConfig:
         if args.init is None:
             fields["init"] = "rtn"
         fields["lora_rounding"] = False
-    if getattr(args, "gptq_target", None) is not None:
+    if args.gptq_target is not None:
         if args.method == "rtn" or fields.get("init") == "rtn":
             raise ValueError("--gptq-target sets what GPTQ fits: it needs a GPTQ start or "
                              "--method gptq (this run starts from round-to-nearest)")  # fmt: skip

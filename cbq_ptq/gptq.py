@@ -275,7 +275,9 @@ def init_block(groups: list[list[tuple[str, torch.nn.Module]]], run: Callable[[]
     every = [m for group in groups for _, m in group]
     for group in groups:
         refs = None
-        if mode == "gptq" and target == "fp":
+        if mode == "gptq" and target == "fp":  # a reference pass per group, not one per block:
+            # only this group's inputs are held (SmolLM2, 128 x 2048 bf16 tokens, by count: 0.8 GB
+            # against 1.7 GB for all of a block's at once), for 3 more full-precision passes
             refs = _reference_inputs(dict(group), every, run_ref or run)
         with record_inputs(dict(group), full=mode == "gptq",
                            quantized=mode == "gptq" and target != "quantized",

@@ -204,9 +204,10 @@ class QLinear(torch.nn.Module):
     def start_from(self, codes: Tensor, clip_factors: Tensor) -> None:
         """Start from a given solution (GPTQ): its clipping factors (N, G) and codes (N, K),
         which the hardened layer reproduces before any training. With LoRA-Rounding the
-        codes are the frozen start V0 of the rounding; without it, the codes are fixed
-        offsets ``floor(w_round / s)`` from a rounded weight half a step above the start (V0 =
-        -3 saturates h at 0, A = B = 0 frozen), which still follow a learned step."""
+        codes are the frozen start V0 of the rounding; without it, the codes are fixed (V0 =
+        -3 saturates h at 0, A = B = 0 frozen): with lora_base 'start' the integer base in
+        step units, which a learned step only scales; with 'step' floor(w_round / s) of a
+        rounded weight half a step above the start, which follows the learned step."""
         self._set_clip(clip_logit(clip_factors.to(self.w.device)))
         if self.lora:
             self._start_lora(codes)

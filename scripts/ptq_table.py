@@ -42,6 +42,7 @@ BASE = {  # method -> CBQConfig fields replacing the recipe's
     # asymmetric objective) instead of the weight on the quantized stream
     "gptqfp": {"method": "gptq", "cfp": False, "window": 1, "overlap": 0, "gptq_target": "fp"},
 }  # fmt: skip
+UNTRAINED = ("rtn", "gptq", "gptqfp")  # the baselines: per-token activations, no training
 VARIANTS = {  # ablations / recipe variants: changes of the default CBQ recipe
     "cbq_rtninit": {"init": "rtn"},
     "cbq_nolora": {"lora_rounding": False, "init": "rtn"},  # clipping alone (issue 11's probe)
@@ -101,13 +102,13 @@ def config_for(name: str):
     # cbq_crossquant force one or the other
     a_bits = parse_setting(setting).a_bits
     quantizer = default_act_quantizer(a_bits, "cuda", rotated=rotate)
-    if method in ("rtn", "gptq", "gptqfp", "bw", "cbq_pertoken"):
+    if method in (*UNTRAINED, "bw", "cbq_pertoken"):
         quantizer = "per_token"
     elif method == "cbq_crossquant":
         quantizer = "crossquant"
     settings = parse_setting(setting, act_quantizer=quantizer, ragged_groups=True)
     fields = recipe(settings, "cuda")
-    if rotate and method not in ("rtn", "gptq", "gptqfp"):  # the CLI's rotated recipe (CBQ runs, as
+    if rotate and method not in UNTRAINED:  # the CLI's rotated recipe (CBQ runs, as
         fields.update(rotated_recipe(settings))  # `cbq quantize`); a variant's changes after it
     default = CBQConfig(settings=settings, **fields)
     changes = BASE.get(method, VARIANTS.get(method))
@@ -218,8 +219,8 @@ def csv_rows(runs: dict[str, dict], corpus: str = "wikitext2") -> list[dict]:
 
     for name, r in sorted(runs.items()):
         cfg = r.get("config", {})
-        trains = r.get("method") not in ("rtn", "gptq", "gptqfp", "rtn_rotate", "gptq_rotate",
-                                         "gptqfp_rotate", None)  # fmt: skip
+        method = r.get("method")
+        trains = method is not None and method.removesuffix("_rotate") not in UNTRAINED
         rows.append({
             "setting": r.get("setting", "FP"), "method": r.get("method", name),
             "act_quantizer": _act_quantizer(r),
