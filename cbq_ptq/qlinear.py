@@ -284,8 +284,9 @@ class QLinear(torch.nn.Module):
             # fixed codes (a GPTQ start without LoRA-Rounding: h = 0 exactly, V0 = -3 saturates
             # the rectified sigmoid) on the CPU: the op's value and gradients (step: w_hat / s,
             # zero point: -s where the code is clamped) without its logits, sigmoid and
-            # regulariser; a fixed-code layer's forward and backward here took 60-70% of its
-            # matmul's at 4 x 256 tokens through the op, DECISIONS "Fixed codes on the CPU"
+            # regulariser; through the op a fixed-code layer's weight forward and backward took
+            # 65-73% of its matmul's at 4 x 256 tokens (scripts/bench_fixed_codes.py), DECISIONS
+            # "Fixed codes on the CPU"
             gid = self._gid()
             zg = z[:, gid]
             q = (self.w_base + zg).clamp(0, (1 << bits) - 1)

@@ -27,7 +27,7 @@ from cbq_ptq.config import CBQConfig, parse_setting
 from cbq_ptq.data import calibration_data
 from cbq_ptq.models import arch_spec, blocks, load_model
 from cbq_ptq.pipeline import prepare_block
-from cbq_ptq.qlinear import qlinears
+from cbq_ptq.qlinear import QLinear, qlinears
 from cbq_ptq.reconstruct import _Window, train_window
 from cbq_ptq.streams import capture_inputs, propagate
 
@@ -49,6 +49,8 @@ idx = range(start_block, start_block + 2)
 # FIT=train: the block's start (CFP statistics, GPTQ's moments) from the training windows
 # only, so that the held-out loss judges a start that did not see them (default: all windows)
 fit = n - 4 if os.environ.get("FIT", "all") == "train" else n
+# DIRECT_FIXED=0: fixed-code layers through the LoRA-Rounding op on the CPU (timing comparison)
+QLinear._direct_fixed = os.environ.get("DIRECT_FIXED", "1") != "0"
 
 
 def act_search(block, xin, kwargs, cfg, grid):
