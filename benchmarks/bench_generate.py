@@ -20,6 +20,9 @@ setting beside its bf16 base.
     CBQ_GEN_COMPILE=graph ... (greedy without generate(): each decode step replayed from one
                                CUDA graph captured by cbq_ptq.generate.decode_loop)
     CBQ_GEN_COMPILE=graph-compiled ... (the same, the step's forward through torch.compile)
+    CBQ_GEN_PREFILL=graph ... (with graph / graph-compiled: the prefill captured too, after the
+                               warm-up call, and replayed in the timed one: DecodeSession's
+                               capture_prefill; the prefill column says which)
     CBQ_GEN_FUSE=1 ...        (q / k / v and gate / up as one GEMM each: the fused column
                                counts the fused groups)
     CBQ_GEN_POLICY='{"decode_pdl": true}' ... (the quantized settings' GEMMs under this
@@ -48,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import Environment
 from cbq_ptq.config import parse_setting
-from cbq_ptq.generate import decode_loop, timed_generate
+from cbq_ptq.generate import DecodeSession, decode_loop, timed_generate
 from cbq_ptq.serve import fuse_projections, rtn_kernels, set_policy
 
 # W4A4rot: W4A4 with the online Hadamard rotation of every down_proj input (issue 15's R4,
@@ -63,9 +66,11 @@ SHAPES = {  # hidden, intermediate, heads, kv heads, blocks built, blocks of the
 FIELDS = ["model", "setting", "batch", "prompt", "new_tokens", "ttft_ms", "decode_tok_s",
           "decode_ms_per_step", "speedup_vs_bf16", "decode_tok_s_x80", "peak_gib", "weight_gib",
           "weights",
-          "compile", "fused", "policy", "gpu", "torch", "commit"]  # fmt: skip
+          "compile", "prefill", "fused", "policy", "gpu", "torch", "commit"]  # fmt: skip
 COMPILE = os.environ.get("CBQ_GEN_COMPILE", "auto")
 COMPILE_MODES = ("auto", "off", "graph", "graph-compiled")
+PREFILL = os.environ.get("CBQ_GEN_PREFILL", "eager")
+PREFILL_MODES = ("eager", "graph")
 FUSE = os.environ.get("CBQ_GEN_FUSE", "0") == "1"
 PROFILE = os.environ.get("CBQ_GEN_PROFILE")
 POLICY = os.environ.get("CBQ_GEN_POLICY", "")
@@ -126,7 +131,12 @@ def measure(model, batch: int, prompt: int, new: int, device: torch.device) -> d
     # new tokens, and a compiled decode step is specialised to it (a 2-token warm-up left the
     # compilation inside the timed run: 456 ms per step for bf16 7B on the H200, 053a7b8)
     if COMPILE in ("graph", "graph-compiled"):  # the manual loop: one captured decode step
-        run = lambda: decode_loop(model, ids, new, compile=COMPILE != "graph")  # noqa: E731
+        # one session for both calls: with CBQ_GEN_PREFILL=graph the warm-up call captures
+        # the prefill at its end and the timed call replays it (the step's capture is outside
+        # both times either way)
+        session = DecodeSession(model, compile=COMPILE != "graph",
+                                capture_prefill=PREFILL == "graph")  # fmt: skip
+        run = lambda: session.run(ids, new)  # noqa: E731
     else:
         run = lambda: timed_generate(model, inputs, options)  # noqa: E731
     run()
@@ -138,7 +148,8 @@ def measure(model, batch: int, prompt: int, new: int, device: torch.device) -> d
             "decode_tok_s": round(batch * steps / decode, 1) if decode > 0 else "",
             "decode_ms_per_step": round(decode / steps * 1e3, 3) if steps else "",
             "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            if device.type == "cuda" else "", "compile": COMPILE}  # fmt: skip
+            if device.type == "cuda" else "", "compile": COMPILE,
+            "prefill": PREFILL if COMPILE in ("graph", "graph-compiled") else "eager"}  # fmt: skip
 
 
 def main() -> int:
@@ -150,6 +161,10 @@ def main() -> int:
     args = p.parse_args()
     if COMPILE not in COMPILE_MODES:
         p.error(f"unknown CBQ_GEN_COMPILE {COMPILE!r}; known: {list(COMPILE_MODES)}")
+    if PREFILL not in PREFILL_MODES:
+        p.error(f"unknown CBQ_GEN_PREFILL {PREFILL!r}; known: {list(PREFILL_MODES)}")
+    if PREFILL == "graph" and (args.tiny or COMPILE not in ("graph", "graph-compiled")):
+        p.error("CBQ_GEN_PREFILL=graph needs CBQ_GEN_COMPILE=graph or graph-compiled on a GPU")
     device = torch.device("cpu" if args.tiny else "cuda")
     env = Environment.detect()
     batches = env_list("CBQ_GEN_BATCHES", (1, 2) if args.tiny else (1, 8, 32))

@@ -34,6 +34,8 @@ def merge(paths: list[Path]) -> list[dict]:
                 row["compile"] = row.get("compile") or "auto"  # older CSVs lack the columns
                 row["fused"] = row.get("fused") or "0"
                 row["policy"] = row.get("policy") or ""
+                if row.get("prefill") == "graph":  # a captured prefill is its own mode
+                    row["compile"] += ", prefill graph"
                 rows[tuple(row[k] for k in KEY)] = row
     return list(rows.values())
 

@@ -120,6 +120,8 @@ def decode_loop(model, input_ids: torch.Tensor, new_tokens: int,
     GPU), the host issuing only replays. Greedy, or sampling (:func:`_next_token`). Returns
     (new token ids (B, new_tokens), seconds to the first token, seconds for the rest); every
     row runs all ``new_tokens`` positions (the caller cuts at an end-of-sequence token).
+    One call of a fresh :class:`DecodeSession` (which keeps the cache and the graphs for
+    later calls of the same shape).
 
     Why not Hugging Face ``generate``: it runs Python between steps (logits processors,
     stopping criteria, a device sync per step); measured on the H200 (f6e29c6, 7B-shaped, batch
@@ -138,83 +140,196 @@ def decode_loop(model, input_ids: torch.Tensor, new_tokens: int,
     5.50 for W4A16 g128; off by default because the compilation takes about a minute per
     model and batch shape. Not yet measured with fused projections
     (:func:`cbq_ptq.serve.fuse_projections`)."""
-    from transformers import StaticCache
+    return DecodeSession(model, capture=capture, compile=compile).run(
+        input_ids, new_tokens, attention_mask, sample, temperature, top_p)
 
-    device = input_ids.device
-    capture = device.type == "cuda" if capture is None else capture
-    if capture and device.type != "cuda":
-        raise ValueError(f"graph capture needs a CUDA device, got {device}")
-    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
-        raise ValueError(f"new_tokens must be an int >= 1, got {new_tokens!r}")
-    b, p = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must have the shape of input_ids {(b, p)}, got "
-                         f"{tuple(attention_mask.shape)}")  # fmt: skip
-    mask = torch.cat([attention_mask.long(), attention_mask.new_ones((b, new_tokens)).long()],
-                     dim=1)  # fmt: skip
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # as generate() counts
-    cache = StaticCache(config=model.config, max_cache_len=p + new_tokens)
-    out = torch.zeros((b, new_tokens), dtype=torch.long, device=device)
 
-    def sync() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
-    t_start = sync()
-    with torch.inference_mode():
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True,
-                       cache_position=torch.arange(p, device=device)).logits  # fmt: skip
-        out[:, 0] = _next_token(logits[:, -1], sample, temperature, top_p)
-    t_first = sync()
-    if new_tokens == 1:
-        return out, t_first - t_start, 0.0
-    tok = out[:, :1].clone()  # the static inputs of the step
-    pos = torch.full((1,), p, dtype=torch.long, device=device)
-    row_pos = positions[:, -1:] + 1
-
-    forward = torch.compile(model, dynamic=False) if compile else model
-
-    def step() -> None:
-        logits = forward(input_ids=tok, attention_mask=mask, position_ids=row_pos,
-                       past_key_values=cache, use_cache=True, cache_position=pos).logits
-        nxt = _next_token(logits[:, -1], sample, temperature, top_p)
-        out.index_copy_(1, pos - (p - 1), nxt[:, None])
-        tok.copy_(nxt[:, None])
-        pos.add_(1)
-        row_pos.add_(1)
-
-    with torch.inference_mode():
-        if not capture:
-            for _ in range(new_tokens - 1):
-                step()
-            return out, t_first - t_start, sync() - t_first
-        # the state that a step advances: our token and positions, and the cache's own write
-        # position (transformers' static layers keep a device tensor, cumulative_length, and
-        # write there, not at cache_position: without its restore the replays wrote past the
-        # cache's end, an index_copy_ out of bounds on the H200 at f30d25d)
-        state = [tok, pos, row_pos] + [
-            layer.cumulative_length for layer in getattr(cache, "layers", ())
+def _static_lengths(cache) -> list[torch.Tensor]:
+    """The write positions that transformers' static cache layers keep as device tensors
+    (``cumulative_length``: the layers write there, not at ``cache_position``), which a
+    prefill must find at zero and a decode step advances."""
+    return [layer.cumulative_length for layer in getattr(cache, "layers", ())
             if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]  # fmt: skip
+
+
+class _Shape:
+    """The buffers of one generation shape (batch, prompt length, new tokens, sampling): the
+    static KV cache, the prompt, mask and positions the prefill reads, the token and positions
+    a step reads and advances, the output, and the graphs captured for them."""
+
+    def __init__(self, model, key: tuple, input_ids: torch.Tensor, new_tokens: int) -> None:
+        from transformers import StaticCache
+
+        b, p = input_ids.shape
+        device = input_ids.device
+        self.key, self.p = key, p
+        self.cache = StaticCache(config=model.config, max_cache_len=p + new_tokens)
+        self.ids = torch.zeros((b, p), dtype=torch.long, device=device)
+        self.mask = torch.ones((b, p + new_tokens), dtype=torch.long, device=device)
+        self.positions = torch.zeros((b, p), dtype=torch.long, device=device)
+        self.cache_position = torch.arange(p, device=device)
+        self.out = torch.zeros((b, new_tokens), dtype=torch.long, device=device)
+        self.tok = torch.zeros((b, 1), dtype=torch.long, device=device)
+        self.pos = torch.full((1,), p, dtype=torch.long, device=device)
+        self.row_pos = torch.zeros((b, 1), dtype=torch.long, device=device)
+        self.lengths: list[torch.Tensor] = []  # known after the first prefill (lazy cache)
+        self.step_graph: torch.cuda.CUDAGraph | None = None
+        self.prefill_graph: torch.cuda.CUDAGraph | None = None
+
+    def load(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """This call's prompt into the buffers (in place: the captured graphs read them)."""
+        self.ids.copy_(input_ids)
+        self.mask[:, : self.p].copy_(attention_mask)
+        self.positions.copy_((attention_mask.long().cumsum(-1) - 1).clamp_min(0))
+
+
+class DecodeSession:
+    """:func:`decode_loop` that keeps, between calls, the last shape's static KV cache, its
+    buffers and its captured CUDA graphs (the decode step; with ``capture_prefill`` the
+    prefill too): a later call of the same shape (batch, prompt length, new tokens, sampling
+    options) copies its prompt into the buffers and replays, instead of building a cache and
+    capturing the step again. Another shape replaces them (one shape is kept: a 7B cache of
+    batch 32 x 2304 positions is ~38 GB).
+
+    ``capture_prefill`` (a GPU, ``capture`` on): after a call's tokens are taken, the prefill
+    of that shape is captured too (one more prefill on a side stream, then the capture), so
+    that later calls of the shape replay it: the eager prefill of a W4A8 7B-shaped model
+    launches three kernels per linear layer from Python and was host-bound on the H200 (kernel
+    sum 64.5 ms, time to first token 95.1 ms at batch 1, prompt 2048: bench_generate_bbe9d36.md).
+    Serving engines capture the prompt phase for a list of token counts for this reason
+    (TensorRT-LLM's piecewise CUDA graphs, vLLM's captured sizes). Off by default: a one-off
+    call (``cbq generate``) pays the extra prefill and never replays it.
+
+    Reuse is exact: a replayed prefill overwrites cache positions 0..P-1 and resets the write
+    positions; the positions after P hold the previous call's keys and values until a step
+    overwrites them, and until then the causal mask gives them weight exp(-inf) = 0 (the
+    CPU test holds a reused session's tokens equal to a fresh one's)."""
+
+    def __init__(self, model, capture: bool | None = None, compile: bool = False,
+                 capture_prefill: bool = False) -> None:  # fmt: skip
+        self.model = model
+        self.capture, self.compile, self.capture_prefill = capture, compile, capture_prefill
+        self._shape: _Shape | None = None
+        self._forward = None
+        self._keep: dict | None = None
+
+    def _logits_kwargs(self) -> dict:
+        """``logits_to_keep=1`` where the model takes it (Hugging Face's generate passes it
+        too): the prefill needs the last position's logits only, not (B, P, vocab)."""
+        if self._keep is None:
+            import inspect
+
+            params = inspect.signature(self.model.forward).parameters
+            self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        return self._keep
+
+    def run(self, input_ids: torch.Tensor, new_tokens: int,
+            attention_mask: torch.Tensor | None = None, sample: bool = False,
+            temperature: float = 1.0, top_p: float = 1.0) -> tuple[torch.Tensor, float, float]:  # fmt: skip
+        """As :func:`decode_loop`; the returned ids are a copy (the buffers are reused)."""
+        device = input_ids.device
+        capture = device.type == "cuda" if self.capture is None else self.capture
+        if capture and device.type != "cuda":
+            raise ValueError(f"graph capture needs a CUDA device, got {device}")
+        if self.capture_prefill and not capture:
+            raise ValueError(f"capture_prefill needs graph capture (a CUDA device and capture "
+                             f"not False), got device {device}, capture={self.capture}")
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+            raise ValueError(f"new_tokens must be an int >= 1, got {new_tokens!r}")
+        b, p = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {(b, p)}, got "
+                             f"{tuple(attention_mask.shape)}")  # fmt: skip
+        key = (b, p, new_tokens, device, bool(sample), float(temperature), float(top_p),
+               capture)  # fmt: skip
+        if self._shape is None or self._shape.key != key:
+            self._shape = None  # the old cache and graphs go first
+            self._shape = _Shape(self.model, key, input_ids, new_tokens)
+        st = self._shape
+        keep = self._logits_kwargs()
+
+        def prefill() -> None:
+            for length in st.lengths:  # the cache's write positions back to 0
+                length.zero_()
+            logits = self.model(input_ids=st.ids, attention_mask=st.mask,
+                                position_ids=st.positions, past_key_values=st.cache,
+                                use_cache=True, cache_position=st.cache_position,
+                                **keep).logits  # fmt: skip
+            nxt = _next_token(logits[:, -1], sample, temperature, top_p)
+            st.out[:, 0] = nxt
+            st.tok.copy_(nxt[:, None])
+            st.pos.fill_(p)
+            st.row_pos.copy_(st.positions[:, -1:] + 1)
+
+        if self.compile and self._forward is None:
+            self._forward = torch.compile(self.model, dynamic=False)
+        forward = self._forward if self.compile else self.model
+
+        def step() -> None:
+            logits = forward(input_ids=st.tok, attention_mask=st.mask, position_ids=st.row_pos,
+                             past_key_values=st.cache, use_cache=True,
+                             cache_position=st.pos).logits  # fmt: skip
+            nxt = _next_token(logits[:, -1], sample, temperature, top_p)
+            st.out.index_copy_(1, st.pos - (p - 1), nxt[:, None])
+            st.tok.copy_(nxt[:, None])
+            st.pos.add_(1)
+            st.row_pos.add_(1)
+
+        def sync() -> float:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter()
+
+        with torch.inference_mode():
+            t_start = sync()
+            st.load(input_ids, attention_mask)
+            if st.prefill_graph is not None:
+                st.prefill_graph.replay()
+            else:
+                prefill()
+                if not st.lengths:
+                    st.lengths = _static_lengths(st.cache)
+            t_first = sync()
+            if new_tokens == 1:
+                rest = 0.0
+            elif not capture:
+                for _ in range(new_tokens - 1):
+                    step()
+                rest = sync() - t_first
+            else:
+                if st.step_graph is None:
+                    st.step_graph = self._capture(step, st, device)
+                t_replay = sync()  # warm-up and capture (once per shape) are in neither time
+                for _ in range(new_tokens - 1):
+                    st.step_graph.replay()
+                rest = sync() - t_replay
+            out = st.out.clone()
+            if capture and self.capture_prefill and st.prefill_graph is None:
+                st.prefill_graph = self._capture(prefill, st, device, warmups=1)
+        return out, t_first - t_start, rest
+
+    @staticmethod
+    def _capture(fn, st: _Shape, device: torch.device, warmups: int = 2) -> torch.cuda.CUDAGraph:
+        """``fn`` captured in a CUDA graph after ``warmups`` runs on a side stream (allocations
+        and autotuning off the graph); the state that the runs advance (the step's token and
+        positions and the cache's write positions: without their restore the replays wrote past
+        the cache's end, an index_copy_ out of bounds on the H200 at f30d25d) is put back."""
+        state = [st.tok, st.pos, st.row_pos, st.out, *st.lengths]
         saved = [t.clone() for t in state]
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up (allocations, autotuning) off the graph
-            for _ in range(2):
-                step()
+        with torch.cuda.stream(side):
+            for _ in range(warmups):
+                fn()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            step()
-        for now, before in zip(state, saved, strict=True):  # replays rewrite the warm-up's
+            fn()
+        for now, before in zip(state, saved, strict=True):
             now.copy_(before)
-        t_replay = sync()  # warm-up and capture (setup, once per call) are in neither time
-        for _ in range(new_tokens - 1):
-            graph.replay()
-        return out, t_first - t_start, sync() - t_replay
+        return graph
 
 
 def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 32,

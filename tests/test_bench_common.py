@@ -84,6 +84,17 @@ def test_summarize_generate_merges_parts_and_checks_the_targets(tmp_path):
                         "new_tokens": 64, "ttft_ms": 30, "decode_tok_s": tok_s,
                         "weight_gib": 1, "gpu": "G", "torch": "t", "commit": "c",
                         "compile": "graph"})  # fmt: skip
+    with (tmp_path / "d.csv").open("w", newline="") as f:  # a captured prefill: its own mode
+        w = csv.DictWriter(f, fieldnames=[*fields, "compile", "prefill"])
+        w.writeheader()
+        for setting, ttft in (("bf16", 70.0), ("W4A8", 50.0)):
+            w.writerow({"model": "llama2-7b", "setting": setting, "batch": 1, "prompt": 2048,
+                        "new_tokens": 64, "ttft_ms": ttft, "decode_tok_s": 100,
+                        "weight_gib": 1, "gpu": "G", "torch": "t", "commit": "c",
+                        "compile": "graph", "prefill": "graph"})  # fmt: skip
+    captured = summary(merge([tmp_path / "c.csv", tmp_path / "d.csv"]))
+    assert ("| W4A8 | graph, prefill graph, batch 1, prompt 2048 | ttft_ms | 50.0 vs bf16 70.0 "
+            "| 1.40x | >= 1.4x | met |") in captured  # fmt: skip
     rows = merge([tmp_path / "a.csv", tmp_path / "b.csv"])  # b's W4A16 row replaces a's
     assert len(rows) == 4
     assert len(merge([tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"])) == 6

@@ -235,3 +235,31 @@ def test_decode_loop_sampling_is_seeded_and_keeps_the_nucleus():
     torch.manual_seed(0)
     picks = {int(_next_token(logits, True, 1.0, 0.75)) for _ in range(300)}
     assert picks == {0, 1}  # 0.5 < 0.75 <= 0.5 + 0.3: the first two tokens
+
+
+def test_a_decode_session_reuses_its_cache_and_gives_a_fresh_loops_tokens():
+    """DecodeSession keeps the cache and buffers of the last shape: calls of the same shape
+    (another prompt, other padding) reuse them and give the tokens of a fresh decode_loop
+    (the previous call's keys and values after the prompt are masked until overwritten);
+    another shape builds a new cache; capture_prefill without capture is refused."""
+    from cbq_ptq.generate import DecodeSession, decode_loop
+
+    model = random_llama()
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randint(3, 300, (2, 9), generator=gen)
+    b = torch.randint(3, 300, (2, 9), generator=gen)
+    mask_b = torch.ones_like(b)
+    mask_b[0, :3] = 0
+    b = b.masked_fill(mask_b == 0, 0)
+    session = DecodeSession(model)
+    first, _, _ = session.run(a, 6)
+    cache = session._shape.cache
+    for ids, mask in ((b, mask_b), (a, None), (b, mask_b)):
+        out, prefill, decode = session.run(ids, 6, mask)
+        assert torch.equal(out, decode_loop(model, ids, 6, mask)[0])
+        assert session._shape.cache is cache and prefill > 0 < decode
+    assert torch.equal(session.run(a, 6)[0], first)
+    session.run(a[:, :5], 6)  # another prompt length: a new cache
+    assert session._shape.cache is not cache
+    with pytest.raises(ValueError, match="capture_prefill needs graph capture"):
+        DecodeSession(model, capture_prefill=True).run(a, 2)

@@ -114,6 +114,30 @@ def test_decode_loop_replays_give_the_eager_loops_tokens(setting):
     assert torch.equal(decode_loop(model, ids, 12, mask, sample=True, top_p=0.9)[0], one)
 
 
+@pytest.mark.parametrize("setting", ["bf16", "W4A8", "W4A4"])
+def test_a_session_with_a_captured_prefill_gives_the_eager_loops_tokens(setting):
+    """DecodeSession(capture_prefill=True): the first call runs the prefill eagerly and then
+    captures it; later calls of the shape replay it (other prompts, other padding) and give
+    the tokens of the eager loop; the prefill graph is kept for the shape."""
+    from cbq_ptq.generate import DecodeSession, decode_loop
+    from cbq_ptq.serve import rtn_kernels
+
+    model = random_llama(256, 512, vocab=1000, device="cuda", dtype=torch.bfloat16)
+    if setting != "bf16":
+        rtn_kernels(model, parse_setting(setting), torch.bfloat16)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 1000, (3, 72), generator=gen).cuda() for _ in range(3)]
+    mask = torch.ones_like(prompts[1])
+    mask[2, :9] = 0
+    session = DecodeSession(model, capture_prefill=True)
+    for i, (ids, m) in enumerate(((prompts[0], None), (prompts[1], mask), (prompts[2], None),
+                                  (prompts[0], None))):  # fmt: skip
+        out, prefill, decode = session.run(ids, 10, m)
+        assert session._shape.prefill_graph is not None
+        assert torch.equal(out, decode_loop(model, ids, 10, m, capture=False)[0]), i
+        assert prefill > 0 < decode
+
+
 def test_decode_loop_with_a_compiled_step_gives_the_eager_tokens():
     """compile=True: the step's forward through torch.compile (the cbq GEMM and act-quant
     ops opaque inside it), captured, gives the eager loop's tokens (fp32 compute, so that
