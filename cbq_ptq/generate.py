@@ -225,7 +225,8 @@ class DecodeSession:
 
     def run(self, input_ids: torch.Tensor, new_tokens: int,
             attention_mask: torch.Tensor | None = None, sample: bool = False,
-            temperature: float = 1.0, top_p: float = 1.0) -> tuple[torch.Tensor, float, float]:  # fmt: skip
+            temperature: float = 1.0,
+            top_p: float = 1.0) -> tuple[torch.Tensor, float, float]:  # fmt: skip
         """As :func:`decode_loop`; the returned ids are a copy (the buffers are reused)."""
         device = input_ids.device
         capture = device.type == "cuda" if self.capture is None else self.capture
