@@ -138,15 +138,19 @@ def test_a_session_with_a_captured_prefill_gives_the_eager_loops_tokens(setting)
         assert prefill > 0 < decode
 
 
-def test_decode_loop_with_a_compiled_step_gives_the_eager_tokens():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_decode_loop_with_a_compiled_step_gives_the_eager_tokens(fuse):
     """compile=True: the step's forward through torch.compile (the cbq GEMM and act-quant
     ops opaque inside it), captured, gives the eager loop's tokens (fp32 compute, so that
-    inductor's reordered elementwise arithmetic cannot flip an argmax)."""
+    inductor's reordered elementwise arithmetic cannot flip an argmax); also with q / k / v
+    and gate / up fused (fuse_projections), the combination bench_generate times next."""
     from cbq_ptq.generate import decode_loop
-    from cbq_ptq.serve import rtn_kernels
+    from cbq_ptq.serve import fuse_projections, rtn_kernels
 
     model = random_llama(256, 512, vocab=1000, device="cuda")
     rtn_kernels(model, parse_setting("W4A8"), torch.float32)
+    if fuse:
+        assert fuse_projections(model) > 0
     ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(1)).cuda()
     eager, _, _ = decode_loop(model, ids, 10, capture=False)
     compiled, _, decode = decode_loop(model, ids, 10, compile=True)
