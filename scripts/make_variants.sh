@@ -5,7 +5,9 @@
 #   v9d16  decode-tma     the same with a 16-deep ring (CBQ_DEC_DEPTH 16)
 #   v8d16  main           the committed kernel with a 16-deep ring
 #   vmt4   decode-swapmt  the swapped-operand kernel for every M <= 32 (1, 2 or 4 8-row tiles)
+#   vxpf   decode-xpf     the committed kernel with chunk c + 1's activations loaded during chunk c
 #   bash scripts/make_variants.sh        # then: bash scripts/gpu_variants.sh OUT "v9 vmt4"
+#   (vxpf: bash scripts/gpu_variants.sh OUT vxpf --ms 1,16 --shapes 70b_gate_up,7b_gate_up,13b_qkvo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 files="csrc/gemm_decode.cu csrc/bindings.cpp cbq_kernels/gemm_decode.py tests/kernels/test_gemm_decode_cuda.py"
@@ -27,3 +29,4 @@ take v9 decode-tma
 take v9d16 decode-tma 16
 take v8d16 main 16
 take vmt4 decode-swapmt
+take vxpf decode-xpf
