@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-clip", type=_fraction, default=None,
                    help="per-token activation clipping ratio every layer starts from, in (0, 1] "
                         "(learned from there with the clipping; default: the recipe's)")
+    q.add_argument("--act-clip-shared", action=argparse.BooleanOptionalAction, default=None,
+                   help="q / k / v and gate / up learn one activation clipping ratio each, so "
+                        "the served model runs each group as one GEMM (default: the recipe's)")
     q.add_argument("--loss", choices=["rel", "mse"], default=None,
                    help="window loss: per-token relative error (the recipe's) or MSE")
     q.add_argument("--window", type=_int_at_least(1), default=2, help="blocks per window (K)")
@@ -520,6 +523,8 @@ def cmd_quantize(args) -> int:
         config = dataclasses.replace(config, **rotated_recipe(settings))
     if args.act_clip is not None:  # an explicit flag wins over every recipe
         config = dataclasses.replace(config, act_clip=args.act_clip)
+    if args.act_clip_shared is not None:
+        config = dataclasses.replace(config, act_clip_shared=args.act_clip_shared)
     if args.act_quantizer == "auto":  # the recipe's quantizer depends on the rotation too
         act = default_act_quantizer(settings.a_bits, device.split(":")[0], rotate != "none")
         if act != settings.act_quantizer:

@@ -134,7 +134,14 @@ class CBQConfig:
 
     act_clip: the per-token activation clipping ratio every quantized layer starts from (the
     quantization range is act_clip x the token's max |x|; learned from there with the
-    clipping, else fixed).
+    clipping, else fixed). act_clip_shared: the layers that read one input (q / k / v, gate /
+    up) learn one ratio between them, so that they quantize that input alike and the served
+    model can run each group as one GEMM (cbq_ptq.serve.fuse_projections requires equal
+    quantizers). On by default: CPU block proxy (SmolLM2, rotated, held-out window loss,
+    docs/results/issue15/cpu_proxy/act_clip_shared.txt) W4A8 blocks 0-1 / 14-15 equal
+    (0.00448 / 0.00292 both ways), W4A4 0.01271 -> 0.01272 and 0.01607 -> 0.01624 (+0.1% /
+    +1.1%); fusing a block's q / k / v and gate / up took the 7B-shaped W4A4 decode step from
+    5.55 to 4.89 ms on the H200 (benchmarks/results/h200/bench_generate_bbe9d36.md).
 
     rotate: 'none', 'hadamard' or 'random': rotate the full-precision model first
     (cbq_ptq.rotation: RMSNorm folded, R1 on the residual stream, R2 per head, R4 online on
@@ -165,6 +172,7 @@ class CBQConfig:
     lora_base: str = "start"
     learn_clipping: bool = True
     act_clip: float = 1.0
+    act_clip_shared: bool = True
     epochs: int = 2
     steps: int | None = None
     batch_size: int = 4

@@ -97,6 +97,11 @@ def prepare_block(model, j: int, x_in: Tensor, kwargs: dict, config: CBQConfig,
             q.channel_factor = channel_max[name].clamp_min(1e-6).pow(1 - alpha)
         q.to(device)
         replace_module(block, name, q)
+    if config.act_clip_shared:
+        for names in spec.groups:
+            first = block.get_submodule(names[0])
+            for name in names[1:]:
+                block.get_submodule(name).share_act_clip(first)
     start = _start_mode(config)
     if start is not None:
         groups = [[(n, block.get_submodule(n)) for n in names]

@@ -149,6 +149,16 @@ class QLinear(torch.nn.Module):
         else:
             self.register_buffer(name, None if value is None else value.detach().clone())
 
+    def share_act_clip(self, other: QLinear) -> None:
+        """Learn one activation clipping ratio with ``other`` (a layer reading the same input):
+        its learned logit becomes this layer's too (one parameter, trained once per step)."""
+        if (self.act_logit is None) != (other.act_logit is None):
+            raise ValueError(f"{self.name} and {other.name}: one learns its activation clipping "
+                             "ratio and the other does not")  # fmt: skip
+        if other.act_logit is not None:
+            self._parameters["act_logit"] = other.act_logit
+        self.act_ratio = other.act_ratio.clone()
+
     def _set_clip(self, logits: Tensor) -> None:
         """Clipping logits: learned parameters, or fixed buffers (a searched or GPTQ start
         that is not trained)."""

@@ -137,9 +137,13 @@ def train_window(layers, idx: range, xq: Tensor, y_hom: Tensor, y_fp: Tensor, kw
     train_idx = torch.arange(n - n_hold)
     held = torch.arange(n - n_hold, n) if n_hold else train_idx  # no split: judged on training
     groups: dict[str, list] = {"clip": [], "lora": [], "act": []}
+    seen: set[int] = set()  # a parameter shared by layers (act_clip_shared) is trained once
     for q in qls:
         for kind, params in q.learned().items():
-            groups[kind] += params
+            for p in params:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    groups[kind].append(p)
     params = [p for ps in groups.values() for p in ps]
     before = win.evaluate(held, "hard")
     if not math.isfinite(before):

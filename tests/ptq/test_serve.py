@@ -189,3 +189,24 @@ def test_a_policy_reaches_every_kernel_layer_and_the_fused_ones():
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="policy must be a GemmPolicy or None, got dict"):
         set_policy(model, {"decode_pdl": True})
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_shared_activation_ratios_make_a_cbq_model_fusable(stories, shared):
+    """act_clip_shared: q / k / v (and gate / up) learn one activation clipping ratio, trained
+    once per step, so the served model fuses every group; learned apart they differ and stay
+    unfused (the ratios move from 1.0 at a larger act_clip slope: start 0.8)."""
+    from cbq_ptq.qlinear import QLinear
+    from cbq_ptq.serve import fuse_projections
+
+    model, _ = stories
+    config = CBQConfig(settings=parse_setting("W4A8"), steps=6, lora_rounding=False,
+                       act_clip=0.8, act_clip_shared=shared, holdout=0.0, lr=0.05)  # fmt: skip
+    q, _ = quantize(copy.deepcopy(model), config, ids(4), progress=False)
+    ratios = {n: float(m.act_ratio) for n, m in q.named_modules() if isinstance(m, QLinear)}
+    qkv = [ratios[f"model.layers.0.self_attn.{p}_proj"] for p in "qkv"]
+    gate_up = [ratios[f"model.layers.0.mlp.{p}_proj"] for p in ("gate", "up")]
+    assert (len(set(qkv)) == 1 and len(set(gate_up)) == 1) == shared, (qkv, gate_up)
+    assert all(r != 0.8 for r in qkv + gate_up)  # learned
+    use_kernels(q, torch.float32)
+    assert fuse_projections(q) == (2 * len(q.model.layers) if shared else 0)
