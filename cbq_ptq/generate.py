@@ -243,6 +243,12 @@ class DecodeSession:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have the shape of input_ids {(b, p)}, got "
                              f"{tuple(attention_mask.shape)}")  # fmt: skip
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(context, int) and p + new_tokens > context:
+            raise ValueError(f"the prompt ({p} tokens, padded to the batch's longest) and "
+                             f"{new_tokens} new tokens exceed the model's context of {context} "
+                             f"positions (max_position_embeddings): ask for at most "
+                             f"{max(context - p, 0)} new tokens or shorten the prompt")  # fmt: skip
         key = (b, p, new_tokens, device, bool(sample), float(temperature), float(top_p),
                capture)  # fmt: skip
         if self._shape is None or self._shape.key != key:

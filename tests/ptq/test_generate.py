@@ -214,6 +214,11 @@ def test_decode_loop_equals_generate_greedy_with_and_without_padding():
         decode_loop(model, ids, 0)
     with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids"):
         decode_loop(model, ids, 2, mask[:, 1:])
+    context = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"10 tokens.* and {context} new tokens exceed the "
+                                         rf"model's context of {context} positions"):  # fmt: skip
+        decode_loop(model, ids, context)
+    assert decode_loop(model, ids[:1, :2], 2)[0].shape == (1, 2)
 
 
 def test_decode_loop_sampling_is_seeded_and_keeps_the_nucleus():
