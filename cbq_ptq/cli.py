@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts-file", default=None, help="a UTF-8 file, one prompt per line")
     g.add_argument("--max-new-tokens", type=_int_at_least(1), default=64)
     g.add_argument("--batch", type=_int_at_least(1), default=8, help="prompts per generate call")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user turn in the model's chat template "
+                        "(instruction-tuned models such as SmolLM2-135M-Instruct)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=_positive_float, default=1.0, help="with --sample")
     g.add_argument("--top-p", type=_fraction, default=1.0, help="with --sample, in (0, 1]")
@@ -676,6 +679,12 @@ def cmd_generate(args) -> int:
                          "(no quant_config.json; give OUT/model) nor a compressed-tensors "
                          "folder")  # fmt: skip
     prompts = _prompts(args)
+    if args.chat:  # before the model loads: the tokenizer alone says
+        from transformers import AutoTokenizer
+
+        if not getattr(AutoTokenizer.from_pretrained(path), "chat_template", None):
+            raise UsageError("argument --chat: the model's tokenizer has no chat template (not "
+                             "an instruction-tuned model?); give the prompts without --chat")
 
     from cbq_ptq.generate import generate, load_for_generation
 
@@ -683,7 +692,7 @@ def cmd_generate(args) -> int:
     if table:
         print(_layer_summary(table), file=sys.stderr)
     out = generate(model, tok, prompts, args.max_new_tokens, args.batch, args.sample,
-                   args.temperature, args.top_p, args.seed)  # fmt: skip
+                   args.temperature, args.top_p, args.seed, chat=args.chat)  # fmt: skip
     for prompt, text in zip(prompts, out.texts, strict=True):
         print(prompt + text)
         print()

@@ -212,16 +212,20 @@ class DecodeSession:
         self._shape: _Shape | None = None
         self._forward = None
         self._keep: dict | None = None
+        self._cache_name = "past_key_values"
 
-    def _logits_kwargs(self) -> dict:
-        """``logits_to_keep=1`` where the model takes it (Hugging Face's generate passes it
-        too): the prefill needs the last position's logits only, not (B, P, vocab)."""
+    def _forward_names(self) -> tuple[dict, str]:
+        """(``logits_to_keep=1`` where the model takes it, as Hugging Face's generate passes
+        it: the prefill needs the last position's logits only, not (B, P, vocab); the name of
+        the cache argument: ``cache`` where the forward has it, transformers >= 5.25, whose
+        ``past_key_values`` warns of its removal on every call, else ``past_key_values``)."""
         if self._keep is None:
             import inspect
 
             params = inspect.signature(self.model.forward).parameters
             self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        return self._keep
+            self._cache_name = "cache" if "cache" in params else "past_key_values"
+        return self._keep, self._cache_name
 
     def run(self, input_ids: torch.Tensor, new_tokens: int,
             attention_mask: torch.Tensor | None = None, sample: bool = False,
@@ -255,15 +259,15 @@ class DecodeSession:
             self._shape = None  # the old cache and graphs go first
             self._shape = _Shape(self.model, key, input_ids, new_tokens)
         st = self._shape
-        keep = self._logits_kwargs()
+        keep, cache_name = self._forward_names()
 
         def prefill() -> None:
             for length in st.lengths:  # the cache's write positions back to 0
                 length.zero_()
             logits = self.model(input_ids=st.ids, attention_mask=st.mask,
-                                position_ids=st.positions, past_key_values=st.cache,
-                                use_cache=True, cache_position=st.cache_position,
-                                **keep).logits  # fmt: skip
+                                position_ids=st.positions, use_cache=True,
+                                cache_position=st.cache_position,
+                                **{cache_name: st.cache}, **keep).logits  # fmt: skip
             nxt = _next_token(logits[:, -1], sample, temperature, top_p)
             st.out[:, 0] = nxt
             st.tok.copy_(nxt[:, None])
@@ -276,8 +280,8 @@ class DecodeSession:
 
         def step() -> None:
             logits = forward(input_ids=st.tok, attention_mask=st.mask, position_ids=st.row_pos,
-                             past_key_values=st.cache, use_cache=True,
-                             cache_position=st.pos).logits  # fmt: skip
+                             use_cache=True, cache_position=st.pos,
+                             **{cache_name: st.cache}).logits  # fmt: skip
             nxt = _next_token(logits[:, -1], sample, temperature, top_p)
             st.out.index_copy_(1, st.pos - (p - 1), nxt[:, None])
             st.tok.copy_(nxt[:, None])
@@ -339,12 +343,23 @@ class DecodeSession:
         return graph
 
 
+def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
+    """Each prompt as one user turn in the tokenizer's chat template, ending where the
+    assistant's answer starts (``add_generation_prompt``)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat: the model's tokenizer has no chat template (not an "
+                         "instruction-tuned model?); give the prompts without --chat")  # fmt: skip
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                          add_generation_prompt=True) for p in prompts]  # fmt: skip
+
+
 def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 32,
              batch_size: int = 8, sample: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0, seed: int = 0) -> Generation:  # fmt: skip
+             top_p: float = 1.0, seed: int = 0, chat: bool = False) -> Generation:  # fmt: skip
     """Continue every prompt by up to ``max_new_tokens`` tokens, ``batch_size`` prompts at a
     time: greedy, or sampling at ``temperature`` / ``top_p`` (seeded: the same call gives the
-    same text)."""
+    same text). ``chat``: each prompt is a user turn in the model's chat template
+    (:func:`chat_prompts`), the continuation the assistant's answer."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
@@ -355,6 +370,8 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 3
     if sample and not (temperature > 0 and 0 < top_p <= 1):
         raise ValueError(f"sampling needs temperature > 0 and top_p in (0, 1], got "
                          f"{temperature} and {top_p}")  # fmt: skip
+    if chat:
+        prompts = chat_prompts(tokenizer, prompts)
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -268,3 +268,23 @@ def test_a_decode_session_reuses_its_cache_and_gives_a_fresh_loops_tokens():
     assert session._shape.cache is not cache
     with pytest.raises(ValueError, match="capture_prefill needs graph capture"):
         DecodeSession(model, capture_prefill=True).run(a, 2)
+
+
+def test_chat_prompts_use_the_tokenizers_template(saved, capsys):
+    """--chat / chat=True: each prompt becomes a user turn of the tokenizer's chat template
+    (the generation equals generating from the rendered text); a tokenizer without one
+    (stories260K's) is a one-line error."""
+    path, _ = saved
+    from cbq_ptq.generate import chat_prompts
+
+    model, tok, _ = load_for_generation(path, "cpu")
+    rc = main(["generate", str(path), "--prompt", "Hello", "--chat", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no chat template" in err and len(err.strip().splitlines()) == 1
+    tok.chat_template = ("{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}Story:{% endif %}")  # fmt: skip
+    assert chat_prompts(tok, ["a dog"]) == ["User: a dog\nStory:"]
+    chat = generate(model, tok, ["a dog", "the sun"], max_new_tokens=3, chat=True)
+    plain = generate(model, tok, ["User: a dog\nStory:", "User: the sun\nStory:"],
+                     max_new_tokens=3)  # fmt: skip
+    assert chat.tokens == plain.tokens
