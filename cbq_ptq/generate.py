@@ -378,13 +378,14 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 3
         tokenizer.pad_token = tokenizer.eos_token
     eos = tokenizer.eos_token_id
     out = Generation([], [], 0.0, 0.0, 0)
+    session = DecodeSession(model)  # batches of one shape reuse its cache and captured step
     for i in range(0, len(prompts), batch_size):
         batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(device)  # fmt: skip
         torch.manual_seed(seed + i)
-        new_ids, prefill, decode = decode_loop(
-            model, batch["input_ids"], max_new_tokens, batch["attention_mask"], sample,
-            temperature, top_p)  # fmt: skip
+        new_ids, prefill, decode = session.run(
+            batch["input_ids"], max_new_tokens, batch["attention_mask"], sample, temperature,
+            top_p)  # fmt: skip
         new = new_ids.tolist()
         out.prefill_seconds += prefill
         out.decode_seconds += decode
