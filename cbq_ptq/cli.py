@@ -694,7 +694,7 @@ def cmd_generate(args) -> int:
     out = generate(model, tok, prompts, args.max_new_tokens, args.batch, args.sample,
                    args.temperature, args.top_p, args.seed, chat=args.chat)  # fmt: skip
     for prompt, text in zip(prompts, out.texts, strict=True):
-        print(prompt + text)
+        print(prompt + ("\n" if args.chat else "") + text)  # a chat answer on its own line
         print()
     print(f"prefill (first token of each batch) {out.prefill_seconds:.3f} s; decode "
           f"{out.decode_tokens_per_second:.1f} tokens/s ({out.decode_tokens} tokens, batch "
