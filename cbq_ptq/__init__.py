@@ -7,7 +7,9 @@ linear layer (:mod:`cbq_ptq.qlinear`), GPTQ and the starts (:mod:`cbq_ptq.gptq`)
 reconstruction (:mod:`cbq_ptq.reconstruct`), the window loop (:func:`quantize`), perplexity
 (:func:`evaluate_perplexity`, :func:`kernel_proportions`), saving / loading (:func:`save`,
 :func:`load`), export to compressed-tensors (:func:`export`) and running a saved model with
-the inference GEMMs (:func:`use_kernels`).
+the inference GEMMs (:func:`use_kernels`); generation with them: :mod:`cbq_ptq.generate`
+(:func:`load_for_generation`, ``cbq_ptq.generate.generate``, and :class:`DecodeSession`, which
+keeps a shape's cache and captured graphs across calls).
 
 The names below are imported on first use (``cbq --help`` should not wait for torch).
 """
@@ -18,12 +20,14 @@ import importlib
 
 _WHERE = {
     "CBQConfig": "cbq_ptq.config",
+    "DecodeSession": "cbq_ptq.generate",
     "QuantSettings": "cbq_ptq.config",
     "parse_setting": "cbq_ptq.config",
     "evaluate_perplexity": "cbq_ptq.evaluate",
     "export": "cbq_ptq.interop",
     "kernel_proportions": "cbq_ptq.evaluate",
     "load": "cbq_ptq.io",
+    "load_for_generation": "cbq_ptq.generate",
     "save": "cbq_ptq.io",
     "quantize": "cbq_ptq.pipeline",
     "use_kernels": "cbq_ptq.serve",
