@@ -1,6 +1,7 @@
 """Speed of the compiled CPU dequantization (cbq::dequantize, csrc/pack_cpu.cpp), the CPU
 forward of every served quantized layer: milliseconds and codes per second at SmolLM2-135M's
-layer shapes, and bit equality with packing.dequantize_ref.
+layer shapes, and bit equality with packing.dequantize_ref; then pack (save) and unpack with
+their equality to pack_ref / unpack_ref.
 
     python scripts/bench_dequantize_cpu.py
 """
@@ -36,6 +37,20 @@ def main() -> None:
         dt = (time.perf_counter() - t) / reps
         print(f"{n} x {k}, {bits}-bit, group {gs or 'row'}: {dt * 1e3:.3f} ms, "
               f"{n * k / dt / 1e9:.2f} Gcodes/s, equal to the reference: {same}")
+    for n, k, bits, _ in SHAPES:
+        codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=g)
+        packed = packing.pack(codes, bits)
+        same = torch.equal(packed, packing.pack_ref(codes, bits)) and torch.equal(
+            packing.unpack(packed, bits, k), packing.unpack_ref(packed, bits, k))
+        times = {}
+        for name, fn in (("pack", lambda: packing.pack(codes, bits)),
+                         ("unpack", lambda: packing.unpack(packed, bits, k))):  # fmt: skip
+            t = time.perf_counter()
+            for _ in range(20):
+                fn()
+            times[name] = (time.perf_counter() - t) / 20
+        print(f"{n} x {k}, {bits}-bit: pack {n * k / times['pack'] / 1e9:.2f} Gcodes/s, unpack "
+              f"{n * k / times['unpack'] / 1e9:.2f} Gcodes/s, equal to the references: {same}")
 
 
 if __name__ == "__main__":
