@@ -32,6 +32,7 @@ from pathlib import Path
 
 from cbq_ptq.config import (
     GPTQ_TARGETS,
+    LORA_RECIPE,
     CBQConfig,
     default_act_quantizer,
     parse_setting,
@@ -422,7 +423,9 @@ def build_config(args, settings, device: str) -> CBQConfig:
         if settings.symmetric_weights:
             raise ValueError("--lora: LoRA-Rounding is implemented for asymmetric weights "
                              "(zero points); drop --symmetric-weights or --lora")  # fmt: skip
-        fields["lora_rounding"] = True
+        fields.update(LORA_RECIPE)
+        if args.lr is not None:  # an explicit --lr still wins
+            fields["lr"] = args.lr
     if settings.symmetric_weights and args.method == "cbq":
         # GPTQ starts and LoRA-Rounding are built for zero points: symmetric weights start from
         # round-to-nearest with searched clipping and train their rounding straight-through

@@ -43,8 +43,9 @@ def main() -> None:
         same = torch.equal(packed, packing.pack_ref(codes, bits)) and torch.equal(
             packing.unpack(packed, bits, k), packing.unpack_ref(packed, bits, k))
         times = {}
-        for name, fn in (("pack", lambda: packing.pack(codes, bits)),
-                         ("unpack", lambda: packing.unpack(packed, bits, k))):  # fmt: skip
+        calls = {"pack": lambda c=codes, b=bits: packing.pack(c, b),
+                 "unpack": lambda p=packed, b=bits, k=k: packing.unpack(p, b, k)}
+        for name, fn in calls.items():
             t = time.perf_counter()
             for _ in range(20):
                 fn()

@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cbq_ptq.config import LORA_RECIPE  # noqa: E402  (plain dataclasses: no torch import)
+
 SETTINGS = ["W4A16", "W4A16g64", "W3A16g64", "W2A16g64", "W2A16g32", "W4A8", "W6A6", "W8A8"]
 BASE = {  # method -> CBQConfig fields replacing the recipe's
     "rtn": {"epochs": 0, "steps": None, "cfp": False, "lora_rounding": False, "window": 1,
@@ -70,8 +72,8 @@ VARIANTS = {  # ablations / recipe variants: changes of the default CBQ recipe
     # docs/results/issue15/cpu_proxy/rounding_base.txt); LoRA-Rounding back on, with the
     # base fixed in step units (the default lora_base) and re-derived from the step (the
     # recipe up to 5441745), and the fixed-code recipe at twice the clipping rate
-    "cbq_lora": {"lora_rounding": True},
-    "cbq_lorastep": {"lora_rounding": True, "lora_base": "step"},
+    "cbq_lora": {**LORA_RECIPE},
+    "cbq_lorastep": {**LORA_RECIPE, "lora_base": "step"},
     "cbq_codes_lr2x": {"lr": "2x"},
     "cbq_gptqfp": {"gptq_target": "fp"},  # the start: GPTQ toward the fp outputs
     "cbq_crossquant": {},  # activations forced to CrossQuant (config_for)

@@ -67,9 +67,13 @@ def test_symmetric_weights_start_from_round_to_nearest_without_lora():
     args = build_parser().parse_args(["quantize", "--setting", "W8A8"])
     config = build_config(args, parse_setting("W8A8"), "cpu")
     assert config.init == "gptq" and not config.lora_rounding  # the recipe keeps GPTQ's codes
+    assert config.lr == 0.02  # the fixed-code recipe's learning rate (config.recipe)
     args = build_parser().parse_args(["quantize", "--setting", "W8A8", "--lora"])
     config = build_config(args, parse_setting("W8A8"), "cpu")
     assert config.init == "gptq" and config.lora_rounding and config.lora_base == "start"
+    assert config.lr == 5e-3  # --lora takes back the LoRA recipe's (LORA_RECIPE)
+    args = build_parser().parse_args(["quantize", "--setting", "W8A8", "--lora", "--lr", "0.01"])
+    assert build_config(args, parse_setting("W8A8"), "cpu").lr == 0.01
     for argv, match in ((["--symmetric-weights", "--lora"], "asymmetric"),
                         (["--method", "gptq", "--lora"], "--method cbq")):  # fmt: skip
         args = build_parser().parse_args(["quantize", "--setting", "W8A8", *argv])
