@@ -63,7 +63,7 @@ for step in $steps; do
         rc=$(( rc || PIPESTATUS[0] ))
       done ;;
     hncu)  # Nsight Compute on both CUDA Hadamard kernels, 8192 x 28672 and 8192 x 11008 int8
-      ncu -k regex:hadamard_quant -c 6 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      ncu -k regex:hadamard_quant -c 8 --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section WarpStateStats --section Occupancy --section LaunchStats \
         --section ComputeWorkloadAnalysis --section SchedulerStats --section InstructionStats \
         python3 scripts/ncu_hadamard.py > "$out/ncu_hadamard.txt" 2>&1
