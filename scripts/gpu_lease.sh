@@ -2,8 +2,8 @@
 # One lease's GPU work in three calls (the machine goes back after ~30 s idle, so the calls
 # follow each other at once; the SmolLM2 GGUF travels in two halves, one per call):
 #   bash scripts/gpu_lease.sh OUT alone   # carry .carry/{a,whl,shared,vxpf} .cbq_commit:
-#       GGUF first half; build; Nsight Compute on the Hadamard kernels; the decode variant
-#       vxpf beside main; bench_generate on the 7B shape (timings with the GPU to themselves)
+#       GGUF first half; build; Nsight Compute on the Hadamard kernels; the decode variants
+#       of CBQ_VARIANTS beside main; bench_generate on the 7B shape (timings with the GPU to themselves)
 #   bash scripts/gpu_lease.sh OUT table   # carry .carry/{b,whl,shared} .cbq_commit:
 #       second half, the PTQ table runs (CBQ_JOBS_A) and the CUDA test suite in the
 #       background, compute-sanitizer on the Hadamard kernels, then wait
@@ -19,8 +19,10 @@ case $stage in
     CBQ_TEST_SECONDS=0 bash scripts/gpu_ptq.sh "$out/p" gguf-a > /dev/null 2>&1
     cat "$out/p/environment.txt"
     bash scripts/gpu_gemm.sh "$out/g" build hncu
-    timeout 240 bash scripts/gpu_variants.sh "$out/v" vxpf --ms 1,16 \
-      --shapes 70b_gate_up,7b_gate_up,13b_qkvo 2>&1 | tail -30
+    if [ -n "${CBQ_VARIANTS:-}" ]; then  # e.g. vxpf (carry .carry/vxpf)
+      timeout 240 bash scripts/gpu_variants.sh "$out/v" "$CBQ_VARIANTS" --ms 1,16 \
+        --shapes 70b_gate_up,7b_gate_up,13b_qkvo 2>&1 | tail -30
+    fi
     CBQ_GEN_MODELS=llama2-7b CBQ_GEN_BATCHES=1 CBQ_GEN_PROMPTS=2048 CBQ_GEN_NEW=64 \
       CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph CBQ_GEN_FUSE=1 \
       CBQ_GEN_SETTINGS=bf16,W4A8,W4A4,W4A16g128 timeout ${CBQ_GEN_S:-170} \
