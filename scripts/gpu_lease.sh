@@ -5,8 +5,9 @@
 #       GGUF first half; build; Nsight Compute on the Hadamard kernels; the decode variants
 #       of CBQ_VARIANTS beside main; bench_generate on the 7B shape (timings with the GPU to themselves)
 #   bash scripts/gpu_lease.sh OUT table   # carry .carry/{b,whl,shared} .cbq_commit:
-#       second half, the PTQ table runs (CBQ_JOBS_A) and the CUDA test suite in the
-#       background, compute-sanitizer on the Hadamard kernels, then wait
+#       second half, the PTQ table runs (CBQ_JOBS_A; the whole CUDA test suite too where
+#       CBQ_GPU_TESTS=1) in the background, compute-sanitizer on the Hadamard kernels, the new
+#       served-model GPU tests, then wait
 #   bash scripts/gpu_lease.sh OUT wait    # wait for the table, collect
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
@@ -29,9 +30,13 @@ case $stage in
       python3 benchmarks/bench_generate.py --out "$out/gen" 2>&1 | grep -v Warning | cut -c1-240 | tail -8
     pack ;;
   table)
-    CBQ_TEST_SECONDS=${CBQ_TEST_SECONDS:-420} bash scripts/gpu_ptq.sh "$out/p" start 2>&1 | tail -15
+    CBQ_GPU_TESTS=${CBQ_GPU_TESTS:-0} bash scripts/gpu_ptq.sh "$out/p" start 2>&1 | tail -15
     while pgrep -f "setup.py build_ext" > /dev/null; do sleep 5; done
     bash scripts/gpu_gemm.sh "$out/g" hsanitize
+    # the served model's GPU tests written since the last lease (DecodeSession, captured
+    # prefill, compiled + fused step)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/ptq/test_serve_cuda.py \
+      2>&1 | tee "$out/g/pytest_serve.txt" | tail -6
     bash scripts/gpu_ptq.sh "$out/p" wait ${CBQ_WAIT_S:-300} 2>&1 | tail -25
     pack ;;
   wait)
