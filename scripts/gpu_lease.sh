@@ -9,6 +9,8 @@
 #       CBQ_GPU_TESTS=1) in the background, compute-sanitizer on the Hadamard kernels, the new
 #       served-model GPU tests, then wait
 #   bash scripts/gpu_lease.sh OUT wait    # wait for the table, collect
+#   bash scripts/gpu_lease.sh OUT one     # carry .carry/shared .cbq_commit: all but the table,
+#       in one call (when the machine is scarce: no second call needed)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
 out=${1:?usage: gpu_lease.sh OUT alone|table|wait}; stage=$2
@@ -38,6 +40,23 @@ case $stage in
     timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/ptq/test_serve_cuda.py \
       2>&1 | tee "$out/g/pytest_serve.txt" | tail -6
     bash scripts/gpu_ptq.sh "$out/p" wait ${CBQ_WAIT_S:-300} 2>&1 | tail -25
+    pack ;;
+  one)  # everything but the PTQ table in one call (no GGUF): build, Nsight Compute on the
+    # Hadamard kernels, the served-model GPU tests, compute-sanitizer, bench_generate
+    export CBQ_MODELS_DIR=$PWD/.carry/shared/models CBQ_DATA_DIR=$PWD/.carry/shared/data
+    [ -f .cbq_commit ] && export CBQ_COMMIT=$(cat .cbq_commit)
+    { nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader
+      python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], \
+'| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
+      echo "commit ${CBQ_COMMIT:-unknown}"; } | tee "$out/environment.txt"
+    bash scripts/gpu_gemm.sh "$out/g" build hncu
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/ptq/test_serve_cuda.py \
+      2>&1 | tee "$out/g/pytest_serve.txt" | tail -6
+    CBQ_GEN_MODELS=llama2-7b CBQ_GEN_BATCHES=1 CBQ_GEN_PROMPTS=2048 CBQ_GEN_NEW=64 \
+      CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph CBQ_GEN_FUSE=1 \
+      CBQ_GEN_SETTINGS=bf16,W4A8,W4A4,W4A16g128 timeout ${CBQ_GEN_S:-150} \
+      python3 benchmarks/bench_generate.py --out "$out/gen" 2>&1 | grep -v Warning | cut -c1-240 | tail -8
+    timeout 120 bash scripts/gpu_gemm.sh "$out/g" hsanitize
     pack ;;
   wait)
     bash scripts/gpu_ptq.sh "$out/p" wait ${CBQ_WAIT_S:-540} 2>&1 | tail -40
