@@ -52,6 +52,9 @@ case $stage in
     bash scripts/gpu_gemm.sh "$out/g" build hncu
     timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/ptq/test_serve_cuda.py \
       2>&1 | tee "$out/g/pytest_serve.txt" | tail -6
+    # the decode kernel's untimed policies: two m-tiles at M = 32 (batch 32), PDL at M = 1
+    CBQ_BENCH_MS=1,32 CBQ_BENCH_SHAPES=7b_qkvo,7b_gate_up,7b_down,70b_gate_up timeout 150 \
+      python3 benchmarks/bench_gemm.py --out "$out/gemm" 2>&1 | grep -v "done$" | tail -3
     CBQ_GEN_MODELS=llama2-7b CBQ_GEN_BATCHES=1 CBQ_GEN_PROMPTS=2048 CBQ_GEN_NEW=64 \
       CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph CBQ_GEN_FUSE=1 \
       CBQ_GEN_SETTINGS=bf16,W4A8,W4A4,W4A16g128 timeout ${CBQ_GEN_S:-150} \
