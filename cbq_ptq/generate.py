@@ -326,9 +326,15 @@ class DecodeSession:
         """``fn`` captured in a CUDA graph after ``warmups`` runs on a side stream (allocations
         and autotuning off the graph); the state that the runs advance (the step's token and
         positions and the cache's write positions: without their restore the replays wrote past
-        the cache's end, an index_copy_ out of bounds on the H200 at f30d25d) is put back."""
+        the cache's end, an index_copy_ out of bounds on the H200 at f30d25d; and the CUDA
+        random generator, so sampled tokens do not depend on whether this call captured) is
+        put back."""
         state = [st.tok, st.pos, st.row_pos, st.out, *st.lengths]
         saved = [t.clone() for t in state]
+        # the sampler's random stream too: without it the warm-ups' draws moved the generator
+        # on, so a call that captured drew other tokens than a later call of the same seed
+        # that replayed (H100, b9bb17a: test_a_session_with_a_captured_prefill failed there)
+        rng = torch.cuda.get_rng_state(device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -340,6 +346,7 @@ class DecodeSession:
             fn()
         for now, before in zip(state, saved, strict=True):
             now.copy_(before)
+        torch.cuda.set_rng_state(rng, device)
         return graph
 
 

@@ -143,6 +143,10 @@ def test_a_session_with_a_captured_prefill_gives_the_eager_loops_tokens(setting)
         torch.manual_seed(3)
         draws.append(session.run(prompts[0], 10, sample=True, top_p=0.9)[0])
     assert torch.equal(draws[0], draws[1])
+    # and as the eager loop draws them (a capture's warm-ups do not move the generator on)
+    torch.manual_seed(3)
+    eager = decode_loop(model, prompts[0], 10, sample=True, top_p=0.9, capture=False)[0]
+    assert torch.equal(draws[0], eager)
 
 
 @pytest.mark.parametrize("fuse", [False, True])
