@@ -8,13 +8,15 @@ cbq kernels: w4a8 (4-bit per-channel weight, int8 activation codes), w4a8_g128, 
 (packed int4 activation codes), w4a16_g128 and w2a16_g128 (weight-only, bf16 activations),
 each as its public function dispatches it on a weight prepared as a served model holds it
 (prepare_weight's layout "auto": the decode layout alone when the extension has the kernel;
-M <= 16: the CUDA decode kernel of csrc/gemm_decode.cu, M <= 63 the same kernel on 16-row
-slices, larger M expanded from that layout); the Triton kernels on the canonical words (a
-second weight, layout "both") as *_triton rows (M <= 63: the Triton decode kernel); at 16 < M
-<= 63 also *_mt2 rows (GemmPolicy(decode_mtiles=2): the CUDA kernel on 32-row slices whose
-two m-tiles share each weight chunk, against the default 16-row slices); at M <= 16 also *_pdl
-rows (GemmPolicy(decode_pdl=True): the decode kernel with programmatic dependent launch; the
-timed graph replays the GEMM back to back, so this is the overlap between consecutive GEMMs,
+M <= 16: the CUDA decode kernel of csrc/gemm_decode.cu with programmatic dependent launch,
+M <= 63 the same kernel on 32-row launches of two m-tiles, larger M expanded from that
+layout: the default GemmPolicy); the Triton kernels on the canonical words (a second weight,
+layout "both") as *_triton rows (M <= 63: the Triton decode kernel); at 16 < M <= 63 also
+*_mt1 rows (GemmPolicy(decode_mtiles=1): 16-row slices, each reading the whole weight, the
+default before b9bb17a's H100 run; *_mt2 in the tables before it were today's default); at
+M <= 16 also *_nopdl rows (GemmPolicy(decode_pdl=False): the plain launch, the default
+before; *_pdl before it were today's default). The timed graph replays the GEMM back to
+back, so the PDL overlap measured is that between consecutive GEMMs,
 more than a decode step with other kernels between them gets; the *_tiles rows of
 bench_gemm.csv at 7a9193f, a Triton kernel reading the decode layout once for all rows, lost
 to the slices: 70b gate/up M = 32 W4A8 0.218 vs 0.133 ms);
@@ -58,8 +60,8 @@ from cbq_kernels.packing import pack_ref as pack  # no compiled extension needed
 from cbq_kernels.testing import LLAMA_LINEAR_SHAPES
 
 MS = (1, 4, 16, 32, 64, 256, 1024, 2048, 4096, 8192)
-MTILES = GemmPolicy(decode_mtiles=2)  # the *_mt2 rows: 32-row launches at 16 < M <= 63
-PDL = GemmPolicy(decode_pdl=True)  # the *_pdl rows: programmatic dependent launch, M <= 16
+SLICES = GemmPolicy(decode_mtiles=1)  # the *_mt1 rows: 16-row launches at 16 < M <= 63
+NO_PDL = GemmPolicy(decode_pdl=False)  # the *_nopdl rows: the plain launch, M <= 16
 FP8_W4A4 = GemmPolicy(fp8_w4a4_min_m=1)  # the w4a4_fp8 rows (M >= 256)
 
 
@@ -195,11 +197,12 @@ def main() -> None:
                         m * k * 2 + n * k // 2 + n * k // 32,
                     ),
                 )
-            if m <= 16:  # programmatic dependent launch: each timed graph replays the GEMM
-                # back to back, so the next launch's weight prefetch overlaps this one's tail
-                cases += rows("_pdl", w4, w4g, w2g, policy=PDL)
-            if 16 < m <= 63:  # two m-tiles per launch vs the 16-row slices
-                cases += rows("_mt2", w4, w4g, w2g, policy=MTILES)
+            if m <= 16:  # without programmatic dependent launch (the default has it: each
+                # timed graph replays the GEMM back to back, so the next launch's weight
+                # prefetch overlaps this one's tail)
+                cases += rows("_nopdl", w4, w4g, w2g, policy=NO_PDL)
+            if 16 < m <= 63:  # 16-row slices vs the default's two m-tiles per launch
+                cases += rows("_mt1", w4, w4g, w2g, policy=SLICES)
             if m <= 63:  # the Triton decode kernel on the canonical words
                 cases += rows("_triton", w4c, w4gc, w2gc, split_k=_split_k(m, n, k, x.device))
             if m in (256, 1024, 4096):  # the other side of the dispatch thresholds

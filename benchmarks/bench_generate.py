@@ -25,7 +25,7 @@ setting beside its bf16 base.
                                capture_prefill; the prefill column says which)
     CBQ_GEN_FUSE=1 ...        (q / k / v and gate / up as one GEMM each: the fused column
                                counts the fused groups)
-    CBQ_GEN_POLICY='{"decode_pdl": true}' ... (the quantized settings' GEMMs under this
+    CBQ_GEN_POLICY='{"decode_pdl": false}' ... (the quantized settings' GEMMs under this
                                cbq_kernels.gemm.GemmPolicy, cbq_ptq.serve.set_policy; the
                                policy column says which; default: the default dispatch)
     CBQ_GEN_PROFILE=DIR ...   (also the GPU time of every kernel in one eager prefill and one

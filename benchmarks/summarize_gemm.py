@@ -151,7 +151,7 @@ def plot(times, path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for prov, series in sorted(speedup_by_m(times).items()):
-        if prov.endswith(("_triton", "_tiles", "_inloop", "_mt2")):
+        if prov.endswith(("_triton", "_tiles", "_inloop", "_mt1", "_mt2", "_pdl", "_nopdl")):
             continue  # the variants of the sweep: in the CSV, not in the picture
         ax.plot(list(series), list(series.values()), marker="o", label=prov)
     ax.axhline(1.0, color="gray", lw=0.8)

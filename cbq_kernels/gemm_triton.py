@@ -69,16 +69,23 @@ class GemmPolicy:
     # in the decode layout alone, M <= small_m): 1 launches it per 16-row slice, each reading
     # the whole weight (M = 32 costs 2x M = 16: 70b gate/up W4A8 133 vs 67 us, bench_gemm.csv
     # at 7a9193f); 2 launches 32-row slices whose two m-tiles share each weight chunk
-    # (csrc/gemm_decode.cu, MT = 2). 1 (the default) until that kernel's GPU tests have passed
-    decode_mtiles: int = 1
+    # (csrc/gemm_decode.cu, MT = 2). 2 (the default) since bench_gemm timed both (H100,
+    # b9bb17a, benchmarks/results/h100/bench_gemm_mt2_pdl_b9bb17a.md): at M = 32 every row was
+    # faster with 2, 1.1-1.9x (70B gate/up W4A8 149 -> 93 us, W4A4 136 -> 73; 7B down W4A8
+    # 38.5 -> 26.6); its GPU tests passed at f098880
+    decode_mtiles: int = 2
     # launch the CUDA decode kernel with programmatic dependent launch (compute capability
     # 9.0): its weight prefetch (the cp.async ring and the group scales: nothing a kernel
     # writes) overlaps the previous kernel in the stream, and griddepcontrol.wait holds back
     # every read of x and write of the output until that kernel has finished. Aimed at the ~7
     # us floor of the small decode GEMMs (7B shapes: launch and first DRAM round trips,
     # DECISIONS "Decode variants of stop 27"), as vLLM and TensorRT-LLM chain their decode
-    # kernels. False (the default) until its GPU test and bench_gemm's *_pdl rows have run
-    decode_pdl: bool = False
+    # kernels. True (the default) since bench_gemm timed it (H100, b9bb17a): at M = 1 every
+    # row was faster with it, 7B shapes 9-16% (q/k/v/o W4A8 7.95 -> 6.84 us), 70B gate/up
+    # 1-7.5%; M = 4 / 16 not timed (the overlap does not depend on M); bit-exact against the
+    # plain launch eagerly and in graphs (its GPU test, f098880). A device below compute
+    # capability 9.0 launches without it (csrc/gemm_decode.cu)
+    decode_pdl: bool = True
 
     def __post_init__(self) -> None:
         for name in ("cuda_decode", "decode_pdl"):

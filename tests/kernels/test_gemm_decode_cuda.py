@@ -199,7 +199,8 @@ def test_two_m_tiles_equal_two_launches(m, bits, group_size, a, splits):
 @pytest.mark.parametrize("act_bits", [None, 8, 4])
 def test_rows_beyond_16_on_a_weight_in_the_decode_layout_alone(m, act_bits):
     """A served weight (layout "auto": the decode layout alone) at 16 < M <= 64: the CUDA
-    kernel on 16-row slices (the default) and the Triton kernel reading the layout once
+    kernel on 32-row launches of two m-tiles (the default) or on 16-row slices and the
+    Triton kernel reading the layout once
     (GemmPolicy.tiles_max_m) give the exact int32 accumulators, and weight-only products
     within twice PyTorch's error."""
     need_kernel()
@@ -209,13 +210,14 @@ def test_rows_beyond_16_on_a_weight_in_the_decode_layout_alone(m, act_bits):
     assert w.words is None
     tiles = GemmPolicy(tiles_max_m=64)
     mtiles = GemmPolicy(decode_mtiles=2)  # 32-row launches of the two-m-tile kernel
+    slices = GemmPolicy(decode_mtiles=1)  # 16-row slices
     g = torch.Generator(device="cuda").manual_seed(13)
     x = torch.randn(m, 11008, generator=g, device="cuda").to(torch.bfloat16)
     if act_bits is None:
         exact = gemm_ref(x, w)
         deq = dequantize_ref(w.packed, 4, 11008, w.scales, w.zeros.float(), 128)
         torch_err = float((x @ deq.to(torch.bfloat16).t()).double().sub(exact).abs().max())
-        for policy in (None, tiles, mtiles):
+        for policy in (None, tiles, mtiles, slices):
             err = float((gemm_wonly(x, w, policy=policy).double() - exact).abs().max())
             assert err <= 2 * torch_err + 1e-6 * float(exact.abs().max()), policy
         return
@@ -223,7 +225,7 @@ def test_rows_beyond_16_on_a_weight_in_the_decode_layout_alone(m, act_bits):
     fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
     codes_x = xq if act_bits == 8 else unpack(xq, 4, 11008).to(torch.int32) - 8
     want = exact_int(codes_x, w, codes)
-    for policy in (None, tiles, mtiles):
+    for policy in (None, tiles, mtiles, slices):
         assert torch.equal(fn(xq, xs, w, debug=True, policy=policy).long(), want), policy
 
 
@@ -244,7 +246,7 @@ def test_programmatic_dependent_launch_gives_the_same_bits(m, bits, group_size, 
     x = torch.randn(m, k, generator=g, device="cuda").to(
         torch.float16 if a == "fp16" else torch.bfloat16)  # fmt: skip
     pdl = GemmPolicy(decode_pdl=True, decode_mtiles=2 if m > 16 else 1)
-    plain = GemmPolicy(decode_mtiles=pdl.decode_mtiles)
+    plain = GemmPolicy(decode_pdl=False, decode_mtiles=pdl.decode_mtiles)
     if a in ("bf16", "fp16"):
         run = lambda policy: gemm_wonly(x, w, policy=policy)  # noqa: E731
     else:
