@@ -1,19 +1,19 @@
 """Online Hadamard rotation fused with per-token activation quantization (issue 15), bf16 in:
-SmolLM2's down_proj width 1536 = 12 x 128, a power of two (4096), Llama-2's 11008 = 172 x 64
-and 28672 = 28 x 1024, 8192 tokens (target: >= 80% of the copy bandwidth). Providers: the op as
-the API runs it (``fused``: the Triton kernel; ``fused_api_composition``: widths it does not
-take, the transform as matrix products then act_quant; ``cuda``: csrc/hadamard_quant.cu, where
-the API routes the wide widths with a small factor unless CBQ_HADAMARD_CUDA=0), the CUDA kernel
-timed beside the API's path where it takes the width and is not what the API ran (``cuda``),
-the Triton tile or the composition beside the CUDA kernel where the API ran the latter
-(``triton_tile``, ``fused_api_composition``), the CUDA kernel with its small factor on the CUDA
-cores instead of the tensor cores (``cuda_fma``), the register kernels where each applies
-(``cuda_reg1``: csrc/hadamard_quant_reg.cu, ``cuda_reg3``: the same with two m-tiles per warp,
-``cuda_reg2``: csrc/hadamard_quant_xch.cu; the API under CBQ_HADAMARD_CUDA=reg: ``cuda_reg``,
-variant 0), the butterfly reference's
-composition (the transform, then act_quant), act_quant alone (the cost without rotation);
-then, int8 codes, the Triton kernel at other rows per program / warps than its default
-(``fused R=rows w=warps``: where the default came from).
+SmolLM2's down_proj width 1536 = 12 x 128, a power of two (4096), Llama-2's 11008 = 172 x 64 and
+28672 = 28 x 1024, 8192 tokens (target: >= 80% of the copy bandwidth). Providers: the op as the
+API runs it (``fused``: the Triton kernel; ``fused_api_composition``: widths it does not take,
+the transform as matrix products then act_quant; ``cuda``: csrc/hadamard_quant.cu, where the API
+routes the wide widths with a small factor under CBQ_HADAMARD_CUDA=smem or for fp32 inputs;
+``cuda_reg``: the register kernels, its default for 16-bit inputs), the CUDA kernel timed beside
+the API's path where it takes the width and is not what the API ran (``cuda``), the Triton tile
+or the composition beside the CUDA kernel where the API ran the latter (``triton_tile``,
+``fused_api_composition``), the CUDA kernel with its small factor on the CUDA cores instead of
+the tensor cores (``cuda_fma``), the register kernels where each applies (``cuda_reg1``:
+csrc/hadamard_quant_reg.cu, ``cuda_reg3``: the same with two m-tiles per warp, ``cuda_reg2``:
+csrc/hadamard_quant_xch.cu; the API's default: ``cuda_reg``, variant 0), the butterfly
+reference's composition (the transform, then act_quant), act_quant alone (the cost without
+rotation); then, int8 codes, the Triton kernel at other rows per program / warps than its
+default (``fused R=rows w=warps``: where the default came from).
 
     python benchmarks/bench_hadamard.py --out benchmarks/results/h200
 """
@@ -76,8 +76,8 @@ def main() -> None:
             except Exception as err:  # e.g. out of shared memory at a width: noted, not fatal
                 notes.append(f"- {n}, int{bits}: the fused op failed: {str(err)[:160]}")
                 continue
-            env = os.environ.get("CBQ_HADAMARD_CUDA")
-            api_reg = env == "reg" and _use_cuda_reg(x, bits)
+            env = os.environ.get("CBQ_HADAMARD_CUDA", "reg")  # as hadamard_quant._impl
+            api_reg = env not in ("0", "smem") and _use_cuda_reg(x, bits)
             api = api_reg or (env != "0" and _use_cuda(x))
             provider = ("cuda_reg" if api_reg else "cuda" if api else "fused" if _fits(n)
                         else "fused_api_composition")  # fmt: skip

@@ -30,8 +30,9 @@ Widths the tile does not take (m_pad > 64, p < 16, m_pad p > 32768: e.g. 11008 =
 run the composition: the transform as matrix products, then act_quant.
 
 Wide widths with a small factor (n >= ``_CUDA_MIN_N``: Llama-2's 11008 = 172 x 64 and 28672 =
-28 x 1024) run the CUDA kernel of csrc/hadamard_quant.cu when the extension has it
-(CBQ_HADAMARD_CUDA=0 routes them back to Triton, for comparison): a row per thread block in shared
+28 x 1024) run a CUDA kernel when the extension has it (16-bit inputs: the register kernels, below;
+CBQ_HADAMARD_CUDA=smem the shared-memory one, 0 the Triton composition, for comparison).
+The shared-memory kernel of csrc/hadamard_quant.cu: a row per thread block in shared
 memory, the small factor on the tensor cores (16-bit inputs; the CUDA cores for fp32 ones),
 radix-32 butterflies, the same quantizer arithmetic and the same contract as this module's
 kernel (one level, in rare elements; scales to their last bits). The Triton tile spills at
@@ -235,17 +236,20 @@ _MAX_WARPS_SMALL_FACTOR = 8
 _CUDA_MIN_N = 8192
 _CUDA_MAX_N = 32768  # one row in a block's shared memory (fp32)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cbq::DType
-# The API routes those widths to the CUDA kernel unless CBQ_HADAMARD_CUDA=0 (on by default
-# since its GPU tests and compute-sanitizer's memcheck/racecheck passed on the H200 at 7a9193f:
-# benchmarks/results/h200/pytest_hadamard_7a9193f.txt). CBQ_HADAMARD_CUDA=reg routes 16-bit
-# inputs to the register kernels (csrc/hadamard_quant_reg.cu, hadamard_quant_xch.cu; variant
-# 0, REG_VARIANTS) instead: written for the 80%-of-copy-bandwidth target from that kernel's
-# ncu reading, compiled for sm_80 / 89 / 90a (the exchange kernel with 52-60 bytes of spills,
-# per row: its comment) and the first one's index math checked against the reference in an
-# emulation on the CPU, but not yet run on a GPU, so neither is the default until their GPU
-# tests and benchmark have run.
+# The API routes those widths to the CUDA kernels unless CBQ_HADAMARD_CUDA=0 (the Triton
+# composition). 16-bit inputs go to the register kernels (csrc/hadamard_quant_reg.cu,
+# hadamard_quant_xch.cu; variant 0, REG_VARIANTS) where they take the shape, others (fp32)
+# to the shared-memory kernel (csrc/hadamard_quant.cu); CBQ_HADAMARD_CUDA=smem keeps every
+# input on the shared-memory kernel. The register kernels are the default since b9bb17a:
+# their GPU tests passed (all variants, widths, dtypes and row counts, H200 at f098880),
+# compute-sanitizer's memcheck and racecheck found 0 errors and 0 hazards in them (H100 at
+# b9bb17a, benchmarks/results/h100/hsanitize_b9bb17a.txt), and they are 1.6-1.8x the
+# shared-memory kernel (8192 rows, int8: H200 f098880 28672 0.565 vs 0.911 ms, 11008 0.333
+# vs 0.553; H100 b9bb17a under ncu 0.642 vs 1.11 ms, 0.388 vs 0.681). The shared-memory
+# kernel served by default from 7a9193f (its GPU tests and sanitizer runs on the H200).
 _CUDA_ENV = "CBQ_HADAMARD_CUDA"
-_REG = "reg"
+_REG = "reg"  # the default; "1" too
+_SMEM = "smem"
 
 
 def _cuda_built() -> bool:
@@ -336,8 +340,8 @@ def _reg_takes(x: Tensor, bits: int, variant: int = 0) -> bool:
 
 
 def _use_cuda_reg(x: Tensor, bits: int) -> bool:
-    """Whether the API runs the register kernel on this x under CBQ_HADAMARD_CUDA=reg: the
-    widths it routes to CUDA (:func:`_cuda_shape`), 16-bit inputs."""
+    """Whether the API runs the register kernel on this x (unless CBQ_HADAMARD_CUDA is 0 or
+    smem): the widths it routes to CUDA (:func:`_cuda_shape`), 16-bit inputs."""
     return _cuda_shape(x.shape[1]) is not None and _reg_takes(x, bits)
 
 
@@ -375,8 +379,8 @@ def _impl(x: Tensor, bits: int, signs: Tensor, clip_ratio: float) -> tuple[Tenso
     n = x.shape[1]
     if x.is_cuda:
         x = x.contiguous()
-        env = os.environ.get(_CUDA_ENV)
-        if env == _REG and _use_cuda_reg(x, bits):
+        env = os.environ.get(_CUDA_ENV, _REG)
+        if env not in ("0", _SMEM) and _use_cuda_reg(x, bits):
             return _launch_cuda(x, bits, signs, clip_ratio, reg=True)
         if env != "0" and _use_cuda(x):
             return _launch_cuda(x, bits, signs, clip_ratio)

@@ -111,10 +111,19 @@ def test_the_cuda_kernel_is_deterministic_and_takes_zero_rows():
 
 
 def test_the_api_runs_the_cuda_kernel_unless_switched_off(monkeypatch):
+    """16-bit inputs: the register kernel by default, the shared-memory kernel under
+    CBQ_HADAMARD_CUDA=smem (and for fp32 inputs), the composition under 0."""
     need_cuda_kernel()
     n = 11008
     x = data(64, n, seed=5)
     signs = hadamard.random_signs(n, 4).cuda()
+    codes, scales = hadamard_act_quant(x, 8, signs)
+    want_codes, want_scales = _launch_cuda(x, 8, signs, 1.0, reg=True)
+    assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+    codes, scales = hadamard_act_quant(x.float(), 8, signs)
+    want_codes, want_scales = _launch_cuda(x.float(), 8, signs, 1.0)
+    assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+    monkeypatch.setenv("CBQ_HADAMARD_CUDA", "smem")
     codes, scales = hadamard_act_quant(x, 8, signs)
     want_codes, want_scales = _launch_cuda(x, 8, signs, 1.0)
     assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
@@ -124,15 +133,15 @@ def test_the_api_runs_the_cuda_kernel_unless_switched_off(monkeypatch):
     assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
 
 
-# The register kernels (CBQ_HADAMARD_CUDA=reg): variant 1 (csrc/hadamard_quant_reg.cu) at the
-# same widths and three below the API's (launched directly): its three accumulator widths (pw =
-# 32 at 640 = 20 x 32, 64 at 11008, 128 at the others), one to sixteen rows per block (12288:
-# m' = 96, two rows per block of 12 warps; 640: eight; 1536: m' = 12, sixteen), no small factor
-# (4096: m' = 32 from H_32 (x) H_128); variant 2 (csrc/hadamard_quant_xch.cu) at the widths it
-# takes (28672: 16 warps, 12288: two rows per block of 8 warps, 20480); variant 3 (two m-tiles
-# per warp, p <= 64: 11008 = 6 warps of which the last has one tile, 640 = one warp, 2304 = 36 x
-# 64: two warps, the second with one tile); a last block with fewer rows than it holds (t = 3,
-# 333), 16-bit inputs.
+# The register kernels (the API's default for 16-bit inputs): variant 1
+# (csrc/hadamard_quant_reg.cu) at the same widths and three below the API's (launched directly):
+# its three accumulator widths (pw = 32 at 640 = 20 x 32, 64 at 11008, 128 at the others), one to
+# sixteen rows per block (12288: m' = 96, two rows per block of 12 warps; 640: eight; 1536: m' =
+# 12, sixteen), no small factor (4096: m' = 32 from H_32 (x) H_128); variant 2
+# (csrc/hadamard_quant_xch.cu) at the widths it takes (28672: 16 warps, 12288: two rows per block
+# of 8 warps, 20480); variant 3 (two m-tiles per warp, p <= 64: 11008 = 6 warps of which the last
+# has one tile, 640 = one warp, 2304 = 36 x 64: two warps, the second with one tile); a last block
+# with fewer rows than it holds (t = 3, 333), 16-bit inputs.
 @pytest.mark.parametrize(("n", "variant"), [
     (28672, 1), (28672, 2), (11008, 1), (11008, 3), (12288, 1), (12288, 2), (20480, 1),
     (20480, 2), (640, 1), (640, 3), (2304, 3), (1536, 1), (4096, 1)])  # fmt: skip
@@ -180,7 +189,9 @@ def test_the_register_kernel_is_deterministic_and_takes_zero_rows(monkeypatch):
     assert int(a[0][9].abs().max()) == 0 and float(a[1][9]) == float(torch.tensor(1e-8))
     codes, scales = _launch_cuda(x[:0], 4, signs, 1.0, reg=True)
     assert codes.shape == (0, n // 8) and scales.shape == (0,)
-    monkeypatch.setenv("CBQ_HADAMARD_CUDA", "reg")  # the API's switch
+    codes, scales = hadamard_act_quant(x, 8, signs)  # the API's default
+    assert torch.equal(codes, a[0]) and torch.equal(scales, a[1])
+    monkeypatch.setenv("CBQ_HADAMARD_CUDA", "reg")  # and its explicit name
     codes, scales = hadamard_act_quant(x, 8, signs)
     assert torch.equal(codes, a[0]) and torch.equal(scales, a[1])
     with pytest.raises(ValueError, match="not taken"):  # fp32: the register kernel refuses
