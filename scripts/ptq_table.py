@@ -75,8 +75,9 @@ VARIANTS = {  # ablations / recipe variants: changes of the default CBQ recipe
     "cbq_lora": {**LORA_RECIPE},
     "cbq_lorastep": {**LORA_RECIPE, "lora_base": "step"},
     "cbq_codes_lr2x": {"lr": "2x"},
-    # the fixed-code recipe at the learning rate it had before 268d4d3 (the LoRA recipe's)
-    "cbq_codes_lr005": {"lr": 5e-3},
+    # the fixed-code recipe at the learning rate the block proxy preferred (the default from
+    # 268d4d3 until the end-to-end CPU run disagreed: config.recipe)
+    "cbq_codes_lr02": {"lr": 2e-2},
     "cbq_gptqfp": {"gptq_target": "fp"},  # the start: GPTQ toward the fp outputs
     "cbq_crossquant": {},  # activations forced to CrossQuant (config_for)
     "cbq_pertoken": {},  # activations forced to per token (config_for)

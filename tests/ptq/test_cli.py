@@ -67,7 +67,7 @@ def test_symmetric_weights_start_from_round_to_nearest_without_lora():
     args = build_parser().parse_args(["quantize", "--setting", "W8A8"])
     config = build_config(args, parse_setting("W8A8"), "cpu")
     assert config.init == "gptq" and not config.lora_rounding  # the recipe keeps GPTQ's codes
-    assert config.lr == 0.02  # the fixed-code recipe's learning rate (config.recipe)
+    assert config.lr == 5e-3  # the fixed-code recipe's learning rate (config.recipe)
     args = build_parser().parse_args(["quantize", "--setting", "W8A8", "--lora"])
     config = build_config(args, parse_setting("W8A8"), "cpu")
     assert config.init == "gptq" and config.lora_rounding and config.lora_base == "start"
