@@ -20,7 +20,6 @@ default (``fused R=rows w=warps``: where the default came from).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from benchmarks.common import Environment, Table, bench, cli, write_report
 from cbq_kernels import hadamard
 from cbq_kernels.act_quant import act_quant
 from cbq_kernels.hadamard_quant import (
+    _api_kernel,
     _config,
     _fits,
     _launch,
@@ -39,7 +39,6 @@ from cbq_kernels.hadamard_quant import (
     _reg_takes,
     _tile,
     _use_cuda,
-    _use_cuda_reg,
     hadamard_act_quant,
     launch_configs,
 )
@@ -76,9 +75,9 @@ def main() -> None:
             except Exception as err:  # e.g. out of shared memory at a width: noted, not fatal
                 notes.append(f"- {n}, int{bits}: the fused op failed: {str(err)[:160]}")
                 continue
-            env = os.environ.get("CBQ_HADAMARD_CUDA", "reg")  # as hadamard_quant._impl
-            api_reg = env not in ("0", "smem") and _use_cuda_reg(x, bits)
-            api = api_reg or (env != "0" and _use_cuda(x))
+            kernel = _api_kernel(x, bits)  # what the op above ran
+            api_reg = kernel == "reg"
+            api = kernel is not None
             provider = ("cuda_reg" if api_reg else "cuda" if api else "fused" if _fits(n)
                         else "fused_api_composition")  # fmt: skip
             table.add(name, provider, shape, "bf16", fused, nbytes=nbytes, copy_gbps=copy_gbps,

@@ -248,7 +248,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cbq::D
 # vs 0.553; H100 b9bb17a under ncu 0.642 vs 1.11 ms, 0.388 vs 0.681). The shared-memory
 # kernel served by default from 7a9193f (its GPU tests and sanitizer runs on the H200).
 _CUDA_ENV = "CBQ_HADAMARD_CUDA"
-_REG = "reg"  # the default; "1" too
+_REG = "reg"  # the default (any value but "0" and "smem")
 _SMEM = "smem"
 
 
@@ -345,6 +345,20 @@ def _use_cuda_reg(x: Tensor, bits: int) -> bool:
     return _cuda_shape(x.shape[1]) is not None and _reg_takes(x, bits)
 
 
+def _api_kernel(x: Tensor, bits: int) -> str | None:
+    """Which CUDA kernel the API runs on this contiguous x under CBQ_HADAMARD_CUDA: "reg"
+    (the register kernels), "smem" (the shared-memory kernel) or None (Triton or the
+    composition). The one place of that choice: the op and bench_hadamard ask it."""
+    if not x.is_cuda:
+        return None
+    env = os.environ.get(_CUDA_ENV, _REG)
+    if env not in ("0", _SMEM) and _use_cuda_reg(x, bits):
+        return _REG
+    if env != "0" and _use_cuda(x):
+        return _SMEM
+    return None
+
+
 def _launch_cuda(x: Tensor, bits: int, signs: Tensor, clip_ratio: float,
                  mma: bool | None = None, reg: bool = False,
                  variant: int = 0) -> tuple[Tensor, Tensor]:  # fmt: skip
@@ -379,11 +393,9 @@ def _impl(x: Tensor, bits: int, signs: Tensor, clip_ratio: float) -> tuple[Tenso
     n = x.shape[1]
     if x.is_cuda:
         x = x.contiguous()
-        env = os.environ.get(_CUDA_ENV, _REG)
-        if env not in ("0", _SMEM) and _use_cuda_reg(x, bits):
-            return _launch_cuda(x, bits, signs, clip_ratio, reg=True)
-        if env != "0" and _use_cuda(x):
-            return _launch_cuda(x, bits, signs, clip_ratio)
+        kernel = _api_kernel(x, bits)
+        if kernel is not None:
+            return _launch_cuda(x, bits, signs, clip_ratio, reg=kernel == _REG)
     if not use_triton(_hadamard_quant_kernel, x.device) or not _fits(n) or n % 4:
         if x.device.type != "cpu":  # the composition of the two kernels on the GPU
             from cbq_kernels.act_quant import act_quant
