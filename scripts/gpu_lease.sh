@@ -13,10 +13,17 @@
 #       in one call (when the machine is scarce: no second call needed)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
-out=${1:?usage: gpu_lease.sh OUT alone|table|wait}; stage=$2
+out=${1:?usage: gpu_lease.sh OUT alone|table|wait|one}; stage=${2:?usage: gpu_lease.sh OUT alone|table|wait|one}
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 pack() { tar czf /tmp/lease_$stage.tgz -C "$out" . && rm -rf "${out:?}"/* && mv /tmp/lease_$stage.tgz "$out/"; ls -la "$out"; }
+gen7b() {  # bench_generate, 7B-shaped, batch 1, prompt 2048: captured step and prefill, fused
+  # projections; at most CBQ_GEN_S (else $1) seconds
+  CBQ_GEN_MODELS=llama2-7b CBQ_GEN_BATCHES=1 CBQ_GEN_PROMPTS=2048 CBQ_GEN_NEW=64 \
+    CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph CBQ_GEN_FUSE=1 \
+    CBQ_GEN_SETTINGS=bf16,W4A8,W4A4,W4A16g128 timeout ${CBQ_GEN_S:-$1} \
+    python3 benchmarks/bench_generate.py --out "$out/gen" 2>&1 | grep -v Warning | cut -c1-240 | tail -8
+}
 case $stage in
   alone)
     CBQ_TEST_SECONDS=0 bash scripts/gpu_ptq.sh "$out/p" gguf-a > /dev/null 2>&1
@@ -26,10 +33,7 @@ case $stage in
       timeout 240 bash scripts/gpu_variants.sh "$out/v" "$CBQ_VARIANTS" --ms 1,16 \
         --shapes 70b_gate_up,7b_gate_up,13b_qkvo 2>&1 | tail -30
     fi
-    CBQ_GEN_MODELS=llama2-7b CBQ_GEN_BATCHES=1 CBQ_GEN_PROMPTS=2048 CBQ_GEN_NEW=64 \
-      CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph CBQ_GEN_FUSE=1 \
-      CBQ_GEN_SETTINGS=bf16,W4A8,W4A4,W4A16g128 timeout ${CBQ_GEN_S:-170} \
-      python3 benchmarks/bench_generate.py --out "$out/gen" 2>&1 | grep -v Warning | cut -c1-240 | tail -8
+    gen7b 170
     pack ;;
   table)
     CBQ_GPU_TESTS=${CBQ_GPU_TESTS:-0} bash scripts/gpu_ptq.sh "$out/p" start 2>&1 | tail -15
@@ -55,13 +59,11 @@ case $stage in
     # the decode kernel's untimed policies: two m-tiles at M = 32 (batch 32), PDL at M = 1
     CBQ_BENCH_MS=1,32 CBQ_BENCH_SHAPES=7b_qkvo,7b_gate_up,7b_down,70b_gate_up timeout 150 \
       python3 benchmarks/bench_gemm.py --out "$out/gemm" 2>&1 | grep -v "done$" | tail -3
-    CBQ_GEN_MODELS=llama2-7b CBQ_GEN_BATCHES=1 CBQ_GEN_PROMPTS=2048 CBQ_GEN_NEW=64 \
-      CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph CBQ_GEN_FUSE=1 \
-      CBQ_GEN_SETTINGS=bf16,W4A8,W4A4,W4A16g128 timeout ${CBQ_GEN_S:-150} \
-      python3 benchmarks/bench_generate.py --out "$out/gen" 2>&1 | grep -v Warning | cut -c1-240 | tail -8
+    gen7b 150
     timeout 120 bash scripts/gpu_gemm.sh "$out/g" hsanitize
     pack ;;
   wait)
     bash scripts/gpu_ptq.sh "$out/p" wait ${CBQ_WAIT_S:-540} 2>&1 | tail -40
     pack ;;
+  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, table, wait or one)"; exit 2 ;;
 esac
