@@ -114,7 +114,11 @@ void py_gemm_decode_cuda(Ptr x, Ptr x_scales, int a_mode, Ptr words, Ptr scales,
   check_ptr(out, m * n, "out");
   check_ptr(counters, n_pad / tn, "counters");
   if (a_mode >= 2) check_ptr(x_scales, m, "x_scales");
-  if (splits > 1) check_ptr(ws, splits * decode_ws_rows(static_cast<int>(m)) * n_pad, "ws");
+  if (splits > 1) {
+    check_ptr(ws, splits * decode_ws_rows(static_cast<int>(m)) * n_pad, "ws");
+    // the epilogue reads and writes the workspace 16 bytes at a time
+    CBQ_CHECK(ws % 16 == 0, "decode GEMM workspace must be 16-byte aligned");
+  }
   gemm_decode_cuda(reinterpret_cast<const void*>(x), reinterpret_cast<const float*>(x_scales),
                    a_mode, reinterpret_cast<const int32_t*>(words),
                    reinterpret_cast<const float*>(scales), reinterpret_cast<const int32_t*>(zeros),

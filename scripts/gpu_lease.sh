@@ -8,12 +8,15 @@
 #       second half, the PTQ table runs (CBQ_JOBS_A; the whole CUDA test suite too where
 #       CBQ_GPU_TESTS=1) in the background, compute-sanitizer on the Hadamard kernels, the new
 #       served-model GPU tests, then wait
+#   bash scripts/gpu_lease.sh OUT gemm    # carry .carry/{a,shared} .cbq_commit: GGUF first half;
+#       build; the decode kernel's GPU tests; bench_gemm at the decode M (served policy rows,
+#       every shape; CBQ_BENCH_MS overrides) with the GPU to itself; call `table` right after
 #   bash scripts/gpu_lease.sh OUT wait    # wait for the table, collect
 #   bash scripts/gpu_lease.sh OUT one     # carry .carry/shared .cbq_commit: all but the table,
 #       in one call (when the machine is scarce: no second call needed)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
-out=${1:?usage: gpu_lease.sh OUT alone|table|wait|one}; stage=${2:?usage: gpu_lease.sh OUT alone|table|wait|one}
+out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one}
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 pack() { tar czf /tmp/lease_$stage.tgz -C "$out" . && rm -rf "${out:?}"/* && mv /tmp/lease_$stage.tgz "$out/"; ls -la "$out"; }
@@ -38,7 +41,7 @@ case $stage in
   table)
     CBQ_GPU_TESTS=${CBQ_GPU_TESTS:-0} bash scripts/gpu_ptq.sh "$out/p" start 2>&1 | tail -15
     while pgrep -f "setup.py build_ext" > /dev/null; do sleep 5; done
-    bash scripts/gpu_gemm.sh "$out/g" hsanitize
+    [ "${CBQ_HSANITIZE:-1}" = 1 ] && bash scripts/gpu_gemm.sh "$out/g" hsanitize
     # the served model's GPU tests written since the last lease (DecodeSession, captured
     # prefill, compiled + fused step)
     timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/ptq/test_serve_cuda.py \
@@ -62,8 +65,20 @@ case $stage in
     gen7b 150
     timeout 120 bash scripts/gpu_gemm.sh "$out/g" hsanitize
     pack ;;
+  gemm)  # the decode kernel alone on the GPU: its tests, then its benchmark rows
+    CBQ_TEST_SECONDS=0 bash scripts/gpu_ptq.sh "$out/p" gguf-a > /dev/null 2>&1
+    cat "$out/p/environment.txt"
+    [ -f .cbq_commit ] && export CBQ_COMMIT=$(cat .cbq_commit)
+    bash scripts/gpu_gemm.sh "$out/g" build
+    timeout ${CBQ_DECODE_TEST_S:-180} python3 -m pytest -q -p no:cacheprovider \
+      tests/kernels/test_gemm_decode_cuda.py 2>&1 | tee "$out/g/pytest_decode.txt" | tail -4
+    CBQ_BENCH_MS=${CBQ_BENCH_MS:-1,4,16,32} \
+      CBQ_BENCH_KERNELS=w4a8,w4a8_g128,w4a4,w4a16_g128,w2a16_g128,int4pack_mm \
+      timeout ${CBQ_BENCH_S:-240} python3 benchmarks/bench_gemm.py --out "$out/gemm" 2>&1 \
+      | grep -v "done$" | tail -3
+    pack ;;
   wait)
     bash scripts/gpu_ptq.sh "$out/p" wait ${CBQ_WAIT_S:-540} 2>&1 | tail -40
     pack ;;
-  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, table, wait or one)"; exit 2 ;;
+  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait or one)"; exit 2 ;;
 esac
