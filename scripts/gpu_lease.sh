@@ -70,11 +70,11 @@ case $stage in
     cat "$out/p/environment.txt"
     [ -f .cbq_commit ] && export CBQ_COMMIT=$(cat .cbq_commit)
     bash scripts/gpu_gemm.sh "$out/g" build
-    timeout ${CBQ_DECODE_TEST_S:-180} python3 -m pytest -q -p no:cacheprovider \
+    timeout ${CBQ_DECODE_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider \
       tests/kernels/test_gemm_decode_cuda.py 2>&1 | tee "$out/g/pytest_decode.txt" | tail -4
     CBQ_BENCH_MS=${CBQ_BENCH_MS:-1,4,16,32} \
       CBQ_BENCH_KERNELS=w4a8,w4a8_g128,w4a4,w4a16_g128,w2a16_g128,int4pack_mm \
-      timeout ${CBQ_BENCH_S:-240} python3 benchmarks/bench_gemm.py --out "$out/gemm" 2>&1 \
+      timeout ${CBQ_BENCH_S:-210} python3 benchmarks/bench_gemm.py --out "$out/gemm" 2>&1 \
       | grep -v "done$" | tail -3
     pack ;;
   wait)
