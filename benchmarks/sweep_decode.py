@@ -1,8 +1,8 @@
 """Split-K sweep of the CUDA decode GEMM (csrc/gemm_decode.cu): time per number of K splits
-at M = 1 (and --ms) for Llama-2 shapes (or NxK, e.g. 33792x8192), W4A16 g128, W4A8 per channel
-and W2A16 g128, beside the choice of cbq_kernels.gemm_decode.default_splits, with the weight
-bytes (codes, scales, zero points) read per second at the best split. CUDA-graph replays,
-median.
+at M = 1 (and --ms; M = 17..32 as one launch of two m-tiles) for Llama-2 shapes (or NxK, e.g.
+33792x8192), W4A16 g128, W4A8 per channel and W2A16 g128, beside the choice of
+cbq_kernels.gemm_decode.default_splits, with the weight bytes (codes, scales, zero points) read
+per second at the best split. CUDA-graph replays, median.
 
     python benchmarks/sweep_decode.py [--ms 1,16] [--shapes 70b_gate_up,33792x8192]
 """
@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_gemm import weight
 from cbq_kernels import gemm_decode
 from cbq_kernels.act_quant import act_quant
+from cbq_kernels.gemm_decode import DECODE_MAX_M
 from cbq_kernels.testing import LLAMA_LINEAR_SHAPES
 
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24)
@@ -42,6 +43,8 @@ def main() -> None:
         ws = {"w4a16_g128": weight(n, k, 4, 128, g)[0], "w4a8": weight(n, k, 4, None, g)[0],
               "w2a16_g128": weight(n, k, 2, 128, g)[0]}  # the served layout  # fmt: skip
         for m in (int(v) for v in args.ms.split(",")):
+            # M = 17..32: the served policy's one launch of two m-tiles (GemmPolicy.decode_mtiles)
+            mtiles = 2 if DECODE_MAX_M < m <= 2 * DECODE_MAX_M else 1
             x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
             xq, xs = act_quant(x, 8)
             for kind, w in ws.items():
@@ -54,8 +57,8 @@ def main() -> None:
                     if s > max(1, dw.words.shape[1] // 2):
                         times.append(float("nan"))
                         continue
-                    fn = lambda s=s, a=a, sc=sc, dw=dw: gemm_decode.launch(  # noqa: E731
-                        a, sc, dw, None, torch.bfloat16, splits=s)
+                    fn = lambda s=s, a=a, sc=sc, dw=dw, mt=mtiles: (  # noqa: E731
+                        gemm_decode.launch(a, sc, dw, None, torch.bfloat16, splits=s, mtiles=mt))
                     fn()
                     torch.cuda.synchronize()
                     times.append(1000 * do_bench_cudagraph(fn, rep=20))

@@ -76,6 +76,10 @@ case $stage in
       CBQ_BENCH_KERNELS=w4a8,w4a8_g128,w4a4,w4a16_g128,w2a16_g128,int4pack_mm \
       timeout ${CBQ_BENCH_S:-210} python3 benchmarks/bench_gemm.py --out "$out/gemm" 2>&1 \
       | grep -v "done$" | tail -3
+    # K splits at M = 16 / 32 after the epilogue change (default_splits' model)
+    timeout ${CBQ_SWEEP_S:-60} python3 benchmarks/sweep_decode.py --ms 16,32 \
+      --shapes 7b_qkvo,7b_gate_up,70b_gate_up > "$out/g/sweep_decode.txt" 2>&1
+    tail -20 "$out/g/sweep_decode.txt"
     pack ;;
   wait)
     bash scripts/gpu_ptq.sh "$out/p" wait ${CBQ_WAIT_S:-540} 2>&1 | tail -40
