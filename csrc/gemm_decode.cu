@@ -626,49 +626,24 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? kMinBlocks : 2) decode_
       return __float_as_uint(__uint_as_float(a) + __uint_as_float(b));
     }
   };
-  auto add4 = [&](uint4 a, const uint4& b) {
-    a.x = add(a.x, b.x);
-    a.y = add(a.y, b.y);
-    a.z = add(a.z, b.z);
-    a.w = add(a.w, b.w);
-    return a;
-  };
-  // The epilogue works on 4 adjacent columns per thread (16-byte shared-memory and workspace
-  // accesses) and loads the S partials of those columns before adding them. The element-wise
-  // version (v8) let each thread wait for one L2 round trip per partial and element: at M = 32
-  // and S = 4 that is 16 x 4 dependent loads per thread, and 7B q/k/v/o (1 launch of 256
-  // blocks, 8 chunks per warp) took 19.5 us against 7.6 for cuBLAS bf16 (H100,
-  // bench_gemm_mt2_pdl_b9bb17a). The sums are added in the same order (warps 0..3, then
-  // splits 0..S-1), so the result is bitwise that of v8.
-  constexpr int kQuads = kTN / 4;
-  const int quads = p.m * kQuads;
-  auto warp_sum = [&](int row, int q4) {
-    uint4 v = *reinterpret_cast<const uint4*>(&sm[0][row][4 * q4]);
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) v = add4(v, *reinterpret_cast<const uint4*>(&sm[w][row][4 * q4]));
-    return v;
-  };
-  auto finish4 = [&](int row, int col, const uint4& v) {
-    const uint32_t e[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if (col + i < p.n) finish<AM, GROUPED, DEBUG>(p, row, col + i, e[i]);
-    }
-  };
+  const int items = p.m * kTN;
   if (p.splits == 1) {
-    for (int e = threadIdx.x; e < quads; e += blockDim.x) {
-      const int row = e / kQuads, q4 = e % kQuads;
-      finish4(row, n0 + 4 * q4, warp_sum(row, q4));
+    for (int e = threadIdx.x; e < items; e += blockDim.x) {
+      const int row = e / kTN, col = e % kTN;
+      if (n0 + col >= p.n) continue;
+      uint32_t v = sm[0][row][col];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) v = add(v, sm[w][row][col]);
+      finish<AM, GROUPED, DEBUG>(p, row, n0 + col, v);
     }
     return;
   }
-  // the workspace in 16-byte units: (S, 16 MT, N_pad / 4); n0 and N_pad are multiples of 64
-  uint4* ws4 = reinterpret_cast<uint4*>(p.ws);
-  const int64_t ld4 = p.n_pad / 4;
-  const int64_t split_stride4 = 16 * MT * ld4;
-  for (int e = threadIdx.x; e < quads; e += blockDim.x) {
-    const int row = e / kQuads, q4 = e % kQuads;
-    ws4[split * split_stride4 + row * ld4 + n0 / 4 + q4] = warp_sum(row, q4);
+  for (int e = threadIdx.x; e < items; e += blockDim.x) {
+    const int row = e / kTN, col = e % kTN;
+    uint32_t v = sm[0][row][col];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) v = add(v, sm[w][row][col]);
+    p.ws[(static_cast<int64_t>(split) * 16 * MT + row) * p.n_pad + n0 + col] = v;
   }
   __threadfence();
   __syncthreads();
@@ -678,23 +653,14 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? kMinBlocks : 2) decode_
   __syncthreads();
   if (!last_block) return;
   __threadfence();
-  constexpr int kBatch = 8;  // partials in flight per thread
-  for (int e = threadIdx.x; e < quads; e += blockDim.x) {
-    const int row = e / kQuads, q4 = e % kQuads;
-    const uint4* src = ws4 + row * ld4 + n0 / 4 + q4;
-    uint4 v = __ldcg(src);
-    for (int s0 = 1; s0 < p.splits; s0 += kBatch) {
-      uint4 part[kBatch];
-#pragma unroll
-      for (int i = 0; i < kBatch; ++i) {
-        if (s0 + i < p.splits) part[i] = __ldcg(src + (s0 + i) * split_stride4);
-      }
-#pragma unroll
-      for (int i = 0; i < kBatch; ++i) {
-        if (s0 + i < p.splits) v = add4(v, part[i]);
-      }
+  for (int e = threadIdx.x; e < items; e += blockDim.x) {
+    const int row = e / kTN, col = e % kTN;
+    if (n0 + col >= p.n) continue;
+    uint32_t v = __ldcg(p.ws + static_cast<int64_t>(row) * p.n_pad + n0 + col);
+    for (int sp = 1; sp < p.splits; ++sp) {
+      v = add(v, __ldcg(p.ws + (static_cast<int64_t>(sp) * 16 * MT + row) * p.n_pad + n0 + col));
     }
-    finish4(row, n0 + 4 * q4, v);
+    finish<AM, GROUPED, DEBUG>(p, row, n0 + col, v);
   }
   if (threadIdx.x == 0) p.counters[nt] = 0;
 }

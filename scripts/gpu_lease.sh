@@ -32,9 +32,9 @@ case $stage in
     CBQ_TEST_SECONDS=0 bash scripts/gpu_ptq.sh "$out/p" gguf-a > /dev/null 2>&1
     cat "$out/p/environment.txt"
     bash scripts/gpu_gemm.sh "$out/g" build hncu
-    if [ -n "${CBQ_VARIANTS:-}" ]; then  # e.g. vxpf (carry .carry/vxpf)
-      timeout 240 bash scripts/gpu_variants.sh "$out/v" "$CBQ_VARIANTS" --ms 1,16 \
-        --shapes 70b_gate_up,7b_gate_up,13b_qkvo 2>&1 | tail -30
+    if [ -n "${CBQ_VARIANTS:-}" ]; then  # e.g. "vepi vxpf" (carry .carry/vepi .carry/vxpf)
+      timeout ${CBQ_VARIANTS_S:-300} bash scripts/gpu_variants.sh "$out/v" "$CBQ_VARIANTS" \
+        --ms 1,16,32 --shapes 7b_qkvo,7b_gate_up,70b_gate_up 2>&1 | tail -30
     fi
     gen7b 170
     pack ;;

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.cuda
 
 # (M, N, K): 70B gate/up at M = 1, 7B attention at M = 16, 70B down (K = 28672) at M = 4,
 # odd sizes (N not a multiple of the tile, K not of 16), M = 8 / 9 on either side of the
-# swapped-operand kernel (M <= 8), N odd (the epilogue stores 4 columns per thread)
+# swapped-operand kernel (M <= 8), N odd (the decode-epilogue variant stores 4 columns per thread)
 SHAPES = ((1, 28672, 8192), (16, 4096, 4096), (4, 8192, 28672), (7, 1000, 200), (8, 1000, 200),
           (9, 1000, 200), (5, 1003, 200))
 
@@ -160,7 +160,7 @@ MTILE_CASES = ((4, 128, torch.bfloat16), (4, None, torch.float16), (2, 64, torch
 
 @pytest.mark.parametrize("m", [17, 24, 32])
 @pytest.mark.parametrize(("bits", "group_size", "a"), MTILE_CASES)
-@pytest.mark.parametrize("splits", [1, 3, 9])  # 9: the epilogue's second batch of 8 partials
+@pytest.mark.parametrize("splits", [1, 3, 9])  # 9: two batches of partials (decode-epilogue)
 def test_two_m_tiles_equal_two_launches(m, bits, group_size, a, splits):
     """M = 17..32 in one launch of the two-m-tile kernel (MT = 2: each weight chunk read once
     for both 16-row tiles) equals, bit for bit, the same rows in two 16-row launches of the
