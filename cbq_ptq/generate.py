@@ -53,17 +53,21 @@ class _Clock:
 
 def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
                         kernels: bool = True, dtype: torch.dtype | None = None,
-                        fuse: bool = True):  # fmt: skip
+                        fuse: bool = True, fuse_norms: bool = False):  # fmt: skip
     """(model, tokenizer, layer table) of a folder written by ``cbq quantize``: the kernels
     in place of the quantized layers when ``kernels``; ``dtype`` default: bf16 on a GPU, fp32
     on the CPU. ``fuse``: a block's q / k / v kernels run as one GEMM, and gate / up as
     another, where they share their activation quantizer (:func:`cbq_ptq.serve.
     fuse_projections`; H200, 7B-shaped, captured step: 5.50 -> 5.01 ms at batch 1 for W4A16
     g128, 14.08 -> 11.95 at batch 32; benchmarks/results/h200/bench_generate_bbe9d36.md).
-    ``cbq eval --kernels`` loads through here too, so it scores the forward that generates."""
+    ``cbq eval --kernels`` loads through here too, so it scores the forward that generates.
+    ``fuse_norms`` (with ``fuse``): the RMSNorms in front of fused groups with quantized
+    activations run inside their activation quantizer (:func:`cbq_ptq.serve.fuse_norms`);
+    off until bench_generate has timed it on a GPU (CBQ_GEN_FUSE=2)."""
     from transformers import AutoTokenizer
 
     from cbq_ptq.io import load
+    from cbq_ptq.serve import fuse_norms as fuse_norms_fn
     from cbq_ptq.serve import fuse_projections, kernel_table
 
     device = torch.device(device)
@@ -74,6 +78,8 @@ def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
     model = load(path, device=str(device), kernels=dtype if kernels else None)
     if kernels and fuse:
         fuse_projections(model)
+        if fuse_norms:
+            fuse_norms_fn(model)
     table = kernel_table(model) if kernels else {}
     model.to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)

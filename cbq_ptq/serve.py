@@ -237,6 +237,80 @@ def fuse_projections(model: torch.nn.Module) -> int:
     return fused
 
 
+class FoldedNorm(torch.nn.Module):
+    """A block's RMSNorm whose work moved into the activation quantizer of the one fused GEMM
+    that reads its output (:func:`fuse_norms`): it passes its input on unchanged."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def _rms_norm_params(norm: torch.nn.Module) -> tuple[Tensor, float] | None:
+    """(weight, eps) of a module that computes ``x / sqrt(mean(x^2) + eps) * weight`` over the
+    last dimension, checked on a probe (a norm with another formula, such as Gemma's
+    ``(1 + weight)`` or a LayerNorm's mean subtraction, gives None)."""
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(weight, Tensor) or weight.dim() != 1 or not isinstance(eps, float):
+        return None
+    if getattr(norm, "bias", None) is not None or norm._forward_hooks or norm._forward_pre_hooks:
+        return None
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, weight.shape[0], generator=g) * 3).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        got = norm(x).float()
+        xf = x.float()
+        want = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    if not torch.allclose(got, want, rtol=2e-2, atol=1e-3):  # bf16 norms round once or twice
+        return None
+    return weight.detach().float().contiguous(), eps
+
+
+def fuse_norms(model: torch.nn.Module) -> int:
+    """Move each block's RMSNorm in front of a fused q / k / v (gate / up) group with
+    quantized activations into that group's activation quantizer (``act_quant``'s fused
+    RMSNorm: one kernel reads the residual stream, normalises, quantizes), the norm module
+    becoming a :class:`FoldedNorm`; returns how many norms moved. Run after
+    :func:`fuse_projections`: only a norm whose whole output feeds one fused GEMM moves (in
+    the Llama-style blocks of cbq_ptq.models the attention norm feeds q / k / v alone and the
+    MLP norm gate / up alone), with plain per-token activations (no CrossQuant factors, no
+    online rotation). The quantizer then normalises in fp32 without rounding the normed
+    values to the compute dtype first, so codes at a rounding boundary may move by one level
+    against the unfused model (as the kernel's own RMSNorm contract says). Why: an eager
+    step runs a Hugging Face RMSNorm as ~8 small kernels (cast, square, mean, add, rsqrt,
+    multiply, cast, scale), 2 norms per block."""
+    from cbq_ptq.models import arch_spec, blocks
+
+    spec = arch_spec(model)
+    moved = 0
+    for block in blocks(model):
+        for norm_name, names in ((spec.attn_norm, spec.qkv), (spec.mlp_norm, spec.gate_up)):
+            members = [block.get_submodule(n) for n in names]
+            if not all(isinstance(m, FusedMember) for m in members):
+                continue
+            group = members[0].group
+            if any(m.group is not group for m in members) or len(group.splits) != len(names):
+                continue
+            fused = group.fused
+            if fused.act_bits is None or set(fused.act_kwargs) - {"clip_ratio"}:
+                continue
+            norm = block.get_submodule(norm_name)
+            params = _rms_norm_params(norm)
+            if params is None:
+                continue
+            weight, eps = params
+            fused.act_kwargs["norm_weight"] = weight.to(fused.weight.device)
+            fused.act_kwargs["norm_eps"] = eps
+            mark_static(fused.act_kwargs["norm_weight"])
+            replace_module(block, norm_name, FoldedNorm(norm_name))
+            moved += 1
+    return moved
+
+
 def activation_kwargs(settings: QuantSettings, act_ratio: Tensor,
                       channel_factor: Tensor | None) -> dict:  # fmt: skip
     """The activation quantizer's arguments of :func:`cbq_kernels.gemm.linear` for a layer:

@@ -151,7 +151,8 @@ def test_bench_generate_smoke_run(tmp_path):
                                                  "W4A4rot"]  # fmt: skip
     env.update(CBQ_GEN_COMPILE="graph", CBQ_GEN_SETTINGS="bf16,W4A8",  # the manual loop,
                CBQ_GEN_PROFILE=str(tmp_path / "prof"),  # the per-kernel profile
-               CBQ_GEN_POLICY='{"decode_pdl": true}')  # and a GemmPolicy for the kernels
+               CBQ_GEN_POLICY='{"decode_pdl": true}',  # and a GemmPolicy for the kernels
+               CBQ_GEN_FUSE="2")  # with fused projections and their norms in the quantizer
     subprocess.run([sys.executable, str(root / "benchmarks" / "bench_generate.py"), "--tiny",
                     "--out", str(tmp_path / "graph")], check=True, capture_output=True,
                    env=env)  # fmt: skip
@@ -159,6 +160,8 @@ def test_bench_generate_smoke_run(tmp_path):
     assert [(r["setting"], r["compile"]) for r in graph[::2]] == [("bf16", "graph"),
                                                                   ("W4A8", "graph")]
     assert [r["policy"] for r in graph[::2]] == ["", '{"decode_pdl": true}']
+    # 2 blocks: q / k / v and gate / up fused (4 groups) and both norms of each moved (4)
+    assert [r["fused"] for r in graph[::2]] == ["0", "8"]
     assert all(float(r["decode_tok_s"]) > 0 for r in graph)
     prof = (tmp_path / "prof" / "profile_tiny_W4A8_b1_p16.md").read_text()
     assert "| **sum** |" in prof and "| gemm |" in prof  # on the CPU: the operators' times

@@ -168,6 +168,68 @@ def test_fused_projections_compute_the_same_model(setting):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+class _GemmaStyleNorm(torch.nn.Module):  # (1 + weight): not the formula act_quant fuses
+    def __init__(self, weight, eps):
+        super().__init__()
+        self.weight, self.variance_epsilon = torch.nn.Parameter(weight), eps
+
+    def forward(self, x):
+        xf = x.float()
+        rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return xf * rms * (1.0 + self.weight)
+
+
+@pytest.mark.parametrize("setting", ["W4A8", "W4A4", "W4A16"])
+def test_fused_norms_compute_the_same_model(setting):
+    """fuse_norms: after fuse_projections, each block's attention / MLP RMSNorm moves into
+    the activation quantizer of the fused q / k / v (gate / up) GEMM and the norm module
+    passes its input on; the logits are the unfused model's up to codes that move by one
+    level at a rounding boundary (the fused RMSNorm's sums run in another order); weight-only
+    groups (no quantizer), groups whose quantizer differs, and norms of another formula stay."""
+    from cbq_ptq.serve import FoldedNorm, fuse_norms, fuse_projections, rtn_kernels
+
+    model = random_llama()
+    g = torch.Generator().manual_seed(3)
+    for layer in model.model.layers:  # norms that are not the identity (init: ones)
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight.data = torch.rand(norm.weight.shape, generator=g) + 0.5
+    rtn_kernels(model, parse_setting(setting), torch.float32)
+    fuse_projections(model)
+    ref = copy.deepcopy(model)
+    a_bits = parse_setting(setting).a_bits
+    layer1 = model.model.layers[1]
+    # block 1: the MLP norm has Gemma's formula (stays); its attention group keeps its norm
+    # when its quantizer carries CrossQuant factors
+    layer1.post_attention_layernorm = _GemmaStyleNorm(torch.zeros(64), 1e-6)
+    ref.model.layers[1].post_attention_layernorm = _GemmaStyleNorm(torch.zeros(64), 1e-6)
+    assert fuse_norms(copy.deepcopy(model)) == (0 if a_bits == 16 else 3)
+    if a_bits < 16:
+        for m in (model, ref):
+            fused1 = m.model.layers[1].self_attn.q_proj.group.fused
+            fused1.act_kwargs.update(channel_factor=torch.ones(64), alpha=1.0)
+    moved = fuse_norms(model)
+    assert moved == (0 if a_bits == 16 else 2)
+    if a_bits == 16:
+        return
+    layer0 = model.model.layers[0]
+    assert isinstance(layer0.input_layernorm, FoldedNorm)
+    assert isinstance(layer0.post_attention_layernorm, FoldedNorm)
+    assert not isinstance(layer1.input_layernorm, FoldedNorm)
+    assert not isinstance(layer1.post_attention_layernorm, FoldedNorm)
+    kwargs = layer0.self_attn.q_proj.group.fused.act_kwargs
+    norm0 = ref.model.layers[0].input_layernorm
+    assert torch.equal(kwargs["norm_weight"], norm0.weight.float())
+    assert kwargs["norm_eps"] == norm0.variance_epsilon
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want, got = ref(ids).logits, model(ids).logits
+    # measured: 1.5e-7 (W4A8) / 1.0e-7 (W4A4) here, no code moved; a norm dropped without
+    # its quantizer taking it over gives 0.55 (logits span ~+-0.86); a code that moves by one
+    # level stays far below 1e-2
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-2)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
 def test_a_policy_reaches_every_kernel_layer_and_the_fused_ones():
     """serve.set_policy: every KernelLinear runs its GEMM under the given GemmPolicy (what
     bench_generate's CBQ_GEN_POLICY measures end to end), fused groups made afterwards keep

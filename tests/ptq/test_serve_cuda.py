@@ -184,3 +184,34 @@ def test_fused_projections_on_the_gpu_kernels(setting):
         with torch.no_grad():
             want, got = model(ids.cuda()).logits.float(), fused(ids.cuda()).logits.float()
         assert float((got - want).abs().max()) <= 0.02 * float(want.abs().max()), rows
+
+
+@pytest.mark.parametrize("setting", ["W4A8", "W4A4"])
+def test_fused_norms_on_the_gpu_kernels(setting):
+    """fuse_norms on the GPU (bf16): each block's norms run inside the Triton activation
+    quantizer of the fused q / k / v and gate / up GEMMs; the logits match the unfused model
+    up to the bf16 rounding of the normed values that the fused quantizer skips (codes at a
+    rounding boundary move by one level), at decode and prefill sizes, and the captured
+    decode loop runs with it."""
+    from cbq_ptq.generate import decode_loop
+    from cbq_ptq.serve import FoldedNorm, fuse_norms, fuse_projections, rtn_kernels
+
+    model = random_llama(512, 1408, heads=8, vocab=1000, device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    for layer in model.model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight.data = (torch.rand(norm.weight.shape, generator=g, device="cuda")
+                                + 0.5).to(torch.bfloat16)  # fmt: skip
+    rtn_kernels(model, parse_setting(setting), torch.bfloat16)
+    assert fuse_projections(model) == 4
+    fused = copy.deepcopy(model)
+    assert fuse_norms(fused) == 4
+    assert isinstance(fused.model.layers[0].input_layernorm, FoldedNorm)
+    for rows in (1, 48):
+        ids = torch.randint(3, 1000, (2, rows), generator=torch.Generator().manual_seed(rows))
+        with torch.no_grad():
+            want, got = model(ids.cuda()).logits.float(), fused(ids.cuda()).logits.float()
+        assert float((got - want).abs().max()) <= 0.05 * float(want.abs().max()), rows
+    ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(1)).cuda()
+    tokens, _, decode = decode_loop(fused, ids, 8)
+    assert tokens.shape == (2, 8) and decode > 0
