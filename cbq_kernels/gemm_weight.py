@@ -89,8 +89,9 @@ class PreparedWeight:
         """(N, K) ``(q - z) * s`` in ``dtype`` (fp32 arithmetic, one rounding)."""
         from cbq_kernels.packing import dequantize
 
-        return dequantize(self.packed.contiguous(), self.bits, self.k, self.scales,
-                          self.zeros.float(), self.group_size, dtype)  # fmt: skip
+        # with a decode layout the scales and zero points are transposed views of its tensors
+        return dequantize(self.packed.contiguous(), self.bits, self.k, self.scales.contiguous(),
+                          self.zeros.float().contiguous(), self.group_size, dtype)  # fmt: skip
 
 
 def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Tensor | None = None,

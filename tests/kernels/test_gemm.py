@@ -265,6 +265,21 @@ def test_a_weight_in_the_decode_layout_alone_serves_every_path(bits, group_size)
         gemm_wonly(x, one, split_k=2)
 
 
+@pytest.mark.parametrize("layout", ["canonical", "decode", "both"])
+def test_the_pytorch_cpu_path_takes_every_layout(monkeypatch, layout):
+    """Without Triton's interpreter the CPU GEMMs dequantize the weight (PyTorch + the compiled
+    cbq::dequantize), also a weight in the decode layout, whose scales and zero points are
+    transposed views (grouped: not contiguous; this path raised on them before)."""
+    monkeypatch.setattr(gemm_module, "use_triton", lambda kernel, device: False)
+    w, _ = make_weight(70, 192, 3, 32, seed=41, layout=layout)
+    assert (w.decode is not None) == (layout != "canonical")
+    x = torch.randn(5, 192, generator=torch.Generator().manual_seed(42))
+    torch.testing.assert_close(gemm_wonly(x, w).double(), gemm_ref(x, w), rtol=1e-5, atol=1e-5)
+    xq, xs = act_codes(5, 192, 8, seed=43)
+    out = gemm_w4a8(xq, xs, w, out_dtype=torch.float32)
+    torch.testing.assert_close(out.double(), gemm_ref(xq, w, xs, 8), rtol=1e-5, atol=1e-5)
+
+
 def test_gemm_ops_pass_opcheck_and_compile_with_fullgraph():
     w, _ = make_weight(33, 100, 4, 32, seed=21)
     xq, xs = act_codes(3, 100, 8)
