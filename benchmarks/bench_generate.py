@@ -74,8 +74,8 @@ COMPILE = os.environ.get("CBQ_GEN_COMPILE", "auto")
 COMPILE_MODES = ("auto", "off", "graph", "graph-compiled")
 PREFILL = os.environ.get("CBQ_GEN_PREFILL", "eager")
 PREFILL_MODES = ("eager", "graph")
-FUSE = os.environ.get("CBQ_GEN_FUSE", "0") in ("1", "2")
-FUSE_NORMS = os.environ.get("CBQ_GEN_FUSE", "0") == "2"
+FUSE_LEVEL = os.environ.get("CBQ_GEN_FUSE", "0")  # 0, 1 (projections), 2 (and their norms)
+FUSE, FUSE_NORMS = FUSE_LEVEL in ("1", "2"), FUSE_LEVEL == "2"
 PROFILE = os.environ.get("CBQ_GEN_PROFILE")
 POLICY = os.environ.get("CBQ_GEN_POLICY", "")
 

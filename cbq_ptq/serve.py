@@ -116,6 +116,13 @@ class KernelLinear(torch.nn.Module):
         per-token activations: one kernel with the quantizer) instead of a pre-hook."""
         self.act_kwargs["rotation_signs"] = signs.to(self.weight.device)
 
+    def fuse_norm(self, weight: Tensor, eps: float) -> None:
+        """Take the RMSNorm of the input (``x / sqrt(mean(x^2) + eps) * weight``) into the
+        activation quantizer (:func:`fuse_norms`)."""
+        self.act_kwargs["norm_weight"] = weight.to(self.weight.device)
+        self.act_kwargs["norm_eps"] = eps
+        mark_static(self.act_kwargs["norm_weight"])
+
     def forward(self, x: Tensor) -> Tensor:
         y = gemm_linear(x.to(self.compute_dtype).contiguous(), self.weight, self.act_bits,
                         self.bias, policy=self.policy, **self.act_kwargs)  # fmt: skip
@@ -302,10 +309,7 @@ def fuse_norms(model: torch.nn.Module) -> int:
             params = _rms_norm_params(norm)
             if params is None:
                 continue
-            weight, eps = params
-            fused.act_kwargs["norm_weight"] = weight.to(fused.weight.device)
-            fused.act_kwargs["norm_eps"] = eps
-            mark_static(fused.act_kwargs["norm_weight"])
+            fused.fuse_norm(*params)
             replace_module(block, norm_name, FoldedNorm(norm_name))
             moved += 1
     return moved
