@@ -77,7 +77,8 @@ case $stage in
       CBQ_BENCH_KERNELS=w4a8,w4a8_g128,w4a4,w4a16_g128,w2a16_g128,int4pack_mm \
       timeout ${CBQ_BENCH_S:-210} python3 benchmarks/bench_gemm.py --out "$out/gemm" 2>&1 \
       | grep -v "done$" | tail -3
-    # K splits at M = 16 / 32 after the epilogue change (default_splits' model)
+    # K splits at M = 16 / 32 (default_splits' model; the decode-epilogue variant's cost is
+    # the split reduction: scripts/gpu_variants.sh compares the two)
     timeout ${CBQ_SWEEP_S:-60} python3 benchmarks/sweep_decode.py --ms 16,32 \
       --shapes 7b_qkvo,7b_gate_up,70b_gate_up > "$out/g/sweep_decode.txt" 2>&1
     tail -20 "$out/g/sweep_decode.txt"
