@@ -21,10 +21,10 @@ mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 pack() { tar czf /tmp/lease_$stage.tgz -C "$out" . && rm -rf "${out:?}"/* && mv /tmp/lease_$stage.tgz "$out/"; ls -la "$out"; }
 gen7b() {  # bench_generate, 7B-shaped, batch 1, prompt 2048: captured step and prefill, fused
-  # projections (CBQ_GEN_FUSE=2: their norms too, serve.fuse_norms); at most CBQ_GEN_S (else
-  # $1) seconds
+  # projections and their norms (serve.fuse_norms; CBQ_GEN_FUSE=1: projections only); at
+  # most CBQ_GEN_S (else $1) seconds
   CBQ_GEN_MODELS=llama2-7b CBQ_GEN_BATCHES=1 CBQ_GEN_PROMPTS=2048 CBQ_GEN_NEW=64 \
-    CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph CBQ_GEN_FUSE=${CBQ_GEN_FUSE:-1} \
+    CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph CBQ_GEN_FUSE=${CBQ_GEN_FUSE:-2} \
     CBQ_GEN_SETTINGS=bf16,W4A8,W4A4,W4A16g128 timeout ${CBQ_GEN_S:-$1} \
     python3 benchmarks/bench_generate.py --out "$out/gen" 2>&1 | grep -v Warning | cut -c1-240 | tail -8
 }
@@ -40,6 +40,7 @@ case $stage in
     gen7b 170
     pack ;;
   table)
+    mkdir -p "$out/g"
     CBQ_GPU_TESTS=${CBQ_GPU_TESTS:-0} bash scripts/gpu_ptq.sh "$out/p" start 2>&1 | tail -15
     while pgrep -f "setup.py build_ext" > /dev/null; do sleep 5; done
     [ "${CBQ_HSANITIZE:-1}" = 1 ] && bash scripts/gpu_gemm.sh "$out/g" hsanitize

@@ -202,6 +202,7 @@ def test_fused_norms_on_the_gpu_kernels(setting):
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             norm.weight.data = (torch.rand(norm.weight.shape, generator=g, device="cuda")
                                 + 0.5).to(torch.bfloat16)  # fmt: skip
+    ref = copy.deepcopy(model)
     rtn_kernels(model, parse_setting(setting), torch.bfloat16)
     assert fuse_projections(model) == 4
     fused = copy.deepcopy(model)
@@ -210,8 +211,18 @@ def test_fused_norms_on_the_gpu_kernels(setting):
     for rows in (1, 48):
         ids = torch.randint(3, 1000, (2, rows), generator=torch.Generator().manual_seed(rows))
         with torch.no_grad():
-            want, got = model(ids.cuda()).logits.float(), fused(ids.cuda()).logits.float()
-        assert float((got - want).abs().max()) <= 0.05 * float(want.abs().max()), rows
+            r, want, got = (m(ids.cuda()).logits.float() for m in (ref, model, fused))
+        if setting == "W4A8":  # measured on an H200: 0.022-0.037 of max |logit|
+            assert float((got - want).abs().max()) <= 0.05 * float(want.abs().max()), rows
+        else:
+            # With 4-bit activations one level is 1/7 of a row's absmax, and the fused
+            # quantizer's fp32 normed values round differently from the unfused bf16 ones:
+            # the two models differ by 0.25-0.40 of max |logit| even with every norm weight 1
+            # (H200, scripts/diag_fuse_norms.py), as much as either differs from the bf16 model.
+            # The contract is then accuracy: the fused model is as close to the unquantized
+            # one as the unfused model is (mean |error| ratio 0.95-1.04 measured).
+            err_fused, err_unfused = (float((x - r).abs().mean()) for x in (got, want))
+            assert err_fused <= 1.15 * err_unfused, (rows, err_fused, err_unfused)
     ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(1)).cuda()
     tokens, _, decode = decode_loop(fused, ids, 8)
     assert tokens.shape == (2, 8) and decode > 0
