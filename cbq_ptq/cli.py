@@ -336,8 +336,10 @@ def resolve_rotation(args, settings) -> str:
     """--rotate auto, from held-out SmolLM2 runs on the CPU (docs/results/issue15): 'hadamard'
     for 4-bit activations (CBQ 2676 -> 44.8, RTN 8627 -> 179) and for CBQ at 8-bit
     activations (W4A8 27.65 -> 25.41), when the model's widths have a Hadamard matrix; 'none'
-    otherwise (round-to-nearest 4-bit weights got worse rotated: W4A8 RTN 37.2 -> 75.6;
-    other settings are not measured)."""
+    otherwise (round-to-nearest 4-bit weights got worse rotated: W4A8 RTN 37.2 -> 75.6, on
+    the GPU 40.45 -> 75.79; the norm fold that the rotation needs widens the gate / up rows,
+    their RTN output error 0.10 / 0.13 -> 0.15 / 0.19: scripts/rtn_rotation_error.py; other
+    settings are not measured)."""
     if args.rotate != "auto":
         return args.rotate
     wins = settings.a_bits == 4 or (settings.a_bits == 8 and getattr(args, "method", "") == "cbq")
