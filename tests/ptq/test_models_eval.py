@@ -89,7 +89,7 @@ def test_smollm2_fetch_runs_once_when_processes_start_together(tmp_path, monkeyp
     def call():
         try:
             got.append(models.smollm2_path())
-        except Exception as e:  # noqa: BLE001 - the test reports what either caller raised
+        except Exception as e:  # the test reports what either caller raised
             errors.append(repr(e))
 
     threads = [threading.Thread(target=call) for _ in range(2)]
