@@ -51,7 +51,7 @@ def main() -> None:
                 dw = w.decode
                 a, sc = (xq, xs) if kind == "w4a8" else (x, None)
                 default = gemm_decode.default_splits(dw.words.shape[0], dw.words.shape[1],
-                                                     x.device, m)  # fmt: skip
+                                                     x.device, m, kind == "w4a8")  # fmt: skip
                 times = []
                 for s in SPLITS:
                     if s > max(1, dw.words.shape[1] // 2):

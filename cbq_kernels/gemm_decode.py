@@ -59,6 +59,19 @@ BLOCKS_PER_SM_SWAP = 4
 BLOCKS_PER_SM_MTILES = 2
 SWAP_MAX_M = 8
 WAVE_COST = 32
+# M = 9..32 (the unswapped kernel): each split beyond the first adds SPLIT_ROW_COST chunk-times
+# per row (its M x 64 partial sums written to the workspace and re-read by the n-tile's last
+# block), and a chunk with integer activations (W4A8 / W4A4: one s8 MMA per 32 K) costs
+# INT_CHUNK_COST of a 16-bit one (two bf16 MMAs and the row-sum MMA per 32 K). Fitted on the
+# H200 sweeps at M = 16 / 32 (benchmarks/results/h200/sweep_decode_401f61a.txt, with the M = 1 /
+# 16 rows of sweep_decode_variants_3a9aa0a/main.txt; 7B q/k/v/o and gate/up, 70B gate/up, W4A16
+# g128, W4A8, W2A16 g128): the model without these terms picked 3 splits for 70B gate/up W4A8 at
+# M = 16 (66.7 us; S = 1: 48.2) and for 7B gate/up W4A8 at M = 32 (30.1; S = 1: 20.1); with them
+# every one of the 16 rows at M = 16 / 32 is within 5.3% of its best split (mean 0.4%, was
+# 6.0%), and M <= 8 is unchanged. Fitted on three shapes: other shapes are checked by the next
+# bench_gemm rows.
+SPLIT_ROW_COST = 0.75
+INT_CHUNK_COST = 0.25
 
 
 def tile_n(bits: int) -> int:
@@ -351,20 +364,26 @@ def _sm_count(index: int | None) -> int:
 
 
 @functools.lru_cache(maxsize=4096)  # per layer shape and M: called on every launch
-def default_splits(n_tiles: int, chunks: int, device: torch.device, m: int = 1) -> int:
+def default_splits(n_tiles: int, chunks: int, device: torch.device, m: int = 1,
+                   int_act: bool = False) -> int:  # fmt: skip
     """K splits that minimise a makespan model of the grid: ``BLOCKS_PER_SM`` blocks fit an SM
     (``BLOCKS_PER_SM_SWAP`` for M <= 8; the kernels' register and shared-memory use), so
     ``n_tiles * S`` blocks run in ``ceil(n_tiles * S / (BLOCKS_PER_SM * SMs))`` waves of
     ``ceil(chunks / S)`` chunks each plus a fixed cost per wave (its first loads' latency),
     ``WAVE_COST`` chunk-times, fitted to the H200 sweep (benchmarks/results/h200/
-    sweep_decode_*.txt: one full wave beats a wave and a tail); at least 2 chunks per warp."""
+    sweep_decode_*.txt: one full wave beats a wave and a tail); at least 2 chunks per warp.
+    For M > 8 the split reduction's cost and the cheaper integer chunks (``int_act``: W4A8 /
+    W4A4) enter too (SPLIT_ROW_COST, INT_CHUNK_COST)."""
     per_sm = (BLOCKS_PER_SM_SWAP if m <= SWAP_MAX_M else
               BLOCKS_PER_SM if m <= DECODE_MAX_M else BLOCKS_PER_SM_MTILES)  # fmt: skip
     slots = per_sm * _sm_count(device.index)
+    unswapped = m > SWAP_MAX_M
+    chunk_cost = INT_CHUNK_COST if unswapped and int_act else 1.0
+    row_cost = SPLIT_ROW_COST * m if unswapped else 0.0
     best = (float("inf"), 1)
     for s in range(1, max(1, min(chunks // 8, 64)) + 1):
         waves = -(-n_tiles * s // slots)
-        cost = waves * (-(-chunks // s) + WAVE_COST)
+        cost = waves * (-(-chunks // s) * chunk_cost + WAVE_COST) + (s - 1) * row_cost
         best = min(best, (cost, s))
     return best[1]
 
@@ -390,6 +409,7 @@ def launch(x: Tensor, x_scales: Tensor | None, dw: DecodeWeight, bias: Tensor | 
 
     m = x.shape[0]
     a_mode = _A_MODES[x.dtype]
+    int_act = x.dtype in (torch.int8, torch.int32)  # W4A8 / W4A4 codes
     chunks = dw.words.shape[1]
     n_tiles = dw.words.shape[0]
     dev = x.device
@@ -401,7 +421,8 @@ def launch(x: Tensor, x_scales: Tensor | None, dw: DecodeWeight, bias: Tensor | 
     ptr = lambda t: t.data_ptr() if t is not None else 0  # noqa: E731
     for r0 in range(0, m, step):
         rows = min(step, m - r0)
-        split = default_splits(n_tiles, chunks, dev, rows) if splits is None else splits
+        split = (default_splits(n_tiles, chunks, dev, rows, int_act)
+                 if splits is None else splits)  # fmt: skip
         ws = torch.empty((split, _C.decode_ws_rows(rows), dw.n_pad), dtype=torch.int32,
                          device=dev) if split > 1 else None  # fmt: skip
         _C.gemm_decode_cuda(

@@ -78,6 +78,19 @@ constexpr int kSub = 8;           // 8-column MMA subtiles per block
 #ifndef CBQ_DEC_BLOCKS
 #define CBQ_DEC_BLOCKS 3
 #endif
+// The epilogue after the K loop (the warp reduction, the split-K workspace and its reduction):
+// 0 one column per thread and loop pass, the S partials of a column read one after the other;
+// 1 four columns per thread (16-byte shared-memory and workspace accesses) and the partials
+// read eight at a time before they are added, in the same order (bitwise the same output).
+// Why 1 exists: at M = 32 the launch has ~15 us that does not scale with K (DECISIONS, "At M =
+// 32 the decode launch..."), and on the H200 at 401f61a more K splits made M = 32 slower, not
+// faster (7b_qkvo W4A8 S = 1 / 2 / 4: 17.2 / 17.5 / 20.0 us; benchmarks/results/h200/
+// sweep_decode_401f61a.txt): with 2048 outputs per block, 16 loop passes per thread, each pass
+// waiting on S dependent L2 loads. Not yet timed: 0 until scripts/gpu_variants.sh (variant
+// vepi, scripts/make_variants.sh) shows 1 faster and its GPU tests pass.
+#ifndef CBQ_DEC_EPI
+#define CBQ_DEC_EPI 0
+#endif
 // chunks of weight copies in flight per warp (1 KB each, in the warp's shared-memory ring)
 constexpr int kDepth = CBQ_DEC_DEPTH;
 constexpr int kMinBlocks = CBQ_DEC_BLOCKS;  // blocks per SM the register budget is set for
@@ -265,6 +278,70 @@ __device__ __forceinline__ void finish(const Args& p, int row, int col, uint32_t
     if (p.bias != nullptr) y += p.bias[col];
     store_out(p.out, i, y, p.out_dtype);
   }
+}
+
+// CBQ_DEC_EPI == 1: the epilogue four columns at a time (the comment at CBQ_DEC_EPI says why).
+// sm: the 4 warps' partial sums [warp][row][kTN + 8] (rows 16-byte aligned: 72 words); the
+// workspace (S, 16 MT, N_pad) with N_pad a multiple of 64 and a 16-byte aligned base (checked
+// by the binding). The additions are those of the one-column epilogue in the same order (warps
+// 0..3, then splits 0..S-1), so the outputs are bitwise the same.
+template <int AM, bool GROUPED, bool DEBUG, int MT, typename Sm, typename Add>
+__device__ __forceinline__ void epilogue_vec(const Args& p, Sm& sm, Add add, int n0, int nt,
+                                             int split, bool& last_block) {
+  constexpr int kQuads = kTN / 4;  // 16 four-column items per row
+  constexpr int kBatch = 8;        // workspace partials in flight per item
+  auto add4 = [&](uint4 a, uint4 b) {
+    return make_uint4(add(a.x, b.x), add(a.y, b.y), add(a.z, b.z), add(a.w, b.w));
+  };
+  auto finish4 = [&](int row, int col, uint4 v) {
+    const uint32_t e[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (n0 + col + j < p.n) finish<AM, GROUPED, DEBUG>(p, row, n0 + col + j, e[j]);
+    }
+  };
+  const int items = p.m * kQuads;
+  for (int e = threadIdx.x; e < items; e += blockDim.x) {
+    const int row = e / kQuads, col = 4 * (e % kQuads);
+    uint4 v = *reinterpret_cast<const uint4*>(&sm[0][row][col]);
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) v = add4(v, *reinterpret_cast<const uint4*>(&sm[w][row][col]));
+    if (p.splits == 1) {
+      finish4(row, col, v);
+    } else {
+      *reinterpret_cast<uint4*>(p.ws + (static_cast<int64_t>(split) * 16 * MT + row) * p.n_pad +
+                                n0 + col) = v;
+    }
+  }
+  if (p.splits == 1) return;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last_block = atomicAdd(p.counters + nt, 1) == p.splits - 1;
+  }
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  const int64_t split_stride = static_cast<int64_t>(16) * MT * p.n_pad;
+  for (int e = threadIdx.x; e < items; e += blockDim.x) {
+    const int row = e / kQuads, col = 4 * (e % kQuads);
+    const uint4* src = reinterpret_cast<const uint4*>(p.ws + static_cast<int64_t>(row) * p.n_pad +
+                                                      n0 + col);
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    for (int s0 = 0; s0 < p.splits; s0 += kBatch) {
+      uint4 part[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {  // all loads issued before the first add waits
+        if (s0 + j < p.splits) part[j] = __ldcg(src + (s0 + j) * (split_stride / 4));
+      }
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        if (s0 + j < p.splits) v = s0 + j == 0 ? part[0] : add4(v, part[j]);
+      }
+    }
+    finish4(row, col, v);
+  }
+  if (threadIdx.x == 0) p.counters[nt] = 0;
 }
 
 // MT: 16-row m-tiles of x per block (1, or 2 for M = 17..32; not with SWAP): each m-tile has
@@ -626,6 +703,10 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? kMinBlocks : 2) decode_
       return __float_as_uint(__uint_as_float(a) + __uint_as_float(b));
     }
   };
+  if constexpr (CBQ_DEC_EPI == 1) {
+    epilogue_vec<AM, GROUPED, DEBUG, MT>(p, sm, add, n0, nt, split, last_block);
+    return;
+  }
   const int items = p.m * kTN;
   if (p.splits == 1) {
     for (int e = threadIdx.x; e < items; e += blockDim.x) {

@@ -1,36 +1,24 @@
 #!/usr/bin/env bash
 # Rebuild the decode-kernel variant folders that scripts/gpu_variants.sh swaps in (.carry/vN,
-# git-ignored, so a fresh checkout has none) from their branches:
-#   v9     decode-tma     one cp.async.bulk per 1 KB weight chunk on an mbarrier per ring slot
-#   v9d16  decode-tma     the same with a 16-deep ring (CBQ_DEC_DEPTH 16)
-#   v8d16  main           the committed kernel with a 16-deep ring
-#   vmt4   decode-swapmt  the swapped-operand kernel for every M <= 32 (1, 2 or 4 8-row tiles)
-#   vxpf   decode-xpf     the committed kernel with chunk c + 1's activations loaded during chunk c
-#   vepi   decode-epilogue the committed kernel with a vectorised split-K epilogue (4 columns per
-#                         thread, the partials loaded 8 at a time before they are added)
-#   bash scripts/make_variants.sh        # then: bash scripts/gpu_variants.sh OUT "v9 vmt4"
-#   (vxpf: bash scripts/gpu_variants.sh OUT vxpf --ms 1,16 --shapes 70b_gate_up,7b_gate_up,13b_qkvo;
-#    vepi: bash scripts/gpu_variants.sh OUT vepi --ms 1,16,32 --shapes 7b_qkvo,7b_gate_up,70b_gate_up)
+# git-ignored, so a fresh checkout has none). Every variant is main's csrc/gemm_decode.cu with one
+# compile-time switch changed (branches do not survive from one session's checkout to the next,
+# so a variant lives on main behind its macro, off by default, until it is timed):
+#   v8d16  CBQ_DEC_DEPTH 16   a 16-deep weight ring per warp (8 by default)
+#   vepi   CBQ_DEC_EPI 1      the vectorised split-K epilogue (4 columns per thread, the partials
+#                             loaded 8 at a time before they are added; bitwise the same output)
+# The TMA (decode-tma), swapped-operand M <= 32 (decode-swapmt) and activation-prefetch
+# (decode-xpf) variants were branches; their timings are in DECISIONS.md, their code is gone.
+#   bash scripts/make_variants.sh
+#   bash scripts/gpu_variants.sh OUT vepi --ms 1,16,32 --shapes 7b_qkvo,7b_gate_up,70b_gate_up
 set -euo pipefail
 cd "$(dirname "$0")/.."
-files="csrc/gemm_decode.cu csrc/bindings.cpp cbq_kernels/gemm_decode.py tests/kernels/test_gemm_decode_cuda.py"
-take() {  # take DIR BRANCH [DEPTH]: the branch's files that differ from main, depth patched
-  local dir=.carry/$1 branch=$2 depth=${3:-}
+variant() {  # variant DIR MACRO VALUE: main's kernel with "#define MACRO VALUE"
+  local dir=.carry/$1 macro=$2 value=$3
   rm -rf "$dir"; mkdir -p "$dir"
-  for f in $files; do
-    if [ "$branch" != main ] && git diff --quiet main "$branch" -- "$f"; then continue; fi
-    [ "$branch" = main ] && [ "$f" != csrc/gemm_decode.cu ] && continue
-    git show "$branch:$f" > "$dir/$(basename "$f")"
-  done
-  if [ -n "$depth" ]; then
-    sed -i "s/^#define CBQ_DEC_DEPTH 8$/#define CBQ_DEC_DEPTH $depth/" "$dir/gemm_decode.cu"
-    grep -q "^#define CBQ_DEC_DEPTH $depth$" "$dir/gemm_decode.cu"
-  fi
-  echo "$dir: $(ls "$dir" | tr '\n' ' ')"
+  cp csrc/gemm_decode.cu "$dir/"
+  sed -i "s/^#define $macro [0-9]*$/#define $macro $value/" "$dir/gemm_decode.cu"
+  grep -q "^#define $macro $value$" "$dir/gemm_decode.cu" || { echo "$dir: no #define $macro"; exit 1; }
+  echo "$dir: gemm_decode.cu with $macro $value"
 }
-take v9 decode-tma
-take v9d16 decode-tma 16
-take v8d16 main 16
-take vmt4 decode-swapmt
-take vxpf decode-xpf
-take vepi decode-epilogue
+variant v8d16 CBQ_DEC_DEPTH 16
+variant vepi CBQ_DEC_EPI 1

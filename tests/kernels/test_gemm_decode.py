@@ -191,3 +191,29 @@ def test_concat_weights_refuses_what_cannot_be_one_weight():
         concat_weights([a, b])
     with pytest.raises(ValueError, match="at least one weight"):
         concat_weights([])
+
+
+def test_the_split_model_picks_the_measured_best_splits(monkeypatch):
+    """default_splits on an H200's 132 SMs against the H200 sweeps it was fitted to
+    (benchmarks/results/h200/sweep_decode_401f61a.txt; sweep_decode_variants_3a9aa0a/main.txt
+    for M = 1): the best or within 6% of it at M = 16 / 32, where the model without the split
+    reduction's cost picked 3 splits for 70B gate/up W4A8 at M = 16 (66.7 us, S = 1 48.2) and 7B
+    gate/up W4A8 at M = 32 (30.1 us, S = 1 20.1); M = 1 as before."""
+    from cbq_kernels import gemm_decode
+
+    monkeypatch.setattr(gemm_decode, "_sm_count", lambda index: 132)
+    gemm_decode.default_splits.cache_clear()
+    dev = torch.device("cpu")
+    n_tiles = {"7b_qkvo": 64, "7b_gate_up": 172, "70b_gate_up": 448}
+    chunks4 = {"7b_qkvo": 128, "7b_gate_up": 128, "70b_gate_up": 256}  # K / 32
+    # (shape, m, integer activations) -> splits within 6% of the sweep's best
+    ok = {("70b_gate_up", 16, True): {1}, ("70b_gate_up", 16, False): {2},
+          ("7b_gate_up", 32, True): {1}, ("7b_gate_up", 32, False): {1},
+          ("7b_qkvo", 32, True): {1, 2}, ("7b_qkvo", 16, True): {2},
+          ("70b_gate_up", 1, True): {1}, ("7b_qkvo", 1, False): {6, 8}}  # fmt: skip
+    try:
+        for (shape, m, int_act), want in ok.items():
+            got = gemm_decode.default_splits(n_tiles[shape], chunks4[shape], dev, m, int_act)
+            assert got in want, (shape, m, int_act, got)
+    finally:
+        gemm_decode.default_splits.cache_clear()
