@@ -6,6 +6,7 @@
 # CBQ_CUDA_ARCHS defaults to 90a here (Hopper) to keep the build short.
 set -uo pipefail
 out=${1:-gpu_results}
+. "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."

@@ -14,6 +14,7 @@
 # (git rev-parse --short=12 HEAD > .cbq_commit, ignored) and carry it; the CSVs record it.
 set -uo pipefail
 out=${1:?usage: gpu_gemm.sh OUT_DIR [tests|bench]...}
+. "$(dirname "$0")/out_check.sh"
 shift
 steps=${*:-build decode tests bench}
 mkdir -p "$out"

@@ -17,6 +17,7 @@
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
 out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one}
+. "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 pack() { tar czf /tmp/lease_$stage.tgz -C "$out" . && rm -rf "${out:?}"/* && mv /tmp/lease_$stage.tgz "$out/"; ls -la "$out"; }

@@ -15,6 +15,7 @@
 # `split -b 47m`, one half per call: a call carries at most 64 MiB).
 set -uo pipefail
 out=$1; stage=$2; shift 2
+. "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 CBQ_MODELS_DIR=$PWD/.carry/shared/models CBQ_DATA_DIR=$PWD/.carry/shared/data
 [ -z "${CBQ_COMMIT:-}" ] && [ -f .cbq_commit ] && CBQ_COMMIT=$(cat .cbq_commit)  # as gpu_gemm.sh
@@ -106,7 +107,7 @@ case $stage in
       done
     fi
     sleep 60; cat $table/driver_*.log; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
-    tail -3 $table/*.log | head -60 ;;
+    tail -n 3 $table/*.log | head -60 ;;
   gencheck)  # issue 14 on the models of CBQ_GENMODEL (start; e.g. "W4A16 W4A8": weight-only
     # kernels have no activation codes to flip): greedy continuations, teacher-forced
     # agreement and the perplexity through generate's model (scripts/check_generate.py),

@@ -7,6 +7,7 @@
 #   bash scripts/gpu_variants.sh OUT_DIR "v9 vmt4" [sweep args]
 set -uo pipefail
 out=${1:?usage: gpu_variants.sh OUT_DIR VARIANTS [sweep args]}; variants=$2; shift 2
+. "$(dirname "$0")/out_check.sh"
 sweep=${*:---ms 1 --shapes 7b_down,70b_gate_up}
 cd "$(dirname "$0")/.."
 files="csrc/gemm_decode.cu csrc/bindings.cpp cbq_kernels/gemm_decode.py tests/kernels/test_gemm_decode_cuda.py"
