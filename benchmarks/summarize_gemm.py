@@ -1,9 +1,9 @@
 """Summary of a bench_gemm.csv against issue 13's targets, and a plot of speedup vs M.
 
-    python benchmarks/summarize_gemm.py benchmarks/results/h200/bench_gemm.csv
+    python benchmarks/summarize_gemm.py benchmarks/results/h200/bench_gemm.csv [--out NAME]
 
 writes bench_gemm_summary.md (and bench_gemm_speedup.png when matplotlib is installed)
-beside the CSV. Targets, per layer shape (the API's kernels: the rows named w4a16_g128, w4a8,
+beside the CSV (NAME.md and NAME_speedup.png with --out). Targets, per layer shape (the API's kernels: the rows named w4a16_g128, w4a8,
 w4a8_g128, w4a4, w2a16_g128; variant rows such as w4a4_fp8 are listed, not judged):
 
 * decode, M in {1, 4, 16}: W4A16 g128 / W4A8 / W4A4 >= 3.0x cuBLAS bf16 on the 70B shapes
@@ -167,13 +167,22 @@ def plot(times, path: Path) -> bool:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        raise SystemExit(__doc__)
-    path = Path(sys.argv[1])
-    times, rates = load(path)
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("csv", type=Path, help="a bench_gemm.csv")
+    ap.add_argument("--out", default="bench_gemm_summary",
+                    help="name of the summary (.md) and plot (.png) beside the CSV "
+                    "(default: bench_gemm_summary, bench_gemm_speedup)")  # fmt: skip
+    args = ap.parse_args()
+    if not args.csv.is_file():
+        ap.error(f"no such CSV: {args.csv}")
+    times, rates = load(args.csv)
     text = summarize(times, rates)
-    (path.parent / "bench_gemm_summary.md").write_text(text)
-    drew = plot(times, path.parent / "bench_gemm_speedup.png")
+    (args.csv.parent / f"{args.out}.md").write_text(text)
+    png = "bench_gemm_speedup" if args.out == "bench_gemm_summary" else f"{args.out}_speedup"
+    drew = plot(times, args.csv.parent / f"{png}.png")
     print(text + ("" if drew else "\n(matplotlib not installed: no plot)"))
 
 
