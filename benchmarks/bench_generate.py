@@ -28,6 +28,9 @@ setting beside its bf16 base.
     CBQ_GEN_FUSE=2 ...        (also the RMSNorm in front of each group inside its activation
                                quantizer, serve.fuse_norms: W4A8 / W4A4; the fused column
                                counts groups + norms moved)
+    CBQ_GEN_FUSE=3 ...        (also each MLP's SwiGLU inside the down projection's activation
+                               quantizer, serve.fuse_swiglu: W4A8 / W4A4; the fused column
+                               counts groups + norms + MLPs)
     CBQ_GEN_POLICY='{"decode_pdl": false}' ... (the quantized settings' GEMMs under this
                                cbq_kernels.gemm.GemmPolicy, cbq_ptq.serve.set_policy; the
                                policy column says which; default: the default dispatch)
@@ -55,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import Environment
 from cbq_ptq.config import parse_setting
 from cbq_ptq.generate import DecodeSession, decode_loop, timed_generate
-from cbq_ptq.serve import fuse_norms, fuse_projections, rtn_kernels, set_policy
+from cbq_ptq.serve import fuse_norms, fuse_projections, fuse_swiglu, rtn_kernels, set_policy
 
 # W4A4rot: W4A4 with the online Hadamard rotation of every down_proj input (issue 15's R4,
 # fused with the activation quantizer); R1 / R2 fold into the weights offline and cost
@@ -74,8 +77,9 @@ COMPILE = os.environ.get("CBQ_GEN_COMPILE", "auto")
 COMPILE_MODES = ("auto", "off", "graph", "graph-compiled")
 PREFILL = os.environ.get("CBQ_GEN_PREFILL", "eager")
 PREFILL_MODES = ("eager", "graph")
-FUSE_LEVEL = os.environ.get("CBQ_GEN_FUSE", "0")  # 0, 1 (projections), 2 (and their norms)
-FUSE, FUSE_NORMS = FUSE_LEVEL in ("1", "2"), FUSE_LEVEL == "2"
+FUSE_LEVEL = os.environ.get("CBQ_GEN_FUSE", "0")  # 0, 1 (projections), 2 (+ norms), 3 (+ SwiGLU)
+FUSE, FUSE_NORMS, FUSE_SWIGLU = (FUSE_LEVEL in ("1", "2", "3"), FUSE_LEVEL in ("2", "3"),
+                                  FUSE_LEVEL == "3")  # fmt: skip
 PROFILE = os.environ.get("CBQ_GEN_PROFILE")
 POLICY = os.environ.get("CBQ_GEN_POLICY", "")
 
@@ -266,6 +270,8 @@ def _measure_setting(shape: str, setting: str, batches, prompts, new: int,
             fused = fuse_projections(model)
         if FUSE_NORMS:  # and their norms inside the activation quantizer (serve.fuse_norms)
             fused += fuse_norms(model)
+        if FUSE_SWIGLU:  # and the SwiGLU inside down_proj's quantizer (serve.fuse_swiglu)
+            fused += fuse_swiglu(model)
     if rotated and not all("rotation_signs" in getattr(b.get_submodule(down), "act_kwargs", {})
                            for b in blocks(model)):  # fmt: skip
         raise RuntimeError("the online rotation did not reach the down_proj kernels")

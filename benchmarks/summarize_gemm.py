@@ -3,8 +3,9 @@
     python benchmarks/summarize_gemm.py benchmarks/results/h200/bench_gemm.csv [--out NAME]
 
 writes bench_gemm_summary.md (and bench_gemm_speedup.png when matplotlib is installed)
-beside the CSV (NAME.md and NAME_speedup.png with --out). Targets, per layer shape (the API's kernels: the rows named w4a16_g128, w4a8,
-w4a8_g128, w4a4, w2a16_g128; variant rows such as w4a4_fp8 are listed, not judged):
+beside the CSV (NAME.md and NAME_speedup.png with --out). Targets, per layer shape (the
+API's kernels: the rows named w4a16_g128, w4a8, w4a8_g128, w4a4, w2a16_g128; variant rows
+such as w4a4_fp8 are listed, not judged):
 
 * decode, M in {1, 4, 16}: W4A16 g128 / W4A8 / W4A4 >= 3.0x cuBLAS bf16 on the 70B shapes
   and >= 2.0x on the 7B shapes; W2A16 g128 >= 4.5x on the 70B shapes; every decode row
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import statistics
-import sys
 from collections import defaultdict
 from pathlib import Path
 

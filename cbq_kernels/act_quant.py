@@ -17,6 +17,12 @@ are stored in the packed format of :mod:`cbq_kernels.formats` (signed values off
 8 codes per little-endian int32 word along K): (T, ceil(K / 8)) int32, identical to
 ``pack(q + 8, 4)``.
 
+With ``glu`` the input is a fused gate / up output (T, 2K) and the quantized values are
+``y = silu(g) * u = g / (1 + exp(-g)) * u`` (g the first K columns, u the last K): the SwiGLU of
+a Llama MLP and the quantizer of its down projection in one kernel, in fp32 without rounding
+``y`` to the input dtype first (so, as with the RMSNorm, a code may move by one level against
+a model that rounds ``y`` to bf16).
+
 Divisions are by reciprocals computed once (correctly rounded) per token, per channel, or per
 row of the RMSNorm, in the kernel and the reference alike: one IEEE division per element made
 the kernel ALU-bound. Exactness: without RMSNorm and with alpha = 1 the kernel equals the
@@ -103,12 +109,17 @@ def _round_store_rows(u, m, rows, row_ok, K, P, q_ptr, BITS: tl.constexpr,
 @triton.jit
 def _act_quant_kernel(x_ptr, w_ptr, f_ptr, q_ptr, s_ptr, K, ratio, alpha, norm_eps, P,
                       BITS: tl.constexpr, NORM: tl.constexpr, FACTORS: tl.constexpr,
-                      POW: tl.constexpr, PER_WORD: tl.constexpr,
+                      POW: tl.constexpr, PER_WORD: tl.constexpr, GLU: tl.constexpr,
                       BLOCK_K: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK_K)
     m = k < K
-    y = tl.load(x_ptr + row * K + k, mask=m, other=0.0).to(tl.float32)
+    if GLU:  # x is (T, 2K): silu(gate) * up
+        g = tl.load(x_ptr + row * 2 * K + k, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + row * 2 * K + K + k, mask=m, other=0.0).to(tl.float32)
+        y = tl.math.div_rn(g, 1.0 + tl.exp(-g)) * u
+    else:
+        y = tl.load(x_ptr + row * K + k, mask=m, other=0.0).to(tl.float32)
     if NORM:
         ms = tl.math.div_rn(tl.sum(y * y, axis=0), K.to(tl.float32))
         w = tl.load(w_ptr + k, mask=m, other=0.0).to(tl.float32)
@@ -124,10 +135,16 @@ def _act_quant_kernel(x_ptr, w_ptr, f_ptr, q_ptr, s_ptr, K, ratio, alpha, norm_e
     _round_store(y * inv_s, m, row, K, P, q_ptr, BITS, PER_WORD, BLOCK_K)
 
 
-def _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha) -> None:
+def _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha,
+           glu=False) -> None:  # fmt: skip
     check_tensor(x, "x", FLOAT_DTYPES, 2, "tokens, K")
     assert isinstance(x, Tensor)
-    if x.shape[1] > _MAX_K:
+    if glu and x.shape[1] % 2:
+        raise ValueError(f"glu takes a (tokens, 2K) gate | up input, got an odd width "
+                         f"{x.shape[1]}")  # fmt: skip
+    if glu and norm_weight is not None:
+        raise ValueError("glu and norm_weight do not combine (a SwiGLU output has no RMSNorm)")
+    if x.shape[1] // (2 if glu else 1) > _MAX_K:
         raise ValueError(f"K = {x.shape[1]} exceeds the supported {_MAX_K}")
     if bits not in (4, 8) or isinstance(bits, bool):
         raise ValueError(f"bits must be 4 or 8 (int8 codes or packed int4), got {bits!r}")
@@ -137,7 +154,7 @@ def _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha) ->
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     if norm_eps <= 0:
         raise ValueError(f"norm_eps must be > 0, got {norm_eps}")
-    k = x.shape[1]
+    k = x.shape[1] // (2 if glu else 1)
     for name, t in (("norm_weight", norm_weight), ("channel_factor", channel_factor)):
         if t is None:
             continue
@@ -151,8 +168,8 @@ def _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha) ->
         raise ValueError("CrossQuant (alpha < 1) needs channel_factor = c^(1 - alpha)")
 
 
-def _out_shapes(x: Tensor, bits: int) -> tuple[tuple[int, int], torch.dtype]:
-    t, k = x.shape
+def _out_shapes(x: Tensor, bits: int, glu: bool = False) -> tuple[tuple[int, int], torch.dtype]:
+    t, k = x.shape[0], x.shape[1] // (2 if glu else 1)
     return ((t, k), torch.int8) if bits == 8 else ((t, packed_words(k, 4)), torch.int32)
 
 
@@ -164,24 +181,27 @@ def _act_quant_impl(
     norm_eps: float,
     channel_factor: Tensor | None,
     alpha: float,
+    glu: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha)
+    _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha, glu)
     if not use_triton(_act_quant_kernel, x.device):
-        return act_quant_ref(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha)
-    shape, dtype = _out_shapes(x, bits)
+        return act_quant_ref(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha,
+                             glu)  # fmt: skip
+    shape, dtype = _out_shapes(x, bits, glu)
     codes = torch.empty(shape, dtype=dtype, device=x.device)
     scales = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    k = x.shape[1] // (2 if glu else 1)  # the quantized width
     if x.numel():
-        block_k = max(triton.next_power_of_2(x.shape[1]), 16)
+        block_k = max(triton.next_power_of_2(k), 16)
         w = x if norm_weight is None else norm_weight.float().contiguous()
         f = x if channel_factor is None else reciprocal(channel_factor.float()).contiguous()
         # int8 codes are written as int32 words of 4 when K allows (full-width stores).
-        out = codes.view(torch.int32) if bits == 8 and x.shape[1] % 4 == 0 else codes
+        out = codes.view(torch.int32) if bits == 8 and k % 4 == 0 else codes
         _act_quant_kernel[(x.shape[0],)](
-            x, w, f, out, scales, x.shape[1], float(clip_ratio), float(alpha),
+            x, w, f, out, scales, k, float(clip_ratio), float(alpha),
             float(norm_eps), float((1 << (bits - 1)) - 1),
             BITS=bits, NORM=norm_weight is not None, FACTORS=channel_factor is not None,
-            POW=alpha != 1.0, PER_WORD=4 if bits == 8 else 8, BLOCK_K=block_k,
+            POW=alpha != 1.0, PER_WORD=4 if bits == 8 else 8, GLU=glu, BLOCK_K=block_k,
             num_warps=min(16, max(1, block_k // 512)),
             enable_fp_fusion=False,
         )  # fmt: skip
@@ -192,9 +212,9 @@ _act_quant_op = torch.library.custom_op("cbq::act_quant", mutates_args=())(_act_
 
 
 @_act_quant_op.register_fake
-def _(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha):
-    _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha)
-    shape, dtype = _out_shapes(x, bits)
+def _(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha, glu=False):
+    _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha, glu)
+    shape, dtype = _out_shapes(x, bits, glu)
     return x.new_empty(shape, dtype=dtype), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
@@ -207,6 +227,7 @@ def act_quant(
     norm_eps: float = 1e-6,
     channel_factor: Tensor | None = None,
     alpha: float = 1.0,
+    glu: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Quantize activations per token (see the module docstring).
 
@@ -218,6 +239,7 @@ def act_quant(
         norm_eps: RMSNorm epsilon.
         channel_factor: (K,) CrossQuant factors ``c^(1 - alpha)``, or None.
         alpha: CrossQuant exponent in (0, 1]; 1 is plain per-token quantization.
+        glu: x is (..., 2K), a gate | up output; ``silu(gate) * up`` is quantized.
 
     Returns:
         (codes, scales): codes (T, K) int8 or (T, ceil(K/8)) int32, scales (T,) fp32, T the
@@ -228,7 +250,7 @@ def act_quant(
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise TypeError("x must be a tensor of shape (..., K)")
     return _act_quant_op(x.reshape(-1, x.shape[-1]), bits, float(clip_ratio), norm_weight,
-                         float(norm_eps), channel_factor, float(alpha))  # fmt: skip
+                         float(norm_eps), channel_factor, float(alpha), bool(glu))  # fmt: skip
 
 
 def act_quant_ref(
@@ -239,11 +261,16 @@ def act_quant_ref(
     norm_eps: float = 1e-6,
     channel_factor: Tensor | None = None,
     alpha: float = 1.0,
+    glu: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Plain PyTorch :func:`act_quant` on (T, K) input (fp32 inside)."""
+    """Plain PyTorch :func:`act_quant` on (T, K) input (fp32 inside); with ``glu`` on (T, 2K)
+    input, ``silu(gate) * up`` as ``gate / (1 + exp(-gate)) * up``."""
     from cbq_kernels.packing import pack_ref
 
     y = x.float()
+    if glu:
+        g, u = y.chunk(2, dim=1)
+        y = g / (1.0 + torch.exp(-g)) * u
     k = y.shape[1]
     full = torch.full_like  # divide by tensors: CUDA divides by Python scalars via reciprocals
     if norm_weight is not None:

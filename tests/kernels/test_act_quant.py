@@ -64,6 +64,36 @@ def test_fused_rmsnorm(bits):
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k", [96, 100])  # 100: codes written one by one (K % 4 != 0)
+def test_fused_swiglu(bits, k):
+    """glu: the kernel quantizes silu(gate) * up of a (T, 2K) gate | up input, against the
+    reference and against the definition (torch's silu, then plain per-token quantization)."""
+    x = data(32, 2 * k, seed=4) * 3
+    codes, s = act_quant(x, bits, clip_ratio=0.9, glu=True)
+    ref_codes, ref_s = act_quant_ref(x, bits, 0.9, glu=True)
+    assert codes.shape == ref_codes.shape and s.shape == (32,)
+    torch.testing.assert_close(s, ref_s, rtol=1e-6, atol=0)
+    q, q_ref = (c if bits == 8 else unpack(c, 4, k).to(torch.int16) for c in (codes, ref_codes))
+    diff = (q.to(torch.int16) - q_ref.to(torch.int16)).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
+    g, u = x.chunk(2, dim=1)
+    y = torch.nn.functional.silu(g) * u
+    def_codes, def_s = act_quant_ref(y, bits, 0.9)
+    torch.testing.assert_close(ref_s, def_s, rtol=1e-6, atol=0)
+    q_def = def_codes if bits == 8 else unpack(def_codes, 4, k).to(torch.int16)
+    assert int((q_ref.to(torch.int16) - q_def.to(torch.int16)).abs().max()) <= 1
+
+
+def test_swiglu_bad_input():
+    with pytest.raises(ValueError, match="odd width 15"):
+        act_quant(torch.zeros(2, 15), 8, glu=True)
+    with pytest.raises(ValueError, match="glu and norm_weight do not combine"):
+        act_quant(torch.zeros(2, 16), 8, glu=True, norm_weight=torch.ones(8))
+    with pytest.raises(ValueError, match=r"channel_factor must have shape \(K,\) = \(8,\)"):
+        act_quant(torch.zeros(2, 16), 8, glu=True, channel_factor=torch.ones(16), alpha=0.5)
+
+
 def test_crossquant_never_clips_and_shrinks_the_kernel():
     x = data(64, 128, seed=4)
     alpha = 0.5
@@ -109,6 +139,8 @@ def test_bad_input():
 def test_opcheck_and_compile():
     x, w = data(8, 40), torch.rand(40) + 0.5
     torch.library.opcheck(torch.ops.cbq.act_quant.default, (x, 4, 0.9, w, 1e-6, None, 1.0))
+    torch.library.opcheck(torch.ops.cbq.act_quant.default,
+                          (x, 8, 0.9, None, 1e-6, None, 1.0, True))  # glu: (8, 2 x 20)
     compiled = torch.compile(lambda x: act_quant(x, 8, clip_ratio=0.9), fullgraph=True)
     got, want = compiled(x), act_quant(x, 8, clip_ratio=0.9)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -39,3 +39,19 @@ def test_rmsnorm_and_crossquant_within_one_level(bits):
         q, q_ref = (c if bits == 8 else unpack(c, 4, 4096) for c in (codes, ref[0]))
         diff = (q.to(torch.int16) - q_ref.to(torch.int16)).abs()
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k", [11008, 1376])  # Llama-2-7B's FFN width; 1376: K % 4 == 0, not % 8
+def test_swiglu_within_one_level(bits, k):
+    """glu: silu(gate) * up of a bf16 gate | up output (the down projection's input), against
+    the fp32 reference: the kernel's exp is not torch's, so a code within an ulp of a rounding
+    boundary may move by one level; scales within 1e-5."""
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = (torch.randn(96, 2 * k, generator=g, device="cuda") * 2).to(torch.bfloat16)
+    codes, s = act_quant(x, bits, clip_ratio=0.9, glu=True)
+    ref_codes, ref_s = act_quant_ref(x, bits, 0.9, glu=True)
+    torch.testing.assert_close(s, ref_s, rtol=1e-5, atol=0)
+    q, q_ref = (c if bits == 8 else unpack(c, 4, k) for c in (codes, ref_codes))
+    diff = (q.to(torch.int16) - q_ref.to(torch.int16)).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3

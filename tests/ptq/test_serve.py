@@ -234,6 +234,52 @@ def test_fused_norms_compute_the_same_model(setting):
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
 
 
+@pytest.mark.parametrize("setting", ["W4A8", "W4A4", "W4A16"])
+def test_fused_swiglu_computes_the_same_model(setting):
+    """fuse_swiglu: after fuse_projections, each MLP becomes the fused gate | up GEMM and a
+    down projection whose activation quantizer computes silu(gate) * up; the logits are the
+    unfused model's up to codes that move by one level at a rounding boundary (the product is
+    not rounded first); an MLP whose down projection has CrossQuant factors, or whose gate /
+    up are not fused, or whose activation is not SiLU, stays; weight-only models have no
+    quantizer to take it."""
+    from cbq_ptq.serve import SwiGLUMLP, fuse_projections, fuse_swiglu, rtn_kernels
+
+    model = random_llama()
+    rtn_kernels(model, parse_setting(setting), torch.float32)
+    fuse_projections(model)
+    ref = copy.deepcopy(model)
+    if parse_setting(setting).a_bits == 16:
+        assert fuse_swiglu(model) == 0
+        return
+    probe = copy.deepcopy(model)  # block 1: a GELU MLP stays
+    probe.model.layers[1].mlp.act_fn = torch.nn.GELU()
+    assert fuse_swiglu(probe) == 1 and not isinstance(probe.model.layers[1].mlp, SwiGLUMLP)
+    probe = copy.deepcopy(model)  # block 1: CrossQuant factors on down_proj: stays
+    probe.model.layers[1].mlp.down_proj.act_kwargs.update(channel_factor=torch.ones(128),
+                                                          alpha=1.0)  # fmt: skip
+    assert fuse_swiglu(probe) == 1
+    assert fuse_swiglu(model) == 2
+    mlp0 = model.model.layers[0].mlp
+    assert isinstance(mlp0, SwiGLUMLP) and mlp0.down_proj.act_kwargs.get("glu") is True
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want, got = ref(ids).logits, model(ids).logits
+    # measured: 6.0e-8 (W4A8) / 5.2e-8 (W4A4), no code moved; the MLPs of this random model
+    # move the logits little (halves swapped below: 0.024 / 0.080), so the bound is 1e-3
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    # the test can fail: quantizing silu(up) * gate (halves swapped) moves the logits
+    swapped = copy.deepcopy(model)
+    for layer in swapped.model.layers:
+        fused = layer.mlp.gate_up
+        n = fused.weight.n // 2
+        perm = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+        fused.forward = (lambda f, p: lambda x: type(f).forward(f, x)[..., p])(fused, perm)
+    with torch.no_grad():
+        wrong = swapped(ids).logits
+    assert float((wrong - want).abs().max()) > 1e-2
+
+
 def test_a_policy_reaches_every_kernel_layer_and_the_fused_ones():
     """serve.set_policy: every KernelLinear runs its GEMM under the given GemmPolicy (what
     bench_generate's CBQ_GEN_POLICY measures end to end), fused groups made afterwards keep

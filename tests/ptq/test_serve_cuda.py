@@ -226,3 +226,36 @@ def test_fused_norms_on_the_gpu_kernels(setting):
     ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(1)).cuda()
     tokens, _, decode = decode_loop(fused, ids, 8)
     assert tokens.shape == (2, 8) and decode > 0
+
+
+@pytest.mark.parametrize("setting", ["W4A8", "W4A4"])
+def test_fused_swiglu_on_the_gpu_kernels(setting):
+    """fuse_swiglu on the GPU (bf16, after fuse_projections and fuse_norms, as
+    load_for_generation(fuse_swiglu=True) runs them): each MLP's SwiGLU runs inside the down
+    projection's Triton activation quantizer. W4A8: the logits within 0.05 of the max |logit|
+    of the unfused model; W4A4: as close to the unquantized model as the unfused one (the
+    contract of test_fused_norms_on_the_gpu_kernels, for the same reason); the captured
+    decode loop runs with it."""
+    from cbq_ptq.generate import decode_loop
+    from cbq_ptq.serve import SwiGLUMLP, fuse_norms, fuse_projections, fuse_swiglu, rtn_kernels
+
+    model = random_llama(512, 1408, heads=8, vocab=1000, device="cuda", dtype=torch.bfloat16)
+    ref = copy.deepcopy(model)
+    rtn_kernels(model, parse_setting(setting), torch.bfloat16)
+    fuse_projections(model)
+    fuse_norms(model)
+    fused = copy.deepcopy(model)
+    assert fuse_swiglu(fused) == 2
+    assert isinstance(fused.model.layers[0].mlp, SwiGLUMLP)
+    for rows in (1, 48):
+        ids = torch.randint(3, 1000, (2, rows), generator=torch.Generator().manual_seed(rows))
+        with torch.no_grad():
+            r, want, got = (m(ids.cuda()).logits.float() for m in (ref, model, fused))
+        if setting == "W4A8":
+            assert float((got - want).abs().max()) <= 0.05 * float(want.abs().max()), rows
+        else:
+            err_fused, err_unfused = (float((x - r).abs().mean()) for x in (got, want))
+            assert err_fused <= 1.15 * err_unfused, (rows, err_fused, err_unfused)
+    ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(1)).cuda()
+    tokens, _, decode = decode_loop(fused, ids, 8)
+    assert tokens.shape == (2, 8) and decode > 0
