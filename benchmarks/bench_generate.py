@@ -28,6 +28,8 @@ setting beside its bf16 base.
     CBQ_GEN_FUSE=2 ...        (also the RMSNorm in front of each group inside its activation
                                quantizer, serve.fuse_norms: W4A8 / W4A4; the fused column
                                counts groups + norms moved)
+    CBQ_GEN_ROPE=1 ...        (every setting, bf16 too: the attention's RoPE in one kernel per
+                               layer, serve.fuse_rope, bit-exact; the rope column says which)
     CBQ_GEN_FUSE=3 ...        (also each MLP's SwiGLU inside the down projection's activation
                                quantizer, serve.fuse_swiglu: W4A8 / W4A4; the fused column
                                counts groups + norms + MLPs)
@@ -58,7 +60,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import Environment
 from cbq_ptq.config import parse_setting
 from cbq_ptq.generate import DecodeSession, decode_loop, timed_generate
-from cbq_ptq.serve import fuse_norms, fuse_projections, fuse_swiglu, rtn_kernels, set_policy
+from cbq_ptq.serve import (
+    fuse_norms,
+    fuse_projections,
+    fuse_rope,
+    fuse_swiglu,
+    rtn_kernels,
+    set_policy,
+)
 
 # W4A4rot: W4A4 with the online Hadamard rotation of every down_proj input (issue 15's R4,
 # fused with the activation quantizer); R1 / R2 fold into the weights offline and cost
@@ -72,7 +81,7 @@ SHAPES = {  # hidden, intermediate, heads, kv heads, blocks built, blocks of the
 FIELDS = ["model", "setting", "batch", "prompt", "new_tokens", "ttft_ms", "decode_tok_s",
           "decode_ms_per_step", "speedup_vs_bf16", "decode_tok_s_x80", "peak_gib", "weight_gib",
           "weights",
-          "compile", "prefill", "fused", "policy", "gpu", "torch", "commit"]  # fmt: skip
+          "compile", "prefill", "fused", "rope", "policy", "gpu", "torch", "commit"]  # fmt: skip
 COMPILE = os.environ.get("CBQ_GEN_COMPILE", "auto")
 COMPILE_MODES = ("auto", "off", "graph", "graph-compiled")
 PREFILL = os.environ.get("CBQ_GEN_PREFILL", "eager")
@@ -80,6 +89,7 @@ PREFILL_MODES = ("eager", "graph")
 FUSE_LEVEL = os.environ.get("CBQ_GEN_FUSE", "0")  # 0, 1 (projections), 2 (+ norms), 3 (+ SwiGLU)
 FUSE, FUSE_NORMS, FUSE_SWIGLU = (FUSE_LEVEL in ("1", "2", "3"), FUSE_LEVEL in ("2", "3"),
                                   FUSE_LEVEL == "3")  # fmt: skip
+ROPE = os.environ.get("CBQ_GEN_ROPE", "0") == "1"  # serve.fuse_rope, every setting (bf16 too)
 PROFILE = os.environ.get("CBQ_GEN_PROFILE")
 POLICY = os.environ.get("CBQ_GEN_POLICY", "")
 
@@ -272,13 +282,15 @@ def _measure_setting(shape: str, setting: str, batches, prompts, new: int,
             fused += fuse_norms(model)
         if FUSE_SWIGLU:  # and the SwiGLU inside down_proj's quantizer (serve.fuse_swiglu)
             fused += fuse_swiglu(model)
+    if ROPE:  # the RoPE kernel: the same bit-exact function for bf16 and quantized rows
+        fuse_rope(model)
     if rotated and not all("rotation_signs" in getattr(b.get_submodule(down), "act_kwargs", {})
                            for b in blocks(model)):  # fmt: skip
         raise RuntimeError("the online rotation did not reach the down_proj kernels")
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     weights += sum(_kernel_bytes(m) for m in model.modules())
     fields = {"model": shape, "setting": setting, "weight_gib": round(weights / 2**30, 3),
-              "weights": "random, RTN", "fused": fused,
+              "weights": "random, RTN", "fused": fused, "rope": int(ROPE),
               "policy": POLICY if setting != "bf16" else ""}  # fmt: skip
     return _rows(model, fields, batches, prompts, new, device, env)
 

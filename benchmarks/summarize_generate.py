@@ -36,6 +36,8 @@ def merge(paths: list[Path]) -> list[dict]:
                 row["policy"] = row.get("policy") or ""
                 if row.get("prefill") == "graph":  # a captured prefill is its own mode
                     row["compile"] += ", prefill graph"
+                if row.get("rope") == "1":  # so is the RoPE kernel (bf16 rows have it too)
+                    row["compile"] += ", rope kernel"
                 rows[tuple(row[k] for k in KEY)] = row
     return list(rows.values())
 

@@ -54,7 +54,7 @@ class _Clock:
 def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
                         kernels: bool = True, dtype: torch.dtype | None = None,
                         fuse: bool = True, fuse_norms: bool = True,
-                        fuse_swiglu: bool = False):  # fmt: skip
+                        fuse_swiglu: bool = False, fuse_rope: bool = False):  # fmt: skip
     """(model, tokenizer, layer table) of a folder written by ``cbq quantize``: the kernels
     in place of the quantized layers when ``kernels``; ``dtype`` default: bf16 on a GPU, fp32
     on the CPU. ``fuse``: a block's q / k / v kernels run as one GEMM, and gate / up as
@@ -68,12 +68,16 @@ def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
     14.37 at batch 32, time to first token 59.9 -> 53.3 ms;
     benchmarks/results/h200/bench_generate_401f61a_norms.md). ``fuse_swiglu`` (with ``fuse``):
     the SwiGLU of each MLP runs inside the down projection's activation quantizer
-    (:func:`cbq_ptq.serve.fuse_swiglu`); off until bench_generate times it (CBQ_GEN_FUSE=3)."""
+    (:func:`cbq_ptq.serve.fuse_swiglu`); off until bench_generate times it (CBQ_GEN_FUSE=3).
+    ``fuse_rope``: the attention's RoPE in one kernel per layer, bit-exact
+    (:func:`cbq_ptq.serve.fuse_rope`; process-wide for the architecture); off until timed
+    (CBQ_GEN_ROPE=1)."""
     from transformers import AutoTokenizer
 
     from cbq_ptq.io import load
     from cbq_ptq.serve import fuse_norms as fuse_norms_fn
     from cbq_ptq.serve import fuse_projections, kernel_table
+    from cbq_ptq.serve import fuse_rope as fuse_rope_fn
     from cbq_ptq.serve import fuse_swiglu as fuse_swiglu_fn
 
     device = torch.device(device)
@@ -88,6 +92,8 @@ def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
             fuse_norms_fn(model)
         if fuse_swiglu:
             fuse_swiglu_fn(model)
+    if fuse_rope:
+        fuse_rope_fn(model)
     table = kernel_table(model) if kernels else {}
     model.to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -322,3 +322,40 @@ def test_shared_activation_ratios_make_a_cbq_model_fusable(stories, shared):
     assert all(r != 0.8 for r in qkv + gate_up)  # learned
     use_kernels(q, torch.float32)
     assert fuse_projections(q) == (2 * len(q.model.layers) if shared else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rope_changes_no_number(dtype):
+    """fuse_rope: the attention layers' RoPE runs in cbq_kernels.rope (Triton's interpreter
+    here), and the logits are the eager model's bit for bit (the kernel rounds as the eager
+    formula does); unfuse_rope restores the modeling module's function; the patched function
+    sends what the kernel does not take to the original."""
+    from transformers.models.llama import modeling_llama
+
+    from cbq_kernels import rope as rope_mod
+    from cbq_ptq.serve import fuse_rope, unfuse_rope
+
+    model = random_llama(dtype=dtype)
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(6))
+    original = modeling_llama.apply_rotary_pos_emb
+    with torch.no_grad():
+        want = model(ids).logits
+    calls = []
+    op = rope_mod._rope_op
+    try:
+        assert fuse_rope(model) == 2
+        assert fuse_rope(model) == 2  # idempotent: the original is kept once
+        assert modeling_llama.apply_rotary_pos_emb._cbq_original is original
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(rope_mod, "_rope_op", lambda *a: calls.append(1) or op(*a))
+            with torch.no_grad():
+                got = model(ids).logits
+        assert len(calls) == 2  # one launch per attention layer
+        assert torch.equal(got, want)
+        q = torch.zeros(1, 3, 2, 8)  # (batch, seq, heads, head_dim): unsqueeze_dim = 2
+        out = modeling_llama.apply_rotary_pos_emb(q, q, torch.ones(1, 3, 8), torch.zeros(1, 3, 8),
+                                                  unsqueeze_dim=2)  # fmt: skip
+        assert out[0].shape == (1, 3, 2, 8)  # the original ran, not the kernel's check
+    finally:
+        unfuse_rope(model)
+    assert modeling_llama.apply_rotary_pos_emb is original
