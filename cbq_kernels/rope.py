@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cbq_kernels._validate import FLOAT_DTYPES, use_triton
+from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpreter gets right
 
 __all__ = ["rope", "rope_ref", "rope_takes"]
 
@@ -32,15 +33,9 @@ _MAX_D = 512
 
 @triton.jit
 def _round_as(y, ptr):
-    """y (fp32) rounded to the element type of ptr (nearest even), kept in fp32. bf16 is
-    rounded on the bits (Triton's CPU interpreter truncates fp32 -> bf16)."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        b = y.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        y = b.to(tl.float32, bitcast=True)
-    elif ptr.dtype.element_ty == tl.float16:
-        y = y.to(tl.float16).to(tl.float32)
-    return y
+    """y (fp32) rounded to the element type of ptr (nearest even), kept in fp32 (the store
+    rounding of cbq_kernels.fake_quant, which the CPU interpreter gets right for bf16)."""
+    return _to_store(y, ptr).to(tl.float32)
 
 
 @triton.jit
