@@ -15,10 +15,12 @@
 #   bash scripts/gpu_lease.sh OUT one     # carry .carry/shared .cbq_commit: all but the table,
 #       in one call (when the machine is scarce: no second call needed)
 #   bash scripts/gpu_lease.sh OUT pending # carry .carry/shared .cbq_commit: the GPU tests and
-#       timings of what main holds untested (the stage's comment lists them), one call
+#       GEMM timings of what main holds untested (the stage's comment lists them); then
+#   bash scripts/gpu_lease.sh OUT pending_gen   # carry .cbq_commit: bench_generate with the
+#       norms fused, + SwiGLU (fuse_swiglu), + the RoPE kernel (fuse_rope)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
-out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending}
+out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen}
 . "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -93,21 +95,25 @@ case $stage in
   pending)  # carry .carry/shared .cbq_commit: what main holds untested on a GPU (2026-12-06):
     # the Hadamard op's API routing (register kernels by default since 4e981ab) and the rotated
     # pipeline; the SwiGLU quantizer and fuse_swiglu; the RoPE kernel and fuse_rope; the split
-    # model's M = 16 / 32 picks (bench_gemm rows on every shape); fuse_swiglu timed against the
-    # norms alone, and the RoPE kernel (CBQ_GEN_ROPE=1, bf16 too) against both
+    # model's M = 16 / 32 picks (bench_gemm rows on every shape); then call pending_gen
     export CBQ_MODELS_DIR=$PWD/.carry/shared/models CBQ_DATA_DIR=$PWD/.carry/shared/data
     [ -f .cbq_commit ] && export CBQ_COMMIT=$(cat .cbq_commit)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/environment.txt"
     echo "commit ${CBQ_COMMIT:-unknown}" >> "$out/environment.txt"
     bash scripts/gpu_gemm.sh "$out/g" build
-    timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/kernels/test_hadamard_quant_cuda.py \
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/kernels/test_hadamard_quant_cuda.py \
       tests/kernels/test_act_quant_cuda.py tests/kernels/test_rope_cuda.py \
       "tests/ptq/test_pipeline_cuda.py::test_rotation_on_the_gpu_keeps_the_logits_and_quantizes" \
       tests/ptq/test_serve_cuda.py 2>&1 | tee "$out/g/pytest_pending.txt" | tail -4
     CBQ_BENCH_MS=16,32 CBQ_BENCH_KERNELS=w4a8,w4a4,w4a16_g128,w2a16_g128 timeout 90 \
       python3 benchmarks/bench_gemm.py --out "$out/gemm" 2>&1 | grep -v "done$" | tail -2
-    for f in 2 3; do CBQ_GEN_FUSE=$f CBQ_GEN_SETTINGS=bf16,W4A8,W4A4 gen7b 90; mv "$out/gen" "$out/gen_f$f"; done
-    CBQ_GEN_ROPE=1 CBQ_GEN_FUSE=3 CBQ_GEN_SETTINGS=bf16,W4A8,W4A4 gen7b 90; mv "$out/gen" "$out/gen_f3_rope"
     pack ;;
-  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one or pending)"; exit 2 ;;
+  pending_gen)  # right after `pending` (the build is still there; a fresh machine rebuilds):
+    # the norms alone, + SwiGLU, + RoPE kernel (bf16 too), each in its own processes
+    [ -f .cbq_commit ] && export CBQ_COMMIT=$(cat .cbq_commit)
+    bash scripts/gpu_gemm.sh "$out/g" build
+    for f in 2 3; do CBQ_GEN_FUSE=$f CBQ_GEN_SETTINGS=bf16,W4A8,W4A4 gen7b 120; mv "$out/gen" "$out/gen_f$f"; done
+    CBQ_GEN_ROPE=1 CBQ_GEN_FUSE=3 CBQ_GEN_SETTINGS=bf16,W4A8,W4A4 gen7b 120; mv "$out/gen" "$out/gen_f3_rope"
+    pack ;;
+  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending or pending_gen)"; exit 2 ;;
 esac
