@@ -280,6 +280,21 @@ __device__ __forceinline__ void finish(const Args& p, int row, int col, uint32_t
   }
 }
 
+// After a block has written its partial sums to the workspace: whether it is the last of the
+// n-tile's S split blocks to arrive (that block adds the S partials, then resets the counter).
+// The fences order the partial writes before the count and the partial reads after it.
+__device__ __forceinline__ bool last_split_block(const Args& p, int nt, bool& last_block) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last_block = atomicAdd(p.counters + nt, 1) == p.splits - 1;
+  }
+  __syncthreads();
+  if (!last_block) return false;
+  __threadfence();
+  return true;
+}
+
 // CBQ_DEC_EPI == 1: the epilogue four columns at a time (the comment at CBQ_DEC_EPI says why).
 // sm: the 4 warps' partial sums [warp][row][kTN + 8] (rows 16-byte aligned: 72 words); the
 // workspace (S, 16 MT, N_pad) with N_pad a multiple of 64 and a 16-byte aligned base (checked
@@ -314,14 +329,7 @@ __device__ __forceinline__ void epilogue_vec(const Args& p, Sm& sm, Add add, int
     }
   }
   if (p.splits == 1) return;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last_block = atomicAdd(p.counters + nt, 1) == p.splits - 1;
-  }
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
+  if (!last_split_block(p, nt, last_block)) return;
   const int64_t split_stride = static_cast<int64_t>(16) * MT * p.n_pad;
   for (int e = threadIdx.x; e < items; e += blockDim.x) {
     const int row = e / kQuads, col = 4 * (e % kQuads);
@@ -726,14 +734,7 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? kMinBlocks : 2) decode_
     for (int w = 1; w < kWarps; ++w) v = add(v, sm[w][row][col]);
     p.ws[(static_cast<int64_t>(split) * 16 * MT + row) * p.n_pad + n0 + col] = v;
   }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last_block = atomicAdd(p.counters + nt, 1) == p.splits - 1;
-  }
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
+  if (!last_split_block(p, nt, last_block)) return;
   for (int e = threadIdx.x; e < items; e += blockDim.x) {
     const int row = e / kTN, col = e % kTN;
     if (n0 + col >= p.n) continue;

@@ -186,6 +186,31 @@ def test_fused_projections_on_the_gpu_kernels(setting):
         assert float((got - want).abs().max()) <= 0.02 * float(want.abs().max()), rows
 
 
+def _assert_fused_serves_as_unfused(setting, ref, model, fused):
+    """The contract of a fusion into the activation quantizer (fuse_norms, fuse_swiglu), at a
+    decode and a prefill size: W4A8 logits within 0.05 of the unfused model's max |logit|
+    (measured on an H200 for the norms: 0.022-0.037); W4A4 as close to the unquantized ``ref``
+    as the unfused model is. With 4-bit activations one level is 1/7 of a row's absmax, and the
+    fused quantizer's fp32 values round differently from the unfused bf16 ones: the two models
+    differ by 0.25-0.40 of max |logit| even with every norm weight 1 (H200,
+    scripts/diag_fuse_norms.py), as much as either differs from the bf16 model, so the contract
+    is accuracy (mean |error| ratio 0.95-1.04 measured). Then the captured decode loop runs."""
+    from cbq_ptq.generate import decode_loop
+
+    for rows in (1, 48):
+        ids = torch.randint(3, 1000, (2, rows), generator=torch.Generator().manual_seed(rows))
+        with torch.no_grad():
+            r, want, got = (m(ids.cuda()).logits.float() for m in (ref, model, fused))
+        if setting == "W4A8":
+            assert float((got - want).abs().max()) <= 0.05 * float(want.abs().max()), rows
+        else:
+            err_fused, err_unfused = (float((x - r).abs().mean()) for x in (got, want))
+            assert err_fused <= 1.15 * err_unfused, (rows, err_fused, err_unfused)
+    ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(1)).cuda()
+    tokens, _, decode = decode_loop(fused, ids, 8)
+    assert tokens.shape == (2, 8) and decode > 0
+
+
 @pytest.mark.parametrize("setting", ["W4A8", "W4A4"])
 def test_fused_norms_on_the_gpu_kernels(setting):
     """fuse_norms on the GPU (bf16): each block's norms run inside the Triton activation
@@ -193,7 +218,6 @@ def test_fused_norms_on_the_gpu_kernels(setting):
     up to the bf16 rounding of the normed values that the fused quantizer skips (codes at a
     rounding boundary move by one level), at decode and prefill sizes, and the captured
     decode loop runs with it."""
-    from cbq_ptq.generate import decode_loop
     from cbq_ptq.serve import FoldedNorm, fuse_norms, fuse_projections, rtn_kernels
 
     model = random_llama(512, 1408, heads=8, vocab=1000, device="cuda", dtype=torch.bfloat16)
@@ -208,24 +232,7 @@ def test_fused_norms_on_the_gpu_kernels(setting):
     fused = copy.deepcopy(model)
     assert fuse_norms(fused) == 4
     assert isinstance(fused.model.layers[0].input_layernorm, FoldedNorm)
-    for rows in (1, 48):
-        ids = torch.randint(3, 1000, (2, rows), generator=torch.Generator().manual_seed(rows))
-        with torch.no_grad():
-            r, want, got = (m(ids.cuda()).logits.float() for m in (ref, model, fused))
-        if setting == "W4A8":  # measured on an H200: 0.022-0.037 of max |logit|
-            assert float((got - want).abs().max()) <= 0.05 * float(want.abs().max()), rows
-        else:
-            # With 4-bit activations one level is 1/7 of a row's absmax, and the fused
-            # quantizer's fp32 normed values round differently from the unfused bf16 ones:
-            # the two models differ by 0.25-0.40 of max |logit| even with every norm weight 1
-            # (H200, scripts/diag_fuse_norms.py), as much as either differs from the bf16 model.
-            # The contract is then accuracy: the fused model is as close to the unquantized
-            # one as the unfused model is (mean |error| ratio 0.95-1.04 measured).
-            err_fused, err_unfused = (float((x - r).abs().mean()) for x in (got, want))
-            assert err_fused <= 1.15 * err_unfused, (rows, err_fused, err_unfused)
-    ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(1)).cuda()
-    tokens, _, decode = decode_loop(fused, ids, 8)
-    assert tokens.shape == (2, 8) and decode > 0
+    _assert_fused_serves_as_unfused(setting, ref, model, fused)
 
 
 @pytest.mark.parametrize("setting", ["W4A8", "W4A4"])
@@ -236,7 +243,6 @@ def test_fused_swiglu_on_the_gpu_kernels(setting):
     of the unfused model; W4A4: as close to the unquantized model as the unfused one (the
     contract of test_fused_norms_on_the_gpu_kernels, for the same reason); the captured
     decode loop runs with it."""
-    from cbq_ptq.generate import decode_loop
     from cbq_ptq.serve import SwiGLUMLP, fuse_norms, fuse_projections, fuse_swiglu, rtn_kernels
 
     model = random_llama(512, 1408, heads=8, vocab=1000, device="cuda", dtype=torch.bfloat16)
@@ -247,15 +253,4 @@ def test_fused_swiglu_on_the_gpu_kernels(setting):
     fused = copy.deepcopy(model)
     assert fuse_swiglu(fused) == 2
     assert isinstance(fused.model.layers[0].mlp, SwiGLUMLP)
-    for rows in (1, 48):
-        ids = torch.randint(3, 1000, (2, rows), generator=torch.Generator().manual_seed(rows))
-        with torch.no_grad():
-            r, want, got = (m(ids.cuda()).logits.float() for m in (ref, model, fused))
-        if setting == "W4A8":
-            assert float((got - want).abs().max()) <= 0.05 * float(want.abs().max()), rows
-        else:
-            err_fused, err_unfused = (float((x - r).abs().mean()) for x in (got, want))
-            assert err_fused <= 1.15 * err_unfused, (rows, err_fused, err_unfused)
-    ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(1)).cuda()
-    tokens, _, decode = decode_loop(fused, ids, 8)
-    assert tokens.shape == (2, 8) and decode > 0
+    _assert_fused_serves_as_unfused(setting, ref, model, fused)
