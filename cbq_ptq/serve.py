@@ -116,6 +116,13 @@ class KernelLinear(torch.nn.Module):
         per-token activations: one kernel with the quantizer) instead of a pre-hook."""
         self.act_kwargs["rotation_signs"] = signs.to(self.weight.device)
 
+    @property
+    def plain_per_token(self) -> bool:
+        """Whether the activations are quantized per token with nothing but a clipping ratio
+        (no CrossQuant factors, rotation, fused norm or SwiGLU yet): the quantizer that
+        :func:`fuse_norms` and :func:`fuse_swiglu` can extend."""
+        return self.act_bits is not None and set(self.act_kwargs) <= {"clip_ratio"}
+
     def fuse_norm(self, weight: Tensor, eps: float) -> None:
         """Take the RMSNorm of the input (``x / sqrt(mean(x^2) + eps) * weight``) into the
         activation quantizer (:func:`fuse_norms`)."""
@@ -250,6 +257,20 @@ def fuse_projections(model: torch.nn.Module) -> int:
     return fused
 
 
+def _group_of(block: torch.nn.Module, names) -> _FusedGroup | None:
+    """The fused group whose members are exactly the layers ``names`` of ``block``, in that
+    order (:func:`fuse_projections` made it), or None."""
+    members = [block.get_submodule(n) for n in names]
+    if not all(isinstance(m, FusedMember) for m in members):
+        return None
+    group = members[0].group
+    if any(m.group is not group for m in members) or len(group.splits) != len(names):
+        return None
+    if [m.index for m in members] != list(range(len(names))):
+        return None
+    return group
+
+
 class FoldedNorm(torch.nn.Module):
     """A block's RMSNorm whose work moved into the activation quantizer of the one fused GEMM
     that reads its output (:func:`fuse_norms`): it passes its input on unchanged."""
@@ -302,15 +323,10 @@ def fuse_norms(model: torch.nn.Module) -> int:
     moved = 0
     for block in blocks(model):
         for norm_name, names in ((spec.attn_norm, spec.qkv), (spec.mlp_norm, spec.gate_up)):
-            members = [block.get_submodule(n) for n in names]
-            if not all(isinstance(m, FusedMember) for m in members):
-                continue
-            group = members[0].group
-            if any(m.group is not group for m in members) or len(group.splits) != len(names):
+            group = _group_of(block, names)
+            if group is None or not group.fused.plain_per_token:
                 continue
             fused = group.fused
-            if fused.act_bits is None or set(fused.act_kwargs) - {"clip_ratio"}:
-                continue
             norm = block.get_submodule(norm_name)
             params = _rms_norm_params(norm)
             if params is None:
@@ -373,18 +389,13 @@ def fuse_swiglu(model: torch.nn.Module) -> int:
         mlp = block.get_submodule(mlp_name)
         if type(mlp).__name__ not in _SWIGLU_MLPS or mlp._forward_hooks or mlp._forward_pre_hooks:
             continue
-        members = [block.get_submodule(n) for n in spec.gate_up]
-        if not all(isinstance(m, FusedMember) for m in members):
+        group = _group_of(block, spec.gate_up)
+        if group is None or len(group.splits) != 2 or group.splits[0] != group.splits[1]:
             continue
-        group = members[0].group
-        if (any(m.group is not group for m in members) or len(group.splits) != 2
-                or [m.index for m in members] != [0, 1] or group.splits[0] != group.splits[1]):
-            continue  # fmt: skip
         down = block.get_submodule(spec.down)
-        if (not isinstance(down, KernelLinear) or down.act_bits is None
-                or set(down.act_kwargs) - {"clip_ratio"} or down._forward_hooks
-                or down._forward_pre_hooks or rotation.of(down) is not None
-                or down.in_features != group.splits[0]):
+        if (not isinstance(down, KernelLinear) or not down.plain_per_token
+                or down._forward_hooks or down._forward_pre_hooks
+                or rotation.of(down) is not None or down.in_features != group.splits[0]):
             continue  # fmt: skip
         if not _is_silu(getattr(mlp, "act_fn", None)):
             continue
@@ -392,6 +403,20 @@ def fuse_swiglu(model: torch.nn.Module) -> int:
         replace_module(block, mlp_name, SwiGLUMLP(group, down))
         changed += 1
     return changed
+
+
+def _attention_modules(model: torch.nn.Module) -> list:
+    """Per block, the Python module that defines the block's attention class (where
+    transformers' Llama-style attention looks up ``apply_rotary_pos_emb``), or None."""
+    import sys
+
+    from cbq_ptq.models import arch_spec, blocks
+
+    attn_name = arch_spec(model).qkv[0].rpartition(".")[0]
+    if not attn_name:
+        return []
+    return [sys.modules.get(type(block.get_submodule(attn_name)).__module__)
+            for block in blocks(model)]  # fmt: skip
 
 
 def fuse_rope(model: torch.nn.Module) -> int:
@@ -404,17 +429,10 @@ def fuse_rope(model: torch.nn.Module) -> int:
     process** takes the kernel, which is what a benchmark comparing bf16 with the quantized
     model wants (both get it). Why: the eager RoPE is ~10 elementwise kernels per layer, 0.35-
     0.45 ms of a 7B-shaped decode step (bbe9d36 H200 profile)."""
-    import sys
-
     from cbq_kernels.rope import rope, rope_takes
-    from cbq_ptq.models import arch_spec, blocks
 
-    spec = arch_spec(model)
-    attn_name = spec.qkv[0].rpartition(".")[0]
     count = 0
-    for block in blocks(model):
-        attn = block.get_submodule(attn_name) if attn_name else None
-        module = sys.modules.get(type(attn).__module__) if attn is not None else None
+    for module in _attention_modules(model):
         original = getattr(module, "apply_rotary_pos_emb", None)
         if not callable(original):
             continue
@@ -435,13 +453,7 @@ def fuse_rope(model: torch.nn.Module) -> int:
 def unfuse_rope(model: torch.nn.Module) -> None:
     """Undo :func:`fuse_rope` for the architecture of ``model`` (the modeling module's own
     ``apply_rotary_pos_emb`` again)."""
-    import sys
-
-    from cbq_ptq.models import arch_spec, blocks
-
-    attn_name = arch_spec(model).qkv[0].rpartition(".")[0]
-    for block in blocks(model):
-        module = sys.modules.get(type(block.get_submodule(attn_name)).__module__)
+    for module in set(_attention_modules(model)):
         fn = getattr(module, "apply_rotary_pos_emb", None)
         if getattr(fn, "_cbq_rope", False):
             module.apply_rotary_pos_emb = fn._cbq_original
