@@ -23,16 +23,16 @@ setting beside its bf16 base.
     CBQ_GEN_PREFILL=graph ... (with graph / graph-compiled: the prefill captured too, after the
                                warm-up call, and replayed in the timed one: DecodeSession's
                                capture_prefill; the prefill column says which)
-    CBQ_GEN_FUSE=1 ...        (q / k / v and gate / up as one GEMM each: the fused column
-                               counts the fused groups)
-    CBQ_GEN_FUSE=2 ...        (also the RMSNorm in front of each group inside its activation
-                               quantizer, serve.fuse_norms: W4A8 / W4A4; the fused column
-                               counts groups + norms moved)
-    CBQ_GEN_ROPE=1 ...        (every setting, bf16 too: the attention's RoPE in one kernel per
-                               layer, serve.fuse_rope, bit-exact; the rope column says which)
-    CBQ_GEN_FUSE=3 ...        (also each MLP's SwiGLU inside the down projection's activation
-                               quantizer, serve.fuse_swiglu: W4A8 / W4A4; the fused column
-                               counts groups + norms + MLPs)
+    CBQ_GEN_FUSE=3 (default) ... (what load_for_generation does: q / k / v and gate / up as
+                               one GEMM each, serve.fuse_projections; the RMSNorm in front of
+                               each group inside its activation quantizer, serve.fuse_norms;
+                               each MLP's SwiGLU inside the down projection's activation
+                               quantizer, serve.fuse_swiglu; the last two W4A8 / W4A4 only; the
+                               fused column counts groups + norms + MLPs). CBQ_GEN_FUSE=2: no
+                               SwiGLU; 1: the projections alone; 0: nothing fused
+    CBQ_GEN_ROPE=1 (default) ... (every setting, bf16 too: the attention's RoPE in one kernel
+                               per layer, serve.fuse_rope, bit-exact; the rope column says
+                               which; 0: transformers' eager RoPE)
     CBQ_GEN_POLICY='{"decode_pdl": false}' ... (the quantized settings' GEMMs under this
                                cbq_kernels.gemm.GemmPolicy, cbq_ptq.serve.set_policy; the
                                policy column says which; default: the default dispatch)
@@ -86,10 +86,10 @@ COMPILE = os.environ.get("CBQ_GEN_COMPILE", "auto")
 COMPILE_MODES = ("auto", "off", "graph", "graph-compiled")
 PREFILL = os.environ.get("CBQ_GEN_PREFILL", "eager")
 PREFILL_MODES = ("eager", "graph")
-FUSE_LEVEL = os.environ.get("CBQ_GEN_FUSE", "0")  # 0, 1 (projections), 2 (+ norms), 3 (+ SwiGLU)
+FUSE_LEVEL = os.environ.get("CBQ_GEN_FUSE", "3")  # 0, 1 (projections), 2 (+ norms), 3 (+ SwiGLU)
 FUSE, FUSE_NORMS, FUSE_SWIGLU = (FUSE_LEVEL in ("1", "2", "3"), FUSE_LEVEL in ("2", "3"),
                                   FUSE_LEVEL == "3")  # fmt: skip
-ROPE = os.environ.get("CBQ_GEN_ROPE", "0") == "1"  # serve.fuse_rope, every setting (bf16 too)
+ROPE = os.environ.get("CBQ_GEN_ROPE", "1") == "1"  # serve.fuse_rope, every setting (bf16 too)
 PROFILE = os.environ.get("CBQ_GEN_PROFILE")
 POLICY = os.environ.get("CBQ_GEN_POLICY", "")
 

@@ -1,10 +1,10 @@
 """Fit the split-K model's M > 8 terms (cbq_kernels.gemm_decode.SPLIT_ROW_COST, INT_CHUNK_COST)
-to H200 sweeps of benchmarks/sweep_decode.py: for each candidate pair, the split each row's
+to sweeps of benchmarks/sweep_decode.py: for each candidate pair, the split each row's
 model picks (on 132 SMs) and that split's measured time against the row's best; prints the
 best pairs (mean and max excess over the best split, total us saved against the sweep's
 "default" column) and the rows at the committed constants. No GPU needed.
 
-    python benchmarks/fit_splits.py [SWEEP_FILE ...]   (default: the two files named below)
+    python benchmarks/fit_splits.py [SWEEP_FILE ...]   (default: the file named below)
 """
 
 import math
@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cbq_kernels import gemm_decode
 from cbq_kernels.testing import LLAMA_LINEAR_SHAPES
 
-RESULTS = Path(__file__).resolve().parent / "results" / "h200"
-FILES = [RESULTS / "sweep_decode_variants_3a9aa0a" / "main.txt",
-         RESULTS / "sweep_decode_401f61a.txt"]  # later files replace earlier rows  # fmt: skip
+RESULTS = Path(__file__).resolve().parent / "results"
+# later files replace earlier rows; the committed constants' sweep (H100, four-column epilogue)
+FILES = [RESULTS / "h100" / "sweep_decode_epi_2483d26" / "merged_s1_main.txt"]
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24)
 ROW = re.compile(r"(\S+) (\S+) (\d+) (\d+) \|(.*)\| S=")
 

@@ -62,15 +62,16 @@ WAVE_COST = 32
 # M = 9..32 (the unswapped kernel): each split beyond the first adds SPLIT_ROW_COST chunk-times
 # per row (its M x 64 partial sums written to the workspace and re-read by the n-tile's last
 # block), and a chunk with integer activations (W4A8 / W4A4: one s8 MMA per 32 K) costs
-# INT_CHUNK_COST of a 16-bit one (two bf16 MMAs and the row-sum MMA per 32 K). Fitted on the
-# H200 sweeps at M = 16 / 32 (benchmarks/results/h200/sweep_decode_401f61a.txt, with the M = 1 /
-# 16 rows of sweep_decode_variants_3a9aa0a/main.txt; 7B q/k/v/o and gate/up, 70B gate/up, W4A16
-# g128, W4A8, W2A16 g128): the model without these terms picked 3 splits for 70B gate/up W4A8 at
-# M = 16 (66.7 us; S = 1: 48.2) and for 7B gate/up W4A8 at M = 32 (30.1; S = 1: 20.1); with them
-# every one of the 16 rows at M = 16 / 32 is within 5.3% of its best split (mean 0.4%, was
-# 6.0%), and M <= 8 is unchanged. Fitted on three shapes: other shapes are checked by the next
+# INT_CHUNK_COST of a 16-bit one (two bf16 MMAs and the row-sum MMA per 32 K). Fitted with
+# benchmarks/fit_splits.py on H100 sweeps of the kernel with the four-column split-K epilogue
+# (benchmarks/results/h100/sweep_decode_epi_2483d26/merged_s1_main.txt; 7B q/k/v/o and gate/up,
+# 70B gate/up; W4A16 g128, W4A8, W2A16 g128; M = 1 / 16 / 32): every one of the 27 rows within
+# 6.1% of its best split (mean 0.7%). That epilogue made the split reduction cheap enough that
+# its per-row term fits to 0 (with the one-column epilogue it was 0.75 on the H200 sweeps,
+# sweep_decode_401f61a.txt); the integer-chunk term still keeps 70B gate/up W4A8 at M = 16 on S
+# = 1 (52.7 us; S = 2: 66-80). Fitted on three shapes: other shapes are checked by the next
 # bench_gemm rows.
-SPLIT_ROW_COST = 0.75
+SPLIT_ROW_COST = 0.0
 INT_CHUNK_COST = 0.25
 
 

@@ -78,18 +78,19 @@ constexpr int kSub = 8;           // 8-column MMA subtiles per block
 #ifndef CBQ_DEC_BLOCKS
 #define CBQ_DEC_BLOCKS 3
 #endif
-// The epilogue after the K loop (the warp reduction, the split-K workspace and its reduction):
-// 0 one column per thread and loop pass, the S partials of a column read one after the other;
-// 1 four columns per thread (16-byte shared-memory and workspace accesses) and the partials
-// read eight at a time before they are added, in the same order (bitwise the same output).
-// Why 1 exists: at M = 32 the launch has ~15 us that does not scale with K (DECISIONS, "At M =
-// 32 the decode launch..."), and on the H200 at 401f61a more K splits made M = 32 slower, not
-// faster (7b_qkvo W4A8 S = 1 / 2 / 4: 17.2 / 17.5 / 20.0 us; benchmarks/results/h200/
-// sweep_decode_401f61a.txt): with 2048 outputs per block, 16 loop passes per thread, each pass
-// waiting on S dependent L2 loads. Not yet timed: 0 until scripts/gpu_variants.sh (variant
-// vepi, scripts/make_variants.sh) shows 1 faster and its GPU tests pass.
+// The split-K epilogue (S > 1: the warp reduction into the workspace and the last block's
+// reduction of the S partials): 0 one column per thread and loop pass, the S partials of a
+// column read one after the other; 1 four columns per thread (16-byte shared-memory and
+// workspace accesses) and the partials read eight at a time before they are added, in the same
+// order (bitwise the same output). S = 1 always takes the one-column path (consecutive threads
+// write consecutive outputs; there is no workspace traffic to vectorise). Why 1: at M = 32
+// the launch has ~15 us that does not scale with K (DECISIONS, "At M = 32 the decode
+// launch..."), and with 0 more K splits made M = 16 / 32 slower, not faster. Measured on an
+// H100 at 2483d26 (benchmarks/results/h100/sweep_decode_epi_2483d26/): 7b_qkvo W4A8 M = 16
+// best 13.0 us (S = 2) with 0, 10.5 (S = 6) with 1; M = 32 16.9 (S = 1) -> 13.4 (S = 4);
+// 70b gate/up W4A16 g128 M = 16 104.5 -> 100.3; the decode GPU tests pass with 1 (188).
 #ifndef CBQ_DEC_EPI
-#define CBQ_DEC_EPI 0
+#define CBQ_DEC_EPI 1
 #endif
 // chunks of weight copies in flight per warp (1 KB each, in the warp's shared-memory ring)
 constexpr int kDepth = CBQ_DEC_DEPTH;
@@ -295,7 +296,33 @@ __device__ __forceinline__ bool last_split_block(const Args& p, int nt, bool& la
   return true;
 }
 
-// CBQ_DEC_EPI == 1: the epilogue four columns at a time (the comment at CBQ_DEC_EPI says why).
+// CBQ_DEC_EPI == 0, S > 1: the epilogue one column per thread and loop pass.
+template <int AM, bool GROUPED, bool DEBUG, int MT, typename Sm, typename Add>
+__device__ __forceinline__ void epilogue_col(const Args& p, Sm& sm, Add add, int n0, int nt,
+                                             int split, bool& last_block) {
+  const int items = p.m * kTN;
+  for (int e = threadIdx.x; e < items; e += blockDim.x) {
+    const int row = e / kTN, col = e % kTN;
+    uint32_t v = sm[0][row][col];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) v = add(v, sm[w][row][col]);
+    p.ws[(static_cast<int64_t>(split) * 16 * MT + row) * p.n_pad + n0 + col] = v;
+  }
+  if (!last_split_block(p, nt, last_block)) return;
+  for (int e = threadIdx.x; e < items; e += blockDim.x) {
+    const int row = e / kTN, col = e % kTN;
+    if (n0 + col >= p.n) continue;
+    uint32_t v = __ldcg(p.ws + static_cast<int64_t>(row) * p.n_pad + n0 + col);
+    for (int sp = 1; sp < p.splits; ++sp) {
+      v = add(v, __ldcg(p.ws + (static_cast<int64_t>(sp) * 16 * MT + row) * p.n_pad + n0 + col));
+    }
+    finish<AM, GROUPED, DEBUG>(p, row, n0 + col, v);
+  }
+  if (threadIdx.x == 0) p.counters[nt] = 0;
+}
+
+// CBQ_DEC_EPI == 1, S > 1: the epilogue four columns at a time (the comment at CBQ_DEC_EPI says
+// why).
 // sm: the 4 warps' partial sums [warp][row][kTN + 8] (rows 16-byte aligned: 72 words); the
 // workspace (S, 16 MT, N_pad) with N_pad a multiple of 64 and a 16-byte aligned base (checked
 // by the binding). The additions are those of the one-column epilogue in the same order (warps
@@ -321,14 +348,9 @@ __device__ __forceinline__ void epilogue_vec(const Args& p, Sm& sm, Add add, int
     uint4 v = *reinterpret_cast<const uint4*>(&sm[0][row][col]);
 #pragma unroll
     for (int w = 1; w < kWarps; ++w) v = add4(v, *reinterpret_cast<const uint4*>(&sm[w][row][col]));
-    if (p.splits == 1) {
-      finish4(row, col, v);
-    } else {
-      *reinterpret_cast<uint4*>(p.ws + (static_cast<int64_t>(split) * 16 * MT + row) * p.n_pad +
-                                n0 + col) = v;
-    }
+    *reinterpret_cast<uint4*>(p.ws + (static_cast<int64_t>(split) * 16 * MT + row) * p.n_pad +
+                              n0 + col) = v;
   }
-  if (p.splits == 1) return;
   if (!last_split_block(p, nt, last_block)) return;
   const int64_t split_stride = static_cast<int64_t>(16) * MT * p.n_pad;
   for (int e = threadIdx.x; e < items; e += blockDim.x) {
@@ -711,10 +733,6 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? kMinBlocks : 2) decode_
       return __float_as_uint(__uint_as_float(a) + __uint_as_float(b));
     }
   };
-  if constexpr (CBQ_DEC_EPI == 1) {
-    epilogue_vec<AM, GROUPED, DEBUG, MT>(p, sm, add, n0, nt, split, last_block);
-    return;
-  }
   const int items = p.m * kTN;
   if (p.splits == 1) {
     for (int e = threadIdx.x; e < items; e += blockDim.x) {
@@ -727,24 +745,11 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? kMinBlocks : 2) decode_
     }
     return;
   }
-  for (int e = threadIdx.x; e < items; e += blockDim.x) {
-    const int row = e / kTN, col = e % kTN;
-    uint32_t v = sm[0][row][col];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) v = add(v, sm[w][row][col]);
-    p.ws[(static_cast<int64_t>(split) * 16 * MT + row) * p.n_pad + n0 + col] = v;
+  if constexpr (CBQ_DEC_EPI == 1) {
+    epilogue_vec<AM, GROUPED, DEBUG, MT>(p, sm, add, n0, nt, split, last_block);
+  } else {
+    epilogue_col<AM, GROUPED, DEBUG, MT>(p, sm, add, n0, nt, split, last_block);
   }
-  if (!last_split_block(p, nt, last_block)) return;
-  for (int e = threadIdx.x; e < items; e += blockDim.x) {
-    const int row = e / kTN, col = e % kTN;
-    if (n0 + col >= p.n) continue;
-    uint32_t v = __ldcg(p.ws + static_cast<int64_t>(row) * p.n_pad + n0 + col);
-    for (int sp = 1; sp < p.splits; ++sp) {
-      v = add(v, __ldcg(p.ws + (static_cast<int64_t>(sp) * 16 * MT + row) * p.n_pad + n0 + col));
-    }
-    finish<AM, GROUPED, DEBUG>(p, row, n0 + col, v);
-  }
-  if (threadIdx.x == 0) p.counters[nt] = 0;
 }
 
 constexpr size_t kScaleBytes = sizeof(uint32_t) * kWarps * (kDepth + 1) * 2 * kTN;

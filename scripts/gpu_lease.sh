@@ -18,18 +18,21 @@
 #       GEMM timings of what main holds untested (the stage's comment lists them); then
 #   bash scripts/gpu_lease.sh OUT pending_gen   # carry .cbq_commit: bench_generate with the
 #       norms fused, + SwiGLU (fuse_swiglu), + the RoPE kernel (fuse_rope)
+#   bash scripts/gpu_lease.sh OUT epi     # carry .carry/shared .cbq_commit: the four-column
+#       split-K epilogue's tests and timings, bench_generate at the defaults (batch 1 and 32)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
-out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen}
+out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi}
 . "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 pack() { tar czf /tmp/lease_$stage.tgz -C "$out" . && rm -rf "${out:?}"/* && mv /tmp/lease_$stage.tgz "$out/"; ls -la "$out"; }
 gen7b() {  # bench_generate, 7B-shaped, batch 1, prompt 2048: captured step and prefill, fused
-  # projections and their norms (serve.fuse_norms; CBQ_GEN_FUSE=1: projections only); at
-  # most CBQ_GEN_S (else $1) seconds
-  CBQ_GEN_MODELS=llama2-7b CBQ_GEN_BATCHES=1 CBQ_GEN_PROMPTS=2048 CBQ_GEN_NEW=64 \
-    CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph CBQ_GEN_FUSE=${CBQ_GEN_FUSE:-2} \
+  # projections, their norms and the SwiGLU (CBQ_GEN_FUSE=3, bench_generate's default; 2: no
+  # SwiGLU, 1: projections only), the RoPE kernel (CBQ_GEN_ROPE, default 1); at most CBQ_GEN_S
+  # (else $1) seconds
+  CBQ_GEN_MODELS=llama2-7b CBQ_GEN_BATCHES=${CBQ_GEN_BATCHES:-1} CBQ_GEN_PROMPTS=2048 CBQ_GEN_NEW=64 \
+    CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph CBQ_GEN_FUSE=${CBQ_GEN_FUSE:-3} \
     CBQ_GEN_SETTINGS=${CBQ_GEN_SETTINGS:-bf16,W4A8,W4A4,W4A16g128} timeout ${CBQ_GEN_S:-$1} \
     python3 benchmarks/bench_generate.py --out "$out/gen" 2>&1 | grep -v Warning | cut -c1-240 | tail -8
 }
@@ -112,8 +115,27 @@ case $stage in
     # the norms alone, + SwiGLU, + RoPE kernel (bf16 too), each in its own processes
     [ -f .cbq_commit ] && export CBQ_COMMIT=$(cat .cbq_commit)
     bash scripts/gpu_gemm.sh "$out/g" build
-    for f in 2 3; do CBQ_GEN_FUSE=$f CBQ_GEN_SETTINGS=bf16,W4A8,W4A4 gen7b 120; mv "$out/gen" "$out/gen_f$f"; done
+    for f in 2 3; do CBQ_GEN_ROPE=0 CBQ_GEN_FUSE=$f CBQ_GEN_SETTINGS=bf16,W4A8,W4A4 gen7b 120; mv "$out/gen" "$out/gen_f$f"; done
     CBQ_GEN_ROPE=1 CBQ_GEN_FUSE=3 CBQ_GEN_SETTINGS=bf16,W4A8,W4A4 gen7b 120; mv "$out/gen" "$out/gen_f3_rope"
     pack ;;
-  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending or pending_gen)"; exit 2 ;;
+  epi)  # carry .carry/shared .cbq_commit: the decode kernel with the four-column split-K
+    # epilogue (CBQ_DEC_EPI 1) and the refitted split model: its GPU tests, the 70B gate/up
+    # split sweep at M = 16 (S = 1 must match the one-column kernel's 52.7 us), bench_gemm at
+    # M = 16 / 32, then bench_generate at load_for_generation's defaults, batch 1 and 32
+    export CBQ_MODELS_DIR=$PWD/.carry/shared/models CBQ_DATA_DIR=$PWD/.carry/shared/data
+    [ -f .cbq_commit ] && export CBQ_COMMIT=$(cat .cbq_commit)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/environment.txt"
+    echo "commit ${CBQ_COMMIT:-unknown}" >> "$out/environment.txt"
+    bash scripts/gpu_gemm.sh "$out/g" build
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemm_decode_cuda.py \
+      2>&1 | tee "$out/g/pytest_decode.txt" | tail -2
+    timeout 60 python3 benchmarks/sweep_decode.py --ms 16 --shapes 70b_gate_up,7b_qkvo \
+      > "$out/g/sweep_decode.txt" 2>&1; tail -8 "$out/g/sweep_decode.txt"
+    CBQ_BENCH_MS=16,32 CBQ_BENCH_KERNELS=w4a8,w4a4,w4a16_g128,w2a16_g128 timeout 100 \
+      python3 benchmarks/bench_gemm.py --out "$out/gemm" 2>&1 | grep -v "done$" | tail -2
+    CBQ_GEN_SETTINGS=bf16,W4A8,W4A4,W4A16g128,W2A16g128 gen7b 130; mv "$out/gen" "$out/gen_b1"
+    CBQ_GEN_BATCHES=32 CBQ_GEN_SETTINGS=bf16,W4A8,W4A4,W4A16g128,W2A16g128 gen7b 170
+    mv "$out/gen" "$out/gen_b32"
+    pack ;;
+  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen or epi)"; exit 2 ;;
 esac
