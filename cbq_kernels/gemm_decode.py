@@ -57,6 +57,9 @@ BLOCKS_PER_SM_SWAP = 4
 # M = 17..32 in one launch (two m-tiles, GemmPolicy.decode_mtiles = 2): 205-254 registers,
 # __launch_bounds__(128, 2)
 BLOCKS_PER_SM_MTILES = 2
+# M = 9..16 with integer activations (W4A8 / W4A4): <= 128 registers, __launch_bounds__(128, 4)
+# (csrc/gemm_decode.cu, min_blocks): 4 blocks
+BLOCKS_PER_SM_INT = 4
 SWAP_MAX_M = 8
 WAVE_COST = 32
 # M = 9..32 (the unswapped kernel): each split beyond the first adds SPLIT_ROW_COST chunk-times
@@ -376,7 +379,8 @@ def default_splits(n_tiles: int, chunks: int, device: torch.device, m: int = 1,
     For M > 8 the split reduction's cost and the cheaper integer chunks (``int_act``: W4A8 /
     W4A4) enter too (SPLIT_ROW_COST, INT_CHUNK_COST)."""
     per_sm = (BLOCKS_PER_SM_SWAP if m <= SWAP_MAX_M else
-              BLOCKS_PER_SM if m <= DECODE_MAX_M else BLOCKS_PER_SM_MTILES)  # fmt: skip
+              (BLOCKS_PER_SM_INT if int_act else BLOCKS_PER_SM) if m <= DECODE_MAX_M else
+              BLOCKS_PER_SM_MTILES)  # fmt: skip
     slots = per_sm * _sm_count(device.index)
     unswapped = m > SWAP_MAX_M
     chunk_cost = INT_CHUNK_COST if unswapped and int_act else 1.0

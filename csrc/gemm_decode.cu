@@ -103,6 +103,14 @@ constexpr int kFloatSegment = 4;  // 4-bit chunks between fp32 flushes (per-chan
 constexpr int kMaxMTiles = 2;
 
 enum AMode : int { kABf16 = 0, kAFp16 = 1, kAInt8 = 2, kAInt4 = 3 };
+// Blocks per SM each instance's register budget is set for (__launch_bounds__): MT = 2 two;
+// integer activations (W4A8 / W4A4, one s8 MMA per 32 K, fewer live registers) four, that is
+// <= 128 registers: the W4A8 instance needs 126-130 depending on the rest of the kernel (130
+// with the four-column epilogue, 128 without), and 130 drops it from 4 to 3 blocks per SM
+// (register granularity 8: 136 x 128 threads), which took 70B gate/up W4A8 at M = 16 (448
+// blocks: one wave of 4 x 132, two of 3 x 132) from 52.7 to 82.6 us on an H100
+// (benchmarks/results/h100/sweep_decode_epi_2483d26); no spills at 4 (ptxas -warn-spills).
+constexpr int min_blocks(int am, int mt) { return mt == 2 ? 2 : am >= kAInt8 ? 4 : kMinBlocks; }
 
 void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
@@ -384,7 +392,7 @@ __device__ __forceinline__ void epilogue_vec(const Args& p, Sm& sm, Add add, int
 // weight layout is the same: words 2j and 2j + 1 (columns 16 j + g and 16 j + 8 + g) are rows g
 // and g + 8 of n16-tile j.
 template <int BITS, int AM, bool GROUPED, bool DEBUG, bool SWAP, int MT>
-__global__ void __launch_bounds__(kWarps * 32, MT == 1 ? kMinBlocks : 2) decode_kernel(Args p) {
+__global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel(Args p) {
   constexpr bool kInt = AM == kAInt8 || AM == kAInt4;
   constexpr bool kBf16 = AM != kAFp16;
   constexpr int CK = BITS == 4 ? 32 : 64;  // K per chunk
