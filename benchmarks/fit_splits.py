@@ -22,7 +22,7 @@ from cbq_kernels.testing import LLAMA_LINEAR_SHAPES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # later files replace earlier rows; the committed constants' sweep (H100, four-column epilogue)
-FILES = [RESULTS / "h100" / "sweep_decode_epi_2483d26" / "merged_s1_main.txt"]
+FILES = [RESULTS / "h100" / "sweep_decode_epi_2483d26" / "fit.txt"]
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24)
 ROW = re.compile(r"(\S+) (\S+) (\d+) (\d+) \|(.*)\| S=")
 

@@ -67,13 +67,13 @@ WAVE_COST = 32
 # block), and a chunk with integer activations (W4A8 / W4A4: one s8 MMA per 32 K) costs
 # INT_CHUNK_COST of a 16-bit one (two bf16 MMAs and the row-sum MMA per 32 K). Fitted with
 # benchmarks/fit_splits.py on H100 sweeps of the kernel with the four-column split-K epilogue
-# (benchmarks/results/h100/sweep_decode_epi_2483d26/merged_s1_main.txt; 7B q/k/v/o and gate/up,
-# 70B gate/up; W4A16 g128, W4A8, W2A16 g128; M = 1 / 16 / 32): every one of the 27 rows within
-# 6.1% of its best split (mean 0.7%). That epilogue made the split reduction cheap enough that
-# its per-row term fits to 0 (with the one-column epilogue it was 0.75 on the H200 sweeps,
-# sweep_decode_401f61a.txt); the integer-chunk term still keeps 70B gate/up W4A8 at M = 16 on S
-# = 1 (52.7 us; S = 2: 66-80). Fitted on three shapes: other shapes are checked by the next
-# bench_gemm rows.
+# and the integer-activation instances at 4 blocks per SM (benchmarks/results/h100/
+# sweep_decode_epi_2483d26/fit.txt; 7B q/k/v/o and gate/up, 70B gate/up; W4A16 g128, W4A8,
+# W2A16 g128; M = 1 / 16 / 32): every one of the 27 rows within 6.1% of its best split (mean
+# 0.6%). That epilogue made the split reduction cheap enough that its per-row term fits to 0
+# (with the one-column epilogue it was 0.75 on the H200 sweeps, sweep_decode_401f61a.txt); the
+# integer-chunk term keeps 70B gate/up W4A8 at M = 16 on S = 1 (53.7 us; S = 2: 64.3). Fitted
+# on three shapes: other shapes are checked by the next bench_gemm rows.
 SPLIT_ROW_COST = 0.0
 INT_CHUNK_COST = 0.25
 

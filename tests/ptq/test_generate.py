@@ -73,12 +73,17 @@ def test_sampling_is_seeded(saved):
 
 
 def test_the_served_model_holds_no_full_precision_copy_of_a_quantized_weight(saved):
-    path, _ = saved
-    from cbq_ptq.serve import FusedMember
+    path, setting = saved
+    from cbq_ptq.serve import FusedMember, SwiGLUMLP
 
     model, _, table = load_for_generation(path, "cpu")
     fused = [n for n in table if isinstance(model.get_submodule(n), FusedMember)]
-    assert len(fused) == 25  # 5 blocks: q / k / v and gate / up fused (load_for_generation)
+    swiglu = [m for m in model.modules() if isinstance(m, SwiGLUMLP)]
+    # 5 blocks: q / k / v and gate / up fused (load_for_generation); with integer activations
+    # each MLP is a SwiGLUMLP (fuse_swiglu), its gate | up GEMM listed as mlp.gate_up
+    assert len(swiglu) == (5 if setting == "W4A8" else 0)
+    assert len(fused) == 25 - 2 * len(swiglu)
+    assert all(f"model.layers.{i}.mlp.gate_up" in table for i in range(len(swiglu)))
     for name in table:
         layer = model.get_submodule(name)
         if isinstance(layer, FusedMember):  # the GEMM it shares with its block's siblings
