@@ -36,6 +36,18 @@ activation, the (packed) weight with its scales, and the output.
     python benchmarks/summarize_gemm.py benchmarks/results/h100/bench_gemm.csv   (targets, plot)
     CBQ_BENCH_QUICK=1 ...   (70B gate/up, M in {1, 16, 4096}: a smoke run)
     CBQ_BENCH_MS=1,4096 CBQ_BENCH_KERNELS=w4a8,w4a16_g128 CBQ_BENCH_SHAPES=7b_down ... (subsets)
+    CBQ_BENCH_COLD=1 ...      (L2-cold decode rows: see below)
+
+L2 residency. The timed graph calls the GEMM back to back on one weight, so a weight smaller
+than the L2 (50 MB on the H100 and H200) is read from L2 after the first call: at 16 x 4096 x
+4096 cuBLAS bf16 (a 32 MB weight) measured 3.68 TB/s on an H100 whose 1 GiB read runs at 3.06
+(bench_gemm_decode_2483d26_m16_32.md), and every 4-bit 7B weight (8-23 MB) fits, while the bf16
+gate/up and down weights (90 MB) do not. In a served model each layer's weight is read once per
+step, after ~3.5 GB of other weights: from HBM. ``CBQ_BENCH_COLD=1`` times the decode providers
+(cublas_bf16, scaled_mm, int4pack_mm and the served w4a8, w4a8_g128, w4a4, w4a16_g128,
+w2a16_g128) with each call on the next of ``ceil(4 x L2 / weight bytes)`` copies of its weight
+(the graph captures the calls in turn), so each reads its weight from HBM as a model's step
+does; M defaults to 1, 4, 16, 32 there. The activations stay hot, as in a model.
 """
 
 # ruff: noqa: B023 - every closure below is timed at once, inside its loop iteration
@@ -65,15 +77,39 @@ NO_PDL = GemmPolicy(decode_pdl=False)  # the *_nopdl rows: the plain launch, M <
 FP8_W4A4 = GemmPolicy(fp8_w4a4_min_m=1)  # the w4a4_fp8 rows (M >= 256)
 
 
-def weight(n, k, bits, group_size, g):
-    """The served form (layout "auto") and the canonical words for the Triton rows."""
+def weight(n, k, bits, group_size, g, canonical=True):
+    """The served form (layout "auto") and the canonical words for the Triton rows (None
+    without ``canonical``)."""
     codes = torch.randint(0, 1 << bits, (n, k), generator=g, device="cuda", dtype=torch.uint8)
     groups = 1 if group_size is None else -(-k // group_size)
     scales = torch.rand(n, groups, generator=g, device="cuda") * 0.01 + 0.001
     zeros = torch.randint(0, 1 << bits, (n, groups), generator=g, device="cuda").float()
     packed = pack(codes, bits)
     return (prepare_weight(packed, bits, k, scales, zeros, group_size),
-            prepare_weight(packed, bits, k, scales, zeros, group_size, layout="canonical"))
+            prepare_weight(packed, bits, k, scales, zeros, group_size, layout="canonical")
+            if canonical else None)  # fmt: skip
+
+
+COLD = os.environ.get("CBQ_BENCH_COLD") == "1"
+
+
+def cold_copies(nbytes: int, l2_bytes: int) -> int:
+    """How many copies of an ``nbytes`` weight the L2-cold rows cycle through: enough that the
+    others' reads, 4 x the L2, evict a copy before its next call."""
+    return max(1, -(-4 * l2_bytes // nbytes))
+
+
+class Cycle:
+    """``fn(c)`` for the copies ``c`` in turn, one per call: the timed graph captures its calls
+    one after the other, so consecutive replayed calls read different copies."""
+
+    def __init__(self, fn, copies) -> None:
+        self.fn, self.copies, self.calls = fn, list(copies), 0
+
+    def __call__(self):
+        c = self.copies[self.calls % len(self.copies)]
+        self.calls += 1
+        return self.fn(c)
 
 
 def wbytes(w) -> int:
@@ -120,11 +156,22 @@ def main() -> None:
         ms = (1, 16, 4096)
     if os.environ.get("CBQ_BENCH_SHAPES"):  # e.g. 70b_gate_up,7b_down
         shapes = [s for s in shapes if s[0] in os.environ["CBQ_BENCH_SHAPES"].split(",")]
+    if COLD:
+        ms = (1, 4, 16, 32)
     if os.environ.get("CBQ_BENCH_MS"):
         ms = tuple(int(v) for v in os.environ["CBQ_BENCH_MS"].split(","))
     only = os.environ.get("CBQ_BENCH_KERNELS", "").split(",")
     notes = []
     copy_gbps = copy_bandwidth(table)
+    if COLD:
+        l2 = torch.cuda.get_device_properties(0).L2_cache_size
+        notes.append(f"- L2-cold (CBQ_BENCH_COLD=1): each provider cycles over ceil(4 x "
+                     f"{l2 / 2**20:.0f} MiB L2 / its weight's bytes) copies of its weight, one "
+                     "per call (counts per shape below)")  # fmt: skip
+        for name, n, k in shapes:
+            cold_shape(table, name, n, k, ms, g, l2, copy_gbps, only, notes)
+            report(table, out, notes)
+        return
     for name, n, k in shapes:
         w_bf16 = (torch.randn(n, k, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
         w_i8_t = torch.randint(-127, 128, (n, k), generator=g, device="cuda",
@@ -228,6 +275,76 @@ def main() -> None:
             print(f"{name} M={m} done", flush=True)
         report(table, out, notes)  # after every shape: a run cut short keeps its rows
     report(table, out, notes)
+
+
+def cold_shape(table, name, n, k, ms, g, l2, copy_gbps, only, notes) -> None:
+    """The decode providers of one shape with each call reading the next copy of its weight
+    (CBQ_BENCH_COLD=1; the module docstring says why)."""
+
+    def copies(make, nbytes):
+        return [make() for _ in range(cold_copies(nbytes, l2))]
+
+    bf16s = copies(lambda: (torch.randn(n, k, generator=g, device="cuda") * 0.02)
+                   .to(torch.bfloat16), n * k * 2)  # fmt: skip
+    f8s = copies(lambda: (torch.randn(n, k, generator=g, device="cuda") * 0.02)
+                 .to(torch.float8_e4m3fn).t(), n * k)  # fmt: skip
+    quant = {}  # (bits, group size) -> copies of the served weight
+    for bits, gs in ((4, None), (4, 128), (2, 128)):
+        first = weight(n, k, bits, gs, g, canonical=False)[0]
+        more = cold_copies(wbytes(first), l2) - 1
+        quant[bits, gs] = [first, *(weight(n, k, bits, gs, g, canonical=False)[0]
+                                    for _ in range(more))]  # fmt: skip
+
+    def int4pack():  # as main() builds it: (N, K / 2) uint8 nibbles, g128 bf16 s / z
+        wi = torch.randint(0, 16, (n, k), generator=g, device="cuda", dtype=torch.int32)
+        return (torch._convert_weight_to_int4pack(((wi[:, ::2] << 4) | wi[:, 1::2])
+                                                  .to(torch.uint8), 8),
+                torch.rand(k // 128, n, 2, generator=g, device="cuda").to(torch.bfloat16))
+
+    int4packs = []
+    try:
+        int4packs = copies(int4pack, n * k // 2)
+    except (RuntimeError, AttributeError, TypeError) as exc:
+        notes.append(f"- int4pack_mm {name}: not run ({str(exc).splitlines()[0][:80]})")
+    notes.append(f"- {name} copies: bf16 {len(bf16s)}, fp8 {len(f8s)}, "
+                 + ", ".join(f"{b}-bit g{gs or 'channel'} {len(c)}" for (b, gs), c in quant.items())
+                 + f", int4pack {len(int4packs)}")  # fmt: skip
+    one = torch.ones((), device="cuda")
+    for m in ms:
+        shape = f"{m}x{n}x{k}"
+        flops, out_b = 2 * m * n * k, m * n * 2
+        x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
+        xq8, xs8 = act_quant(x, 8)
+        xq4, xs4 = act_quant(x, 4)
+        xf8 = x.to(torch.float8_e4m3fn)
+        base = timed(Cycle(lambda w: F.linear(x, w), bf16s))
+        table.add(name, "cublas_bf16", shape, "bf16", base, flops=flops,
+                  nbytes=m * k * 2 + n * k * 2 + out_b, copy_gbps=copy_gbps)  # fmt: skip
+        w4, w4g, w2g = quant[4, None], quant[4, 128], quant[2, 128]
+        cases = [
+            ("scaled_mm", lambda w: torch._scaled_mm(xf8, w, one, one, out_dtype=torch.bfloat16),
+             f8s, m * k + n * k),
+            ("w4a8", lambda w: gemm_w4a8(xq8, xs8, w), w4, m * k + wbytes(w4[0])),
+            ("w4a8_g128", lambda w: gemm_w4a8(xq8, xs8, w), w4g, m * k + wbytes(w4g[0])),
+            ("w4a4", lambda w: gemm_w4a4(xq4, xs4, w), w4, m * k // 2 + wbytes(w4[0])),
+            ("w4a16_g128", lambda w: gemm_wonly(x, w), w4g, m * k * 2 + wbytes(w4g[0])),
+            ("w2a16_g128", lambda w: gemm_wonly(x, w), w2g, m * k * 2 + wbytes(w2g[0])),
+        ]  # fmt: skip
+        if int4packs:
+            cases.append(("int4pack_mm", lambda w: torch._weight_int4pack_mm(x, w[0], 128, w[1]),
+                          int4packs, m * k * 2 + n * k // 2 + n * k // 32))  # fmt: skip
+        for prov, fn, ws, nbytes in cases:
+            if only != [""] and prov not in only:
+                continue
+            try:
+                t = timed(Cycle(fn, ws))
+            except RuntimeError as exc:  # e.g. fp8 where the GPU has none
+                notes.append(f"- {prov} {shape}: not run ({str(exc).splitlines()[0][:80]})")
+                continue
+            table.add(name, prov, shape, "int4" if "a16" not in prov else "bf16", t,
+                      flops=flops, nbytes=nbytes + out_b, baseline=base,
+                      baseline_name="cublas_bf16", copy_gbps=copy_gbps)  # fmt: skip
+        print(f"{name} M={m} cold done", flush=True)
 
 
 def report(table, out, notes) -> None:

@@ -20,9 +20,11 @@
 #       norms fused, + SwiGLU (fuse_swiglu), + the RoPE kernel (fuse_rope)
 #   bash scripts/gpu_lease.sh OUT epi     # carry .carry/shared .cbq_commit: the four-column
 #       split-K epilogue's tests and timings, bench_generate at the defaults (batch 1 and 32)
+#   bash scripts/gpu_lease.sh OUT cold    # carry .cbq_commit: bench_gemm's decode rows with
+#       L2-cold weights (CBQ_BENCH_COLD=1) and hot beside them, M = 1 / 16
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
-out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi}
+out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold}
 . "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -137,5 +139,15 @@ case $stage in
     CBQ_GEN_BATCHES=32 CBQ_GEN_SETTINGS=bf16,W4A8,W4A4,W4A16g128,W2A16g128 gen7b 170
     mv "$out/gen" "$out/gen_b32"
     pack ;;
-  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen or epi)"; exit 2 ;;
+  cold)  # carry .cbq_commit: bench_gemm's decode rows with L2-cold weights
+    # (CBQ_BENCH_COLD=1; the hot rows of the same shapes beside them), every shape, M = 1 / 16
+    [ -f .cbq_commit ] && export CBQ_COMMIT=$(cat .cbq_commit)
+    bash scripts/gpu_gemm.sh "$out/g" build
+    CBQ_BENCH_COLD=1 CBQ_BENCH_MS=${CBQ_BENCH_MS:-1,16} timeout 240 \
+      python3 benchmarks/bench_gemm.py --out "$out/cold" 2>&1 | grep -v "done$" | tail -2
+    CBQ_BENCH_MS=${CBQ_BENCH_MS:-1,16} \
+      CBQ_BENCH_KERNELS=w4a8,w4a8_g128,w4a4,w4a16_g128,w2a16_g128,int4pack_mm,scaled_mm \
+      timeout 240 python3 benchmarks/bench_gemm.py --out "$out/hot" 2>&1 | grep -v "done$" | tail -2
+    pack ;;
+  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi or cold)"; exit 2 ;;
 esac

@@ -108,3 +108,19 @@ def test_summarize_generate_merges_parts_and_checks_the_targets(tmp_path):
     assert "| weight_gib | 3.8 vs bf16 12.0 | 0.32x | <= 0.32x | met |" in text
     assert "- graph: 2 of 11 target rows measured, 0 met" in graph  # per-mode coverage
     assert "- auto: 3 of 11 target rows measured, 2 met" in graph
+
+
+def test_cold_rows_cycle_the_weight_copies():
+    """bench_gemm's L2-cold rows (CBQ_BENCH_COLD=1): enough copies that 4 x the L2 lies
+    between two reads of one copy, and consecutive calls take consecutive copies (a timed
+    graph captures the calls in turn)."""
+    from benchmarks.bench_gemm import Cycle, cold_copies
+
+    l2 = 50 * 2**20
+    assert cold_copies(32 * 2**20, l2) == 7  # 7B q/k/v/o in bf16: 32 MiB
+    assert cold_copies(8 * 2**20 + 1, l2) == 25  # its 4-bit weight
+    assert cold_copies(470 * 2**20, l2) == 1  # 70B gate/up in bf16: larger than 4 x the L2
+    seen = []
+    cycle = Cycle(lambda c: seen.append(c) or c * 10, ["a", "b", "c"])
+    assert [cycle() for _ in range(7)] == ["a" * 10, "b" * 10, "c" * 10] * 2 + ["a" * 10]
+    assert seen == ["a", "b", "c", "a", "b", "c", "a"]
