@@ -54,7 +54,7 @@ class _Clock:
 def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
                         kernels: bool = True, dtype: torch.dtype | None = None,
                         fuse: bool = True, fuse_norms: bool = True,
-                        fuse_swiglu: bool = True, fuse_rope: bool = True):  # fmt: skip
+                        fuse_swiglu: bool | None = None, fuse_rope: bool | None = None):  # fmt: skip
     """(model, tokenizer, layer table) of a folder written by ``cbq quantize``: the kernels
     in place of the quantized layers when ``kernels``; ``dtype`` default: bf16 on a GPU, fp32
     on the CPU. ``fuse``: a block's q / k / v kernels run as one GEMM, and gate / up as
@@ -73,7 +73,10 @@ def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
     H100, 7B-shaped, captured step, batch 1, prompt 2048 (benchmarks/results/h100/
     bench_generate_2483d26_fusions.md): W4A8 decode step 4.77 -> 4.76 ms and time to first token
     54.3 -> 52.4 ms with the SwiGLU fused; then 4.76 -> 4.12 ms and 52.4 -> 48.9 ms with the
-    RoPE kernel (bf16 8.70 -> 8.00 ms)."""
+    RoPE kernel (bf16 8.70 -> 8.00 ms). Both default (None) to on for a CUDA device and off on
+    the CPU: there the RoPE op is transformers' own formula and the SwiGLU quantizer the same
+    PyTorch arithmetic as the unfused path, so they only add a wrapper (and, under Triton's
+    interpreter in the tests, cost minutes per generation)."""
     from transformers import AutoTokenizer
 
     from cbq_ptq.io import load
@@ -87,6 +90,9 @@ def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
+    on_gpu = device.type == "cuda"
+    fuse_swiglu = on_gpu if fuse_swiglu is None else fuse_swiglu
+    fuse_rope = on_gpu if fuse_rope is None else fuse_rope
     model = load(path, device=str(device), kernels=dtype if kernels else None)
     if kernels and fuse:
         fuse_projections(model)

@@ -76,7 +76,8 @@ def test_the_served_model_holds_no_full_precision_copy_of_a_quantized_weight(sav
     path, setting = saved
     from cbq_ptq.serve import FusedMember, SwiGLUMLP
 
-    model, _, table = load_for_generation(path, "cpu")
+    # fuse_swiglu is on by default on a GPU only: asked for here
+    model, _, table = load_for_generation(path, "cpu", fuse_swiglu=True)
     fused = [n for n in table if isinstance(model.get_submodule(n), FusedMember)]
     swiglu = [m for m in model.modules() if isinstance(m, SwiGLUMLP)]
     # 5 blocks: q / k / v and gate / up fused (load_for_generation); with integer activations
