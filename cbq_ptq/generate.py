@@ -54,7 +54,8 @@ class _Clock:
 def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
                         kernels: bool = True, dtype: torch.dtype | None = None,
                         fuse: bool = True, fuse_norms: bool = True,
-                        fuse_swiglu: bool | None = None, fuse_rope: bool | None = None):  # fmt: skip
+                        fuse_swiglu: bool | None = None,
+                        fuse_rope: bool | None = None):  # fmt: skip
     """(model, tokenizer, layer table) of a folder written by ``cbq quantize``: the kernels
     in place of the quantized layers when ``kernels``; ``dtype`` default: bf16 on a GPU, fp32
     on the CPU. ``fuse``: a block's q / k / v kernels run as one GEMM, and gate / up as
