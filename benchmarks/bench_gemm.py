@@ -90,6 +90,19 @@ def weight(n, k, bits, group_size, g, canonical=True):
             if canonical else None)  # fmt: skip
 
 
+def bf16_weight(n, k, g):
+    """A random (N, K) bf16 weight (cuBLAS's operand; its fp8 copy is scaled_mm's)."""
+    return (torch.randn(n, k, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+
+
+def int4pack_weight(n, k, g):
+    """PyTorch's int4 weight-only operands: (N, K / 2) uint8 nibbles converted to its layout,
+    and g128 bf16 scales / zeros (K / 128, N, 2)."""
+    wi = torch.randint(0, 16, (n, k), generator=g, device="cuda", dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack(((wi[:, ::2] << 4) | wi[:, 1::2]).to(torch.uint8), 8)
+    return packed, torch.rand(k // 128, n, 2, generator=g, device="cuda").to(torch.bfloat16)
+
+
 COLD = os.environ.get("CBQ_BENCH_COLD") == "1"
 
 
@@ -173,7 +186,7 @@ def main() -> None:
             report(table, out, notes)
         return
     for name, n, k in shapes:
-        w_bf16 = (torch.randn(n, k, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+        w_bf16 = bf16_weight(n, k, g)
         w_i8_t = torch.randint(-127, 128, (n, k), generator=g, device="cuda",
                                dtype=torch.int8).t()  # fmt: skip
         w_f8_t = w_bf16.to(torch.float8_e4m3fn).t()
@@ -181,14 +194,8 @@ def main() -> None:
                                                weight(n, k, 4, 128, g), weight(n, k, 2, 128, g))
         one = torch.ones((), device="cuda")
         int4pack = None
-        try:  # PyTorch's int4 weight-only kernel: (N, K / 2) uint8 nibbles, g128 bf16 s / z
-            wi = torch.randint(0, 16, (n, k), generator=g, device="cuda", dtype=torch.int32)
-            w_u8 = ((wi[:, ::2] << 4) | wi[:, 1::2]).to(torch.uint8)
-            int4pack = (
-                torch._convert_weight_to_int4pack(w_u8, 8),
-                torch.rand(k // 128, n, 2, generator=g, device="cuda").to(torch.bfloat16),
-            )
-            del wi, w_u8
+        try:  # PyTorch's int4 weight-only kernel
+            int4pack = int4pack_weight(n, k, g)
         except (RuntimeError, AttributeError, TypeError) as exc:
             notes.append(f"- int4pack_mm {name}: not run ({str(exc).splitlines()[0][:80]})")
         for m in ms:
@@ -284,10 +291,8 @@ def cold_shape(table, name, n, k, ms, g, l2, copy_gbps, only, notes) -> None:
     def copies(make, nbytes):
         return [make() for _ in range(cold_copies(nbytes, l2))]
 
-    bf16s = copies(lambda: (torch.randn(n, k, generator=g, device="cuda") * 0.02)
-                   .to(torch.bfloat16), n * k * 2)  # fmt: skip
-    f8s = copies(lambda: (torch.randn(n, k, generator=g, device="cuda") * 0.02)
-                 .to(torch.float8_e4m3fn).t(), n * k)  # fmt: skip
+    bf16s = copies(lambda: bf16_weight(n, k, g), n * k * 2)
+    f8s = copies(lambda: bf16_weight(n, k, g).to(torch.float8_e4m3fn).t(), n * k)
     quant = {}  # (bits, group size) -> copies of the served weight
     for bits, gs in ((4, None), (4, 128), (2, 128)):
         first = weight(n, k, bits, gs, g, canonical=False)[0]
@@ -295,15 +300,9 @@ def cold_shape(table, name, n, k, ms, g, l2, copy_gbps, only, notes) -> None:
         quant[bits, gs] = [first, *(weight(n, k, bits, gs, g, canonical=False)[0]
                                     for _ in range(more))]  # fmt: skip
 
-    def int4pack():  # as main() builds it: (N, K / 2) uint8 nibbles, g128 bf16 s / z
-        wi = torch.randint(0, 16, (n, k), generator=g, device="cuda", dtype=torch.int32)
-        return (torch._convert_weight_to_int4pack(((wi[:, ::2] << 4) | wi[:, 1::2])
-                                                  .to(torch.uint8), 8),
-                torch.rand(k // 128, n, 2, generator=g, device="cuda").to(torch.bfloat16))
-
     int4packs = []
     try:
-        int4packs = copies(int4pack, n * k // 2)
+        int4packs = copies(lambda: int4pack_weight(n, k, g), n * k // 2)
     except (RuntimeError, AttributeError, TypeError) as exc:
         notes.append(f"- int4pack_mm {name}: not run ({str(exc).splitlines()[0][:80]})")
     notes.append(f"- {name} copies: bf16 {len(bf16s)}, fp8 {len(f8s)}, "

@@ -135,6 +135,11 @@ def _act_quant_kernel(x_ptr, w_ptr, f_ptr, q_ptr, s_ptr, K, ratio, alpha, norm_e
     _round_store(y * inv_s, m, row, K, P, q_ptr, BITS, PER_WORD, BLOCK_K)
 
 
+def _width(x: Tensor, glu: bool) -> int:
+    """K, the quantized width: x's columns, or half of them for a gate | up input (glu)."""
+    return x.shape[1] // (2 if glu else 1)
+
+
 def _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha,
            glu=False) -> None:  # fmt: skip
     check_tensor(x, "x", FLOAT_DTYPES, 2, "tokens, K")
@@ -144,7 +149,7 @@ def _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha,
                          f"{x.shape[1]}")  # fmt: skip
     if glu and norm_weight is not None:
         raise ValueError("glu and norm_weight do not combine (a SwiGLU output has no RMSNorm)")
-    if x.shape[1] // (2 if glu else 1) > _MAX_K:
+    if _width(x, glu) > _MAX_K:
         raise ValueError(f"K = {x.shape[1]} exceeds the supported {_MAX_K}")
     if bits not in (4, 8) or isinstance(bits, bool):
         raise ValueError(f"bits must be 4 or 8 (int8 codes or packed int4), got {bits!r}")
@@ -154,7 +159,7 @@ def _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha,
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     if norm_eps <= 0:
         raise ValueError(f"norm_eps must be > 0, got {norm_eps}")
-    k = x.shape[1] // (2 if glu else 1)
+    k = _width(x, glu)
     for name, t in (("norm_weight", norm_weight), ("channel_factor", channel_factor)):
         if t is None:
             continue
@@ -169,7 +174,7 @@ def _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha,
 
 
 def _out_shapes(x: Tensor, bits: int, glu: bool = False) -> tuple[tuple[int, int], torch.dtype]:
-    t, k = x.shape[0], x.shape[1] // (2 if glu else 1)
+    t, k = x.shape[0], _width(x, glu)
     return ((t, k), torch.int8) if bits == 8 else ((t, packed_words(k, 4)), torch.int32)
 
 
@@ -190,7 +195,7 @@ def _act_quant_impl(
     shape, dtype = _out_shapes(x, bits, glu)
     codes = torch.empty(shape, dtype=dtype, device=x.device)
     scales = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    k = x.shape[1] // (2 if glu else 1)  # the quantized width
+    k = _width(x, glu)
     if x.numel():
         block_k = max(triton.next_power_of_2(k), 16)
         w = x if norm_weight is None else norm_weight.float().contiguous()

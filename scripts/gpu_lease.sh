@@ -29,6 +29,14 @@ out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|e
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 pack() { tar czf /tmp/lease_$stage.tgz -C "$out" . && rm -rf "${out:?}"/* && mv /tmp/lease_$stage.tgz "$out/"; ls -la "$out"; }
+environment() {  # the carried data, the commit, and GPU / versions into $out/environment.txt
+  export CBQ_MODELS_DIR=$PWD/.carry/shared/models CBQ_DATA_DIR=$PWD/.carry/shared/data
+  [ -f .cbq_commit ] && export CBQ_COMMIT=$(cat .cbq_commit)
+  { nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader
+    python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], \
+'| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
+    echo "commit ${CBQ_COMMIT:-unknown}"; } | tee "$out/environment.txt"
+}
 gen7b() {  # bench_generate, 7B-shaped, batch 1, prompt 2048: captured step and prefill, fused
   # projections, their norms and the SwiGLU (CBQ_GEN_FUSE=3, bench_generate's default; 2: no
   # SwiGLU, 1: projections only), the RoPE kernel (CBQ_GEN_ROPE, default 1); at most CBQ_GEN_S
@@ -62,12 +70,7 @@ case $stage in
     pack ;;
   one)  # everything but the PTQ table in one call (no GGUF): build, Nsight Compute on the
     # Hadamard kernels, the served-model GPU tests, compute-sanitizer, bench_generate
-    export CBQ_MODELS_DIR=$PWD/.carry/shared/models CBQ_DATA_DIR=$PWD/.carry/shared/data
-    [ -f .cbq_commit ] && export CBQ_COMMIT=$(cat .cbq_commit)
-    { nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader
-      python3 -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], \
-'| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
-      echo "commit ${CBQ_COMMIT:-unknown}"; } | tee "$out/environment.txt"
+    environment
     bash scripts/gpu_gemm.sh "$out/g" build hncu
     timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/ptq/test_serve_cuda.py \
       2>&1 | tee "$out/g/pytest_serve.txt" | tail -6
@@ -101,10 +104,7 @@ case $stage in
     # the Hadamard op's API routing (register kernels by default since 4e981ab) and the rotated
     # pipeline; the SwiGLU quantizer and fuse_swiglu; the RoPE kernel and fuse_rope; the split
     # model's M = 16 / 32 picks (bench_gemm rows on every shape); then call pending_gen
-    export CBQ_MODELS_DIR=$PWD/.carry/shared/models CBQ_DATA_DIR=$PWD/.carry/shared/data
-    [ -f .cbq_commit ] && export CBQ_COMMIT=$(cat .cbq_commit)
-    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/environment.txt"
-    echo "commit ${CBQ_COMMIT:-unknown}" >> "$out/environment.txt"
+    environment
     bash scripts/gpu_gemm.sh "$out/g" build
     timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/kernels/test_hadamard_quant_cuda.py \
       tests/kernels/test_act_quant_cuda.py tests/kernels/test_rope_cuda.py \
@@ -124,10 +124,7 @@ case $stage in
     # epilogue (CBQ_DEC_EPI 1) and the refitted split model: its GPU tests, the 70B gate/up
     # split sweep at M = 16 (S = 1 must match the one-column kernel's 52.7 us), bench_gemm at
     # M = 16 / 32, then bench_generate at load_for_generation's defaults, batch 1 and 32
-    export CBQ_MODELS_DIR=$PWD/.carry/shared/models CBQ_DATA_DIR=$PWD/.carry/shared/data
-    [ -f .cbq_commit ] && export CBQ_COMMIT=$(cat .cbq_commit)
-    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/environment.txt"
-    echo "commit ${CBQ_COMMIT:-unknown}" >> "$out/environment.txt"
+    environment
     bash scripts/gpu_gemm.sh "$out/g" build
     timeout 90 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemm_decode_cuda.py \
       2>&1 | tee "$out/g/pytest_decode.txt" | tail -2
