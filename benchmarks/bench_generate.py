@@ -8,9 +8,9 @@ Face generate), peak GPU memory per row; each model and setting measured in a fr
 Models: ``llama2-7b`` (Llama-2-7B's shapes, random weights, round-to-nearest: speed does not
 depend on the weights' values), ``llama2-70b-8l`` (Llama-2-70B's shapes with 8 of its 80
 blocks; the ``x80`` column scales the whole per-step time by 80 / 8, the embedding and LM
-head included: a slightly pessimistic projection), and a saved model folder (``--saved
-DIR``, e.g. SmolLM2-135M quantized by CBQ with ``cbq quantize``), which runs at its own
-setting beside its bf16 base.
+head included: a slightly pessimistic projection), and saved model folders (``--saved
+DIR [DIR ...]``, e.g. SmolLM2-135M quantized by CBQ with ``cbq quantize`` at several
+settings), each at its own setting beside their bf16 base (measured once).
 
     python benchmarks/bench_generate.py --out benchmarks/results/h200
     CBQ_GEN_MODELS=llama2-7b CBQ_GEN_BATCHES=1,32 CBQ_GEN_PROMPTS=512 CBQ_GEN_NEW=64 ...
@@ -173,7 +173,9 @@ def measure(model, batch: int, prompt: int, new: int, device: torch.device) -> d
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--saved", default=None, help="a folder written by cbq quantize")
+    p.add_argument("--saved", nargs="+", default=None, metavar="DIR",
+                   help="folders written by cbq quantize from one base model (its bf16 rows "
+                        "once, then each folder's)")  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="CPU smoke run on a 2-block model")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "SETTING"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -190,7 +192,7 @@ def main() -> int:
     new = env_list("CBQ_GEN_NEW", (4,) if args.tiny else (256,))[0]
     if args.child:
         shape, setting = args.child
-        rows = (_saved_rows(args.saved, setting, batches, prompts, new, device, env)
+        rows = (_saved_rows(args.saved[0], setting, batches, prompts, new, device, env)
                 if shape == "saved" else
                 _measure_setting(shape, setting, batches, prompts, new, device, env))  # fmt: skip
         for row in rows:
@@ -228,8 +230,17 @@ def main() -> int:
                 print(json.dumps(r), flush=True)
                 _write(rows, path)
     if args.saved:
-        for label in ("bf16", "quantized"):  # the base model, then the saved one
-            rows += _child_rows(args, "saved", label)
+        base = {}
+        for i, saved in enumerate(["base", *args.saved]):  # the bf16 base once, then each
+            label = "bf16" if i == 0 else "quantized"
+            for r in _child_rows(args, "saved", label, args.saved[0] if i == 0 else saved):
+                key = (r["batch"], r["prompt"])
+                if i == 0:
+                    base[key] = r
+                elif base.get(key, {}).get("decode_tok_s") and r["decode_tok_s"]:
+                    r["speedup_vs_bf16"] = round(r["decode_tok_s"] / base[key]["decode_tok_s"], 2)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
             _write(rows, path)
     print(f"wrote {path}")
     return 0
@@ -238,14 +249,15 @@ def main() -> int:
 CHILD_ROW = "CBQ_GEN_ROW "
 
 
-def _child_rows(args, shape: str, setting: str) -> list[dict]:
-    """The rows of one model and setting, measured in a fresh Python process (the CBQ_GEN_*
-    environment passes through); a failed child is reported and yields no rows."""
+def _child_rows(args, shape: str, setting: str, saved: str | None = None) -> list[dict]:
+    """The rows of one model and setting (of the saved folder ``saved``), measured in a fresh
+    Python process (the CBQ_GEN_* environment passes through); a failed child is reported and
+    yields no rows."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", shape, setting]
     if args.tiny:
         cmd.append("--tiny")
-    if args.saved:
-        cmd += ["--saved", str(args.saved)]
+    if saved:
+        cmd += ["--saved", str(saved)]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     rows = [json.loads(line[len(CHILD_ROW):]) for line in proc.stdout.splitlines()
@@ -409,9 +421,23 @@ def _saved_rows(saved, label: str, batches, prompts, new, device, env) -> list[d
         model, _ = load_model(meta["base_model"], dtype=torch.bfloat16, device=str(device))
     else:
         model, _, _ = load_for_generation(saved, device)
-    fields = {"model": Path(saved).name, "setting": label if label == "bf16" else setting,
-              "weights": "cbq" if label != "bf16" else "bf16"}  # fmt: skip
+    # the model column names the base model (a saved folder is often just "model")
+    name = Path(str(meta.get("base_model") or saved)).name
+    fields = {"model": name, "setting": label if label == "bf16" else setting,
+              "weights": _method(Path(saved)) if label != "bf16" else "bf16"}  # fmt: skip
     return _rows(model, fields, batches, prompts, new, device, env)
+
+
+def _method(saved: Path) -> str:
+    """How a saved model was quantized: the method (and a ``--steps`` other than the recipe's)
+    of the summary.json that ``cbq quantize`` writes beside its model folder ("saved" where
+    there is none)."""
+    try:
+        summary = json.loads((saved.parent / "summary.json").read_text())
+    except (OSError, ValueError):
+        return "saved"
+    steps = (summary.get("config") or {}).get("steps")
+    return str(summary.get("method", "saved")) + (f", {steps} steps per window" if steps else "")
 
 
 def _write(rows: list[dict], path: Path) -> None:

@@ -24,10 +24,11 @@
 #       L2-cold weights (CBQ_BENCH_COLD=1) and hot beside them, M = 1 / 16
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
-out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold}
+out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s}
 . "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+served=w4a8,w4a8_g128,w4a4,w4a16_g128,w2a16_g128,int4pack_mm  # bench_gemm's served kernels + peer
 pack() { tar czf /tmp/lease_$stage.tgz -C "$out" . && rm -rf "${out:?}"/* && mv /tmp/lease_$stage.tgz "$out/"; ls -la "$out"; }
 environment() {  # the carried data, the commit, and GPU / versions into $out/environment.txt
   export CBQ_MODELS_DIR=$PWD/.carry/shared/models CBQ_DATA_DIR=$PWD/.carry/shared/data
@@ -146,5 +147,62 @@ case $stage in
       CBQ_BENCH_KERNELS=w4a8,w4a8_g128,w4a4,w4a16_g128,w2a16_g128,int4pack_mm,scaled_mm \
       timeout 240 python3 benchmarks/bench_gemm.py --out "$out/hot" 2>&1 | grep -v "done$" | tail -2
     pack ;;
-  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi or cold)"; exit 2 ;;
+  t13a)  # carry .carry/{a,shared,whl} .cbq_commit: issue 13's table, part 1, and the GGUF's
+    # first half (kept in /tmp for t14s, the next call): build; the exact-int32 GPU tests of
+    # every GEMM (the CUDA decode kernel; the Triton kernels at every autotuner
+    # configuration); Nsight Compute on the decode kernel at 1 x 28672 x 8192; bench_gemm at
+    # the decode M on every shape (served kernels and peers) with the GPU to itself
+    environment
+    cp .carry/a/gguf.part.aa /tmp/
+    bash scripts/gpu_gemm.sh "$out/g" build
+    timeout 280 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemm_decode_cuda.py \
+      tests/kernels/test_gemm_cuda.py 2>&1 | tee "$out/g/pytest_gemm.txt" | tail -3
+    timeout 100 bash scripts/gpu_gemm.sh "$out/g" ncu
+    CBQ_BENCH_MS=1,4,16,32 CBQ_BENCH_KERNELS=$served timeout ${CBQ_BENCH_S:-220} \
+      python3 benchmarks/bench_gemm.py --out "$out/decode" 2>&1 | grep -v "done$" | tail -2
+    pack ;;
+  t13b)  # carry .cbq_commit: issue 13's table, part 2: bench_gemm at the prefill M (64 ..
+    # 8192) on every shape, served kernels and peers (the build of t13a when warm)
+    environment
+    bash scripts/gpu_gemm.sh "$out/g" build
+    CBQ_BENCH_MS=${CBQ_BENCH_MS:-64,256,1024,2048,4096,8192} CBQ_BENCH_KERNELS=$served \
+      timeout ${CBQ_BENCH_S:-540} python3 benchmarks/bench_gemm.py --out "$out/prefill" 2>&1 \
+      | grep -v "done$" | tail -2
+    pack ;;
+  t14s)  # carry .carry/{b,shared,whl} .cbq_commit, right after t13a (the GGUF's first half in
+    # /tmp): issue 14 on SmolLM2-135M quantized by CBQ (CBQ_GEN_STEPS optimizer steps per
+    # window, a short schedule: the served model's structure is the full recipe's, its
+    # activation quantizer and rotation included), the four settings side by side; then its
+    # generation speed, the correctness checks (scripts/check_generate.py) and the served
+    # model's GPU tests at the GPU defaults (SwiGLU and RoPE fused)
+    environment
+    d=/tmp/cbqcache/smollm2-135m; mkdir -p $d
+    cat /tmp/gguf.part.aa .carry/b/gguf.part.ab > $d/SmolLM2-135M-Instruct.Q4_1.gguf || exit 3
+    export CBQ_CACHE=/tmp/cbqcache
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .carry/whl/*.whl && export PYTHONPATH=/tmp/site
+    bash scripts/gpu_gemm.sh "$out/g" build
+    python3 -c "from cbq_ptq.models import resolve; print(resolve('smollm2-135m'))" 2>&1 | tail -1
+    sets=${CBQ_GEN_SMOL:-W4A8 W4A4 W4A16g64 W2A16g64}
+    for s in $sets; do
+      python3 -m cbq_ptq.cli quantize --model smollm2-135m --setting $s --method cbq \
+        --steps ${CBQ_GEN_STEPS:-16} --eval-windows 8 --out /tmp/smol/$s \
+        > "$out/quantize_$s.log" 2>&1 < /dev/null &
+    done
+    # the served model's GPU tests meanwhile (correctness only: nothing here is timed)
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/ptq/test_serve_cuda.py \
+      2>&1 | tee "$out/pytest_serve.txt" | tail -3
+    wait; for s in $sets; do tail -n 1 "$out/quantize_$s.log"; done
+    # generation speed with the GPU to itself: the bf16 base once, then each setting
+    CBQ_GEN_MODELS=none CBQ_GEN_BATCHES=1,8,32 CBQ_GEN_PROMPTS=512,2048 CBQ_GEN_NEW=256 \
+      CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph timeout ${CBQ_GEN_S:-270} \
+      python3 benchmarks/bench_generate.py --saved $(for s in $sets; do echo /tmp/smol/$s/model; done) \
+      --out "$out/gen_smol" 2>&1 | grep -v Warning | grep -v "^{" | cut -c1-200 | tail -6
+    for c in "W4A16g64 bfloat16" "W4A16g64 float32" "W4A8 bfloat16"; do
+      set -- $c
+      timeout 100 python3 scripts/check_generate.py /tmp/smol/$1/model --dtype $2 \
+        --out "$out/check_generate_$1_$2.json" 2>&1 | grep -v Warning | tail -3
+    done
+    pack ;;
+  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b or t14s)"; exit 2 ;;
 esac

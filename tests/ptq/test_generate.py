@@ -177,7 +177,8 @@ def test_bench_generate_smoke_run(tmp_path):
 
 
 def test_bench_generate_measures_a_saved_model_beside_its_base(saved, tmp_path):
-    """--saved: the bf16 base and the saved model, each in its own process (CPU, 2 tokens)."""
+    """--saved: the bf16 base (once) and each saved folder, each in its own process (CPU, 2
+    tokens); the rows name the base model and relate each folder to the base's speed."""
     import csv
     import os
     import subprocess
@@ -188,12 +189,15 @@ def test_bench_generate_measures_a_saved_model_beside_its_base(saved, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(CBQ_GEN_SETTINGS="none", CBQ_GEN_BATCHES="1", CBQ_GEN_NEW="3")
     subprocess.run([sys.executable, str(root / "benchmarks" / "bench_generate.py"), "--tiny",
-                    "--saved", str(path), "--out", str(tmp_path)], check=True,
+                    "--saved", str(path), str(path), "--out", str(tmp_path)], check=True,
                    capture_output=True, env=env)  # fmt: skip
     rows = list(csv.DictReader((tmp_path / "bench_generate.csv").open()))
+    # saved by io.save directly: no summary.json beside it to name the method
     assert [(r["model"], r["setting"], r["weights"]) for r in rows] == [
-        (path.name, "bf16", "bf16"), (path.name, setting, "cbq")]
+        ("stories260K", "bf16", "bf16"), *[("stories260K", setting, "saved")] * 2]
     assert all(float(r["decode_tok_s"]) > 0 for r in rows)
+    assert rows[0]["speedup_vs_bf16"] == ""
+    assert all(float(r["speedup_vs_bf16"]) > 0 for r in rows[1:])
 
 
 def test_decode_loop_equals_generate_greedy_with_and_without_padding():
