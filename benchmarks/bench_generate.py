@@ -423,7 +423,10 @@ def _saved_rows(saved, label: str, batches, prompts, new, device, env) -> list[d
         model, _, _ = load_for_generation(saved, device)
     # the model column names the base model (a saved folder is often just "model")
     name = Path(str(meta.get("base_model") or saved)).name
-    fields = {"model": name, "setting": label if label == "bf16" else setting,
+    fused = sum(type(m).__name__ in ("_FusedGroup", "FoldedNorm", "SwiGLUMLP")
+                for m in model.modules())  # what load_for_generation fused (as the 7B rows count)
+    fields = {"model": name, "setting": label if label == "bf16" else setting, "fused": fused,
+              "rope": int(device.type == "cuda"),  # load_for_generation's default
               "weights": _method(Path(saved)) if label != "bf16" else "bf16"}  # fmt: skip
     return _rows(model, fields, batches, prompts, new, device, env)
 

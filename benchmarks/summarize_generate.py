@@ -38,6 +38,9 @@ def merge(paths: list[Path]) -> list[dict]:
                     row["compile"] += ", prefill graph"
                 if row.get("rope") == "1":  # so is the RoPE kernel (bf16 rows have it too)
                     row["compile"] += ", rope kernel"
+                # the fused column counts what was fused (groups + norms + MLPs: 160 for a
+                # W4A8 7B, 64 for a weight-only one); a mode only asks whether anything was
+                row["fusion"] = "fused" if row["fused"] != "0" else ""
                 rows[tuple(row[k] for k in KEY)] = row
     return list(rows.values())
 
@@ -50,15 +53,15 @@ def _find(rows, **want) -> dict | None:
 
 
 def _check(rows, setting, batch, prompt, field, target, larger_better=True,
-           at_most=False, compile_mode: str = "auto", fused: str = "0",
+           at_most=False, compile_mode: str = "auto", fusion: str = "",
            policy: str = "") -> str | None:  # fmt: skip
     """A summary line comparing ``setting`` with bf16 at (batch, prompt) on the 7B shape:
     the speed-up (bf16 / setting for times) against ``target``, or with ``at_most`` the
-    fraction setting / bf16 against an upper bound. ``fused``: the quantized row's fused
-    groups ("0": unfused; bf16 rows are never fused); ``policy``: its GemmPolicy (CBQ_GEN_POLICY;
-    "": the default dispatch)."""
+    fraction setting / bf16 against an upper bound. ``fusion``: "fused" for the quantized rows
+    with fused projections / norms / SwiGLU, "" for unfused ones (bf16 rows are never fused);
+    ``policy``: its GemmPolicy (CBQ_GEN_POLICY; "": the default dispatch)."""
     q = _find(rows, model="llama2-7b", setting=setting, batch=batch, prompt=prompt,
-              compile=compile_mode, fused=fused, policy=policy)  # fmt: skip
+              compile=compile_mode, fusion=fusion, policy=policy)  # fmt: skip
     b = _find(rows, model="llama2-7b", setting="bf16", batch=batch, prompt=prompt,
               compile=compile_mode, fused="0")  # fmt: skip
     if q is None or b is None or not q[field] or not b[field]:
@@ -67,7 +70,7 @@ def _check(rows, setting, batch, prompt, field, target, larger_better=True,
     if not larger_better and not at_most:
         ratio = 1 / ratio
     met = ratio <= target if at_most else ratio >= target
-    where = compile_mode + (", fused" if fused != "0" else "") + (f", {policy}" if policy else "")
+    where = compile_mode + (", fused" if fusion else "") + (f", {policy}" if policy else "")
     return (f"| {setting} | {where}, batch {batch}, prompt {prompt} | {field} | "
             f"{q[field]} vs bf16 "
             f"{b[field]} | {ratio:.2f}x | {'<=' if at_most else '>='} {target}x | "
@@ -83,11 +86,11 @@ def summary(rows: list[dict]) -> str:
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     prompts = sorted({int(r["prompt"]) for r in rows if r["model"] == "llama2-7b"})
     # compared within a compile mode, unfused and fused quantized rows each against bf16
-    modes = sorted({(r["compile"], r["fused"], r["policy"]) for r in rows
-                    if r["setting"] != "bf16"})  # fmt: skip
+    modes = sorted({(r["compile"], r["fusion"], r["policy"]) for r in rows
+                    if r["setting"] != "bf16" and r["model"] == "llama2-7b"})  # fmt: skip
     checks, coverage = [], []
-    for mode, fused, policy in modes:
-        kw = {"compile_mode": mode, "fused": fused, "policy": policy}
+    for mode, fusion, policy in modes:
+        kw = {"compile_mode": mode, "fusion": fusion, "policy": policy}
         first = len(checks)
         for p in prompts:
             checks += [_check(rows, s, 1, p, "decode_tok_s", t, **kw)
@@ -99,7 +102,7 @@ def summary(rows: list[dict]) -> str:
             checks.append(_check(rows, "W4A16g128", 1, p, "weight_gib", 0.32, at_most=True,
                                  **kw))  # fmt: skip
         mine = checks[first:]
-        where = mode + (", fused" if fused != "0" else "") + (f", {policy}" if policy else "")
+        where = mode + (", fused" if fusion else "") + (f", {policy}" if policy else "")
         met = sum(c is not None and c.endswith("| met |") for c in mine)
         coverage.append(f"- {where}: {sum(c is not None for c in mine)} of {len(mine)} target "
                         f"rows measured, {met} met")  # fmt: skip
@@ -109,7 +112,29 @@ def summary(rows: list[dict]) -> str:
         lines += ["", f"{missing} target rows have no measurement in these CSVs. By mode (each "
                   "mode is compared with bf16 in the same mode; a mode measured in part is a "
                   "comparison, not the table):", *coverage]  # fmt: skip
+    lines += _other_models(rows)
     return "\n".join(lines) + "\n"
+
+
+def _other_models(rows: list[dict]) -> list[str]:
+    """Every row of the models without targets (the 70B-shaped model with fewer blocks, whose
+    x80 column projects its decode rate to 80 blocks; saved models such as SmolLM2 quantized
+    by CBQ), each beside its model's bf16 row in the same mode."""
+    others = [r for r in rows if r["model"] != "llama2-7b"]
+    if not others:
+        return []
+    lines = ["", "## Other models (no targets)", "",
+             "| model | setting | weights | mode | batch | prompt | TTFT ms | decode tok/s | "
+             "x bf16 | tok/s x80 | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(others, key=lambda r: (r["model"], r["compile"], int(r["batch"]),
+                                           int(r["prompt"]), r["setting"] != "bf16",
+                                           r["setting"])):  # fmt: skip
+        lines.append(f"| {r['model']} | {r['setting']} | {r.get('weights', '')} | "
+                     f"{r['compile']}{', fused' if r['fusion'] else ''} | {r['batch']} | "
+                     f"{r['prompt']} | {r['ttft_ms']} | {r['decode_tok_s']} | "
+                     f"{r.get('speedup_vs_bf16') or '-'} | {r.get('decode_tok_s_x80') or '-'} | "
+                     f"{r.get('peak_gib', '')} |")  # fmt: skip
+    return lines
 
 
 def plot(rows: list[dict], path: Path) -> bool:

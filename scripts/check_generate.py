@@ -16,7 +16,10 @@ with itself on the GPU vs the CPU in only 19 of 32 prompts):
 * ``teacher_forced_agreement``: both models read the reference's own continuation (prompt
   plus 16 tokens, one prompt at a time) and their next-token argmaxes are compared at each of
   the 16 positions: the share of positions where the two functions agree, without the cascade
-  of greedy decoding (one differing token changes everything after it).
+  of greedy decoding (one differing token changes everything after it);
+* on a GPU, ``reference_gpu_vs_cpu_equal_prompts`` / ``..._teacher_forced``: the same two
+  measures between the reference and itself run in fp32 on the GPU (the same function, other
+  reductions): the agreement a correct implementation can be expected to reach.
 
     python scripts/check_generate.py OUT/model [--device cuda] [--dtype float32] [--out check.json]
 """
@@ -32,9 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cbq_ptq.cli import _eval_args
 from cbq_ptq.data import load_text
 from cbq_ptq.evaluate import evaluate_perplexity
 from cbq_ptq.generate import Generation, generate, load_for_generation
+from cbq_ptq.io import read_meta
 
 
 def prompts(n: int = 32, words: int = 8) -> list[str]:
@@ -43,8 +48,9 @@ def prompts(n: int = 32, words: int = 8) -> list[str]:
     return [" ".join(ln.split()[:words]) for ln in good[:n]]
 
 
-def cli_eval_kernels(model: str, device: str, windows: int) -> float:
-    """The WikiText-2 perplexity `cbq eval MODEL --kernels` prints (same process)."""
+def cli_eval_kernels(model: str, device: str, windows: int, dtype: str) -> float:
+    """The WikiText-2 perplexity `cbq eval MODEL --kernels --dtype DTYPE` prints (same
+    process; the dtype of the kernels' model here, so that the two forwards are the same)."""
     import contextlib
     import io
 
@@ -53,7 +59,8 @@ def cli_eval_kernels(model: str, device: str, windows: int) -> float:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = cli(["eval", model, "--kernels", "--corpus", "wikitext2", "--also", "",
-                  "--eval-windows", str(windows), "--device", device])  # fmt: skip
+                  "--eval-windows", str(windows), "--device", device,
+                  "--dtype", dtype])  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"cbq eval --kernels failed: {buf.getvalue()[-500:]}")
     line = next(ln for ln in buf.getvalue().splitlines() if "perplexity " in ln
@@ -116,18 +123,39 @@ def main() -> int:
 
     same = equal(got, want)
     forced = teacher_forced([kern, fake], tok, texts, want.tokens, args.tokens)
-    ppl_generate = evaluate_perplexity(kern, tok, "wikitext2", max_windows=args.eval_windows)
-    ppl_cli = cli_eval_kernels(args.model, args.device, args.eval_windows)
+    total = sum(min(len(c), args.tokens) for c in want.tokens)
+    # the reference against itself on another device (the same fp32 fake-quantized model on
+    # the GPU: only the reductions' order and rounding differ), in the same two measures: how
+    # far a model agrees with the reference when it computes the same function
+    self_check = {}
+    if torch.device(args.device).type != "cpu":
+        fake_dev, _, _ = load_for_generation(args.model, args.device, kernels=False,
+                                             dtype=torch.float32)  # fmt: skip
+        other = generate(fake_dev, tok2, texts, max_new_tokens=args.tokens, batch_size=8)
+        self_check = {
+            "reference_gpu_vs_cpu_equal_prompts": sum(equal(other, want)),
+            "reference_gpu_vs_cpu_teacher_forced": sum(teacher_forced(
+                [fake_dev, fake], tok, texts, want.tokens, args.tokens)) / total,
+        }  # fmt: skip
+        del fake_dev
+    dtype_name = str(next(kern.parameters()).dtype).removeprefix("torch.")
+    # the windows `cbq eval` scores for this model (its base model decides the window length
+    # and BOS: 512 tokens with BOS for stories260K, else 2048 without)
+    meta = read_meta(Path(args.model))
+    ev = _eval_args(argparse.Namespace(seq_len=None, eval_windows=args.eval_windows, bos=False,
+                                       corpus="wikitext2"),
+                    meta.get("base_model") or args.model, args.device)  # fmt: skip
+    ppl_generate = evaluate_perplexity(kern, tok, "wikitext2", seq_len=ev["seq_len"],
+                                       bos=ev["bos"], max_windows=args.eval_windows)  # fmt: skip
+    ppl_cli = cli_eval_kernels(args.model, args.device, args.eval_windows, dtype_name)
     result = {
-        "model": args.model, "device": args.device,
-        "dtype": str(next(kern.parameters()).dtype).removeprefix("torch."),
+        "model": args.model, "device": args.device, "dtype": dtype_name,
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "layers": sorted(set(table.values())),
         "prompts": len(texts), "tokens": args.tokens, "equal_prompts": sum(same),
         "greedy_check": sum(same) >= len(texts) - 2,
         "reference_batch1_vs_batch8": sum(equal(alone, want)),
-        "teacher_forced_agreement": sum(forced) / sum(min(len(c), args.tokens)
-                                                      for c in want.tokens),
+        "teacher_forced_agreement": sum(forced) / total, **self_check,
         "ppl_through_generate_model": ppl_generate["ppl"],
         "ppl_cbq_eval_kernels": ppl_cli,
         "ppl_equal": abs(ppl_generate["ppl"] - ppl_cli) <= 5e-4 * ppl_cli,

@@ -108,6 +108,27 @@ def test_summarize_generate_merges_parts_and_checks_the_targets(tmp_path):
     assert "| weight_gib | 3.8 vs bf16 12.0 | 0.32x | <= 0.32x | met |" in text
     assert "- graph: 2 of 11 target rows measured, 0 met" in graph  # per-mode coverage
     assert "- auto: 3 of 11 target rows measured, 2 met" in graph
+    # fused rows of one mode, whatever each fused (a W4A8 model fuses norms and SwiGLU too,
+    # a weight-only one only its projections), compare with bf16 as one mode; other models
+    # are listed beside their own bf16
+    with (tmp_path / "e.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*fields, "compile", "fused", "speedup_vs_bf16"])
+        w.writeheader()
+        for model, setting, tok_s, fused in (
+                ("llama2-7b", "bf16", 100.0, 0), ("llama2-7b", "W4A8", 200.0, 160),
+                ("llama2-7b", "W4A16g128", 150.0, 64), ("smollm2-135m", "bf16", 300.0, 0),
+                ("smollm2-135m", "W4A8", 450.0, 150)):  # fmt: skip
+            w.writerow({"model": model, "setting": setting, "batch": 1, "prompt": 512,
+                        "new_tokens": 64, "ttft_ms": 30, "decode_tok_s": tok_s,
+                        "weight_gib": 1, "gpu": "G", "torch": "t", "commit": "c",
+                        "compile": "graph", "fused": fused,
+                        "speedup_vs_bf16": tok_s / (100 if model == "llama2-7b" else 300)})
+    fused = summary(merge([tmp_path / "e.csv"]))
+    assert "| W4A8 | graph, fused, batch 1, prompt 512 | decode_tok_s | 200.0 vs bf16" in fused
+    assert "| W4A16g128 | graph, fused, batch 1, prompt 512 | decode_tok_s | 150.0 vs bf16" in fused
+    assert [ln for ln in fused.splitlines() if ln.startswith("- graph")] == [
+        "- graph, fused: 3 of 11 target rows measured, 0 met"]  # + weight_gib
+    assert "| smollm2-135m | W4A8 |  | graph, fused | 1 | 512 | 30 | 450.0 | 1.5 | - |  |" in fused
 
 
 def test_cold_rows_cycle_the_weight_copies():

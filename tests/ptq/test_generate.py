@@ -301,3 +301,39 @@ def test_chat_prompts_use_the_tokenizers_template(saved, capsys):
     plain = generate(model, tok, ["User: a dog\nStory:", "User: the sun\nStory:"],
                      max_new_tokens=3)  # fmt: skip
     assert chat.tokens == plain.tokens
+
+
+def test_check_generate_script_on_the_cpu(tmp_path):
+    """scripts/check_generate.py (issue 14's GPU check) end to end on the CPU: a round-to-
+    nearest W4A16 stories260K, 4 prompts of 4 tokens. The kernels' model is the PyTorch path
+    here, so both checks must pass exactly: equal continuations, agreement 1.0, and the
+    perplexity through generate's model equal to `cbq eval --kernels` on the same windows
+    (512 tokens with BOS for stories260K: the script asks the CLI's own window rule)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cbq_ptq.data import SHARED_DATA
+
+    need_shared(SHARED_MODELS / "stories260K" / "config.json")
+    need_shared(SHARED_DATA / "wikitext2-raw-test.txt")
+    import os
+
+    out = tmp_path / "q"
+    root = Path(__file__).resolve().parents[2]
+    # without Triton's interpreter (the CPU path needs none): 6 s each instead of ~45
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for cmd in (["-m", "cbq_ptq.cli", "quantize", "--model", "stories260K", "--setting", "W4A16",
+                 "--ragged-groups", "--method", "rtn", "--corpus", "tinystories",
+                 "--eval-windows", "1", "--also", "", "--out", str(out)],
+                [str(root / "scripts" / "check_generate.py"), str(out / "model"), "--device",
+                 "cpu", "--prompts", "4", "--tokens", "4", "--eval-windows", "1", "--out",
+                 str(tmp_path / "check.json")]):  # fmt: skip
+        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env,
+                              cwd=root)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "check.json").read_text())
+    assert (result["equal_prompts"], result["greedy_check"], result["ppl_equal"]) == (4, True, True)
+    assert result["teacher_forced_agreement"] == 1.0
+    assert "reference_gpu_vs_cpu_teacher_forced" not in result  # a GPU's measure only
