@@ -86,9 +86,19 @@ class GemmPolicy:
     # plain launch eagerly and in graphs (its GPU test, f098880). A device below compute
     # capability 9.0 launches without it (csrc/gemm_decode.cu)
     decode_pdl: bool = True
+    # the per-token activation quantizer in front of an integer GEMM (act_quant, from
+    # cbq_kernels.gemm.linear) launched with programmatic dependent launch too, and letting
+    # the next kernel launch at its start: the decode GEMM's weight prefetch (decode_pdl) then
+    # overlaps the quantizer, where today it waits for the quantizer's grid to finish (in a 7B
+    # W4A8 step: act_quant -> GEMM four times per block, and act_quant(SwiGLU) right after the
+    # gate / up GEMM, which triggers after its K loop). Bit-exact by construction (the
+    # quantizer waits for the previous kernel before any load; the GEMM reads the codes after
+    # its griddepcontrol.wait, which returns when the quantizer has finished). False until its
+    # GPU test passes and bench_generate times it (written 2026-12-06, not yet run on a GPU)
+    quant_pdl: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("cuda_decode", "decode_pdl"):
+        for name in ("cuda_decode", "decode_pdl", "quant_pdl"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GemmPolicy.{name} must be a bool, "
                                  f"got {getattr(self, name)!r}")  # fmt: skip

@@ -270,3 +270,45 @@ def test_programmatic_dependent_launch_gives_the_same_bits(m, bits, group_size, 
     for out in outs:
         assert torch.equal(out, want)
     assert int(w.decode.counters.abs().sum()) == 0
+
+
+@pytest.mark.parametrize(("m", "a", "norm"), [(1, 8, True), (4, 4, False), (16, 8, False)])
+def test_quantizer_launched_with_pdl_gives_the_same_bits(m, a, norm):
+    """GemmPolicy(quant_pdl=True): the activation quantizer in front of the decode GEMM launched
+    with programmatic dependent launch, letting the GEMM launch at its start: the layer chain
+    (act_quant -> GEMM, its output the next layer's input) gives the plain launches' bits,
+    eagerly and replayed in a CUDA graph (where the launches overlap)."""
+    need_kernel()
+    from cbq_kernels.gemm_triton import GemmPolicy
+
+    n = k = 4096
+    w, _ = gemm_cuda_weight(n, k, 4, None, seed=41, layout="auto")
+    g = torch.Generator(device="cuda").manual_seed(42)
+    x0 = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
+    kwargs = {"norm_weight": torch.rand(k, generator=g, device="cuda") + 0.5} if norm else {}
+    pdl, plain = GemmPolicy(quant_pdl=True), GemmPolicy(quant_pdl=False)
+
+    def chain(policy, layers=4):
+        x, outs = x0, []
+        for _ in range(layers):
+            y = linear(x, w, a, policy=policy, **kwargs)
+            outs.append(y)
+            x = (y.float() / y.float().abs().amax().clamp_min(1e-6)).to(torch.bfloat16)
+        return outs
+
+    want = chain(plain)
+    for got, ref in zip(chain(pdl), want, strict=True):
+        assert torch.equal(got, ref)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain(pdl)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = chain(pdl)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, ref in zip(outs, want, strict=True):
+        assert torch.equal(got, ref)
