@@ -33,6 +33,13 @@ settings), each at its own setting beside their bf16 base (measured once).
     CBQ_GEN_ROPE=1 (default) ... (every setting, bf16 too: the attention's RoPE in one kernel
                                per layer, serve.fuse_rope, bit-exact; the rope column says
                                which; 0: transformers' eager RoPE)
+    CBQ_GEN_GQA=1 (default) ... (every setting, bf16 too: a grouped-query model's decode steps
+                               without transformers' repeated KV cache,
+                               cbq_ptq.attention.pack_gqa_decode; the gqa column says where it
+                               applied; 0: transformers' own)
+    CBQ_GEN_NORM=1 (default) ... (every setting, bf16 too: the RMSNorms no activation
+                               quantizer took in one kernel each, serve.fuse_rms_norms; the norm
+                               column says which; 0: transformers' eager norms)
     CBQ_GEN_POLICY='{"decode_pdl": false}' ... (the quantized settings' GEMMs under this
                                cbq_kernels.gemm.GemmPolicy, cbq_ptq.serve.set_policy; the
                                policy column says which; default: the default dispatch)
@@ -58,11 +65,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import Environment
+from cbq_ptq.attention import pack_gqa_decode
 from cbq_ptq.config import parse_setting
 from cbq_ptq.generate import DecodeSession, decode_loop, timed_generate
 from cbq_ptq.serve import (
     fuse_norms,
     fuse_projections,
+    fuse_rms_norms,
     fuse_rope,
     fuse_swiglu,
     rtn_kernels,
@@ -81,7 +90,8 @@ SHAPES = {  # hidden, intermediate, heads, kv heads, blocks built, blocks of the
 FIELDS = ["model", "setting", "batch", "prompt", "new_tokens", "ttft_ms", "decode_tok_s",
           "decode_ms_per_step", "speedup_vs_bf16", "decode_tok_s_x80", "peak_gib", "weight_gib",
           "weights",
-          "compile", "prefill", "fused", "rope", "policy", "gpu", "torch", "commit"]  # fmt: skip
+          "compile", "prefill", "fused", "rope", "gqa", "norm", "policy", "gpu", "torch",
+          "commit"]  # fmt: skip
 COMPILE = os.environ.get("CBQ_GEN_COMPILE", "auto")
 COMPILE_MODES = ("auto", "off", "graph", "graph-compiled")
 PREFILL = os.environ.get("CBQ_GEN_PREFILL", "eager")
@@ -90,6 +100,12 @@ FUSE_LEVEL = os.environ.get("CBQ_GEN_FUSE", "3")  # 0, 1 (projections), 2 (+ nor
 FUSE, FUSE_NORMS, FUSE_SWIGLU = (FUSE_LEVEL in ("1", "2", "3"), FUSE_LEVEL in ("2", "3"),
                                   FUSE_LEVEL == "3")  # fmt: skip
 ROPE = os.environ.get("CBQ_GEN_ROPE", "1") == "1"  # serve.fuse_rope, every setting (bf16 too)
+# cbq_ptq.attention.pack_gqa_decode, every setting (bf16 too): grouped-query decode steps
+# without transformers 5.17's repeated KV cache (the 70B shape's 8 key-value heads; the 7B
+# shape has none)
+GQA = os.environ.get("CBQ_GEN_GQA", "1") == "1"
+# serve.fuse_rms_norms, every setting (bf16 too): the RMSNorms no quantizer took in one kernel
+NORM = os.environ.get("CBQ_GEN_NORM", "1") == "1"
 PROFILE = os.environ.get("CBQ_GEN_PROFILE")
 POLICY = os.environ.get("CBQ_GEN_POLICY", "")
 
@@ -296,13 +312,16 @@ def _measure_setting(shape: str, setting: str, batches, prompts, new: int,
             fused += fuse_swiglu(model)
     if ROPE:  # the RoPE kernel: the same bit-exact function for bf16 and quantized rows
         fuse_rope(model)
+    gqa = pack_gqa_decode(model) if GQA else 0
+    norms = fuse_rms_norms(model) if NORM else 0
     if rotated and not all("rotation_signs" in getattr(b.get_submodule(down), "act_kwargs", {})
                            for b in blocks(model)):  # fmt: skip
         raise RuntimeError("the online rotation did not reach the down_proj kernels")
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     weights += sum(_kernel_bytes(m) for m in model.modules())
     fields = {"model": shape, "setting": setting, "weight_gib": round(weights / 2**30, 3),
-              "weights": "random, RTN", "fused": fused, "rope": int(ROPE),
+              "weights": "random, RTN", "fused": fused, "rope": int(ROPE), "gqa": int(gqa > 0),
+              "norm": int(norms > 0),
               "policy": POLICY if setting != "bf16" else ""}  # fmt: skip
     return _rows(model, fields, batches, prompts, new, device, env)
 
@@ -419,6 +438,12 @@ def _saved_rows(saved, label: str, batches, prompts, new, device, env) -> list[d
             raise SystemExit(f"{saved} does not name its base model (quant_config.json "
                              f"'base_model'): no bf16 row")  # fmt: skip
         model, _ = load_model(meta["base_model"], dtype=torch.bfloat16, device=str(device))
+        # what load_for_generation gives the saved model beside it (at 9252d9d the base ran
+        # without the RoPE kernel that its quantized rows had)
+        if device.type == "cuda":
+            fuse_rope(model)
+            fuse_rms_norms(model)
+        pack_gqa_decode(model)
     else:
         model, _, _ = load_for_generation(saved, device)
     # the model column names the base model (a saved folder is often just "model")
@@ -427,6 +452,8 @@ def _saved_rows(saved, label: str, batches, prompts, new, device, env) -> list[d
                 for m in model.modules())  # what load_for_generation fused (as the 7B rows count)
     fields = {"model": name, "setting": label if label == "bf16" else setting, "fused": fused,
               "rope": int(device.type == "cuda"),  # load_for_generation's default
+              "gqa": int(any(getattr(m, "_cbq_gqa_decode", False) for m in model.modules())),
+              "norm": int(any(type(m).__name__ == "KernelRMSNorm" for m in model.modules())),
               "weights": _method(Path(saved)) if label != "bf16" else "bf16"}  # fmt: skip
     return _rows(model, fields, batches, prompts, new, device, env)
 

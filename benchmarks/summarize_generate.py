@@ -38,6 +38,10 @@ def merge(paths: list[Path]) -> list[dict]:
                     row["compile"] += ", prefill graph"
                 if row.get("rope") == "1":  # so is the RoPE kernel (bf16 rows have it too)
                     row["compile"] += ", rope kernel"
+                if row.get("gqa") == "1":  # and the packed grouped-query decode attention
+                    row["compile"] += ", gqa packed"
+                if row.get("norm") == "1":  # and the RMSNorm kernel
+                    row["compile"] += ", norm kernel"
                 # the fused column counts what was fused (groups + norms + MLPs: 160 for a
                 # W4A8 7B, 64 for a weight-only one); a mode only asks whether anything was
                 row["fusion"] = "fused" if row["fused"] != "0" else ""

@@ -55,7 +55,8 @@ def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
                         kernels: bool = True, dtype: torch.dtype | None = None,
                         fuse: bool = True, fuse_norms: bool = True,
                         fuse_swiglu: bool | None = None,
-                        fuse_rope: bool | None = None):  # fmt: skip
+                        fuse_rope: bool | None = None, pack_gqa: bool = True,
+                        fuse_rms: bool | None = None):  # fmt: skip
     """(model, tokenizer, layer table) of a folder written by ``cbq quantize``: the kernels
     in place of the quantized layers when ``kernels``; ``dtype`` default: bf16 on a GPU, fp32
     on the CPU. ``fuse``: a block's q / k / v kernels run as one GEMM, and gate / up as
@@ -77,12 +78,19 @@ def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
     RoPE kernel (bf16 8.70 -> 8.00 ms). Both default (None) to on for a CUDA device and off on
     the CPU: there the RoPE op is transformers' own formula and the SwiGLU quantizer the same
     PyTorch arithmetic as the unfused path, so they only add a wrapper (and, under Triton's
-    interpreter in the tests, cost minutes per generation)."""
+    interpreter in the tests, cost minutes per generation). ``pack_gqa``: a grouped-query
+    model's decode steps attend with the query heads of each key-value head packed as one
+    query instead of transformers 5.17's repeated KV cache (:func:`cbq_ptq.attention.
+    pack_gqa_decode`; the same function, values equal to rounding), on every device.
+    ``fuse_rms`` (default: on for a CUDA device): the RMSNorms that no quantizer took (every
+    norm of a weight-only model, the final norm) in one kernel each (:func:`cbq_ptq.serve.
+    fuse_rms_norms`; outputs may move by one unit in the last place of the dtype)."""
     from transformers import AutoTokenizer
 
+    from cbq_ptq.attention import pack_gqa_decode
     from cbq_ptq.io import load
     from cbq_ptq.serve import fuse_norms as fuse_norms_fn
-    from cbq_ptq.serve import fuse_projections, kernel_table
+    from cbq_ptq.serve import fuse_projections, fuse_rms_norms, kernel_table
     from cbq_ptq.serve import fuse_rope as fuse_rope_fn
     from cbq_ptq.serve import fuse_swiglu as fuse_swiglu_fn
 
@@ -94,6 +102,7 @@ def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
     on_gpu = device.type == "cuda"
     fuse_swiglu = on_gpu if fuse_swiglu is None else fuse_swiglu
     fuse_rope = on_gpu if fuse_rope is None else fuse_rope
+    fuse_rms = on_gpu if fuse_rms is None else fuse_rms
     model = load(path, device=str(device), kernels=dtype if kernels else None)
     if kernels and fuse:
         fuse_projections(model)
@@ -103,6 +112,10 @@ def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
             fuse_swiglu_fn(model)
     if fuse_rope:
         fuse_rope_fn(model)
+    if pack_gqa:
+        pack_gqa_decode(model)
+    if fuse_rms:
+        fuse_rms_norms(model)
     table = kernel_table(model) if kernels else {}
     model.to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -337,6 +337,44 @@ def fuse_norms(model: torch.nn.Module) -> int:
     return moved
 
 
+class KernelRMSNorm(torch.nn.Module):
+    """An RMSNorm that no activation quantizer took (a weight-only model's norms, the final
+    norm) run by one kernel (:func:`cbq_kernels.rmsnorm.rms_norm`) instead of eager's seven
+    (:func:`fuse_rms_norms`); calls the kernel does not take run the eager formula."""
+
+    def __init__(self, name: str, weight: Tensor, eps: float) -> None:
+        super().__init__()
+        self.name, self.variance_epsilon = name, eps
+        # a parameter as the norm's was: the same state dict, and model.to(dtype) casts it
+        self.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        from cbq_kernels.rmsnorm import rms_norm, rms_norm_ref, rms_norm_takes
+
+        if rms_norm_takes(x, self.weight, self.variance_epsilon):
+            return rms_norm(x, self.weight, self.variance_epsilon)
+        return rms_norm_ref(x, self.weight, self.variance_epsilon)
+
+
+def fuse_rms_norms(model: torch.nn.Module) -> int:
+    """Replace every RMSNorm of ``model`` that computes transformers' Llama formula (probed,
+    as :func:`fuse_norms` does) and is still a module of its own (not a :class:`FoldedNorm`)
+    by a :class:`KernelRMSNorm`; returns how many. Run after :func:`fuse_norms`. Not
+    quantization: a bf16 model gains the same (bench_generate applies it to every setting,
+    bf16 included). Outputs may move by one unit in the dtype's last place against eager's (the
+    sum of squares in another order; tests bound it). Why: an eager RMSNorm is seven kernels,
+    two per block, and a weight-only model keeps all of them (its norms have no activation
+    quantizer to move into): ~450 launches in a 7B-shaped decode step."""
+    names = [name for name, m in model.named_modules()
+             if type(m).__name__.endswith("RMSNorm") and not isinstance(m, KernelRMSNorm)
+             and not m._forward_hooks
+             and not m._forward_pre_hooks and _rms_norm_params(m) is not None]  # fmt: skip
+    for name in names:
+        norm = model.get_submodule(name)
+        replace_module(model, name, KernelRMSNorm(name, norm.weight, _rms_norm_params(norm)[1]))
+    return len(names)
+
+
 class SwiGLUMLP(torch.nn.Module):
     """A Llama-style MLP, ``down(silu(gate(x)) * up(x))``, as two kernels' work: the fused gate
     | up GEMM, then the down projection whose activation quantizer computes ``silu(gate) *

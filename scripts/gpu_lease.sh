@@ -22,12 +22,13 @@
 #       split-K epilogue's tests and timings, bench_generate at the defaults (batch 1 and 32)
 #   bash scripts/gpu_lease.sh OUT cold    # carry .cbq_commit: bench_gemm's decode rows with
 #       L2-cold weights (CBQ_BENCH_COLD=1) and hot beside them, M = 1 / 16
-#   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14: issue 13's table in
-#       two parts, issue 14's SmolLM2 rows and checks, GemmPolicy.quant_pdl, issue 14's
-#       greedy check with the reference's own agreement (each stage's comment: its carry)
+#   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled: issue 13's
+#       table in two parts, issue 14's SmolLM2 rows and checks, GemmPolicy.quant_pdl and the
+#       RMSNorm kernel, issue 14's greedy check with the reference's own agreement and the
+#       70B rows, the compiled step (each stage's comment: its carry)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
-out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14}
+out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled}
 . "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -215,22 +216,36 @@ case $stage in
     environment
     cp .carry/a/gguf.part.aa /tmp/ 2>/dev/null
     bash scripts/gpu_gemm.sh "$out/g" build
-    timeout 120 python3 -m pytest -q -p no:cacheprovider \
+    timeout 150 python3 -m pytest -q -p no:cacheprovider \
       "tests/kernels/test_act_quant_cuda.py::test_pdl_launch_gives_the_same_bits" \
       "tests/kernels/test_gemm_decode_cuda.py::test_quantizer_launched_with_pdl_gives_the_same_bits" \
-      2>&1 | tee "$out/g/pytest_qpdl.txt" | tail -2
+      tests/kernels/test_rmsnorm_cuda.py 2>&1 | tee "$out/g/pytest_qpdl.txt" | tail -2
     g() { CBQ_GEN_MODELS=llama2-7b CBQ_GEN_BATCHES=${CBQ_GEN_BATCHES:-1} CBQ_GEN_PROMPTS=512,2048 \
       CBQ_GEN_NEW=256 CBQ_GEN_PREFILL=graph timeout $1 python3 benchmarks/bench_generate.py \
       --out "$out/$2" 2>&1 | grep -v Warning | grep -v "^{" | cut -c1-200 | tail -3; }
-    CBQ_GEN_COMPILE=graph CBQ_GEN_SETTINGS=bf16,W4A8,W4A4 g 150 gen_plain
-    CBQ_GEN_COMPILE=graph CBQ_GEN_POLICY='{"quant_pdl": true}' CBQ_GEN_SETTINGS=W4A8,W4A4 g 120 gen_qpdl
-    CBQ_GEN_COMPILE=graph-compiled CBQ_GEN_SETTINGS=bf16,W4A8 g 240 gen_compiled
+    # the defaults (the RMSNorm kernel for every setting now), with a per-kernel profile;
+    # without the RMSNorm kernel; with quant_pdl
+    CBQ_GEN_PROFILE="$out/profile" CBQ_GEN_COMPILE=graph \
+      CBQ_GEN_SETTINGS=bf16,W4A8,W4A4,W4A16g128 g 220 gen_plain
+    CBQ_GEN_NORM=0 CBQ_GEN_COMPILE=graph CBQ_GEN_SETTINGS=bf16,W4A16g128 g 110 gen_nonorm
+    CBQ_GEN_COMPILE=graph CBQ_GEN_POLICY='{"quant_pdl": true}' CBQ_GEN_SETTINGS=W4A8,W4A4 g 110 gen_qpdl
+    pack ;;
+  compiled)  # carry .cbq_commit: the captured compiled step (torch.compile of the forward,
+    # then captured) against the captured eager step of qpdl, batch 1 (issue 14: measure
+    # both, keep the faster)
+    environment
+    bash scripts/gpu_gemm.sh "$out/g" build
+    CBQ_GEN_MODELS=llama2-7b CBQ_GEN_BATCHES=1 CBQ_GEN_PROMPTS=512,2048 CBQ_GEN_NEW=256 \
+      CBQ_GEN_PREFILL=graph CBQ_GEN_COMPILE=graph-compiled CBQ_GEN_SETTINGS=bf16,W4A8,W4A16g128 \
+      timeout 540 python3 benchmarks/bench_generate.py --out "$out/gen_compiled" 2>&1 \
+      | grep -v Warning | grep -v "^{" | cut -c1-200 | tail -4
     pack ;;
   check14)  # carry .carry/{b,shared,whl} .cbq_commit, right after qpdl (GGUF's first half in
     # /tmp): issue 14's greedy check on a W4A8 SmolLM2 (round-to-nearest with the recipe's
     # activation quantizer and rotation: the check compares the kernels with the same model
     # fake-quantized, whatever the method) with the reference's own GPU-vs-CPU agreement
-    # beside it, then the 70B-shaped rows at batch 8 / 32 and prompt 512
+    # beside it, then the 70B-shaped rows (packed grouped-query decode attention against the
+    # repeated KV cache first)
     environment
     d=/tmp/cbqcache/smollm2-135m; mkdir -p $d
     [ -f $d/SmolLM2-135M-Instruct.Q4_1.gguf ] || cat /tmp/gguf.part.aa .carry/b/gguf.part.ab \
@@ -244,10 +259,16 @@ case $stage in
     tail -n 1 "$out/quantize_rtn_W4A8.log"
     timeout 240 python3 scripts/check_generate.py /tmp/rtn_W4A8/model \
       --out "$out/check_generate_rtn_W4A8.json" 2>&1 | grep -v Warning | tail -3
+    # the packed grouped-query decode attention (cbq_ptq.attention, default) against
+    # transformers' repeated KV cache, then the 70B-shaped rows at the defaults
+    CBQ_GEN_GQA=0 CBQ_GEN_MODELS=llama2-70b-8l CBQ_GEN_BATCHES=1 CBQ_GEN_PROMPTS=2048 \
+      CBQ_GEN_NEW=256 CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph CBQ_GEN_SETTINGS=bf16,W4A8 \
+      timeout 80 python3 benchmarks/bench_generate.py --out "$out/gen70_repeat" 2>&1 \
+      | grep -v Warning | grep -v "^{" | cut -c1-200 | tail -3
     CBQ_GEN_MODELS=llama2-70b-8l CBQ_GEN_BATCHES=1,8,32 CBQ_GEN_PROMPTS=512,2048 CBQ_GEN_NEW=256 \
       CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph CBQ_GEN_SETTINGS=bf16,W4A8,W4A16g128 \
       timeout 200 python3 benchmarks/bench_generate.py --out "$out/gen70" 2>&1 | grep -v Warning \
       | grep -v "^{" | cut -c1-200 | tail -4
     pack ;;
-  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl or check14)"; exit 2 ;;
+  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14 or compiled)"; exit 2 ;;
 esac

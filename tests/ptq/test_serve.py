@@ -324,6 +324,41 @@ def test_shared_activation_ratios_make_a_cbq_model_fusable(stories, shared):
     assert fuse_projections(q) == (2 * len(q.model.layers) if shared else 0)
 
 
+def test_rms_norm_kernels_replace_the_norms_no_quantizer_took():
+    """fuse_rms_norms: every RMSNorm of a bf16 model (2 per block + the final one) runs in
+    cbq_kernels.rmsnorm (Triton's interpreter here) with the same parameters (state dict keys
+    and values unchanged); the logits agree with eager's to bf16 rounding; a second call finds
+    nothing left; norms folded into a quantizer (FoldedNorm) stay folded."""
+    from cbq_ptq.serve import (
+        KernelRMSNorm,
+        fuse_norms,
+        fuse_projections,
+        fuse_rms_norms,
+        rtn_kernels,
+    )
+
+    model = random_llama(dtype=torch.bfloat16)
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(7))
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        want = model(ids).logits.float()
+    assert fuse_rms_norms(model) == 2 * 2 + 1
+    assert fuse_rms_norms(model) == 0
+    assert isinstance(model.model.norm, KernelRMSNorm)
+    state = model.state_dict()
+    assert state.keys() == keys.keys() and all(torch.equal(state[k], v) for k, v in keys.items())
+    with torch.no_grad():
+        got = model(ids).logits.float()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+    q = random_llama()
+    rtn_kernels(q, parse_setting("W4A8"), torch.float32)
+    fuse_projections(q)
+    assert fuse_norms(q) == 2 * len(q.model.layers)
+    assert fuse_rms_norms(q) == 1  # only the final norm is left
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rope_changes_no_number(dtype):
     """fuse_rope: the attention layers' RoPE runs in cbq_kernels.rope (Triton's interpreter

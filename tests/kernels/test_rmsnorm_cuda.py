@@ -1,0 +1,26 @@
+"""GPU tests of cbq_kernels.rmsnorm at served shapes (same contract as on CPU: transformers'
+LlamaRMSNorm to one bf16 / fp16 unit in the last place, rarely)."""
+
+import pytest
+import torch
+
+from cbq_kernels.rmsnorm import rms_norm
+from tests.kernels.test_rmsnorm import ulps
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("t", "k"), [(1, 4096), (32, 8192), (8192, 4096), (7, 576)])
+def test_equals_the_eager_norm_to_one_ulp(dtype, t, k):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator(device="cuda").manual_seed(k)
+    x = (torch.randn(t, k, generator=g, device="cuda") * 3).to(dtype)
+    norm = LlamaRMSNorm(k, eps=1e-5).to("cuda", dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(k, generator=g, device="cuda") + 0.5)
+        want = norm(x)
+    got = rms_norm(x, norm.weight, 1e-5)
+    diff = ulps(got, want)
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 0.02
