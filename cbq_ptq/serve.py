@@ -22,6 +22,7 @@ from cbq_kernels.gemm import linear as gemm_linear
 from cbq_kernels.gemm_weight import concat_weights
 from cbq_kernels.packing import pack_ref
 from cbq_kernels.quant_math import quantize_weight
+from cbq_kernels.rmsnorm import rms_norm, rms_norm_ref, rms_norm_takes
 from cbq_ptq import rotation
 from cbq_ptq.config import QuantSettings
 from cbq_ptq.qlinear import QLinear
@@ -297,8 +298,7 @@ def _rms_norm_params(norm: torch.nn.Module) -> tuple[Tensor, float] | None:
     x = (torch.randn(3, weight.shape[0], generator=g) * 3).to(weight.device, weight.dtype)
     with torch.no_grad():
         got = norm(x).float()
-        xf = x.float()
-        want = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+        want = rms_norm_ref(x.float(), weight.float(), eps)  # the formula, in fp32
     if not torch.allclose(got, want, rtol=2e-2, atol=1e-3):  # bf16 norms round once or twice
         return None
     return weight.detach().float().contiguous(), eps
@@ -349,8 +349,6 @@ class KernelRMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        from cbq_kernels.rmsnorm import rms_norm, rms_norm_ref, rms_norm_takes
-
         if rms_norm_takes(x, self.weight, self.variance_epsilon):
             return rms_norm(x, self.weight, self.variance_epsilon)
         return rms_norm_ref(x, self.weight, self.variance_epsilon)
