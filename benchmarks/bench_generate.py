@@ -303,7 +303,6 @@ def _measure_setting(shape: str, setting: str, batches, prompts, new: int,
     fused = 0
     if setting != "bf16":
         rtn_kernels(model, parse_setting(setting.removesuffix("rot")), dtype)
-        set_policy(model, _policy())
         if FUSE:  # q / k / v and gate / up as one GEMM each (serve.fuse_projections)
             fused = fuse_projections(model)
         if FUSE_NORMS:  # and their norms inside the activation quantizer (serve.fuse_norms)
@@ -314,6 +313,8 @@ def _measure_setting(shape: str, setting: str, batches, prompts, new: int,
         fuse_rope(model)
     gqa = pack_gqa_decode(model) if GQA else 0
     norms = fuse_rms_norms(model) if NORM else 0
+    if setting != "bf16":  # the GEMMs' dispatch, and PDL in front of them (prologue_pdl)
+        set_policy(model, _policy())
     if rotated and not all("rotation_signs" in getattr(b.get_submodule(down), "act_kwargs", {})
                            for b in blocks(model)):  # fmt: skip
         raise RuntimeError("the online rotation did not reach the down_proj kernels")

@@ -33,8 +33,6 @@ by one level for elements within an ulp of a rounding boundary (tests bound how 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -42,18 +40,13 @@ from torch import Tensor
 
 from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, use_triton
 from cbq_kernels.formats import packed_words
+from cbq_kernels.pdl import launch as pdl_launch
+from cbq_kernels.pdl import prologue as pdl_prologue
 from cbq_kernels.quant_math import act_step, quantize_act, reciprocal
 
 __all__ = ["act_quant", "act_quant_ref", "dequantize_act_ref", "quant_kernel_fraction"]
 
 _MAX_K = 65536  # one row lives in registers
-
-try:  # programmatic dependent launch (griddepcontrol, compute capability >= 9.0; Triton >= 3.3)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - present in the Triton 3.6 / 3.9 builds here
-    gdc_launch_dependents = gdc_wait = None
-# whether this Triton's launcher takes launch_pdl (False after a launch refused it)
-_LAUNCH_PDL = gdc_wait is not None
 
 
 @triton.jit
@@ -120,13 +113,7 @@ def _act_quant_kernel(x_ptr, w_ptr, f_ptr, q_ptr, s_ptr, K, ratio, alpha, norm_e
                       BITS: tl.constexpr, NORM: tl.constexpr, FACTORS: tl.constexpr,
                       POW: tl.constexpr, PER_WORD: tl.constexpr, GLU: tl.constexpr,
                       BLOCK_K: tl.constexpr, GDC: tl.constexpr):  # fmt: skip
-    if GDC:  # launched with programmatic dependent launch (act_quant's ``pdl``): wait for the
-        # previous kernel's writes before any load, then let the next kernel (the decode GEMM,
-        # itself launched with PDL) start now: it prefetches its weight until its own
-        # griddepcontrol.wait, which returns when this grid has finished and its codes and
-        # scales are visible
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_prologue(GDC)  # act_quant's ``pdl``: the decode GEMM behind may launch now
     row = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK_K)
     m = k < K
@@ -205,7 +192,6 @@ def _act_quant_impl(
     glu: bool = False,
     pdl: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    global _LAUNCH_PDL
     _check(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha, glu)
     if not use_triton(_act_quant_kernel, x.device):
         return act_quant_ref(x, bits, clip_ratio, norm_weight, norm_eps, channel_factor, alpha,
@@ -220,34 +206,14 @@ def _act_quant_impl(
         f = x if channel_factor is None else reciprocal(channel_factor.float()).contiguous()
         # int8 codes are written as int32 words of 4 when K allows (full-width stores).
         out = codes.view(torch.int32) if bits == 8 and k % 4 == 0 else codes
-        gdc = bool(pdl) and pdl_capable(x.device)
-        launch = {"launch_pdl": True} if gdc and _LAUNCH_PDL else {}
         args = (x, w, f, out, scales, k, float(clip_ratio), float(alpha), float(norm_eps),
                 float((1 << (bits - 1)) - 1))  # fmt: skip
         meta = dict(BITS=bits, NORM=norm_weight is not None, FACTORS=channel_factor is not None,
                     POW=alpha != 1.0, PER_WORD=4 if bits == 8 else 8, GLU=glu, BLOCK_K=block_k,
-                    GDC=gdc, num_warps=min(16, max(1, block_k // 512)),
+                    num_warps=min(16, max(1, block_k // 512)),
                     enable_fp_fusion=False)  # fmt: skip
-        try:
-            _act_quant_kernel[(x.shape[0],)](*args, **meta, **launch)
-        except (TypeError, KeyError) as exc:  # a launcher without launch_pdl: the griddepcontrol
-            # instructions stay (without the launch attribute they return at once)
-            if not launch or "launch_pdl" not in str(exc):
-                raise
-            _LAUNCH_PDL = False
-            _act_quant_kernel[(x.shape[0],)](*args, **meta)
+        pdl_launch(_act_quant_kernel, (x.shape[0],), args, meta, pdl, x.device)
     return codes, scales
-
-
-def pdl_capable(device: torch.device) -> bool:
-    """Whether kernels on ``device`` can take programmatic dependent launch (a CUDA device of
-    compute capability >= 9.0, Triton with the griddepcontrol intrinsics)."""
-    return device.type == "cuda" and gdc_wait is not None and _major(device.index) >= 9
-
-
-@functools.cache
-def _major(index: int | None) -> int:
-    return torch.cuda.get_device_capability(index)[0]
 
 
 _act_quant_op = torch.library.custom_op("cbq::act_quant", mutates_args=())(_act_quant_impl)
@@ -285,7 +251,7 @@ def act_quant(
         glu: x is (..., 2K), a gate | up output; ``silu(gate) * up`` is quantized.
         pdl: on a GPU of compute capability >= 9.0, launch with programmatic dependent launch
             and let the next kernel launch at once (``cbq_kernels.gemm.linear`` asks for it
-            under GemmPolicy.quant_pdl): a decode GEMM launched so too (GemmPolicy.decode_pdl)
+            under GemmPolicy.prologue_pdl): a decode GEMM launched so too (GemmPolicy.decode_pdl)
             then prefetches its weight while this kernel runs. The same bits either way;
             ignored off such a GPU.
 

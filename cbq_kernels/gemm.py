@@ -223,7 +223,7 @@ def _wonly(x: Tensor, weight: PreparedWeight, bias: Tensor | None, split_k: int 
 
 _POLICY_FIELDS = ("decode_max_m", "cuda_decode", "small_m", "expand_min_m", "wonly_cublas_min_m",
                   "fp8_w4a4_min_m", "tiles_max_m", "decode_mtiles", "decode_pdl",
-                  "quant_pdl")  # fmt: skip
+                  "prologue_pdl")  # fmt: skip
 
 
 def _eager() -> bool:
@@ -245,7 +245,7 @@ def _policy_args(policy: GemmPolicy) -> list[int]:
 def _policy_from(args: list[int]) -> GemmPolicy:
     values = dict(zip(_POLICY_FIELDS, args, strict=True))
     values["cuda_decode"] = bool(values["cuda_decode"])
-    for name in ("decode_pdl", "quant_pdl"):
+    for name in ("decode_pdl", "prologue_pdl"):
         values[name] = bool(values[name])
     return GemmPolicy(**values)
 
@@ -440,10 +440,10 @@ def linear(x: Tensor, weight: PreparedWeight, act_bits: int | None = None,
 
             codes, scales = hadamard_act_quant(x2, act_bits, rotation_signs, **act_kwargs)
         else:
-            # GemmPolicy.quant_pdl: the quantizer lets the decode GEMM launch at once (the
+            # GemmPolicy.prologue_pdl: the quantizer lets the decode GEMM launch at once (the
             # GEMM's weight prefetch overlaps it; it reads the codes after its
-            # griddepcontrol.wait)
-            codes, scales = act_quant(x2, act_bits, pdl=_check_policy(policy).quant_pdl,
+            # griddepcontrol.wait: cbq_kernels.pdl)
+            codes, scales = act_quant(x2, act_bits, pdl=_check_policy(policy).prologue_pdl,
                                       **act_kwargs)  # fmt: skip
         factor = act_kwargs.get("channel_factor")
         if factor is not None:

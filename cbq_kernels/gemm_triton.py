@@ -86,19 +86,22 @@ class GemmPolicy:
     # plain launch eagerly and in graphs (its GPU test, f098880). A device below compute
     # capability 9.0 launches without it (csrc/gemm_decode.cu)
     decode_pdl: bool = True
-    # the per-token activation quantizer in front of an integer GEMM (act_quant, from
-    # cbq_kernels.gemm.linear) launched with programmatic dependent launch too, and letting
-    # the next kernel launch at its start: the decode GEMM's weight prefetch (decode_pdl) then
-    # overlaps the quantizer, where today it waits for the quantizer's grid to finish (in a 7B
-    # W4A8 step: act_quant -> GEMM four times per block, and act_quant(SwiGLU) right after the
-    # gate / up GEMM, which triggers after its K loop). Bit-exact by construction (the
-    # quantizer waits for the previous kernel before any load; the GEMM reads the codes after
-    # its griddepcontrol.wait, which returns when the quantizer has finished). False until its
-    # GPU test passes and bench_generate times it (written 2026-12-06, not yet run on a GPU)
-    quant_pdl: bool = False
+    # the Triton kernel in front of a decode GEMM in a served step launched with programmatic
+    # dependent launch too, letting the GEMM launch at its start (cbq_kernels.pdl): the
+    # per-token activation quantizer of an integer GEMM (act_quant, from
+    # cbq_kernels.gemm.linear) and, in a weight-only model, the RMSNorm kernel in front of
+    # q / k / v and gate / up (cbq_ptq.serve.KernelRMSNorm; serve.set_policy hands it the
+    # policy). The decode GEMM's weight prefetch (decode_pdl) then overlaps that kernel, where
+    # today it waits for its grid to finish (a 7B W4A8 step: quantizer -> GEMM four times per
+    # block; the SwiGLU quantizer right after the gate / up GEMM, which triggers after its K
+    # loop). Bit-exact by construction (the kernel waits for its predecessor before any load;
+    # the GEMM reads its output after its own griddepcontrol.wait, which returns when the
+    # kernel has finished). False until its GPU tests pass and bench_generate times it
+    # (written 2026-12-06, not yet run on a GPU)
+    prologue_pdl: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("cuda_decode", "decode_pdl", "quant_pdl"):
+        for name in ("cuda_decode", "decode_pdl", "prologue_pdl"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GemmPolicy.{name} must be a bool, "
                                  f"got {getattr(self, name)!r}")  # fmt: skip

@@ -24,6 +24,8 @@ from torch import Tensor
 
 from cbq_kernels._validate import FLOAT_DTYPES, use_triton
 from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpreter gets right
+from cbq_kernels.pdl import launch as pdl_launch
+from cbq_kernels.pdl import prologue as pdl_prologue
 
 __all__ = ["rms_norm", "rms_norm_ref", "rms_norm_takes"]
 
@@ -31,7 +33,8 @@ _MAX_K = 65536  # one row lives in registers
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, K, eps, BLOCK_K: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, K, eps, BLOCK_K: tl.constexpr, GDC: tl.constexpr):
+    pdl_prologue(GDC)  # rms_norm's ``pdl``: the decode GEMM behind may launch now
     row = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK_K)
     m = k < K
@@ -77,7 +80,7 @@ def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * h.to(x.dtype)
 
 
-def _rms_norm_impl(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def _rms_norm_impl(x: Tensor, weight: Tensor, eps: float, pdl: bool = False) -> Tensor:
     _check(x, weight, eps)
     if not use_triton(_rms_norm_kernel, x.device):
         return rms_norm_ref(x, weight, eps)
@@ -85,10 +88,10 @@ def _rms_norm_impl(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     out = torch.empty_like(x2)
     if x2.numel():
         block_k = max(triton.next_power_of_2(x2.shape[1]), 16)
-        _rms_norm_kernel[(x2.shape[0],)](x2, weight.contiguous(), out, x2.shape[1], float(eps),
-                                         BLOCK_K=block_k,
-                                         num_warps=min(16, max(1, block_k // 512)),
-                                         enable_fp_fusion=False)  # fmt: skip
+        pdl_launch(_rms_norm_kernel, (x2.shape[0],),
+                   (x2, weight.contiguous(), out, x2.shape[1], float(eps)),
+                   dict(BLOCK_K=block_k, num_warps=min(16, max(1, block_k // 512)),
+                        enable_fp_fusion=False), pdl, x.device)  # fmt: skip
     return out.view(x.shape)
 
 
@@ -96,12 +99,14 @@ _rms_norm_op = torch.library.custom_op("cbq::rms_norm", mutates_args=())(_rms_no
 
 
 @_rms_norm_op.register_fake
-def _(x, weight, eps):
+def _(x, weight, eps, pdl=False):
     _check(x, weight, eps)
     return torch.empty_like(x)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, pdl: bool = False) -> Tensor:
     """RMSNorm of x (..., K) with weight (K,) of x's dtype: x's shape and dtype (see the
-    module docstring)."""
-    return _rms_norm_op(x, weight, float(eps))
+    module docstring). ``pdl``: launched with programmatic dependent launch, letting the next
+    kernel (a decode GEMM) launch at its start (cbq_kernels.pdl; GemmPolicy.prologue_pdl);
+    the same bits either way."""
+    return _rms_norm_op(x, weight, float(eps), bool(pdl))

@@ -223,7 +223,8 @@ def _fusable(parts: list) -> bool:
 def set_policy(model: torch.nn.Module, policy: GemmPolicy | None) -> int:
     """Run every kernel layer's GEMM of ``model`` under ``policy`` (None: the default
     dispatch, cbq_kernels.gemm.DEFAULT_POLICY); returns how many layers took it. Layers fused
-    later by :func:`fuse_projections` keep it."""
+    later by :func:`fuse_projections` keep it. RMSNorm kernels (:func:`fuse_rms_norms`, run
+    first) take its ``prologue_pdl``."""
     if policy is not None and not isinstance(policy, GemmPolicy):
         raise TypeError(f"policy must be a GemmPolicy or None, got {type(policy).__name__}")
     count = 0
@@ -231,6 +232,8 @@ def set_policy(model: torch.nn.Module, policy: GemmPolicy | None) -> int:
         if isinstance(m, KernelLinear):
             m.policy = policy
             count += 1
+        elif isinstance(m, KernelRMSNorm):
+            m.policy = policy
     return count
 
 
@@ -347,10 +350,12 @@ class KernelRMSNorm(torch.nn.Module):
         self.name, self.variance_epsilon = name, eps
         # a parameter as the norm's was: the same state dict, and model.to(dtype) casts it
         self.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+        self.policy = None  # GemmPolicy.prologue_pdl decides its launch (set_policy)
 
     def forward(self, x: Tensor) -> Tensor:
         if rms_norm_takes(x, self.weight, self.variance_epsilon):
-            return rms_norm(x, self.weight, self.variance_epsilon)
+            pdl = self.policy is not None and self.policy.prologue_pdl
+            return rms_norm(x, self.weight, self.variance_epsilon, pdl)
         return rms_norm_ref(x, self.weight, self.variance_epsilon)
 
 

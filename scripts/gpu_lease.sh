@@ -23,7 +23,7 @@
 #   bash scripts/gpu_lease.sh OUT cold    # carry .cbq_commit: bench_gemm's decode rows with
 #       L2-cold weights (CBQ_BENCH_COLD=1) and hot beside them, M = 1 / 16
 #   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled: issue 13's
-#       table in two parts, issue 14's SmolLM2 rows and checks, GemmPolicy.quant_pdl and the
+#       table in two parts, issue 14's SmolLM2 rows and checks, GemmPolicy.prologue_pdl and the
 #       RMSNorm kernel, issue 14's greedy check with the reference's own agreement and the
 #       70B rows, the compiled step (each stage's comment: its carry)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
@@ -208,27 +208,28 @@ case $stage in
         --out "$out/check_generate_$1_$2.json" 2>&1 | grep -v Warning | tail -3
     done
     pack ;;
-  qpdl)  # carry .carry/{a,shared} .cbq_commit: GemmPolicy.quant_pdl (the activation
-    # quantizer launched with PDL, triggering the decode GEMM at its start): its GPU tests,
-    # then bench_generate at batch 1 with and without it (each setting in its own process),
-    # then the captured eager step against the captured compiled step (bf16, W4A8); the GGUF's
-    # first half kept in /tmp for `check14`
+  qpdl)  # carry .carry/{a,shared} .cbq_commit: GemmPolicy.prologue_pdl (the activation
+    # quantizer / RMSNorm kernel launched with PDL, triggering the decode GEMM at its start)
+    # and the RMSNorm kernel: their GPU tests, then bench_generate at batch 1 at the defaults
+    # (with a per-kernel profile), without the RMSNorm kernel, and with prologue_pdl (each
+    # setting in its own process); the GGUF's first half kept in /tmp for `check14`
     environment
     cp .carry/a/gguf.part.aa /tmp/ 2>/dev/null
     bash scripts/gpu_gemm.sh "$out/g" build
     timeout 150 python3 -m pytest -q -p no:cacheprovider \
       "tests/kernels/test_act_quant_cuda.py::test_pdl_launch_gives_the_same_bits" \
-      "tests/kernels/test_gemm_decode_cuda.py::test_quantizer_launched_with_pdl_gives_the_same_bits" \
+      "tests/kernels/test_gemm_decode_cuda.py::test_prologue_launched_with_pdl_gives_the_same_bits" \
       tests/kernels/test_rmsnorm_cuda.py 2>&1 | tee "$out/g/pytest_qpdl.txt" | tail -2
     g() { CBQ_GEN_MODELS=llama2-7b CBQ_GEN_BATCHES=${CBQ_GEN_BATCHES:-1} CBQ_GEN_PROMPTS=512,2048 \
       CBQ_GEN_NEW=256 CBQ_GEN_PREFILL=graph timeout $1 python3 benchmarks/bench_generate.py \
       --out "$out/$2" 2>&1 | grep -v Warning | grep -v "^{" | cut -c1-200 | tail -3; }
     # the defaults (the RMSNorm kernel for every setting now), with a per-kernel profile;
-    # without the RMSNorm kernel; with quant_pdl
+    # without the RMSNorm kernel; with prologue_pdl
     CBQ_GEN_PROFILE="$out/profile" CBQ_GEN_COMPILE=graph \
       CBQ_GEN_SETTINGS=bf16,W4A8,W4A4,W4A16g128 g 220 gen_plain
     CBQ_GEN_NORM=0 CBQ_GEN_COMPILE=graph CBQ_GEN_SETTINGS=bf16,W4A16g128 g 110 gen_nonorm
-    CBQ_GEN_COMPILE=graph CBQ_GEN_POLICY='{"quant_pdl": true}' CBQ_GEN_SETTINGS=W4A8,W4A4 g 110 gen_qpdl
+    CBQ_GEN_COMPILE=graph CBQ_GEN_POLICY='{"prologue_pdl": true}' \
+      CBQ_GEN_SETTINGS=W4A8,W4A4,W4A16g128 g 140 gen_qpdl
     pack ;;
   compiled)  # carry .cbq_commit: the captured compiled step (torch.compile of the forward,
     # then captured) against the captured eager step of qpdl, batch 1 (issue 14: measure

@@ -47,14 +47,14 @@ def test_codes_and_scales_follow_the_definition(bits):
 def test_pdl_is_ignored_off_a_hopper_gpu():
     """pdl=True (programmatic dependent launch) asks for nothing a CPU can do: the same codes
     through Triton's interpreter here, and no PDL-capable device reported."""
-    from cbq_kernels.act_quant import pdl_capable
+    from cbq_kernels.pdl import capable
 
     x = data(5, 37, seed=2)
     for bits in (4, 8):
         want = act_quant(x, bits, clip_ratio=0.9)
         got = act_quant(x, bits, clip_ratio=0.9, pdl=True)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert not pdl_capable(x.device)
+    assert not capable(x.device)
 
 
 def test_leading_dims_are_tokens():

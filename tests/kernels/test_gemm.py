@@ -318,10 +318,10 @@ def test_gemm_policy_is_checked():
         GemmPolicy(decode_mtiles=4)
     with pytest.raises(ValueError, match=r"GemmPolicy\.decode_pdl must be a bool, got 1"):
         GemmPolicy(decode_pdl=1)
-    with pytest.raises(ValueError, match=r"GemmPolicy\.quant_pdl must be a bool, got 0"):
-        GemmPolicy(quant_pdl=0)
+    with pytest.raises(ValueError, match=r"GemmPolicy\.prologue_pdl must be a bool, got 0"):
+        GemmPolicy(prologue_pdl=0)
     for pol in (GemmPolicy(decode_pdl=True, decode_mtiles=2),  # through the ops' ints
-                GemmPolicy(decode_pdl=False, decode_mtiles=1, small_m=40, quant_pdl=True)):
+                GemmPolicy(decode_pdl=False, decode_mtiles=1, small_m=40, prologue_pdl=True)):
         assert gemm_module._policy_from(gemm_module._policy_args(pol)) == pol
     w, _ = make_weight(8, 64, 4)
     with pytest.raises(TypeError, match="policy must be a GemmPolicy or None, got dict"):

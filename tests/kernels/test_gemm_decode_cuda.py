@@ -272,25 +272,31 @@ def test_programmatic_dependent_launch_gives_the_same_bits(m, bits, group_size, 
     assert int(w.decode.counters.abs().sum()) == 0
 
 
-@pytest.mark.parametrize(("m", "a", "norm"), [(1, 8, True), (4, 4, False), (16, 8, False)])
-def test_quantizer_launched_with_pdl_gives_the_same_bits(m, a, norm):
-    """GemmPolicy(quant_pdl=True): the activation quantizer in front of the decode GEMM launched
-    with programmatic dependent launch, letting the GEMM launch at its start: the layer chain
-    (act_quant -> GEMM, its output the next layer's input) gives the plain launches' bits,
-    eagerly and replayed in a CUDA graph (where the launches overlap)."""
+@pytest.mark.parametrize(("m", "a", "norm"), [(1, 8, True), (4, 4, False), (16, 8, False),
+                                              (1, None, True), (16, None, True)])  # fmt: skip
+def test_prologue_launched_with_pdl_gives_the_same_bits(m, a, norm):
+    """GemmPolicy(prologue_pdl=True): the kernel in front of the decode GEMM (the activation
+    quantizer; for a weight-only GEMM the RMSNorm kernel) launched with programmatic dependent
+    launch, letting the GEMM launch at its start: the layer chain (its output the next layer's
+    input) gives the plain launches' bits, eagerly and replayed in a CUDA graph (where the
+    launches overlap)."""
     need_kernel()
     from cbq_kernels.gemm_triton import GemmPolicy
+    from cbq_kernels.rmsnorm import rms_norm
 
     n = k = 4096
-    w, _ = gemm_cuda_weight(n, k, 4, None, seed=41, layout="auto")
+    w, _ = gemm_cuda_weight(n, k, 4, None if a else 128, seed=41, layout="auto")
     g = torch.Generator(device="cuda").manual_seed(42)
     x0 = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
-    kwargs = {"norm_weight": torch.rand(k, generator=g, device="cuda") + 0.5} if norm else {}
-    pdl, plain = GemmPolicy(quant_pdl=True), GemmPolicy(quant_pdl=False)
+    nw = torch.rand(k, generator=g, device="cuda") + 0.5
+    kwargs = {"norm_weight": nw} if norm and a else {}
+    pdl, plain = GemmPolicy(prologue_pdl=True), GemmPolicy(prologue_pdl=False)
 
     def chain(policy, layers=4):
         x, outs = x0, []
         for _ in range(layers):
+            if a is None:  # weight-only: the RMSNorm kernel in front of the GEMM
+                x = rms_norm(x, nw.to(x.dtype), 1e-5, pdl=policy.prologue_pdl)
             y = linear(x, w, a, policy=policy, **kwargs)
             outs.append(y)
             x = (y.float() / y.float().abs().amax().clamp_min(1e-6)).to(torch.bfloat16)

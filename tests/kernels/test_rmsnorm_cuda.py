@@ -24,3 +24,12 @@ def test_equals_the_eager_norm_to_one_ulp(dtype, t, k):
     got = rms_norm(x, norm.weight, 1e-5)
     diff = ulps(got, want)
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 0.02
+
+
+def test_pdl_launch_gives_the_same_bits():
+    """rms_norm(pdl=True) (programmatic dependent launch; a plain launch below compute
+    capability 9.0) equals the plain launch bit for bit."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = (torch.randn(16, 8192, generator=g, device="cuda") * 3).to(torch.bfloat16)
+    w = (torch.rand(8192, generator=g, device="cuda") + 0.5).to(torch.bfloat16)
+    assert torch.equal(rms_norm(x, w, 1e-5, pdl=True), rms_norm(x, w, 1e-5))

@@ -301,6 +301,16 @@ def test_a_policy_reaches_every_kernel_layer_and_the_fused_ones():
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="policy must be a GemmPolicy or None, got dict"):
         set_policy(model, {"decode_pdl": True})
+    # the RMSNorm kernels take its prologue_pdl (a plain launch off a Hopper GPU: same logits)
+    from cbq_ptq.serve import KernelRMSNorm, fuse_rms_norms
+
+    fuse_rms_norms(model)
+    pdl = GemmPolicy(prologue_pdl=True)
+    set_policy(model, pdl)
+    norms = [m for m in model.modules() if isinstance(m, KernelRMSNorm)]
+    assert len(norms) == 2 * 2 + 1 and all(m.policy is pdl for m in norms)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("shared", [False, True])
