@@ -245,8 +245,8 @@ case $stage in
     # /tmp): issue 14's greedy check on a W4A8 SmolLM2 (round-to-nearest with the recipe's
     # activation quantizer and rotation: the check compares the kernels with the same model
     # fake-quantized, whatever the method) with the reference's own GPU-vs-CPU agreement
-    # beside it, then the 70B-shaped rows (packed grouped-query decode attention against the
-    # repeated KV cache first)
+    # beside it and the served-model GPU tests, then the 70B-shaped rows (packed grouped-query
+    # decode attention against the repeated KV cache first)
     environment
     d=/tmp/cbqcache/smollm2-135m; mkdir -p $d
     [ -f $d/SmolLM2-135M-Instruct.Q4_1.gguf ] || cat /tmp/gguf.part.aa .carry/b/gguf.part.ab \
@@ -255,18 +255,23 @@ case $stage in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .carry/whl/*.whl && export PYTHONPATH=/tmp/site
     bash scripts/gpu_gemm.sh "$out/g" build
+    # the served-model GPU tests at the new defaults (packed GQA attention, RMSNorm kernel)
+    # beside the check (nothing here is timed)
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/ptq/test_serve_cuda.py \
+      > "$out/pytest_serve.txt" 2>&1 &
     python3 -m cbq_ptq.cli quantize --model smollm2-135m --setting W4A8 --method rtn \
       --eval-windows 8 --out /tmp/rtn_W4A8 > "$out/quantize_rtn_W4A8.log" 2>&1
     tail -n 1 "$out/quantize_rtn_W4A8.log"
     timeout 240 python3 scripts/check_generate.py /tmp/rtn_W4A8/model \
       --out "$out/check_generate_rtn_W4A8.json" 2>&1 | grep -v Warning | tail -3
+    wait; tail -n 2 "$out/pytest_serve.txt"
     # the packed grouped-query decode attention (cbq_ptq.attention, default) against
     # transformers' repeated KV cache, then the 70B-shaped rows at the defaults
     CBQ_GEN_GQA=0 CBQ_GEN_MODELS=llama2-70b-8l CBQ_GEN_BATCHES=1 CBQ_GEN_PROMPTS=2048 \
       CBQ_GEN_NEW=256 CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph CBQ_GEN_SETTINGS=bf16,W4A8 \
       timeout 80 python3 benchmarks/bench_generate.py --out "$out/gen70_repeat" 2>&1 \
       | grep -v Warning | grep -v "^{" | cut -c1-200 | tail -3
-    CBQ_GEN_MODELS=llama2-70b-8l CBQ_GEN_BATCHES=1,8,32 CBQ_GEN_PROMPTS=512,2048 CBQ_GEN_NEW=256 \
+    CBQ_GEN_MODELS=llama2-70b-8l CBQ_GEN_BATCHES=1,8,32 CBQ_GEN_PROMPTS=2048 CBQ_GEN_NEW=256 \
       CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph CBQ_GEN_SETTINGS=bf16,W4A8,W4A16g128 \
       timeout 200 python3 benchmarks/bench_generate.py --out "$out/gen70" 2>&1 | grep -v Warning \
       | grep -v "^{" | cut -c1-200 | tail -4
