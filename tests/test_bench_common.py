@@ -123,6 +123,11 @@ def test_summarize_generate_merges_parts_and_checks_the_targets(tmp_path):
                         "weight_gib": 1, "gpu": "G", "torch": "t", "commit": "c",
                         "compile": "graph", "fused": fused,
                         "speedup_vs_bf16": tok_s / (100 if model == "llama2-7b" else 300)})
+    best = summary(merge([tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"]))
+    # best against best: W4A16's 300 (graph) against bf16's 200 (graph), not against auto's 100
+    assert ("| W4A16g128 | 1 | 512 | decode_tok_s | 300.0 (graph) | 200.0 (graph) | 1.50x "
+            "| >= 2.5x | missed |") in best  # fmt: skip
+    assert "## Best mode against best mode" not in summary(rows)  # one mode: nothing to add
     fused = summary(merge([tmp_path / "e.csv"]))
     assert "| W4A8 | graph, fused, batch 1, prompt 512 | decode_tok_s | 200.0 vs bf16" in fused
     assert "| W4A16g128 | graph, fused, batch 1, prompt 512 | decode_tok_s | 150.0 vs bf16" in fused
