@@ -427,7 +427,7 @@ def _kernel_bytes(module) -> int:
 
 def _saved_rows(saved, label: str, batches, prompts, new, device, env) -> list[dict]:
     """Rows of a saved model (``label`` "quantized") or of its bf16 base (``"bf16"``)."""
-    from cbq_ptq.generate import load_for_generation
+    from cbq_ptq.generate import load_for_generation, serving_fusions
     from cbq_ptq.io import read_meta
     from cbq_ptq.models import load_model
 
@@ -441,10 +441,7 @@ def _saved_rows(saved, label: str, batches, prompts, new, device, env) -> list[d
         model, _ = load_model(meta["base_model"], dtype=torch.bfloat16, device=str(device))
         # what load_for_generation gives the saved model beside it (at 9252d9d the base ran
         # without the RoPE kernel that its quantized rows had)
-        if device.type == "cuda":
-            fuse_rope(model)
-            fuse_rms_norms(model)
-        pack_gqa_decode(model)
+        serving_fusions(model, device)
     else:
         model, _, _ = load_for_generation(saved, device)
     # the model column names the base model (a saved folder is often just "model")

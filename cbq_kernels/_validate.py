@@ -13,6 +13,17 @@ def describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+def check_float(t: object, name: str, like: Tensor | None = None, like_name: str = "") -> None:
+    """t must be a float32 / float16 / bfloat16 tensor (any shape or strides), on the device of
+    ``like`` (named ``like_name``) when given; raises TypeError / ValueError."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
+
+
 def check_tensor(
     t: object, name: str, dtypes: tuple[torch.dtype, ...], ndim: int, layout: str = ""
 ) -> Tensor:

@@ -9,10 +9,10 @@ with ``dtype(h)`` rounded to x's dtype and the product rounded again (eager bf16
 The kernel keeps both roundings; the sum of squares is reduced in another order than
 PyTorch's and the reciprocal square root is correctly rounded, so an output may differ from
 eager's by one unit in the last place of the dtype (tests bound how often). Why a kernel:
-eager, one norm is seven elementwise / reduction kernels (cast, square, mean, add, rsqrt,
-multiply, cast, weight multiply), two norms per block: in the captured decode step of a
-weight-only 7B-shaped model (whose norms stay outside the GEMMs: no activation quantizer to
-fuse them into) ~450 launches of ~2.5 us (benchmarks/results/h100/README.md, session 8).
+eager, one norm is eight elementwise / reduction kernels (cast, square, mean, add, rsqrt,
+multiply, cast, weight multiply; scripts/count_step_ops.py), two norms per block: in the
+captured decode step of a weight-only 7B-shaped model (whose norms stay outside the GEMMs:
+no activation quantizer to fuse them into) ~510 launches.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cbq_kernels._validate import FLOAT_DTYPES, use_triton
+from cbq_kernels._validate import check_float, use_triton
 from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpreter gets right
 from cbq_kernels.pdl import launch as pdl_launch
 from cbq_kernels.pdl import prologue as pdl_prologue
@@ -46,15 +46,10 @@ def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, K, eps, BLOCK_K: tl.constexpr, GDC: tl
 
 
 def _check(x: Tensor, weight: Tensor, eps: float) -> None:
-    for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    check_float(x, "x")
+    check_float(weight, "weight", x, "x")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
     if x.dim() < 1 or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"weight must be (K,) for x (..., K), got {tuple(weight.shape)} and "
                          f"{tuple(x.shape)}")  # fmt: skip

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cbq_kernels._validate import FLOAT_DTYPES, use_triton
+from cbq_kernels._validate import check_float, use_triton
 from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpreter gets right
 
 __all__ = ["rope", "rope_ref", "rope_takes"]
@@ -70,13 +70,9 @@ def _rope_kernel(q_ptr, k_ptr, c_ptr, s_ptr, qo_ptr, ko_ptr, S, HQ, HK,
 
 
 def _check(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    check_float(q, "q")
+    for name, t in (("k", k), ("cos", cos), ("sin", sin)):
+        check_float(t, name, q, "q")
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be (batch, heads, seq, head_dim), got {tuple(q.shape)} "
                          f"and {tuple(k.shape)}")  # fmt: skip

@@ -87,11 +87,9 @@ def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
     fuse_rms_norms`; outputs may move by one unit in the last place of the dtype)."""
     from transformers import AutoTokenizer
 
-    from cbq_ptq.attention import pack_gqa_decode
     from cbq_ptq.io import load
     from cbq_ptq.serve import fuse_norms as fuse_norms_fn
-    from cbq_ptq.serve import fuse_projections, fuse_rms_norms, kernel_table
-    from cbq_ptq.serve import fuse_rope as fuse_rope_fn
+    from cbq_ptq.serve import fuse_projections, kernel_table
     from cbq_ptq.serve import fuse_swiglu as fuse_swiglu_fn
 
     device = torch.device(device)
@@ -99,10 +97,7 @@ def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
-    on_gpu = device.type == "cuda"
-    fuse_swiglu = on_gpu if fuse_swiglu is None else fuse_swiglu
-    fuse_rope = on_gpu if fuse_rope is None else fuse_rope
-    fuse_rms = on_gpu if fuse_rms is None else fuse_rms
+    fuse_swiglu = device.type == "cuda" if fuse_swiglu is None else fuse_swiglu
     model = load(path, device=str(device), kernels=dtype if kernels else None)
     if kernels and fuse:
         fuse_projections(model)
@@ -110,16 +105,34 @@ def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
             fuse_norms_fn(model)
         if fuse_swiglu:
             fuse_swiglu_fn(model)
+    serving_fusions(model, device, fuse_rope, pack_gqa, fuse_rms)
+    table = kernel_table(model) if kernels else {}
+    model.to(dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer, table
+
+
+def serving_fusions(model, device: torch.device, fuse_rope: bool | None = None,
+                    pack_gqa: bool = True, fuse_rms: bool | None = None) -> None:  # fmt: skip
+    """The served step's fusions that are not quantization, so that a bf16 model takes them as
+    well (bench_generate's bf16 base of a saved model): the RoPE kernel (``fuse_rope``), the
+    packed grouped-query decode attention (``pack_gqa``) and the RMSNorm kernel
+    (``fuse_rms``); None: on for a CUDA device, off on the CPU (:func:`load_for_generation`
+    says why). Run after the quantizers' fusions: the norms that :func:`cbq_ptq.serve.
+    fuse_norms` folded are no RMSNorm modules any more."""
+    from cbq_ptq.attention import pack_gqa_decode
+    from cbq_ptq.serve import fuse_rms_norms
+    from cbq_ptq.serve import fuse_rope as fuse_rope_fn
+
+    on_gpu = torch.device(device).type == "cuda"
+    fuse_rope = on_gpu if fuse_rope is None else fuse_rope
+    fuse_rms = on_gpu if fuse_rms is None else fuse_rms
     if fuse_rope:
         fuse_rope_fn(model)
     if pack_gqa:
         pack_gqa_decode(model)
     if fuse_rms:
         fuse_rms_norms(model)
-    table = kernel_table(model) if kernels else {}
-    model.to(dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer, table
 
 
 def timed_generate(model, inputs: dict, options: dict) -> tuple[torch.Tensor, float, float]:

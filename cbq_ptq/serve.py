@@ -342,7 +342,7 @@ def fuse_norms(model: torch.nn.Module) -> int:
 
 class KernelRMSNorm(torch.nn.Module):
     """An RMSNorm that no activation quantizer took (a weight-only model's norms, the final
-    norm) run by one kernel (:func:`cbq_kernels.rmsnorm.rms_norm`) instead of eager's seven
+    norm) run by one kernel (:func:`cbq_kernels.rmsnorm.rms_norm`) instead of eager's eight
     (:func:`fuse_rms_norms`); calls the kernel does not take run the eager formula."""
 
     def __init__(self, name: str, weight: Tensor, eps: float) -> None:
@@ -365,17 +365,19 @@ def fuse_rms_norms(model: torch.nn.Module) -> int:
     by a :class:`KernelRMSNorm`; returns how many. Run after :func:`fuse_norms`. Not
     quantization: a bf16 model gains the same (bench_generate applies it to every setting,
     bf16 included). Outputs may move by one unit in the dtype's last place against eager's (the
-    sum of squares in another order; tests bound it). Why: an eager RMSNorm is seven kernels,
+    sum of squares in another order; tests bound it). Why: an eager RMSNorm is eight kernels,
     two per block, and a weight-only model keeps all of them (its norms have no activation
-    quantizer to move into): ~450 launches in a 7B-shaped decode step."""
-    names = [name for name, m in model.named_modules()
+    quantizer to move into): ~510 launches in a 7B-shaped decode step."""
+    norms = [(name, m) for name, m in model.named_modules()
              if type(m).__name__.endswith("RMSNorm") and not isinstance(m, KernelRMSNorm)
-             and not m._forward_hooks
-             and not m._forward_pre_hooks and _rms_norm_params(m) is not None]  # fmt: skip
-    for name in names:
-        norm = model.get_submodule(name)
-        replace_module(model, name, KernelRMSNorm(name, norm.weight, _rms_norm_params(norm)[1]))
-    return len(names)
+             and not m._forward_hooks and not m._forward_pre_hooks]  # fmt: skip
+    count = 0
+    for name, norm in norms:
+        params = _rms_norm_params(norm)  # probes the norm once
+        if params is not None:
+            replace_module(model, name, KernelRMSNorm(name, norm.weight, params[1]))
+            count += 1
+    return count
 
 
 class SwiGLUMLP(torch.nn.Module):
