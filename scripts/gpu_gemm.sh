@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine: build the extension (the CUDA decode GEMM lives there), the GEMM GPU tests
 # and the GEMM benchmark.
-#   bash scripts/gpu_gemm.sh OUT_DIR [build|sanitize|hsanitize|hadamard|hncu|decode|sweep|ncu|tests|
+#   bash scripts/gpu_gemm.sh OUT_DIR [build|sanitize|hsanitize|hadamard|hncu|decode|sweep|ncu|pncu|tests|
 #                                     fp8|bench|generate|serve]...   (default: build decode tests bench)
 # sanitize: the decode kernel's small-shape tests under compute-sanitizer (memcheck, racecheck);
 # hsanitize: the same for the CUDA Hadamard kernel; hadamard: the Hadamard GPU tests, then
@@ -83,6 +83,14 @@ for step in $steps; do
         --section WarpStateStats --section Occupancy --section LaunchStats \
         python3 scripts/ncu_decode.py > "$out/ncu_decode.txt" 2>&1
       rc=$(( rc || $? )); grep -E "decode_kernel|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per" "$out/ncu_decode.txt" | head -40 ;;
+    pncu)  # Nsight Compute on the prefill path at 2048 x 28672 x 8192 (CBQ_PNCU_SHAPE: M N K):
+      # cuBLAS bf16, fp8, then every kernel of the served W4A8 / W4A8 g128 / W4A16 g128 / W4A4
+      # calls (expansion + GEMM; scripts/ncu_prefill.py), with NVTX names
+      ncu --profile-from-start off --nvtx --section SpeedOfLight \
+        --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section LaunchStats \
+        --section Occupancy python3 scripts/ncu_prefill.py ${CBQ_PNCU_SHAPE:-2048 28672 8192} \
+        > "$out/ncu_prefill.txt" 2>&1
+      rc=$(( rc || $? )); grep -E "^  [A-Za-z_].*\(|Duration|DRAM Throughput|Compute \(SM\) Throughput|Issue Slots Busy" "$out/ncu_prefill.txt" | head -60 ;;
     fp8)  # W4A4 on fp8: the GPU test, then rowwise vs unit-scale exactness (scripts/fp8_rowwise_check.py)
       python3 -m pytest tests/kernels/test_gemm_cuda.py -q -p no:cacheprovider -k fp8 2>&1 \
         | tee "$out/pytest_fp8.txt" | tail -4

@@ -165,11 +165,15 @@ case $stage in
     CBQ_BENCH_MS=1,4,16,32 CBQ_BENCH_KERNELS=$served timeout ${CBQ_BENCH_S:-220} \
       python3 benchmarks/bench_gemm.py --out "$out/decode" 2>&1 | grep -v "done$" | tail -2
     pack ;;
-  t13b)  # carry .cbq_commit: issue 13's table, part 2: bench_gemm at the prefill M (64 ..
-    # 8192) on every shape, served kernels and peers (the build of t13a when warm)
+  t13b)  # carry .cbq_commit: issue 13's table, part 2: Nsight Compute on the prefill path
+    # (2048 x 28672 x 8192: cuBLAS bf16, fp8, the served W4A8 / W4A8 g128 / W4A16 g128 / W4A4
+    # calls' kernels), then bench_gemm at the prefill M (64 .. 8192) on every shape, served
+    # kernels and peers (the build of an earlier stage when warm)
     environment
     bash scripts/gpu_gemm.sh "$out/g" build
-    CBQ_BENCH_MS=${CBQ_BENCH_MS:-64,256,1024,2048,4096,8192} CBQ_BENCH_KERNELS=$served \
+    timeout 120 bash scripts/gpu_gemm.sh "$out/g" pncu
+    CBQ_BENCH_MS=${CBQ_BENCH_MS:-64,256,1024,2048,4096,8192} \
+      CBQ_BENCH_KERNELS=$served,w4a8_inloop,w4a4_fp8 \
       timeout ${CBQ_BENCH_S:-540} python3 benchmarks/bench_gemm.py --out "$out/prefill" 2>&1 \
       | grep -v "done$" | tail -2
     pack ;;
@@ -211,7 +215,7 @@ case $stage in
   qpdl)  # carry .carry/{a,shared} .cbq_commit: GemmPolicy.prologue_pdl (the activation
     # quantizer / RMSNorm kernel launched with PDL, triggering the decode GEMM at its start)
     # and the RMSNorm kernel: their GPU tests, then bench_generate at batch 1 at the defaults
-    # (with a per-kernel profile), without the RMSNorm kernel, and with prologue_pdl (each
+    # (with a per-kernel profile) and with prologue_pdl (each
     # setting in its own process); the GGUF's first half kept in /tmp for `check14`
     environment
     cp .carry/a/gguf.part.aa /tmp/ 2>/dev/null
@@ -223,11 +227,11 @@ case $stage in
     g() { CBQ_GEN_MODELS=llama2-7b CBQ_GEN_BATCHES=${CBQ_GEN_BATCHES:-1} CBQ_GEN_PROMPTS=512,2048 \
       CBQ_GEN_NEW=256 CBQ_GEN_PREFILL=graph timeout $1 python3 benchmarks/bench_generate.py \
       --out "$out/$2" 2>&1 | grep -v Warning | grep -v "^{" | cut -c1-200 | tail -3; }
-    # the defaults (the RMSNorm kernel for every setting now), with a per-kernel profile;
-    # without the RMSNorm kernel; with prologue_pdl
+    # the defaults (the RMSNorm kernel for every setting now), with a per-kernel profile; with
+    # prologue_pdl (session 8's 9252d9d rows, same GPU kind, are the ones without the norm
+    # kernel)
     CBQ_GEN_PROFILE="$out/profile" CBQ_GEN_COMPILE=graph \
       CBQ_GEN_SETTINGS=bf16,W4A8,W4A4,W4A16g128 g 220 gen_plain
-    CBQ_GEN_NORM=0 CBQ_GEN_COMPILE=graph CBQ_GEN_SETTINGS=bf16,W4A16g128 g 110 gen_nonorm
     CBQ_GEN_COMPILE=graph CBQ_GEN_POLICY='{"prologue_pdl": true}' \
       CBQ_GEN_SETTINGS=W4A8,W4A4,W4A16g128 g 140 gen_qpdl
     pack ;;
@@ -262,8 +266,12 @@ case $stage in
     python3 -m cbq_ptq.cli quantize --model smollm2-135m --setting W4A8 --method rtn \
       --eval-windows 8 --out /tmp/rtn_W4A8 > "$out/quantize_rtn_W4A8.log" 2>&1
     tail -n 1 "$out/quantize_rtn_W4A8.log"
-    timeout 240 python3 scripts/check_generate.py /tmp/rtn_W4A8/model \
-      --out "$out/check_generate_rtn_W4A8.json" 2>&1 | grep -v Warning | tail -3
+    # the kernels' model in bf16 (as served) and in fp32 (the reference's dtype: what is left
+    # is the kernels' own rounding and the reductions' order)
+    for dt in float32 bfloat16; do
+      timeout 200 python3 scripts/check_generate.py /tmp/rtn_W4A8/model --dtype $dt \
+        --out "$out/check_generate_rtn_W4A8_$dt.json" 2>&1 | grep -v Warning | tail -3
+    done
     wait; tail -n 2 "$out/pytest_serve.txt"
     # the packed grouped-query decode attention (cbq_ptq.attention, default) against
     # transformers' repeated KV cache, then the 70B-shaped rows at the defaults
@@ -273,7 +281,7 @@ case $stage in
       | grep -v Warning | grep -v "^{" | cut -c1-200 | tail -3
     CBQ_GEN_MODELS=llama2-70b-8l CBQ_GEN_BATCHES=1,8,32 CBQ_GEN_PROMPTS=2048 CBQ_GEN_NEW=256 \
       CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph CBQ_GEN_SETTINGS=bf16,W4A8,W4A16g128 \
-      timeout 200 python3 benchmarks/bench_generate.py --out "$out/gen70" 2>&1 | grep -v Warning \
+      timeout ${CBQ_GEN70_S:-150} python3 benchmarks/bench_generate.py --out "$out/gen70" 2>&1 | grep -v Warning \
       | grep -v "^{" | cut -c1-200 | tail -4
     pack ;;
   *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14 or compiled)"; exit 2 ;;
