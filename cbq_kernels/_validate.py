@@ -49,9 +49,17 @@ def check_tensor(
     return t
 
 
+# Whether CPU tensors take Triton's interpreter when it is on. Only tests turn it off
+# (cbq_kernels.testing.pytorch_paths_on_cpu): the generation front end's CPU tests run what a
+# CPU user runs, the PyTorch formulas, which the kernels' own tests compare with the kernels;
+# through the interpreter a 5-token generation took 79 s of CI's 18 minutes.
+_INTERPRET_ON_CPU = [True]
+
+
 def use_triton(kernel: object, device: torch.device) -> bool:
     """Whether a Triton kernel runs for tensors on `device`: always on cuda; on cpu only
     through Triton's interpreter (TRITON_INTERPRET=1 when the kernel module was imported,
     which makes triton.jit return interpreter functions). Otherwise the op runs its
     PyTorch formulas."""
-    return device.type != "cpu" or type(kernel).__name__ == "InterpretedFunction"
+    return device.type != "cpu" or (_INTERPRET_ON_CPU[0]
+                                    and type(kernel).__name__ == "InterpretedFunction")

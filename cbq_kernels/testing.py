@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # Odd sizes on purpose: not multiples of any tile, word or group size.
@@ -39,3 +41,18 @@ def all_codes(rows: int, k: int, bits: int, device: str | torch.device = "cpu") 
     n = torch.arange(rows, device=device).unsqueeze(1)
     kk = torch.arange(k, device=device).unsqueeze(0)
     return ((n + kk) % (1 << bits)).to(torch.uint8)
+
+
+@contextlib.contextmanager
+def pytorch_paths_on_cpu():
+    """Within the block, CPU tensors run the ops' PyTorch formulas even when Triton's
+    interpreter is on (the tests' default): what a CPU user runs. For tests of the front end
+    (generation, the CLI), not of the kernels, which their own tests run interpreted."""
+    from cbq_kernels import _validate
+
+    before = _validate._INTERPRET_ON_CPU[0]
+    _validate._INTERPRET_ON_CPU[0] = False
+    try:
+        yield
+    finally:
+        _validate._INTERPRET_ON_CPU[0] = before
