@@ -168,8 +168,10 @@ case $stage in
   t13b)  # carry .cbq_commit: issue 13's table, part 2: Nsight Compute on the prefill path
     # (2048 x 28672 x 8192: cuBLAS bf16, fp8, the served W4A8 / W4A8 g128 / W4A16 g128 / W4A4
     # calls' kernels), then bench_gemm at the prefill M (64 .. 8192) on every shape, served
-    # kernels and peers (the build of an earlier stage when warm)
+    # kernels and peers (the build of an earlier stage when warm); with .carry/a carried, the
+    # GGUF's first half is kept in /tmp for `check14` right after
     environment
+    cp .carry/a/gguf.part.aa /tmp/ 2>/dev/null
     bash scripts/gpu_gemm.sh "$out/g" build
     timeout 120 bash scripts/gpu_gemm.sh "$out/g" pncu
     CBQ_BENCH_MS=${CBQ_BENCH_MS:-64,256,1024,2048,4096,8192} \
@@ -245,8 +247,8 @@ case $stage in
       timeout 540 python3 benchmarks/bench_generate.py --out "$out/gen_compiled" 2>&1 \
       | grep -v Warning | grep -v "^{" | cut -c1-200 | tail -4
     pack ;;
-  check14)  # carry .carry/{b,shared,whl} .cbq_commit, right after qpdl (GGUF's first half in
-    # /tmp): issue 14's greedy check on a W4A8 SmolLM2 (round-to-nearest with the recipe's
+  check14)  # carry .carry/{b,shared,whl} .cbq_commit, right after qpdl or t13b (the GGUF's
+    # first half in /tmp): issue 14's greedy check on a W4A8 SmolLM2 (round-to-nearest with the recipe's
     # activation quantizer and rotation: the check compares the kernels with the same model
     # fake-quantized, whatever the method) with the reference's own GPU-vs-CPU agreement
     # beside it and the served-model GPU tests, then the 70B-shaped rows (packed grouped-query
@@ -261,7 +263,11 @@ case $stage in
     bash scripts/gpu_gemm.sh "$out/g" build
     # the served-model GPU tests at the new defaults (packed GQA attention, RMSNorm kernel)
     # beside the check (nothing here is timed)
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -rs tests/ptq/test_serve_cuda.py \
+    # and the GPU tests of the RMSNorm kernel and of GemmPolicy.prologue_pdl
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/ptq/test_serve_cuda.py \
+      tests/kernels/test_rmsnorm_cuda.py \
+      "tests/kernels/test_act_quant_cuda.py::test_pdl_launch_gives_the_same_bits" \
+      "tests/kernels/test_gemm_decode_cuda.py::test_prologue_launched_with_pdl_gives_the_same_bits" \
       > "$out/pytest_serve.txt" 2>&1 &
     python3 -m cbq_ptq.cli quantize --model smollm2-135m --setting W4A8 --method rtn \
       --eval-windows 8 --out /tmp/rtn_W4A8 > "$out/quantize_rtn_W4A8.log" 2>&1
