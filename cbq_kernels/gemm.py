@@ -223,7 +223,7 @@ def _wonly(x: Tensor, weight: PreparedWeight, bias: Tensor | None, split_k: int 
 
 _POLICY_FIELDS = ("decode_max_m", "cuda_decode", "small_m", "expand_min_m", "wonly_cublas_min_m",
                   "fp8_w4a4_min_m", "tiles_max_m", "decode_mtiles", "decode_pdl",
-                  "prologue_pdl")  # fmt: skip
+                  "prologue_pdl", "tma_min_m")  # fmt: skip
 
 
 def _eager() -> bool:

@@ -4,7 +4,7 @@ misses: what limits the served W4A8 / W4A16 path against cuBLAS bf16 and fp8):
 Everything is run twice first (Triton autotuning, cuBLAS heuristics) outside the profiled
 range; then, one NVTX range each: cuBLAS bf16, fp8 _scaled_mm (unit scales), served W4A8 (the
 weight's int8 expansion, then the int8 kernel), served W4A8 g128, served W4A16 g128 (the bf16
-dequantization, then cuBLAS), served W4A4."""
+dequantization, then cuBLAS), served W4A4, W4A8 with the TMA kernel (GemmPolicy.tma_min_m)."""
 
 import sys
 from pathlib import Path
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_gemm import bf16_weight, weight
 from cbq_kernels.act_quant import act_quant
-from cbq_kernels.gemm import gemm_w4a4, gemm_w4a8, gemm_wonly
+from cbq_kernels.gemm import GemmPolicy, gemm_w4a4, gemm_w4a8, gemm_wonly
 
 m, n, k = (int(v) for v in (sys.argv[1:] or ["2048", "28672", "8192"]))
 g = torch.Generator(device="cuda").manual_seed(0)
@@ -35,6 +35,7 @@ fns = (
     ("w4a8_g128", lambda: gemm_w4a8(xq8, xs8, w4g)),
     ("w4a16_g128", lambda: gemm_wonly(x, w4g)),
     ("w4a4", lambda: gemm_w4a4(xq4, xs4, w4)),
+    ("w4a8_tma", lambda: gemm_w4a8(xq8, xs8, w4, policy=GemmPolicy(tma_min_m=1))),
 )
 for _, fn in fns + fns:
     fn()

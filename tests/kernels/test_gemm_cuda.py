@@ -223,3 +223,34 @@ def test_linear_at_smollm2_shapes(n, k, group_size, act_bits, layout):
         x = activations(m, k, seed=m)
         x[:, 5] *= 300.0
         assert_linear(x, w, act_bits)
+
+
+@pytest.mark.parametrize("act_bits", [8, 4])
+def test_tma_kernel_every_config_and_the_served_call(act_bits):
+    """cbq_kernels.gemm_tma on Hopper: each configuration of its autotuner exact (int32 sums,
+    N not a multiple of any tile), and the served call with GemmPolicy.tma_min_m equal, bit for
+    bit, to the pointer kernel's at prefill shapes (same epilogue on the same exact sums)."""
+    from cbq_kernels import gemm_tma
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9.0")
+    g = torch.Generator(device="cuda").manual_seed(11)
+    x = torch.randint(-127, 128, (200, 1024), generator=g, device="cuda", dtype=torch.int8)
+    w = torch.randint(-15, 16, (1000, 1024), generator=g, device="cuda", dtype=torch.int8)
+    want = x.double() @ w.double().t()
+    ones_m = torch.ones(200, device="cuda")
+    ones_n = torch.ones(1000, device="cuda")
+    for cfg in gemm_tma._CONFIGS:
+        meta = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        acc = gemm_tma.gemm_int8_tma(x, ones_m, w, ones_n, None, torch.bfloat16, meta, True)
+        assert torch.equal(acc.double(), want), meta
+    tma = gemm_module.GemmPolicy(tma_min_m=64)
+    fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
+    for m, n, k in ((2048, 4096, 4096), (2051, 1024, 4160)):
+        wt, codes = make_weight(n, k, 4, None, seed=12)
+        xq, xs = act_quant(activations(m, k, seed=13), act_bits)
+        bias = torch.randn(n, device="cuda")
+        assert torch.equal(fn(xq, xs, wt, bias, policy=tma), fn(xq, xs, wt, bias)), (m, n, k)
+        x_int = xq.double() if act_bits == 8 else unpack(xq, 4, k).double() - 8
+        w_int = codes.double() - wt.zeros.double()
+        assert torch.equal(fn(xq, xs, wt, debug=True, policy=tma).double(), x_int @ w_int.t())

@@ -1,0 +1,110 @@
+"""The dispatch policy of the GEMMs (:class:`GemmPolicy`): which kernel serves which M, its
+thresholds from the benchmark tables. Frozen and passed in (``policy=``), never a module
+global that callers patch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmPolicy:
+    """Which kernel serves which M: passed to the GEMMs (:data:`DEFAULT_POLICY` otherwise).
+
+    decode_max_m: M up to which the CUDA decode kernel runs (csrc/gemm_decode.cu) when the
+    weight has its layout; cuda_decode=False keeps the Triton kernel there. small_m: M up to
+    which the Triton kernel takes its decode configurations and split-K, and up to which a
+    weight kept in the decode layout alone (prepare_weight's layout "auto" on a GPU) runs the
+    CUDA decode kernel on 16-row slices (larger M expand that layout). expand_min_m: M from
+    which the integer GEMMs expand the 4-bit weight (and int4 activations) to an int8 scratch
+    copy before the K loop. wonly_cublas_min_m: M from which the weight-only GEMM dequantizes
+    to a scratch bf16 / fp16 weight and calls cuBLAS. From the H200 table
+    (benchmarks/results/h200/bench_gemm.csv, DECISIONS.md): at M >= 1024 expansion wins
+    everywhere (1.2-1.9x over unpacking in the K loop), at M = 256 it ties on 70B gate/up and
+    the in-loop kernel is 0.2-0.4x cuBLAS on the smaller layers; the expansion costs one pass
+    over the weight (131 us for 28672 x 8192 at 2.7 TB/s), so 64 is where it starts to pay."""
+
+    decode_max_m: int = 16
+    cuda_decode: bool = True
+    small_m: int = 63
+    expand_min_m: int = 64
+    wonly_cublas_min_m: int = 64
+    # W4A4 per channel, bf16 out, no bias: from this M on, both operands are expanded to fp8
+    # e4m3 (int4 codes and weight codes minus zero point are exact there, and the fp32 sums
+    # below 2^24) and cuBLAS' fp8 GEMM runs them: 1.44-1.78x cuBLAS bf16 on the H200 at M >=
+    # 2048 against 1.35-1.58x for the int8 path (benchmarks/results/h200/
+    # bench_w4a4_fp8_053a7b8.txt, unit scales, exact). 0 (the default) switches it off: its
+    # GPU test failed (e2455c7, f30d25d, 0d500ea, 7a9193f), at 7a9193f traced to the test's
+    # reference (gemm_ref leaves ~1e-14 where the integer sum is 0; DECISIONS, "W4A4 prefill
+    # on fp8"). The path takes the unit-scale fp32 product and scales it in a second pass
+    # (launch_w4a4_fp8): 1.14-1.79x bf16 at M >= 2048 against 1.14-1.58x for the int8 path
+    # (bench_gemm.csv at 7a9193f, `w4a4_fp8`); on from a measured M once the corrected test
+    # passes on the GPU
+    fp8_w4a4_min_m: int = 0
+    # a weight kept in the decode layout alone, decode_max_m < M <= tiles_max_m: the Triton
+    # kernel that reads that layout once for all M rows (gemm_decode.launch_triton) instead of
+    # the CUDA kernel once per 16-row slice; 0 (the default until the H200 compares them at M
+    # = 32, bench_gemm's *_tiles rows) keeps the slices. At most 64 (its row tile)
+    tiles_max_m: int = 0
+    # 16-row m-tiles per launch of the CUDA decode kernel where it runs M > 16 (a weight kept
+    # in the decode layout alone, M <= small_m): 1 launches it per 16-row slice, each reading
+    # the whole weight (M = 32 costs 2x M = 16: 70b gate/up W4A8 133 vs 67 us, bench_gemm.csv
+    # at 7a9193f); 2 launches 32-row slices whose two m-tiles share each weight chunk
+    # (csrc/gemm_decode.cu, MT = 2). 2 (the default) since bench_gemm timed both (H100,
+    # b9bb17a, benchmarks/results/h100/bench_gemm_mt2_pdl_b9bb17a.md): at M = 32 every row was
+    # faster with 2, 1.1-1.9x (70B gate/up W4A8 149 -> 93 us, W4A4 136 -> 73; 7B down W4A8
+    # 38.5 -> 26.6); its GPU tests passed at f098880
+    decode_mtiles: int = 2
+    # launch the CUDA decode kernel with programmatic dependent launch (compute capability
+    # 9.0): its weight prefetch (the cp.async ring and the group scales: nothing a kernel
+    # writes) overlaps the previous kernel in the stream, and griddepcontrol.wait holds back
+    # every read of x and write of the output until that kernel has finished. Aimed at the ~7
+    # us floor of the small decode GEMMs (7B shapes: launch and first DRAM round trips,
+    # DECISIONS "Decode variants of stop 27"), as vLLM and TensorRT-LLM chain their decode
+    # kernels. True (the default) since bench_gemm timed it (H100, b9bb17a): at M = 1 every
+    # row was faster with it, 7B shapes 9-16% (q/k/v/o W4A8 7.95 -> 6.84 us), 70B gate/up
+    # 1-7.5%; M = 4 / 16 not timed (the overlap does not depend on M); bit-exact against the
+    # plain launch eagerly and in graphs (its GPU test, f098880). A device below compute
+    # capability 9.0 launches without it (csrc/gemm_decode.cu)
+    decode_pdl: bool = True
+    # the Triton kernel in front of a decode GEMM in a served step launched with programmatic
+    # dependent launch too, letting the GEMM launch at its start (cbq_kernels.pdl): the
+    # per-token activation quantizer of an integer GEMM (act_quant, from
+    # cbq_kernels.gemm.linear) and, in a weight-only model, the RMSNorm kernel in front of
+    # q / k / v and gate / up (cbq_ptq.serve.KernelRMSNorm; serve.set_policy hands it the
+    # policy). The decode GEMM's weight prefetch (decode_pdl) then overlaps that kernel, where
+    # today it waits for its grid to finish (a 7B W4A8 step: quantizer -> GEMM four times per
+    # block; the SwiGLU quantizer right after the gate / up GEMM, which triggers after its K
+    # loop). Bit-exact by construction (the kernel waits for its predecessor before any load;
+    # the GEMM reads its output after its own griddepcontrol.wait, which returns when the
+    # kernel has finished). False until its GPU tests pass and bench_generate times it
+    # (written 2026-12-06, not yet run on a GPU)
+    prologue_pdl: bool = False
+    # from this M on, the int8 x int8 GEMM after expansion (per-channel weights, no split)
+    # runs the persistent kernel with TMA descriptor loads (cbq_kernels.gemm_tma; the module
+    # says why) instead of the pointer kernel: the same output bits. 0 (off) until bench_gemm's
+    # `*_tma` rows time it on a GPU (written 2026-12-06)
+    tma_min_m: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("cuda_decode", "decode_pdl", "prologue_pdl"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GemmPolicy.{name} must be a bool, "
+                                 f"got {getattr(self, name)!r}")  # fmt: skip
+        if self.decode_mtiles not in (1, 2) or isinstance(self.decode_mtiles, bool):
+            raise ValueError(f"GemmPolicy.decode_mtiles must be 1 or 2, "
+                             f"got {self.decode_mtiles!r}")  # fmt: skip
+        for name in ("decode_max_m", "small_m", "expand_min_m", "wonly_cublas_min_m",
+                     "fp8_w4a4_min_m", "tiles_max_m", "tma_min_m"):  # fmt: skip
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"GemmPolicy.{name} must be a non-negative int, got {v!r}")
+        if self.decode_max_m > 16:
+            raise ValueError(f"GemmPolicy.decode_max_m must be <= 16 (one MMA row tile), "
+                             f"got {self.decode_max_m}")  # fmt: skip
+        if self.tiles_max_m > 64:
+            raise ValueError(f"GemmPolicy.tiles_max_m must be <= 64 (the kernel's row tile), "
+                             f"got {self.tiles_max_m}")  # fmt: skip
+
+
+DEFAULT_POLICY = GemmPolicy()
