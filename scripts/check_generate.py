@@ -19,7 +19,9 @@ with itself on the GPU vs the CPU in only 19 of 32 prompts):
   of greedy decoding (one differing token changes everything after it);
 * on a GPU, ``reference_gpu_vs_cpu_equal_prompts`` / ``..._teacher_forced``: the same two
   measures between the reference and itself run in fp32 on the GPU (the same function, other
-  reductions): the agreement a correct implementation can be expected to reach.
+  reductions): the agreement a correct implementation can be expected to reach; and
+  ``kernels_vs_reference_on_gpu_equal_prompts``: the greedy check against that GPU copy of
+  the reference (the same device's reductions on both sides).
 
     python scripts/check_generate.py OUT/model [--device cuda] [--dtype float32] [--out check.json]
 """
@@ -134,6 +136,8 @@ def main() -> int:
         other = generate(fake_dev, tok2, texts, max_new_tokens=args.tokens, batch_size=8)
         self_check = {
             "reference_gpu_vs_cpu_equal_prompts": sum(equal(other, want)),
+            # the kernels against the same fp32 fake-quantized model on their own device
+            "kernels_vs_reference_on_gpu_equal_prompts": sum(equal(got, other)),
             "reference_gpu_vs_cpu_teacher_forced": sum(teacher_forced(
                 [fake_dev, fake], tok, texts, want.tokens, args.tokens)) / total,
         }  # fmt: skip
