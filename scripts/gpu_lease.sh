@@ -28,7 +28,7 @@
 #       70B rows, the compiled step (each stage's comment: its carry)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
-out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled}
+out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo}
 . "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -240,6 +240,27 @@ case $stage in
     CBQ_GEN_COMPILE=graph CBQ_GEN_POLICY='{"prologue_pdl": true}' \
       CBQ_GEN_SETTINGS=W4A8,W4A4,W4A16g128 g 140 gen_qpdl
     pack ;;
+  solo)  # carry .carry/{a,shared} .cbq_commit: one call when machines are scarce (2026-12-06):
+    # the GPU tests of what main holds untested (the RMSNorm kernel, GemmPolicy.prologue_pdl,
+    # the served model at the new defaults: packed GQA attention and the RMSNorm kernel; the
+    # TMA prefill kernel), then bench_gemm's prefill rows at M = 2048 / 8192 (the TMA kernel
+    # against the pointer kernel, cuBLAS and fp8) and Nsight Compute on the prefill path in
+    # what is left; the GGUF's first half kept in /tmp for `check14` (CBQ_CHECK_ONLY=1 there)
+    environment
+    cp .carry/a/gguf.part.aa /tmp/ 2>/dev/null
+    bash scripts/gpu_gemm.sh "$out/g" build
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/ptq/test_serve_cuda.py \
+      tests/kernels/test_rmsnorm_cuda.py \
+      "tests/kernels/test_act_quant_cuda.py::test_pdl_launch_gives_the_same_bits" \
+      "tests/kernels/test_gemm_decode_cuda.py::test_prologue_launched_with_pdl_gives_the_same_bits" \
+      tests/kernels/test_gemm_cuda.py::test_tma_kernel_every_config_and_the_served_call \
+      2>&1 | tee "$out/pytest_solo.txt" | tail -4
+    CBQ_BENCH_MS=2048,8192 CBQ_BENCH_SHAPES=70b_gate_up,70b_down,7b_gate_up,7b_qkvo \
+      CBQ_BENCH_KERNELS=w4a8,w4a4,w4a16_g128,w4a4_fp8,w4a8_tma,w4a4_tma \
+      timeout $(( 520 - SECONDS )) python3 benchmarks/bench_gemm.py --out "$out/prefill" 2>&1 \
+      | grep -v "done$" | tail -2
+    left=$(( 550 - SECONDS )); [ $left -gt 40 ] && timeout $left bash scripts/gpu_gemm.sh "$out/g" pncu
+    pack ;;
   compiled)  # carry .cbq_commit: the captured compiled step (torch.compile of the forward,
     # then captured) against the captured eager step of qpdl, batch 1 (issue 14: measure
     # both, keep the faster)
@@ -267,8 +288,8 @@ case $stage in
     # the served-model GPU tests at the new defaults (packed GQA attention, RMSNorm kernel)
     # beside the check (nothing here is timed)
     # and the GPU tests of the RMSNorm kernel and of GemmPolicy.prologue_pdl
-    timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/ptq/test_serve_cuda.py \
-      tests/kernels/test_rmsnorm_cuda.py \
+    [ -n "${CBQ_CHECK_ONLY:-}" ] || timeout 300 python3 -m pytest -q -p no:cacheprovider -rs \
+      tests/ptq/test_serve_cuda.py tests/kernels/test_rmsnorm_cuda.py \
       "tests/kernels/test_act_quant_cuda.py::test_pdl_launch_gives_the_same_bits" \
       "tests/kernels/test_gemm_decode_cuda.py::test_prologue_launched_with_pdl_gives_the_same_bits" \
       > "$out/pytest_serve.txt" 2>&1 &
@@ -281,19 +302,20 @@ case $stage in
       timeout 170 python3 scripts/check_generate.py /tmp/rtn_W4A8/model --dtype $dt \
         --out "$out/check_generate_rtn_W4A8_$dt.json" 2>&1 | grep -v Warning | tail -3
     done
-    wait; tail -n 2 "$out/pytest_serve.txt"
+    wait; tail -n 2 "$out/pytest_serve.txt" 2>/dev/null
     # the packed grouped-query decode attention (cbq_ptq.attention, default) against
     # transformers' repeated KV cache, then the 70B-shaped rows at the defaults
     # (in what is left of the call's ~560 s, so that the archive is written)
-    left=$(( 560 - SECONDS )); [ $left -gt 60 ] || { pack; exit 0; }
+    left=$(( ${CBQ_STAGE_S:-560} - SECONDS )); [ $left -gt 60 ] || { pack; exit 0; }
     CBQ_GEN_GQA=0 CBQ_GEN_MODELS=llama2-70b-8l CBQ_GEN_BATCHES=1 CBQ_GEN_PROMPTS=2048 \
       CBQ_GEN_NEW=256 CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph CBQ_GEN_SETTINGS=bf16,W4A8 \
       timeout $(( left < 240 ? left / 3 : 80 )) python3 benchmarks/bench_generate.py --out "$out/gen70_repeat" 2>&1 \
       | grep -v Warning | grep -v "^{" | cut -c1-200 | tail -3
     CBQ_GEN_MODELS=llama2-70b-8l CBQ_GEN_BATCHES=1,8,32 CBQ_GEN_PROMPTS=2048 CBQ_GEN_NEW=256 \
       CBQ_GEN_COMPILE=graph CBQ_GEN_PREFILL=graph CBQ_GEN_SETTINGS=bf16,W4A8,W4A16g128 \
-      timeout $(( 560 - SECONDS )) python3 benchmarks/bench_generate.py --out "$out/gen70" 2>&1 \
+      timeout $(( ${CBQ_STAGE_S:-560} - SECONDS )) python3 benchmarks/bench_generate.py \
+      --out "$out/gen70" 2>&1 \
       | grep -v Warning | grep -v "^{" | cut -c1-200 | tail -4
     pack ;;
-  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14 or compiled)"; exit 2 ;;
+  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled or solo)"; exit 2 ;;
 esac
