@@ -257,9 +257,10 @@ case $stage in
       2>&1 | tee "$out/pytest_solo.txt" | tail -4
     CBQ_BENCH_MS=2048,8192 CBQ_BENCH_SHAPES=70b_gate_up,70b_down,7b_gate_up,7b_qkvo \
       CBQ_BENCH_KERNELS=w4a8,w4a4,w4a16_g128,w4a4_fp8,w4a8_tma,w4a4_tma \
-      timeout $(( 520 - SECONDS )) python3 benchmarks/bench_gemm.py --out "$out/prefill" 2>&1 \
-      | grep -v "done$" | tail -2
-    left=$(( 550 - SECONDS )); [ $left -gt 40 ] && timeout $left bash scripts/gpu_gemm.sh "$out/g" pncu
+      timeout $(( ${CBQ_STAGE_S:-550} - 30 - SECONDS )) python3 benchmarks/bench_gemm.py \
+      --out "$out/prefill" 2>&1 | grep -v "done$" | tail -2
+    left=$(( ${CBQ_STAGE_S:-550} - SECONDS ))
+    [ $left -gt 40 ] && timeout $left bash scripts/gpu_gemm.sh "$out/g" pncu
     pack ;;
   compiled)  # carry .cbq_commit: the captured compiled step (torch.compile of the forward,
     # then captured) against the captured eager step of qpdl, batch 1 (issue 14: measure
