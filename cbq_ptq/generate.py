@@ -84,7 +84,7 @@ def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
     pack_gqa_decode`; the same function, values equal to rounding), on every device.
     ``fuse_rms`` (default: on for a CUDA device): the RMSNorms that no quantizer took (every
     norm of a weight-only model, the final norm) in one kernel each (:func:`cbq_ptq.serve.
-    fuse_rms_norms`; outputs may move by one unit in the last place of the dtype)."""
+    fuse_rms_norms`; outputs may move by up to two units in the last place of the dtype)."""
     from transformers import AutoTokenizer
 
     from cbq_ptq.io import load

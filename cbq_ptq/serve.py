@@ -364,10 +364,11 @@ def fuse_rms_norms(model: torch.nn.Module) -> int:
     as :func:`fuse_norms` does) and is still a module of its own (not a :class:`FoldedNorm`)
     by a :class:`KernelRMSNorm`; returns how many. Run after :func:`fuse_norms`. Not
     quantization: a bf16 model gains the same (bench_generate applies it to every setting,
-    bf16 included). Outputs may move by one unit in the dtype's last place against eager's (the
-    sum of squares in another order; tests bound it). Why: an eager RMSNorm is eight kernels,
-    two per block, and a weight-only model keeps all of them (its norms have no activation
-    quantizer to move into): ~510 launches in a 7B-shaped decode step."""
+    bf16 included). Outputs may move by up to two units in the dtype's last place against
+    eager's (the sum of squares in another order; cbq_kernels.rmsnorm says why, tests bound
+    it). Why: an eager RMSNorm is eight kernels, two per block, and a weight-only model keeps
+    all of them (its norms have no activation quantizer to move into): ~510 launches in a
+    7B-shaped decode step."""
     norms = [(name, m) for name, m in model.named_modules()
              if type(m).__name__.endswith("RMSNorm") and not isinstance(m, KernelRMSNorm)
              and not m._forward_hooks and not m._forward_pre_hooks]  # fmt: skip

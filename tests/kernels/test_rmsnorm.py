@@ -23,10 +23,11 @@ def ulps(a, b):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(5, 576), (3, 4096), (1, 100), (2, 3, 64)])
-def test_equals_the_eager_formula_to_one_ulp(dtype, shape):
+def test_equals_the_eager_formula_to_two_ulps(dtype, shape):
     """Against transformers' own LlamaRMSNorm: the roundings are eager's, the sum of squares
-    is reduced in another order, so a bf16 / fp16 element may be one unit in the last place
-    off (and rarely is)."""
+    is reduced in another order, so the normalized value may be one unit in the last place
+    off, and a bf16 / fp16 output two after the weight product (cbq_kernels.rmsnorm says
+    why; rarely)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     x, w = data(shape[-2] if len(shape) == 2 else shape[0] * shape[1], shape[-1], dtype)
@@ -42,7 +43,7 @@ def test_equals_the_eager_formula_to_one_ulp(dtype, shape):
         torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
         return
     diff = ulps(got, want)
-    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 0.02
+    assert int(diff.max()) <= 2 and float((diff > 0).float().mean()) <= 0.02
 
 
 def test_checks_its_arguments():
