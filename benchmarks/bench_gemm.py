@@ -76,6 +76,7 @@ SLICES = GemmPolicy(decode_mtiles=1)  # the *_mt1 rows: 16-row launches at 16 < 
 NO_PDL = GemmPolicy(decode_pdl=False)  # the *_nopdl rows: the plain launch, M <= 16
 FP8_W4A4 = GemmPolicy(fp8_w4a4_min_m=1)  # the w4a4_fp8 rows (M >= 256)
 TMA = GemmPolicy(tma_min_m=1)  # the *_tma rows: the int8 GEMM after expansion with TMA (M >= 64)
+POINTER = GemmPolicy(tma_min_m=0)  # the *_ptr rows: the pointer kernel there (M >= 2048)
 
 
 def weight(n, k, bits, group_size, g, canonical=True):
@@ -270,10 +271,15 @@ def main() -> None:
                      m * k * 2 + wbytes(w4g)),
                 )  # fmt: skip
             if m >= 64 and torch.cuda.get_device_capability()[0] >= 9:  # the persistent
-                # TMA kernel after expansion (off by default: GemmPolicy.tma_min_m)
+                # TMA kernel after expansion (the default from GemmPolicy.tma_min_m = 2048)
+                # and the pointer kernel it replaced there
                 cases += (("w4a8_tma", lambda: gemm_w4a8(xq8, xs8, w4, policy=TMA),
                            m * k + wbytes(w4)),
                           ("w4a4_tma", lambda: gemm_w4a4(xq4, xs4, w4, policy=TMA),
+                           m * k // 2 + wbytes(w4)),
+                          ("w4a8_ptr", lambda: gemm_w4a8(xq8, xs8, w4, policy=POINTER),
+                           m * k + wbytes(w4)),
+                          ("w4a4_ptr", lambda: gemm_w4a4(xq4, xs4, w4, policy=POINTER),
                            m * k // 2 + wbytes(w4)))  # fmt: skip
             if m >= 256 and fp8_available(x.device):  # W4A4 on fp8 tensor cores (off by
                 # default: GemmPolicy.fp8_w4a4_min_m), exact product then the scaling pass

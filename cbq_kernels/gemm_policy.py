@@ -82,9 +82,13 @@ class GemmPolicy:
     prologue_pdl: bool = False
     # from this M on, the int8 x int8 GEMM after expansion (per-channel weights, no split)
     # runs the persistent kernel with TMA descriptor loads (cbq_kernels.gemm_tma; the module
-    # says why) instead of the pointer kernel: the same output bits. 0 (off) until bench_gemm's
-    # `*_tma` rows time it on a GPU (written 2026-12-06)
-    tma_min_m: int = 0
+    # says why) instead of the pointer kernel: the same output bits (GPU test passed, H100,
+    # 2e7421f). 2048 since bench_gemm timed both there (benchmarks/results/h100/
+    # bench_gemm_prefill_tma_2e7421f.csv): faster in all 8 rows measured, 70b gate/up W4A8
+    # M = 2048 1.097 -> 1.003 ms, M = 8192 3.883 -> 3.355 ms; 7b gate/up 0.238 -> 0.216 and
+    # 0.792 -> 0.770 ms; W4A4 alike. M < 2048 and the other layer shapes not timed yet; 0
+    # switches it off
+    tma_min_m: int = 2048
 
     def __post_init__(self) -> None:
         for name in ("cuda_decode", "decode_pdl", "prologue_pdl"):

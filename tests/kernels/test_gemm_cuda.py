@@ -245,12 +245,14 @@ def test_tma_kernel_every_config_and_the_served_call(act_bits):
         acc = gemm_tma.gemm_int8_tma(x, ones_m, w, ones_n, None, torch.bfloat16, meta, True)
         assert torch.equal(acc.double(), want), meta
     tma = gemm_module.GemmPolicy(tma_min_m=64)
+    pointer = gemm_module.GemmPolicy(tma_min_m=0)
     fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
-    for m, n, k in ((2048, 4096, 4096), (2051, 1024, 4160)):
+    for m, n, k in ((300, 4096, 4096), (2048, 4096, 4096), (2051, 1024, 4160)):
         wt, codes = make_weight(n, k, 4, None, seed=12)
         xq, xs = act_quant(activations(m, k, seed=13), act_bits)
         bias = torch.randn(n, device="cuda")
-        assert torch.equal(fn(xq, xs, wt, bias, policy=tma), fn(xq, xs, wt, bias)), (m, n, k)
+        want = fn(xq, xs, wt, bias, policy=pointer)
+        assert torch.equal(fn(xq, xs, wt, bias, policy=tma), want), (m, n, k)
         x_int = xq.double() if act_bits == 8 else unpack(xq, 4, k).double() - 8
         w_int = codes.double() - wt.zeros.double()
         assert torch.equal(fn(xq, xs, wt, debug=True, policy=tma).double(), x_int @ w_int.t())

@@ -16,7 +16,7 @@ from tests.kernels.test_gemm import make_weight
 # 16-byte rows) but not of the 32-wide K tile; more tiles than the 4 interpreter programs
 SHAPES = ((5, 40, 48), (37, 70, 96), (64, 64, 32))
 # the pointer kernel after expansion, the same weight and codes; the TMA kernel from M = 1
-POINTER = GemmPolicy(expand_min_m=1)
+POINTER = GemmPolicy(expand_min_m=1, tma_min_m=0)
 TMA = GemmPolicy(expand_min_m=1, tma_min_m=1)
 
 
