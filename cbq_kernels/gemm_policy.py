@@ -77,8 +77,8 @@ class GemmPolicy:
     # block; the SwiGLU quantizer right after the gate / up GEMM, which triggers after its K
     # loop). Bit-exact by construction (the kernel waits for its predecessor before any load;
     # the GEMM reads its output after its own griddepcontrol.wait, which returns when the
-    # kernel has finished). False until its GPU tests pass and bench_generate times it
-    # (written 2026-12-06, not yet run on a GPU)
+    # kernel has finished). Its GPU tests passed (H100, 2e7421f: bit-equal chains eagerly and
+    # in a graph); False until bench_generate times it (`gpu_lease.sh OUT qpdl`)
     prologue_pdl: bool = False
     # from this M on, the int8 x int8 GEMM after expansion (per-channel weights, no split)
     # runs the persistent kernel with TMA descriptor loads (cbq_kernels.gemm_tma; the module
