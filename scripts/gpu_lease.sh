@@ -22,10 +22,11 @@
 #       split-K epilogue's tests and timings, bench_generate at the defaults (batch 1 and 32)
 #   bash scripts/gpu_lease.sh OUT cold    # carry .cbq_commit: bench_gemm's decode rows with
 #       L2-cold weights (CBQ_BENCH_COLD=1) and hot beside them, M = 1 / 16
-#   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled: issue 13's
-#       table in two parts, issue 14's SmolLM2 rows and checks, GemmPolicy.prologue_pdl and the
-#       RMSNorm kernel, issue 14's greedy check with the reference's own agreement and the
-#       70B rows, the compiled step (each stage's comment: its carry)
+#   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled / solo:
+#       issue 13's table in two parts, issue 14's SmolLM2 rows and checks, GemmPolicy.
+#       prologue_pdl and the RMSNorm kernel, issue 14's greedy check with the reference's own
+#       agreement and the 70B rows, the compiled step, one bounded call for scarce machines
+#       (each stage's comment: its carry)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
 out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo}
