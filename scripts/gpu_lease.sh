@@ -175,9 +175,11 @@ case $stage in
     cp .carry/a/gguf.part.aa /tmp/ 2>/dev/null
     bash scripts/gpu_gemm.sh "$out/g" build
     # the TMA kernel's GPU test first (exact at each configuration; the served call's bits)
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemm_cuda.py \
-      -k tma 2>&1 | tee "$out/g/pytest_tma.txt" | tail -3
-    timeout 120 bash scripts/gpu_gemm.sh "$out/g" pncu
+    # (CBQ_T13B_K="" runs the whole file: every Triton kernel at every autotuner configuration)
+    timeout ${CBQ_T13B_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider \
+      tests/kernels/test_gemm_cuda.py -k "${CBQ_T13B_K-tma}" 2>&1 | tee "$out/g/pytest_tma.txt" \
+      | tail -3
+    [ "${CBQ_PNCU:-1}" = 1 ] && timeout 120 bash scripts/gpu_gemm.sh "$out/g" pncu
     CBQ_BENCH_MS=${CBQ_BENCH_MS:-64,256,1024,2048,4096,8192} \
       CBQ_BENCH_KERNELS=$served,w4a8_inloop,w4a4_fp8,w4a8_tma,w4a4_tma,w4a8_ptr,w4a4_ptr \
       timeout ${CBQ_BENCH_S:-540} python3 benchmarks/bench_gemm.py --out "$out/prefill" 2>&1 \
