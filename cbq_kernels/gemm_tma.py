@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cbq_kernels.autotune import AUTOTUNE_CACHE, tune_bench
 from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpreter gets right
 
 try:  # the host-side descriptor (Triton >= 3.4)
@@ -105,10 +106,6 @@ def _int8_tma_kernel(a_desc, b_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
             tl.store(out_ptr + rm[:, None] * N + rn[None, :], _to_store(out, out_ptr), mask=mo)
 
 
-def _tune_bench(kernel_call, quantiles):  # as gemm_triton's: 10 ms per configuration
-    return triton.testing.do_bench(kernel_call, warmup=2, rep=10, quantiles=quantiles)
-
-
 @triton.jit
 def _int8_tma_entry(a_desc, b_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, M_BUCKET,
                     HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
@@ -120,7 +117,8 @@ def _int8_tma_entry(a_desc, b_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, 
 
 
 _int8_tma_tuned = triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K"],
-                                  do_bench=_tune_bench)(_int8_tma_entry)  # fmt: skip
+                                  do_bench=tune_bench,
+                                  **AUTOTUNE_CACHE)(_int8_tma_entry)  # fmt: skip
 
 # The interpreter (CPU tests) runs one small fixed configuration.
 _CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}

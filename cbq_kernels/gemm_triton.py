@@ -6,7 +6,6 @@ follows the dispatch policy (:class:`cbq_kernels.gemm_policy.GemmPolicy`, re-exp
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,6 +15,7 @@ from torch import Tensor
 
 from cbq_kernels import formats, gemm_decode, gemm_tma
 from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, describe
+from cbq_kernels.autotune import AUTOTUNE_CACHE, tune_bench
 from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpreter gets right
 from cbq_kernels.gemm_policy import DEFAULT_POLICY, GemmPolicy
 
@@ -241,12 +241,6 @@ def _expand(words: Tensor, rows: int, k: int, bits: int, s_r: int, s_kw: int,
 
 # ------------------------------------------------------------------------------ configs
 
-_AUTOTUNE_CACHE = (
-    {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters
-    else {}
-)  # fmt: skip
-
-
 def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, swap: bool) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
                           "SWAP": swap}, num_warps=warps, num_stages=stages)  # fmt: skip
@@ -284,20 +278,13 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if not grouped or gs % c.kwargs["BLOCK_K"] == 0]
 
 
-def _tune_bench(kernel_call, quantiles):
-    """Short timing runs for the autotuner (the default 25/100 ms per config makes a first
-    call at a new shape take seconds; the configurations it picks among differ by more than
-    the noise of 10 ms of runs)."""
-    return triton.testing.do_bench(kernel_call, warmup=2, rep=10, quantiles=quantiles)
-
-
 def _tuned(configs):
     return triton.autotune(
         configs=configs,
         key=["M_BUCKET", "N", "K", "A_MODE", "W_BITS", "GROUPED", "SPLIT_K"],
         prune_configs_by={"early_config_prune": _prune},
-        do_bench=_tune_bench,
-        **_AUTOTUNE_CACHE,
+        do_bench=tune_bench,
+        **AUTOTUNE_CACHE,
     )
 
 
