@@ -185,30 +185,17 @@ def unpack_codes(dw: DecodeWeight) -> Tensor:
     return codes[: dw.n, : dw.k].contiguous()
 
 
-_I32_OFFSETS = 2**31 - 1  # offsets from here on need int64 (tests lower it to run that path)
-
-
 @triton.jit
-def _expand_decode_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, N_PAD, KC, GS: tl.constexpr,
-                          BITS: tl.constexpr, SCALED: tl.constexpr, BLOCK: tl.constexpr,
-                          I64: tl.constexpr):  # fmt: skip
+def _expand_decode_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, N_PAD, KC, GS,
+                          BITS: tl.constexpr, SCALED: tl.constexpr,
+                          BLOCK: tl.constexpr):  # fmt: skip
     """out (N, K) from the decode layout: codes - zero point (int8 or fp8), or with SCALED
     (codes - z) * s in out's float dtype (fp32 arithmetic, one rounding). A program takes
     BLOCK consecutive words; word w holds the CK / 4 codes of one column at consecutive K
-    (module docstring), so each word becomes one contiguous run of its output row.
-    Index arithmetic in int32 unless an offset can reach 2^31 (I64), and the group size a
-    compile-time constant (2026-12-06, not yet timed): the kernel was issue-bound (Nsight
-    Compute, H100, 2e7421f, 28672 x 8192 int8: SM throughput 78.7%, DRAM 53.4%, 186 us, 17% of
-    the W4A8 prefill call at M = 2048) with each word's index arithmetic in int64 and a
-    division by a run-time group size (a software int64 division on the GPU), against 8
-    shifts and masks for its codes; int32 arithmetic and a constant divisor (shifts or a
-    multiply) take fewer instructions. Its time is to be read in the next prefill table."""
+    (module docstring), so each word becomes one contiguous run of its output row."""
     CK: tl.constexpr = 64 if BITS == 2 else 32
     PER: tl.constexpr = CK // 4
-    if I64:
-        w = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        w = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    w = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     word = tl.load(w_ptr + w)
     chunk = w // 256  # (tile, chunk) pairs of 256 words: h, lane = 4 g + t, j
     r = w % 256
@@ -240,13 +227,10 @@ def expand(dw: DecodeWeight, dtype: torch.dtype = torch.int8, scaled: bool = Fal
     out = torch.empty((dw.n, dw.k), dtype=dtype, device=dw.words.device)
     block = 64 if dw.words.device.type == "cpu" else 256
     total = dw.words.numel()  # a multiple of 256 (one tile-chunk), so of BLOCK
-    # int64 offsets only where an int32 one could overflow: the words, the (N, K) output, the
-    # (G, N_pad) scales / zero points
-    i64 = max(total, dw.n_pad * dw.k, dw.zeros.numel()) >= _I32_OFFSETS
     _expand_decode_kernel[(total // block,)](dw.words, dw.scales, dw.zeros, out, dw.n, dw.k,
                                              dw.n_pad, dw.words.shape[1], dw.group_size,
-                                             BITS=dw.bits, SCALED=scaled, BLOCK=block,
-                                             I64=i64)  # fmt: skip
+                                             BITS=dw.bits, SCALED=scaled,
+                                             BLOCK=block)  # fmt: skip
     return out
 
 

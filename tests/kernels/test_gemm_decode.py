@@ -104,20 +104,6 @@ def test_the_layout_expands_back_to_the_codes_and_the_dequantized_weight(bits, n
     assert torch.equal(expand(dw, torch.bfloat16, scaled=True), deq.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize(("bits", "n", "k", "group_size", "m"), CASES[:3])
-def test_the_expansion_with_int64_offsets(bits, n, k, group_size, m, monkeypatch):
-    """The expansion's int64 index path (weights with offsets >= 2^31), forced on small
-    shapes: the same codes as the int32 path."""
-    from cbq_kernels import gemm_decode
-
-    codes, scales, zeros = make(bits, n, k, group_size, seed=m)
-    dw = prepare_decode(codes, scales, zeros, bits, group_size)
-    want = expand(dw), expand(dw, torch.float32, scaled=True)
-    monkeypatch.setattr(gemm_decode, "_I32_OFFSETS", 0)
-    got = expand(dw), expand(dw, torch.float32, scaled=True)
-    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-
-
 @pytest.mark.parametrize(("bits", "n", "k", "group_size", "m"), CASES)
 @pytest.mark.parametrize("rows", [0, 17, 47])
 def test_the_triton_kernel_on_the_layout_reads_it_for_every_row(bits, n, k, group_size, m, rows):
