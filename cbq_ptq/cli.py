@@ -645,16 +645,19 @@ def cmd_eval(args) -> int:
 
         from cbq_ptq.io import load
 
-        if args.kernels:  # the very model `cbq generate` runs (bf16 on a GPU)
+        if args.kernels:  # the very model `cbq generate` runs (bf16 on a GPU), in --dtype
             from cbq_ptq.generate import load_for_generation
 
-            model, tok, table = load_for_generation(path, device)
+            model, tok, table = load_for_generation(path, device, dtype=_dtype(args, device))
             print(_layer_summary(table))
-        else:
+        else:  # the fake-quantized model: fp32 unless --dtype says otherwise
             model, tok = load(path, device=device), AutoTokenizer.from_pretrained(path)
+            if args.dtype is not None:
+                model.to(_dtype(args, device))
     else:
         model, tok = load_model(args.model, dtype=_dtype(args, device), device=device)
-    _evaluate_all(model, tok, args, eval_args, args.model)
+    dname = str(next(model.parameters()).dtype).removeprefix("torch.")
+    _evaluate_all(model, tok, args, eval_args, f"{args.model} {dname}")
     return 0
 
 

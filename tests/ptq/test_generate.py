@@ -117,6 +117,25 @@ def test_eval_kernels_scores_the_model_generate_runs(saved, capsys):
     assert printed == pytest.approx(want, abs=6e-4)
 
 
+def test_eval_kernels_takes_dtype(saved, capsys):
+    """`cbq eval --kernels --dtype D` scores the kernels' model in D (it was always the
+    device's default: issue 14's check compared fp32 generate with bf16 eval on the GPU)."""
+    from cbq_ptq.evaluate import evaluate_perplexity
+
+    path, _ = saved
+    rc = main(["eval", str(path), "--kernels", "--corpus", "tinystories", "--eval-windows", "1",
+               "--seq-len", "64", "--bos", "--also", "", "--device", "cpu",
+               "--dtype", "bfloat16"])  # fmt: skip
+    assert rc == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "perplexity " in ln][-1]
+    assert "bfloat16" in line
+    printed = float(line.split("perplexity ")[1].split()[0])
+    model, tok, _ = load_for_generation(path, "cpu", dtype=torch.bfloat16)
+    want = evaluate_perplexity(model, tok, "tinystories", seq_len=64, bos=True,
+                               max_windows=1)["ppl"]  # fmt: skip
+    assert printed == pytest.approx(want, abs=6e-4)
+
+
 def test_bad_arguments(saved):
     model, tok, _ = load_for_generation(saved[0], "cpu")
     with pytest.raises(ValueError, match="prompts must be one or more non-empty strings"):
