@@ -1,9 +1,13 @@
 """Summary of a bench_gemm.csv against issue 13's targets, and a plot of speedup vs M.
 
     python benchmarks/summarize_gemm.py benchmarks/results/h200/bench_gemm.csv [--out NAME]
+    python benchmarks/summarize_gemm.py --merged DIR/bench_gemm.csv A.csv B.csv ...
 
 writes bench_gemm_summary.md (and bench_gemm_speedup.png when matplotlib is installed)
-beside the CSV (NAME.md and NAME_speedup.png with --out). Targets, per layer shape (the
+beside the CSV (NAME.md and NAME_speedup.png with --out). ``--merged PATH``: the rows of
+several runs (e.g. the decode M of one call and the prefill M of another) written to PATH
+first, a later file's row replacing an earlier one of the same layer, provider and shape
+(each row keeps its commit column), then summarized. Targets, per layer shape (the
 API's kernels: the rows named w4a16_g128, w4a8, w4a8_g128, w4a4, w2a16_g128; variant rows
 such as w4a4_fp8 are listed, not judged):
 
@@ -49,6 +53,25 @@ def load(path: Path) -> tuple[dict, dict]:
             m, n, k = (int(v) for v in parts)
             times[(row["op"], m, n, k)][row["provider"]] = row
     return dict(times), rates
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    """The rows of ``paths`` in one CSV (their header must agree), a later file's row
+    replacing an earlier one with the same (op, provider, shape)."""
+    rows: dict[tuple[str, str, str], dict] = {}
+    header = None
+    for path in paths:
+        with path.open() as f:
+            reader = csv.DictReader(f)
+            if header is not None and reader.fieldnames != header:
+                raise SystemExit(f"{path}: columns {reader.fieldnames} differ from {header}")
+            header = reader.fieldnames
+            for row in reader:
+                rows[(row["op"], row["provider"], row["shape"])] = row
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows.values())
 
 
 def _ms(t: dict, prov: str) -> float | None:
@@ -151,7 +174,8 @@ def plot(times, path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for prov, series in sorted(speedup_by_m(times).items()):
-        if prov.endswith(("_triton", "_tiles", "_inloop", "_mt1", "_mt2", "_pdl", "_nopdl")):
+        if prov.endswith(("_triton", "_tiles", "_inloop", "_mt1", "_mt2", "_pdl", "_nopdl",
+                          "_tma", "_ptr")):
             continue  # the variants of the sweep: in the CSV, not in the picture
         ax.plot(list(series), list(series.values()), marker="o", label=prov)
     ax.axhline(1.0, color="gray", lw=0.8)
@@ -171,18 +195,28 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("csv", type=Path, help="a bench_gemm.csv")
+    ap.add_argument("csv", type=Path, nargs="+", help="a bench_gemm.csv (several: --merged)")
+    ap.add_argument("--merged", type=Path, default=None,
+                    help="write the rows of the CSVs given, later ones replacing earlier "
+                    "rows of the same layer / provider / shape, to this path and summarize it")
     ap.add_argument("--out", default="bench_gemm_summary",
                     help="name of the summary (.md) and plot (.png) beside the CSV "
                     "(default: bench_gemm_summary, bench_gemm_speedup)")  # fmt: skip
     args = ap.parse_args()
-    if not args.csv.is_file():
-        ap.error(f"no such CSV: {args.csv}")
-    times, rates = load(args.csv)
+    for path in args.csv:
+        if not path.is_file():
+            ap.error(f"no such CSV: {path}")
+    if len(args.csv) > 1 and args.merged is None:
+        ap.error("several CSVs: give --merged PATH (where their rows go)")
+    path = args.csv[0]
+    if args.merged is not None:
+        merge(args.csv, args.merged)
+        path = args.merged
+    times, rates = load(path)
     text = summarize(times, rates)
-    (args.csv.parent / f"{args.out}.md").write_text(text)
+    (path.parent / f"{args.out}.md").write_text(text)
     png = "bench_gemm_speedup" if args.out == "bench_gemm_summary" else f"{args.out}_speedup"
-    drew = plot(times, args.csv.parent / f"{png}.png")
+    drew = plot(times, path.parent / f"{png}.png")
     print(text + ("" if drew else "\n(matplotlib not installed: no plot)"))
 
 

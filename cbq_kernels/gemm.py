@@ -22,7 +22,7 @@ measurements behind each threshold):
   slices write fp32 partials summed in a fixed order (deterministic).
 * M >= ``policy.expand_min_m``, integer GEMMs: the 4-bit codes (and int4 activations) are first
   expanded to an int8 scratch copy of ``q - z``, then the same kernel runs int8 x int8 with no
-  unpacking in the K loop; from ``policy.tma_min_m`` (2048) a persistent kernel with TMA
+  unpacking in the K loop; from ``policy.tma_min_m`` (1024) a persistent kernel with TMA
   descriptor loads runs that product instead (per-channel weights;
   :mod:`cbq_kernels.gemm_tma`). W4A4 from ``policy.fp8_w4a4_min_m`` (off by default:
   GemmPolicy says why; per-channel weights, bf16 out, no bias, a GPU with fp8 tensor cores): both

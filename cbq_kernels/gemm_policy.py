@@ -82,13 +82,14 @@ class GemmPolicy:
     prologue_pdl: bool = False
     # from this M on, the int8 x int8 GEMM after expansion (per-channel weights, no split)
     # runs the persistent kernel with TMA descriptor loads (cbq_kernels.gemm_tma; the module
-    # says why) instead of the pointer kernel: the same output bits (GPU test passed, H100,
-    # 2e7421f). 2048 since bench_gemm timed both there (benchmarks/results/h100/
-    # bench_gemm_prefill_tma_2e7421f.csv): faster in all 8 rows measured, 70b gate/up W4A8
-    # M = 2048 1.097 -> 1.003 ms, M = 8192 3.883 -> 3.355 ms; 7b gate/up 0.238 -> 0.216 and
-    # 0.792 -> 0.770 ms; W4A4 alike. M < 2048 and the other layer shapes not timed yet; 0
-    # switches it off
-    tma_min_m: int = 2048
+    # says why) instead of the pointer kernel: the same output bits (GPU tests passed, H100,
+    # 2e7421f and 115b297). 1024: bench_gemm timed both at every prefill M on all 10 layer
+    # shapes (H100; benchmarks/results/h100/bench_gemm.csv, rows w4a8_tma / w4a8_ptr,
+    # w4a4_tma / w4a4_ptr): W4A8 faster with TMA on 10 of 10 shapes at M = 1024 (70b gate/up
+    # 0.785 -> 0.562 ms, 70b down 0.667 -> 0.534, 7b down 0.118 -> 0.110) and at 2048, 4096,
+    # 8192; W4A4 on 8 of 10 at 1024 (the 2 others 1.4% slower) and 29 of 30 above; at M = 256
+    # 4 of 10 each, at 64 none. 0 switches it off
+    tma_min_m: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("cuda_decode", "decode_pdl", "prologue_pdl"):

@@ -57,6 +57,32 @@ def test_gemm_summary_checks_the_targets(tmp_path):
     assert speedup_by_m(times)["w4a8"] == pytest.approx({1: 3.6, 4096: 2.0})
 
 
+def test_summarize_gemm_merges_runs(tmp_path):
+    """--merged: the rows of two runs in one CSV, the later run's row of the same layer,
+    provider and shape replacing the earlier one; columns that differ are an error."""
+    import csv
+
+    from benchmarks.summarize_gemm import load, merge
+
+    for name, commit, rows in (("a", "c1", (("1x8x8", 0.5), ("4096x8x8", 9.0))),
+                               ("b", "c2", (("4096x8x8", 2.0), ("8192x8x8", 4.0)))):  # fmt: skip
+        table = Table(Environment("TestGPU", "", "2.13", "3.9", "13.0", commit))
+        for shape, ms in rows:
+            table.add("70b_gate_up", "w4a8", shape, "x", Timing(ms, ms, ms))
+        table.write_csv(tmp_path / f"{name}.csv")
+    merge([tmp_path / "a.csv", tmp_path / "b.csv"], tmp_path / "m.csv")
+    times, _ = load(tmp_path / "m.csv")
+    got = {m: (float(t["w4a8"]["p50_ms"]), t["w4a8"]["commit"]) for (_, m, _, _), t in
+           times.items()}  # fmt: skip
+    assert got == {1: (0.5, "c1"), 4096: (2.0, "c2"), 8192: (4.0, "c2")}
+    with (tmp_path / "a.csv").open() as f:
+        rows = list(csv.reader(f))
+    with (tmp_path / "c.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([r[:-1] for r in rows])  # one column fewer
+    with pytest.raises(SystemExit, match="columns"):
+        merge([tmp_path / "a.csv", tmp_path / "c.csv"], tmp_path / "m2.csv")
+
+
 def test_summarize_generate_merges_parts_and_checks_the_targets(tmp_path):
     import csv
 
