@@ -143,8 +143,11 @@ def summarize(times: dict, rates: dict) -> str:
                 continue
             vb, vf = _ratio(t, "cublas_bf16", prov), _ratio(t, "scaled_mm", prov)
             gb, gf = PREFILL.get(prov, (None, None))
-            ok = None if gb is None or vb is None else (
-                vb >= gb and (gf is None or (vf is not None and vf >= gf)))
+            ok = (
+                None
+                if gb is None or vb is None
+                else (vb >= gb and (gf is None or (vf is not None and vf >= gf)))
+            )
             lines.append(
                 f"| {layer} | {m} | {prov} | {_ms(t, prov):.3f} | {_fmt(vb)} | {_fmt(gb)} | "
                 f"{_fmt(vf)} | {_fmt(gf)} | {judge(ok)} |"
@@ -174,8 +177,9 @@ def plot(times, path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for prov, series in sorted(speedup_by_m(times).items()):
-        if prov.endswith(("_triton", "_tiles", "_inloop", "_mt1", "_mt2", "_pdl", "_nopdl",
-                          "_tma", "_ptr")):
+        if prov.endswith(
+            ("_triton", "_tiles", "_inloop", "_mt1", "_mt2", "_pdl", "_nopdl", "_tma", "_ptr")
+        ):
             continue  # the variants of the sweep: in the CSV, not in the picture
         ax.plot(list(series), list(series.values()), marker="o", label=prov)
     ax.axhline(1.0, color="gray", lw=0.8)
@@ -196,9 +200,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("csv", type=Path, nargs="+", help="a bench_gemm.csv (several: --merged)")
-    ap.add_argument("--merged", type=Path, default=None,
-                    help="write the rows of the CSVs given, later ones replacing earlier "
-                    "rows of the same layer / provider / shape, to this path and summarize it")
+    ap.add_argument(
+        "--merged",
+        type=Path,
+        default=None,
+        help="write the rows of the CSVs given, later ones replacing earlier "
+        "rows of the same layer / provider / shape, to this path and summarize it",
+    )
     ap.add_argument("--out", default="bench_gemm_summary",
                     help="name of the summary (.md) and plot (.png) beside the CSV "
                     "(default: bench_gemm_summary, bench_gemm_speedup)")  # fmt: skip

@@ -40,8 +40,12 @@ def direct_flips(model, tokenizer, tokens: int) -> dict:
     ids = tokenizer(load_text("wikitext2")[: 12 * tokens], return_tensors="pt")["input_ids"]
     ids = ids[:, :tokens]
     seen = []
-    hooks = [layer.input_layernorm.register_forward_hook(
-        lambda mod, inp, out: seen.append((inp[0][0], mod))) for layer in model.model.layers]
+    hooks = [
+        layer.input_layernorm.register_forward_hook(
+            lambda mod, inp, out: seen.append((inp[0][0], mod))
+        )
+        for layer in model.model.layers
+    ]
     with torch.inference_mode():
         model(input_ids=ids)
     for h in hooks:
