@@ -299,8 +299,11 @@ case $stage in
       "tests/kernels/test_act_quant_cuda.py::test_pdl_launch_gives_the_same_bits" \
       "tests/kernels/test_gemm_decode_cuda.py::test_prologue_launched_with_pdl_gives_the_same_bits" \
       > "$out/pytest_serve.txt" 2>&1 &
+    # per-token activations (CBQ_CHECK_ACT, default per_token): the W4A8 integer GEMM; the GPU
+    # recipe's auto picks CrossQuant, which is served through the W4A16 kernel (115b297's run)
     python3 -m cbq_ptq.cli quantize --model smollm2-135m --setting W4A8 --method rtn \
-      --eval-windows 8 --out /tmp/rtn_W4A8 > "$out/quantize_rtn_W4A8.log" 2>&1
+      --act-quantizer ${CBQ_CHECK_ACT:-per_token} --eval-windows 8 --out /tmp/rtn_W4A8 \
+      > "$out/quantize_rtn_W4A8.log" 2>&1
     tail -n 1 "$out/quantize_rtn_W4A8.log"
     # the kernels' model in bf16 (as served) and in fp32 (the reference's dtype: what is left
     # is the kernels' own rounding and the reductions' order)
