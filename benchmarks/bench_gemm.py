@@ -67,6 +67,7 @@ from benchmarks.common import Environment, Table, Timing, cli, write_report
 from cbq_kernels import formats
 from cbq_kernels.act_quant import act_quant
 from cbq_kernels.gemm import GemmPolicy, gemm_w4a4, gemm_w4a8, gemm_wonly, prepare_weight
+from cbq_kernels.gemm_tma4 import gemm_w4a8_split, split_nibbles
 from cbq_kernels.gemm_triton import _A_FLOAT, _A_INT8, _launch, _split_k, fp8_available
 from cbq_kernels.packing import pack_ref as pack  # no compiled extension needed
 from cbq_kernels.testing import LLAMA_LINEAR_SHAPES
@@ -195,6 +196,12 @@ def main() -> None:
         (w4, w4c), (w4g, w4gc), (w2g, w2gc) = (weight(n, k, 4, None, g),
                                                weight(n, k, 4, 128, g), weight(n, k, 2, 128, g))
         one = torch.ones((), device="cuda")
+        # the split-nibble weight of cbq_kernels.gemm_tma4 (experimental: the prefill W4A8
+        # without the expansion pass), per-channel scales and zero points
+        split4 = split_nibbles(torch.randint(0, 16, (n, k), generator=g, device="cuda",
+                                             dtype=torch.uint8))  # fmt: skip
+        z4 = torch.randint(0, 16, (n,), generator=g, device="cuda", dtype=torch.uint8)
+        ws4 = torch.rand(n, generator=g, device="cuda") * 0.01 + 0.001
         int4pack = None
         try:  # PyTorch's int4 weight-only kernel
             int4pack = int4pack_weight(n, k, g)
@@ -280,7 +287,9 @@ def main() -> None:
                           ("w4a8_ptr", lambda: gemm_w4a8(xq8, xs8, w4, policy=POINTER),
                            m * k + wbytes(w4)),
                           ("w4a4_ptr", lambda: gemm_w4a4(xq4, xs4, w4, policy=POINTER),
-                           m * k // 2 + wbytes(w4)))  # fmt: skip
+                           m * k // 2 + wbytes(w4)),
+                          ("w4a8_split", lambda: gemm_w4a8_split(xq8, xs8, split4, k, z4, ws4),
+                           m * k + split4.numel() + n * 5))  # fmt: skip
             if m >= 256 and fp8_available(x.device):  # W4A4 on fp8 tensor cores (off by
                 # default: GemmPolicy.fp8_w4a4_min_m), exact product then the scaling pass
                 cases += (("w4a4_fp8", lambda: gemm_w4a4(xq4, xs4, w4, policy=FP8_W4A4),

@@ -22,14 +22,14 @@
 #       split-K epilogue's tests and timings, bench_generate at the defaults (batch 1 and 32)
 #   bash scripts/gpu_lease.sh OUT cold    # carry .cbq_commit: bench_gemm's decode rows with
 #       L2-cold weights (CBQ_BENCH_COLD=1) and hot beside them, M = 1 / 16
-#   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled / solo:
+#   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled / solo / split:
 #       issue 13's table in two parts, issue 14's SmolLM2 rows and checks, GemmPolicy.
 #       prologue_pdl and the RMSNorm kernel, issue 14's greedy check with the reference's own
 #       agreement and the 70B rows, the compiled step, one bounded call for scarce machines
 #       (each stage's comment: its carry)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
-out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo}
+out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split}
 . "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -181,7 +181,7 @@ case $stage in
       | tail -3
     [ "${CBQ_PNCU:-1}" = 1 ] && timeout 120 bash scripts/gpu_gemm.sh "$out/g" pncu
     CBQ_BENCH_MS=${CBQ_BENCH_MS:-64,256,1024,2048,4096,8192} \
-      CBQ_BENCH_KERNELS=$served,w4a8_inloop,w4a4_fp8,w4a8_tma,w4a4_tma,w4a8_ptr,w4a4_ptr \
+      CBQ_BENCH_KERNELS=$served,w4a8_inloop,w4a4_fp8,w4a8_tma,w4a4_tma,w4a8_ptr,w4a4_ptr,w4a8_split \
       timeout ${CBQ_BENCH_S:-540} python3 benchmarks/bench_gemm.py --out "$out/prefill" 2>&1 \
       | grep -v "done$" | tail -2
     pack ;;
@@ -267,6 +267,21 @@ case $stage in
     left=$(( stage_s - SECONDS ))
     [ $left -gt 40 ] && timeout $left bash scripts/gpu_gemm.sh "$out/g" pncu
     pack ;;
+  split)  # carry .cbq_commit: the split-nibble W4A8 prefill kernel (cbq_kernels.gemm_tma4, no
+    # expansion pass; written 2026-12-06, not yet run on a GPU): its GPU test (every
+    # configuration exact, the autotuned call's bits = the int8 TMA kernel's), then bench_gemm
+    # at M = 256 .. 8192 on the 70B and 7B shapes against the served W4A8 (expansion + TMA),
+    # cuBLAS bf16 and fp8 (each bench_gemm row has them)
+    environment
+    bash scripts/gpu_gemm.sh "$out/g" build
+    timeout 150 python3 -m pytest -q -p no:cacheprovider \
+      tests/kernels/test_gemm_cuda.py::test_split_nibble_kernel_every_config 2>&1 \
+      | tee "$out/g/pytest_split.txt" | tail -3
+    CBQ_BENCH_MS=${CBQ_BENCH_MS:-256,1024,2048,4096,8192} \
+      CBQ_BENCH_SHAPES=${CBQ_BENCH_SHAPES:-70b_gate_up,70b_down,70b_q_o,7b_gate_up,7b_down,7b_qkvo} \
+      CBQ_BENCH_KERNELS=w4a8,w4a8_tma,w4a8_split timeout ${CBQ_BENCH_S:-300} \
+      python3 benchmarks/bench_gemm.py --out "$out/split" 2>&1 | grep -v "done$" | tail -2
+    pack ;;
   compiled)  # carry .cbq_commit: the captured compiled step (torch.compile of the forward,
     # then captured) against the captured eager step of qpdl, batch 1 (issue 14: measure
     # both, keep the faster)
@@ -326,5 +341,5 @@ case $stage in
       --out "$out/gen70" 2>&1 \
       | grep -v Warning | grep -v "^{" | cut -c1-200 | tail -4
     pack ;;
-  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled or solo)"; exit 2 ;;
+  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled, solo or split)"; exit 2 ;;
 esac

@@ -256,3 +256,35 @@ def test_tma_kernel_every_config_and_the_served_call(act_bits):
         x_int = xq.double() if act_bits == 8 else unpack(xq, 4, k).double() - 8
         w_int = codes.double() - wt.zeros.double()
         assert torch.equal(fn(xq, xs, wt, debug=True, policy=tma).double(), x_int @ w_int.t())
+
+
+def test_split_nibble_kernel_every_config():
+    """cbq_kernels.gemm_tma4 on Hopper: each configuration of its autotuner exact with zero
+    points (int32 sums; N and M not multiples of any tile, H = 2048 bytes for K = 4096 and
+    528 for K = 1040, a partial K step), and the autotuned call's output bit-equal to the int8
+    TMA kernel's on the expanded weight."""
+    from cbq_kernels import gemm_tma, gemm_tma4
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9.0")
+    g = torch.Generator(device="cuda").manual_seed(21)
+    for m, n, k in ((200, 1000, 4096), (333, 1000, 1040)):
+        x = torch.randint(-127, 128, (m, k), generator=g, device="cuda", dtype=torch.int8)
+        q = torch.randint(0, 16, (n, k), generator=g, device="cuda", dtype=torch.uint8)
+        z = torch.randint(0, 16, (n,), generator=g, device="cuda", dtype=torch.uint8)
+        w_int = q.double() - z.double()[:, None]
+        want = x.double() @ w_int.t()
+        split = gemm_tma4.split_nibbles(q)
+        ones_m, ones_n = torch.ones(m, device="cuda"), torch.ones(n, device="cuda")
+        for cfg in gemm_tma4.CONFIGS:
+            meta = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            acc = gemm_tma4.gemm_w4a8_split(x, ones_m, split, k, z, ones_n, config=meta,
+                                            debug=True)  # fmt: skip
+            assert torch.equal(acc.double(), want), (m, n, k, meta)
+        xs = torch.rand(m, generator=g, device="cuda") + 0.01
+        ws = torch.rand(n, generator=g, device="cuda") + 0.01
+        bias = torch.randn(n, generator=g, device="cuda")
+        got = gemm_tma4.gemm_w4a8_split(x, xs, split, k, z, ws, bias)
+        expanded = (q.to(torch.int16) - z.to(torch.int16)[:, None]).to(torch.int8)
+        assert torch.equal(got, gemm_tma.gemm_int8_tma(x, xs, expanded, ws, bias,
+                                                       torch.bfloat16)), (m, n, k)  # fmt: skip
