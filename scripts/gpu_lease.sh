@@ -273,6 +273,7 @@ case $stage in
     # at M = 256 .. 8192 on the 70B and 7B shapes against the served W4A8 (expansion + TMA),
     # cuBLAS bf16 and fp8 (each bench_gemm row has them)
     environment
+    python3 scripts/wgmma_async_check.py 2>&1 | grep -iv warn | tee "$out/wgmma_async.txt"
     bash scripts/gpu_gemm.sh "$out/g" build
     timeout 150 python3 -m pytest -q -p no:cacheprovider \
       tests/kernels/test_gemm_cuda.py::test_split_nibble_kernel_every_config 2>&1 \
