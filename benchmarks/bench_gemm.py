@@ -70,6 +70,7 @@ from cbq_kernels.gemm import GemmPolicy, gemm_w4a4, gemm_w4a8, gemm_wonly, prepa
 from cbq_kernels.gemm_tma4 import gemm_w4a8_split, split_nibbles
 from cbq_kernels.gemm_triton import _A_FLOAT, _A_INT8, _launch, _split_k, fp8_available
 from cbq_kernels.packing import pack_ref as pack  # no compiled extension needed
+from cbq_kernels.packing import unpack_ref
 from cbq_kernels.testing import LLAMA_LINEAR_SHAPES
 
 MS = (1, 4, 16, 32, 64, 256, 1024, 2048, 4096, 8192)
@@ -278,7 +279,7 @@ def main() -> None:
                      m * k * 2 + wbytes(w4g)),
                 )  # fmt: skip
             if m >= 64 and torch.cuda.get_device_capability()[0] >= 9:  # the persistent
-                # TMA kernel after expansion (the default from GemmPolicy.tma_min_m = 2048)
+                # TMA kernel after expansion (the default from GemmPolicy.tma_min_m = 1024)
                 # and the pointer kernel it replaced there
                 cases += (("w4a8_tma", lambda: gemm_w4a8(xq8, xs8, w4, policy=TMA),
                            m * k + wbytes(w4)),
@@ -290,6 +291,12 @@ def main() -> None:
                            m * k // 2 + wbytes(w4)),
                           ("w4a8_split", lambda: gemm_w4a8_split(xq8, xs8, split4, k, z4, ws4),
                            m * k + split4.numel() + n * 5))  # fmt: skip
+                # W4A4 through it with the codes as fp8 e4m3 (fp8 MMAs the compiler keeps in
+                # flight; the activation quantizer would write e4m3: converted outside here)
+                x48 = (unpack_ref(xq4, 4, k).float() - 8).to(torch.float8_e4m3fn)
+                cases += (("w4a4_split8", lambda x48=x48: gemm_w4a8_split(x48, xs4, split4, k, z4,
+                                                                         ws4),
+                           m * k + split4.numel() + n * 5),)  # fmt: skip
             if m >= 256 and fp8_available(x.device):  # W4A4 on fp8 tensor cores (off by
                 # default: GemmPolicy.fp8_w4a4_min_m), exact product then the scaling pass
                 cases += (("w4a4_fp8", lambda: gemm_w4a4(xq4, xs4, w4, policy=FP8_W4A4),

@@ -1,6 +1,7 @@
-"""A prefill W4A8 GEMM that reads the 4-bit weight itself (no expansion pass), with TMA loads
-(Hopper). Experimental: bench_gemm's ``w4a8_split`` rows time it; the served dispatch does not
-call it yet.
+"""A prefill W4A8 / W4A4 GEMM that reads the 4-bit weight itself (no expansion pass), with TMA
+loads (Hopper). Experimental, written without a GPU (2026-12-06): bench_gemm's ``w4a8_split``
+and ``w4a4_split8`` rows time it, ``gpu_lease.sh OUT split`` tests and times it; the served
+dispatch does not call it yet.
 
 Why: the served W4A8 prefill expands the 4-bit codes to an int8 copy of ``q - z`` before the
 int8 GEMM (:mod:`cbq_kernels.gemm_tma`). Nsight Compute (H100, 79084c1, 2048 x 28672 x 8192):
@@ -23,6 +24,13 @@ This kernel avoids all three:
   the MMA's A operand, which wgmma can take from registers; the activation tile goes from TMA
   to shared memory as the B operand. The output tile is stored transposed.
 * **TMA loads in a persistent grid**, as gemm_tma.
+
+* **W4A4 on fp8 MMAs** (activation codes given as fp8 e4m3): Triton keeps no int32-accumulator
+  MMA in flight (scripts/wgmma_async_check.py: every int8 MMA is waited on before the next is
+  issued), but it does keep fp8 ones with fp32 accumulators; int4 codes and ``q - z`` are
+  exact in e4m3, and so are their sums in fp32 below 2^24, if the tensor core's own fp8
+  accumulation keeps them (the GPU test decides). Compiled for sm_90 here (Triton 3.9): the
+  fp8 form's MMAs are asynchronous (``pendings = 3``), the int8 form's are not.
 
 The int32 sums are exact (int8 x int8 products; codes and zero points in 0..15); the epilogue
 is the other kernels' two fp32 products in the same order, ``(acc * s_w[n]) * s_x[m]``, so the
@@ -63,9 +71,10 @@ def half_width(k: int) -> int:
 
 
 def takes(x: Tensor, w_split: Tensor) -> bool:
-    """int8 activation codes with 16-byte rows and base, a uint8 split weight, on a GPU with
-    TMA or in the interpreter."""
-    if TensorDescriptor is None or x.dtype != torch.int8 or w_split.dtype != torch.uint8:
+    """int8 (or fp8 e4m3) activation codes with 16-byte rows and base, a uint8 split weight, on
+    a GPU with TMA or in the interpreter."""
+    if (TensorDescriptor is None or x.dtype not in (torch.int8, torch.float8_e4m3fn)
+            or w_split.dtype != torch.uint8):
         return False
     if x.shape[1] % 16 or not x.is_contiguous() or x.data_ptr() % 16:
         return False
@@ -96,12 +105,17 @@ CONFIGS = [
 def _w4_split_kernel(a_desc, w_desc, wz_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, H,
                      HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
                      NUM_PROGRAMS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_H: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+                     BLOCK_H: tl.constexpr, GROUP_M: tl.constexpr, FP8: tl.constexpr = False,
+                     IMPRECISE: tl.constexpr = 0):  # fmt: skip
     """Persistent over (m, n) tiles in grouped order (GROUP_M row tiles share a weight tile in
     L2). Per K step: one byte tile of the weight (BLOCK_N x BLOCK_H) -> low and high code
     tiles, minus the zero point; two activation tiles (columns j.. and H + j..; TMA zero-fills
     past K); two MMAs into the transposed accumulator. Bytes past H (zero-filled) and codes
-    past K (padding) would be -z with a zero point, so they are masked."""
+    past K (padding) would be -z with a zero point, so they are masked. FP8: the activation
+    tiles are fp8 e4m3 (int4 codes, exact there), the weight codes go to e4m3 too (|q - z|
+    <= 15: exact) and the MMAs accumulate in fp32, promoted from the tensor core's
+    reduced-precision accumulator every IMPRECISE products (wgmma with an fp32 accumulator is
+    one Triton keeps in flight; the int32 one it does not: scripts/wgmma_async_check.py)."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     h_tiles = tl.cdiv(H, BLOCK_H)
@@ -117,7 +131,14 @@ def _w4_split_kernel(a_desc, w_desc, wz_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, 
         mn = rn < N
         if HAS_Z:
             z = tl.load(wz_ptr + rn, mask=mn, other=0).to(tl.int8)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.int32)
+        if FP8:  # one accumulator per dot: a dot whose result feeds another dot in the same
+            # iteration is waited on at once by Triton's pipeliner (dotCanBeProperlyAsync,
+            # rule 2); two independent chains stay in flight. Summed after the K loop (exact:
+            # integers below 2^24).
+            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            acc2 = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.int32)
         for t in range(h_tiles):
             wb = w_desc.load([off_n, t * BLOCK_H])
             lo = (wb & 15).to(tl.int8)
@@ -129,14 +150,22 @@ def _w4_split_kernel(a_desc, w_desc, wz_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, 
                 hi = tl.where((cols + H < K)[None, :], hi - z[:, None], 0).to(tl.int8)
             a_lo = a_desc.load([off_m, t * BLOCK_H])
             a_hi = a_desc.load([off_m, H + t * BLOCK_H])
-            acc = tl.dot(lo, a_lo.T, acc, out_dtype=tl.int32)
-            acc = tl.dot(hi, a_hi.T, acc, out_dtype=tl.int32)
+            if FP8:
+                lo8 = lo.to(tl.float16).to(tl.float8e4nv)
+                hi8 = hi.to(tl.float16).to(tl.float8e4nv)
+                acc = tl.dot(lo8, a_lo.T, acc, max_num_imprecise_acc=IMPRECISE)
+                acc2 = tl.dot(hi8, a_hi.T, acc2, max_num_imprecise_acc=IMPRECISE)
+            else:
+                acc = tl.dot(lo, a_lo.T, acc, out_dtype=tl.int32)
+                acc = tl.dot(hi, a_hi.T, acc, out_dtype=tl.int32)
+        if FP8:
+            acc = acc + acc2
         rm = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)
         mm = rm < M
         mo = mn[:, None] & mm[None, :]
         ptrs = out_ptr + rm[None, :] * N + rn.to(tl.int64)[:, None]
         if DEBUG:
-            tl.store(ptrs, acc, mask=mo)
+            tl.store(ptrs, acc.to(tl.int32), mask=mo)
         else:
             out = acc.to(tl.float32) * tl.load(ws_ptr + rn, mask=mn, other=0.0)[:, None]
             out = out * tl.load(xs_ptr + rm, mask=mm, other=0.0)[None, :]
@@ -148,15 +177,21 @@ def _w4_split_kernel(a_desc, w_desc, wz_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, 
 @triton.jit
 def _w4_split_entry(a_desc, w_desc, wz_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, H,
                     M_BUCKET, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
-                    NUM_PROGRAMS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_H: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+                    NUM_PROGRAMS: tl.constexpr, FP8: tl.constexpr, IMPRECISE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+                    GROUP_M: tl.constexpr):  # fmt: skip
     """The kernel with an M bucket argument, the autotuning key."""
     _w4_split_kernel(a_desc, w_desc, wz_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, H,
                      HAS_Z, HAS_BIAS, DEBUG, NUM_PROGRAMS, BLOCK_N, BLOCK_M, BLOCK_H,
-                     GROUP_M)  # fmt: skip
+                     GROUP_M, FP8, IMPRECISE)  # fmt: skip
 
 
-_w4_split_tuned = triton.autotune(configs=CONFIGS, key=["M_BUCKET", "N", "K"],
+# fp8 products summed in the tensor core's own accumulator before each promotion to fp32: 64
+# products of |x (q - z)| <= 8 x 15 stay below 2^13 (Hopper's fp8 MMA is reported to keep
+# ~14 bits there), so the fp32 sums stay exact integers
+_IMPRECISE = 64
+
+_w4_split_tuned = triton.autotune(configs=CONFIGS, key=["M_BUCKET", "N", "K", "FP8"],
                                   do_bench=tune_bench,
                                   **AUTOTUNE_CACHE)(_w4_split_entry)  # fmt: skip
 
@@ -167,28 +202,33 @@ def gemm_w4a8_split(x: Tensor, xs: Tensor, w_split: Tensor, k: int, zeros: Tenso
                     ws: Tensor, bias: Tensor | None = None,
                     out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None,
                     debug: bool = False) -> Tensor:  # fmt: skip
-    """(M, N) = ((x @ (q - z)^T) * ws[n]) * xs[m] (+ bias): x (M, K) int8 codes, ``w_split``
-    (N, H) from :func:`split_nibbles` of codes q (N, k), ``zeros`` (N,) per-channel zero
-    points or None, xs (M,), ws (N,) fp32. ``debug``: the int32 sums. ``config`` bypasses the
-    autotuner (the GPU test of every configuration)."""
+    """(M, N) = ((x @ (q - z)^T) * ws[n]) * xs[m] (+ bias): x (M, K) int8 codes, or int4
+    codes held as fp8 e4m3 (the W4A4 form: fp8 MMAs with fp32 sums), ``w_split`` (N, H) from
+    :func:`split_nibbles` of codes q (N, k), ``zeros`` (N,) per-channel zero points or None,
+    xs (M,), ws (N,) fp32. ``debug``: the int32 sums. ``config`` bypasses the autotuner (the
+    GPU test of every configuration)."""
     m, kx = x.shape
     n, h = w_split.shape
     if kx != k or h != half_width(k):
         raise ValueError(f"x (M, {kx}) and a split weight of {h}-byte rows do not make K = {k} "
                          f"(split_nibbles gives {half_width(k)}-byte rows)")  # fmt: skip
     if not takes(x, w_split):
-        raise ValueError("gemm_w4a8_split needs int8 x with K % 16 == 0 (TMA) and a uint8 "
-                         "split weight on a GPU of compute capability >= 9.0")  # fmt: skip
+        raise ValueError("gemm_w4a8_split needs int8 or fp8 e4m3 x with K % 16 == 0 (TMA) and "
+                         "a uint8 split weight on a GPU of compute capability >= 9.0")  # fmt: skip
     out = torch.empty((m, n), dtype=torch.int32 if debug else out_dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     xs, ws = xs.float().contiguous(), ws.float().contiguous()
     z_arg = zeros.to(torch.int32).contiguous() if zeros is not None else ws
     bias_arg = bias if bias is not None else ws
-    flags = {"HAS_Z": zeros is not None, "HAS_BIAS": bias is not None, "DEBUG": debug}
+    fp8 = x.dtype == torch.float8_e4m3fn
+    flags = {"HAS_Z": zeros is not None, "HAS_BIAS": bias is not None, "DEBUG": debug,
+             "FP8": fp8, "IMPRECISE": _IMPRECISE if fp8 else 0}  # fmt: skip
     if x.device.type == "cpu" or config is not None:
         meta = dict(config if config is not None else _CPU_CONFIG)
         launch = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
+        if fp8:
+            flags["IMPRECISE"] = min(_IMPRECISE, meta["BLOCK_H"])
         a = TensorDescriptor.from_tensor(x, [meta["BLOCK_M"], meta["BLOCK_H"]])
         w = TensorDescriptor.from_tensor(w_split, [meta["BLOCK_N"], meta["BLOCK_H"]])
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])

@@ -181,7 +181,7 @@ case $stage in
       | tail -3
     [ "${CBQ_PNCU:-1}" = 1 ] && timeout 120 bash scripts/gpu_gemm.sh "$out/g" pncu
     CBQ_BENCH_MS=${CBQ_BENCH_MS:-64,256,1024,2048,4096,8192} \
-      CBQ_BENCH_KERNELS=$served,w4a8_inloop,w4a4_fp8,w4a8_tma,w4a4_tma,w4a8_ptr,w4a4_ptr,w4a8_split \
+      CBQ_BENCH_KERNELS=$served,w4a8_inloop,w4a4_fp8,w4a8_tma,w4a4_tma,w4a8_ptr,w4a4_ptr,w4a8_split,w4a4_split8 \
       timeout ${CBQ_BENCH_S:-540} python3 benchmarks/bench_gemm.py --out "$out/prefill" 2>&1 \
       | grep -v "done$" | tail -2
     pack ;;
@@ -280,7 +280,7 @@ case $stage in
       | tee "$out/g/pytest_split.txt" | tail -3
     CBQ_BENCH_MS=${CBQ_BENCH_MS:-256,1024,2048,4096,8192} \
       CBQ_BENCH_SHAPES=${CBQ_BENCH_SHAPES:-70b_gate_up,70b_down,70b_q_o,7b_gate_up,7b_down,7b_qkvo} \
-      CBQ_BENCH_KERNELS=w4a8,w4a8_tma,w4a8_split timeout ${CBQ_BENCH_S:-300} \
+      CBQ_BENCH_KERNELS=w4a8,w4a8_tma,w4a8_split,w4a4,w4a4_fp8,w4a4_split8 timeout ${CBQ_BENCH_S:-300} \
       python3 benchmarks/bench_gemm.py --out "$out/split" 2>&1 | grep -v "done$" | tail -2
     pack ;;
   compiled)  # carry .cbq_commit: the captured compiled step (torch.compile of the forward,

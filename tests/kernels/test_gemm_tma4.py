@@ -49,6 +49,17 @@ def test_int32_sums_are_exact(shape, with_zeros):
     assert torch.equal(acc.long(), x.long() @ w.t())
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp8_form_is_exact(shape):
+    """W4A4 codes held as fp8 e4m3 (exact), fp8 MMAs with fp32 sums: the same int32 sums."""
+    m, n, k = shape
+    _, q, z, g = _case(m, n, k, seed=2)
+    x = torch.randint(-8, 8, (m, k), generator=g, dtype=torch.int8)
+    acc = gemm_w4a8_split(x.float().to(torch.float8_e4m3fn), torch.ones(m), split_nibbles(q), k,
+                          z, torch.ones(n), debug=True)  # fmt: skip
+    assert torch.equal(acc.long(), x.long() @ (q.long() - z.long()[:, None]).t())
+
+
 @pytest.mark.parametrize("shape", SHAPES[:3])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
@@ -70,5 +81,5 @@ def test_errors():
     with pytest.raises(ValueError, match="do not make K = 80"):  # rows of 32 bytes, not 48
         gemm_w4a8_split(torch.zeros(4, 80, dtype=torch.int8), torch.ones(4), w, 80, z,
                         torch.ones(8))  # fmt: skip
-    with pytest.raises(ValueError, match="needs int8 x with K % 16 == 0"):
+    with pytest.raises(ValueError, match="needs int8 or fp8 e4m3 x with K % 16 == 0"):
         gemm_w4a8_split(x.float(), torch.ones(4), w, 48, z, torch.ones(8))
