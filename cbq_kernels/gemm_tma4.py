@@ -105,17 +105,21 @@ CONFIGS = [
 def _w4_split_kernel(a_desc, w_desc, wz_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, H,
                      HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
                      NUM_PROGRAMS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_H: tl.constexpr, GROUP_M: tl.constexpr, FP8: tl.constexpr = False,
-                     IMPRECISE: tl.constexpr = 0):  # fmt: skip
+                     BLOCK_H: tl.constexpr, GROUP_M: tl.constexpr,
+                     FP8: tl.constexpr = False):  # fmt: skip
     """Persistent over (m, n) tiles in grouped order (GROUP_M row tiles share a weight tile in
     L2). Per K step: one byte tile of the weight (BLOCK_N x BLOCK_H) -> low and high code
     tiles, minus the zero point; two activation tiles (columns j.. and H + j..; TMA zero-fills
     past K); two MMAs into the transposed accumulator. Bytes past H (zero-filled) and codes
     past K (padding) would be -z with a zero point, so they are masked. FP8: the activation
     tiles are fp8 e4m3 (int4 codes, exact there), the weight codes go to e4m3 too (|q - z|
-    <= 15: exact) and the MMAs accumulate in fp32, promoted from the tensor core's
-    reduced-precision accumulator every IMPRECISE products (wgmma with an fp32 accumulator is
-    one Triton keeps in flight; the int32 one it does not: scripts/wgmma_async_check.py)."""
+    <= 15: exact) and the MMAs accumulate in fp32: wgmma with an fp32 accumulator is one
+    Triton keeps in flight, the int32 one it is not (scripts/wgmma_async_check.py). Not known
+    yet: whether the sums stay exact. Hopper's fp8 MMA is reported to add into its accumulator
+    with ~14 bits kept (DeepSeek-V3), and Triton's promotion to CUDA-core adds
+    (``max_num_imprecise_acc``) is off by default on sm_90 and reset to off when it splits a
+    register-operand dot (compiled TTGIR: maxNumImpreciseAcc = 2^30 whatever is passed); the
+    GPU test at K = 8192 decides."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     h_tiles = tl.cdiv(H, BLOCK_H)
@@ -131,35 +135,36 @@ def _w4_split_kernel(a_desc, w_desc, wz_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, 
         mn = rn < N
         if HAS_Z:
             z = tl.load(wz_ptr + rn, mask=mn, other=0).to(tl.int8)
-        if FP8:  # one accumulator per dot: a dot whose result feeds another dot in the same
-            # iteration is waited on at once by Triton's pipeliner (dotCanBeProperlyAsync,
-            # rule 2); two independent chains stay in flight. Summed after the K loop (exact:
-            # integers below 2^24).
+        if FP8:  # one dot per iteration, low then high half of each byte tile: a dot whose
+            # result feeds another dot in the same iteration is waited on at once by Triton's
+            # pipeliner (dotCanBeProperlyAsync, rule 2), and a second accumulator spills
             acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-            acc2 = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            for s in range(2 * h_tiles):
+                t = s // 2
+                half = s % 2
+                wb = w_desc.load([off_n, t * BLOCK_H])
+                code = ((wb >> (4 * half)) & 15).to(tl.int8)
+                if HAS_Z:
+                    cols = t * BLOCK_H + tl.arange(0, BLOCK_H)
+                    ok = (cols < H) & (half * H + cols < K)
+                    code = tl.where(ok[None, :], code - z[:, None], 0).to(tl.int8)
+                a = a_desc.load([off_m, half * H + t * BLOCK_H])
+                acc = tl.dot(code.to(tl.float16).to(tl.float8e4nv), a.T, acc)
         else:
             acc = tl.zeros((BLOCK_N, BLOCK_M), tl.int32)
-        for t in range(h_tiles):
-            wb = w_desc.load([off_n, t * BLOCK_H])
-            lo = (wb & 15).to(tl.int8)
-            hi = (wb >> 4).to(tl.int8)
-            if HAS_Z:
-                cols = t * BLOCK_H + tl.arange(0, BLOCK_H)
-                lo = tl.where(((cols < H) & (cols < K))[None, :], lo - z[:, None],
-                              0).to(tl.int8)  # fmt: skip
-                hi = tl.where((cols + H < K)[None, :], hi - z[:, None], 0).to(tl.int8)
-            a_lo = a_desc.load([off_m, t * BLOCK_H])
-            a_hi = a_desc.load([off_m, H + t * BLOCK_H])
-            if FP8:
-                lo8 = lo.to(tl.float16).to(tl.float8e4nv)
-                hi8 = hi.to(tl.float16).to(tl.float8e4nv)
-                acc = tl.dot(lo8, a_lo.T, acc, max_num_imprecise_acc=IMPRECISE)
-                acc2 = tl.dot(hi8, a_hi.T, acc2, max_num_imprecise_acc=IMPRECISE)
-            else:
+            for t in range(h_tiles):
+                wb = w_desc.load([off_n, t * BLOCK_H])
+                lo = (wb & 15).to(tl.int8)
+                hi = (wb >> 4).to(tl.int8)
+                if HAS_Z:
+                    cols = t * BLOCK_H + tl.arange(0, BLOCK_H)
+                    lo = tl.where(((cols < H) & (cols < K))[None, :], lo - z[:, None],
+                                  0).to(tl.int8)  # fmt: skip
+                    hi = tl.where((cols + H < K)[None, :], hi - z[:, None], 0).to(tl.int8)
+                a_lo = a_desc.load([off_m, t * BLOCK_H])
+                a_hi = a_desc.load([off_m, H + t * BLOCK_H])
                 acc = tl.dot(lo, a_lo.T, acc, out_dtype=tl.int32)
                 acc = tl.dot(hi, a_hi.T, acc, out_dtype=tl.int32)
-        if FP8:
-            acc = acc + acc2
         rm = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)
         mm = rm < M
         mo = mn[:, None] & mm[None, :]
@@ -177,19 +182,14 @@ def _w4_split_kernel(a_desc, w_desc, wz_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, 
 @triton.jit
 def _w4_split_entry(a_desc, w_desc, wz_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, H,
                     M_BUCKET, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, DEBUG: tl.constexpr,
-                    NUM_PROGRAMS: tl.constexpr, FP8: tl.constexpr, IMPRECISE: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+                    NUM_PROGRAMS: tl.constexpr, FP8: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
                     GROUP_M: tl.constexpr):  # fmt: skip
     """The kernel with an M bucket argument, the autotuning key."""
     _w4_split_kernel(a_desc, w_desc, wz_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, H,
                      HAS_Z, HAS_BIAS, DEBUG, NUM_PROGRAMS, BLOCK_N, BLOCK_M, BLOCK_H,
-                     GROUP_M, FP8, IMPRECISE)  # fmt: skip
+                     GROUP_M, FP8)  # fmt: skip
 
-
-# fp8 products summed in the tensor core's own accumulator before each promotion to fp32: 64
-# products of |x (q - z)| <= 8 x 15 stay below 2^13 (Hopper's fp8 MMA is reported to keep
-# ~14 bits there), so the fp32 sums stay exact integers
-_IMPRECISE = 64
 
 _w4_split_tuned = triton.autotune(configs=CONFIGS, key=["M_BUCKET", "N", "K", "FP8"],
                                   do_bench=tune_bench,
@@ -223,12 +223,10 @@ def gemm_w4a8_split(x: Tensor, xs: Tensor, w_split: Tensor, k: int, zeros: Tenso
     bias_arg = bias if bias is not None else ws
     fp8 = x.dtype == torch.float8_e4m3fn
     flags = {"HAS_Z": zeros is not None, "HAS_BIAS": bias is not None, "DEBUG": debug,
-             "FP8": fp8, "IMPRECISE": _IMPRECISE if fp8 else 0}  # fmt: skip
+             "FP8": fp8}  # fmt: skip
     if x.device.type == "cpu" or config is not None:
         meta = dict(config if config is not None else _CPU_CONFIG)
         launch = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
-        if fp8:
-            flags["IMPRECISE"] = min(_IMPRECISE, meta["BLOCK_H"])
         a = TensorDescriptor.from_tensor(x, [meta["BLOCK_M"], meta["BLOCK_H"]])
         w = TensorDescriptor.from_tensor(w_split, [meta["BLOCK_N"], meta["BLOCK_H"]])
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])

@@ -1,0 +1,69 @@
+"""cbq_kernels.gemm_tma4 compiled ahead of time for sm_90a without a GPU: per autotuner
+configuration and form (int8 activations; W4A4 codes as fp8 e4m3), the registers and spills
+``ptxas -v`` reports (the CUDA toolkit's ptxas, the PTX's ``.version`` lowered to what it
+reads, as scripts/triton_ptxas.py does), the shared memory, and the ``warp_group_dot_wait``
+pendings of the TTGIR (1: the MMAs stay in flight; only 0: each one is waited on).
+
+    python scripts/gemm_tma4_aot.py [--ptxas ptxas]
+
+The numbers belong to the Triton version that runs the script (printed first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cbq_kernels.gemm_tma4 import CONFIGS, _w4_split_kernel
+
+
+def compile_one(cfg: triton.Config, fp8: bool, ptxas: str) -> str:
+    bn, bm, bh = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_H"]
+    sig = {"a_desc": f"tensordesc<{'fp8e4nv' if fp8 else 'i8'}[{bm}, {bh}]>",
+           "w_desc": f"tensordesc<u8[{bn}, {bh}]>", "wz_ptr": "*i32", "xs_ptr": "*fp32",
+           "ws_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32",
+           "K": "i32", "H": "i32"}  # fmt: skip
+    const = {"HAS_Z": True, "HAS_BIAS": False, "DEBUG": False, "NUM_PROGRAMS": 132,
+             "BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_H": bh, "GROUP_M": 8, "FP8": fp8}  # fmt: skip
+    sig.update(dict.fromkeys(const, "constexpr"))
+    k = triton.compile(ASTSource(fn=_w4_split_kernel, signature=sig, constexprs=const),
+                       target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": cfg.num_warps,
+                                "num_stages": cfg.num_stages})  # fmt: skip
+    waits = Counter(re.findall(r"pendings = (\d+)", k.asm["ttgir"]))
+    ptx = re.sub(r"^\.version \d+\.\d+", ".version 8.7", k.asm["ptx"], flags=re.M)
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(Path(d) / "k.o")],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    regs = re.search(r"Used (\d+) registers", r.stderr).group(1)
+    spill = re.search(r"(\d+) bytes spill stores", r.stderr).group(1)
+    return (f"{'fp8 ' if fp8 else 'int8'} {bn}x{bm}x{bh} w{cfg.num_warps} s{cfg.num_stages}: "
+            f"{regs} registers, {spill} B spilled, shared {k.metadata.shared} B, waits "
+            f"{dict(sorted(waits.items()))}")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--ptxas", default="ptxas")
+    args = p.parse_args()
+    print(f"Triton {triton.__version__}")
+    for fp8 in (False, True):
+        for cfg in CONFIGS:
+            print(compile_one(cfg, fp8, args.ptxas), flush=True)
+
+
+if __name__ == "__main__":
+    main()
