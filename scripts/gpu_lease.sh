@@ -243,29 +243,33 @@ case $stage in
     CBQ_GEN_COMPILE=graph CBQ_GEN_POLICY='{"prologue_pdl": true}' \
       CBQ_GEN_SETTINGS=W4A8,W4A4,W4A16g128 g 140 gen_qpdl
     pack ;;
-  solo)  # carry .carry/{a,shared} .cbq_commit: one call when machines are scarce (2026-12-06),
-    # bounded by CBQ_STAGE_S seconds: the GPU tests of what main holds untested (the RMSNorm
-    # kernel, GemmPolicy.prologue_pdl, the TMA prefill kernel, then the served model at the new
-    # defaults: packed GQA attention and the RMSNorm kernel), then bench_gemm's prefill rows
-    # (the TMA kernel against the pointer kernel, cuBLAS and fp8; CBQ_BENCH_SHAPES) and Nsight
-    # Compute on the prefill path in what is left; the GGUF's first half kept in /tmp for
-    # `check14` (CBQ_CHECK_ONLY=1 there)
+  solo)  # carry .cbq_commit: one call when machines are scarce, bounded by CBQ_STAGE_S
+    # seconds (2026-12-06, session 10's list): Triton's wgmma waits under the GPU machine's
+    # Triton; build; the split-nibble kernel's GPU test (cbq_kernels.gemm_tma4, both forms);
+    # bench_gemm's prefill rows of it against the served W4A8 / W4A4 and cuBLAS bf16 / fp8 on
+    # 70b and 7b gate/up; then bench_generate at batch 1 with GemmPolicy.prologue_pdl against
+    # the defaults in what is left
     stage_s=${CBQ_STAGE_S:-550}
     environment
-    cp .carry/a/gguf.part.aa /tmp/ 2>/dev/null
+    python3 scripts/wgmma_async_check.py 2>&1 | grep -iv warn | tee "$out/wgmma_async.txt"
     bash scripts/gpu_gemm.sh "$out/g" build
-    t=$(( stage_s - SECONDS - 70 )); [ $t -gt 30 ] || t=30
-    timeout $t python3 -m pytest -q -p no:cacheprovider -rs tests/kernels/test_rmsnorm_cuda.py \
-      "tests/kernels/test_act_quant_cuda.py::test_pdl_launch_gives_the_same_bits" \
-      "tests/kernels/test_gemm_decode_cuda.py::test_prologue_launched_with_pdl_gives_the_same_bits" \
-      tests/kernels/test_gemm_cuda.py::test_tma_kernel_every_config_and_the_served_call \
-      tests/ptq/test_serve_cuda.py 2>&1 | tee "$out/pytest_solo.txt" | tail -4
-    CBQ_BENCH_MS=2048,8192 CBQ_BENCH_SHAPES=${CBQ_BENCH_SHAPES:-70b_gate_up,7b_gate_up} \
-      CBQ_BENCH_KERNELS=w4a8,w4a4,w4a4_fp8,w4a8_tma,w4a4_tma \
-      timeout $(( stage_s - 15 - SECONDS )) python3 benchmarks/bench_gemm.py \
-      --out "$out/prefill" 2>&1 | grep -v "done$" | tail -2
-    left=$(( stage_s - SECONDS ))
-    [ $left -gt 40 ] && timeout $left bash scripts/gpu_gemm.sh "$out/g" pncu
+    timeout 150 python3 -m pytest -q -p no:cacheprovider \
+      tests/kernels/test_gemm_cuda.py::test_split_nibble_kernel_every_config 2>&1 \
+      | tee "$out/pytest_split.txt" | tail -3
+    CBQ_BENCH_MS=1024,2048,8192 CBQ_BENCH_SHAPES=${CBQ_BENCH_SHAPES:-70b_gate_up,7b_gate_up} \
+      CBQ_BENCH_KERNELS=w4a8,w4a8_split,w4a4,w4a4_fp8,w4a4_split8 \
+      timeout $(( stage_s / 2 - SECONDS > 60 ? stage_s / 2 - SECONDS : 60 )) \
+      python3 benchmarks/bench_gemm.py --out "$out/split" 2>&1 | grep -v "done$" | tail -2
+    left=$(( stage_s - 15 - SECONDS ))
+    if [ $left -gt 90 ]; then
+      for pol in '{}' '{"prologue_pdl": true}'; do
+        CBQ_GEN_MODELS=llama2-7b CBQ_GEN_BATCHES=1 CBQ_GEN_PROMPTS=512 CBQ_GEN_NEW=128 \
+          CBQ_GEN_PREFILL=graph CBQ_GEN_COMPILE=graph CBQ_GEN_POLICY="$pol" \
+          CBQ_GEN_SETTINGS=W4A8 timeout $(( left / 2 )) python3 benchmarks/bench_generate.py \
+          --out "$out/gen_pdl_$([ "$pol" = '{}' ] && echo off || echo on)" 2>&1 \
+          | grep -v Warning | grep -v "^{" | cut -c1-200 | tail -2
+      done
+    fi
     pack ;;
   split)  # carry .cbq_commit: the split-nibble W4A8 prefill kernel (cbq_kernels.gemm_tma4, no
     # expansion pass; written 2026-12-06, not yet run on a GPU): its GPU test (every
