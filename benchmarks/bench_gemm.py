@@ -64,9 +64,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import Environment, Table, Timing, cli, write_report
-from cbq_kernels import formats
+from cbq_kernels import formats, gemm_gluon
 from cbq_kernels.act_quant import act_quant
 from cbq_kernels.gemm import GemmPolicy, gemm_w4a4, gemm_w4a8, gemm_wonly, prepare_weight
+from cbq_kernels.gemm_tma import gemm_int8_tma
 from cbq_kernels.gemm_tma4 import gemm_w4a8_split, split_nibbles
 from cbq_kernels.gemm_triton import _A_FLOAT, _A_INT8, _launch, _split_k, fp8_available
 from cbq_kernels.packing import pack_ref as pack  # no compiled extension needed
@@ -291,6 +292,13 @@ def main() -> None:
                            m * k // 2 + wbytes(w4)),
                           ("w4a8_split", lambda: gemm_w4a8_split(xq8, xs8, split4, k, z4, ws4),
                            m * k + split4.numel() + n * 5))  # fmt: skip
+                if gemm_gluon.available(xq8):  # the int8 GEMM alone on an int8 weight: the
+                    # Gluon kernel (MMAs in flight) against the TMA kernel (each waited on)
+                    w_i8 = w_i8_t.t()
+                    cases += (("int8_gluon", lambda w_i8=w_i8: gemm_gluon.gemm_int8_gluon(
+                                   xq8, xs8, w_i8, ws4, None, torch.bfloat16), m * k + n * k),
+                              ("int8_tma", lambda w_i8=w_i8: gemm_int8_tma(
+                                   xq8, xs8, w_i8, ws4, None, torch.bfloat16), m * k + n * k))
                 # W4A4 through it with the codes as fp8 e4m3 (fp8 MMAs the compiler keeps in
                 # flight; the activation quantizer would write e4m3: converted outside here)
                 x48 = (unpack_ref(xq4, 4, k).float() - 8).to(torch.float8_e4m3fn)

@@ -181,7 +181,7 @@ case $stage in
       | tail -3
     [ "${CBQ_PNCU:-1}" = 1 ] && timeout 120 bash scripts/gpu_gemm.sh "$out/g" pncu
     CBQ_BENCH_MS=${CBQ_BENCH_MS:-64,256,1024,2048,4096,8192} \
-      CBQ_BENCH_KERNELS=$served,w4a8_inloop,w4a4_fp8,w4a8_tma,w4a4_tma,w4a8_ptr,w4a4_ptr,w4a8_split,w4a4_split8 \
+      CBQ_BENCH_KERNELS=$served,w4a8_inloop,w4a4_fp8,w4a8_tma,w4a4_tma,w4a8_ptr,w4a4_ptr,w4a8_split,w4a4_split8,int8_gluon,int8_tma \
       timeout ${CBQ_BENCH_S:-540} python3 benchmarks/bench_gemm.py --out "$out/prefill" 2>&1 \
       | grep -v "done$" | tail -2
     pack ;;
@@ -245,7 +245,8 @@ case $stage in
     pack ;;
   solo)  # carry .cbq_commit: one call when machines are scarce, bounded by CBQ_STAGE_S
     # seconds (2026-12-06, session 10's list): Triton's wgmma waits under the GPU machine's
-    # Triton; build; the split-nibble kernel's GPU test (cbq_kernels.gemm_tma4, both forms);
+    # Triton; build; the GPU tests of the split-nibble kernel (cbq_kernels.gemm_tma4, both
+    # forms) and of the Gluon int8 GEMM (cbq_kernels.gemm_gluon: its MMAs in flight);
     # bench_gemm's prefill rows of it against the served W4A8 / W4A4 and cuBLAS bf16 / fp8 on
     # 70b and 7b gate/up; then bench_generate at batch 1 with GemmPolicy.prologue_pdl against
     # the defaults in what is left
@@ -254,10 +255,11 @@ case $stage in
     python3 scripts/wgmma_async_check.py 2>&1 | grep -iv warn | tee "$out/wgmma_async.txt"
     bash scripts/gpu_gemm.sh "$out/g" build
     timeout 150 python3 -m pytest -q -p no:cacheprovider \
-      tests/kernels/test_gemm_cuda.py::test_split_nibble_kernel_every_config 2>&1 \
+      tests/kernels/test_gemm_cuda.py::test_split_nibble_kernel_every_config \
+      tests/kernels/test_gemm_cuda.py::test_gluon_int8_kernel_every_config 2>&1 \
       | tee "$out/pytest_split.txt" | tail -3
     CBQ_BENCH_MS=1024,2048,8192 CBQ_BENCH_SHAPES=${CBQ_BENCH_SHAPES:-70b_gate_up,7b_gate_up} \
-      CBQ_BENCH_KERNELS=w4a8,w4a8_split,w4a4,w4a4_fp8,w4a4_split8 \
+      CBQ_BENCH_KERNELS=w4a8,w4a8_split,w4a4,w4a4_fp8,w4a4_split8,int8_gluon,int8_tma \
       timeout $(( stage_s / 2 - SECONDS > 60 ? stage_s / 2 - SECONDS : 60 )) \
       python3 benchmarks/bench_gemm.py --out "$out/split" 2>&1 | grep -v "done$" | tail -2
     left=$(( stage_s - 15 - SECONDS ))
@@ -272,19 +274,22 @@ case $stage in
     fi
     pack ;;
   split)  # carry .cbq_commit: the split-nibble W4A8 prefill kernel (cbq_kernels.gemm_tma4, no
-    # expansion pass; written 2026-12-06, not yet run on a GPU): its GPU test (every
-    # configuration exact, the autotuned call's bits = the int8 TMA kernel's), then bench_gemm
+    # expansion pass) and the Gluon int8 GEMM (cbq_kernels.gemm_gluon, MMAs in flight), both
+    # written 2026-12-06 and not yet run on a GPU: their GPU tests (every configuration exact,
+    # the bits of the int8 TMA kernel), then bench_gemm
     # at M = 256 .. 8192 on the 70B and 7B shapes against the served W4A8 (expansion + TMA),
     # cuBLAS bf16 and fp8 (each bench_gemm row has them)
     environment
     python3 scripts/wgmma_async_check.py 2>&1 | grep -iv warn | tee "$out/wgmma_async.txt"
     bash scripts/gpu_gemm.sh "$out/g" build
-    timeout 150 python3 -m pytest -q -p no:cacheprovider \
-      tests/kernels/test_gemm_cuda.py::test_split_nibble_kernel_every_config 2>&1 \
+    timeout 200 python3 -m pytest -q -p no:cacheprovider \
+      tests/kernels/test_gemm_cuda.py::test_split_nibble_kernel_every_config \
+      tests/kernels/test_gemm_cuda.py::test_gluon_int8_kernel_every_config 2>&1 \
       | tee "$out/g/pytest_split.txt" | tail -3
     CBQ_BENCH_MS=${CBQ_BENCH_MS:-256,1024,2048,4096,8192} \
       CBQ_BENCH_SHAPES=${CBQ_BENCH_SHAPES:-70b_gate_up,70b_down,70b_q_o,7b_gate_up,7b_down,7b_qkvo} \
-      CBQ_BENCH_KERNELS=w4a8,w4a8_tma,w4a8_split,w4a4,w4a4_fp8,w4a4_split8 timeout ${CBQ_BENCH_S:-300} \
+      CBQ_BENCH_KERNELS=w4a8,w4a8_tma,w4a8_split,w4a4,w4a4_fp8,w4a4_split8,int8_gluon,int8_tma \
+      timeout ${CBQ_BENCH_S:-300} \
       python3 benchmarks/bench_gemm.py --out "$out/split" 2>&1 | grep -v "done$" | tail -2
     pack ;;
   compiled)  # carry .cbq_commit: the captured compiled step (torch.compile of the forward,

@@ -294,3 +294,28 @@ def test_split_nibble_kernel_every_config():
         expanded = (q.to(torch.int16) - z.to(torch.int16)[:, None]).to(torch.int8)
         assert torch.equal(got, gemm_tma.gemm_int8_tma(x, xs, expanded, ws, bias,
                                                        torch.bfloat16)), (m, n, k)  # fmt: skip
+
+
+def test_gluon_int8_kernel_every_config():
+    """cbq_kernels.gemm_gluon on Hopper: each configuration exact (int32 sums; M, N and K
+    tails), and its bf16 output with bias bit-equal to the TMA kernel's (same epilogue)."""
+    from cbq_kernels import gemm_gluon, gemm_tma
+
+    if torch.cuda.get_device_capability()[0] != 9 or gemm_gluon.gluon is None:
+        pytest.skip("needs Hopper and Triton's Gluon")
+    g = torch.Generator(device="cuda").manual_seed(31)
+    for m, n, k in ((200, 1000, 4096), (333, 1000, 1040), (2048, 4096, 4096)):
+        x = torch.randint(-127, 128, (m, k), generator=g, device="cuda", dtype=torch.int8)
+        w = torch.randint(-15, 16, (n, k), generator=g, device="cuda", dtype=torch.int8)
+        assert gemm_gluon.available(x)
+        want = x.double() @ w.double().t()
+        ones_m, ones_n = torch.ones(m, device="cuda"), torch.ones(n, device="cuda")
+        for cfg in gemm_gluon.CONFIGS:
+            acc = gemm_gluon.gemm_int8_gluon(x, ones_m, w, ones_n, None, torch.bfloat16, cfg,
+                                             debug=True)  # fmt: skip
+            assert torch.equal(acc.double(), want), (m, n, k, cfg)
+        xs = torch.rand(m, generator=g, device="cuda") + 0.01
+        ws = torch.rand(n, generator=g, device="cuda") + 0.01
+        bias = torch.randn(n, generator=g, device="cuda")
+        got = gemm_gluon.gemm_int8_gluon(x, xs, w, ws, bias, torch.bfloat16)
+        assert torch.equal(got, gemm_tma.gemm_int8_tma(x, xs, w, ws, bias, torch.bfloat16))

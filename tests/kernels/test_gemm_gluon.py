@@ -1,0 +1,86 @@
+"""The Gluon int8 GEMM (cbq_kernels.gemm_gluon) and the W4A4 form of gemm_tma4, compiled for
+sm_90 without a GPU: their MMAs stay in flight (an asynchronous wgmma waited on only down to
+one outstanding), which is why they exist (Triton's own int8 dots are waited on one by one:
+scripts/wgmma_async_check.py). Their numerics are the GPU tests' (test_gemm_cuda.py)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from cbq_kernels import gemm_gluon
+
+pytestmark = pytest.mark.skipif(gemm_gluon.gluon is None, reason="this Triton has no Gluon")
+
+
+def _ptx_waits(ptx: str) -> set[int]:
+    return {int(v) for v in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)}
+
+
+@pytest.mark.parametrize("config", gemm_gluon.CONFIGS[:2])
+def test_gluon_kernel_keeps_one_mma_in_flight(config):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    bm, bn, bk, stages, warps = config
+    a_layout = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)
+    b_layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8)
+    sig = {"a_desc": f"tensordesc<i8[{bm}, {bk}],{a_layout!r}>",
+           "b_desc": f"tensordesc<i8[{bn}, {bk}],{b_layout!r}>", "xs_ptr": "*fp32",
+           "ws_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32",
+           "K": "i32", "HAS_BIAS": "constexpr", "DEBUG": "constexpr",
+           "NUM_STAGES": "constexpr", "num_warps": "constexpr"}  # fmt: skip
+    const = {"HAS_BIAS": False, "DEBUG": False, "NUM_STAGES": stages, "num_warps": warps}
+    k = triton.compile(GluonASTSource(fn=gemm_gluon._int8_gluon_kernel, signature=sig,
+                                      constexprs=const),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})  # fmt: skip
+    assert "wgmma.mma_async.sync.aligned" in k.asm["ptx"] and ".s32.s8.s8" in k.asm["ptx"]
+    assert _ptx_waits(k.asm["ptx"]) == {0, 1}  # 1 in the K loop, 0 after it
+
+
+_SPLIT_WAITS = """
+import re, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from cbq_kernels import gemm_tma4
+fp8 = sys.argv[1] == "1"
+cfg = gemm_tma4.CONFIGS[0]
+bn, bm, bh = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_H"]
+sig = {"a_desc": f"tensordesc<{'fp8e4nv' if fp8 else 'i8'}[{bm}, {bh}]>",
+       "w_desc": f"tensordesc<u8[{bn}, {bh}]>", "wz_ptr": "*i32", "xs_ptr": "*fp32",
+       "ws_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32",
+       "K": "i32", "H": "i32"}
+const = {"HAS_Z": True, "HAS_BIAS": False, "DEBUG": False, "NUM_PROGRAMS": 132,
+         "BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_H": bh, "GROUP_M": 8, "FP8": fp8}
+sig.update(dict.fromkeys(const, "constexpr"))
+k = triton.compile(ASTSource(fn=gemm_tma4._w4_split_kernel, signature=sig, constexprs=const),
+                   target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+print(sorted({int(v) for v in re.findall(r"pendings = (\\d+)", k.asm["ttgir"])}))
+"""
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_split_nibble_kernel_waits(fp8):
+    """gemm_tma4: the fp8 form's MMAs stay in flight; the int8 form's are each waited on
+    (Triton's pipeliner: no async dot without an fp32 accumulator). If the int8 half fails,
+    Triton has lifted that rule: time gemm_tma again. Compiled in a process of its own (the
+    tests run Triton's interpreter, which cannot compile)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _SPLIT_WAITS, "1" if fp8 else "0"], env=env,
+                       capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    waits = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (max(waits) >= 1) == fp8, waits
+
+
+def test_available_only_on_hopper_int8():
+    assert not gemm_gluon.available(torch.zeros(4, 32, dtype=torch.int8))  # CPU
