@@ -38,14 +38,29 @@ def takes(x: Tensor, w: Tensor) -> bool:
     and bases, on a GPU with TMA (compute capability 9.0) or in Triton's interpreter."""
     if TensorDescriptor is None or x.dtype != torch.int8 or w.dtype != torch.int8:
         return False
-    k = x.shape[1]
-    if k % 16 or not x.is_contiguous() or not w.is_contiguous():
-        return False
-    if x.data_ptr() % 16 or w.data_ptr() % 16:
-        return False
-    if x.device.type == "cuda":
-        return torch.cuda.get_device_capability(x.device)[0] >= 9
-    return True
+    return tma_operand(x) and tma_operand(w) and tma_device(x.device)
+
+
+def tma_operand(t: Tensor) -> bool:
+    """A 2-D operand a TMA descriptor can address: contiguous 1-byte rows of a multiple of 16
+    bytes from a 16-byte aligned base."""
+    return t.shape[1] % 16 == 0 and t.is_contiguous() and t.data_ptr() % 16 == 0
+
+
+def tma_device(device: torch.device) -> bool:
+    """A GPU with TMA (compute capability >= 9.0), or the CPU (Triton's interpreter)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@triton.jit
+def grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of linear tile index ``tile`` in grouped order: GROUP_M row
+    tiles run over all column tiles before the next group, so they share each weight tile
+    in L2 (the pointer kernel's and both TMA kernels' ordering)."""
+    in_group = GROUP_M * num_n
+    first_m = (tile // in_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % in_group) % size_m, (tile % in_group) // size_m
 
 
 def _set_blocks(nargs):
@@ -79,12 +94,8 @@ def _int8_tma_kernel(a_desc, b_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    in_group = GROUP_M * num_n
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
-        first_m = (tile // in_group) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pm = first_m + (tile % in_group) % size_m
-        pn = (tile % in_group) // size_m
+        pm, pn = grouped_tile(tile, num_m, num_n, GROUP_M)
         off_m = pm * BLOCK_M
         off_n = pn * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)

@@ -46,7 +46,13 @@ from torch import Tensor
 
 from cbq_kernels.autotune import AUTOTUNE_CACHE, tune_bench
 from cbq_kernels.fake_quant import _to_store
-from cbq_kernels.gemm_tma import TensorDescriptor, _programs
+from cbq_kernels.gemm_tma import (
+    TensorDescriptor,
+    _programs,
+    grouped_tile,
+    tma_device,
+    tma_operand,
+)
 
 
 def split_nibbles(codes: Tensor) -> Tensor:
@@ -76,11 +82,7 @@ def takes(x: Tensor, w_split: Tensor) -> bool:
     if (TensorDescriptor is None or x.dtype not in (torch.int8, torch.float8_e4m3fn)
             or w_split.dtype != torch.uint8):
         return False
-    if x.shape[1] % 16 or not x.is_contiguous() or x.data_ptr() % 16:
-        return False
-    if x.device.type == "cuda":
-        return torch.cuda.get_device_capability(x.device)[0] >= 9
-    return True
+    return tma_operand(x) and tma_operand(w_split) and tma_device(x.device)
 
 
 def _set_blocks(nargs):
@@ -123,12 +125,8 @@ def _w4_split_kernel(a_desc, w_desc, wz_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, 
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     h_tiles = tl.cdiv(H, BLOCK_H)
-    in_group = GROUP_M * num_n
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
-        first_m = (tile // in_group) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pm = first_m + (tile % in_group) % size_m
-        pn = (tile % in_group) // size_m
+        pm, pn = grouped_tile(tile, num_m, num_n, GROUP_M)
         off_m = pm * BLOCK_M
         off_n = pn * BLOCK_N
         rn = off_n + tl.arange(0, BLOCK_N)

@@ -18,6 +18,7 @@ from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, describe
 from cbq_kernels.autotune import AUTOTUNE_CACHE, tune_bench
 from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpreter gets right
 from cbq_kernels.gemm_policy import DEFAULT_POLICY, GemmPolicy
+from cbq_kernels.gemm_tma import grouped_tile
 
 if TYPE_CHECKING:
     from cbq_kernels.gemm_weight import PreparedWeight
@@ -50,11 +51,7 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     # Grouped ordering: GROUP_M row blocks share the weight tiles they read (L2 reuse).
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
