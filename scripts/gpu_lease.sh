@@ -52,6 +52,23 @@ gen7b() {  # bench_generate, 7B-shaped, batch 1, prompt 2048: captured step and 
     CBQ_GEN_SETTINGS=${CBQ_GEN_SETTINGS:-bf16,W4A8,W4A4,W4A16g128} timeout ${CBQ_GEN_S:-$1} \
     python3 benchmarks/bench_generate.py --out "$out/gen" 2>&1 | grep -v Warning | cut -c1-240 | tail -8
 }
+split_kernels() {  # the experimental prefill kernels (cbq_kernels.gemm_tma4: no expansion
+  # pass; cbq_kernels.gemm_gluon: int8 MMAs in flight), written 2026-12-06 without a GPU:
+  # Triton's wgmma waits under this machine's Triton, build, their GPU tests (every
+  # configuration exact, the int8 TMA kernel's bits), then bench_gemm at M = $1 on shapes $2
+  # against the served W4A8 / W4A4 (and cuBLAS bf16 / fp8, in every row) until the call has
+  # run $3 s (at least 60 s of it)
+  python3 scripts/wgmma_async_check.py 2>&1 | grep -iv warn | tee "$out/wgmma_async.txt"
+  bash scripts/gpu_gemm.sh "$out/g" build
+  timeout 200 python3 -m pytest -q -p no:cacheprovider \
+    tests/kernels/test_gemm_cuda.py::test_split_nibble_kernel_every_config \
+    tests/kernels/test_gemm_cuda.py::test_gluon_int8_kernel_every_config 2>&1 \
+    | tee "$out/g/pytest_split.txt" | tail -3
+  CBQ_BENCH_MS=$1 CBQ_BENCH_SHAPES=$2 \
+    CBQ_BENCH_KERNELS=w4a8,w4a8_tma,w4a8_split,w4a4,w4a4_fp8,w4a4_split8,int8_gluon,int8_tma \
+    timeout $(( $3 - SECONDS > 60 ? $3 - SECONDS : 60 )) python3 benchmarks/bench_gemm.py \
+    --out "$out/split" 2>&1 | grep -v "done$" | tail -2
+}
 case $stage in
   alone)
     CBQ_TEST_SECONDS=0 bash scripts/gpu_ptq.sh "$out/p" gguf-a > /dev/null 2>&1
@@ -244,24 +261,12 @@ case $stage in
       CBQ_GEN_SETTINGS=W4A8,W4A4,W4A16g128 g 140 gen_qpdl
     pack ;;
   solo)  # carry .cbq_commit: one call when machines are scarce, bounded by CBQ_STAGE_S
-    # seconds (2026-12-06, session 10's list): Triton's wgmma waits under the GPU machine's
-    # Triton; build; the GPU tests of the split-nibble kernel (cbq_kernels.gemm_tma4, both
-    # forms) and of the Gluon int8 GEMM (cbq_kernels.gemm_gluon: its MMAs in flight);
-    # bench_gemm's prefill rows of it against the served W4A8 / W4A4 and cuBLAS bf16 / fp8 on
-    # 70b and 7b gate/up; then bench_generate at batch 1 with GemmPolicy.prologue_pdl against
-    # the defaults in what is left
+    # seconds (2026-12-06, session 10's list): split_kernels on 70b and 7b gate/up at M = 1024,
+    # 2048, 8192 in about half the call; then bench_generate at batch 1 with
+    # GemmPolicy.prologue_pdl against the defaults in what is left
     stage_s=${CBQ_STAGE_S:-550}
     environment
-    python3 scripts/wgmma_async_check.py 2>&1 | grep -iv warn | tee "$out/wgmma_async.txt"
-    bash scripts/gpu_gemm.sh "$out/g" build
-    timeout 150 python3 -m pytest -q -p no:cacheprovider \
-      tests/kernels/test_gemm_cuda.py::test_split_nibble_kernel_every_config \
-      tests/kernels/test_gemm_cuda.py::test_gluon_int8_kernel_every_config 2>&1 \
-      | tee "$out/pytest_split.txt" | tail -3
-    CBQ_BENCH_MS=1024,2048,8192 CBQ_BENCH_SHAPES=${CBQ_BENCH_SHAPES:-70b_gate_up,7b_gate_up} \
-      CBQ_BENCH_KERNELS=w4a8,w4a8_split,w4a4,w4a4_fp8,w4a4_split8,int8_gluon,int8_tma \
-      timeout $(( stage_s / 2 - SECONDS > 60 ? stage_s / 2 - SECONDS : 60 )) \
-      python3 benchmarks/bench_gemm.py --out "$out/split" 2>&1 | grep -v "done$" | tail -2
+    split_kernels 1024,2048,8192 ${CBQ_BENCH_SHAPES:-70b_gate_up,7b_gate_up} $(( stage_s / 2 ))
     left=$(( stage_s - 15 - SECONDS ))
     if [ $left -gt 90 ]; then
       for pol in '{}' '{"prologue_pdl": true}'; do
@@ -273,24 +278,12 @@ case $stage in
       done
     fi
     pack ;;
-  split)  # carry .cbq_commit: the split-nibble W4A8 prefill kernel (cbq_kernels.gemm_tma4, no
-    # expansion pass) and the Gluon int8 GEMM (cbq_kernels.gemm_gluon, MMAs in flight), both
-    # written 2026-12-06 and not yet run on a GPU: their GPU tests (every configuration exact,
-    # the bits of the int8 TMA kernel), then bench_gemm
-    # at M = 256 .. 8192 on the 70B and 7B shapes against the served W4A8 (expansion + TMA),
-    # cuBLAS bf16 and fp8 (each bench_gemm row has them)
+  split)  # carry .cbq_commit: split_kernels at M = 256 .. 8192 on the 70B and 7B shapes, the
+    # call bounded by CBQ_STAGE_S (540) seconds
     environment
-    python3 scripts/wgmma_async_check.py 2>&1 | grep -iv warn | tee "$out/wgmma_async.txt"
-    bash scripts/gpu_gemm.sh "$out/g" build
-    timeout 200 python3 -m pytest -q -p no:cacheprovider \
-      tests/kernels/test_gemm_cuda.py::test_split_nibble_kernel_every_config \
-      tests/kernels/test_gemm_cuda.py::test_gluon_int8_kernel_every_config 2>&1 \
-      | tee "$out/g/pytest_split.txt" | tail -3
-    CBQ_BENCH_MS=${CBQ_BENCH_MS:-256,1024,2048,4096,8192} \
-      CBQ_BENCH_SHAPES=${CBQ_BENCH_SHAPES:-70b_gate_up,70b_down,70b_q_o,7b_gate_up,7b_down,7b_qkvo} \
-      CBQ_BENCH_KERNELS=w4a8,w4a8_tma,w4a8_split,w4a4,w4a4_fp8,w4a4_split8,int8_gluon,int8_tma \
-      timeout ${CBQ_BENCH_S:-300} \
-      python3 benchmarks/bench_gemm.py --out "$out/split" 2>&1 | grep -v "done$" | tail -2
+    split_kernels ${CBQ_BENCH_MS:-256,1024,2048,4096,8192} \
+      ${CBQ_BENCH_SHAPES:-70b_gate_up,70b_down,70b_q_o,7b_gate_up,7b_down,7b_qkvo} \
+      ${CBQ_STAGE_S:-540}
     pack ;;
   compiled)  # carry .cbq_commit: the captured compiled step (torch.compile of the forward,
     # then captured) against the captured eager step of qpdl, batch 1 (issue 14: measure
