@@ -23,6 +23,8 @@ import torch
 import triton
 from torch import Tensor
 
+from cbq_kernels.gemm_tma import tma_operand
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -45,9 +47,9 @@ _INT8_N = (224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 24, 16, 8
 
 
 def available(x: Tensor) -> bool:
-    """Gluon present, a Hopper GPU, int8 operands with 16-byte rows."""
+    """Gluon present, a Hopper GPU, int8 activations a TMA descriptor can address."""
     return (gluon is not None and x.device.type == "cuda" and x.dtype == torch.int8
-            and x.shape[1] % 16 == 0
+            and x.dim() == 2 and tma_operand(x)
             and torch.cuda.get_device_capability(x.device)[0] == 9)  # fmt: skip
 
 
@@ -141,7 +143,14 @@ def gemm_int8_gluon(x: Tensor, xs: Tensor, w: Tensor, ws: Tensor, bias: Tensor |
                     debug: bool = False) -> Tensor:  # fmt: skip
     """(M, N) = ((x @ w^T) * ws[n]) * xs[m] (+ bias): x (M, K) int8, w (N, K) int8, xs (M,),
     ws (N,) fp32; ``debug``: the int32 sums. ``config``: one of :data:`CONFIGS` (default the
-    first). The caller checks :func:`available`."""
+    first)."""
+    if not available(x):
+        raise ValueError(f"gemm_int8_gluon needs Triton's Gluon, a Hopper GPU and int8 x (M, K) "
+                         f"contiguous with K % 16 == 0, got {x.dtype} {tuple(x.shape)} on "
+                         f"{x.device}")  # fmt: skip
+    if w.dtype != torch.int8 or w.dim() != 2 or w.shape[1] != x.shape[1] or not tma_operand(w):
+        raise ValueError(f"gemm_int8_gluon needs an int8 weight (N, {x.shape[1]}), contiguous, "
+                         f"got {w.dtype} {tuple(w.shape)}")  # fmt: skip
     m, k = x.shape
     n = w.shape[0]
     out = torch.empty((m, n), dtype=torch.int32 if debug else out_dtype, device=x.device)

@@ -83,4 +83,7 @@ def test_split_nibble_kernel_waits(fp8):
 
 
 def test_available_only_on_hopper_int8():
-    assert not gemm_gluon.available(torch.zeros(4, 32, dtype=torch.int8))  # CPU
+    x = torch.zeros(4, 32, dtype=torch.int8)
+    assert not gemm_gluon.available(x)  # CPU
+    with pytest.raises(ValueError, match="needs Triton's Gluon, a Hopper GPU and int8 x"):
+        gemm_gluon.gemm_int8_gluon(x, torch.ones(4), x, torch.ones(4), None, torch.bfloat16)
