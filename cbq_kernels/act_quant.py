@@ -287,16 +287,24 @@ def act_quant_ref(
         g, u = y.chunk(2, dim=1)
         y = g / (1.0 + torch.exp(-g)) * u
     k = y.shape[1]
-    full = torch.full_like  # divide by tensors: CUDA divides by Python scalars via reciprocals
     if norm_weight is not None:
-        ms = (y * y).sum(1, keepdim=True) / full(y[:, :1], k)
-        y = (y * reciprocal(torch.sqrt(ms + norm_eps))) * norm_weight.float()
+        y = rms_norm_fp32(y, norm_weight, norm_eps)
     if k:  # the arithmetic of cbq_kernels.quant_math, which the kernel repeats
         q, s = quantize_act(y, bits, clip_ratio, channel_factor, alpha)
     else:
         q, s = y, act_step(y.new_zeros(y.shape[0], 1), bits, clip_ratio)
     codes = q.to(torch.int8) if bits == 8 else pack_ref((q + 8).to(torch.uint8), 4)
     return codes, s.reshape(-1)
+
+
+def rms_norm_fp32(y: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The RMSNorm :func:`act_quant` applies in fp32 before quantizing, as the kernel computes
+    it: ``(y * (1 / sqrt(sum(y^2) / K + eps))) * w``, no rounding to the compute dtype between
+    (transformers writes ``y * rsqrt(mean + eps)``, rounded, then ``w *``: a few fp32 units
+    apart; scripts/a8_sensitivity.py measures what that does to the codes)."""
+    # divide by a tensor: CUDA divides by Python scalars via reciprocals
+    ms = (y * y).sum(1, keepdim=True) / torch.full_like(y[:, :1], y.shape[1])
+    return (y * reciprocal(torch.sqrt(ms + eps))) * weight.float()
 
 
 def dequantize_act_ref(

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from check_generate import first_difference, prompts
 
-from cbq_kernels.act_quant import act_quant_ref
+from cbq_kernels.act_quant import act_quant_ref, rms_norm_fp32
 from cbq_kernels.rmsnorm import rms_norm_ref
 from cbq_ptq.data import load_text
 from cbq_ptq.generate import generate, load_for_generation
@@ -57,9 +57,7 @@ def direct_flips(model, tokenizer, tokens: int) -> dict:
         eager = rms_norm_ref(x, weight, norm.variance_epsilon)
         q_eager, _ = act_quant_ref(eager, 8)
         q_fused, _ = act_quant_ref(x, 8, norm_weight=weight, norm_eps=norm.variance_epsilon)
-        y = x.float()
-        ms = (y * y).sum(1, keepdim=True) / torch.full_like(y[:, :1], y.shape[1])
-        fused = y * torch.reciprocal(torch.sqrt(ms + norm.variance_epsilon)) * weight
+        fused = rms_norm_fp32(x.float(), weight, norm.variance_epsilon)
         rel = (eager - fused).abs() / eager.abs().clamp_min(1e-30)
         worst = max(worst, float(rel.max()) / torch.finfo(torch.float32).eps)
         total += q_eager.numel()
