@@ -1,10 +1,13 @@
-"""cbq_kernels.gemm_tma4 compiled ahead of time for sm_90a without a GPU: per autotuner
-configuration and form (int8 activations; W4A4 codes as fp8 e4m3), the registers and spills
+"""cbq_kernels.gemm_tma4 and cbq_kernels.gemm_gluon compiled ahead of time for sm_90a without a
+GPU: per configuration (gemm_tma4: per form too, int8 activations and W4A4 codes as fp8 e4m3;
+gemm_gluon: its int8 GEMM, the ``wgmma.wait_group`` counts of its PTX), the registers and spills
 ``ptxas -v`` reports (the CUDA toolkit's ptxas, the PTX's ``.version`` lowered to what it
 reads, as scripts/triton_ptxas.py does), the shared memory, and the ``warp_group_dot_wait``
 pendings of the TTGIR (1: the MMAs stay in flight; only 0: each one is waited on).
 
     python scripts/gemm_tma4_aot.py [--ptxas ptxas]
+    PYTHONPATH=DIR python scripts/gemm_tma4_aot.py   # DIR: another Triton, e.g. `pip install
+        --no-deps --target DIR triton==3.6.0` (the GPU machine's)
 
 The numbers belong to the Triton version that runs the script (printed first).
 """
@@ -42,7 +45,36 @@ def compile_one(cfg: triton.Config, fp8: bool, ptxas: str) -> str:
                        options={"num_warps": cfg.num_warps,
                                 "num_stages": cfg.num_stages})  # fmt: skip
     waits = Counter(re.findall(r"pendings = (\d+)", k.asm["ttgir"]))
-    ptx = re.sub(r"^\.version \d+\.\d+", ".version 8.7", k.asm["ptx"], flags=re.M)
+    return (f"{'fp8 ' if fp8 else 'int8'} {bn}x{bm}x{bh} w{cfg.num_warps} s{cfg.num_stages}: "
+            f"{_ptxas(k.asm['ptx'], ptxas)}, shared {k.metadata.shared} B, waits "
+            f"{dict(sorted(waits.items()))}")  # fmt: skip
+
+
+def compile_gluon(config: tuple, ptxas: str) -> str:
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from cbq_kernels.gemm_gluon import _int8_gluon_kernel
+
+    bm, bn, bk, stages, warps = config
+    a_layout = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)
+    b_layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8)
+    sig = {"a_desc": f"tensordesc<i8[{bm}, {bk}],{a_layout!r}>",
+           "b_desc": f"tensordesc<i8[{bn}, {bk}],{b_layout!r}>", "xs_ptr": "*fp32",
+           "ws_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32",
+           "K": "i32", "HAS_BIAS": "constexpr", "DEBUG": "constexpr",
+           "NUM_STAGES": "constexpr", "num_warps": "constexpr"}  # fmt: skip
+    const = {"HAS_BIAS": False, "DEBUG": False, "NUM_STAGES": stages, "num_warps": warps}
+    k = triton.compile(GluonASTSource(fn=_int8_gluon_kernel, signature=sig, constexprs=const),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})  # fmt: skip
+    waits = Counter(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", k.asm["ptx"]))
+    return (f"gluon int8 {bm}x{bn}x{bk} stages {stages} w{warps}: {_ptxas(k.asm['ptx'], ptxas)}, "
+            f"shared {k.metadata.shared} B, wgmma.wait_group {dict(sorted(waits.items()))}")
+
+
+def _ptxas(ptx: str, ptxas: str) -> str:
+    """'R registers, S B spilled' of ``ptxas -v`` on the PTX (its version lowered)."""
+    ptx = re.sub(r"^\.version \d+\.\d+", ".version 8.7", ptx, flags=re.M)
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)
@@ -50,9 +82,7 @@ def compile_one(cfg: triton.Config, fp8: bool, ptxas: str) -> str:
                            capture_output=True, text=True, check=True)  # fmt: skip
     regs = re.search(r"Used (\d+) registers", r.stderr).group(1)
     spill = re.search(r"(\d+) bytes spill stores", r.stderr).group(1)
-    return (f"{'fp8 ' if fp8 else 'int8'} {bn}x{bm}x{bh} w{cfg.num_warps} s{cfg.num_stages}: "
-            f"{regs} registers, {spill} B spilled, shared {k.metadata.shared} B, waits "
-            f"{dict(sorted(waits.items()))}")  # fmt: skip
+    return f"{regs} registers, {spill} B spilled"
 
 
 def main() -> None:
@@ -63,6 +93,10 @@ def main() -> None:
     for fp8 in (False, True):
         for cfg in CONFIGS:
             print(compile_one(cfg, fp8, args.ptxas), flush=True)
+    from cbq_kernels import gemm_gluon
+
+    for config in gemm_gluon.CONFIGS:
+        print(compile_gluon(config, args.ptxas), flush=True)
 
 
 if __name__ == "__main__":
