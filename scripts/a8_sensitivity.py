@@ -10,7 +10,9 @@ the CPU in fp32 (issue 14's greedy check: 30 of 32 continuations equal for 16 to
 * ``reference_batch1_vs_batch8``: the reference one prompt at a time against eight at a time;
 * ``codes``: on the first ``--tokens-direct`` tokens of WikiText-2, the activation codes of
   every attention-norm quantizer from the two norm formulas on the same inputs (the direct
-  flips, before any propagation) and the normed values' largest difference in fp32 units.
+  flips, before any propagation) and the normed values' largest difference in fp32 units;
+* ``ppl_wikitext2_first_N_windows``: the WikiText-2 perplexity of the first 2048-token window
+  through the reference, the unfused and the fused served model (``--ppl-windows``).
 
     python scripts/a8_sensitivity.py OUT/model [--out result.json]
 """
@@ -33,6 +35,7 @@ from check_generate import first_difference, prompts
 from cbq_kernels.act_quant import act_quant_ref, rms_norm_fp32
 from cbq_kernels.rmsnorm import rms_norm_ref
 from cbq_ptq.data import load_text
+from cbq_ptq.evaluate import evaluate_perplexity
 from cbq_ptq.generate import generate, load_for_generation
 
 
@@ -72,6 +75,7 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--tokens-direct", type=int, default=2048)
+    p.add_argument("--ppl-windows", type=int, default=1)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     texts = prompts(args.prompts)
@@ -88,10 +92,17 @@ def main() -> int:
     result = {"model": args.model, "commit": commit, "prompts": len(texts),
               "tokens": args.tokens, "dtype": "float32", "device": "cpu",
               "torch": torch.__version__}  # fmt: skip
+    def ppl(model) -> float:
+        return round(evaluate_perplexity(model, tok, "wikitext2", seq_len=2048, bos=False,
+                                         max_windows=args.ppl_windows)["ppl"], 4)  # fmt: skip
+
+    ppls = {"reference": ppl(ref)}
     for key, fuse_norms in (("unfused_vs_reference", False), ("fused_norms_vs_reference", True)):
         served, _, _ = load_for_generation(args.model, "cpu", fuse_norms=fuse_norms)
         result[key] = equal(generate(served, tok, texts, max_new_tokens=args.tokens,
                                      batch_size=8), want)  # fmt: skip
+        ppls["fused_norms" if fuse_norms else "unfused"] = ppl(served)
+    result[f"ppl_wikitext2_first_{args.ppl_windows}_windows"] = ppls
     result["reference_batch1_vs_batch8"] = equal(alone, want)
     result["codes"] = direct_flips(ref, tok, args.tokens_direct)
     print(json.dumps(result, indent=1))
