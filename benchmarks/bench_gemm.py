@@ -295,7 +295,9 @@ def main() -> None:
                 if gemm_gluon.available(xq8):  # the int8 GEMM alone on an int8 weight: the
                     # Gluon kernel (MMAs in flight) against the TMA kernel (each waited on)
                     w_i8 = w_i8_t.t()
-                    cases += (("int8_gluon", lambda w_i8=w_i8: gemm_gluon.gemm_int8_gluon(
+                    cases += (("w4a8_split_gluon", lambda: gemm_gluon.gemm_w4a8_split_gluon(
+                                   xq8, xs8, split4, k, z4, ws4), m * k + split4.numel() + n * 5),
+                              ("int8_gluon", lambda w_i8=w_i8: gemm_gluon.gemm_int8_gluon(
                                    xq8, xs8, w_i8, ws4, None, torch.bfloat16), m * k + n * k),
                               ("int8_tma", lambda w_i8=w_i8: gemm_int8_tma(
                                    xq8, xs8, w_i8, ws4, None, torch.bfloat16), m * k + n * k))

@@ -29,6 +29,7 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
         mbarrier,
         tma,
         warpgroup_mma,
@@ -39,6 +40,8 @@ try:
     # the TMA load's name: async_copy_global_to_shared in Triton 3.6 (the GPU machine's),
     # async_load from 3.7 on (3.9 raises on the old name)
     _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+    # the CTA barrier: gl.thread_barrier in Triton 3.6, gl.barrier in 3.9
+    _cta_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 except ImportError:  # pragma: no cover - a Triton without Gluon: gemm_tma serves
     gluon = None
 
@@ -132,6 +135,128 @@ if gluon is not None:
                 out += gl.load(bias_ptr + rn, mask=mn, other=0.0).to(gl.float32)[None, :]
             gl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mo)
 
+    @gluon.jit
+    def _split_load(w_desc, x_desc, bars, w_bufs, lo_bufs, hi_bufs, t, p, off_n, off_m, H,
+                    NUM_STAGES: gl.constexpr):  # fmt: skip
+        """K step t's weight bytes and its two activation tiles into stage t % NUM_STAGES (if
+        p)."""
+        BLOCK_H: gl.constexpr = w_desc.block_type.shape[1]
+        nbytes: gl.constexpr = w_desc.block_type.nbytes + 2 * x_desc.block_type.nbytes
+        s = t % NUM_STAGES
+        mbarrier.expect(bars.index(s), nbytes, pred=p)
+        _tma_load(w_desc, [off_n, t * BLOCK_H], bars.index(s), w_bufs.index(s), pred=p)
+        _tma_load(x_desc, [off_m, t * BLOCK_H], bars.index(s), lo_bufs.index(s), pred=p)
+        _tma_load(x_desc, [off_m, H + t * BLOCK_H], bars.index(s), hi_bufs.index(s), pred=p)
+
+    @gluon.jit
+    def _split_step(w_bufs, lo_bufs, hi_bufs, a_lo, a_hi, bars, acc, unpack: gl.constexpr, t,
+                    NUM_STAGES: gl.constexpr):  # fmt: skip
+        """K step t: its weight bytes (shared -> registers, 16 per thread) -> low and high code
+        tiles (one AND; a shift and an AND; four codes per instruction) -> the A buffers of
+        parity t % 2 in shared memory; two asynchronous MMAs; then wait until only they are in
+        flight: step t - 1's MMAs are done, so its stage may be refilled, and the A buffers
+        step t + 1 writes (parity of t - 1) are no longer read."""
+        s = t % NUM_STAGES
+        mbarrier.wait(bars.index(s), (t // NUM_STAGES) & 1)
+        wb = w_bufs.index(s).load(unpack)
+        lo, hi = gl.inline_asm_elementwise(
+            "and.b32 $0, $2, 0x0F0F0F0F;\n\tshr.u32 $1, $2, 4;\n\t"
+            "and.b32 $1, $1, 0x0F0F0F0F;", "=r,=r,r", [wb], dtype=(gl.int8, gl.int8),
+            is_pure=True, pack=4)  # fmt: skip
+        b = t % 2
+        a_lo.index(b).store(lo)
+        a_hi.index(b).store(hi)
+        fence_async_shared()  # the generic-proxy stores, visible to the MMAs (async proxy)
+        _cta_barrier()  # every warp's rows written
+        acc = warpgroup_mma(a_lo.index(b), lo_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(a_hi.index(b), hi_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        return warpgroup_mma_wait(num_outstanding=2, deps=(acc,))
+
+    @gluon.jit
+    def _w4_split_gluon_kernel(x_desc, w_desc, z_ptr, xsum_ptr, xs_ptr, ws_ptr, bias_ptr,
+                               out_ptr, M, N, H, HAS_Z: gl.constexpr, HAS_BIAS: gl.constexpr,
+                               DEBUG: gl.constexpr, GROUP_M: gl.constexpr,
+                               NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        """out^T = q x^T, swapped so that the weight rows are the MMA's M side (BLOCK_N >= 64,
+        one warpgroup per 64) and the activation rows its N side (up to 256 per tile): per K
+        step, TMA brings BLOCK_H split-nibble bytes per weight row and two activation tiles
+        (columns j.. and H + j..) into a ring of NUM_STAGES stages; the bytes are unpacked in
+        registers into two int8 code tiles stored in shared memory as the A operands (wgmma
+        with A in registers is what would skip that store, but ptxas serialised every such
+        wgmma here: Triton cannot keep int8 register operands alive across the wait,
+        "Unexpected bitwidth in WGMMAWaitGroupOp: 8", Triton 3.6 and 3.9). The zero points
+        leave after the K loop, ``acc - z[n] * sum_k x[m, k]`` (exact in int32), so padding
+        codes are 0 and nothing in the loop is masked: the bytes past H and the activation
+        columns past K are TMA's zero fill, and split_nibbles writes code 0 where H + j >= K."""
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+        BLOCK_H: gl.constexpr = w_desc.block_type.shape[1]
+        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+        # grouped order (gemm_tma.grouped_tile): GROUP_M activation row tiles share each weight
+        # tile while it is in L2
+        num_m = gl.cdiv(M, BLOCK_M)
+        num_n = gl.cdiv(N, BLOCK_N)
+        tile = gl.program_id(0)
+        in_group = GROUP_M * num_n
+        first_m = (tile // in_group) * GROUP_M
+        size_m = gl.minimum(num_m - first_m, GROUP_M)
+        off_m = (first_m + (tile % in_group) % size_m) * BLOCK_M
+        off_n = ((tile % in_group) // size_m) * BLOCK_N
+        mma: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=_warps_per_cta(BLOCK_N, num_warps),
+            instr_shape=[16, _instr_n(BLOCK_N, BLOCK_M, num_warps), 32])  # fmt: skip
+        # the byte tile in registers: 16 consecutive bytes of one row per thread
+        unpack: gl.constexpr = gl.BlockedLayout(
+            size_per_thread=[1, 16], threads_per_warp=[32 * 16 // BLOCK_H, BLOCK_H // 16],
+            warps_per_cta=[num_warps, 1], order=[1, 0])  # fmt: skip
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [NUM_STAGES, BLOCK_N, BLOCK_H],
+                                           w_desc.layout)  # fmt: skip
+        lo_bufs = gl.allocate_shared_memory(x_desc.dtype, [NUM_STAGES, BLOCK_M, BLOCK_H],
+                                            x_desc.layout)  # fmt: skip
+        hi_bufs = gl.allocate_shared_memory(x_desc.dtype, [NUM_STAGES, BLOCK_M, BLOCK_H],
+                                            x_desc.layout)  # fmt: skip
+        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_H],
+                                                                      gl.int8)  # fmt: skip
+        a_lo = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N, BLOCK_H], a_layout)
+        a_hi = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N, BLOCK_H], a_layout)
+        bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        h_tiles = gl.cdiv(H, BLOCK_H)
+        for i in gl.static_range(NUM_STAGES - 1):
+            _split_load(w_desc, x_desc, bars, w_bufs, lo_bufs, hi_bufs, i, i < h_tiles, off_n,
+                        off_m, H, NUM_STAGES)  # fmt: skip
+        acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.int32, layout=mma)
+        for t in range(h_tiles):
+            acc = _split_step(w_bufs, lo_bufs, hi_bufs, a_lo, a_hi, bars, acc, unpack, t,
+                              NUM_STAGES)  # fmt: skip
+            _split_load(w_desc, x_desc, bars, w_bufs, lo_bufs, hi_bufs, t + NUM_STAGES - 1,
+                        t + NUM_STAGES - 1 < h_tiles, off_n, off_m, H, NUM_STAGES)  # fmt: skip
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(bars.index(i))
+        # the transposed tile to a layout whose threads run along n (16-byte stores of
+        # consecutive output columns) before the epilogue's loads and the store
+        st: gl.constexpr = gl.BlockedLayout(size_per_thread=[8, 1], threads_per_warp=[16, 2],
+                                            warps_per_cta=[1, num_warps], order=[0, 1])
+        acc = gl.convert_layout(acc, st)
+        rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, st))
+        rm = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st))
+        mn = rn < N
+        mm = rm < M
+        if HAS_Z:
+            z = gl.load(z_ptr + rn, mask=mn, other=0)
+            acc = acc - z[:, None] * gl.load(xsum_ptr + rm, mask=mm, other=0)[None, :]
+        mo = mn[:, None] & mm[None, :]
+        ptrs = out_ptr + rm.to(gl.int64)[None, :] * N + rn[:, None]
+        if DEBUG:
+            gl.store(ptrs, acc, mask=mo)
+        else:
+            out = acc.to(gl.float32) * gl.load(ws_ptr + rn, mask=mn, other=0.0)[:, None]
+            out = out * gl.load(xs_ptr + rm, mask=mm, other=0.0)[None, :]
+            if HAS_BIAS:
+                out += gl.load(bias_ptr + rn, mask=mn, other=0.0).to(gl.float32)[:, None]
+            gl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mo)
+
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, num_warps): 8 warps as two warpgroups along M
 CONFIGS = ((128, 256, 128, 3, 8), (128, 128, 128, 4, 8), (128, 256, 64, 4, 8),
@@ -166,4 +291,56 @@ def gemm_int8_gluon(x: Tensor, xs: Tensor, w: Tensor, ws: Tensor, bias: Tensor |
     _int8_gluon_kernel[grid](a, b, xs, ws, bias if bias is not None else ws, out, m, n, k,
                              HAS_BIAS=bias is not None, DEBUG=debug, NUM_STAGES=stages,
                              num_warps=warps)  # fmt: skip
+    return out
+
+
+# (BLOCK_N, BLOCK_M, BLOCK_H, NUM_STAGES, num_warps) of the split-nibble kernel: BLOCK_N weight
+# rows are the MMA's M side (16 per warp, the warps stacked along it), BLOCK_M activation rows
+# its N side; BLOCK_H bytes = 2 BLOCK_H codes per K step (two MMAs of K = BLOCK_H)
+SPLIT_CONFIGS = ((128, 256, 64, 4, 8), (128, 128, 64, 4, 8), (128, 128, 128, 3, 8),
+                 (256, 128, 64, 4, 8))  # fmt: skip
+
+
+def gemm_w4a8_split_gluon(x: Tensor, xs: Tensor, w_split: Tensor, k: int, zeros: Tensor | None,
+                          ws: Tensor, bias: Tensor | None = None,
+                          out_dtype: torch.dtype = torch.bfloat16, config: tuple | None = None,
+                          debug: bool = False, xsum: Tensor | None = None) -> Tensor:  # fmt: skip
+    """(M, N) = ((x @ (q - z)^T) * ws[n]) * xs[m] (+ bias), the contract of
+    :func:`cbq_kernels.gemm_tma4.gemm_w4a8_split` (int8 activation codes; W4A4 codes as int8
+    too): ``w_split`` (N, H) from ``split_nibbles`` of the codes q (N, k), ``zeros`` (N,) or
+    None, ``xsum`` the int32 row sums of x (computed here when None and zeros are given: the
+    activation quantizer can hand them over). ``config``: one of :data:`SPLIT_CONFIGS`
+    (default the first). ``debug``: the int32 sums."""
+    from cbq_kernels.gemm_tma4 import half_width
+
+    m, kx = x.shape
+    n, h = w_split.shape
+    if kx != k or h != half_width(k):
+        raise ValueError(f"x (M, {kx}) and a split weight of {h}-byte rows do not make K = {k} "
+                         f"(split_nibbles gives {half_width(k)}-byte rows)")  # fmt: skip
+    if not available(x) or w_split.dtype != torch.uint8 or not tma_operand(w_split):
+        raise ValueError(f"gemm_w4a8_split_gluon needs Triton's Gluon, a Hopper GPU, int8 x (M, "
+                         f"K) contiguous with K % 16 == 0 and a contiguous uint8 split weight, "
+                         f"got x {x.dtype} {tuple(x.shape)} on {x.device}, weight "
+                         f"{w_split.dtype}")  # fmt: skip
+    out = torch.empty((m, n), dtype=torch.int32 if debug else out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    bn, bm, bh, stages, warps = config if config is not None else SPLIT_CONFIGS[0]
+    x_layout = gl.NVMMASharedLayout.get_default_for([bm, bh], gl.int8)
+    w_layout = gl.NVMMASharedLayout.get_default_for([bn, bh], gl.uint8)
+    xd = TensorDescriptor(x, list(x.shape), list(x.stride()), [bm, bh], x_layout)
+    wd = TensorDescriptor(w_split, list(w_split.shape), list(w_split.stride()), [bn, bh],
+                          w_layout)  # fmt: skip
+    xs, ws = xs.float().contiguous(), ws.float().contiguous()
+    if zeros is not None:
+        z = zeros.to(torch.int32).contiguous()
+        xsum = (x.sum(1, dtype=torch.int32) if xsum is None else xsum.to(torch.int32)).contiguous()
+    else:
+        z = xsum = ws
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _w4_split_gluon_kernel[grid](xd, wd, z, xsum, xs, ws, bias if bias is not None else ws, out,
+                                 m, n, h, HAS_Z=zeros is not None, HAS_BIAS=bias is not None,
+                                 DEBUG=debug, GROUP_M=8, NUM_STAGES=stages,
+                                 num_warps=warps)  # fmt: skip
     return out

@@ -72,6 +72,32 @@ def compile_gluon(config: tuple, ptxas: str) -> str:
             f"shared {k.metadata.shared} B, wgmma.wait_group {dict(sorted(waits.items()))}")
 
 
+def compile_gluon_split(config: tuple, ptxas: str) -> str:
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from cbq_kernels.gemm_gluon import _w4_split_gluon_kernel
+
+    bn, bm, bh, stages, warps = config
+    x_layout = gl.NVMMASharedLayout.get_default_for([bm, bh], gl.int8)
+    w_layout = gl.NVMMASharedLayout.get_default_for([bn, bh], gl.uint8)
+    sig = {"x_desc": f"tensordesc<i8[{bm}, {bh}],{x_layout!r}>",
+           "w_desc": f"tensordesc<u8[{bn}, {bh}],{w_layout!r}>", "z_ptr": "*i32",
+           "xsum_ptr": "*i32", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32",
+           "out_ptr": "*bf16", "M": "i32", "N": "i32", "H": "i32"}  # fmt: skip
+    const = {"HAS_Z": True, "HAS_BIAS": False, "DEBUG": False, "GROUP_M": 8,
+             "NUM_STAGES": stages, "num_warps": warps}  # fmt: skip
+    sig.update(dict.fromkeys(const, "constexpr"))
+    k = triton.compile(GluonASTSource(fn=_w4_split_gluon_kernel, signature=sig,
+                                      constexprs=const),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})  # fmt: skip
+    ptx = k.asm["ptx"]
+    waits = Counter(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx))
+    return (f"gluon w4a8 split {bn}x{bm}x{bh} stages {stages} w{warps}: "
+            f"{_ptxas(ptx, ptxas)}, shared {k.metadata.shared} B, wgmma.wait_group "
+            f"{dict(sorted(waits.items()))}, wgmma {ptx.count('wgmma.mma_async')}")
+
+
 def _ptxas(ptx: str, ptxas: str) -> str:
     """'R registers, S B spilled' of ``ptxas -v`` on the PTX (its version lowered)."""
     ptx = re.sub(r"^\.version \d+\.\d+", ".version 8.7", ptx, flags=re.M)
@@ -82,7 +108,12 @@ def _ptxas(ptx: str, ptxas: str) -> str:
                            capture_output=True, text=True, check=True)  # fmt: skip
     regs = re.search(r"Used (\d+) registers", r.stderr).group(1)
     spill = re.search(r"(\d+) bytes spill stores", r.stderr).group(1)
-    return f"{regs} registers, {spill} B spilled"
+    # ptxas serialises wgmma (waits after each one) where it cannot prove the register
+    # operands safe, and says so: "Potential Performance Loss: wgmma.mma_async instructions
+    # are serialized due to ..."
+    why = re.findall(r"serialized due to ([^\n.]*)", r.stderr)
+    return (f"{regs} registers, {spill} B spilled"
+            + (f", wgmma SERIALIZED: {sorted(set(why))}" if why else ""))
 
 
 def main() -> None:
@@ -97,6 +128,8 @@ def main() -> None:
 
     for config in gemm_gluon.CONFIGS:
         print(compile_gluon(config, args.ptxas), flush=True)
+    for config in gemm_gluon.SPLIT_CONFIGS:
+        print(compile_gluon_split(config, args.ptxas), flush=True)
 
 
 if __name__ == "__main__":

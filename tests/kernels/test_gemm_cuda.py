@@ -319,3 +319,36 @@ def test_gluon_int8_kernel_every_config():
         bias = torch.randn(n, generator=g, device="cuda")
         got = gemm_gluon.gemm_int8_gluon(x, xs, w, ws, bias, torch.bfloat16)
         assert torch.equal(got, gemm_tma.gemm_int8_tma(x, xs, w, ws, bias, torch.bfloat16))
+
+
+def test_gluon_split_kernel_every_config():
+    """cbq_kernels.gemm_gluon's W4A8 split-nibble kernel on Hopper: each configuration exact
+    with zero points (int32 sums after ``- z * sum x``; M, N not multiples of any tile, K =
+    4096 and 1040: H = 528 bytes, a partial K step), W4A4 codes (int8 -8..7) too, and the
+    bf16 output with bias bit-equal to the int8 TMA kernel's on the expanded weight."""
+    from cbq_kernels import gemm_gluon, gemm_tma, gemm_tma4
+
+    if torch.cuda.get_device_capability()[0] != 9 or gemm_gluon.gluon is None:
+        pytest.skip("needs Hopper and Triton's Gluon")
+    g = torch.Generator(device="cuda").manual_seed(41)
+    for m, n, k, lo, hi in ((200, 1000, 4096, -127, 128), (333, 1000, 1040, -127, 128),
+                            (300, 1000, 8192, -8, 8)):  # fmt: skip
+        x = torch.randint(lo, hi, (m, k), generator=g, device="cuda", dtype=torch.int8)
+        q = torch.randint(0, 16, (n, k), generator=g, device="cuda", dtype=torch.uint8)
+        z = torch.randint(0, 16, (n,), generator=g, device="cuda", dtype=torch.uint8)
+        want = x.double() @ (q.double() - z.double()[:, None]).t()
+        split = gemm_tma4.split_nibbles(q)
+        ones_m, ones_n = torch.ones(m, device="cuda"), torch.ones(n, device="cuda")
+        for cfg in gemm_gluon.SPLIT_CONFIGS:
+            acc = gemm_gluon.gemm_w4a8_split_gluon(x, ones_m, split, k, z, ones_n, config=cfg,
+                                                   debug=True)  # fmt: skip
+            assert torch.equal(acc.double(), want), (m, n, k, cfg)
+        acc = gemm_gluon.gemm_w4a8_split_gluon(x, ones_m, split, k, None, ones_n, debug=True)
+        assert torch.equal(acc.double(), x.double() @ q.double().t()), (m, n, k)
+        xs = torch.rand(m, generator=g, device="cuda") + 0.01
+        ws = torch.rand(n, generator=g, device="cuda") + 0.01
+        bias = torch.randn(n, generator=g, device="cuda")
+        got = gemm_gluon.gemm_w4a8_split_gluon(x, xs, split, k, z, ws, bias)
+        expanded = (q.to(torch.int16) - z.to(torch.int16)[:, None]).to(torch.int8)
+        assert torch.equal(got, gemm_tma.gemm_int8_tma(x, xs, expanded, ws, bias,
+                                                       torch.bfloat16)), (m, n, k)  # fmt: skip
