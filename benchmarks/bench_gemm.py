@@ -295,8 +295,16 @@ def main() -> None:
                 if gemm_gluon.available(xq8):  # the int8 GEMM alone on an int8 weight: the
                     # Gluon kernel (MMAs in flight) against the TMA kernel (each waited on)
                     w_i8 = w_i8_t.t()
+                    gp2 = gemm_gluon.two_level_params(
+                        torch.randint(1, 9, (n, k // 64), device="cuda", dtype=torch.int32),
+                        torch.randint(0, 16, (n, k // 64), device="cuda", dtype=torch.int32))
                     cases += (("w4a8_split_gluon", lambda: gemm_gluon.gemm_w4a8_split_gluon(
                                    xq8, xs8, split4, k, z4, ws4), m * k + split4.numel() + n * 5),
+                              # grouped W4A8 in the two-level format (groups of 64, integer
+                              # group scales): against the served w4a8_g128
+                              ("w4a8_2lvl_gluon", lambda: gemm_gluon.gemm_w4a8_split_gluon(
+                                   xq8, xs8, split4, k, None, ws4, group_params=gp2),
+                               m * k + split4.numel() + gp2.numel() + n * 4),
                               ("int8_gluon", lambda w_i8=w_i8: gemm_gluon.gemm_int8_gluon(
                                    xq8, xs8, w_i8, ws4, None, torch.bfloat16), m * k + n * k),
                               ("int8_tma", lambda w_i8=w_i8: gemm_int8_tma(

@@ -136,33 +136,74 @@ if gluon is not None:
             gl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mo)
 
     @gluon.jit
-    def _split_load(w_desc, x_desc, bars, w_bufs, lo_bufs, hi_bufs, t, p, off_n, off_m, H,
-                    NUM_STAGES: gl.constexpr):  # fmt: skip
-        """K step t's weight bytes and its two activation tiles into stage t % NUM_STAGES (if
-        p)."""
+    def _split_load(w_desc, x_desc, p_desc, bars, w_bufs, lo_bufs, hi_bufs, p_bufs, t, p, off_n,
+                    off_m, H, TWO_LEVEL: gl.constexpr, NUM_STAGES: gl.constexpr):  # fmt: skip
+        """K step t's weight bytes, its two activation tiles (and TWO_LEVEL: its 16 bytes of
+        group parameters per row) into stage t % NUM_STAGES (if p)."""
         BLOCK_H: gl.constexpr = w_desc.block_type.shape[1]
-        nbytes: gl.constexpr = w_desc.block_type.nbytes + 2 * x_desc.block_type.nbytes
+        nbytes: gl.constexpr = (w_desc.block_type.nbytes + 2 * x_desc.block_type.nbytes
+                                + (p_desc.block_type.nbytes if TWO_LEVEL else 0))  # fmt: skip
         s = t % NUM_STAGES
         mbarrier.expect(bars.index(s), nbytes, pred=p)
         _tma_load(w_desc, [off_n, t * BLOCK_H], bars.index(s), w_bufs.index(s), pred=p)
         _tma_load(x_desc, [off_m, t * BLOCK_H], bars.index(s), lo_bufs.index(s), pred=p)
         _tma_load(x_desc, [off_m, H + t * BLOCK_H], bars.index(s), hi_bufs.index(s), pred=p)
+        if TWO_LEVEL:
+            _tma_load(p_desc, [off_n, t * 16], bars.index(s), p_bufs.index(s), pred=p)
 
     @gluon.jit
-    def _split_step(w_bufs, lo_bufs, hi_bufs, a_lo, a_hi, bars, acc, unpack: gl.constexpr, t,
+    def _split_step(w_bufs, lo_bufs, hi_bufs, p_bufs, a_lo, a_hi, bars, acc,
+                    unpack: gl.constexpr, t, TWO_LEVEL: gl.constexpr,
                     NUM_STAGES: gl.constexpr):  # fmt: skip
         """K step t: its weight bytes (shared -> registers, 16 per thread) -> low and high code
-        tiles (one AND; a shift and an AND; four codes per instruction) -> the A buffers of
-        parity t % 2 in shared memory; two asynchronous MMAs; then wait until only they are in
-        flight: step t - 1's MMAs are done, so its stage may be refilled, and the A buffers
-        step t + 1 writes (parity of t - 1) are no longer read."""
+        tiles -> the A buffers of parity t % 2 in shared memory; two asynchronous MMAs; then
+        wait until only they are in flight: step t - 1's MMAs are done, so its stage may be
+        refilled, and the A buffers step t + 1 writes (parity of t - 1) are no longer read.
+        Codes: one AND (low), a shift and an AND (high), four per instruction. TWO_LEVEL: then
+        times the group's integer scale s2 (one 32-bit multiply per four codes: q s2 <= 240
+        stays in its byte) plus (256 - s2 z) mod 256 bytewise (an add with the carries cut at
+        the byte borders), which is s2 (q - z) as a signed byte (|s2 (q - z)| <= 127 by the
+        format, two_level_params). The parameters come through shared memory with the tile:
+        read from global memory (or computed from the tile's row index) in the loop, they made
+        ptxas serialise every wgmma (scripts/gemm_tma4_aot.py; Triton 3.6 and 3.9)."""
         s = t % NUM_STAGES
         mbarrier.wait(bars.index(s), (t // NUM_STAGES) & 1)
         wb = w_bufs.index(s).load(unpack)
-        lo, hi = gl.inline_asm_elementwise(
-            "and.b32 $0, $2, 0x0F0F0F0F;\n\tshr.u32 $1, $2, 4;\n\t"
-            "and.b32 $1, $1, 0x0F0F0F0F;", "=r,=r,r", [wb], dtype=(gl.int8, gl.int8),
-            is_pure=True, pack=4)  # fmt: skip
+        if TWO_LEVEL:
+            # the row's 16 parameter bytes, in every thread of the row (the [BLOCK_N, 16] tile
+            # in the byte tile's layout: replicated along the row); bytes 0-3: s2 and (256 -
+            # s2 z) mod 256 of the low tile's group, then of the high tile's
+            prow: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16],
+                                                  threads_per_warp=[32, 1],
+                                                  warps_per_cta=[gl.num_warps(), 1],
+                                                  order=[1, 0])  # fmt: skip
+            pt = p_bufs.index(s).load(prow).to(gl.int32)
+            col = gl.arange(0, 16, layout=gl.SliceLayout(0, prow))[None, :]
+            rows: gl.constexpr = gl.SliceLayout(1, unpack)
+            s_lo = gl.convert_layout(gl.sum(gl.where(col == 0, pt, 0), axis=1), rows)
+            c_lo = gl.convert_layout(gl.sum(gl.where(col == 1, pt, 0), axis=1), rows) * 0x01010101
+            s_hi = gl.convert_layout(gl.sum(gl.where(col == 2, pt, 0), axis=1), rows)
+            c_hi = gl.convert_layout(gl.sum(gl.where(col == 3, pt, 0), axis=1), rows) * 0x01010101
+            zero = gl.zeros(wb.shape, gl.int32, layout=unpack)
+            # 32-bit operands: four registers each with pack = 4 (the same value; $3, $7, $11,
+            # $15 are read)
+            lo, hi = gl.inline_asm_elementwise(
+                "{\n\t.reg .b32 a, m, c;\n\t"
+                "and.b32 a, $2, 0x0F0F0F0F;\n\tmul.lo.u32 a, a, $3;\n\t"
+                "xor.b32 c, a, $7;\n\tand.b32 c, c, 0x80808080;\n\tand.b32 a, a, 0x7F7F7F7F;\n\t"
+                "and.b32 m, $7, 0x7F7F7F7F;\n\tadd.u32 a, a, m;\n\txor.b32 $0, a, c;\n\t"
+                "shr.u32 a, $2, 4;\n\tand.b32 a, a, 0x0F0F0F0F;\n\tmul.lo.u32 a, a, $11;\n\t"
+                "xor.b32 c, a, $15;\n\tand.b32 c, c, 0x80808080;\n\tand.b32 a, a, 0x7F7F7F7F;\n\t"
+                "and.b32 m, $15, 0x7F7F7F7F;\n\tadd.u32 a, a, m;\n\txor.b32 $1, a, c;\n\t}",
+                "=r,=r,r" + ",r" * 16,
+                [wb, zero + s_lo[:, None], zero + c_lo[:, None], zero + s_hi[:, None],
+                 zero + c_hi[:, None]], dtype=(gl.int8, gl.int8), is_pure=True,
+                pack=4)  # fmt: skip
+        else:
+            lo, hi = gl.inline_asm_elementwise(
+                "and.b32 $0, $2, 0x0F0F0F0F;\n\tshr.u32 $1, $2, 4;\n\t"
+                "and.b32 $1, $1, 0x0F0F0F0F;", "=r,=r,r", [wb], dtype=(gl.int8, gl.int8),
+                is_pure=True, pack=4)  # fmt: skip
         b = t % 2
         a_lo.index(b).store(lo)
         a_hi.index(b).store(hi)
@@ -173,9 +214,10 @@ if gluon is not None:
         return warpgroup_mma_wait(num_outstanding=2, deps=(acc,))
 
     @gluon.jit
-    def _w4_split_gluon_kernel(x_desc, w_desc, z_ptr, xsum_ptr, xs_ptr, ws_ptr, bias_ptr,
-                               out_ptr, M, N, H, HAS_Z: gl.constexpr, HAS_BIAS: gl.constexpr,
-                               DEBUG: gl.constexpr, GROUP_M: gl.constexpr,
+    def _w4_split_gluon_kernel(x_desc, w_desc, p_desc, z_ptr, xsum_ptr, xs_ptr, ws_ptr,
+                               bias_ptr, out_ptr, M, N, H, HAS_Z: gl.constexpr,
+                               HAS_BIAS: gl.constexpr, DEBUG: gl.constexpr,
+                               TWO_LEVEL: gl.constexpr, GROUP_M: gl.constexpr,
                                NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         """out^T = q x^T, swapped so that the weight rows are the MMA's M side (BLOCK_N >= 64,
         one warpgroup per 64) and the activation rows its N side (up to 256 per tile): per K
@@ -187,7 +229,11 @@ if gluon is not None:
         "Unexpected bitwidth in WGMMAWaitGroupOp: 8", Triton 3.6 and 3.9). The zero points
         leave after the K loop, ``acc - z[n] * sum_k x[m, k]`` (exact in int32), so padding
         codes are 0 and nothing in the loop is masked: the bytes past H and the activation
-        columns past K are TMA's zero fill, and split_nibbles writes code 0 where H + j >= K."""
+        columns past K are TMA's zero fill, and split_nibbles writes code 0 where H + j >= K.
+        TWO_LEVEL (grouped W4A8 without a float rescale in the loop): the codes become s2 (q -
+        z) per group of 64 in the unpack (p_desc: two_level_params, 16 bytes per row and K
+        step); BLOCK_H = 64 and K % 128 == 0, so each tile is one group and no tile reaches
+        past H."""
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         BLOCK_H: gl.constexpr = w_desc.block_type.shape[1]
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -216,6 +262,8 @@ if gluon is not None:
                                             x_desc.layout)  # fmt: skip
         a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_H],
                                                                       gl.int8)  # fmt: skip
+        p_bufs = gl.allocate_shared_memory(p_desc.dtype, [NUM_STAGES if TWO_LEVEL else 1,
+                                                          BLOCK_N, 16], p_desc.layout)  # fmt: skip
         a_lo = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N, BLOCK_H], a_layout)
         a_hi = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N, BLOCK_H], a_layout)
         bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -223,14 +271,15 @@ if gluon is not None:
             mbarrier.init(bars.index(i), count=1)
         h_tiles = gl.cdiv(H, BLOCK_H)
         for i in gl.static_range(NUM_STAGES - 1):
-            _split_load(w_desc, x_desc, bars, w_bufs, lo_bufs, hi_bufs, i, i < h_tiles, off_n,
-                        off_m, H, NUM_STAGES)  # fmt: skip
+            _split_load(w_desc, x_desc, p_desc, bars, w_bufs, lo_bufs, hi_bufs, p_bufs, i,
+                        i < h_tiles, off_n, off_m, H, TWO_LEVEL, NUM_STAGES)  # fmt: skip
         acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.int32, layout=mma)
         for t in range(h_tiles):
-            acc = _split_step(w_bufs, lo_bufs, hi_bufs, a_lo, a_hi, bars, acc, unpack, t,
-                              NUM_STAGES)  # fmt: skip
-            _split_load(w_desc, x_desc, bars, w_bufs, lo_bufs, hi_bufs, t + NUM_STAGES - 1,
-                        t + NUM_STAGES - 1 < h_tiles, off_n, off_m, H, NUM_STAGES)  # fmt: skip
+            acc = _split_step(w_bufs, lo_bufs, hi_bufs, p_bufs, a_lo, a_hi, bars, acc, unpack, t,
+                              TWO_LEVEL, NUM_STAGES)  # fmt: skip
+            _split_load(w_desc, x_desc, p_desc, bars, w_bufs, lo_bufs, hi_bufs, p_bufs,
+                        t + NUM_STAGES - 1, t + NUM_STAGES - 1 < h_tiles, off_n, off_m, H,
+                        TWO_LEVEL, NUM_STAGES)  # fmt: skip
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(bars.index(i))
@@ -301,16 +350,42 @@ SPLIT_CONFIGS = ((128, 256, 64, 4, 8), (128, 128, 64, 4, 8), (128, 128, 128, 3, 
                  (256, 128, 64, 4, 8))  # fmt: skip
 
 
+def two_level_params(s2: Tensor, z: Tensor) -> Tensor:
+    """The two-level format's group parameters as the TWO_LEVEL kernel reads them: (N, K / 8)
+    uint8, 16 bytes per row and K step of 128 codes (group t of the low half, group G / 2 +
+    t of the high half of the split-nibble row): s2 and (256 - s2 z) mod 256 of the low
+    group, then of the high one, then 12 bytes of padding (TMA reads 16-byte rows). s2 (N, G)
+    integer group scales in 1..16, z (N, G) zero points in 0..15, G = K / 64 even."""
+    if s2.shape != z.shape or s2.dim() != 2 or s2.shape[1] % 2:
+        raise ValueError(f"s2 and z must be (N, G) with G even, got {tuple(s2.shape)} and "
+                         f"{tuple(z.shape)}")  # fmt: skip
+    s2, z = s2.to(torch.int32), z.to(torch.int32)
+    if s2.min() < 1 or s2.max() > 16 or z.min() < 0 or z.max() > 15:
+        raise ValueError("two-level group scales must be in 1..16 and zero points in 0..15")
+    n, g = s2.shape
+    nz = (256 - s2 * z) % 256
+    out = torch.zeros((n, g // 2, 16), dtype=torch.uint8, device=s2.device)
+    out[:, :, 0] = s2[:, : g // 2].to(torch.uint8)
+    out[:, :, 1] = nz[:, : g // 2].to(torch.uint8)
+    out[:, :, 2] = s2[:, g // 2 :].to(torch.uint8)
+    out[:, :, 3] = nz[:, g // 2 :].to(torch.uint8)
+    return out.view(n, g * 8)
+
+
 def gemm_w4a8_split_gluon(x: Tensor, xs: Tensor, w_split: Tensor, k: int, zeros: Tensor | None,
                           ws: Tensor, bias: Tensor | None = None,
                           out_dtype: torch.dtype = torch.bfloat16, config: tuple | None = None,
-                          debug: bool = False, xsum: Tensor | None = None) -> Tensor:  # fmt: skip
+                          debug: bool = False, xsum: Tensor | None = None,
+                          group_params: Tensor | None = None) -> Tensor:  # fmt: skip
     """(M, N) = ((x @ (q - z)^T) * ws[n]) * xs[m] (+ bias), the contract of
     :func:`cbq_kernels.gemm_tma4.gemm_w4a8_split` (int8 activation codes; W4A4 codes as int8
     too): ``w_split`` (N, H) from ``split_nibbles`` of the codes q (N, k), ``zeros`` (N,) or
     None, ``xsum`` the int32 row sums of x (computed here when None and zeros are given: the
-    activation quantizer can hand them over). ``config``: one of :data:`SPLIT_CONFIGS`
-    (default the first). ``debug``: the int32 sums."""
+    activation quantizer can hand them over). ``group_params`` from :func:`two_level_params`:
+    the two-level grouped format instead, the weight s2[n, g] (q - z[n, g]) per group of 64
+    (an int8 value) times ws[n]; needs K % 128 == 0 and ``zeros`` None. ``config``: one of
+    :data:`SPLIT_CONFIGS` (default the first; two-level: BLOCK_H = 64). ``debug``: the int32
+    sums."""
     from cbq_kernels.gemm_tma4 import half_width
 
     m, kx = x.shape
@@ -323,15 +398,26 @@ def gemm_w4a8_split_gluon(x: Tensor, xs: Tensor, w_split: Tensor, k: int, zeros:
                          f"K) contiguous with K % 16 == 0 and a contiguous uint8 split weight, "
                          f"got x {x.dtype} {tuple(x.shape)} on {x.device}, weight "
                          f"{w_split.dtype}")  # fmt: skip
+    two_level = group_params is not None
+    if two_level and (k % 128 or zeros is not None or group_params.dtype != torch.uint8
+                      or tuple(group_params.shape) != (n, k // 8)):  # fmt: skip
+        raise ValueError(f"the two-level form needs K % 128 == 0 (got {k}), no separate zero "
+                         f"points, and group_params uint8 ({n}, {k // 8}) from "
+                         f"two_level_params")  # fmt: skip
     out = torch.empty((m, n), dtype=torch.int32 if debug else out_dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     bn, bm, bh, stages, warps = config if config is not None else SPLIT_CONFIGS[0]
+    if two_level and bh != 64:
+        raise ValueError(f"the two-level form needs BLOCK_H = 64 (one group per tile), got {bh}")
     x_layout = gl.NVMMASharedLayout.get_default_for([bm, bh], gl.int8)
     w_layout = gl.NVMMASharedLayout.get_default_for([bn, bh], gl.uint8)
+    p_layout = gl.NVMMASharedLayout.get_default_for([bn, 16], gl.uint8)
     xd = TensorDescriptor(x, list(x.shape), list(x.stride()), [bm, bh], x_layout)
     wd = TensorDescriptor(w_split, list(w_split.shape), list(w_split.stride()), [bn, bh],
                           w_layout)  # fmt: skip
+    gp = group_params.contiguous() if two_level else w_split
+    pd = TensorDescriptor(gp, list(gp.shape), list(gp.stride()), [bn, 16], p_layout)
     xs, ws = xs.float().contiguous(), ws.float().contiguous()
     if zeros is not None:
         z = zeros.to(torch.int32).contiguous()
@@ -339,8 +425,8 @@ def gemm_w4a8_split_gluon(x: Tensor, xs: Tensor, w_split: Tensor, k: int, zeros:
     else:
         z = xsum = ws
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _w4_split_gluon_kernel[grid](xd, wd, z, xsum, xs, ws, bias if bias is not None else ws, out,
-                                 m, n, h, HAS_Z=zeros is not None, HAS_BIAS=bias is not None,
-                                 DEBUG=debug, GROUP_M=8, NUM_STAGES=stages,
-                                 num_warps=warps)  # fmt: skip
+    _w4_split_gluon_kernel[grid](xd, wd, pd, z, xsum, xs, ws, bias if bias is not None else ws,
+                                 out, m, n, h, HAS_Z=zeros is not None,
+                                 HAS_BIAS=bias is not None, DEBUG=debug, TWO_LEVEL=two_level,
+                                 GROUP_M=8, NUM_STAGES=stages, num_warps=warps)  # fmt: skip
     return out

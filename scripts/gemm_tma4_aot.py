@@ -72,7 +72,7 @@ def compile_gluon(config: tuple, ptxas: str) -> str:
             f"shared {k.metadata.shared} B, wgmma.wait_group {dict(sorted(waits.items()))}")
 
 
-def compile_gluon_split(config: tuple, ptxas: str) -> str:
+def compile_gluon_split(config: tuple, ptxas: str, two_level: bool = False) -> str:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -81,19 +81,23 @@ def compile_gluon_split(config: tuple, ptxas: str) -> str:
     bn, bm, bh, stages, warps = config
     x_layout = gl.NVMMASharedLayout.get_default_for([bm, bh], gl.int8)
     w_layout = gl.NVMMASharedLayout.get_default_for([bn, bh], gl.uint8)
+    p_layout = gl.NVMMASharedLayout.get_default_for([bn, 16], gl.uint8)
     sig = {"x_desc": f"tensordesc<i8[{bm}, {bh}],{x_layout!r}>",
-           "w_desc": f"tensordesc<u8[{bn}, {bh}],{w_layout!r}>", "z_ptr": "*i32",
+           "w_desc": f"tensordesc<u8[{bn}, {bh}],{w_layout!r}>",
+           "p_desc": f"tensordesc<u8[{bn}, 16],{p_layout!r}>", "z_ptr": "*i32",
            "xsum_ptr": "*i32", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32",
            "out_ptr": "*bf16", "M": "i32", "N": "i32", "H": "i32"}  # fmt: skip
-    const = {"HAS_Z": True, "HAS_BIAS": False, "DEBUG": False, "GROUP_M": 8,
-             "NUM_STAGES": stages, "num_warps": warps}  # fmt: skip
+    const = {"HAS_Z": not two_level, "HAS_BIAS": False, "DEBUG": False,
+             "TWO_LEVEL": two_level, "GROUP_M": 8, "NUM_STAGES": stages,
+             "num_warps": warps}  # fmt: skip
     sig.update(dict.fromkeys(const, "constexpr"))
     k = triton.compile(GluonASTSource(fn=_w4_split_gluon_kernel, signature=sig,
                                       constexprs=const),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})  # fmt: skip
     ptx = k.asm["ptx"]
     waits = Counter(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx))
-    return (f"gluon w4a8 split {bn}x{bm}x{bh} stages {stages} w{warps}: "
+    form = " two-level" if two_level else ""
+    return (f"gluon w4a8 split{form} {bn}x{bm}x{bh} stages {stages} w{warps}: "
             f"{_ptxas(ptx, ptxas)}, shared {k.metadata.shared} B, wgmma.wait_group "
             f"{dict(sorted(waits.items()))}, wgmma {ptx.count('wgmma.mma_async')}")
 
@@ -130,6 +134,8 @@ def main() -> None:
         print(compile_gluon(config, args.ptxas), flush=True)
     for config in gemm_gluon.SPLIT_CONFIGS:
         print(compile_gluon_split(config, args.ptxas), flush=True)
+        if config[2] == 64:
+            print(compile_gluon_split(config, args.ptxas, two_level=True), flush=True)
 
 
 if __name__ == "__main__":

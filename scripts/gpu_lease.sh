@@ -63,10 +63,11 @@ split_kernels() {  # the experimental prefill kernels (cbq_kernels.gemm_tma4: no
   timeout 200 python3 -m pytest -q -p no:cacheprovider \
     tests/kernels/test_gemm_cuda.py::test_split_nibble_kernel_every_config \
     tests/kernels/test_gemm_cuda.py::test_gluon_int8_kernel_every_config \
-    tests/kernels/test_gemm_cuda.py::test_gluon_split_kernel_every_config 2>&1 \
+    tests/kernels/test_gemm_cuda.py::test_gluon_split_kernel_every_config \
+    tests/kernels/test_gemm_cuda.py::test_gluon_two_level_kernel_every_config 2>&1 \
     | tee "$out/g/pytest_split.txt" | tail -3
   CBQ_BENCH_MS=$1 CBQ_BENCH_SHAPES=$2 \
-    CBQ_BENCH_KERNELS=w4a8,w4a8_tma,w4a8_split,w4a8_split_gluon,w4a4,w4a4_fp8,w4a4_split8,int8_gluon,int8_tma \
+    CBQ_BENCH_KERNELS=w4a8,w4a8_tma,w4a8_split,w4a8_split_gluon,w4a8_2lvl_gluon,w4a8_g128,w4a4,w4a4_fp8,w4a4_split8,int8_gluon,int8_tma \
     timeout $(( $3 - SECONDS > 60 ? $3 - SECONDS : 60 )) python3 benchmarks/bench_gemm.py \
     --out "$out/split" 2>&1 | grep -v "done$" | tail -2
 }

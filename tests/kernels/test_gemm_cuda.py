@@ -352,3 +352,38 @@ def test_gluon_split_kernel_every_config():
         expanded = (q.to(torch.int16) - z.to(torch.int16)[:, None]).to(torch.int8)
         assert torch.equal(got, gemm_tma.gemm_int8_tma(x, xs, expanded, ws, bias,
                                                        torch.bfloat16)), (m, n, k)  # fmt: skip
+
+
+def test_gluon_two_level_kernel_every_config():
+    """The two-level grouped form of the same kernel (s2 (q - z) per group of 64 formed in the
+    unpack, no float rescale in the K loop): each configuration with BLOCK_H = 64 exact
+    against x @ (s2 (q - z))^T, and the bf16 output with bias bit-equal to the int8 TMA
+    kernel's on that int8 weight."""
+    from cbq_kernels import gemm_gluon, gemm_tma, gemm_tma4
+
+    if torch.cuda.get_device_capability()[0] != 9 or gemm_gluon.gluon is None:
+        pytest.skip("needs Hopper and Triton's Gluon")
+    g = torch.Generator(device="cuda").manual_seed(43)
+    for m, n, k in ((200, 1000, 4096), (300, 1000, 8192)):
+        x = torch.randint(-127, 128, (m, k), generator=g, device="cuda", dtype=torch.int8)
+        q = torch.randint(0, 16, (n, k), generator=g, device="cuda", dtype=torch.uint8)
+        s2 = torch.randint(1, 9, (n, k // 64), generator=g, device="cuda", dtype=torch.int32)
+        z = torch.randint(0, 16, (n, k // 64), generator=g, device="cuda", dtype=torch.int32)
+        w8 = (s2.repeat_interleave(64, 1) * (q.to(torch.int32) - z.repeat_interleave(64, 1)))
+        want = x.double() @ w8.double().t()
+        split = gemm_tma4.split_nibbles(q)
+        params = gemm_gluon.two_level_params(s2, z)
+        ones_m, ones_n = torch.ones(m, device="cuda"), torch.ones(n, device="cuda")
+        for cfg in gemm_gluon.SPLIT_CONFIGS:
+            if cfg[2] != 64:
+                continue
+            acc = gemm_gluon.gemm_w4a8_split_gluon(x, ones_m, split, k, None, ones_n, config=cfg,
+                                                   debug=True, group_params=params)  # fmt: skip
+            assert torch.equal(acc.double(), want), (m, n, k, cfg)
+        xs = torch.rand(m, generator=g, device="cuda") + 0.01
+        ws = torch.rand(n, generator=g, device="cuda") + 0.01
+        bias = torch.randn(n, generator=g, device="cuda")
+        got = gemm_gluon.gemm_w4a8_split_gluon(x, xs, split, k, None, ws, bias,
+                                               group_params=params)  # fmt: skip
+        assert torch.equal(got, gemm_tma.gemm_int8_tma(x, xs, w8.to(torch.int8), ws, bias,
+                                                       torch.bfloat16)), (m, n, k)  # fmt: skip

@@ -87,3 +87,73 @@ def test_available_only_on_hopper_int8():
     assert not gemm_gluon.available(x)  # CPU
     with pytest.raises(ValueError, match="needs Triton's Gluon, a Hopper GPU and int8 x"):
         gemm_gluon.gemm_int8_gluon(x, torch.ones(4), x, torch.ones(4), None, torch.bfloat16)
+
+
+_SPLIT_GLUON_WAITS = """
+import json, re, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from cbq_kernels import gemm_gluon
+two_level = sys.argv[1] == "1"
+bn, bm, bh, stages, warps = gemm_gluon.SPLIT_CONFIGS[1]
+lay = gl.NVMMASharedLayout.get_default_for
+sig = {"x_desc": f"tensordesc<i8[{bm}, {bh}],{lay([bm, bh], gl.int8)!r}>",
+       "w_desc": f"tensordesc<u8[{bn}, {bh}],{lay([bn, bh], gl.uint8)!r}>",
+       "p_desc": f"tensordesc<u8[{bn}, 16],{lay([bn, 16], gl.uint8)!r}>", "z_ptr": "*i32",
+       "xsum_ptr": "*i32", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32",
+       "out_ptr": "*bf16", "M": "i32", "N": "i32", "H": "i32"}
+const = {"HAS_Z": not two_level, "HAS_BIAS": False, "DEBUG": False, "TWO_LEVEL": two_level,
+         "GROUP_M": 8, "NUM_STAGES": stages, "num_warps": warps}
+sig.update(dict.fromkeys(const, "constexpr"))
+k = triton.compile(GluonASTSource(fn=gemm_gluon._w4_split_gluon_kernel, signature=sig,
+                                  constexprs=const),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+ptx = k.asm["ptx"]
+print(json.dumps([".s32.s8.s8" in ptx,
+                  sorted({int(v) for v in re.findall(r"wgmma\\.wait_group\\.sync\\.aligned (\\d+)",
+                                                     ptx)})]))
+"""
+
+
+@pytest.mark.parametrize("two_level", [False, True])
+def test_split_kernel_keeps_two_mmas_in_flight(two_level):
+    """The W4A8 split-nibble kernel (both forms): int8 MMAs, and the wait in the K loop leaves
+    each step's two in flight. That ptxas does not serialise them is
+    scripts/gemm_tma4_aot.py's check (it needs the CUDA toolkit's ptxas). Compiled in a
+    process of its own: the tests run Triton's interpreter, whose functions the compiler
+    refuses."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _SPLIT_GLUON_WAITS, "1" if two_level else "0"],
+                       env=env, capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    int8, waits = json.loads(r.stdout.strip().splitlines()[-1])
+    assert int8 and waits == [0, 2], (int8, waits)  # 2 in the K loop, 0 after it
+
+
+def test_two_level_params_layout():
+    """16 bytes per row and K step: s2 and (256 - s2 z) mod 256 of group t (the low half of
+    the split row) and of group G / 2 + t (the high half), then zeros; bad ranges refused."""
+    s2 = torch.tensor([[1, 2, 3, 16], [5, 6, 7, 8]])
+    z = torch.tensor([[0, 15, 1, 2], [3, 4, 5, 6]])
+    p = gemm_gluon.two_level_params(s2, z)
+    assert p.shape == (2, 32) and p.dtype == torch.uint8
+    steps = p.view(2, 2, 16)
+    for n in range(2):
+        for t in range(2):
+            lo, hi = t, 2 + t
+            want = [s2[n, lo], (256 - s2[n, lo] * z[n, lo]) % 256,
+                    s2[n, hi], (256 - s2[n, hi] * z[n, hi]) % 256]  # fmt: skip
+            assert steps[n, t, :4].tolist() == [int(v) for v in want]
+            assert not steps[n, t, 4:].any()
+    # the kernel's bytewise add: (q s2 + (256 - s2 z)) mod 256 is s2 (q - z) as a signed byte
+    q = torch.arange(16)
+    for sv, zv in ((1, 0), (8, 15), (16, 7), (5, 3)):
+        got = ((q * sv + (256 - sv * zv) % 256) % 256).to(torch.uint8).view(torch.int8)
+        ok = (q - zv).abs() * sv <= 127
+        assert torch.equal(got[ok].long(), (sv * (q - zv))[ok])
+    with pytest.raises(ValueError, match=r"1\.\.16"):
+        gemm_gluon.two_level_params(s2 * 0, z)
+    with pytest.raises(ValueError, match="G even"):
+        gemm_gluon.two_level_params(s2[:, :3], z[:, :3])
