@@ -52,22 +52,22 @@ gen7b() {  # bench_generate, 7B-shaped, batch 1, prompt 2048: captured step and 
     CBQ_GEN_SETTINGS=${CBQ_GEN_SETTINGS:-bf16,W4A8,W4A4,W4A16g128} timeout ${CBQ_GEN_S:-$1} \
     python3 benchmarks/bench_generate.py --out "$out/gen" 2>&1 | grep -v Warning | cut -c1-240 | tail -8
 }
-split_kernels() {  # the experimental prefill kernels (cbq_kernels.gemm_tma4: no expansion
-  # pass; cbq_kernels.gemm_gluon: int8 MMAs in flight), written 2026-12-06 without a GPU:
-  # Triton's wgmma waits under this machine's Triton, build, their GPU tests (every
-  # configuration exact, the int8 TMA kernel's bits), then bench_gemm at M = $1 on shapes $2
-  # against the served W4A8 / W4A4 (and cuBLAS bf16 / fp8, in every row) until the call has
-  # run $3 s (at least 60 s of it)
-  python3 scripts/wgmma_async_check.py 2>&1 | grep -iv warn | tee "$out/wgmma_async.txt"
+split_kernels() {  # the experimental prefill kernels (cbq_kernels.gemm_gluon: the W4A8
+  # split-nibble kernel with int8 MMAs in flight, per channel and two-level grouped, and its
+  # int8 GEMM; cbq_kernels.gemm_tma4), written without a GPU (2026-12-06): build, their GPU
+  # tests (every configuration exact, the int8 TMA kernel's bits; the Gluon ones first, at
+  # most CBQ_SPLIT_TEST_S = 240 s), then bench_gemm at M = $1 on shapes $2, kernels
+  # CBQ_SPLIT_KERNELS (default: the served W4A8 / W4A8 g128 / W4A4 beside the Gluon ones; cuBLAS
+  # bf16 / fp8 in every row) until the call has run $3 s (at least 60 s of it)
   bash scripts/gpu_gemm.sh "$out/g" build
-  timeout 200 python3 -m pytest -q -p no:cacheprovider \
-    tests/kernels/test_gemm_cuda.py::test_split_nibble_kernel_every_config \
-    tests/kernels/test_gemm_cuda.py::test_gluon_int8_kernel_every_config \
+  timeout ${CBQ_SPLIT_TEST_S:-240} python3 -m pytest -q -p no:cacheprovider \
     tests/kernels/test_gemm_cuda.py::test_gluon_split_kernel_every_config \
-    tests/kernels/test_gemm_cuda.py::test_gluon_two_level_kernel_every_config 2>&1 \
+    tests/kernels/test_gemm_cuda.py::test_gluon_two_level_kernel_every_config \
+    tests/kernels/test_gemm_cuda.py::test_gluon_int8_kernel_every_config \
+    tests/kernels/test_gemm_cuda.py::test_split_nibble_kernel_every_config 2>&1 \
     | tee "$out/g/pytest_split.txt" | tail -3
   CBQ_BENCH_MS=$1 CBQ_BENCH_SHAPES=$2 \
-    CBQ_BENCH_KERNELS=w4a8,w4a8_tma,w4a8_split,w4a8_split_gluon,w4a8_2lvl_gluon,w4a8_g128,w4a4,w4a4_fp8,w4a4_split8,int8_gluon,int8_tma \
+    CBQ_BENCH_KERNELS=${CBQ_SPLIT_KERNELS:-w4a8,w4a8_split_gluon,w4a8_2lvl_gluon,w4a8_g128,w4a4,int8_gluon} \
     timeout $(( $3 - SECONDS > 60 ? $3 - SECONDS : 60 )) python3 benchmarks/bench_gemm.py \
     --out "$out/split" 2>&1 | grep -v "done$" | tail -2
 }
