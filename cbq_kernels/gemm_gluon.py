@@ -219,8 +219,9 @@ if gluon is not None:
                                HAS_BIAS: gl.constexpr, DEBUG: gl.constexpr,
                                TWO_LEVEL: gl.constexpr, GROUP_M: gl.constexpr,
                                NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-        """out^T = q x^T, swapped so that the weight rows are the MMA's M side (BLOCK_N >= 64,
-        one warpgroup per 64) and the activation rows its N side (up to 256 per tile): per K
+        """out^T = q x^T, swapped so that the weight rows are the MMA's M side (BLOCK_N a
+        multiple of 16 num_warps; warpgroups of 64 rows) and the activation rows its N side
+        (up to 256 per tile): per K
         step, TMA brings BLOCK_H split-nibble bytes per weight row and two activation tiles
         (columns j.. and H + j..) into a ring of NUM_STAGES stages; the bytes are unpacked in
         registers into two int8 code tiles stored in shared memory as the A operands (wgmma

@@ -1,15 +1,19 @@
 """cbq_kernels.gemm_tma4 and cbq_kernels.gemm_gluon compiled ahead of time for sm_90a without a
 GPU: per configuration (gemm_tma4: per form too, int8 activations and W4A4 codes as fp8 e4m3;
-gemm_gluon: its int8 GEMM, the ``wgmma.wait_group`` counts of its PTX), the registers and spills
-``ptxas -v`` reports (the CUDA toolkit's ptxas, the PTX's ``.version`` lowered to what it
-reads, as scripts/triton_ptxas.py does), the shared memory, and the ``warp_group_dot_wait``
-pendings of the TTGIR (1: the MMAs stay in flight; only 0: each one is waited on).
+gemm_gluon: its int8 GEMM and its W4A8 split-nibble kernel, per channel and two-level, the
+``wgmma.wait_group`` counts of their PTX), the registers and spills ``ptxas -v`` reports, and
+whether ptxas serialised the wgmma instructions (its "Potential Performance Loss" note: then
+each MMA is waited on whatever the PTX asks), the shared memory, and the
+``warp_group_dot_wait`` pendings of the TTGIR (1: the MMAs stay in flight; only 0: each one is
+waited on). ptxas: by default the one Triton bundles and compiles with (Triton 3.6: 12.8, what
+the GPU machine runs); the answer depends on it: the toolkit's 13.0 serialised the split
+kernel's wgmma where 12.8 does not.
 
-    python scripts/gemm_tma4_aot.py [--ptxas ptxas]
+    python scripts/gemm_tma4_aot.py [--ptxas PTXAS]
     PYTHONPATH=DIR python scripts/gemm_tma4_aot.py   # DIR: another Triton, e.g. `pip install
         --no-deps --target DIR triton==3.6.0` (the GPU machine's)
 
-The numbers belong to the Triton version that runs the script (printed first).
+The numbers belong to the Triton and ptxas versions printed first.
 """
 
 from __future__ import annotations
@@ -122,9 +126,17 @@ def _ptxas(ptx: str, ptxas: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--ptxas", default="ptxas")
+    p.add_argument("--ptxas", default=None,
+                   help="default: the ptxas this Triton bundles and compiles with (the GPU "
+                        "machine's; the toolkit's 13.0 serialised wgmma where Triton 3.6's 12.8 "
+                        "did not)")  # fmt: skip
     args = p.parse_args()
-    print(f"Triton {triton.__version__}")
+    if args.ptxas is None:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        args.ptxas = get_ptxas(90).path
+    version = subprocess.run([args.ptxas, "--version"], capture_output=True, text=True)
+    print(f"Triton {triton.__version__}, ptxas {version.stdout.strip().splitlines()[-1]}")
     for fp8 in (False, True):
         for cfg in CONFIGS:
             print(compile_one(cfg, fp8, args.ptxas), flush=True)
