@@ -110,7 +110,15 @@ k = triton.compile(GluonASTSource(fn=gemm_gluon._w4_split_gluon_kernel, signatur
                                   constexprs=const),
                    target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 ptx = k.asm["ptx"]
-print(json.dumps([".s32.s8.s8" in ptx,
+# ptxas -v of the ptxas this Triton compiles with: does it serialise the wgmma?
+import subprocess, tempfile
+from pathlib import Path
+from triton.backends.nvidia.compiler import get_ptxas
+with tempfile.TemporaryDirectory() as d:
+    (Path(d) / "k.ptx").write_text(ptx)
+    r = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(Path(d) / "k.ptx"), "-o",
+                        str(Path(d) / "k.o")], capture_output=True, text=True, check=True)
+print(json.dumps(["serialized" in r.stderr, ".s32.s8.s8" in ptx,
                   sorted({int(v) for v in re.findall(r"wgmma\\.wait_group\\.sync\\.aligned (\\d+)",
                                                      ptx)})]))
 """
@@ -118,18 +126,19 @@ print(json.dumps([".s32.s8.s8" in ptx,
 
 @pytest.mark.parametrize("two_level", [False, True])
 def test_split_kernel_keeps_two_mmas_in_flight(two_level):
-    """The W4A8 split-nibble kernel (both forms): int8 MMAs, and the wait in the K loop leaves
-    each step's two in flight. That ptxas does not serialise them is
-    scripts/gemm_tma4_aot.py's check (it needs the CUDA toolkit's ptxas). Compiled in a
-    process of its own: the tests run Triton's interpreter, whose functions the compiler
-    refuses."""
+    """The W4A8 split-nibble kernel (both forms): int8 MMAs, the wait in the K loop leaves
+    each step's two in flight, and the ptxas Triton bundles keeps them so (ptxas serialises
+    wgmma it cannot prove safe, whatever the PTX's waits; it did for register A operands and
+    for group parameters loaded from global memory in the loop). Compiled in a process of
+    its own: the tests run Triton's interpreter, whose functions the compiler refuses."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _SPLIT_GLUON_WAITS, "1" if two_level else "0"],
                        env=env, capture_output=True, text=True, timeout=300,
                        cwd=Path(__file__).resolve().parents[2])  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    int8, waits = json.loads(r.stdout.strip().splitlines()[-1])
+    serialised, int8, waits = json.loads(r.stdout.strip().splitlines()[-1])
     assert int8 and waits == [0, 2], (int8, waits)  # 2 in the K loop, 0 after it
+    assert not serialised, "ptxas serialised the wgmma (each MMA waited on)"
 
 
 def test_two_level_params_layout():
