@@ -59,12 +59,17 @@ split_kernels() {  # the experimental prefill kernels (cbq_kernels.gemm_gluon: t
   # most CBQ_SPLIT_TEST_S = 240 s), then bench_gemm at M = $1 on shapes $2, kernels
   # CBQ_SPLIT_KERNELS (default: the served W4A8 / W4A8 g128 / W4A4 beside the Gluon ones; cuBLAS
   # bf16 / fp8 in every row) until the call has run $3 s (at least 60 s of it)
-  bash scripts/gpu_gemm.sh "$out/g" build
-  timeout ${CBQ_SPLIT_TEST_S:-240} python3 -m pytest -q -p no:cacheprovider \
-    tests/kernels/test_gemm_cuda.py::test_gluon_split_kernel_every_config \
-    tests/kernels/test_gemm_cuda.py::test_gluon_two_level_kernel_every_config \
-    tests/kernels/test_gemm_cuda.py::test_gluon_int8_kernel_every_config \
-    tests/kernels/test_gemm_cuda.py::test_split_nibble_kernel_every_config 2>&1 \
+  # CBQ_SPLIT_BUILD=0: no CUDA extension (the Gluon kernels do not need it; the served rows
+  # then run from the canonical layout); CBQ_SPLIT_TMA4=0: not gemm_tma4's test (six
+  # autotuner configurations, two forms: the slowest to compile)
+  mkdir -p "$out/g"
+  [ "${CBQ_SPLIT_BUILD:-1}" = 1 ] && bash scripts/gpu_gemm.sh "$out/g" build
+  tests="tests/kernels/test_gemm_cuda.py::test_gluon_split_kernel_every_config
+    tests/kernels/test_gemm_cuda.py::test_gluon_two_level_kernel_every_config
+    tests/kernels/test_gemm_cuda.py::test_gluon_int8_kernel_every_config"
+  [ "${CBQ_SPLIT_TMA4:-1}" = 1 ] && \
+    tests="$tests tests/kernels/test_gemm_cuda.py::test_split_nibble_kernel_every_config"
+  timeout ${CBQ_SPLIT_TEST_S:-240} python3 -m pytest -q -p no:cacheprovider $tests 2>&1 \
     | tee "$out/g/pytest_split.txt" | tail -3
   CBQ_BENCH_MS=$1 CBQ_BENCH_SHAPES=$2 \
     CBQ_BENCH_KERNELS=${CBQ_SPLIT_KERNELS:-w4a8,w4a8_split_gluon,w4a8_2lvl_gluon,w4a8_g128,w4a4,int8_gluon} \
