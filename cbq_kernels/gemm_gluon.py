@@ -170,9 +170,10 @@ if gluon is not None:
         mbarrier.wait(bars.index(s), (t // NUM_STAGES) & 1)
         wb = w_bufs.index(s).load(unpack)
         if TWO_LEVEL:
-            # the row's 16 parameter bytes, in every thread of the row (the [BLOCK_N, 16] tile
-            # in the byte tile's layout: replicated along the row); bytes 0-3: s2 and (256 -
-            # s2 z) mod 256 of the low tile's group, then of the high tile's
+            # the row's 16 parameter bytes (bytes 0-3: s2 and (256 - s2 z) mod 256 of the low
+            # tile's group, then of the high tile's), one row per thread, then moved to the
+            # unpack layout's rows (read in the unpack layout itself, replicated along the
+            # row, they made ptxas serialise the wgmma)
             prow: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 16],
                                                   threads_per_warp=[32, 1],
                                                   warps_per_cta=[gl.num_warps(), 1],
