@@ -165,7 +165,7 @@ if gluon is not None:
         the byte borders), which is s2 (q - z) as a signed byte (|s2 (q - z)| <= 127 by the
         format, two_level_params). The parameters come through shared memory with the tile:
         read from global memory (or computed from the tile's row index) in the loop, they made
-        ptxas serialise every wgmma (scripts/gemm_tma4_aot.py; Triton 3.6 and 3.9)."""
+        ptxas serialise every wgmma (scripts/gemm_tma4_aot.py, Triton 3.6)."""
         s = t % NUM_STAGES
         mbarrier.wait(bars.index(s), (t // NUM_STAGES) & 1)
         wb = w_bufs.index(s).load(unpack)

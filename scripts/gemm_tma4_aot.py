@@ -6,8 +6,7 @@ whether ptxas serialised the wgmma instructions (its "Potential Performance Loss
 each MMA is waited on whatever the PTX asks), the shared memory, and the
 ``warp_group_dot_wait`` pendings of the TTGIR (1: the MMAs stay in flight; only 0: each one is
 waited on). ptxas: by default the one Triton bundles and compiles with (Triton 3.6: 12.8, what
-the GPU machine runs); the answer depends on it: the toolkit's 13.0 serialised the split
-kernel's wgmma where 12.8 does not.
+the GPU machine runs); the toolkit's 13.0 agreed with it on every form compiled with both.
 
     python scripts/gemm_tma4_aot.py [--ptxas PTXAS]
     PYTHONPATH=DIR python scripts/gemm_tma4_aot.py   # DIR: another Triton, e.g. `pip install
@@ -128,8 +127,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--ptxas", default=None,
                    help="default: the ptxas this Triton bundles and compiles with (the GPU "
-                        "machine's; the toolkit's 13.0 serialised wgmma where Triton 3.6's 12.8 "
-                        "did not)")  # fmt: skip
+                        "machine's)")  # fmt: skip
     args = p.parse_args()
     if args.ptxas is None:
         from triton.backends.nvidia.compiler import get_ptxas
