@@ -1,7 +1,7 @@
 """cbq_kernels.gemm_tma4 and cbq_kernels.gemm_gluon compiled ahead of time for sm_90a without a
 GPU: per configuration (gemm_tma4: per form too, int8 activations and W4A4 codes as fp8 e4m3;
-gemm_gluon: its int8 GEMM and its W4A8 split-nibble kernel, per channel and two-level, the
-``wgmma.wait_group`` counts of their PTX), the registers and spills ``ptxas -v`` reports, and
+gemm_gluon: its int8 GEMM and its split-nibble kernel, W4A8 per channel and two-level and W4A16,
+the ``wgmma.wait_group`` counts of their PTX), the registers and spills ``ptxas -v`` reports, and
 whether ptxas serialised the wgmma instructions (its "Potential Performance Loss" note: then
 each MMA is waited on whatever the PTX asks), the shared memory, and the
 ``warp_group_dot_wait`` pendings of the TTGIR (1: the MMAs stay in flight; only 0: each one is
@@ -75,32 +75,32 @@ def compile_gluon(config: tuple, ptxas: str) -> str:
             f"shared {k.metadata.shared} B, wgmma.wait_group {dict(sorted(waits.items()))}")
 
 
-def compile_gluon_split(config: tuple, ptxas: str, two_level: bool = False) -> str:
+def compile_gluon_split(config: tuple, ptxas: str, mode: int = 0) -> str:
+    """gemm_gluon's split-nibble kernel: MODE 0 per-channel W4A8, 1 two-level grouped W4A8,
+    2 weight-only W4A16 (bf16 activations)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from cbq_kernels.gemm_gluon import _w4_split_gluon_kernel
 
     bn, bm, bh, stages, warps = config
-    x_layout = gl.NVMMASharedLayout.get_default_for([bm, bh], gl.int8)
-    w_layout = gl.NVMMASharedLayout.get_default_for([bn, bh], gl.uint8)
-    p_layout = gl.NVMMASharedLayout.get_default_for([bn, 16], gl.uint8)
-    sig = {"x_desc": f"tensordesc<i8[{bm}, {bh}],{x_layout!r}>",
-           "w_desc": f"tensordesc<u8[{bn}, {bh}],{w_layout!r}>",
-           "p_desc": f"tensordesc<u8[{bn}, 16],{p_layout!r}>", "z_ptr": "*i32",
+    xdt, xsig = (gl.bfloat16, "bf16") if mode == 2 else (gl.int8, "i8")
+    lay = gl.NVMMASharedLayout.get_default_for
+    sig = {"x_desc": f"tensordesc<{xsig}[{bm}, {bh}],{lay([bm, bh], xdt)!r}>",
+           "w_desc": f"tensordesc<u8[{bn}, {bh}],{lay([bn, bh], gl.uint8)!r}>",
+           "p_desc": f"tensordesc<u8[{bn}, 16],{lay([bn, 16], gl.uint8)!r}>", "z_ptr": "*i32",
            "xsum_ptr": "*i32", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32",
            "out_ptr": "*bf16", "M": "i32", "N": "i32", "H": "i32"}  # fmt: skip
-    const = {"HAS_Z": not two_level, "HAS_BIAS": False, "DEBUG": False,
-             "TWO_LEVEL": two_level, "GROUP_M": 8, "NUM_STAGES": stages,
-             "num_warps": warps}  # fmt: skip
+    const = {"HAS_Z": mode == 0, "HAS_BIAS": False, "DEBUG": False, "MODE": mode, "GROUP_M": 8,
+             "NUM_STAGES": stages, "num_warps": warps}  # fmt: skip
     sig.update(dict.fromkeys(const, "constexpr"))
     k = triton.compile(GluonASTSource(fn=_w4_split_gluon_kernel, signature=sig,
                                       constexprs=const),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})  # fmt: skip
     ptx = k.asm["ptx"]
     waits = Counter(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx))
-    form = " two-level" if two_level else ""
-    return (f"gluon w4a8 split{form} {bn}x{bm}x{bh} stages {stages} w{warps}: "
+    form = ("w4a8", "w4a8 two-level", "w4a16")[mode]
+    return (f"gluon split {form} {bn}x{bm}x{bh} stages {stages} w{warps}: "
             f"{_ptxas(ptx, ptxas)}, shared {k.metadata.shared} B, wgmma.wait_group "
             f"{dict(sorted(waits.items()))}, wgmma {ptx.count('wgmma.mma_async')}")
 
@@ -145,7 +145,9 @@ def main() -> None:
     for config in gemm_gluon.SPLIT_CONFIGS:
         print(compile_gluon_split(config, args.ptxas), flush=True)
         if config[2] == 64:
-            print(compile_gluon_split(config, args.ptxas, two_level=True), flush=True)
+            print(compile_gluon_split(config, args.ptxas, mode=1), flush=True)
+    for config in gemm_gluon.W4A16_CONFIGS:
+        print(compile_gluon_split(config, args.ptxas, mode=2), flush=True)
 
 
 if __name__ == "__main__":

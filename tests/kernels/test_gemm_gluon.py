@@ -95,15 +95,17 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from cbq_kernels import gemm_gluon
-two_level = sys.argv[1] == "1"
-bn, bm, bh, stages, warps = gemm_gluon.SPLIT_CONFIGS[1]
+mode = int(sys.argv[1])
+bn, bm, bh, stages, warps = (gemm_gluon.W4A16_CONFIGS[0] if mode == 2
+                             else gemm_gluon.SPLIT_CONFIGS[1])
 lay = gl.NVMMASharedLayout.get_default_for
-sig = {"x_desc": f"tensordesc<i8[{bm}, {bh}],{lay([bm, bh], gl.int8)!r}>",
+xdt, xsig = (gl.bfloat16, "bf16") if mode == 2 else (gl.int8, "i8")
+sig = {"x_desc": f"tensordesc<{xsig}[{bm}, {bh}],{lay([bm, bh], xdt)!r}>",
        "w_desc": f"tensordesc<u8[{bn}, {bh}],{lay([bn, bh], gl.uint8)!r}>",
        "p_desc": f"tensordesc<u8[{bn}, 16],{lay([bn, 16], gl.uint8)!r}>", "z_ptr": "*i32",
        "xsum_ptr": "*i32", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32",
        "out_ptr": "*bf16", "M": "i32", "N": "i32", "H": "i32"}
-const = {"HAS_Z": not two_level, "HAS_BIAS": False, "DEBUG": False, "TWO_LEVEL": two_level,
+const = {"HAS_Z": mode == 0, "HAS_BIAS": False, "DEBUG": False, "MODE": mode,
          "GROUP_M": 8, "NUM_STAGES": stages, "num_warps": warps}
 sig.update(dict.fromkeys(const, "constexpr"))
 k = triton.compile(GluonASTSource(fn=gemm_gluon._w4_split_gluon_kernel, signature=sig,
@@ -118,26 +120,28 @@ with tempfile.TemporaryDirectory() as d:
     (Path(d) / "k.ptx").write_text(ptx)
     r = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(Path(d) / "k.ptx"), "-o",
                         str(Path(d) / "k.o")], capture_output=True, text=True, check=True)
-print(json.dumps(["serialized" in r.stderr, ".s32.s8.s8" in ptx,
+mma = ".f32.bf16.bf16" if mode == 2 else ".s32.s8.s8"
+print(json.dumps(["serialized" in r.stderr, mma in ptx,
                   sorted({int(v) for v in re.findall(r"wgmma\\.wait_group\\.sync\\.aligned (\\d+)",
                                                      ptx)})]))
 """
 
 
-@pytest.mark.parametrize("two_level", [False, True])
-def test_split_kernel_keeps_two_mmas_in_flight(two_level):
-    """The W4A8 split-nibble kernel (both forms): int8 MMAs, the wait in the K loop leaves
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_split_kernel_keeps_two_mmas_in_flight(mode):
+    """The split-nibble kernel in its three forms (W4A8 per channel, two-level, W4A16): its
+    MMAs (int8; bf16 for W4A16), the wait in the K loop leaves
     each step's two in flight, and the ptxas Triton bundles keeps them so (ptxas serialises
     wgmma it cannot prove safe, whatever the PTX's waits; it did for register A operands and
     for group parameters loaded from global memory in the loop). Compiled in a process of
     its own: the tests run Triton's interpreter, whose functions the compiler refuses."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _SPLIT_GLUON_WAITS, "1" if two_level else "0"],
+    r = subprocess.run([sys.executable, "-c", _SPLIT_GLUON_WAITS, str(mode)],
                        env=env, capture_output=True, text=True, timeout=300,
                        cwd=Path(__file__).resolve().parents[2])  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    serialised, int8, waits = json.loads(r.stdout.strip().splitlines()[-1])
-    assert int8 and waits == [0, 2], (int8, waits)  # 2 in the K loop, 0 after it
+    serialised, mma, waits = json.loads(r.stdout.strip().splitlines()[-1])
+    assert mma and waits == [0, 2], (mma, waits)  # 2 in the K loop, 0 after it
     assert not serialised, "ptxas serialised the wgmma (each MMA waited on)"
 
 
@@ -166,3 +170,34 @@ def test_two_level_params_layout():
         gemm_gluon.two_level_params(s2 * 0, z)
     with pytest.raises(ValueError, match="G even"):
         gemm_gluon.two_level_params(s2[:, :3], z[:, :3])
+
+
+def test_split_group_params_layout():
+    """The weight-only form's parameters: per row and K step of 2 x 64 codes, fp32 s and 2^23
+    + z of the groups holding the low tile (columns 64 t..) and the high tile (H + 64 t..);
+    and the dequantization they feed, ((2^23 + q) - (2^23 + z)) s rounded to bf16, equal to
+    the canonical (q - z) s."""
+    n, k, gs = 3, 512, 128
+    g = torch.Generator().manual_seed(5)
+    scales = torch.rand(n, k // gs, generator=g) + 0.01
+    zeros = torch.randint(0, 16, (n, k // gs), generator=g).float()
+    p = gemm_gluon.split_group_params(scales, zeros, k, gs)
+    assert p.shape == (n, k // 128 * 16) and p.dtype == torch.uint8
+    words = p.view(n, k // 128, 16).view(torch.float32)  # (n, steps, 4)
+    for t in range(k // 128):
+        lo, hi = t * 64 // gs, (k // 2 + t * 64) // gs
+        assert torch.equal(words[:, t, 0], scales[:, lo])
+        assert torch.equal(words[:, t, 1], zeros[:, lo] + 2.0**23)
+        assert torch.equal(words[:, t, 2], scales[:, hi])
+        assert torch.equal(words[:, t, 3], zeros[:, hi] + 2.0**23)
+    q = torch.arange(16, dtype=torch.int32)
+    for sv, zv in ((0.0123, 3.0), (1.7, 15.0), (3e-4, 0.0)):
+        f = (q | 0x4B000000).view(torch.float32)
+        got = ((f - (zv + 2.0**23)) * torch.tensor(sv)).to(torch.bfloat16)
+        want = ((q.float() - zv) * torch.tensor(sv)).to(torch.bfloat16)
+        assert torch.equal(got, want)
+    per_channel = gemm_gluon.split_group_params(scales[:, :1], None, k, None)
+    assert torch.equal(per_channel.view(n, -1, 16).view(torch.float32)[..., 1],
+                       torch.full((n, k // 128), 8.0 + 2.0**23))  # fmt: skip
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        gemm_gluon.split_group_params(scales, zeros, 384, gs)
