@@ -1,6 +1,10 @@
-"""The prefill int8 x int8 GEMM in Gluon (Triton's lower-level dialect) with its MMAs kept in
-flight. Experimental, written without a GPU (2026-12-06): not in the served dispatch; the GPU
-test and bench_gemm's ``w4a8_gluon`` rows are ``gpu_lease.sh OUT split``.
+"""Prefill GEMMs in Gluon (Triton's lower-level dialect) with their MMAs kept in flight: the
+int8 x int8 GEMM (:func:`gemm_int8_gluon`), and the split-nibble kernel that reads the 4-bit
+weight itself, unpacking it in the K loop (no expansion pass): W4A8 per channel and two-level
+grouped (:func:`gemm_w4a8_split_gluon`), W4A16 (:func:`gemm_w4a16_split_gluon`).
+Experimental, written without a GPU (sessions 10 and 11, 2026-12-06): not in the served
+dispatch; the GPU tests and bench_gemm's ``int8_gluon`` / ``w4a8_split_gluon`` /
+``w4a8_2lvl_gluon`` / ``w4a16_split_gluon`` rows are ``gpu_lease.sh OUT split``.
 
 Why: Triton never keeps an MMA with an int32 accumulator in flight (its WGMMA pipeliner,
 ``dotCanBeProperlyAsync``, "Rule 2.1"; scripts/wgmma_async_check.py): each int8 MMA of the TMA
@@ -12,9 +16,10 @@ has the next MMA queued, and a ring of NUM_STAGES shared-memory buffers filled b
 mbarrier each) runs NUM_STAGES - 1 tiles ahead. A stage is refilled only after the MMA that
 read it has completed (the wait above), so no copy overwrites a tile still being read.
 
-Same contract as gemm_tma: x (M, K) int8 codes, w (N, K) int8 (the expanded ``q - z``), out =
-``(acc * s_w[n]) * s_x[m]`` (+ bias) in the output dtype, the same two fp32 products in the
-same order, so the same bits on the exact int32 sums. Needs Hopper (wgmma) and K % 16 == 0.
+The int8 GEMM has gemm_tma's contract: x (M, K) int8 codes, w (N, K) int8 (the expanded ``q -
+z``), out = ``(acc * s_w[n]) * s_x[m]`` (+ bias) in the output dtype, the same two fp32
+products in the same order, so the same bits on the exact int32 sums. Needs Hopper (wgmma)
+and K % 16 == 0. The split kernel's forms: their functions' docstrings.
 """
 
 from __future__ import annotations
