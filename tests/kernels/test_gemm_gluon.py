@@ -5,44 +5,60 @@ scripts/wgmma_async_check.py). Their numerics are the GPU tests' (test_gemm_cuda
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
 
 from cbq_kernels import gemm_gluon
 
 pytestmark = pytest.mark.skipif(gemm_gluon.gluon is None, reason="this Triton has no Gluon")
 
 
-def _ptx_waits(ptx: str) -> set[int]:
-    return {int(v) for v in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)}
+_INT8_GLUON_WAITS = """
+import json, re, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from cbq_kernels import gemm_gluon
+bm, bn, bk, stages, warps = gemm_gluon.CONFIGS[int(sys.argv[1])]
+a_layout = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)
+b_layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8)
+sig = {"a_desc": f"tensordesc<i8[{bm}, {bk}],{a_layout!r}>",
+       "b_desc": f"tensordesc<i8[{bn}, {bk}],{b_layout!r}>", "xs_ptr": "*fp32",
+       "ws_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32",
+       "K": "i32", "HAS_BIAS": "constexpr", "DEBUG": "constexpr",
+       "NUM_STAGES": "constexpr", "num_warps": "constexpr"}
+const = {"HAS_BIAS": False, "DEBUG": False, "NUM_STAGES": stages, "num_warps": warps}
+k = triton.compile(GluonASTSource(fn=gemm_gluon._int8_gluon_kernel, signature=sig,
+                                  constexprs=const),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+ptx = k.asm["ptx"]
+print(json.dumps(["wgmma.mma_async.sync.aligned" in ptx and ".s32.s8.s8" in ptx,
+                  sorted({int(v) for v in re.findall(r"wgmma\\.wait_group\\.sync\\.aligned (\\d+)",
+                                                     ptx)})]))
+"""
 
 
-@pytest.mark.parametrize("config", gemm_gluon.CONFIGS[:2])
+def _compile_in_subprocess(script: str, arg: str) -> list:
+    """Run a compile script in a process of its own (the tests run Triton's interpreter,
+    whose state leaks into an in-process compile: an in-process compile of the int8 kernel
+    failed inside the interpreter's patched operators after other tests had run interpreted
+    kernels) and return its last line, parsed as JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", script, arg], env=env, capture_output=True,
+                       text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("config", [0, 1])
 def test_gluon_kernel_keeps_one_mma_in_flight(config):
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    bm, bn, bk, stages, warps = config
-    a_layout = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)
-    b_layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8)
-    sig = {"a_desc": f"tensordesc<i8[{bm}, {bk}],{a_layout!r}>",
-           "b_desc": f"tensordesc<i8[{bn}, {bk}],{b_layout!r}>", "xs_ptr": "*fp32",
-           "ws_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32",
-           "K": "i32", "HAS_BIAS": "constexpr", "DEBUG": "constexpr",
-           "NUM_STAGES": "constexpr", "num_warps": "constexpr"}  # fmt: skip
-    const = {"HAS_BIAS": False, "DEBUG": False, "NUM_STAGES": stages, "num_warps": warps}
-    k = triton.compile(GluonASTSource(fn=gemm_gluon._int8_gluon_kernel, signature=sig,
-                                      constexprs=const),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})  # fmt: skip
-    assert "wgmma.mma_async.sync.aligned" in k.asm["ptx"] and ".s32.s8.s8" in k.asm["ptx"]
-    assert _ptx_waits(k.asm["ptx"]) == {0, 1}  # 1 in the K loop, 0 after it
+    """The Gluon int8 GEMM: int8 wgmma, one MMA left in flight in the K loop."""
+    wgmma_int8, waits = _compile_in_subprocess(_INT8_GLUON_WAITS, str(config))
+    assert wgmma_int8 and waits == [0, 1], waits  # 1 in the K loop, 0 after it
 
 
 _SPLIT_WAITS = """
@@ -73,12 +89,7 @@ def test_split_nibble_kernel_waits(fp8):
     (Triton's pipeliner: no async dot without an fp32 accumulator). If the int8 half fails,
     Triton has lifted that rule: time gemm_tma again. Compiled in a process of its own (the
     tests run Triton's interpreter, which cannot compile)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _SPLIT_WAITS, "1" if fp8 else "0"], env=env,
-                       capture_output=True, text=True, timeout=300,
-                       cwd=Path(__file__).resolve().parents[2])  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    waits = json.loads(r.stdout.strip().splitlines()[-1])
+    waits = _compile_in_subprocess(_SPLIT_WAITS, "1" if fp8 else "0")
     assert (max(waits) >= 1) == fp8, waits
 
 
@@ -135,12 +146,7 @@ def test_split_kernel_keeps_two_mmas_in_flight(mode):
     wgmma it cannot prove safe, whatever the PTX's waits; it did for register A operands and
     for group parameters loaded from global memory in the loop). Compiled in a process of
     its own: the tests run Triton's interpreter, whose functions the compiler refuses."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _SPLIT_GLUON_WAITS, str(mode)],
-                       env=env, capture_output=True, text=True, timeout=300,
-                       cwd=Path(__file__).resolve().parents[2])  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    serialised, mma, waits = json.loads(r.stdout.strip().splitlines()[-1])
+    serialised, mma, waits = _compile_in_subprocess(_SPLIT_GLUON_WAITS, str(mode))
     assert mma and waits == [0, 2], (mma, waits)  # 2 in the K loop, 0 after it
     assert not serialised, "ptxas serialised the wgmma (each MMA waited on)"
 
