@@ -18,27 +18,11 @@ pytestmark = pytest.mark.skipif(gemm_gluon.gluon is None, reason="this Triton ha
 
 
 _INT8_GLUON_WAITS = """
-import json, re, sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon._runtime import GluonASTSource
-from cbq_kernels import gemm_gluon
-bm, bn, bk, stages, warps = gemm_gluon.CONFIGS[int(sys.argv[1])]
-a_layout = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)
-b_layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8)
-sig = {"a_desc": f"tensordesc<i8[{bm}, {bk}],{a_layout!r}>",
-       "b_desc": f"tensordesc<i8[{bn}, {bk}],{b_layout!r}>", "xs_ptr": "*fp32",
-       "ws_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32",
-       "K": "i32", "HAS_BIAS": "constexpr", "DEBUG": "constexpr",
-       "NUM_STAGES": "constexpr", "num_warps": "constexpr"}
-const = {"HAS_BIAS": False, "DEBUG": False, "NUM_STAGES": stages, "num_warps": warps}
-k = triton.compile(GluonASTSource(fn=gemm_gluon._int8_gluon_kernel, signature=sig,
-                                  constexprs=const),
-                   target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-ptx = k.asm["ptx"]
+import json, sys
+from cbq_kernels import gemm_gluon, sm90_aot
+ptx = sm90_aot.compile_int8_gluon(gemm_gluon.CONFIGS[int(sys.argv[1])]).asm["ptx"]
 print(json.dumps(["wgmma.mma_async.sync.aligned" in ptx and ".s32.s8.s8" in ptx,
-                  sorted({int(v) for v in re.findall(r"wgmma\\.wait_group\\.sync\\.aligned (\\d+)",
-                                                     ptx)})]))
+                  sorted(set(sm90_aot.wgmma_waits(ptx)))]))
 """
 
 
@@ -62,24 +46,10 @@ def test_gluon_kernel_keeps_one_mma_in_flight(config):
 
 
 _SPLIT_WAITS = """
-import re, sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from cbq_kernels import gemm_tma4
-fp8 = sys.argv[1] == "1"
-cfg = gemm_tma4.CONFIGS[0]
-bn, bm, bh = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_H"]
-sig = {"a_desc": f"tensordesc<{'fp8e4nv' if fp8 else 'i8'}[{bm}, {bh}]>",
-       "w_desc": f"tensordesc<u8[{bn}, {bh}]>", "wz_ptr": "*i32", "xs_ptr": "*fp32",
-       "ws_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32",
-       "K": "i32", "H": "i32"}
-const = {"HAS_Z": True, "HAS_BIAS": False, "DEBUG": False, "NUM_PROGRAMS": 132,
-         "BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_H": bh, "GROUP_M": 8, "FP8": fp8}
-sig.update(dict.fromkeys(const, "constexpr"))
-k = triton.compile(ASTSource(fn=gemm_tma4._w4_split_kernel, signature=sig, constexprs=const),
-                   target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-print(sorted({int(v) for v in re.findall(r"pendings = (\\d+)", k.asm["ttgir"])}))
+import json, sys
+from cbq_kernels import gemm_tma4, sm90_aot
+k = sm90_aot.compile_tma4(gemm_tma4.CONFIGS[0], sys.argv[1] == "1")
+print(json.dumps(sorted(set(sm90_aot.ttgir_pendings(k.asm["ttgir"])))))
 """
 
 
@@ -101,40 +71,14 @@ def test_available_only_on_hopper_int8():
 
 
 _SPLIT_GLUON_WAITS = """
-import json, re, sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon._runtime import GluonASTSource
-from cbq_kernels import gemm_gluon
+import json, sys
+from cbq_kernels import gemm_gluon, sm90_aot
 mode = int(sys.argv[1])
-bn, bm, bh, stages, warps = (gemm_gluon.W4A16_CONFIGS[0] if mode == 2
-                             else gemm_gluon.SPLIT_CONFIGS[1])
-lay = gl.NVMMASharedLayout.get_default_for
-xdt, xsig = (gl.bfloat16, "bf16") if mode == 2 else (gl.int8, "i8")
-sig = {"x_desc": f"tensordesc<{xsig}[{bm}, {bh}],{lay([bm, bh], xdt)!r}>",
-       "w_desc": f"tensordesc<u8[{bn}, {bh}],{lay([bn, bh], gl.uint8)!r}>",
-       "p_desc": f"tensordesc<u8[{bn}, 16],{lay([bn, 16], gl.uint8)!r}>", "z_ptr": "*i32",
-       "xsum_ptr": "*i32", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32",
-       "out_ptr": "*bf16", "M": "i32", "N": "i32", "H": "i32"}
-const = {"HAS_Z": mode == 0, "HAS_BIAS": False, "DEBUG": False, "MODE": mode,
-         "GROUP_M": 8, "NUM_STAGES": stages, "num_warps": warps}
-sig.update(dict.fromkeys(const, "constexpr"))
-k = triton.compile(GluonASTSource(fn=gemm_gluon._w4_split_gluon_kernel, signature=sig,
-                                  constexprs=const),
-                   target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-ptx = k.asm["ptx"]
-# ptxas -v of the ptxas this Triton compiles with: does it serialise the wgmma?
-import subprocess, tempfile
-from pathlib import Path
-from triton.backends.nvidia.compiler import get_ptxas
-with tempfile.TemporaryDirectory() as d:
-    (Path(d) / "k.ptx").write_text(ptx)
-    r = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(Path(d) / "k.ptx"), "-o",
-                        str(Path(d) / "k.o")], capture_output=True, text=True, check=True)
+config = gemm_gluon.W4A16_CONFIGS[0] if mode == 2 else gemm_gluon.SPLIT_CONFIGS[1]
+ptx = sm90_aot.compile_split_gluon(config, mode).asm["ptx"]
+_regs, _spill, serialised = sm90_aot.ptxas_report(ptx)  # the ptxas this Triton compiles with
 mma = ".f32.bf16.bf16" if mode == 2 else ".s32.s8.s8"
-print(json.dumps(["serialized" in r.stderr, mma in ptx,
-                  sorted({int(v) for v in re.findall(r"wgmma\\.wait_group\\.sync\\.aligned (\\d+)",
-                                                     ptx)})]))
+print(json.dumps([bool(serialised), mma in ptx, sorted(set(sm90_aot.wgmma_waits(ptx)))]))
 """
 
 
