@@ -258,12 +258,25 @@ def test_tma_kernel_every_config_and_the_served_call(act_bits):
         assert torch.equal(fn(xq, xs, wt, debug=True, policy=tma).double(), x_int @ w_int.t())
 
 
+def _int8_tma_reference(x, w8, g):
+    """Scales and a bias drawn from ``g`` for x (M, K) and the int8 weight w8 (N, K), and the
+    int8 TMA kernel's bf16 output with them: what the experimental prefill kernels, which
+    share gemm_tma's epilogue, must equal bit for bit."""
+    from cbq_kernels import gemm_tma
+
+    m, n = x.shape[0], w8.shape[0]
+    xs = torch.rand(m, generator=g, device="cuda") + 0.01
+    ws = torch.rand(n, generator=g, device="cuda") + 0.01
+    bias = torch.randn(n, generator=g, device="cuda")
+    return xs, ws, bias, gemm_tma.gemm_int8_tma(x, xs, w8, ws, bias, torch.bfloat16)
+
+
 def test_split_nibble_kernel_every_config():
     """cbq_kernels.gemm_tma4 on Hopper: each configuration of its autotuner exact with zero
     points (int32 sums; N and M not multiples of any tile, H = 2048 bytes for K = 4096 and
     528 for K = 1040, a partial K step), and the autotuned call's output bit-equal to the int8
     TMA kernel's on the expanded weight."""
-    from cbq_kernels import gemm_tma, gemm_tma4
+    from cbq_kernels import gemm_tma4
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability 9.0")
@@ -287,19 +300,16 @@ def test_split_nibble_kernel_every_config():
             acc = gemm_tma4.gemm_w4a8_split(xin, ones_m, split, k, z, ones_n, config=meta,
                                             debug=True)  # fmt: skip
             assert torch.equal(acc.double(), want), (m, n, k, fp8, meta)
-        xs = torch.rand(m, generator=g, device="cuda") + 0.01
-        ws = torch.rand(n, generator=g, device="cuda") + 0.01
-        bias = torch.randn(n, generator=g, device="cuda")
-        got = gemm_tma4.gemm_w4a8_split(xin, xs, split, k, z, ws, bias)
         expanded = (q.to(torch.int16) - z.to(torch.int16)[:, None]).to(torch.int8)
-        assert torch.equal(got, gemm_tma.gemm_int8_tma(x, xs, expanded, ws, bias,
-                                                       torch.bfloat16)), (m, n, k)  # fmt: skip
+        xs, ws, bias, want = _int8_tma_reference(x, expanded, g)
+        assert torch.equal(gemm_tma4.gemm_w4a8_split(xin, xs, split, k, z, ws, bias),
+                           want), (m, n, k)  # fmt: skip
 
 
 def test_gluon_int8_kernel_every_config():
     """cbq_kernels.gemm_gluon on Hopper: each configuration exact (int32 sums; M, N and K
     tails), and its bf16 output with bias bit-equal to the TMA kernel's (same epilogue)."""
-    from cbq_kernels import gemm_gluon, gemm_tma
+    from cbq_kernels import gemm_gluon
 
     if torch.cuda.get_device_capability()[0] != 9 or gemm_gluon.gluon is None:
         pytest.skip("needs Hopper and Triton's Gluon")
@@ -314,11 +324,8 @@ def test_gluon_int8_kernel_every_config():
             acc = gemm_gluon.gemm_int8_gluon(x, ones_m, w, ones_n, None, torch.bfloat16, cfg,
                                              debug=True)  # fmt: skip
             assert torch.equal(acc.double(), want), (m, n, k, cfg)
-        xs = torch.rand(m, generator=g, device="cuda") + 0.01
-        ws = torch.rand(n, generator=g, device="cuda") + 0.01
-        bias = torch.randn(n, generator=g, device="cuda")
-        got = gemm_gluon.gemm_int8_gluon(x, xs, w, ws, bias, torch.bfloat16)
-        assert torch.equal(got, gemm_tma.gemm_int8_tma(x, xs, w, ws, bias, torch.bfloat16))
+        xs, ws, bias, want = _int8_tma_reference(x, w, g)
+        assert torch.equal(gemm_gluon.gemm_int8_gluon(x, xs, w, ws, bias, torch.bfloat16), want)
 
 
 def test_gluon_split_kernel_every_config():
@@ -326,7 +333,7 @@ def test_gluon_split_kernel_every_config():
     with zero points (int32 sums after ``- z * sum x``; M, N not multiples of any tile, K =
     4096 and 1040: H = 528 bytes, a partial K step), W4A4 codes (int8 -8..7) too, and the
     bf16 output with bias bit-equal to the int8 TMA kernel's on the expanded weight."""
-    from cbq_kernels import gemm_gluon, gemm_tma, gemm_tma4
+    from cbq_kernels import gemm_gluon, gemm_tma4
 
     if torch.cuda.get_device_capability()[0] != 9 or gemm_gluon.gluon is None:
         pytest.skip("needs Hopper and Triton's Gluon")
@@ -345,13 +352,10 @@ def test_gluon_split_kernel_every_config():
             assert torch.equal(acc.double(), want), (m, n, k, cfg)
         acc = gemm_gluon.gemm_w4a8_split_gluon(x, ones_m, split, k, None, ones_n, debug=True)
         assert torch.equal(acc.double(), x.double() @ q.double().t()), (m, n, k)
-        xs = torch.rand(m, generator=g, device="cuda") + 0.01
-        ws = torch.rand(n, generator=g, device="cuda") + 0.01
-        bias = torch.randn(n, generator=g, device="cuda")
-        got = gemm_gluon.gemm_w4a8_split_gluon(x, xs, split, k, z, ws, bias)
         expanded = (q.to(torch.int16) - z.to(torch.int16)[:, None]).to(torch.int8)
-        assert torch.equal(got, gemm_tma.gemm_int8_tma(x, xs, expanded, ws, bias,
-                                                       torch.bfloat16)), (m, n, k)  # fmt: skip
+        xs, ws, bias, want = _int8_tma_reference(x, expanded, g)
+        assert torch.equal(gemm_gluon.gemm_w4a8_split_gluon(x, xs, split, k, z, ws, bias),
+                           want), (m, n, k)  # fmt: skip
 
 
 def test_gluon_two_level_kernel_every_config():
@@ -359,7 +363,7 @@ def test_gluon_two_level_kernel_every_config():
     unpack, no float rescale in the K loop): each configuration with BLOCK_H = 64 exact
     against x @ (s2 (q - z))^T, and the bf16 output with bias bit-equal to the int8 TMA
     kernel's on that int8 weight."""
-    from cbq_kernels import gemm_gluon, gemm_tma, gemm_tma4
+    from cbq_kernels import gemm_gluon, gemm_tma4
 
     if torch.cuda.get_device_capability()[0] != 9 or gemm_gluon.gluon is None:
         pytest.skip("needs Hopper and Triton's Gluon")
@@ -380,13 +384,10 @@ def test_gluon_two_level_kernel_every_config():
             acc = gemm_gluon.gemm_w4a8_split_gluon(x, ones_m, split, k, None, ones_n, config=cfg,
                                                    debug=True, group_params=params)  # fmt: skip
             assert torch.equal(acc.double(), want), (m, n, k, cfg)
-        xs = torch.rand(m, generator=g, device="cuda") + 0.01
-        ws = torch.rand(n, generator=g, device="cuda") + 0.01
-        bias = torch.randn(n, generator=g, device="cuda")
-        got = gemm_gluon.gemm_w4a8_split_gluon(x, xs, split, k, None, ws, bias,
-                                               group_params=params)  # fmt: skip
-        assert torch.equal(got, gemm_tma.gemm_int8_tma(x, xs, w8.to(torch.int8), ws, bias,
-                                                       torch.bfloat16)), (m, n, k)  # fmt: skip
+        xs, ws, bias, want = _int8_tma_reference(x, w8.to(torch.int8), g)
+        assert torch.equal(gemm_gluon.gemm_w4a8_split_gluon(x, xs, split, k, None, ws, bias,
+                                                            group_params=params),
+                           want), (m, n, k)  # fmt: skip
 
 
 def test_gluon_w4a16_kernel_every_config():
