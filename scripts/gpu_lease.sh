@@ -22,14 +22,14 @@
 #       split-K epilogue's tests and timings, bench_generate at the defaults (batch 1 and 32)
 #   bash scripts/gpu_lease.sh OUT cold    # carry .cbq_commit: bench_gemm's decode rows with
 #       L2-cold weights (CBQ_BENCH_COLD=1) and hot beside them, M = 1 / 16
-#   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled / solo / split:
+#   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled / solo / split / s12:
 #       issue 13's table in two parts, issue 14's SmolLM2 rows and checks, GemmPolicy.
 #       prologue_pdl and the RMSNorm kernel, issue 14's greedy check with the reference's own
 #       agreement and the 70B rows, the compiled step, one bounded call for scarce machines
 #       (each stage's comment: its carry)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
-out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split}
+out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12}
 . "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -286,6 +286,21 @@ case $stage in
       done
     fi
     pack ;;
+  s12)  # carry .cbq_commit (2026-12-06, session 12): the decode layout's scale words (its
+    # GPU tests, at most CBQ_DECODE_TEST_S = 100 s; bench_gemm's grouped decode rows at M = 1,
+    # 4, 16 on the 70B and 7B shapes, at most CBQ_BENCH_S = 130 s), then split_kernels on the
+    # build already made, the call bounded by CBQ_STAGE_S (540) seconds
+    environment
+    bash scripts/gpu_gemm.sh "$out/g" build
+    timeout ${CBQ_DECODE_TEST_S:-100} python3 -m pytest -q -p no:cacheprovider -x \
+      tests/kernels/test_gemm_decode_cuda.py 2>&1 | tee "$out/g/pytest_decode.txt" | tail -4
+    CBQ_BENCH_MS=1,4,16 CBQ_BENCH_SHAPES=70b_gate_up,70b_down,70b_q_o,7b_gate_up,7b_qkvo \
+      CBQ_BENCH_KERNELS=w4a16_g128,w2a16_g128,w4a8_g128,w4a8,int4pack_mm \
+      timeout ${CBQ_BENCH_S:-130} python3 benchmarks/bench_gemm.py --out "$out/gemm" 2>&1 \
+      | grep -v "done$" | tail -3
+    CBQ_SPLIT_BUILD=0 split_kernels ${CBQ_BENCH_MS2:-2048,8192} \
+      ${CBQ_BENCH_SHAPES2:-70b_gate_up,7b_gate_up,70b_down} ${CBQ_STAGE_S:-540}
+    pack ;;
   split)  # carry .cbq_commit: split_kernels at M = 256 .. 8192 on the 70B and 7B shapes, the
     # call bounded by CBQ_STAGE_S (540) seconds
     environment
@@ -352,5 +367,5 @@ case $stage in
       --out "$out/gen70" 2>&1 \
       | grep -v Warning | grep -v "^{" | cut -c1-200 | tail -4
     pack ;;
-  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled, solo or split)"; exit 2 ;;
+  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled, solo, split or s12)"; exit 2 ;;
 esac
