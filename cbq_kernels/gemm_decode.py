@@ -18,10 +18,11 @@ that led there). This module owns the layout:
   ``i = 2 j + e`` sits at bit ``bits * j + 16 * e``, so ``(word >> bits * j) & mask`` is the
   pair (i = 2j, 2j + 1): the same pair of K positions as the lane's j-th 32-bit register of
   bf16 activations (its 16-byte load of x[row, kc + (CK / 4) t :][: CK / 4]).
-* ``scales``: fp32 ``(G, N_pad)`` *scale words* (:func:`scale_words`): each scale rounded to
-  15 explicit mantissa bits with the group's zero point in the 8 low mantissa bits, so that
-  one 4-byte word carries both and its float value is the scale every kernel uses (within
-  4.6e-5 of the given one, relative; bf16 outputs round at 2^-9 = 2.0e-3). ``zeros``: uint8
+* ``scales``: fp32 ``(G, N_pad)`` *scale words* (:func:`cbq_kernels.formats.scale_words`):
+  each scale rounded to 15 explicit mantissa bits with the group's zero point in the 8 low
+  mantissa bits, so that one 4-byte word carries both and its float value is the scale every
+  kernel uses (within 4.6e-5 of the given one, relative; bf16 outputs round at 2^-9 =
+  2.0e-3). ``zeros``: uint8
   ``(G, N_pad)``, the same zero points for the kernels that read them as integers (the
   Triton expansion and tile kernels, the canonical-layout kernels through PreparedWeight's
   views). Why: at 128-code groups fp32 scales and int32 zero points were 8 bytes per 64
@@ -52,6 +53,7 @@ import triton.language as tl
 from torch import Tensor
 
 from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpreter gets right
+from cbq_kernels.formats import scale_words
 
 DECODE_MAX_M = 16  # one m16n8k16 row tile
 TILE_N = 64  # output channels per n-tile (8 MMA subtiles of 8)
@@ -136,24 +138,6 @@ class DecodeWeight:
 def _wrap_int32(v: Tensor) -> Tensor:
     """int64 values in [0, 2^32) as the int32 with the same bits."""
     return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32)
-
-
-def scale_words(scales: Tensor, zeros: Tensor) -> Tensor:
-    """fp32 scales with their integer zero points (0..255) in the 8 low mantissa bits: the
-    magnitude is rounded to a multiple of 2^8 units in the last place (round half up), then
-    the zero point fills those bits. The float value of the word is the scale the decode
-    layout's kernels use: within (128 + 255) * 2^-23 = 4.6e-5 of ``scales``, relative (a
-    scale of 0 becomes z * 2^-149, a subnormal that contributes below 2^-140 of any code).
-    Non-finite results (inputs that are, or that round past 3.4e38) are refused."""
-    b = scales.float().contiguous().view(torch.int32)
-    # bit patterns of positive and negative floats alike: adding 128 to the pattern adds it to
-    # the magnitude (no pattern of a finite float overflows int32 by it)
-    words = ((b + 128) & ~0xFF) | zeros.to(torch.int32)
-    out = words.view(torch.float32)
-    if out.numel() and not bool(torch.isfinite(out).all()):
-        raise ValueError("scales must be finite and below 3.4e38 (the decode layout rounds "
-                         "them to 15 mantissa bits)")  # fmt: skip
-    return out
 
 
 def prepare_decode(codes: Tensor, scales: Tensor, zeros: Tensor, bits: int,

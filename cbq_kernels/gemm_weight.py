@@ -24,7 +24,7 @@ class PreparedWeight:
     words: (ceil(K / C), N) int32, the canonical packed words transposed: word row kw holds
     codes kw*C .. kw*C + C - 1 of every output channel, N contiguous (C codes per word); None
     when the decode layout is the only one.
-    scales: (N, G) fp32, the given scales as *scale words* (gemm_decode.scale_words: rounded
+    scales: (N, G) fp32, the given scales as *scale words* (formats.scale_words: rounded
     to 15 mantissa bits, the zero point in the 8 low bits; within 4.6e-5 of the given scale,
     relative) in every layout, so that every kernel multiplies by the same scales. zeros:
     (N, G) uint8. With a decode layout both are transposed views of its (G, N_pad) tensors
@@ -166,7 +166,7 @@ def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Ten
         z = zf.to(torch.int32)
     # every layout multiplies by the same scales: the decode layout's scale words (the zero
     # point in the 8 low mantissa bits; within 4.6e-5 of the given scale, relative)
-    scales = gemm_decode.scale_words(scales, z)
+    scales = formats.scale_words(scales, z)
     z = z.to(torch.uint8)
     layout_err = gemm_decode.layout_error(bits, k, group_size)
     if layout == "auto":

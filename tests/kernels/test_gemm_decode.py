@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cbq_kernels.act_quant import act_quant
+from cbq_kernels.formats import scale_words
 from cbq_kernels.gemm import gemm_ref, prepare_weight
 from cbq_kernels.gemm_decode import (
     chunk_k,
@@ -14,7 +15,6 @@ from cbq_kernels.gemm_decode import (
     expand,
     launch_triton,
     prepare_decode,
-    scale_words,
     tile_n,
     unpack_codes,
 )
@@ -34,28 +34,6 @@ def make(bits, n, k, group_size, seed=0):
     # scales the layout stores as they are (scale words: test_scale_words covers the rounding)
     scales = scale_words(torch.rand(n, groups, generator=g) + 0.5, zeros)
     return codes, scales, zeros
-
-
-def test_scale_words_round_the_scale_and_carry_the_zero_point():
-    """The decode layout's scale word: the zero point in the low byte, the float value within
-    4.6e-5 of the scale (relative), unchanged by a second rounding; every magnitude from
-    subnormal to 1e38, both signs; non-finite scales refused."""
-    g = torch.Generator().manual_seed(11)
-    mag = torch.exp2(torch.empty(4096).uniform_(-140, 126, generator=g))
-    scales = torch.cat([mag, -mag, torch.tensor([0.0, 1.0, 2.0 - 2**-23, 3e38])])
-    zeros = torch.randint(0, 16, scales.shape, generator=g)
-    words = scale_words(scales, zeros)
-    assert torch.equal(words.view(torch.int32) & 0xFF, zeros.to(torch.int32))
-    normal = scales.abs() >= 2**-126
-    rel = ((words.double() - scales.double()).abs() / scales.double().abs())[normal]
-    assert float(rel.max()) <= 383 * 2**-23 and float(rel.max()) > 2**-17  # the bound is tight
-    tiny = ~normal  # subnormal and 0: within 383 units of 2^-149
-    assert float((words.double() - scales.double()).abs()[tiny].max()) <= 383 * 2**-149
-    assert torch.equal(scale_words(words, zeros), words)  # idempotent
-    assert torch.equal(torch.sign(words[normal]), torch.sign(scales[normal]))
-    for bad in (float("nan"), float("inf"), 3.4028e38):
-        with pytest.raises(ValueError, match="scales must be finite"):
-            scale_words(torch.tensor([1.0, bad]), torch.tensor([0, 15]))
 
 
 @pytest.mark.parametrize(("bits", "n", "k", "group_size", "m"), CASES)
