@@ -22,14 +22,14 @@
 #       split-K epilogue's tests and timings, bench_generate at the defaults (batch 1 and 32)
 #   bash scripts/gpu_lease.sh OUT cold    # carry .cbq_commit: bench_gemm's decode rows with
 #       L2-cold weights (CBQ_BENCH_COLD=1) and hot beside them, M = 1 / 16
-#   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled / solo / split / s12:
+#   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled / solo / split / s12 / abw:
 #       issue 13's table in two parts, issue 14's SmolLM2 rows and checks, GemmPolicy.
 #       prologue_pdl and the RMSNorm kernel, issue 14's greedy check with the reference's own
 #       agreement and the 70B rows, the compiled step, one bounded call for scarce machines
 #       (each stage's comment: its carry)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
-out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12}
+out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw}
 . "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -301,6 +301,24 @@ case $stage in
     CBQ_SPLIT_BUILD=0 split_kernels ${CBQ_BENCH_MS2:-2048,8192} \
       ${CBQ_BENCH_SHAPES2:-70b_gate_up,7b_gate_up,70b_down} ${CBQ_STAGE_S:-540}
     pack ;;
+  abw)  # carry .cbq_commit .carry/old (git archive of the commit before the scale words:
+    # cbq_kernels csrc setup.py CMakeLists.txt benchmarks pyproject.toml, and its .cbq_commit):
+    # the decode rows with scale words against the same rows before them, on one machine,
+    # new / old / new (both builds first, in parallel)
+    environment
+    (cd .carry/old && CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ CBQ_CUDA_ARCHS=90a \
+      CBQ_REQUIRE_CUDA=1 python3 setup.py build_ext --inplace > "$out/old_build.log" 2>&1 \
+      || tail -5 "$out/old_build.log") &
+    bash scripts/gpu_gemm.sh "$out/g" build
+    wait
+    for run in new1 old new2; do
+      dir=.; [ $run = old ] && dir=.carry/old
+      (cd $dir && CBQ_COMMIT=$(cat .cbq_commit) CBQ_BENCH_MS=1,4 \
+        CBQ_BENCH_SHAPES=${CBQ_AB_SHAPES:-70b_gate_up,70b_down,7b_gate_up,70b_q_o} \
+        CBQ_BENCH_KERNELS=w4a16_g128,w2a16_g128,w4a8_g128,w4a8 timeout 100 \
+        python3 benchmarks/bench_gemm.py --out "$out/ab_$run" 2>&1 | grep -v "done$" | tail -1)
+    done
+    pack ;;
   split)  # carry .cbq_commit: split_kernels at M = 256 .. 8192 on the 70B and 7B shapes, the
     # call bounded by CBQ_STAGE_S (540) seconds
     environment
@@ -367,5 +385,5 @@ case $stage in
       --out "$out/gen70" 2>&1 \
       | grep -v Warning | grep -v "^{" | cut -c1-200 | tail -4
     pack ;;
-  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled, solo, split or s12)"; exit 2 ;;
+  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled, solo, split, s12 or abw)"; exit 2 ;;
 esac
