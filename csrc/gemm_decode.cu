@@ -416,7 +416,10 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel
   // then each warp's ring of kDepth weight chunks, which the warp reduction reuses after the K
   // loop (+8: conflict-free 64-bit stores)
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  auto& sc_sm = *reinterpret_cast<uint32_t(*)[kWarps][kSlots][kTN]>(smem_raw);
+  // [.][.][1] unused: the shared memory per block as with separate zero points (50 KB: at 41
+  // KB a fifth block fits an SM, and the split model and the measured rows assume four;
+  // H100 A/B of 2026-12-06: W4A8 per channel 3-7% slower at 70B shapes without the padding)
+  auto& sc_sm = *reinterpret_cast<uint32_t(*)[kWarps][kSlots][2][kTN]>(smem_raw);
   auto& ring = *reinterpret_cast<uint4(*)[kWarps][kDepth][64]>(smem_raw + sizeof(sc_sm));
   auto& sm = *reinterpret_cast<uint32_t(*)[kWarps][16 * MT][kTN + 8]>(smem_raw + sizeof(sc_sm));
   __shared__ bool last_block;
@@ -467,7 +470,7 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel
   // (the segment's scale words are in this warp's shared-memory slot slot_i: the float value
   // is the scale, the low byte the zero point)
   auto flush = [&](int slot_i) {
-    const uint32_t(&slot)[kTN] = sc_sm[warp][slot_i];
+    const uint32_t(&slot)[kTN] = sc_sm[warp][slot_i][0];
     if constexpr (SWAP) {
       // tile j: c[0] / c[1] column 16 j + g, rows 2t / 2t + 1; c[2] / c[3] column 16 j + 8 + g
       const Acc sx[2] = {sumx[0][0], sumx[0][1]};
@@ -548,7 +551,7 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel
   const char* sc_src = reinterpret_cast<const char*>(p.scales + n0 + 4 * (lane & 15));
   const int64_t sc_stride = static_cast<int64_t>(p.n_pad) * 4;  // bytes per group
   auto copy_group = [&](int gi, int slot_i) {
-    if (lane < 16) cp_async16(&sc_sm[warp][slot_i][4 * lane], sc_src + gi * sc_stride);
+    if (lane < 16) cp_async16(&sc_sm[warp][slot_i][0][4 * lane], sc_src + gi * sc_stride);
   };
 
   // per chunk: two fully coalesced 512-byte warp loads (word h * 4 + j of lane l at uint4
@@ -764,7 +767,7 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel
   }
 }
 
-constexpr size_t kScaleBytes = sizeof(uint32_t) * kWarps * (kDepth + 1) * kTN;
+constexpr size_t kScaleBytes = sizeof(uint32_t) * kWarps * (kDepth + 1) * 2 * kTN;
 constexpr size_t kRingBytes = sizeof(uint4) * kWarps * kDepth * 64;
 // the reduction reuses the rings: 18 KB per m-tile (MT = 2: 36 KB, more than the 32 KB rings)
 constexpr size_t smem_bytes(int mt) {
