@@ -18,17 +18,9 @@ Dequantization is ``w = (q - z) * s`` computed in float32 and rounded once (to n
 to the output dtype, with one scale ``s`` and zero point ``z`` per row and group of
 ``group_size`` consecutive codes along K (the last group of a row may be shorter; per-channel
 is one group of K). Without zero points ``z = 2**(b-1)``, the offset of signed codes.
-
-Scale precision: a hardened layer's scales are *scale words* (:func:`scale_words`): fp32
-values whose 8 low mantissa bits hold the group's zero point, so that the served kernels
-carry scale and zero point in one 4-byte word (cbq_kernels.gemm_decode) and every path
-(fake-quantized forward, kernels, exports) multiplies by the same scale.
 """
 
 from __future__ import annotations
-
-import torch
-from torch import Tensor
 
 FORMAT_VERSION = 1
 WORD_BITS = 32
@@ -86,22 +78,3 @@ def format_metadata(bits: int, k: int, group_size: int | None) -> dict[str, int 
         "group_size": group_size,
         "word": "int32-le",
     }
-
-
-def scale_words(scales: Tensor, zeros: Tensor) -> Tensor:
-    """fp32 scales with their integer zero points (0..255) in the 8 low mantissa bits: the
-    magnitude is rounded to a multiple of 2^8 units in the last place (round half up), then
-    the zero point fills those bits. The float value of the word is the scale every kernel
-    and a hardened layer use (idempotent: words stay words): within (128 + 255) * 2^-23 =
-    4.6e-5 of ``scales``, relative (a scale of 0 becomes z * 2^-149, a subnormal that
-    contributes below 2^-140 of any code). Non-finite results (inputs that are, or that round
-    past 3.4e38) are refused."""
-    b = scales.float().contiguous().view(torch.int32)
-    # bit patterns of positive and negative floats alike: adding 128 to the pattern adds it to
-    # the magnitude (no pattern of a finite float overflows int32 by it)
-    words = ((b + 128) & ~0xFF) | zeros.to(torch.int32)
-    out = words.view(torch.float32)
-    if out.numel() and not bool(torch.isfinite(out).all()):
-        raise ValueError("scales must be finite and below 3.4e38 (scale words round them to "
-                         "15 mantissa bits)")  # fmt: skip
-    return out

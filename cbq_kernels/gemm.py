@@ -319,7 +319,7 @@ def _(x, words, scales, *args):
 def _prepare_weight_op(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Tensor | None,
                        group_size: int) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     w = prepare_weight(packed, bits, k, scales, zeros, group_size or None, layout="canonical")
-    return w.words, w.scales, w.zeros  # new tensors (scale words, uint8 zero points)
+    return w.words, w.scales.clone(), w.zeros  # fp32 scales would alias the input
 
 
 @_prepare_weight_op.register_fake
@@ -327,7 +327,7 @@ def _(packed, bits, k, scales, zeros, group_size):
     n, groups = scales.shape
     return (packed.new_empty((packed.shape[1], n)),
             scales.new_empty((n, groups), dtype=torch.float32),
-            packed.new_empty((n, groups), dtype=torch.uint8))  # fmt: skip
+            packed.new_empty((n, groups)))  # fmt: skip
 
 
 def _check_policy(policy: object) -> GemmPolicy:

@@ -18,16 +18,7 @@ that led there). This module owns the layout:
   ``i = 2 j + e`` sits at bit ``bits * j + 16 * e``, so ``(word >> bits * j) & mask`` is the
   pair (i = 2j, 2j + 1): the same pair of K positions as the lane's j-th 32-bit register of
   bf16 activations (its 16-byte load of x[row, kc + (CK / 4) t :][: CK / 4]).
-* ``scales``: fp32 ``(G, N_pad)`` *scale words* (:func:`cbq_kernels.formats.scale_words`):
-  each scale rounded to 15 explicit mantissa bits with the group's zero point in the 8 low
-  mantissa bits, so that one 4-byte word carries both and its float value is the scale every
-  kernel uses (within 4.6e-5 of the given one, relative; bf16 outputs round at 2^-9 =
-  2.0e-3). ``zeros``: uint8
-  ``(G, N_pad)``, the same zero points for the kernels that read them as integers (the
-  Triton expansion and tile kernels, the canonical-layout kernels through PreparedWeight's
-  views). Why: at 128-code groups fp32 scales and int32 zero points were 8 bytes per 64
-  bytes of 4-bit codes (12.5% more bytes for a decode kernel that runs at HBM bandwidth,
-  25% for 2-bit codes); the CUDA kernel now reads 4.
+* ``scales``: fp32 ``(G, N_pad)``; ``zeros``: int32 ``(G, N_pad)``.
 
 :func:`emulate` computes the product the way the kernel does, from the PTX fragment layouts
 of ``mma.m16n8k16`` (bf16 / fp16 activations: A 16 x 16 row-major, a0 = row g, columns 2t /
@@ -53,7 +44,6 @@ import triton.language as tl
 from torch import Tensor
 
 from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpreter gets right
-from cbq_kernels.formats import scale_words
 
 DECODE_MAX_M = 16  # one m16n8k16 row tile
 TILE_N = 64  # output channels per n-tile (8 MMA subtiles of 8)
@@ -120,8 +110,8 @@ class DecodeWeight:
     """A weight in the decode kernel's layout (module docstring)."""
 
     words: Tensor  # (N_pad / 64, K_pad / CK, 2, 32, 4) int32
-    scales: Tensor  # (G, N_pad) fp32 scale words (scale_words: zero point in the low 8 bits)
-    zeros: Tensor  # (G, N_pad) uint8
+    scales: Tensor  # (G, N_pad) fp32
+    zeros: Tensor  # (G, N_pad) int32
     # (N_pad / 64,) int32 zeros: the split-K semaphores (each launch leaves them zero). One
     # set per weight: launches of the same weight on two streams at once would share them.
     counters: Tensor
@@ -169,9 +159,9 @@ def prepare_decode(codes: Tensor, scales: Tensor, zeros: Tensor, bits: int,
         words[t0:t1] = _wrap_int32(word)
     groups = scales.shape[1]
     s_t = torch.zeros((groups, n_pad), dtype=torch.float32, device=dev)
-    z_t = torch.zeros((groups, n_pad), dtype=torch.uint8, device=dev)
-    s_t[:, :n] = scale_words(scales, zeros).t()
-    z_t[:, :n] = zeros.to(torch.uint8).t()
+    z_t = torch.zeros((groups, n_pad), dtype=torch.int32, device=dev)
+    s_t[:, :n] = scales.float().t()
+    z_t[:, :n] = zeros.to(torch.int32).t()
     counters = torch.zeros(nt, dtype=torch.int32, device=dev)
     return DecodeWeight(words, s_t.contiguous(), z_t.contiguous(), counters, cb, n, k, gs)
 
@@ -216,7 +206,7 @@ def _expand_decode_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, N_PAD, KC, GS,
     q = (word[:, None] >> (BITS * (i // 2) + 16 * (i % 2))[None, :]) & ((1 << BITS) - 1)
     g = k0 // GS
     mw = (n < N) & (k0 < K)  # the padding words: N to 64, K to CK (their groups may not exist)
-    q -= tl.load(z_ptr + g * N_PAD + n, mask=mw, other=0).to(tl.int32)[:, None]
+    q -= tl.load(z_ptr + g * N_PAD + n, mask=mw, other=0)[:, None]
     k = k0[:, None] + i[None, :]
     mask = mw[:, None] & (k < K)
     ptrs = out_ptr + n[:, None] * K + k
@@ -343,9 +333,7 @@ def emulate(x: Tensor, dw: DecodeWeight, x_scales: Tensor | None = None,
     gchunks = dw.group_size // ck if dw.group_size < dw.k else kc
     grp = torch.arange(kc, device=dev) // gchunks  # (KC,)
     n_idx = torch.arange(dw.n_pad, device=dev).view(nt, 1, 8, 1, 8)
-    # the zero point from the scale word's low byte, as the kernel reads it (scale_words)
-    z_words = dw.scales.view(torch.int32) & 0xFF
-    z = z_words.double()[grp.view(1, kc, 1, 1, 1), n_idx]  # (NT, KC, 8, 1, 8)
+    z = dw.zeros.double()[grp.view(1, kc, 1, 1, 1), n_idx]  # (NT, KC, 8, 1, 8)
     s = dw.scales.double()[grp.view(1, kc, 1, 1, 1), n_idx]
     d = tmp - (magic + z) * sumx.view(1, kc, 1, 16, 1)  # (NT, KC, 8, 16 rows, 8 cols)
     total = d.sum(1) if debug or (integer and dw.group_size >= dw.k) else (d * s).sum(1)
@@ -444,7 +432,7 @@ def launch(x: Tensor, x_scales: Tensor | None, dw: DecodeWeight, bias: Tensor | 
                          device=dev) if split > 1 else None  # fmt: skip
         _C.gemm_decode_cuda(
             ptr(x[r0:]), ptr(xs[r0:] if xs is not None else None), a_mode, ptr(dw.words),
-            ptr(dw.scales), ptr(bias_f), ptr(out[r0:]), ptr(ws),
+            ptr(dw.scales), ptr(dw.zeros), ptr(bias_f), ptr(out[r0:]), ptr(ws),
             ptr(dw.counters), rows, dw.n, dw.k, dw.n_pad, x.stride(0), dw.bits, dw.group_size,
             split, _OUT_CODES.get(out_dtype, 2), debug, bool(pdl), dev.index,
             torch.cuda.current_stream(dev).cuda_stream,
@@ -486,7 +474,7 @@ def _tiles_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, N_PAD, KC, GS, S
         q = (words[:, None, :] >> shift[None, :, None]) & MASK  # (4, PER, 64)
         q = tl.reshape(q, (CK, 64))
         g = (c * CK) // GS
-        wq = q - tl.load(z_ptr + g * N_PAD + n, mask=mn, other=0).to(tl.int32)[None, :]
+        wq = q - tl.load(z_ptr + g * N_PAD + n, mask=mn, other=0)[None, :]
         k = c * CK + kk
         a = tl.load(x_ptr + rm[:, None].to(tl.int64) * SX + k[None, :],
                     mask=mm[:, None] & (k < K)[None, :], other=0)  # fmt: skip

@@ -69,7 +69,7 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
         acc_i = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if not GROUPED and W_BITS != 8:  # one zero point (and scale) per output channel
-        z_n = tl.load(wz_ptr + rn64 * WS_N, mask=mn, other=0).to(tl.int32)
+        z_n = tl.load(wz_ptr + rn64 * WS_N, mask=mn, other=0)
 
     k_step = BLOCK_K * SPLIT_K
     for k0 in range(split * BLOCK_K, K, k_step):
@@ -112,7 +112,7 @@ def _gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, wz_ptr, bias_ptr, out_ptr, M, N, 
             g = k0 // GS  # BLOCK_K divides GS: one group per tile
             s_w = tl.load(ws_ptr + rn64 * WS_N + g * WS_G, mask=mn, other=0.0)
             if W_BITS != 8:
-                z = tl.load(wz_ptr + rn64 * WS_N + g * WS_G, mask=mn, other=0).to(tl.int32)
+                z = tl.load(wz_ptr + rn64 * WS_N + g * WS_G, mask=mn, other=0)
                 wq = tl.where(mk[:, None], q - z[None, :], 0)
             # the per-channel scale broadcast against the accumulator
             s_acc = s_w[:, None] if SWAP else s_w[None, :]
@@ -196,7 +196,7 @@ def _expand_kernel(w_ptr, z_ptr, s_ptr, out_ptr, R, K, KW, SZ_R, SZ_G, GS, S_R, 
     # G words apart, made the grouped dequantization ~10x slower on the H200.)
     gidx = rr64 * SZ_R + ((tl.program_id(1) * BLOCK_K) // GS) * SZ_G
     if HAS_Z:
-        q -= tl.load(z_ptr + gidx, mask=mr, other=0).to(tl.int32)[:, None]
+        q -= tl.load(z_ptr + gidx, mask=mr, other=0)[:, None]
     else:
         q -= Z_CONST
     if SCALED:

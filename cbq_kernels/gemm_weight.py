@@ -24,11 +24,8 @@ class PreparedWeight:
     words: (ceil(K / C), N) int32, the canonical packed words transposed: word row kw holds
     codes kw*C .. kw*C + C - 1 of every output channel, N contiguous (C codes per word); None
     when the decode layout is the only one.
-    scales: (N, G) fp32, the given scales as *scale words* (formats.scale_words: rounded
-    to 15 mantissa bits, the zero point in the 8 low bits; within 4.6e-5 of the given scale,
-    relative) in every layout, so that every kernel multiplies by the same scales. zeros:
-    (N, G) uint8. With a decode layout both are transposed views of its (G, N_pad) tensors
-    (one copy). bits: 2, 3 or 4. k: in_features.
+    scales: (N, G) fp32. zeros: (N, G) int32 (with a decode layout: transposed views of its
+    (G, N_pad) tensors, one copy). bits: 2, 3 or 4. k: in_features.
     group_size: None (per channel) or the group length along K."""
 
     words: Tensor | None
@@ -164,10 +161,6 @@ def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Ten
         ):
             raise ValueError(f"zeros must be integers in [0, {qmax}] for {bits}-bit codes")
         z = zf.to(torch.int32)
-    # every layout multiplies by the same scales: the decode layout's scale words (the zero
-    # point in the 8 low mantissa bits; within 4.6e-5 of the given scale, relative)
-    scales = formats.scale_words(scales, z)
-    z = z.to(torch.uint8)
     layout_err = gemm_decode.layout_error(bits, k, group_size)
     if layout == "auto":
         use = gemm_decode.available(packed.device) and layout_err is None
@@ -184,7 +177,7 @@ def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Ten
         dw = gemm_decode.prepare_decode(codes, scales, z, bits, group_size)
         s, z = dw.scales[:, :n].t(), dw.zeros[:, :n].t()  # views: one copy of each
     else:
-        s, z = scales.contiguous(), z.contiguous()
+        s, z = scales.float().contiguous(), z.contiguous()
     w = PreparedWeight(words, s, z, bits, k, group_size, dw)
     mark_static(w)
     return w

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cbq_kernels.fake_quant import fake_quant, fake_quant_ref
-from cbq_kernels.formats import groups_per_row, scale_words
+from cbq_kernels.formats import groups_per_row
 from cbq_kernels.lora_round import (
     harden,
     harden_ref,
@@ -352,10 +352,7 @@ class QLinear(torch.nn.Module):
             codes, s, z = quantize_weight(self.w, bits, self.gs, self.settings.symmetric_weights,
                                           fmax, fmin)  # fmt: skip
         self.codes = codes.to(torch.uint8)
-        # the scales as scale words (the zero point in the 8 low mantissa bits, within 4.6e-5
-        # relative): what the served kernels multiply by, so the hardened layer's forward, its
-        # exports and the kernels agree (W4A4 served logits: bitwise up to the GEMMs' sums)
-        self.scales, self.zeros = scale_words(s.detach(), z).detach(), z.float().detach()
+        self.scales, self.zeros = s.float().detach(), z.float().detach()
         if self.act_logit is not None:
             self.act_ratio = clip_factor(self.act_logit.detach()).reshape(1)
         for attr in ("clip_max", "clip_min", "lora_a", "lora_b", "act_logit", "w_round", "w_base",

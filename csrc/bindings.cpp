@@ -88,10 +88,11 @@ void py_dequantize_cuda(Ptr packed, Ptr scales, Ptr zeros, Ptr out, int64_t n, i
                   device, stream);
 }
 
-void py_gemm_decode_cuda(Ptr x, Ptr x_scales, int a_mode, Ptr words, Ptr scales, Ptr bias,
-                         Ptr out, Ptr ws, Ptr counters, int64_t m, int64_t n, int64_t k,
-                         int64_t n_pad, int64_t ldx, int bits, int64_t group_size, int splits,
-                         int out_dtype, bool debug, bool pdl, int device, Ptr stream) {
+void py_gemm_decode_cuda(Ptr x, Ptr x_scales, int a_mode, Ptr words, Ptr scales, Ptr zeros,
+                         Ptr bias, Ptr out, Ptr ws, Ptr counters, int64_t m, int64_t n,
+                         int64_t k, int64_t n_pad, int64_t ldx, int bits, int64_t group_size,
+                         int splits, int out_dtype, bool debug, bool pdl, int device,
+                         Ptr stream) {
   CBQ_CHECK(bits == 2 || bits == 4, "decode GEMM bits must be 2 or 4 (containers), got ", bits);
   CBQ_CHECK(a_mode >= 0 && a_mode <= 3, "unknown activation mode ", a_mode);
   CBQ_CHECK(bits == 4 || a_mode <= 1, "2-bit weights take bf16 / fp16 activations only");
@@ -109,6 +110,7 @@ void py_gemm_decode_cuda(Ptr x, Ptr x_scales, int a_mode, Ptr words, Ptr scales,
   check_ptr(x, m * k, "x");
   check_ptr(words, n_pad * ((k + ck - 1) / ck) * ck, "words");
   check_ptr(scales, n_pad, "scales");
+  check_ptr(zeros, n_pad, "zeros");
   check_ptr(out, m * n, "out");
   check_ptr(counters, n_pad / tn, "counters");
   if (a_mode >= 2) check_ptr(x_scales, m, "x_scales");
@@ -119,7 +121,8 @@ void py_gemm_decode_cuda(Ptr x, Ptr x_scales, int a_mode, Ptr words, Ptr scales,
   }
   gemm_decode_cuda(reinterpret_cast<const void*>(x), reinterpret_cast<const float*>(x_scales),
                    a_mode, reinterpret_cast<const int32_t*>(words),
-                   reinterpret_cast<const float*>(scales), reinterpret_cast<const float*>(bias), reinterpret_cast<void*>(out),
+                   reinterpret_cast<const float*>(scales), reinterpret_cast<const int32_t*>(zeros),
+                   reinterpret_cast<const float*>(bias), reinterpret_cast<void*>(out),
                    reinterpret_cast<void*>(ws), reinterpret_cast<int32_t*>(counters), m, n, k,
                    n_pad, ldx, bits, group_size, splits, out_dtype, debug, pdl, device, stream);
 }

@@ -46,11 +46,7 @@
 // bits BITS j + 16 e (j < 16 / BITS, e = 0 / 1): pair j of the word is the bf16 pair
 // (k = .. + 2j, .. + 2j + 1), exactly the pair of activations the lane loaded as its j-th
 // 32-bit register.
-//   scales: fp32 scale words [G][N_pad]: the scale rounded to 15 mantissa bits with the zero
-//   point in the 8 low bits (gemm_decode.scale_words; the word's float value is the scale)
-//   (padding: word 0, codes 0). One word per group and column instead of an fp32 scale and
-//   an int32 zero point: at 128-code groups 4 instead of 8 bytes per 64 bytes of 4-bit codes
-//   (6.25% instead of 12.5% more bytes than the codes; 2-bit codes: 12.5% instead of 25%).
+//   scales: fp32 [G][N_pad]; zeros: int32 [G][N_pad] (padding: scale 0, zero 0, codes 0).
 //
 // Work split: block = 4 warps on one n-tile and all M rows (up to two 16-row m-tiles); grid
 // (N_pad / 64, S). Split s of S owns a range of chunks, cut in 4 contiguous warp ranges. Warps
@@ -153,7 +149,8 @@ struct Args {
   const void* x;          // (M, K) bf16 / fp16 / int8, or (M, ceil(K / 8)) int32 (int4)
   const float* x_scales;  // (M,) integer modes
   const uint4* words;     // the layout above
-  const float* scales;    // (G, N_pad) scale words (the zero point in the low 8 bits)
+  const float* scales;    // (G, N_pad)
+  const int32_t* zeros;   // (G, N_pad)
   const float* bias;      // (N,) or null
   void* out;              // (M, N) out_dtype, or int32 (debug)
   uint32_t* ws;           // (S, 16, N_pad) 32-bit partial sums (S > 1)
@@ -412,13 +409,10 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel
   static_assert(MT >= 1 && MT <= kMaxMTiles && (MT == 1 || !SWAP), "m-tiles: 1, or 2 unswapped");
 
   constexpr int kSlots = kDepth + 1;  // group scales in flight per warp (one per chunk at most)
-  // dynamic shared memory (decode_smem_bytes): the group scale words of each warp,
+  // dynamic shared memory (decode_smem_bytes): the group scales and zero points of each warp,
   // then each warp's ring of kDepth weight chunks, which the warp reduction reuses after the K
   // loop (+8: conflict-free 64-bit stores)
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  // [.][.][1] unused: the shared memory per block as with separate zero points (50 KB: at 41
-  // KB a fifth block fits an SM, and the split model and the measured rows assume four;
-  // H100 A/B of 2026-12-06: W4A8 per channel 3-7% slower at 70B shapes without the padding)
   auto& sc_sm = *reinterpret_cast<uint32_t(*)[kWarps][kSlots][2][kTN]>(smem_raw);
   auto& ring = *reinterpret_cast<uint4(*)[kWarps][kDepth][64]>(smem_raw + sizeof(sc_sm));
   auto& sm = *reinterpret_cast<uint32_t(*)[kWarps][16 * MT][kTN + 8]>(smem_raw + sizeof(sc_sm));
@@ -467,10 +461,9 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel
   }
 
   // the segment's sums -> the result: y += s (tmp - (magic + z) sumx) per column
-  // (the segment's scale words are in this warp's shared-memory slot slot_i: the float value
-  // is the scale, the low byte the zero point)
+  // (the segment's scales and zero points are in this warp's shared-memory slot slot_i)
   auto flush = [&](int slot_i) {
-    const uint32_t(&slot)[kTN] = sc_sm[warp][slot_i][0];
+    const uint32_t(&slot)[2][kTN] = sc_sm[warp][slot_i];
     if constexpr (SWAP) {
       // tile j: c[0] / c[1] column 16 j + g, rows 2t / 2t + 1; c[2] / c[3] column 16 j + 8 + g
       const Acc sx[2] = {sumx[0][0], sumx[0][1]};
@@ -479,8 +472,8 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int col = 16 * j + 8 * h + g;
-          const int32_t z = static_cast<int32_t>(slot[col] & 0xFFu);
-          const float sc = __uint_as_float(slot[col]);
+          const int32_t z = static_cast<int32_t>(slot[1][col]);
+          const float sc = __uint_as_float(slot[0][col]);
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int r = 2 * h + e;
@@ -506,10 +499,8 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel
 #pragma unroll
       for (int s = 0; s < kAcc; ++s) {
         const int col = 8 * s + 2 * t;
-        const uint2 sw = *reinterpret_cast<const uint2*>(&slot[col]);
-        const int2 z = make_int2(static_cast<int32_t>(sw.x & 0xFFu),
-                                 static_cast<int32_t>(sw.y & 0xFFu));
-        const float2 sc = make_float2(__uint_as_float(sw.x), __uint_as_float(sw.y));
+        const int2 z = *reinterpret_cast<const int2*>(&slot[1][col]);
+        const float2 sc = *reinterpret_cast<const float2*>(&slot[0][col]);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           const Acc sx0 = sumx[mt][0], sx1 = sumx[mt][2];
@@ -545,13 +536,15 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel
     }
   };
 
-  // a group's scale words -> a slot (lanes 0-15: 64 words, 16 bytes each); groups are counted
-  // in the loop, not divided for (a 32-bit remainder per chunk was ~25 of the 282 instructions
-  // per chunk in the SASS of 6f6a61d)
-  const char* sc_src = reinterpret_cast<const char*>(p.scales + n0 + 4 * (lane & 15));
+  // a group's scales and zero points -> a slot (lanes 0-15: 64 scales, 16-31: 64 zero points,
+  // 16 bytes each); groups are counted in the loop, not divided for (a 32-bit remainder per
+  // chunk was ~25 of the 282 instructions per chunk in the SASS of 6f6a61d)
+  const char* sc_src = reinterpret_cast<const char*>(
+      (lane >> 4) ? static_cast<const void*>(p.zeros + n0 + 4 * (lane & 15))
+                  : static_cast<const void*>(p.scales + n0 + 4 * (lane & 15)));
   const int64_t sc_stride = static_cast<int64_t>(p.n_pad) * 4;  // bytes per group
   auto copy_group = [&](int gi, int slot_i) {
-    if (lane < 16) cp_async16(&sc_sm[warp][slot_i][0][4 * lane], sc_src + gi * sc_stride);
+    cp_async16(&sc_sm[warp][slot_i][lane >> 4][4 * (lane & 15)], sc_src + gi * sc_stride);
   };
 
   // per chunk: two fully coalesced 512-byte warp loads (word h * 4 + j of lane l at uint4
@@ -825,10 +818,10 @@ int decode_max_m() { return 16 * kMaxMTiles; }
 int decode_ws_rows(int m) { return m <= 16 ? 16 : 16 * kMaxMTiles; }
 
 void gemm_decode_cuda(const void* x, const float* x_scales, int a_mode, const int32_t* words,
-                      const float* scales, const float* bias, void* out, void* ws,
-                      int32_t* counters, int64_t m, int64_t n, int64_t k, int64_t n_pad,
-                      int64_t ldx, int bits, int64_t group_size, int splits, int out_dtype,
-                      bool debug, bool pdl, int device, std::uintptr_t stream) {
+                      const float* scales, const int32_t* zeros, const float* bias, void* out,
+                      void* ws, int32_t* counters, int64_t m, int64_t n, int64_t k,
+                      int64_t n_pad, int64_t ldx, int bits, int64_t group_size, int splits,
+                      int out_dtype, bool debug, bool pdl, int device, std::uintptr_t stream) {
   int previous = 0;
   check_cuda(cudaGetDevice(&previous), "cudaGetDevice");
   if (previous != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
@@ -838,6 +831,7 @@ void gemm_decode_cuda(const void* x, const float* x_scales, int a_mode, const in
   p.x_scales = x_scales;
   p.words = reinterpret_cast<const uint4*>(words);
   p.scales = scales;
+  p.zeros = zeros;
   p.bias = bias;
   p.out = out;
   p.ws = static_cast<uint32_t*>(ws);

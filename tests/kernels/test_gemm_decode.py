@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from cbq_kernels.act_quant import act_quant
-from cbq_kernels.formats import scale_words
 from cbq_kernels.gemm import gemm_ref, prepare_weight
 from cbq_kernels.gemm_decode import (
     chunk_k,
@@ -30,9 +29,8 @@ def make(bits, n, k, group_size, seed=0):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
     groups = 1 if group_size is None else -(-k // group_size)
+    scales = torch.rand(n, groups, generator=g) + 0.5
     zeros = torch.randint(0, 1 << bits, (n, groups), generator=g).float()
-    # scales the layout stores as they are (scale words: test_scale_words covers the rounding)
-    scales = scale_words(torch.rand(n, groups, generator=g) + 0.5, zeros)
     return codes, scales, zeros
 
 

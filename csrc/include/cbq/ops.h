@@ -33,18 +33,17 @@ void dequantize_cuda(const int32_t* packed, const float* scales, const float* ze
 // The decode GEMM (gemm_decode.cu; layout in its header and cbq_kernels/gemm_decode.py).
 // a_mode: 0 bf16, 1 fp16, 2 int8 codes, 3 packed int4 codes (offset 8). out: (m, n) of
 // out_dtype (DType), int32 when debug. 1 <= m <= decode_max_m() (M > 16: two 16-row m-tiles
-// per block). scales: (G, n_pad) scale words (the zero point in the low 8 mantissa bits).
-// ws: (splits, decode_ws_rows(m), n_pad) 32-bit scratch when splits > 1;
+// per block). ws: (splits, decode_ws_rows(m), n_pad) 32-bit scratch when splits > 1;
 // counters: (n_pad / decode_tile_n(bits),) int32, zero, left zero.
 int decode_tile_n(int bits);
 int decode_chunk_k(int bits);
 int decode_max_m();
 int decode_ws_rows(int m);
 void gemm_decode_cuda(const void* x, const float* x_scales, int a_mode, const int32_t* words,
-                      const float* scales, const float* bias, void* out, void* ws,
-                      int32_t* counters, int64_t m, int64_t n, int64_t k, int64_t n_pad,
-                      int64_t ldx, int bits, int64_t group_size, int splits, int out_dtype,
-                      bool debug, bool pdl, int device, std::uintptr_t stream);
+                      const float* scales, const int32_t* zeros, const float* bias, void* out,
+                      void* ws, int32_t* counters, int64_t m, int64_t n, int64_t k,
+                      int64_t n_pad, int64_t ldx, int bits, int64_t group_size, int splits,
+                      int out_dtype, bool debug, bool pdl, int device, std::uintptr_t stream);
 
 // The online Hadamard rotation fused with per-token quantization (hadamard_quant.cu; contract
 // in cbq_kernels/hadamard_quant.py). x: (rows, n) of in_dtype (DType), n = m p, p a power of
