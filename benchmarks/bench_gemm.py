@@ -28,12 +28,12 @@ K loop, no int8 expansion) and w4a16_g128_inloop (the Triton kernel, no dequanti
 at M >= 256 w4a4_fp8 (W4A4 on fp8 tensor cores: GemmPolicy.fp8_w4a4_min_m, off by default).
 At M >= 64 on Hopper, experimental kernels not in the dispatch: *_tma / *_ptr (the int8 GEMM
 after expansion, TMA or pointer kernel), w4a8_split (gemm_tma4: split-nibble weight, no
-expansion), w4a4_split8 (the same with W4A4 codes as fp8), and the Gluon kernels of
-gemm_gluon: w4a8_split_gluon (split-nibble weight, int8 MMAs in flight, zero points after the
-K loop, the row sums of x included), w4a8_2lvl_gluon (its two-level grouped form, groups of
-64 with integer scales: against w4a8_g128), w4a16_split_gluon (W4A16 g128 dequantized in the
-K loop, bf16 MMAs: against w4a16_g128), int8_gluon / int8_tma (the int8 GEMM alone on an
-int8 weight, Gluon against the TMA kernel).
+expansion), w4a4_split8 (the same with W4A4 codes as fp8: not exact, a speed reading only),
+and the Gluon kernels of gemm_gluon: w4a8_split_gluon (split-nibble weight, int8 MMAs in
+flight, zero points after the K loop, the row sums of x included), w4a8_2lvl_gluon (its two-
+level grouped form, groups of 64 with integer scales: against w4a8_g128), w4a16_split_gluon
+(W4A16 g128 dequantized in the K loop, bf16 MMAs: against w4a16_g128), int8_gluon / int8_tma
+(the int8 GEMM alone on an int8 weight, Gluon against the TMA kernel).
 Times are CUDA-graph replays (``do_bench_cudagraph``): the GPU time, without the Python
 launch cost, as a served model replays its decode step.
 Activation quantization is not included in the kernel times (it is a separate, fused-with-

@@ -28,9 +28,12 @@ This kernel avoids all three:
 * **W4A4 on fp8 MMAs** (activation codes given as fp8 e4m3): Triton keeps no int32-accumulator
   MMA in flight (scripts/wgmma_async_check.py: every int8 MMA is waited on before the next is
   issued), but it does keep fp8 ones with fp32 accumulators; int4 codes and ``q - z`` are
-  exact in e4m3, and so are their sums in fp32 below 2^24, if the tensor core's own fp8
-  accumulation keeps them (the GPU test decides). Compiled for sm_90 here (Triton 3.9): the
-  fp8 form's MMAs are asynchronous (``pendings = 3``), the int8 form's are not.
+  exact in e4m3, but their sums are **not** exact: measured on an H100 (2026-12-06,
+  benchmarks/results/h100/pytest_gluon_8adb999.txt) the int32-contract test at 200 x 1000 x
+  8192 was off by hundreds in sums of ~30000, as Hopper's fp8 MMA keeps fewer accumulator
+  bits than fp32. So this form is a speed measurement only (bench row ``w4a4_split8``), not
+  a W4A4 kernel. Compiled for sm_90 here (Triton 3.9): the fp8 form's MMAs are asynchronous
+  (``pendings = 3``), the int8 form's are not.
 
 The int32 sums are exact (int8 x int8 products; codes and zero points in 0..15); the epilogue
 is the other kernels' two fp32 products in the same order, ``(acc * s_w[n]) * s_x[m]``, so the
@@ -116,12 +119,11 @@ def _w4_split_kernel(a_desc, w_desc, wz_ptr, xs_ptr, ws_ptr, bias_ptr, out_ptr, 
     past K (padding) would be -z with a zero point, so they are masked. FP8: the activation
     tiles are fp8 e4m3 (int4 codes, exact there), the weight codes go to e4m3 too (|q - z|
     <= 15: exact) and the MMAs accumulate in fp32: wgmma with an fp32 accumulator is one
-    Triton keeps in flight, the int32 one it is not (scripts/wgmma_async_check.py). Not known
-    yet: whether the sums stay exact. Hopper's fp8 MMA is reported to add into its accumulator
-    with ~14 bits kept (DeepSeek-V3), and Triton's promotion to CUDA-core adds
+    Triton keeps in flight, the int32 one it is not (scripts/wgmma_async_check.py). The sums
+    are not exact (measured, module docstring): Hopper's fp8 MMA adds into its accumulator
+    with fewer bits kept (DeepSeek-V3 reports ~14), and Triton's promotion to CUDA-core adds
     (``max_num_imprecise_acc``) is off by default on sm_90 and reset to off when it splits a
-    register-operand dot (compiled TTGIR: maxNumImpreciseAcc = 2^30 whatever is passed); the
-    GPU test at K = 8192 decides."""
+    register-operand dot (compiled TTGIR: maxNumImpreciseAcc = 2^30 whatever is passed)."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     h_tiles = tl.cdiv(H, BLOCK_H)

@@ -272,37 +272,33 @@ def _int8_tma_reference(x, w8, g):
 
 
 def test_split_nibble_kernel_every_config():
-    """cbq_kernels.gemm_tma4 on Hopper: each configuration of its autotuner exact with zero
-    points (int32 sums; N and M not multiples of any tile, H = 2048 bytes for K = 4096 and
-    528 for K = 1040, a partial K step), and the autotuned call's output bit-equal to the int8
-    TMA kernel's on the expanded weight."""
+    """cbq_kernels.gemm_tma4 on Hopper, int8 activation codes: each configuration of its
+    autotuner exact with zero points (int32 sums; N and M not multiples of any tile, H = 2048
+    bytes for K = 4096 and 528 for K = 1040, a partial K step), and the autotuned call's output
+    bit-equal to the int8 TMA kernel's on the expanded weight. (Its fp8 form, W4A4 codes as
+    e4m3, is not exact: measured on an H100 on 2026-12-06, sums off by hundreds at K = 8192;
+    gemm_tma4's docstring.)"""
     from cbq_kernels import gemm_tma4
 
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability 9.0")
     g = torch.Generator(device="cuda").manual_seed(21)
-    for m, n, k, fp8 in ((200, 1000, 4096, False), (333, 1000, 1040, False),
-                         (200, 1000, 8192, True), (333, 1000, 1040, True)):  # fmt: skip
-        # fp8: W4A4 codes as e4m3 (fp8 MMAs, fp32 sums: exact only if the tensor core's fp8
-        # accumulation keeps the partial sums, up to 120 x 8192 here)
+    for m, n, k in ((200, 1000, 4096), (333, 1000, 1040)):
         x = torch.randint(-127, 128, (m, k), generator=g, device="cuda", dtype=torch.int8)
-        if fp8:
-            x = x.clamp(-8, 7)
         q = torch.randint(0, 16, (n, k), generator=g, device="cuda", dtype=torch.uint8)
         z = torch.randint(0, 16, (n,), generator=g, device="cuda", dtype=torch.uint8)
         w_int = q.double() - z.double()[:, None]
         want = x.double() @ w_int.t()
         split = gemm_tma4.split_nibbles(q)
         ones_m, ones_n = torch.ones(m, device="cuda"), torch.ones(n, device="cuda")
-        xin = x.float().to(torch.float8_e4m3fn) if fp8 else x
         for cfg in gemm_tma4.CONFIGS:
             meta = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-            acc = gemm_tma4.gemm_w4a8_split(xin, ones_m, split, k, z, ones_n, config=meta,
+            acc = gemm_tma4.gemm_w4a8_split(x, ones_m, split, k, z, ones_n, config=meta,
                                             debug=True)  # fmt: skip
-            assert torch.equal(acc.double(), want), (m, n, k, fp8, meta)
+            assert torch.equal(acc.double(), want), (m, n, k, meta)
         expanded = (q.to(torch.int16) - z.to(torch.int16)[:, None]).to(torch.int8)
         xs, ws, bias, want = _int8_tma_reference(x, expanded, g)
-        assert torch.equal(gemm_tma4.gemm_w4a8_split(xin, xs, split, k, z, ws, bias),
+        assert torch.equal(gemm_tma4.gemm_w4a8_split(x, xs, split, k, z, ws, bias),
                            want), (m, n, k)  # fmt: skip
 
 
