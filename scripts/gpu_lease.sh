@@ -22,14 +22,14 @@
 #       split-K epilogue's tests and timings, bench_generate at the defaults (batch 1 and 32)
 #   bash scripts/gpu_lease.sh OUT cold    # carry .cbq_commit: bench_gemm's decode rows with
 #       L2-cold weights (CBQ_BENCH_COLD=1) and hot beside them, M = 1 / 16
-#   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled / solo / split / s12 / abw:
+#   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled / solo / split / s12 / abw / gtable:
 #       issue 13's table in two parts, issue 14's SmolLM2 rows and checks, GemmPolicy.
 #       prologue_pdl and the RMSNorm kernel, issue 14's greedy check with the reference's own
 #       agreement and the 70B rows, the compiled step, one bounded call for scarce machines
 #       (each stage's comment: its carry)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
-out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw}
+out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable}
 . "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -286,10 +286,10 @@ case $stage in
       done
     fi
     pack ;;
-  s12)  # carry .cbq_commit (2026-12-06, session 12): the decode layout's scale words (its
-    # GPU tests, at most CBQ_DECODE_TEST_S = 100 s; bench_gemm's grouped decode rows at M = 1,
-    # 4, 16 on the 70B and 7B shapes, at most CBQ_BENCH_S = 130 s), then split_kernels on the
-    # build already made, the call bounded by CBQ_STAGE_S (540) seconds
+  s12)  # carry .cbq_commit (2026-12-06, session 12, when the decode layout had scale words,
+    # since reverted): the decode GPU tests (at most CBQ_DECODE_TEST_S = 100 s), bench_gemm's
+    # grouped decode rows at M = 1, 4, 16 on the 70B and 7B shapes (at most CBQ_BENCH_S = 130
+    # s), then split_kernels on the build already made, the call bounded by CBQ_STAGE_S (540)
     environment
     bash scripts/gpu_gemm.sh "$out/g" build
     timeout ${CBQ_DECODE_TEST_S:-100} python3 -m pytest -q -p no:cacheprovider -x \
@@ -318,6 +318,17 @@ case $stage in
         CBQ_BENCH_KERNELS=w4a16_g128,w2a16_g128,w4a8_g128,w4a8 timeout 100 \
         python3 benchmarks/bench_gemm.py --out "$out/ab_$run" 2>&1 | grep -v "done$" | tail -1)
     done
+    pack ;;
+  gtable)  # carry .cbq_commit: the Gluon prefill kernels over the prefill table (eight
+    # of its eleven layer shapes, M = 2048 / 4096 / 8192) beside the served W4A8 / W4A8 g128 / W4A4,
+    # what a dispatch policy per shape needs (DECISIONS, "The Gluon prefill kernels
+    # measured"); no W4A16 form (discarded); the call bounded by CBQ_STAGE_S (540) seconds
+    environment
+    CBQ_SPLIT_TMA4=0 CBQ_SPLIT_TEST_S=${CBQ_SPLIT_TEST_S:-60} \
+      CBQ_SPLIT_KERNELS=${CBQ_SPLIT_KERNELS:-w4a8,w4a8_split_gluon,int8_gluon,w4a8_g128,w4a8_2lvl_gluon,w4a4} \
+      split_kernels ${CBQ_BENCH_MS:-2048,4096,8192} \
+      ${CBQ_BENCH_SHAPES:-70b_gate_up,70b_down,70b_q_o,70b_kv,13b_gate_up,7b_gate_up,7b_down,7b_qkvo} \
+      ${CBQ_STAGE_S:-540}
     pack ;;
   split)  # carry .cbq_commit: split_kernels at M = 256 .. 8192 on the 70B and 7B shapes, the
     # call bounded by CBQ_STAGE_S (540) seconds
@@ -385,5 +396,5 @@ case $stage in
       --out "$out/gen70" 2>&1 \
       | grep -v Warning | grep -v "^{" | cut -c1-200 | tail -4
     pack ;;
-  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled, solo, split, s12 or abw)"; exit 2 ;;
+  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled, solo, split, s12, abw or gtable)"; exit 2 ;;
 esac
