@@ -22,7 +22,8 @@
 #       split-K epilogue's tests and timings, bench_generate at the defaults (batch 1 and 32)
 #   bash scripts/gpu_lease.sh OUT cold    # carry .cbq_commit: bench_gemm's decode rows with
 #       L2-cold weights (CBQ_BENCH_COLD=1) and hot beside them, M = 1 / 16
-#   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled / solo / split / s12 / abw / gtable:
+#   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled / solo / split /
+#       s12 / abw / gtable:
 #       issue 13's table in two parts, issue 14's SmolLM2 rows and checks, GemmPolicy.
 #       prologue_pdl and the RMSNorm kernel, issue 14's greedy check with the reference's own
 #       agreement and the 70B rows, the compiled step, one bounded call for scarce machines
@@ -301,10 +302,11 @@ case $stage in
     CBQ_SPLIT_BUILD=0 split_kernels ${CBQ_BENCH_MS2:-2048,8192} \
       ${CBQ_BENCH_SHAPES2:-70b_gate_up,7b_gate_up,70b_down} ${CBQ_STAGE_S:-540}
     pack ;;
-  abw)  # carry .cbq_commit .carry/old (git archive of the commit before the scale words:
-    # cbq_kernels csrc setup.py CMakeLists.txt benchmarks pyproject.toml, and its .cbq_commit):
-    # the decode rows with scale words against the same rows before them, on one machine,
-    # new / old / new (both builds first, in parallel)
+  abw)  # carry .cbq_commit .carry/old (git archive of an older commit: cbq_kernels csrc
+    # setup.py CMakeLists.txt benchmarks pyproject.toml, and its .cbq_commit): the grouped
+    # decode rows of this tree against the old one's on one machine, new / old / new (both
+    # builds first, in parallel; benchmarks/compare_runs.py reads the three CSVs). Session 12:
+    # the scale words (branch scale-words) against 68dd228
     environment
     (cd .carry/old && CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ CBQ_CUDA_ARCHS=90a \
       CBQ_REQUIRE_CUDA=1 python3 setup.py build_ext --inplace > "$out/old_build.log" 2>&1 \
@@ -320,8 +322,8 @@ case $stage in
     done
     pack ;;
   gtable)  # carry .cbq_commit: the Gluon prefill kernels over the prefill table (eight
-    # of its eleven layer shapes, M = 2048 / 4096 / 8192) beside the served W4A8 / W4A8 g128 / W4A4,
-    # what a dispatch policy per shape needs (DECISIONS, "The Gluon prefill kernels
+    # of its eleven layer shapes, M = 2048 / 4096 / 8192) beside the served W4A8 / W4A8 g128
+    # / W4A4, what a dispatch policy per shape needs (DECISIONS, "The Gluon prefill kernels
     # measured"); no W4A16 form (discarded); the call bounded by CBQ_STAGE_S (540) seconds
     environment
     CBQ_SPLIT_TMA4=0 CBQ_SPLIT_TEST_S=${CBQ_SPLIT_TEST_S:-60} \
