@@ -45,6 +45,7 @@ __all__ = [
     "qrange",
     "quantize_act",
     "quantize_weight",
+    "quantize_weight_two_level",
     "reciprocal",
     "round_codes",
     "round_ste",
@@ -178,6 +179,42 @@ def dequantize_weight(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: 
     references)."""
     gid, _ = segment_index(codes.shape[1], group_size, codes.device)
     return (codes.to(dtype) - zeros.to(dtype)[:, gid]) * scales.to(dtype)[:, gid]
+
+
+def quantize_weight_two_level(w: Tensor, group_size: int = 64, protect: int = 119
+                              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The two-level format for grouped W4A8 (the weight gemm_gluon's TWO_LEVEL kernel reads;
+    DECISIONS, "Grouped W4A8: a two-level format"): symmetric int8 per output channel first,
+    ``w8 = round(w / s1)`` with ``s1 = max|w| / protect``, then asymmetric 4-bit codes of w8
+    per group of ``group_size`` with an integer step ``s2`` in 1..16 and zero point ``z`` in
+    0..15 (the range of each group includes 0, as the plain quantizer's does)::
+
+        w_hat = s1 * s2 * (q - z),   |s2 (q - z)| <= protect + s2 / 2 <= 127
+
+    so the int8 GEMM multiplies whole K rows by the int8 values s2 (q - z) and scales once per
+    channel by s1 (protect 119: the rounded value stays in int8; QServe's "protective range",
+    read, not copied). The canonical storage of the result is the grouped format with scales
+    ``s1 * s2`` and zero points z. Returns (codes (N, K) uint8, s1 (N,) fp32, s2 (N, G) int32,
+    z (N, G) int32); K must be a multiple of ``group_size``."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if w.dim() != 2 or w.shape[1] % group_size:
+        raise ValueError(f"the two-level format needs (N, K) weights with K a multiple of "
+                         f"group_size={group_size}, got {tuple(w.shape)}")  # fmt: skip
+    if not 1 <= protect <= 119:
+        raise ValueError(f"protect must be in 1..119 (|s2 (q - z)| <= 127), got {protect}")
+    with torch.no_grad():
+        w32 = w.detach().float()
+        n, k = w32.shape
+        s1 = (w32.abs().amax(1) / protect).clamp_min(1e-12)
+        w8 = torch.round(w32 * reciprocal(s1)[:, None]).clamp(-protect, protect)
+        g = w8.view(n, k // group_size, group_size)
+        lo = g.amin(-1).clamp(max=0.0)
+        hi = g.amax(-1).clamp(min=0.0)
+        s2 = torch.ceil((hi - lo) / 15).clamp(1, 16)  # 15 steps of s2 cover the range
+        z = torch.round(-lo / s2).clamp(0, 15)
+        q = torch.clamp(torch.round(g / s2[..., None]) + z[..., None], 0, 15)
+        return (q.view(n, k).to(torch.uint8), s1, s2.to(torch.int32), z.to(torch.int32))
 
 
 def act_step(r: Tensor, bits: int, ratio: Tensor | float = 1.0) -> Tensor:

@@ -12,6 +12,7 @@ from cbq_kernels.quant_math import (
     fake_quant_act,
     quantize_act,
     quantize_weight,
+    quantize_weight_two_level,
 )
 
 
@@ -65,3 +66,35 @@ def test_step_floor_of_a_zero_token():
     assert torch.equal(s, torch.full((2, 1), 1e-8))
     q, _ = quantize_act(torch.zeros(2, 4), 8)
     assert torch.equal(q, torch.zeros(2, 4))
+
+
+def test_two_level_codes_fit_the_int8_gemm_and_bound_the_error():
+    """quantize_weight_two_level: codes and zero points in 0..15, integer steps in 1..16,
+    s2 (q - z) inside int8 for every group (random rows, a row of outliers, all-positive and
+    all-negative groups, a zero row); the error per weight at most s1 (1/2 + s2/2) (int8
+    rounding, then the group's); the canonical grouped form (scales s1 s2) dequantizes to it;
+    gemm_gluon's parameter packing takes the steps and zero points as they are."""
+    from cbq_kernels.gemm_gluon import two_level_params
+
+    g = torch.Generator().manual_seed(41)
+    w = torch.randn(12, 256, generator=g)
+    w[1, 7] = 40.0  # an outlier: the rest of its row uses few int8 levels
+    w[2, :64] = w[2, :64].abs() + 0.5  # groups that do not straddle 0
+    w[3, 64:128] = -w[3, 64:128].abs() - 0.5
+    w[4] = 0.0
+    codes, s1, s2, z = quantize_weight_two_level(w, 64)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    assert s2.dtype == torch.int32 and int(s2.min()) >= 1 and int(s2.max()) <= 16
+    assert int(z.min()) >= 0 and int(z.max()) <= 15
+    gid = torch.arange(256) // 64
+    w8q = s2[:, gid] * (codes.to(torch.int32) - z[:, gid])
+    assert int(w8q.abs().max()) <= 127
+    w_hat = s1[:, None] * w8q.float()
+    bound = s1[:, None] * (0.5 + s2[:, gid].float() / 2) * (1 + 1e-6)
+    assert bool(((w_hat - w).abs() <= bound).all())
+    assert torch.equal(w_hat[4], torch.zeros(256))
+    canon = dequantize_weight(codes, s1[:, None] * s2.float(), z.float(), 64)
+    torch.testing.assert_close(canon, w_hat, rtol=2**-23, atol=0)
+    assert two_level_params(s2, z).shape == (12, 256 // 8)
+    with pytest.raises(ValueError, match="multiple of group_size=64"):
+        quantize_weight_two_level(torch.randn(3, 100), 64)
