@@ -33,7 +33,8 @@ and the Gluon kernels of gemm_gluon: w4a8_split_gluon (split-nibble weight, int8
 flight, zero points after the K loop, the row sums of x included), w4a8_2lvl_gluon (its two-
 level grouped form, groups of 64 with integer scales: against w4a8_g128), w4a16_split_gluon
 (W4A16 g128 dequantized in the K loop, bf16 MMAs: against w4a16_g128), int8_gluon / int8_tma
-(the int8 GEMM alone on an int8 weight, Gluon against the TMA kernel).
+(the int8 GEMM alone on an int8 weight, Gluon against the TMA kernel), and w4a8_gluon /
+w4a4_gluon (the served call with GemmPolicy.gluon_min_m: expansion, then the Gluon kernel).
 Times are CUDA-graph replays (``do_bench_cudagraph``): the GPU time, without the Python
 launch cost, as a served model replays its decode step.
 Activation quantization is not included in the kernel times (it is a separate, fused-with-
@@ -88,6 +89,8 @@ NO_PDL = GemmPolicy(decode_pdl=False)  # the *_nopdl rows: the plain launch, M <
 FP8_W4A4 = GemmPolicy(fp8_w4a4_min_m=1)  # the w4a4_fp8 rows (M >= 256)
 TMA = GemmPolicy(tma_min_m=1)  # the *_tma rows: the int8 GEMM after expansion with TMA (M >= 64)
 POINTER = GemmPolicy(tma_min_m=0)  # the *_ptr rows: the pointer kernel there (M >= 2048)
+# the *_gluon rows: the served call with the Gluon int8 kernel there (GemmPolicy.gluon_min_m)
+GLUON = GemmPolicy(gluon_min_m=1)
 
 
 def weight(n, k, bits, group_size, g, canonical=True):
@@ -300,6 +303,11 @@ def main() -> None:
                            m * k // 2 + wbytes(w4)),
                           ("w4a8_split", lambda: gemm_w4a8_split(xq8, xs8, split4, k, z4, ws4),
                            m * k + split4.numel() + n * 5))  # fmt: skip
+                if gemm_gluon.available(xq8):  # the served call with the Gluon int8 kernel
+                    cases += (("w4a8_gluon", lambda: gemm_w4a8(xq8, xs8, w4, policy=GLUON),
+                               m * k + wbytes(w4)),
+                              ("w4a4_gluon", lambda: gemm_w4a4(xq4, xs4, w4, policy=GLUON),
+                               m * k // 2 + wbytes(w4)))  # fmt: skip
                 if gemm_gluon.available(xq8):  # the int8 GEMM alone on an int8 weight: the
                     # Gluon kernel (MMAs in flight) against the TMA kernel (each waited on)
                     w_i8 = w_i8_t.t()

@@ -52,6 +52,8 @@ kernel multiplies in fp32 (``DOT_F32``). Integer ``tl.dot`` is exact in the inte
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -223,9 +225,9 @@ def _wonly(x: Tensor, weight: PreparedWeight, bias: Tensor | None, split_k: int 
 # The GEMMs as torch.library custom ops (opaque to torch.compile, with fake implementations
 # for tracing): a PreparedWeight travels as its tensors and ints, the policy as a list.
 
-_POLICY_FIELDS = ("decode_max_m", "cuda_decode", "small_m", "expand_min_m", "wonly_cublas_min_m",
-                  "fp8_w4a4_min_m", "tiles_max_m", "decode_mtiles", "decode_pdl",
-                  "prologue_pdl", "tma_min_m")  # fmt: skip
+# every field of the policy, in declaration order (a field added there travels too)
+_POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(GemmPolicy))
+_BOOL_FIELDS = tuple(f for f in _POLICY_FIELDS if isinstance(getattr(DEFAULT_POLICY, f), bool))
 
 
 def _eager() -> bool:
@@ -246,8 +248,7 @@ def _policy_args(policy: GemmPolicy) -> list[int]:
 
 def _policy_from(args: list[int]) -> GemmPolicy:
     values = dict(zip(_POLICY_FIELDS, args, strict=True))
-    values["cuda_decode"] = bool(values["cuda_decode"])
-    for name in ("decode_pdl", "prologue_pdl"):
+    for name in _BOOL_FIELDS:
         values[name] = bool(values[name])
     return GemmPolicy(**values)
 

@@ -347,16 +347,18 @@ if gluon is not None:
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, num_warps): 8 warps as two warpgroups along M
+# (shared memory: 96-192 KB of the H100's 227; the 128 x 256 int32 accumulator 128 registers
+# a thread)
 CONFIGS = ((128, 256, 128, 3, 8), (128, 128, 128, 4, 8), (128, 256, 64, 4, 8),
-           (64, 256, 128, 4, 4))  # fmt: skip
+           (64, 256, 128, 4, 4), (128, 256, 128, 4, 8), (256, 128, 128, 3, 8))  # fmt: skip
 
 
 def gemm_int8_gluon(x: Tensor, xs: Tensor, w: Tensor, ws: Tensor, bias: Tensor | None,
                     out_dtype: torch.dtype, config: tuple | None = None,
                     debug: bool = False) -> Tensor:  # fmt: skip
     """(M, N) = ((x @ w^T) * ws[n]) * xs[m] (+ bias): x (M, K) int8, w (N, K) int8, xs (M,),
-    ws (N,) fp32; ``debug``: the int32 sums. ``config``: one of :data:`CONFIGS` (default the
-    first)."""
+    ws (N,) fp32; ``debug``: the int32 sums. ``config``: one of :data:`CONFIGS`; None: the
+    fastest of them at this (M bucket, N, K), timed once per process (:func:`_chosen`)."""
     if not available(x):
         raise ValueError(f"gemm_int8_gluon needs Triton's Gluon, a Hopper GPU and int8 x (M, K) "
                          f"contiguous with K % 16 == 0, got {x.dtype} {tuple(x.shape)} on "
@@ -364,22 +366,56 @@ def gemm_int8_gluon(x: Tensor, xs: Tensor, w: Tensor, ws: Tensor, bias: Tensor |
     if w.dtype != torch.int8 or w.dim() != 2 or w.shape[1] != x.shape[1] or not tma_operand(w):
         raise ValueError(f"gemm_int8_gluon needs an int8 weight (N, {x.shape[1]}), contiguous, "
                          f"got {w.dtype} {tuple(w.shape)}")  # fmt: skip
-    m, k = x.shape
-    n = w.shape[0]
+    m, n = x.shape[0], w.shape[0]
     out = torch.empty((m, n), dtype=torch.int32 if debug else out_dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    bm, bn, bk, stages, warps = config if config is not None else CONFIGS[0]
+    xs, ws = xs.float().contiguous(), ws.float().contiguous()
+    args = (x, xs, w, ws, bias, out, debug)
+    _launch_int8(*args, config if config is not None else _chosen(*args))
+    return out
+
+
+def _launch_int8(x: Tensor, xs: Tensor, w: Tensor, ws: Tensor, bias: Tensor | None, out: Tensor,
+                 debug: bool, config: tuple) -> None:  # fmt: skip
+    bm, bn, bk, stages, warps = config
     a_layout = gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8)
     b_layout = gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8)
     a = TensorDescriptor(x, list(x.shape), list(x.stride()), [bm, bk], a_layout)
     b = TensorDescriptor(w, list(w.shape), list(w.stride()), [bn, bk], b_layout)
-    xs, ws = xs.float().contiguous(), ws.float().contiguous()
+    (m, k), n = x.shape, w.shape[0]
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _int8_gluon_kernel[grid](a, b, xs, ws, bias if bias is not None else ws, out, m, n, k,
                              HAS_BIAS=bias is not None, DEBUG=debug, NUM_STAGES=stages,
                              num_warps=warps)  # fmt: skip
-    return out
+
+
+# The configuration chosen per (device, M bucket, N, K): the first call at a new key times
+# each of CONFIGS (autotune.tune_bench: ~10 ms each) and keeps the fastest. Not
+# triton.autotune: a Gluon kernel's TMA descriptors carry their block shape and shared-memory
+# layout in their type, built per configuration here, where the autotuner would re-launch one
+# set of arguments. Session 12's H100 table ran CONFIGS[0] alone: 0.764 ms on 70b gate/up at M
+# = 2048 (cuBLAS fp8 0.769), but 3.443 ms at M = 8192, where the served W4A8 (the expansion,
+# then the TMA kernel's autotuned pick) took 3.493
+# (benchmarks/results/h100/bench_gemm_prefill_gluon_8adb999.md).
+_CHOICE: dict[tuple, tuple] = {}
+
+
+def _chosen(x: Tensor, xs: Tensor, w: Tensor, ws: Tensor, bias: Tensor | None, out: Tensor,
+            debug: bool) -> tuple:  # fmt: skip
+    """The fastest of :data:`CONFIGS` at this shape (timed at the first call; CONFIGS[0]
+    while a CUDA graph is being captured, where nothing can be timed, without keeping it)."""
+    from cbq_kernels.autotune import tune_bench
+
+    m, k = x.shape
+    key = (x.device.index, min(triton.next_power_of_2(m), 8192), w.shape[0], k)
+    if key not in _CHOICE:
+        if torch.cuda.is_current_stream_capturing():
+            return CONFIGS[0]
+        args = (x, xs, w, ws, bias, out, debug)
+        times = [tune_bench(lambda c=c: _launch_int8(*args, c), None) for c in CONFIGS]
+        _CHOICE[key] = CONFIGS[times.index(min(times))]
+    return _CHOICE[key]
 
 
 # (BLOCK_N, BLOCK_M, BLOCK_H, NUM_STAGES, num_warps) of the split-nibble kernel: BLOCK_N weight

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cbq_kernels import formats, gemm_decode, gemm_tma
+from cbq_kernels import formats, gemm_decode, gemm_gluon, gemm_tma
 from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, describe
 from cbq_kernels.autotune import AUTOTUNE_CACHE, tune_bench
 from cbq_kernels.fake_quant import _to_store  # bf16 rounding that the interpreter gets right
@@ -376,6 +376,10 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
         w_words, w_bits = expand_weight(weight), 8
         if a_mode == _A_INT4:
             x, a_mode = _expand(x, m, k, 4, kw_x, 1, None, k, z_const=8), _A_INT8
+    if (expand and a_mode == _A_INT8 and 0 < policy.gluon_min_m <= m and split == 1
+            and not grouped and gemm_gluon.available(x) and gemm_tma.tma_operand(w_words)):
+        return gemm_gluon.gemm_int8_gluon(x, xs, w_words, weight.scales[:, 0], bias, out_dtype,
+                                          debug=debug)  # fmt: skip
     if (expand and a_mode == _A_INT8 and 0 < policy.tma_min_m <= m and split == 1
             and not grouped and gemm_tma.takes(x, w_words)):  # fmt: skip
         return gemm_tma.gemm_int8_tma(x, xs, w_words, weight.scales[:, 0], bias, out_dtype,

@@ -60,15 +60,16 @@ split_kernels() {  # the experimental prefill kernels (cbq_kernels.gemm_gluon: t
   # most CBQ_SPLIT_TEST_S = 240 s), then bench_gemm at M = $1 on shapes $2, kernels
   # CBQ_SPLIT_KERNELS (default: the served W4A8 / W4A8 g128 / W4A4 beside the Gluon ones; cuBLAS
   # bf16 / fp8 in every row) until the call has run $3 s (at least 60 s of it)
+  # CBQ_SPLIT_TESTS: the tests instead (pytest node ids)
   # CBQ_SPLIT_BUILD=0: no CUDA extension (the Gluon kernels do not need it; the served rows
   # then run from the canonical layout); CBQ_SPLIT_TMA4=0: not gemm_tma4's test (six
   # autotuner configurations, two forms: the slowest to compile)
   mkdir -p "$out/g"
   [ "${CBQ_SPLIT_BUILD:-1}" = 1 ] && bash scripts/gpu_gemm.sh "$out/g" build
-  tests="tests/kernels/test_gemm_cuda.py::test_gluon_split_kernel_every_config
+  tests=${CBQ_SPLIT_TESTS:-"tests/kernels/test_gemm_cuda.py::test_gluon_split_kernel_every_config
     tests/kernels/test_gemm_cuda.py::test_gluon_two_level_kernel_every_config
     tests/kernels/test_gemm_cuda.py::test_gluon_w4a16_kernel_every_config
-    tests/kernels/test_gemm_cuda.py::test_gluon_int8_kernel_every_config"
+    tests/kernels/test_gemm_cuda.py::test_gluon_int8_kernel_every_config"}
   [ "${CBQ_SPLIT_TMA4:-1}" = 1 ] && \
     tests="$tests tests/kernels/test_gemm_cuda.py::test_split_nibble_kernel_every_config"
   timeout ${CBQ_SPLIT_TEST_S:-240} python3 -m pytest -q -p no:cacheprovider $tests 2>&1 \
@@ -321,15 +322,20 @@ case $stage in
         python3 benchmarks/bench_gemm.py --out "$out/ab_$run" 2>&1 | grep -v "done$" | tail -1)
     done
     pack ;;
-  gtable)  # carry .cbq_commit: the Gluon prefill kernels over the prefill table (eight
-    # of its eleven layer shapes, M = 2048 / 4096 / 8192) beside the served W4A8 / W4A8 g128
-    # / W4A4, what a dispatch policy per shape needs (DECISIONS, "The Gluon prefill kernels
-    # measured"); no W4A16 form (discarded); the call bounded by CBQ_STAGE_S (540) seconds
+  gtable)  # carry .cbq_commit: the served W4A8 / W4A4 with the Gluon int8 kernel after
+    # expansion (GemmPolicy.gluon_min_m, rows *_gluon) beside the TMA path and the Gluon
+    # prefill kernels over eight of the prefill table's eleven layer shapes at M = 1024 / 2048
+    # / 8192 (tma_min_m is 1024), what a dispatch policy per shape needs (DECISIONS, "The
+    # Gluon prefill kernels measured"), after the Gluon tests; the call bounded by
+    # CBQ_STAGE_S (540) seconds
     environment
-    CBQ_SPLIT_TMA4=0 CBQ_SPLIT_TEST_S=${CBQ_SPLIT_TEST_S:-60} \
-      CBQ_SPLIT_KERNELS=${CBQ_SPLIT_KERNELS:-w4a8,w4a8_split_gluon,int8_gluon,w4a8_g128,w4a8_2lvl_gluon,w4a4} \
-      split_kernels ${CBQ_BENCH_MS:-2048,4096,8192} \
-      ${CBQ_BENCH_SHAPES:-70b_gate_up,70b_down,70b_q_o,70b_kv,13b_gate_up,7b_gate_up,7b_down,7b_qkvo} \
+    t=tests/kernels/test_gemm_cuda.py
+    CBQ_SPLIT_TMA4=0 CBQ_SPLIT_TEST_S=${CBQ_SPLIT_TEST_S:-150} \
+      CBQ_SPLIT_TESTS="$t::test_gluon_int8_kernel_every_config $t::test_gluon_served_call_equals_the_tma_path
+        $t::test_gluon_split_kernel_every_config $t::test_gluon_two_level_kernel_every_config" \
+      CBQ_SPLIT_KERNELS=${CBQ_SPLIT_KERNELS:-w4a8,w4a8_gluon,w4a4,w4a4_gluon,w4a8_split_gluon,w4a8_g128,w4a8_2lvl_gluon} \
+      split_kernels ${CBQ_BENCH_MS:-1024,2048,8192} \
+      ${CBQ_BENCH_SHAPES:-70b_gate_up,70b_down,7b_gate_up,7b_down,70b_q_o,13b_gate_up,7b_qkvo,70b_kv} \
       ${CBQ_STAGE_S:-540}
     pack ;;
   split)  # carry .cbq_commit: split_kernels at M = 256 .. 8192 on the 70B and 7B shapes, the

@@ -258,6 +258,42 @@ def test_tma_kernel_every_config_and_the_served_call(act_bits):
         assert torch.equal(fn(xq, xs, wt, debug=True, policy=tma).double(), x_int @ w_int.t())
 
 
+@pytest.mark.parametrize("act_bits", [8, 4])
+def test_gluon_served_call_equals_the_tma_path(act_bits):
+    """GemmPolicy.gluon_min_m: the served W4A8 / W4A4 call at prefill M through the Gluon int8
+    kernel after expansion, bit-equal to the TMA kernel's (same epilogue on exact sums), with
+    bias, a row count past every tile and K = 4160; its int32 sums exact; the first call of a
+    shape inside a CUDA graph capture (nothing can be timed there: CONFIGS[0]) equal too."""
+    from cbq_kernels import gemm_gluon
+
+    if torch.cuda.get_device_capability()[0] != 9 or gemm_gluon.gluon is None:
+        pytest.skip("needs Hopper and Triton's Gluon")
+    gluon = gemm_module.GemmPolicy(gluon_min_m=64, tma_min_m=64)
+    tma = gemm_module.GemmPolicy(tma_min_m=64)
+    fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
+    for m, n, k in ((300, 4096, 4096), (2051, 1024, 4160)):
+        wt, codes = make_weight(n, k, 4, None, seed=14)
+        xq, xs = act_quant(activations(m, k, seed=15), act_bits)
+        bias = torch.randn(n, device="cuda")
+        want = fn(xq, xs, wt, bias, policy=tma)
+        assert torch.equal(fn(xq, xs, wt, bias, policy=gluon), want), (m, n, k)
+        x_int = xq.double() if act_bits == 8 else unpack(xq, 4, k).double() - 8
+        w_int = codes.double() - wt.zeros.double()
+        assert torch.equal(fn(xq, xs, wt, debug=True, policy=gluon).double(), x_int @ w_int.t())
+    # a shape no call above has timed (M bucket 1024), compiled for already (M % 16 != 0)
+    m, n, k = 600, 4096, 4096
+    wt, _ = make_weight(n, k, 4, None, seed=16)
+    xq, xs = act_quant(activations(m, k, seed=17), act_bits)
+    want = fn(xq, xs, wt, policy=tma)
+    fn(xq, xs, wt, policy=tma)  # warm the expansion's kernels outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(xq, xs, wt, policy=gluon)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
 def _int8_tma_reference(x, w8, g):
     """Scales and a bias drawn from ``g`` for x (M, K) and the int8 weight w8 (N, K), and the
     int8 TMA kernel's bf16 output with them: what the experimental prefill kernels, which
