@@ -34,7 +34,9 @@ flight, zero points after the K loop, the row sums of x included), w4a8_2lvl_glu
 level grouped form, groups of 64 with integer scales: against w4a8_g128), w4a16_split_gluon
 (W4A16 g128 dequantized in the K loop, bf16 MMAs: against w4a16_g128), int8_gluon / int8_tma
 (the int8 GEMM alone on an int8 weight, Gluon against the TMA kernel), and w4a8_gluon /
-w4a4_gluon (the served call with GemmPolicy.gluon_min_m: expansion, then the Gluon kernel).
+w4a4_gluon (the served call with GemmPolicy.gluon_min_m: expansion, then the Gluon kernel);
+w4a8_g64_2lvl (/ _gluon): W4A8 in the two-level grouped format (prepare_weight's
+channel_scales), served.
 Times are CUDA-graph replays (``do_bench_cudagraph``): the GPU time, without the Python
 launch cost, as a served model replays its decode step.
 Activation quantization is not included in the kernel times (it is a separate, fused-with-
@@ -104,6 +106,16 @@ def weight(n, k, bits, group_size, g, canonical=True):
     return (prepare_weight(packed, bits, k, scales, zeros, group_size),
             prepare_weight(packed, bits, k, scales, zeros, group_size, layout="canonical")
             if canonical else None)  # fmt: skip
+
+
+def two_level_weight(n, k, g):
+    """A served W4A8 weight in the two-level grouped format (groups of 64: integer steps s2
+    in 1..8, so |s2 (q - z)| <= 120; prepare_weight's channel_scales)."""
+    codes = torch.randint(0, 16, (n, k), generator=g, device="cuda", dtype=torch.uint8)
+    s1 = torch.rand(n, generator=g, device="cuda") * 0.001 + 0.0001
+    s2 = torch.randint(1, 9, (n, k // 64), generator=g, device="cuda").float()
+    zeros = torch.randint(0, 16, (n, k // 64), generator=g, device="cuda").float()
+    return prepare_weight(pack(codes, 4), 4, k, s1[:, None] * s2, zeros, 64, channel_scales=s1)
 
 
 def bf16_weight(n, k, g):
@@ -208,6 +220,7 @@ def main() -> None:
         w_f8_t = w_bf16.to(torch.float8_e4m3fn).t()
         (w4, w4c), (w4g, w4gc), (w2g, w2gc) = (weight(n, k, 4, None, g),
                                                weight(n, k, 4, 128, g), weight(n, k, 2, 128, g))
+        w2l = two_level_weight(n, k, g)
         one = torch.ones((), device="cuda")
         # the split-nibble weight of cbq_kernels.gemm_tma4 (experimental: the prefill W4A8
         # without the expansion pass), per-channel scales and zero points
@@ -264,6 +277,9 @@ def main() -> None:
             served = rows("", w4, w4g, w2g)
             cases = (served[0],
                      ("w4a8_g128", lambda: gemm_w4a8(xq8, xs8, w4g), m * k + wbytes(w4g)),
+                     # two-level grouped W4A8 (groups of 64): at prefill the per-channel
+                     # int8 product after expansion, with the Gluon kernel too
+                     ("w4a8_g64_2lvl", lambda: gemm_w4a8(xq8, xs8, w2l), m * k + wbytes(w2l)),
                      *served[1:])  # fmt: skip
             if int4pack is not None:
                 cases += (
@@ -307,7 +323,10 @@ def main() -> None:
                     cases += (("w4a8_gluon", lambda: gemm_w4a8(xq8, xs8, w4, policy=GLUON),
                                m * k + wbytes(w4)),
                               ("w4a4_gluon", lambda: gemm_w4a4(xq4, xs4, w4, policy=GLUON),
-                               m * k // 2 + wbytes(w4)))  # fmt: skip
+                               m * k // 2 + wbytes(w4)),
+                              ("w4a8_g64_2lvl_gluon", lambda: gemm_w4a8(xq8, xs8, w2l,
+                                                                        policy=GLUON),
+                               m * k + wbytes(w2l)))  # fmt: skip
                 if gemm_gluon.available(xq8):  # the int8 GEMM alone on an int8 weight: the
                     # Gluon kernel (MMAs in flight) against the TMA kernel (each waited on)
                     w_i8 = w_i8_t.t()

@@ -132,8 +132,8 @@ def gemm_w4a8(x_codes: Tensor, x_scales: Tensor, weight: PreparedWeight,
     _check_out_dtype(out_dtype)
     if _eager():
         return _w4a8(x_codes, xs, weight, bias, out_dtype, debug, split_k, policy)
-    return torch.ops.cbq.gemm_w4a8(x_codes, xs, *_weight_args(weight), bias, out_dtype, debug,
-                                   split_k, _policy_args(policy))  # fmt: skip
+    return torch.ops.cbq.gemm_w4a8(x_codes, xs, *_weight_args(weight, True), bias, out_dtype,
+                                   debug, split_k, _policy_args(policy))  # fmt: skip
 
 
 def _w4a8(x_codes: Tensor, xs: Tensor, weight: PreparedWeight, bias: Tensor | None,
@@ -166,8 +166,8 @@ def gemm_w4a4(x_packed: Tensor, x_scales: Tensor, weight: PreparedWeight,
     _check_out_dtype(out_dtype)
     if _eager():
         return _w4a4(x_packed, xs, weight, bias, out_dtype, debug, split_k, policy)
-    return torch.ops.cbq.gemm_w4a4(x_packed, xs, *_weight_args(weight), bias, out_dtype, debug,
-                                   split_k, _policy_args(policy))  # fmt: skip
+    return torch.ops.cbq.gemm_w4a4(x_packed, xs, *_weight_args(weight, True), bias, out_dtype,
+                                   debug, split_k, _policy_args(policy))  # fmt: skip
 
 
 def _w4a4(x_packed: Tensor, xs: Tensor, weight: PreparedWeight, bias: Tensor | None,
@@ -253,23 +253,28 @@ def _policy_from(args: list[int]) -> GemmPolicy:
     return GemmPolicy(**values)
 
 
-def _weight_args(w: PreparedWeight) -> tuple:
+def _weight_args(w: PreparedWeight, two_level: bool = False) -> tuple:
+    """A prepared weight as the ops' flat arguments (``two_level``: with its channel scales
+    and steps last, what the integer ops take)."""
     d = w.decode
     return (w.words, w.scales, w.zeros, w.bits, w.k, w.group_size or 0,
             *((d.words, d.scales, d.zeros, d.counters, d.bits, d.group_size) if d is not None
-              else (None, None, None, None, 0, 0)))  # fmt: skip
+              else (None, None, None, None, 0, 0)),
+            *((w.channel_scales, w.steps) if two_level else ()))  # fmt: skip
 
 
 def _weight_from(words: Tensor | None, scales: Tensor, zeros: Tensor, bits: int, k: int,
                  group_size: int, d_words: Tensor | None, d_scales: Tensor | None,
                  d_zeros: Tensor | None, d_counters: Tensor | None, d_bits: int,
-                 d_group: int) -> PreparedWeight:  # fmt: skip
+                 d_group: int, channel_scales: Tensor | None = None,
+                 steps: Tensor | None = None) -> PreparedWeight:  # fmt: skip
     dw = None
     if d_words is not None:
         assert d_scales is not None and d_zeros is not None and d_counters is not None
         dw = gemm_decode.DecodeWeight(d_words, d_scales, d_zeros, d_counters, d_bits,
                                       scales.shape[0], k, d_group)  # fmt: skip
-    return PreparedWeight(words, scales, zeros, bits, k, group_size or None, dw)
+    return PreparedWeight(words, scales, zeros, bits, k, group_size or None, dw, channel_scales,
+                          steps)  # fmt: skip
 
 
 def _integer_op(name: str, impl):
@@ -279,17 +284,18 @@ def _integer_op(name: str, impl):
     def op(x: Tensor, x_scales: Tensor, words: Tensor | None, scales: Tensor, zeros: Tensor,
            bits: int, k: int, group_size: int, d_words: Tensor | None, d_scales: Tensor | None,
            d_zeros: Tensor | None, d_counters: Tensor | None, d_bits: int, d_group: int,
-           bias: Tensor | None, out_dtype: torch.dtype, debug: bool, split_k: int | None,
+           channel_scales: Tensor | None, steps: Tensor | None, bias: Tensor | None,
+           out_dtype: torch.dtype, debug: bool, split_k: int | None,
            policy: list[int]) -> Tensor:  # fmt: skip
         w = _weight_from(words, scales, zeros, bits, k, group_size, d_words, d_scales, d_zeros,
-                         d_counters, d_bits, d_group)  # fmt: skip
+                         d_counters, d_bits, d_group, channel_scales, steps)  # fmt: skip
         return impl(x, x_scales, w, bias, out_dtype, debug, split_k, _policy_from(policy))
 
     custom = torch.library.custom_op(f"cbq::{name}", mutates_args=())(op)
 
     @custom.register_fake
     def _(x, x_scales, words, scales, *args):
-        out_dtype, debug = args[11], args[12]
+        out_dtype, debug = args[13], args[14]
         return x.new_empty((x.shape[0], scales.shape[0]),
                            dtype=torch.int32 if debug else out_dtype)  # fmt: skip
 

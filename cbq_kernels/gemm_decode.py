@@ -219,15 +219,22 @@ def _expand_decode_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, N_PAD, KC, GS,
         tl.store(ptrs, q.to(tl.float32).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def expand(dw: DecodeWeight, dtype: torch.dtype = torch.int8, scaled: bool = False) -> Tensor:
+def expand(dw: DecodeWeight, dtype: torch.dtype = torch.int8, scaled: bool = False,
+           scales: Tensor | None = None) -> Tensor:  # fmt: skip
     """(N, K) ``dtype`` from the decode layout (Triton): ``q - z`` (int8, or fp8 e4m3 where
-    these integers are exact), or with ``scaled`` the dequantized ``(q - z) * s``. The
+    these integers are exact), or with ``scaled`` the dequantized ``(q - z) * s`` (int8 when
+    these products are integers in int8: a two-level weight's steps as ``scales``). The
     expansion / dequantization pass of the integer GEMMs at large M, of the weight-only GEMM
-    before cuBLAS and of W4A4 on fp8, for a weight kept in this layout alone."""
+    before cuBLAS and of W4A4 on fp8, for a weight kept in this layout alone. ``scales``: in
+    place of dw.scales, laid out as they are ((G, N_pad), read from its first element)."""
+    s = dw.scales if scales is None else scales
+    if s.shape[0] != dw.scales.shape[0] or s.stride() != dw.scales.stride():
+        raise ValueError(f"scales must be laid out as the decode layout's {tuple(dw.scales.shape)}"
+                         f", got {tuple(s.shape)} strides {s.stride()}")  # fmt: skip
     out = torch.empty((dw.n, dw.k), dtype=dtype, device=dw.words.device)
     block = 64 if dw.words.device.type == "cpu" else 256
     total = dw.words.numel()  # a multiple of 256 (one tile-chunk), so of BLOCK
-    _expand_decode_kernel[(total // block,)](dw.words, dw.scales, dw.zeros, out, dw.n, dw.k,
+    _expand_decode_kernel[(total // block,)](dw.words, s, dw.zeros, out, dw.n, dw.k,
                                              dw.n_pad, dw.words.shape[1], dw.group_size,
                                              BITS=dw.bits, SCALED=scaled,
                                              BLOCK=block)  # fmt: skip

@@ -176,8 +176,9 @@ def _expand_kernel(w_ptr, z_ptr, s_ptr, out_ptr, R, K, KW, SZ_R, SZ_G, GS, S_R, 
                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """out (R, K) int8 = codes - zero point, from packed words: word (r, kw) at
     w_ptr + r * S_R + kw * S_KW holds codes kw*C .. kw*C + C - 1 of row r. Zero points
-    z (R, G) int32 per group of GS, or the constant Z_CONST. SCALED: out is float,
-    (codes - z) * s with fp32 scales s (R, G), one rounding (the dequantized weight). z and s
+    z (R, G) int32 per group of GS, or the constant Z_CONST. SCALED: (codes - z) * s with
+    fp32 scales s (R, G), one rounding to out's float dtype (the dequantized weight), or
+    int8 where s are integer steps (a two-level weight's s2 (q - z), in int8). z and s
     share their strides: element (r, g) at r * SZ_R + g * SZ_G."""
     PER_W: tl.constexpr = 32 // W_BITS
     W_MASK: tl.constexpr = (1 << W_BITS) - 1
@@ -365,24 +366,27 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
         split = 1
     if m == 0 or n == 0:
         return torch.zeros((m, n), dtype=torch.int32 if debug else out_dtype, device=device)
-    gs = weight.kernel_group
-    grouped = gs < k
     xs = x_scales if x_scales is not None else weight.scales
     kw_x = x.shape[1]
     w_words, w_bits = weight.words, weight.container_bits
     if expand is None:  # a weight kept in the decode layout alone is always expanded here
         expand = m >= policy.expand_min_m or weight.words is None
+    w_scales, gs = weight.scales, weight.kernel_group
     if expand and a_mode != _A_FLOAT:
-        w_words, w_bits = expand_weight(weight), 8
+        two_level = weight.steps is not None
+        w_words, w_bits = expand_weight(weight, steps=two_level), 8
+        if two_level:  # int8 s2 (q - z) over whole rows: a per-channel product, scaled by s1
+            w_scales, gs = weight.channel_scales[:, None], k
         if a_mode == _A_INT4:
             x, a_mode = _expand(x, m, k, 4, kw_x, 1, None, k, z_const=8), _A_INT8
+    grouped = gs < k
     if (expand and a_mode == _A_INT8 and 0 < policy.gluon_min_m <= m and split == 1
             and not grouped and gemm_gluon.available(x) and gemm_tma.tma_operand(w_words)):
-        return gemm_gluon.gemm_int8_gluon(x, xs, w_words, weight.scales[:, 0], bias, out_dtype,
+        return gemm_gluon.gemm_int8_gluon(x, xs, w_words, w_scales[:, 0], bias, out_dtype,
                                           debug=debug)  # fmt: skip
     if (expand and a_mode == _A_INT8 and 0 < policy.tma_min_m <= m and split == 1
             and not grouped and gemm_tma.takes(x, w_words)):  # fmt: skip
-        return gemm_tma.gemm_int8_tma(x, xs, w_words, weight.scales[:, 0], bias, out_dtype,
+        return gemm_tma.gemm_int8_tma(x, xs, w_words, w_scales[:, 0], bias, out_dtype,
                                       debug=debug)  # fmt: skip
     if debug:
         out = torch.empty((m, n), dtype=torch.int32, device=device)
@@ -396,8 +400,8 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
             f"with the extension); the Triton kernel at M = {m} (forced split_k, or "
             f"policy.cuda_decode=False) reads the canonical one: prepare it with layout='both'"
         )
-    args = (x, xs, w_words, weight.scales, weight.zeros, bias if bias is not None else xs,
-            out, m, n, k, kw_x, w_words.shape[0], *weight.scales.stride(), gs)  # fmt: skip
+    args = (x, xs, w_words, w_scales, weight.zeros, bias if bias is not None else xs,
+            out, m, n, k, kw_x, w_words.shape[0], *w_scales.stride(), gs)  # fmt: skip
     consts = {"A_MODE": a_mode, "W_BITS": w_bits, "GROUPED": grouped,
               "HAS_BIAS": bias is not None, "DEBUG": debug, "SPLIT_K": split}  # fmt: skip
     # fp32 activations multiply in IEEE fp32 (tl.dot would use tf32); on the CPU the
@@ -424,15 +428,21 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
 
 
 def expand_weight(weight: PreparedWeight, dtype: torch.dtype = torch.int8,
-                  scaled: bool = False) -> Tensor:  # fmt: skip
+                  scaled: bool = False, steps: bool = False) -> Tensor:  # fmt: skip
     """(N, K) ``q - z`` in int8 (or fp8 e4m3, where these integers are exact), or with
-    ``scaled`` the dequantized ``(q - z) * s`` in ``dtype`` (Triton), from whichever layout the
-    weight keeps (the canonical words, else the decode layout)."""
+    ``scaled`` the dequantized ``(q - z) * s`` in ``dtype``, or with ``steps`` (a two-level
+    weight: prepare_weight's channel_scales) the int8 values ``s2 (q - z)`` (Triton), from
+    whichever layout the weight keeps (the canonical words, else the decode layout)."""
+    if steps and (weight.steps is None or dtype != torch.int8 or scaled):
+        raise ValueError("steps: the int8 expansion of a two-level weight (prepare_weight's "
+                         "channel_scales)")  # fmt: skip
     if weight.words is None:
-        return gemm_decode.expand(weight.decode, dtype, scaled=scaled)
+        # steps: a transposed view of a (G, N_pad) tensor from column 0, as the scales
+        return gemm_decode.expand(weight.decode, dtype, scaled=scaled or steps,
+                                  scales=weight.steps.t() if steps else None)  # fmt: skip
+    scales = weight.steps if steps else weight.scales if scaled else None
     return _expand(weight.words, weight.n, weight.k, weight.bits, 1, weight.n, weight.zeros,
-                   weight.kernel_group, scales=weight.scales if scaled else None,
-                   dtype=dtype)  # fmt: skip
+                   weight.kernel_group, scales=scales, dtype=dtype)  # fmt: skip
 
 
 def fp8_available(device: torch.device) -> bool:

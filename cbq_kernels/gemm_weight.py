@@ -26,7 +26,10 @@ class PreparedWeight:
     when the decode layout is the only one.
     scales: (N, G) fp32. zeros: (N, G) int32 (with a decode layout: transposed views of its
     (G, N_pad) tensors, one copy). bits: 2, 3 or 4. k: in_features.
-    group_size: None (per channel) or the group length along K."""
+    group_size: None (per channel) or the group length along K.
+    channel_scales, steps: a weight in the two-level grouped format (prepare_weight's
+    ``channel_scales``): s1 (N,) fp32 and the integer group steps s2 = scales / s1 (N, G)
+    fp32, laid out as scales; None otherwise."""
 
     words: Tensor | None
     scales: Tensor
@@ -35,10 +38,14 @@ class PreparedWeight:
     k: int
     group_size: int | None
     decode: gemm_decode.DecodeWeight | None = None  # the CUDA decode kernel's layout
+    channel_scales: Tensor | None = None
+    steps: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.words is None and self.decode is None:
             raise ValueError("a PreparedWeight needs the canonical words or the decode layout")
+        if (self.channel_scales is None) != (self.steps is None):
+            raise ValueError("a two-level PreparedWeight needs both channel_scales and steps")
 
     @property
     def packed(self) -> Tensor:
@@ -68,8 +75,14 @@ class PreparedWeight:
         d = self.decode
         if d is not None:
             held += [d.words, d.scales, d.zeros, d.counters]
+            if self.steps is not None:
+                held.append(_decode_steps(self))
         else:
             held += [self.scales, self.zeros]
+            if self.steps is not None:
+                held.append(self.steps)
+        if self.channel_scales is not None:
+            held.append(self.channel_scales)
         return sum(t.numel() * t.element_size() for t in held)
 
     @property
@@ -95,8 +108,8 @@ class PreparedWeight:
 
 
 def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Tensor | None = None,
-                   group_size: int | None = None,
-                   layout: str = "auto") -> PreparedWeight:  # fmt: skip
+                   group_size: int | None = None, layout: str = "auto",
+                   channel_scales: Tensor | None = None) -> PreparedWeight:  # fmt: skip
     """Check a packed weight once and convert its parameters for the GEMM kernels.
 
     Args:
@@ -115,6 +128,13 @@ def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Ten
             one weight). ``"auto"``: ``"decode"`` when the extension has the kernel for this
             device and the groups fit its chunks (gemm_decode.layout_error), else
             ``"canonical"``.
+        channel_scales: (N,) s1 of a weight in the two-level grouped format
+            (:func:`cbq_kernels.quant_math.quantize_weight_two_level`: scales = s1 s2 with
+            integer steps s2 in 1..16, ``|s2 (q - z)| <= 127``; checked here). The integer
+            GEMMs then expand it at prefill M to the int8 values s2 (q - z) and run the
+            per-channel int8 product scaled by s1 (no float rescale per group in the K loop;
+            ``debug`` sums are of s2 (q - z) there); decode and the weight-only GEMM read the
+            scales as for any grouped weight. 4-bit codes, groups along K that tile it.
     """
     if layout not in ("auto", "canonical", "decode", "both"):
         raise ValueError(f"layout must be 'auto', 'canonical', 'decode' or 'both', got "
@@ -161,6 +181,9 @@ def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Ten
         ):
             raise ValueError(f"zeros must be integers in [0, {qmax}] for {bits}-bit codes")
         z = zf.to(torch.int32)
+    codes = None
+    if channel_scales is not None:
+        steps, codes = _two_level_steps(packed, bits, k, scales, z, group_size, channel_scales)
     layout_err = gemm_decode.layout_error(bits, k, group_size)
     if layout == "auto":
         use = gemm_decode.available(packed.device) and layout_err is None
@@ -173,14 +196,63 @@ def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Ten
             raise ValueError(layout_err)
         from cbq_kernels.packing import unpack_ref
 
-        codes = unpack_ref(packed, bits, k)
+        codes = unpack_ref(packed, bits, k) if codes is None else codes
         dw = gemm_decode.prepare_decode(codes, scales, z, bits, group_size)
         s, z = dw.scales[:, :n].t(), dw.zeros[:, :n].t()  # views: one copy of each
+        if channel_scales is not None:  # laid out as the scales: (G, N_pad), a view
+            padded = torch.zeros_like(dw.scales)
+            padded[:, :n] = steps.t()
+            steps = padded[:, :n].t()
     else:
         s, z = scales.float().contiguous(), z.contiguous()
-    w = PreparedWeight(words, s, z, bits, k, group_size, dw)
+    s1 = channel_scales.float().contiguous() if channel_scales is not None else None
+    w = PreparedWeight(words, s, z, bits, k, group_size, dw, s1,
+                       steps if channel_scales is not None else None)  # fmt: skip
     mark_static(w)
     return w
+
+
+def _decode_steps(w: PreparedWeight) -> Tensor:
+    """The (G, N_pad) tensor whose transposed view is a decode-layout weight's steps (the
+    scales' layout: prepare_weight made them so)."""
+    d = w.decode
+    assert d is not None and w.steps is not None
+    return w.steps.t().as_strided(d.scales.shape, d.scales.stride())
+
+
+def _two_level_steps(packed: Tensor, bits: int, k: int, scales: Tensor, z: Tensor,
+                     group_size: int | None,
+                     channel_scales: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """prepare_weight's check of a two-level weight: (steps s2 (N, G) fp32, codes (N, K))."""
+    from cbq_kernels.packing import unpack_ref
+
+    n = packed.shape[0]
+    if bits != 4 or group_size is None or k % group_size or k == group_size:
+        raise ValueError(f"channel_scales (the two-level format) needs 4-bit codes in groups "
+                         f"that tile K, got bits={bits}, group_size={group_size}, "
+                         f"K={k}")  # fmt: skip
+    if not isinstance(channel_scales, Tensor):
+        raise TypeError(f"channel_scales must be a float tensor, got {channel_scales!r:.60}")
+    if (channel_scales.dtype not in FLOAT_DTYPES or tuple(channel_scales.shape) != (n,)
+            or channel_scales.device != packed.device):  # fmt: skip
+        raise ValueError(f"channel_scales must be a float tensor ({n},) on {packed.device}, "
+                         f"got {describe(channel_scales)}")  # fmt: skip
+    s1 = channel_scales.float()
+    if not bool(torch.isfinite(s1).all()) or bool((s1 <= 0).any()):
+        raise ValueError("channel_scales must be finite and positive")
+    ratio = scales.float() / s1[:, None]
+    steps = torch.round(ratio)
+    # scales hold fp32(s1 s2): s2 back within a few ulps
+    if (float(steps.min()) < 1 or float(steps.max()) > 16
+            or bool(((ratio - steps).abs() > 1e-5 * steps).any())):  # fmt: skip
+        raise ValueError("scales must be channel_scales times integer steps in 1..16 (the "
+                         "two-level format: quant_math.quantize_weight_two_level)")  # fmt: skip
+    codes = unpack_ref(packed, bits, k)
+    g = codes.view(n, k // group_size, group_size)
+    reach = torch.maximum(g.amax(-1).int() - z, z - g.amin(-1).int())
+    if bool((steps * reach > 127).any()):
+        raise ValueError("two-level weight: s2 (q - z) leaves int8 (|s2 (q - z)| must be <= 127)")
+    return steps, codes
 
 
 def mark_static(*objs) -> None:
@@ -210,11 +282,11 @@ def concat_weights(weights: list[PreparedWeight]) -> PreparedWeight:
         if not isinstance(w, PreparedWeight):
             raise TypeError(f"concat_weights takes PreparedWeights, got {type(w).__name__}")
         same = (w.bits, w.k, w.group_size, w.groups, w.device, w.words is None,
-                w.decode is None)  # fmt: skip
+                w.decode is None, w.steps is None)  # fmt: skip
         if same != (first.bits, first.k, first.group_size, first.groups, first.device,
-                    first.words is None, first.decode is None):  # fmt: skip
-            raise ValueError("concat_weights: the weights differ in bits, K, groups, device or "
-                             "kept layouts")  # fmt: skip
+                    first.words is None, first.decode is None, first.steps is None):  # fmt: skip
+            raise ValueError("concat_weights: the weights differ in bits, K, groups, device, "
+                             "kept layouts or two-level format")  # fmt: skip
     if len(weights) == 1:
         return first
     words = dw = None
@@ -233,9 +305,19 @@ def concat_weights(weights: list[PreparedWeight]) -> PreparedWeight:
         dw = gemm_decode.DecodeWeight(wd, ws, wz, counters, parts[0].bits,
                                       sum(d.n for d in parts), first.k, parts[0].group_size)
         s, z = dw.scales[:, : dw.n].t(), dw.zeros[:, : dw.n].t()
+        if first.steps is not None:  # (G, N_pad) tensors, as the scales
+            steps = torch.cat([_decode_steps(w) for w in weights], dim=1)
+            steps = steps[:, : dw.n].t()
     else:
         s = torch.cat([w.scales for w in weights], dim=0)
         z = torch.cat([w.zeros for w in weights], dim=0)
-    out = PreparedWeight(words, s, z, first.bits, first.k, first.group_size, dw)
+        if first.steps is not None:
+            steps = torch.cat([w.steps for w in weights], dim=0)
+    s1 = None
+    if first.steps is not None:
+        s1 = torch.cat([w.channel_scales for w in weights])
+    else:
+        steps = None
+    out = PreparedWeight(words, s, z, first.bits, first.k, first.group_size, dw, s1, steps)
     mark_static(out)
     return out

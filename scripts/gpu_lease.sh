@@ -323,7 +323,8 @@ case $stage in
     done
     pack ;;
   gtable)  # carry .cbq_commit: the served W4A8 / W4A4 with the Gluon int8 kernel after
-    # expansion (GemmPolicy.gluon_min_m, rows *_gluon) beside the TMA path and the Gluon
+    # expansion (GemmPolicy.gluon_min_m, rows *_gluon) beside the TMA path, the served
+    # two-level grouped W4A8 (w4a8_g64_2lvl*, against w4a8_g128) and the Gluon
     # prefill kernels over eight of the prefill table's eleven layer shapes at M = 1024 / 2048
     # / 8192 (tma_min_m is 1024), what a dispatch policy per shape needs (DECISIONS, "The
     # Gluon prefill kernels measured"), after the Gluon tests; the call bounded by
@@ -332,8 +333,9 @@ case $stage in
     t=tests/kernels/test_gemm_cuda.py
     CBQ_SPLIT_TMA4=0 CBQ_SPLIT_TEST_S=${CBQ_SPLIT_TEST_S:-150} \
       CBQ_SPLIT_TESTS="$t::test_gluon_int8_kernel_every_config $t::test_gluon_served_call_equals_the_tma_path
-        $t::test_gluon_split_kernel_every_config $t::test_gluon_two_level_kernel_every_config" \
-      CBQ_SPLIT_KERNELS=${CBQ_SPLIT_KERNELS:-w4a8,w4a8_gluon,w4a4,w4a4_gluon,w4a8_split_gluon,w4a8_g128,w4a8_2lvl_gluon} \
+        $t::test_two_level_weight_served_at_every_m $t::test_gluon_split_kernel_every_config
+        $t::test_gluon_two_level_kernel_every_config" \
+      CBQ_SPLIT_KERNELS=${CBQ_SPLIT_KERNELS:-w4a8,w4a8_gluon,w4a4,w4a4_gluon,w4a8_split_gluon,w4a8_g128,w4a8_g64_2lvl,w4a8_g64_2lvl_gluon,w4a8_2lvl_gluon} \
       split_kernels ${CBQ_BENCH_MS:-1024,2048,8192} \
       ${CBQ_BENCH_SHAPES:-70b_gate_up,70b_down,7b_gate_up,7b_down,70b_q_o,13b_gate_up,7b_qkvo,70b_kv} \
       ${CBQ_STAGE_S:-540}

@@ -18,6 +18,7 @@ from cbq_kernels.gemm import (
     linear,
     prepare_weight,
 )
+from cbq_kernels.gemm_weight import concat_weights
 from cbq_kernels.packing import pack_ref, unpack_ref
 
 # (M, N, K): M in {1, 3, 13, 67}; N, K not multiples of the tiles, words or 32.
@@ -287,10 +288,11 @@ def test_gemm_ops_pass_opcheck_and_compile_with_fullgraph():
     x = torch.randn(3, 100, generator=torch.Generator().manual_seed(22))
     pol = gemm_module._policy_args(gemm_module.DEFAULT_POLICY)
     wargs = gemm_module._weight_args(w)
+    iargs = gemm_module._weight_args(w, True)  # the integer ops: + two-level channel scales, steps
     torch.library.opcheck(torch.ops.cbq.gemm_w4a8.default,
-                          (xq, xs, *wargs, None, torch.float32, False, None, pol))  # fmt: skip
+                          (xq, xs, *iargs, None, torch.float32, False, None, pol))  # fmt: skip
     torch.library.opcheck(torch.ops.cbq.gemm_w4a4.default,
-                          (x4, xs4, *wargs, None, torch.bfloat16, True, None, pol))  # fmt: skip
+                          (x4, xs4, *iargs, None, torch.bfloat16, True, None, pol))  # fmt: skip
     torch.library.opcheck(torch.ops.cbq.gemm_wonly.default, (x, *wargs, None, None, pol))
     codes = torch.randint(0, 16, (33, 100), dtype=torch.uint8)
     torch.library.opcheck(torch.ops.cbq.prepare_weight.default,
@@ -321,8 +323,75 @@ def test_gemm_policy_is_checked():
     with pytest.raises(ValueError, match=r"GemmPolicy\.prologue_pdl must be a bool, got 0"):
         GemmPolicy(prologue_pdl=0)
     for pol in (GemmPolicy(decode_pdl=True, decode_mtiles=2),  # through the ops' ints
-                GemmPolicy(decode_pdl=False, decode_mtiles=1, small_m=40, prologue_pdl=True)):
+                GemmPolicy(decode_pdl=False, decode_mtiles=1, small_m=40, prologue_pdl=True,
+                           gluon_min_m=2048)):
         assert gemm_module._policy_from(gemm_module._policy_args(pol)) == pol
     w, _ = make_weight(8, 64, 4)
     with pytest.raises(TypeError, match="policy must be a GemmPolicy or None, got dict"):
         gemm_wonly(torch.randn(2, 64), w, policy={"small_m": 1})
+
+
+def two_level_weight(n, k, seed, layout):
+    """A weight in the two-level grouped format (groups of 64) from quant_math's quantizer,
+    stored canonically (scales s1 s2), prepared with its channel scales."""
+    from cbq_kernels.quant_math import quantize_weight_two_level
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.02
+    w[0, 5] = 0.5  # an outlier row: few int8 levels in the rest of it
+    codes, s1, s2, z = quantize_weight_two_level(w, 64)
+    prepared = prepare_weight(pack_ref(codes, 4), 4, k, s1[:, None] * s2.float(), z.float(), 64,
+                              layout=layout, channel_scales=s1)  # fmt: skip
+    return prepared, codes, s1, s2, z
+
+
+@pytest.mark.parametrize("layout", ["canonical", "decode"])
+@pytest.mark.parametrize("act_bits", [8, 4])
+def test_two_level_weight_at_prefill_is_the_per_channel_int8_product(layout, act_bits):
+    """prepare_weight(channel_scales=s1): at prefill M the integer GEMMs expand the weight to
+    the int8 values s2 (q - z) (from either layout) and run the per-channel product scaled by
+    s1, bit for bit ((acc * s1[n]) * xs[m], one rounding to bf16; the exact int32 sums with
+    debug), bias included; below expand_min_m the grouped kernel's float rescale per group,
+    within the usual tolerance of the dequantized weight; concat_weights keeps the format."""
+    n, k, m = 70, 256, 67
+    w, codes, s1, s2, z = two_level_weight(n, k, 51, layout)
+    assert (w.words is None) == (layout == "decode") and w.steps is not None
+    gid = torch.arange(k) // 64
+    w8 = s2[:, gid].to(torch.int64) * (codes.to(torch.int64) - z[:, gid])
+    assert int(w8.abs().max()) <= 127
+    xq, xs = act_codes(m, k, act_bits, seed=52)
+    fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
+    x_int = xq.to(torch.int64) if act_bits == 8 else unpack_ref(xq, 4, k).to(torch.int64) - 8
+    acc = x_int @ w8.t()
+    assert torch.equal(fn(xq, xs, w, debug=True).to(torch.int64), acc)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(53))
+    want = (acc.float() * s1[None, :]) * xs[:, None] + bias[None, :]
+    assert torch.equal(fn(xq, xs, w, bias), want.to(torch.bfloat16))
+    small = fn(xq[:5], xs[:5], w, out_dtype=torch.float32)
+    torch.testing.assert_close(small.double(), gemm_ref(xq[:5], w, xs[:5], act_bits),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    # (the decode layout: every weight but the last fills its 64-column tiles)
+    both = concat_weights([two_level_weight(64, k, 54, layout)[0], w])
+    assert both.steps is not None and both.channel_scales.shape == (64 + n,)
+    assert torch.equal(fn(xq, xs, both, debug=True)[:, 64:].to(torch.int64), acc)
+    assert torch.equal(fn(xq, xs, both, bias.repeat(2)[: 64 + n])[:, 64:],
+                       fn(xq, xs, w, bias.repeat(2)[64 : 64 + n]))  # fmt: skip
+
+
+def test_two_level_weight_is_checked():
+    """prepare_weight's channel_scales: a clear error for a weight that is not two-level."""
+    w, codes, s1, s2, z = two_level_weight(8, 128, 55, "canonical")
+    packed, scales = pack_ref(codes, 4), s1[:, None] * s2.float()
+    with pytest.raises(ValueError, match=r"channel_scales must be a float tensor \(8,\)"):
+        prepare_weight(packed, 4, 128, scales, z.float(), 64, channel_scales=s1[:4])
+    with pytest.raises(ValueError, match=r"integer steps in 1\.\.16"):
+        prepare_weight(packed, 4, 128, scales * 1.3, z.float(), 64, channel_scales=s1)
+    with pytest.raises(ValueError, match=r"integer steps in 1\.\.16"):
+        prepare_weight(packed, 4, 128, scales, z.float(), 64, channel_scales=s1 / 20)
+    with pytest.raises(ValueError, match="needs 4-bit codes in groups that tile K"):
+        prepare_weight(packed, 4, 128, scales[:, :1], z.float()[:, :1], 128, channel_scales=s1)
+    big = torch.full_like(s2, 16)  # 16 (15 - 0) leaves int8
+    with pytest.raises(ValueError, match=r"s2 \(q - z\) leaves int8"):
+        prepare_weight(pack_ref(torch.full_like(codes, 15), 4), 4, 128, s1[:, None] * big,
+                       torch.zeros_like(z).float(), 64, channel_scales=s1)  # fmt: skip
+    assert w.nbytes > make_weight(8, 128, 4, 64, layout="canonical")[0].nbytes

@@ -294,6 +294,44 @@ def test_gluon_served_call_equals_the_tma_path(act_bits):
     assert torch.equal(out, want)
 
 
+@pytest.mark.parametrize("layout", ["auto", "canonical"])
+def test_two_level_weight_served_at_every_m(layout):
+    """A two-level grouped W4A8 weight (quant_math.quantize_weight_two_level, groups of 64,
+    prepare_weight's channel_scales) on the GPU: at prefill M the served call expands it to
+    s2 (q - z) in int8 and its output equals the int8 TMA kernel's on that weight with the
+    channel scales s1, bit for bit, with the TMA and the Gluon kernel (and the pointer kernel
+    below tma_min_m), debug sums exact; at decode M (the CUDA kernel on the decode layout,
+    "auto") within the grouped weight's tolerance of the reference."""
+    from cbq_kernels import gemm_gluon, gemm_tma
+    from cbq_kernels.quant_math import quantize_weight_two_level
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9.0")
+    g = torch.Generator(device="cuda").manual_seed(61)
+    n, k = 3000, 4096
+    wf = torch.randn(n, k, generator=g, device="cuda") * 0.02
+    codes, s1, s2, z = quantize_weight_two_level(wf, 64)
+    w = prepare_weight(pack(codes, 4), 4, k, s1[:, None] * s2.float(), z.float(), 64,
+                       layout=layout, channel_scales=s1)  # fmt: skip
+    gid = torch.arange(k, device="cuda") // 64
+    w8 = (s2[:, gid] * (codes.int() - z[:, gid])).to(torch.int8)
+    bias = torch.randn(n, generator=g, device="cuda")
+    policies = [gemm_module.GemmPolicy(), gemm_module.GemmPolicy(tma_min_m=64)]
+    if gemm_gluon.gluon is not None and torch.cuda.get_device_capability()[0] == 9:
+        policies.append(gemm_module.GemmPolicy(tma_min_m=64, gluon_min_m=64))
+    for m in (100, 2048):
+        xq, xs = act_quant(activations(m, k, seed=62), 8)
+        want = gemm_tma.gemm_int8_tma(xq, xs, w8, s1, bias, torch.bfloat16)
+        for pol in policies:
+            assert torch.equal(gemm_w4a8(xq, xs, w, bias, policy=pol), want), (m, pol)
+        acc = gemm_w4a8(xq, xs, w, debug=True)
+        assert torch.equal(acc.double(), xq.double() @ w8.double().t())
+    for m in (1, 16):
+        xq, xs = act_quant(activations(m, k, seed=63), 8)
+        out = gemm_w4a8(xq, xs, w, out_dtype=torch.float32)
+        torch.testing.assert_close(out.double(), gemm_ref(xq, w, xs, 8), rtol=1e-4, atol=1e-3)
+
+
 def _int8_tma_reference(x, w8, g):
     """Scales and a bias drawn from ``g`` for x (M, K) and the int8 weight w8 (N, K), and the
     int8 TMA kernel's bf16 output with them: what the experimental prefill kernels, which
