@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--crossquant-alpha", type=_fraction, default=0.15, help="in (0, 1]")
     q.add_argument("--ragged-groups", action="store_true",
                    help="allow a shorter last group where groups do not divide")
+    q.add_argument("--two-level", action="store_true",
+                   help="W4A8 / W4A4 with groups (e.g. W4A8g64): the two-level format (int8 per "
+                        "channel, then 4-bit codes per group with integer steps), served at "
+                        "prefill by the per-channel int8 GEMM; with --method rtn")  # fmt: skip
     q.add_argument("--symmetric-weights", action="store_true",
                    help="signed codes without zero points (what vLLM's int8 W8A8 kernels and "
                         "transformers' compressed-tensors loader take; CBQ then starts from "
@@ -498,9 +502,13 @@ def cmd_quantize(args) -> int:
         settings = parse_setting(args.setting, act_quantizer=act,
                                  crossquant_alpha=args.crossquant_alpha,
                                  ragged_groups=args.ragged_groups,
-                                 symmetric_weights=args.symmetric_weights)
+                                 symmetric_weights=args.symmetric_weights,
+                                 two_level=args.two_level)
     except ValueError as exc:
         raise UsageError(f"argument --setting: {exc}") from None
+    if args.two_level and args.method != "rtn":
+        raise UsageError(f"argument --two-level: the two-level format is quantized "
+                         f"round-to-nearest: it needs --method rtn, not {args.method}")
     if args.overlap >= args.window:
         raise UsageError(f"argument --overlap: must be smaller than --window ({args.window}), "
                          f"got {args.overlap}")

@@ -22,7 +22,12 @@ class QuantSettings:
     """w_bits: weight bits; group_size: None (one scale per output row) or the group length
     along the input dimension; a_bits: activation bits (16 = not quantized);
     act_quantizer: 'per_token' or 'crossquant'; crossquant_alpha: CrossQuant's exponent;
-    symmetric_weights: signed symmetric codes instead of asymmetric with a zero point."""
+    symmetric_weights: signed symmetric codes instead of asymmetric with a zero point;
+    two_level: 4-bit grouped weights with integer activations in the two-level format
+    (cbq_kernels.quant_math.quantize_weight_two_level: int8 per output channel, then 4-bit
+    codes per group with integer steps), which the integer GEMMs serve at prefill as a
+    per-channel int8 product; quantized round-to-nearest (the trained quantizers do not
+    produce it yet)."""
 
     w_bits: int = 4
     group_size: int | None = None
@@ -31,6 +36,7 @@ class QuantSettings:
     crossquant_alpha: float = 0.15
     symmetric_weights: bool = False
     ragged_groups: bool = False
+    two_level: bool = False
 
     def __post_init__(self) -> None:
         if self.w_bits not in WEIGHT_BITS:
@@ -51,12 +57,19 @@ class QuantSettings:
             raise ValueError(f"group_size must be a multiple of 16, got {self.group_size}")
         if not 0.0 < self.crossquant_alpha <= 1.0:
             raise ValueError(f"crossquant_alpha must be in (0, 1], got {self.crossquant_alpha}")
+        if self.two_level and (self.w_bits != 4 or self.group_size is None
+                               or self.a_bits not in (4, 8) or self.symmetric_weights
+                               or self.ragged_groups):  # fmt: skip
+            raise ValueError(f"two_level is a format of 4-bit grouped weights with 4- or 8-bit "
+                             f"activations and zero points (e.g. W4A8g64), got {self.name}"
+                             f"{' symmetric' if self.symmetric_weights else ''}"
+                             f"{' ragged' if self.ragged_groups else ''}")  # fmt: skip
 
     @property
     def name(self) -> str:
-        """The setting's usual name, e.g. 'W4A8', 'W2A16g64'."""
+        """The setting's usual name, e.g. 'W4A8', 'W2A16g64', 'W4A8g64-2l' (two-level)."""
         g = f"g{self.group_size}" if self.group_size else ""
-        return f"W{self.w_bits}A{self.a_bits}{g}"
+        return f"W{self.w_bits}A{self.a_bits}{g}{'-2l' if self.two_level else ''}"
 
     def check_layer(self, name: str, in_features: int) -> None:
         """A group size must divide the layer's input width (clear error otherwise)."""
@@ -238,6 +251,11 @@ class CBQConfig:
             raise ValueError(f"gptq_damp must be in [0, 1), got {self.gptq_damp}")
         if not 0.0 < self.act_clip <= 1.0:
             raise ValueError(f"act_clip must be in (0, 1], got {self.act_clip}")
+        if self.settings.two_level and (self.method != "cbq" or self.trains
+                                        or self.lora_rounding):  # fmt: skip
+            raise ValueError("two-level weights (settings.two_level) are quantized "
+                             "round-to-nearest: method 'cbq' with no training steps and no "
+                             "lora_rounding (cbq quantize --method rtn)")  # fmt: skip
 
     @property
     def trains(self) -> bool:

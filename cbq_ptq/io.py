@@ -11,8 +11,9 @@ A folder with:
 * ``model.safetensors``: every non-quantized tensor of the model (embeddings, norms with the
   CFP factors folded in, LM head) under its usual name, and per quantized linear ``NAME.packed``
   (int32, the canonical packed format of cbq_kernels.formats), ``NAME.scales`` (fp32 (N, G)),
-  ``NAME.zeros`` (fp32 (N, G)), ``NAME.act_ratio``, and where present ``NAME.bias`` and
-  ``NAME.channel_factor`` (CrossQuant).
+  ``NAME.zeros`` (fp32 (N, G)), ``NAME.act_ratio``, and where present ``NAME.bias``,
+  ``NAME.channel_factor`` (CrossQuant) and ``NAME.channel_scales`` (fp32 (N,), a two-level
+  weight's s1: its scales are s1 times integer steps; QuantSettings.two_level).
 
 :func:`load` verifies the folder before it builds anything (the sha256 of every tensor file
 against the one recorded at save time, then the recorded bits, group size and shapes against
@@ -60,6 +61,8 @@ def _layer_tensors(name: str, q: QLinear) -> tuple[dict[str, torch.Tensor], dict
         t[f"{name}.bias"] = q.bias.float().cpu().contiguous()
     if q.channel_factor is not None:
         t[f"{name}.channel_factor"] = q.channel_factor.float().cpu().contiguous()
+    if q.channel_scales is not None:
+        t[f"{name}.channel_scales"] = q.channel_scales.float().cpu().contiguous()
     info = {"bits": bits, "group_size": q.gs, "in_features": q.in_features,
             "out_features": q.out_features}  # fmt: skip
     return t, info
@@ -164,11 +167,13 @@ def _kernel_layer(model, name: str, info: dict, settings: QuantSettings, tensors
     take = lambda key: tensors.pop(f"{name}.{key}", None)  # noqa: E731
     packed, scales, zeros = take("packed"), take("scales"), take("zeros")
     bias, ratio, factor = take("bias"), take("act_ratio"), take("channel_factor")
+    s1 = take("channel_scales")
     act = activation_kwargs(settings, ratio, factor.to(dev) if factor is not None else None)
     bias = bias.to(dev) if bias is not None else None
     layer = KernelLinear.from_packed(name, packed.to(dev), info["bits"], info["in_features"],
                                      scales.to(dev), zeros.to(dev), settings,
-                                     info["group_size"], bias, act, dtype)  # fmt: skip
+                                     info["group_size"], bias, act, dtype,
+                                     s1.to(dev) if s1 is not None else None)  # fmt: skip
     replace_module(model, name, layer)
     return True
 
@@ -224,6 +229,7 @@ def load(path: str | Path, device: str | None = None, kernels: torch.dtype | Non
         q.act_ratio = tensors.pop(f"{name}.act_ratio")
         q.bias = tensors.pop(f"{name}.bias", None)
         q.channel_factor = tensors.pop(f"{name}.channel_factor", None)
+        q.channel_scales = tensors.pop(f"{name}.channel_scales", None)
         q.w_fp = q.w = torch.empty(0)  # the full-precision weights are not part of the artefact
         setattr(parent, leaf, q)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
@@ -343,6 +349,8 @@ def _check_layers(src: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> No
         groups = groups_per_row(k, gs)
         expect = {"packed": (n, packed_words(k, storage_bits(bits))), "scales": (n, groups),
                   "zeros": (n, groups)}  # fmt: skip
+        if f"{name}.channel_scales" in tensors:
+            expect["channel_scales"] = (n,)
         for part, shape in expect.items():
             key = f"{name}.{part}"
             if key not in tensors:

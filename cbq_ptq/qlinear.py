@@ -45,6 +45,7 @@ from cbq_kernels.quant_math import (
     dequantize_weight,
     quantize_act,
     quantize_weight,
+    quantize_weight_two_level,
     reciprocal,
     segment_index,
     weight_params,
@@ -135,6 +136,8 @@ class QLinear(torch.nn.Module):
         self.register_buffer("codes", None)  # (N, K) uint8 after hardening
         self.register_buffer("scales", None)
         self.register_buffer("zeros", None)
+        # s1 (N,) of a two-level weight (settings.two_level) after hardening: scales = s1 s2
+        self.register_buffer("channel_scales", None)
         self._scope: tuple[str, Tensor | None] | None = None  # set by full_precision / quantized
 
     # ------------------------------------------------------------------ initialisation
@@ -340,6 +343,14 @@ class QLinear(torch.nn.Module):
         :meth:`set_codes` are kept), scales, zero points and the activation clipping ratio;
         drop the learned parameters."""
         bits = self.settings.w_bits
+        if self.settings.two_level and self.channel_scales is None:
+            if self.codes is not None or self.lora_a is not None:
+                raise ValueError(f"layer {self.name}: two-level weights are quantized "
+                                 f"round-to-nearest (--method rtn), not from GPTQ codes or "
+                                 f"LoRA-Rounding")  # fmt: skip
+            codes, s1, s2, z = quantize_weight_two_level(self.w, self.gs)
+            self.set_codes(codes, s1[:, None] * s2.float(), z.float())
+            self.channel_scales = s1
         if self.codes is not None:
             codes, s, z = self.codes, self.scales, self.zeros
         elif self.lora_a is not None:

@@ -21,7 +21,7 @@ from cbq_kernels.gemm import GemmPolicy, PreparedWeight, mark_static, prepare_we
 from cbq_kernels.gemm import linear as gemm_linear
 from cbq_kernels.gemm_weight import concat_weights
 from cbq_kernels.packing import pack_ref
-from cbq_kernels.quant_math import quantize_weight
+from cbq_kernels.quant_math import quantize_weight, quantize_weight_two_level
 from cbq_kernels.rmsnorm import rms_norm, rms_norm_ref, rms_norm_takes
 from cbq_ptq import rotation
 from cbq_ptq.config import QuantSettings
@@ -71,22 +71,30 @@ class KernelLinear(torch.nn.Module):
     @classmethod
     def from_codes(cls, name: str, codes: Tensor, scales: Tensor, zeros: Tensor,
                    settings: QuantSettings, group_size: int | None, bias: Tensor | None = None,
-                   act_kwargs: dict | None = None,
-                   compute_dtype: torch.dtype = torch.bfloat16):  # fmt: skip
-        """From unsigned codes (N, K), scales and zero points (N, G)."""
+                   act_kwargs: dict | None = None, compute_dtype: torch.dtype = torch.bfloat16,
+                   channel_scales: Tensor | None = None):  # fmt: skip
+        """From unsigned codes (N, K), scales and zero points (N, G) (and a two-level
+        weight's channel scales s1)."""
         _check_kind(settings)
         packed = pack_ref(codes, settings.w_bits).contiguous()
         return cls.from_packed(name, packed, settings.w_bits, codes.shape[1], scales, zeros,
-                               settings, group_size, bias, act_kwargs, compute_dtype)  # fmt: skip
+                               settings, group_size, bias, act_kwargs, compute_dtype,
+                               channel_scales)  # fmt: skip
 
     @classmethod
     def from_packed(cls, name: str, packed: Tensor, bits: int, k: int, scales: Tensor,
                     zeros: Tensor, settings: QuantSettings, group_size: int | None,
                     bias: Tensor | None = None, act_kwargs: dict | None = None,
-                    compute_dtype: torch.dtype = torch.bfloat16):  # fmt: skip
+                    compute_dtype: torch.dtype = torch.bfloat16,
+                    channel_scales: Tensor | None = None):  # fmt: skip
         """From the canonical packed words (N, ceil(K / C)) int32 of ``bits``-bit codes, as a
-        saved model holds them."""
-        weight = prepare_weight(packed, bits, k, scales.float(), zeros.float(), group_size)
+        saved model holds them (``channel_scales``: a two-level weight's s1, for
+        prepare_weight)."""
+        if settings.two_level and channel_scales is None:
+            raise ValueError(f"layer {name}: a two-level setting ({settings.name}) needs the "
+                             f"weight's channel_scales")  # fmt: skip
+        weight = prepare_weight(packed, bits, k, scales.float(), zeros.float(), group_size,
+                                channel_scales=channel_scales)  # fmt: skip
         return cls(name, weight, settings, bias, act_kwargs, compute_dtype)
 
     @classmethod
@@ -99,18 +107,24 @@ class KernelLinear(torch.nn.Module):
         _check_kind(s)
         act_kwargs = activation_kwargs(s, q.act_ratio, q.channel_factor)
         return cls.from_codes(q.name, q.codes, q.scales, q.zeros, s, q.gs, q.bias, act_kwargs,
-                              compute_dtype)  # fmt: skip
+                              compute_dtype, q.channel_scales)  # fmt: skip
 
     @classmethod
     def round_to_nearest(cls, name: str, linear: torch.nn.Linear, settings: QuantSettings,
                          compute_dtype: torch.dtype = torch.bfloat16):  # fmt: skip
         """RTN of an nn.Linear's weight (:func:`cbq_kernels.quant_math.quantize_weight`),
-        per-token activations: for speed measurements, where the values do not matter."""
+        per-token activations: for speed measurements, where the values do not matter
+        (:func:`cbq_kernels.quant_math.quantize_weight_two_level` for a two-level setting)."""
         _check_kind(settings)
-        codes, scales, zeros = quantize_weight(linear.weight, settings.w_bits,
-                                               settings.group_size)  # fmt: skip
-        return cls.from_codes(name, codes, scales, zeros, settings, settings.group_size,
-                              linear.bias, None, compute_dtype)  # fmt: skip
+        s1 = None
+        if settings.two_level:
+            codes, s1, s2, zeros = quantize_weight_two_level(linear.weight, settings.group_size)
+            scales = s1[:, None] * s2.float()
+        else:
+            codes, scales, zeros = quantize_weight(linear.weight, settings.w_bits,
+                                                   settings.group_size)  # fmt: skip
+        return cls.from_codes(name, codes, scales, zeros.float(), settings, settings.group_size,
+                              linear.bias, None, compute_dtype, s1)  # fmt: skip
 
     def fuse_rotation(self, signs: Tensor) -> None:
         """Take an online Hadamard rotation of the input into the GEMM call (with plain

@@ -45,7 +45,11 @@ def test_quantize_then_eval(tmp_path, capsys):
      (["quantize", "--model", "stories260K", "--setting", "W4A16g64", "--corpus",
        "tinystories", "--n-calib", "2", "--calib-len", "32", "--epochs", "0",
        "--eval-windows", "1"], "does not divide in_features 172"),
-     (["eval", "stories260K", "--corpus", "no-such-corpus"], "neither a file nor one of")],
+     (["eval", "stories260K", "--corpus", "no-such-corpus"], "neither a file nor one of"),
+     (["quantize", "--model", "stories260K", "--setting", "W4A8g64", "--two-level"],
+      "it needs --method rtn, not cbq"),
+     (["quantize", "--model", "stories260K", "--setting", "W4A16g64", "--two-level", "--method",
+       "rtn"], "two_level is a format of 4-bit grouped weights with 4- or 8-bit activations")],
 )  # fmt: skip
 def test_bad_input_is_a_clear_error(argv, message, capsys, tmp_path):
     need_shared(SHARED_MODELS / "stories260K" / "config.json")

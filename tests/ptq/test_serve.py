@@ -404,3 +404,50 @@ def test_fused_rope_changes_no_number(dtype):
     finally:
         unfuse_rope(model)
     assert modeling_llama.apply_rotary_pos_emb is original
+
+
+def test_two_level_model_saves_loads_and_serves(tmp_path, monkeypatch):
+    """settings.two_level (round-to-nearest): every layer hardened to the two-level format
+    (scales s1 times integer steps 1..16, s1 in the artefact as NAME.channel_scales), loaded
+    straight into kernel layers that keep the format (prepare_weight's channel_scales: the
+    per-channel int8 product at prefill, 64 rows here), whose logits are the fake-quantized
+    model's (int8 activation codes may flip at rounding boundaries, as for W4A8 above); a
+    trained configuration is refused."""
+    from safetensors.torch import load_file
+
+    from cbq_ptq.config import QuantSettings
+    from cbq_ptq.io import load, save
+    from cbq_ptq.serve import KernelLinear
+
+    settings = QuantSettings(w_bits=4, a_bits=8, group_size=64, two_level=True)
+    assert settings.name == "W4A8g64-2l"
+    with pytest.raises(ValueError, match="round-to-nearest"):
+        CBQConfig(settings=settings, epochs=1)
+    model = random_llama(hidden=128, inter=256)
+    x = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(3))
+    config = CBQConfig(settings=settings, epochs=0, lora_rounding=False, cfp=False)
+    q, _ = quantize(model, config, x, progress=False)
+    save(q, tmp_path / "q")
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj"
+    s1, scales = tensors[f"{name}.channel_scales"], tensors[f"{name}.scales"]
+    assert s1.shape == (128,) and scales.shape == (128, 4)
+    steps = scales / s1[:, None]
+    assert torch.allclose(steps, steps.round(), rtol=0, atol=1e-4)
+    assert float(steps.min()) >= 1 and float(steps.max()) <= 16
+    served = load(tmp_path / "q")
+    with torch.no_grad():
+        want = served(x).logits
+    direct = load(tmp_path / "q", kernels=torch.float32)
+    layers = [m for m in direct.modules() if isinstance(m, KernelLinear)]
+    assert len(layers) == 14 and all(m.weight.steps is not None for m in layers)
+    from cbq_kernels import gemm_triton
+
+    expanded, expand = [], gemm_triton.expand_weight
+    monkeypatch.setattr(gemm_triton, "expand_weight",
+                        lambda w, *a, **kw: expanded.append(kw.get("steps")) or expand(w, *a, **kw))
+    with torch.no_grad():
+        got = direct(x).logits
+    assert expanded == [True] * 14  # each layer's int8 s2 (q - z), M = 64
+    torch.testing.assert_close(got, want, rtol=0, atol=0.25)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
