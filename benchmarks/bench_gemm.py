@@ -31,8 +31,7 @@ after expansion, TMA or pointer kernel), w4a8_split (gemm_tma4: split-nibble wei
 expansion), w4a4_split8 (the same with W4A4 codes as fp8: not exact, a speed reading only),
 and the Gluon kernels of gemm_gluon: w4a8_split_gluon (split-nibble weight, int8 MMAs in
 flight, zero points after the K loop, the row sums of x included), w4a8_2lvl_gluon (its two-
-level grouped form, groups of 64 with integer scales: against w4a8_g128), w4a16_split_gluon
-(W4A16 g128 dequantized in the K loop, bf16 MMAs: against w4a16_g128), int8_gluon / int8_tma
+level grouped form, groups of 64 with integer scales: against w4a8_g128), int8_gluon / int8_tma
 (the int8 GEMM alone on an int8 weight, Gluon against the TMA kernel), and w4a8_gluon /
 w4a4_gluon (the served call with GemmPolicy.gluon_min_m: expansion, then the Gluon kernel);
 w4a8_g64_2lvl (/ _gluon): W4A8 in the two-level grouped format (prepare_weight's
@@ -330,9 +329,6 @@ def main() -> None:
                 if gemm_gluon.available(xq8):  # the int8 GEMM alone on an int8 weight: the
                     # Gluon kernel (MMAs in flight) against the TMA kernel (each waited on)
                     w_i8 = w_i8_t.t()
-                    gpw = gemm_gluon.split_group_params(
-                        torch.rand(n, k // 128, device="cuda") * 0.01 + 0.001,
-                        torch.randint(0, 16, (n, k // 128), device="cuda").float(), k, 128)
                     gp2 = gemm_gluon.two_level_params(
                         torch.randint(1, 9, (n, k // 64), device="cuda", dtype=torch.int32),
                         torch.randint(0, 16, (n, k // 64), device="cuda", dtype=torch.int32))
@@ -343,11 +339,6 @@ def main() -> None:
                               ("w4a8_2lvl_gluon", lambda: gemm_gluon.gemm_w4a8_split_gluon(
                                    xq8, xs8, split4, k, None, ws4, group_params=gp2),
                                m * k + split4.numel() + gp2.numel() + n * 4),
-                              # W4A16 g128 with the dequantization in the K loop: against
-                              # the served w4a16_g128 (dequantize + cuBLAS at these M)
-                              ("w4a16_split_gluon", lambda: gemm_gluon.gemm_w4a16_split_gluon(
-                                   x, split4, k, gpw), m * k * 2 + split4.numel()
-                               + gpw.numel()),
                               ("int8_gluon", lambda w_i8=w_i8: gemm_gluon.gemm_int8_gluon(
                                    xq8, xs8, w_i8, ws4, None, torch.bfloat16), m * k + n * k),
                               ("int8_tma", lambda w_i8=w_i8: gemm_int8_tma(

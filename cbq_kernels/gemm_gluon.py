@@ -1,10 +1,12 @@
 """Prefill GEMMs in Gluon (Triton's lower-level dialect) with their MMAs kept in flight: the
 int8 x int8 GEMM (:func:`gemm_int8_gluon`), and the split-nibble kernel that reads the 4-bit
 weight itself, unpacking it in the K loop (no expansion pass): W4A8 per channel and two-level
-grouped (:func:`gemm_w4a8_split_gluon`), W4A16 (:func:`gemm_w4a16_split_gluon`).
+grouped (:func:`gemm_w4a8_split_gluon`).
 Experimental, written without a GPU (sessions 10 and 11, 2026-12-06): not in the served
 dispatch; the GPU tests and bench_gemm's ``int8_gluon`` / ``w4a8_split_gluon`` /
-``w4a8_2lvl_gluon`` / ``w4a16_split_gluon`` rows are ``gpu_lease.sh OUT split``.
+``w4a8_2lvl_gluon`` rows are ``gpu_lease.sh OUT split``. (Its weight-only W4A16 form ran at
+0.48-0.51x cuBLAS bf16 on the H100 and was removed: docs/DECISIONS.md, "The Gluon prefill
+kernels measured".)
 
 Why: Triton never keeps an MMA with an int32 accumulator in flight (its WGMMA pipeliner,
 ``dotCanBeProperlyAsync``, "Rule 2.1"; scripts/wgmma_async_check.py): each int8 MMA of the TMA
@@ -143,7 +145,7 @@ if gluon is not None:
     @gluon.jit
     def _split_load(w_desc, x_desc, p_desc, bars, w_bufs, lo_bufs, hi_bufs, p_bufs, t, p, off_n,
                     off_m, H, MODE: gl.constexpr, NUM_STAGES: gl.constexpr):  # fmt: skip
-        """K step t's weight bytes, its two activation tiles (and MODE 1 / 2: its 16 bytes of
+        """K step t's weight bytes, its two activation tiles (and MODE 1: its 16 bytes of
         group parameters per row) into stage t % NUM_STAGES (if p)."""
         BLOCK_H: gl.constexpr = w_desc.block_type.shape[1]
         nbytes: gl.constexpr = (w_desc.block_type.nbytes + 2 * x_desc.block_type.nbytes
@@ -185,10 +187,7 @@ if gluon is not None:
         instruction. MODE 1 (two-level): then times the group's integer scale s2 (one 32-bit
         multiply per four codes: q s2 <= 240 stays in its byte) plus (256 - s2 z) mod 256
         bytewise (an add with the carries cut at the byte borders), which is s2 (q - z) as a
-        signed byte (|s2 (q - z)| <= 127 by the format, two_level_params). MODE 2 (weight-
-        only): w = (q - z) s in fp32, rounded once to the activations' dtype (the canonical
-        dequantization's bits): 2^23 + q from the code's bits (an OR), minus 2^23 + z
-        (exact), times s."""
+        signed byte (|s2 (q - z)| <= 127 by the format, two_level_params)."""
         s = t % NUM_STAGES
         mbarrier.wait(bars.index(s), (t // NUM_STAGES) & 1)
         wb = w_bufs.index(s).load(unpack)
@@ -216,19 +215,6 @@ if gluon is not None:
                 [wb, zero + s_lo[:, None], zero + c_lo[:, None], zero + s_hi[:, None],
                  zero + c_hi[:, None]], dtype=(gl.int8, gl.int8), is_pure=True,
                 pack=4)  # fmt: skip
-        elif MODE == 2:
-            # words: s and 2^23 + z (fp32 bits) of the low tile's group, then of the high's
-            w0, w1, w2, w3 = _param_words(p_bufs, s, rows, gl.num_warps())
-            s_lo = w0.to(gl.float32, bitcast=True)[:, None]
-            z_lo = w1.to(gl.float32, bitcast=True)[:, None]
-            s_hi = w2.to(gl.float32, bitcast=True)[:, None]
-            z_hi = w3.to(gl.float32, bitcast=True)[:, None]
-            q = wb.to(gl.int32)
-            f_lo = ((q & 15) | 0x4B000000).to(gl.float32, bitcast=True)
-            f_hi = ((q >> 4) | 0x4B000000).to(gl.float32, bitcast=True)
-            dt: gl.constexpr = a_lo.dtype
-            lo = ((f_lo - z_lo) * s_lo).to(dt)
-            hi = ((f_hi - z_hi) * s_hi).to(dt)
         else:
             lo, hi = gl.inline_asm_elementwise(
                 "and.b32 $0, $2, 0x0F0F0F0F;\n\tshr.u32 $1, $2, 4;\n\t"
@@ -264,9 +250,7 @@ if gluon is not None:
         MODE 1, two-level (grouped W4A8 without a float rescale in the loop): the codes become
         s2 (q - z) per group of 64 in the unpack (p_desc: two_level_params, 16 bytes per row
         and K step); BLOCK_H = 64 and K % 128 == 0, so each tile is one group and no tile
-        reaches past H. MODE 2, weight-only (W4A16): bf16 / fp16 activations, the dequantized
-        weight (q - z) s formed in the unpack (p_desc: split_group_params) and 16-bit MMAs
-        with fp32 sums; H % BLOCK_H == 0 (a code past H would dequantize to -z s, not 0)."""
+        reaches past H."""
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         BLOCK_H: gl.constexpr = w_desc.block_type.shape[1]
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -280,11 +264,9 @@ if gluon is not None:
         size_m = gl.minimum(num_m - first_m, GROUP_M)
         off_m = (first_m + (tile % in_group) % size_m) * BLOCK_M
         off_n = ((tile % in_group) // size_m) * BLOCK_N
-        FLOAT: gl.constexpr = MODE == 2
         mma: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=_warps_per_cta(BLOCK_N, num_warps),
-            instr_shape=[16, _instr_n(BLOCK_N, BLOCK_M, num_warps),
-                         16 if FLOAT else 32])  # fmt: skip
+            instr_shape=[16, _instr_n(BLOCK_N, BLOCK_M, num_warps), 32])  # fmt: skip
         # the byte tile in registers: 16 consecutive bytes of one row per thread
         unpack: gl.constexpr = gl.BlockedLayout(
             size_per_thread=[1, 16], threads_per_warp=[32 * 16 // BLOCK_H, BLOCK_H // 16],
@@ -295,13 +277,12 @@ if gluon is not None:
                                             x_desc.layout)  # fmt: skip
         hi_bufs = gl.allocate_shared_memory(x_desc.dtype, [NUM_STAGES, BLOCK_M, BLOCK_H],
                                             x_desc.layout)  # fmt: skip
-        a_dtype: gl.constexpr = x_desc.dtype if FLOAT else gl.int8
         a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_H],
-                                                                      a_dtype)  # fmt: skip
+                                                                      gl.int8)  # fmt: skip
         p_bufs = gl.allocate_shared_memory(p_desc.dtype, [NUM_STAGES if MODE != 0 else 1,
                                                           BLOCK_N, 16], p_desc.layout)  # fmt: skip
-        a_lo = gl.allocate_shared_memory(a_dtype, [2, BLOCK_N, BLOCK_H], a_layout)
-        a_hi = gl.allocate_shared_memory(a_dtype, [2, BLOCK_N, BLOCK_H], a_layout)
+        a_lo = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N, BLOCK_H], a_layout)
+        a_hi = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N, BLOCK_H], a_layout)
         bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(bars.index(i), count=1)
@@ -309,7 +290,7 @@ if gluon is not None:
         for i in gl.static_range(NUM_STAGES - 1):
             _split_load(w_desc, x_desc, p_desc, bars, w_bufs, lo_bufs, hi_bufs, p_bufs, i,
                         i < h_tiles, off_n, off_m, H, MODE, NUM_STAGES)  # fmt: skip
-        acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32 if FLOAT else gl.int32, layout=mma)
+        acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.int32, layout=mma)
         for t in range(h_tiles):
             acc = _split_step(w_bufs, lo_bufs, hi_bufs, p_bufs, a_lo, a_hi, bars, acc, unpack, t,
                               MODE, NUM_STAGES)  # fmt: skip
@@ -336,11 +317,8 @@ if gluon is not None:
         if DEBUG:
             gl.store(ptrs, acc, mask=mo)
         else:
-            if FLOAT:  # the scales are in the dequantized weight already
-                out = acc
-            else:
-                out = acc.to(gl.float32) * gl.load(ws_ptr + rn, mask=mn, other=0.0)[:, None]
-                out = out * gl.load(xs_ptr + rm, mask=mm, other=0.0)[None, :]
+            out = acc.to(gl.float32) * gl.load(ws_ptr + rn, mask=mn, other=0.0)[:, None]
+            out = out * gl.load(xs_ptr + rm, mask=mm, other=0.0)[None, :]
             if HAS_BIAS:
                 out += gl.load(bias_ptr + rn, mask=mn, other=0.0).to(gl.float32)[:, None]
             gl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mo)
@@ -503,81 +481,5 @@ def gemm_w4a8_split_gluon(x: Tensor, xs: Tensor, w_split: Tensor, k: int, zeros:
     _w4_split_gluon_kernel[grid](xd, wd, pd, z, xsum, xs, ws, bias if bias is not None else ws,
                                  out, m, n, h, HAS_Z=zeros is not None,
                                  HAS_BIAS=bias is not None, DEBUG=debug, MODE=int(two_level),
-                                 GROUP_M=8, NUM_STAGES=stages, num_warps=warps)  # fmt: skip
-    return out
-
-
-def split_group_params(scales: Tensor, zeros: Tensor | None, k: int, group_size: int | None,
-                       block_h: int = 64) -> Tensor:
-    """The weight-only form's group parameters: (N, K / (2 block_h) * 16) uint8, 16 bytes per
-    row and K step t: four fp32 words, s and 2^23 + z of the group holding the low tile
-    (columns t block_h ..) and of the group holding the high tile (H + t block_h ..). scales
-    (N, G) float, zeros (N, G) or None (2^3 = 8, signed codes), group_size None (per
-    channel) or a multiple of block_h; K % (2 block_h) == 0, and H = K / 2 a multiple of the
-    group size (each tile inside one group)."""
-    from cbq_kernels.gemm_tma4 import half_width
-
-    n, g = scales.shape
-    h = half_width(k)
-    gs = k if group_size is None else group_size
-    if k % (2 * block_h) or h != k // 2 or gs % block_h or (g > 1 and h % gs):
-        raise ValueError(f"the weight-only split form needs K % {2 * block_h} == 0 and K / 2 a "
-                         f"multiple of the group size, got K = {k}, group size {gs}")  # fmt: skip
-    if zeros is None:
-        zeros = torch.full_like(scales, 8.0)
-    steps = h // block_h
-    t = torch.arange(steps, device=scales.device)
-    g_lo = (t * block_h // gs).clamp(max=g - 1)
-    g_hi = ((h + t * block_h) // gs).clamp(max=g - 1)
-    s = scales.float()
-    zf = zeros.float() + 8388608.0  # 2^23 + z: exact in fp32 for z < 2^23
-    words = torch.stack([s[:, g_lo], zf[:, g_lo], s[:, g_hi], zf[:, g_hi]], dim=-1)
-    return words.contiguous().view(torch.uint8).view(n, steps * 16)
-
-
-# The weight-only form's configurations: one warpgroup (4 warps, BLOCK_N = 64). With two
-# warpgroups (8 warps, BLOCK_N = 128 or 256) ptxas serialised its bf16 wgmma, at every tile
-# and stage count tried, even with the codes converted by one instruction and one MMA per
-# step; with one it does not (scripts/gemm_tma4_aot.py). BLOCK_M = 256 spills.
-W4A16_CONFIGS = ((64, 128, 64, 4, 4), (64, 128, 64, 3, 4))
-
-
-def gemm_w4a16_split_gluon(x: Tensor, w_split: Tensor, k: int, params: Tensor,
-                           bias: Tensor | None = None, config: tuple | None = None) -> Tensor:
-    """(M, N) = x @ w^T (+ bias), w = (q - z) s dequantized in fp32 and rounded once to x's
-    dtype (the canonical dequantization) inside the K loop, fp32 sums: x (M, K) bf16 / fp16,
-    ``w_split`` (N, K / 2) from ``split_nibbles`` of the codes, ``params`` from
-    :func:`split_group_params`. ``config``: one of :data:`W4A16_CONFIGS` (default the
-    first)."""
-    m, kx = x.shape
-    n, h = w_split.shape
-    bn, bm, bh, stages, warps = config if config is not None else W4A16_CONFIGS[0]
-    if (gluon is None or x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16)
-            or x.dim() != 2 or not x.is_contiguous() or x.data_ptr() % 16 or kx != k
-            or k % (2 * bh) or h != k // 2 or w_split.dtype != torch.uint8
-            or not tma_operand(w_split) or params.dtype != torch.uint8
-            or tuple(params.shape) != (n, k // (2 * bh) * 16)
-            or torch.cuda.get_device_capability(x.device)[0] != 9):  # fmt: skip
-        raise ValueError(f"gemm_w4a16_split_gluon needs Triton's Gluon, a Hopper GPU, bf16 / fp16 "
-                         f"x (M, K) contiguous with K % {2 * bh} == 0, a uint8 split weight (N, "
-                         f"K / 2) and split_group_params (N, K / {2 * bh} * 16), got x {x.dtype} "
-                         f"{tuple(x.shape)} on {x.device}, weight {tuple(w_split.shape)}, params "
-                         f"{tuple(params.shape)}")  # fmt: skip
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out
-    xdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-    x_layout = gl.NVMMASharedLayout.get_default_for([bm, bh], xdt)
-    w_layout = gl.NVMMASharedLayout.get_default_for([bn, bh], gl.uint8)
-    p_layout = gl.NVMMASharedLayout.get_default_for([bn, 16], gl.uint8)
-    xd = TensorDescriptor(x, list(x.shape), list(x.stride()), [bm, bh], x_layout)
-    wd = TensorDescriptor(w_split, list(w_split.shape), list(w_split.stride()), [bn, bh],
-                          w_layout)  # fmt: skip
-    pd = TensorDescriptor(params, list(params.shape), list(params.stride()), [bn, 16], p_layout)
-    dummy = torch.empty(1, device=x.device)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _w4_split_gluon_kernel[grid](xd, wd, pd, dummy, dummy, dummy, dummy,
-                                 bias if bias is not None else dummy, out, m, n, h,
-                                 HAS_Z=False, HAS_BIAS=bias is not None, DEBUG=False, MODE=2,
                                  GROUP_M=8, NUM_STAGES=stages, num_warps=warps)  # fmt: skip
     return out

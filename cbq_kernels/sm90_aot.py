@@ -61,17 +61,16 @@ def compile_int8_gluon(config: tuple):
 
 
 def compile_split_gluon(config: tuple, mode: int = 0):
-    """gemm_gluon's split-nibble kernel at ``config`` (SPLIT_CONFIGS / W4A16_CONFIGS): MODE 0
-    per-channel W4A8, 1 two-level grouped W4A8, 2 weight-only W4A16 (bf16 activations)."""
+    """gemm_gluon's split-nibble kernel at ``config`` (SPLIT_CONFIGS): MODE 0 per-channel
+    W4A8, 1 two-level grouped W4A8."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from cbq_kernels.gemm_gluon import _w4_split_gluon_kernel
 
     bn, bm, bh, stages, warps = config
-    xdt, xsig = (gl.bfloat16, "bf16") if mode == 2 else (gl.int8, "i8")
     lay = gl.NVMMASharedLayout.get_default_for
-    sig = {"x_desc": f"tensordesc<{xsig}[{bm}, {bh}],{lay([bm, bh], xdt)!r}>",
+    sig = {"x_desc": f"tensordesc<i8[{bm}, {bh}],{lay([bm, bh], gl.int8)!r}>",
            "w_desc": f"tensordesc<u8[{bn}, {bh}],{lay([bn, bh], gl.uint8)!r}>",
            "p_desc": f"tensordesc<u8[{bn}, 16],{lay([bn, 16], gl.uint8)!r}>", "z_ptr": "*i32",
            "xsum_ptr": "*i32", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32",

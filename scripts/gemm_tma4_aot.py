@@ -1,6 +1,6 @@
 """cbq_kernels.gemm_tma4 and cbq_kernels.gemm_gluon compiled ahead of time for sm_90a without a
 GPU: per configuration (gemm_tma4: per form too, int8 activations and W4A4 codes as fp8 e4m3;
-gemm_gluon: its int8 GEMM and its split-nibble kernel, W4A8 per channel and two-level and W4A16,
+gemm_gluon: its int8 GEMM and its split-nibble kernel, W4A8 per channel and two-level,
 the ``wgmma.wait_group`` counts of their PTX), the registers and spills ``ptxas -v`` reports, and
 whether ptxas serialised the wgmma instructions (its "Potential Performance Loss" note: then
 each MMA is waited on whatever the PTX asks), the shared memory, and the
@@ -49,13 +49,12 @@ def compile_gluon(config: tuple, ptxas: str) -> str:
 
 
 def compile_gluon_split(config: tuple, ptxas: str, mode: int = 0) -> str:
-    """gemm_gluon's split-nibble kernel: MODE 0 per-channel W4A8, 1 two-level grouped W4A8,
-    2 weight-only W4A16 (bf16 activations)."""
+    """gemm_gluon's split-nibble kernel: MODE 0 per-channel W4A8, 1 two-level grouped W4A8."""
     bn, bm, bh, stages, warps = config
     k = sm90_aot.compile_split_gluon(config, mode)
     ptx = k.asm["ptx"]
     waits = Counter(str(v) for v in sm90_aot.wgmma_waits(ptx))
-    form = ("w4a8", "w4a8 two-level", "w4a16")[mode]
+    form = ("w4a8", "w4a8 two-level")[mode]
     return (f"gluon split {form} {bn}x{bm}x{bh} stages {stages} w{warps}: "
             f"{_ptxas(ptx, ptxas)}, shared {k.metadata.shared} B, wgmma.wait_group "
             f"{dict(sorted(waits.items()))}, wgmma {ptx.count('wgmma.mma_async')}")
@@ -88,8 +87,6 @@ def main() -> None:
         print(compile_gluon_split(config, args.ptxas), flush=True)
         if config[2] == 64:
             print(compile_gluon_split(config, args.ptxas, mode=1), flush=True)
-    for config in gemm_gluon.W4A16_CONFIGS:
-        print(compile_gluon_split(config, args.ptxas, mode=2), flush=True)
 
 
 if __name__ == "__main__":

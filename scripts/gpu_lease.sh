@@ -54,7 +54,7 @@ gen7b() {  # bench_generate, 7B-shaped, batch 1, prompt 2048: captured step and 
     python3 benchmarks/bench_generate.py --out "$out/gen" 2>&1 | grep -v Warning | cut -c1-240 | tail -8
 }
 split_kernels() {  # the experimental prefill kernels (cbq_kernels.gemm_gluon: the W4A8
-  # split-nibble kernel with MMAs in flight, W4A8 per channel and two-level grouped and W4A16,
+  # split-nibble kernel with MMAs in flight, W4A8 per channel and two-level grouped,
   # int8 GEMM; cbq_kernels.gemm_tma4), written without a GPU (2026-12-06): build, their GPU
   # tests (every configuration exact, the int8 TMA kernel's bits; the Gluon ones first, at
   # most CBQ_SPLIT_TEST_S = 240 s), then bench_gemm at M = $1 on shapes $2, kernels
@@ -68,14 +68,13 @@ split_kernels() {  # the experimental prefill kernels (cbq_kernels.gemm_gluon: t
   [ "${CBQ_SPLIT_BUILD:-1}" = 1 ] && bash scripts/gpu_gemm.sh "$out/g" build
   tests=${CBQ_SPLIT_TESTS:-"tests/kernels/test_gemm_cuda.py::test_gluon_split_kernel_every_config
     tests/kernels/test_gemm_cuda.py::test_gluon_two_level_kernel_every_config
-    tests/kernels/test_gemm_cuda.py::test_gluon_w4a16_kernel_every_config
     tests/kernels/test_gemm_cuda.py::test_gluon_int8_kernel_every_config"}
   [ "${CBQ_SPLIT_TMA4:-1}" = 1 ] && \
     tests="$tests tests/kernels/test_gemm_cuda.py::test_split_nibble_kernel_every_config"
   timeout ${CBQ_SPLIT_TEST_S:-240} python3 -m pytest -q -p no:cacheprovider $tests 2>&1 \
     | tee "$out/g/pytest_split.txt" | tail -3
   CBQ_BENCH_MS=$1 CBQ_BENCH_SHAPES=$2 \
-    CBQ_BENCH_KERNELS=${CBQ_SPLIT_KERNELS:-w4a8,w4a8_split_gluon,w4a8_2lvl_gluon,w4a8_g128,w4a16_split_gluon,w4a16_g128,w4a4,int8_gluon} \
+    CBQ_BENCH_KERNELS=${CBQ_SPLIT_KERNELS:-w4a8,w4a8_split_gluon,w4a8_2lvl_gluon,w4a8_g128,w4a16_g128,w4a4,int8_gluon} \
     timeout $(( $3 - SECONDS > 60 ? $3 - SECONDS : 60 )) python3 benchmarks/bench_gemm.py \
     --out "$out/split" 2>&1 | grep -v "done$" | tail -2
 }
