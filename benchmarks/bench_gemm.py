@@ -88,10 +88,12 @@ MS = (1, 4, 16, 32, 64, 256, 1024, 2048, 4096, 8192)
 SLICES = GemmPolicy(decode_mtiles=1)  # the *_mt1 rows: 16-row launches at 16 < M <= 63
 NO_PDL = GemmPolicy(decode_pdl=False)  # the *_nopdl rows: the plain launch, M <= 16
 FP8_W4A4 = GemmPolicy(fp8_w4a4_min_m=1)  # the w4a4_fp8 rows (M >= 256)
-TMA = GemmPolicy(tma_min_m=1)  # the *_tma rows: the int8 GEMM after expansion with TMA (M >= 64)
-POINTER = GemmPolicy(tma_min_m=0)  # the *_ptr rows: the pointer kernel there (M >= 2048)
-# the *_gluon rows: the served call with the Gluon int8 kernel there (GemmPolicy.gluon_min_m)
-GLUON = GemmPolicy(gluon_min_m=1)
+# the *_tma rows: the int8 GEMM after expansion with TMA (M >= 64)
+TMA = GemmPolicy(tma_min_m=1, gluon_min_m=0)
+POINTER = GemmPolicy(tma_min_m=0, gluon_min_m=0)  # the *_ptr rows: the pointer kernel there
+# the *_gluon rows: the served call with the Gluon int8 kernel there at every M
+# (GemmPolicy.gluon_min_m / gluon_max_m; the default takes it at 1024..4096)
+GLUON = GemmPolicy(gluon_min_m=1, gluon_max_m=1 << 30)
 
 
 def weight(n, k, bits, group_size, g, canonical=True):

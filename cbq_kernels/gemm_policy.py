@@ -90,16 +90,17 @@ class GemmPolicy:
     # 8192; W4A4 on 8 of 10 at 1024 (the 2 others 1.4% slower) and 29 of 30 above; at M = 256
     # 4 of 10 each, at 64 none. 0 switches it off
     tma_min_m: int = 1024
-    # from this M on, that int8 GEMM after expansion runs the Gluon kernel instead
-    # (cbq_kernels.gemm_gluon.gemm_int8_gluon: its MMAs kept in flight, which Triton's own
-    # int8 dots never are; the same epilogue, so the same bits: its GPU test), where Gluon and
-    # a Hopper GPU are there (else the TMA / pointer kernel as above). The int8 product alone
-    # on an expanded weight, session 12's H100 table (8adb999): 0.764 ms on 70b gate/up at M
-    # = 2048 (cuBLAS fp8 0.769; the served W4A8, expansion + TMA kernel, 1.063), 70b down
-    # 0.707 (0.912), 7b gate/up 0.172 (0.218); at M = 8192 one configuration ran, slower
-    # than the TMA path on 2 of 3 shapes (it now picks among six). 0 (the default) until
-    # bench_gemm times the served call both ways (rows w4a8_gluon / w4a4_gluon)
-    gluon_min_m: int = 0
+    # gluon_min_m <= M <= gluon_max_m: that int8 GEMM after expansion runs the Gluon kernel
+    # instead (cbq_kernels.gemm_gluon.gemm_int8_gluon: its MMAs kept in flight, which
+    # Triton's own int8 dots never are; the same epilogue, so the same bits: its GPU tests
+    # passed, H100, f8d3562), where Gluon and a Hopper GPU are there (else the TMA / pointer
+    # kernel as above). 1024..4096 from the served W4A8 timed both ways (H100, f8d3562,
+    # benchmarks/results/h100/bench_gemm_prefill_served_gluon_2lvl_f8d3562_*.md, rows
+    # w4a8_gluon against w4a8, 70b gate/up, 70b down, 7b gate/up): Gluon faster on 3 of 3 at
+    # M = 1024 (5-9%) and 2048 (1-9%), 2 of 3 at 4096 (70b gate/up 1% slower), 1 of 3 at 8192
+    # (7b gate/up 9% and 70b gate/up 3.5% slower); below 1024 not timed. 0: off
+    gluon_min_m: int = 1024
+    gluon_max_m: int = 4096
 
     def __post_init__(self) -> None:
         for name in ("cuda_decode", "decode_pdl", "prologue_pdl"):
@@ -110,13 +111,18 @@ class GemmPolicy:
             raise ValueError(f"GemmPolicy.decode_mtiles must be 1 or 2, "
                              f"got {self.decode_mtiles!r}")  # fmt: skip
         for name in ("decode_max_m", "small_m", "expand_min_m", "wonly_cublas_min_m",
-                     "fp8_w4a4_min_m", "tiles_max_m", "tma_min_m", "gluon_min_m"):  # fmt: skip
+                     "fp8_w4a4_min_m", "tiles_max_m", "tma_min_m", "gluon_min_m",
+                     "gluon_max_m"):  # fmt: skip
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"GemmPolicy.{name} must be a non-negative int, got {v!r}")
         if self.decode_max_m > 16:
             raise ValueError(f"GemmPolicy.decode_max_m must be <= 16 (one MMA row tile), "
                              f"got {self.decode_max_m}")  # fmt: skip
+        if self.gluon_min_m > self.gluon_max_m:
+            raise ValueError(f"GemmPolicy.gluon_min_m ({self.gluon_min_m}) must be <= "
+                             f"gluon_max_m ({self.gluon_max_m}); gluon_min_m=0 switches the "
+                             f"Gluon kernel off")  # fmt: skip
         if self.tiles_max_m > 64:
             raise ValueError(f"GemmPolicy.tiles_max_m must be <= 64 (the kernel's row tile), "
                              f"got {self.tiles_max_m}")  # fmt: skip

@@ -316,6 +316,8 @@ def test_gemm_policy_is_checked():
         GemmPolicy(decode_max_m=32)
     with pytest.raises(ValueError, match="tiles_max_m must be <= 64"):
         GemmPolicy(tiles_max_m=65)
+    with pytest.raises(ValueError, match=r"gluon_min_m \(8192\) must be <= gluon_max_m"):
+        GemmPolicy(gluon_min_m=8192)
     with pytest.raises(ValueError, match="decode_mtiles must be 1 or 2, got 4"):
         GemmPolicy(decode_mtiles=4)
     with pytest.raises(ValueError, match=r"GemmPolicy\.decode_pdl must be a bool, got 1"):

@@ -244,8 +244,8 @@ def test_tma_kernel_every_config_and_the_served_call(act_bits):
         meta = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         acc = gemm_tma.gemm_int8_tma(x, ones_m, w, ones_n, None, torch.bfloat16, meta, True)
         assert torch.equal(acc.double(), want), meta
-    tma = gemm_module.GemmPolicy(tma_min_m=64)
-    pointer = gemm_module.GemmPolicy(tma_min_m=0)
+    tma = gemm_module.GemmPolicy(tma_min_m=64, gluon_min_m=0)
+    pointer = gemm_module.GemmPolicy(tma_min_m=0, gluon_min_m=0)
     fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
     for m, n, k in ((300, 4096, 4096), (2048, 4096, 4096), (2051, 1024, 4160)):
         wt, codes = make_weight(n, k, 4, None, seed=12)
@@ -269,7 +269,7 @@ def test_gluon_served_call_equals_the_tma_path(act_bits):
     if torch.cuda.get_device_capability()[0] != 9 or gemm_gluon.gluon is None:
         pytest.skip("needs Hopper and Triton's Gluon")
     gluon = gemm_module.GemmPolicy(gluon_min_m=64, tma_min_m=64)
-    tma = gemm_module.GemmPolicy(tma_min_m=64)
+    tma = gemm_module.GemmPolicy(tma_min_m=64, gluon_min_m=0)
     fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
     for m, n, k in ((300, 4096, 4096), (2051, 1024, 4160)):
         wt, codes = make_weight(n, k, 4, None, seed=14)
@@ -316,7 +316,8 @@ def test_two_level_weight_served_at_every_m(layout):
     gid = torch.arange(k, device="cuda") // 64
     w8 = (s2[:, gid] * (codes.int() - z[:, gid])).to(torch.int8)
     bias = torch.randn(n, generator=g, device="cuda")
-    policies = [gemm_module.GemmPolicy(), gemm_module.GemmPolicy(tma_min_m=64)]
+    policies = [gemm_module.GemmPolicy(gluon_min_m=0),  # the pointer kernel (M = 100)
+                gemm_module.GemmPolicy(tma_min_m=64, gluon_min_m=0)]
     if gemm_gluon.gluon is not None and torch.cuda.get_device_capability()[0] == 9:
         policies.append(gemm_module.GemmPolicy(tma_min_m=64, gluon_min_m=64))
     for m in (100, 2048):
