@@ -243,8 +243,8 @@ def _two_level_steps(packed: Tensor, bits: int, k: int, scales: Tensor, z: Tenso
     ratio = scales.float() / s1[:, None]
     steps = torch.round(ratio)
     # scales hold fp32(s1 s2): s2 back within a few ulps
-    if (float(steps.min()) < 1 or float(steps.max()) > 16
-            or bool(((ratio - steps).abs() > 1e-5 * steps).any())):  # fmt: skip
+    if steps.numel() and (float(steps.min()) < 1 or float(steps.max()) > 16
+                          or bool(((ratio - steps).abs() > 1e-5 * steps).any())):  # fmt: skip
         raise ValueError("scales must be channel_scales times integer steps in 1..16 (the "
                          "two-level format: quant_math.quantize_weight_two_level)")  # fmt: skip
     codes = unpack_ref(packed, bits, k)
