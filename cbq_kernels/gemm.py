@@ -63,6 +63,7 @@ from torch import Tensor
 
 from cbq_kernels import formats, gemm_decode
 from cbq_kernels._validate import FLOAT_DTYPES, check_tensor, describe, use_triton
+from cbq_kernels.gemm_policy import BOOL_FIELDS
 from cbq_kernels.gemm_triton import (
     _A_FLOAT,
     _A_INT4,
@@ -231,7 +232,6 @@ def _wonly(x: Tensor, weight: PreparedWeight, bias: Tensor | None, split_k: int 
 
 # every field of the policy, in declaration order (a field added there travels too)
 _POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(GemmPolicy))
-_BOOL_FIELDS = tuple(f for f in _POLICY_FIELDS if isinstance(getattr(DEFAULT_POLICY, f), bool))
 
 
 def _eager() -> bool:
@@ -252,7 +252,7 @@ def _policy_args(policy: GemmPolicy) -> list[int]:
 
 def _policy_from(args: list[int]) -> GemmPolicy:
     values = dict(zip(_POLICY_FIELDS, args, strict=True))
-    for name in _BOOL_FIELDS:
+    for name in BOOL_FIELDS:
         values[name] = bool(values[name])
     return GemmPolicy(**values)
 

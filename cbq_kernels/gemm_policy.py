@@ -103,16 +103,16 @@ class GemmPolicy:
     gluon_max_m: int = 4096
 
     def __post_init__(self) -> None:
-        for name in ("cuda_decode", "decode_pdl", "prologue_pdl"):
+        for name in BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GemmPolicy.{name} must be a bool, "
                                  f"got {getattr(self, name)!r}")  # fmt: skip
         if self.decode_mtiles not in (1, 2) or isinstance(self.decode_mtiles, bool):
             raise ValueError(f"GemmPolicy.decode_mtiles must be 1 or 2, "
                              f"got {self.decode_mtiles!r}")  # fmt: skip
-        for name in ("decode_max_m", "small_m", "expand_min_m", "wonly_cublas_min_m",
-                     "fp8_w4a4_min_m", "tiles_max_m", "tma_min_m", "gluon_min_m",
-                     "gluon_max_m"):  # fmt: skip
+        for name in INT_FIELDS:
+            if name == "decode_mtiles":  # 1 or 2, checked above
+                continue
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"GemmPolicy.{name} must be a non-negative int, got {v!r}")
@@ -127,5 +127,10 @@ class GemmPolicy:
             raise ValueError(f"GemmPolicy.tiles_max_m must be <= 64 (the kernel's row tile), "
                              f"got {self.tiles_max_m}")  # fmt: skip
 
+
+# The fields by declared type (one list for the checks above and for the custom ops, which
+# carry a policy as ints: cbq_kernels.gemm)
+BOOL_FIELDS = tuple(f.name for f in dataclasses.fields(GemmPolicy) if f.type == "bool")
+INT_FIELDS = tuple(f.name for f in dataclasses.fields(GemmPolicy) if f.type == "int")
 
 DEFAULT_POLICY = GemmPolicy()
