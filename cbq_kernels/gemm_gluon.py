@@ -2,9 +2,11 @@
 int8 x int8 GEMM (:func:`gemm_int8_gluon`), and the split-nibble kernel that reads the 4-bit
 weight itself, unpacking it in the K loop (no expansion pass): W4A8 per channel and two-level
 grouped (:func:`gemm_w4a8_split_gluon`).
-Experimental, written without a GPU (sessions 10 and 11, 2026-12-06): not in the served
-dispatch; the GPU tests and bench_gemm's ``int8_gluon`` / ``w4a8_split_gluon`` /
-``w4a8_2lvl_gluon`` rows are ``gpu_lease.sh OUT split``. (Its weight-only W4A16 form ran at
+Written without a GPU (sessions 10 and 11, 2026-12-06). The int8 GEMM serves the integer
+path after expansion at ``GemmPolicy.gluon_min_m`` .. ``gluon_max_m`` (measured: the
+policy's comment); the split-nibble kernel is experimental, not in the served dispatch. The
+GPU tests and bench_gemm's ``int8_gluon`` / ``w4a8_split_gluon`` / ``w4a8_2lvl_gluon`` /
+``w4a8_gluon`` rows are ``gpu_lease.sh OUT split`` / ``gtable``. (Its weight-only W4A16 form ran at
 0.48-0.51x cuBLAS bf16 on the H100 and was removed: docs/DECISIONS.md, "The Gluon prefill
 kernels measured".)
 

@@ -181,9 +181,10 @@ def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Ten
         ):
             raise ValueError(f"zeros must be integers in [0, {qmax}] for {bits}-bit codes")
         z = zf.to(torch.int32)
-    codes = None
+    codes = steps = s1 = None
     if channel_scales is not None:
         steps, codes = _two_level_steps(packed, bits, k, scales, z, group_size, channel_scales)
+        s1 = channel_scales.float().contiguous()
     layout_err = gemm_decode.layout_error(bits, k, group_size)
     if layout == "auto":
         use = gemm_decode.available(packed.device) and layout_err is None
@@ -199,15 +200,13 @@ def prepare_weight(packed: Tensor, bits: int, k: int, scales: Tensor, zeros: Ten
         codes = unpack_ref(packed, bits, k) if codes is None else codes
         dw = gemm_decode.prepare_decode(codes, scales, z, bits, group_size)
         s, z = dw.scales[:, :n].t(), dw.zeros[:, :n].t()  # views: one copy of each
-        if channel_scales is not None:  # laid out as the scales: (G, N_pad), a view
+        if steps is not None:  # laid out as the scales: (G, N_pad), a view
             padded = torch.zeros_like(dw.scales)
             padded[:, :n] = steps.t()
             steps = padded[:, :n].t()
     else:
         s, z = scales.float().contiguous(), z.contiguous()
-    s1 = channel_scales.float().contiguous() if channel_scales is not None else None
-    w = PreparedWeight(words, s, z, bits, k, group_size, dw, s1,
-                       steps if channel_scales is not None else None)  # fmt: skip
+    w = PreparedWeight(words, s, z, bits, k, group_size, dw, s1, steps)
     mark_static(w)
     return w
 
