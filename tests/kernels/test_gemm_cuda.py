@@ -246,16 +246,24 @@ def test_tma_kernel_every_config_and_the_served_call(act_bits):
         assert torch.equal(acc.double(), want), meta
     tma = gemm_module.GemmPolicy(tma_min_m=64, gluon_min_m=0)
     pointer = gemm_module.GemmPolicy(tma_min_m=0, gluon_min_m=0)
+    assert_policies_agree(act_bits, ((300, 4096, 4096), (2048, 4096, 4096), (2051, 1024, 4160)),
+                          12, tma, pointer)  # fmt: skip
+
+
+def assert_policies_agree(act_bits, shapes, seed, policy, reference):
+    """The served W4A8 / W4A4 call with bias under ``policy`` bit-equal to the same call
+    under ``reference`` at each (M, N, K) of ``shapes`` (per-channel weights, activations
+    from seed + 1), and its int32 sums (debug) exact."""
     fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
-    for m, n, k in ((300, 4096, 4096), (2048, 4096, 4096), (2051, 1024, 4160)):
-        wt, codes = make_weight(n, k, 4, None, seed=12)
-        xq, xs = act_quant(activations(m, k, seed=13), act_bits)
+    for m, n, k in shapes:
+        wt, codes = make_weight(n, k, 4, None, seed=seed)
+        xq, xs = act_quant(activations(m, k, seed=seed + 1), act_bits)
         bias = torch.randn(n, device="cuda")
-        want = fn(xq, xs, wt, bias, policy=pointer)
-        assert torch.equal(fn(xq, xs, wt, bias, policy=tma), want), (m, n, k)
+        want = fn(xq, xs, wt, bias, policy=reference)
+        assert torch.equal(fn(xq, xs, wt, bias, policy=policy), want), (m, n, k)
         x_int = xq.double() if act_bits == 8 else unpack(xq, 4, k).double() - 8
         w_int = codes.double() - wt.zeros.double()
-        assert torch.equal(fn(xq, xs, wt, debug=True, policy=tma).double(), x_int @ w_int.t())
+        assert torch.equal(fn(xq, xs, wt, debug=True, policy=policy).double(), x_int @ w_int.t())
 
 
 @pytest.mark.parametrize("act_bits", [8, 4])
@@ -270,16 +278,8 @@ def test_gluon_served_call_equals_the_tma_path(act_bits):
         pytest.skip("needs Hopper and Triton's Gluon")
     gluon = gemm_module.GemmPolicy(gluon_min_m=64, tma_min_m=64)
     tma = gemm_module.GemmPolicy(tma_min_m=64, gluon_min_m=0)
+    assert_policies_agree(act_bits, ((300, 4096, 4096), (2051, 1024, 4160)), 14, gluon, tma)
     fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
-    for m, n, k in ((300, 4096, 4096), (2051, 1024, 4160)):
-        wt, codes = make_weight(n, k, 4, None, seed=14)
-        xq, xs = act_quant(activations(m, k, seed=15), act_bits)
-        bias = torch.randn(n, device="cuda")
-        want = fn(xq, xs, wt, bias, policy=tma)
-        assert torch.equal(fn(xq, xs, wt, bias, policy=gluon), want), (m, n, k)
-        x_int = xq.double() if act_bits == 8 else unpack(xq, 4, k).double() - 8
-        w_int = codes.double() - wt.zeros.double()
-        assert torch.equal(fn(xq, xs, wt, debug=True, policy=gluon).double(), x_int @ w_int.t())
     # a shape no call above has timed (M bucket 1024), compiled for already (M % 16 != 0)
     m, n, k = 600, 4096, 4096
     wt, _ = make_weight(n, k, 4, None, seed=16)
