@@ -371,10 +371,12 @@ def _launch_int8(x: Tensor, xs: Tensor, w: Tensor, ws: Tensor, bias: Tensor | No
 
 
 # The configuration chosen per (device, M bucket, N, K): the first call at a new key times
-# each of CONFIGS (autotune.tune_bench: ~10 ms each) and keeps the fastest. Not
-# triton.autotune: a Gluon kernel's TMA descriptors carry their block shape and shared-memory
-# layout in their type, built per configuration here, where the autotuner would re-launch one
-# set of arguments. Session 12's H100 table ran CONFIGS[0] alone: 0.764 ms on 70b gate/up at M
+# each of CONFIGS (autotune.tune_bench: ~10 ms each) and keeps the fastest. Chosen on the
+# host rather than by triton.autotune because a Gluon descriptor's shared-memory layout
+# follows its block shape, so each configuration needs its descriptors rebuilt (gemm_tma's
+# pre-hook only resets block_shape); an autotuner pre-hook that rebuilds them was not tried.
+# Triton's own Gluon / TLX GEMM tutorials also pick configurations on the host (a heuristic
+# function of M, N, K). Session 12's H100 table ran CONFIGS[0] alone: 0.764 ms on 70b gate/up at M
 # = 2048 (cuBLAS fp8 0.769), but 3.443 ms at M = 8192, where the served W4A8 (the expansion,
 # then the TMA kernel's autotuned pick) took 3.493
 # (benchmarks/results/h100/bench_gemm_prefill_gluon_8adb999.md).
