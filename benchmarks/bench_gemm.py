@@ -34,8 +34,8 @@ flight, zero points after the K loop, the row sums of x included), w4a8_2lvl_glu
 level grouped form, groups of 64 with integer scales: against w4a8_g128), int8_gluon / int8_tma
 (the int8 GEMM alone on an int8 weight, Gluon against the TMA kernel), and w4a8_gluon /
 w4a4_gluon (the served call with GemmPolicy.gluon_min_m: expansion, then the Gluon kernel);
-w4a8_g64_2lvl (/ _gluon): W4A8 in the two-level grouped format (prepare_weight's
-channel_scales), served.
+w4a8_g64_2lvl (/ _gluon) and w4a8_g128_2lvl: W4A8 in the two-level grouped format
+(prepare_weight's channel_scales; groups of 64 / 128), served.
 Times are CUDA-graph replays (``do_bench_cudagraph``): the GPU time, without the Python
 launch cost, as a served model replays its decode step.
 Activation quantization is not included in the kernel times (it is a separate, fused-with-
@@ -109,14 +109,15 @@ def weight(n, k, bits, group_size, g, canonical=True):
             if canonical else None)  # fmt: skip
 
 
-def two_level_weight(n, k, g):
-    """A served W4A8 weight in the two-level grouped format (groups of 64: integer steps s2
-    in 1..8, so |s2 (q - z)| <= 120; prepare_weight's channel_scales)."""
+def two_level_weight(n, k, g, group=64):
+    """A served W4A8 weight in the two-level grouped format (groups of ``group``: integer
+    steps s2 in 1..8, so |s2 (q - z)| <= 120; prepare_weight's channel_scales)."""
     codes = torch.randint(0, 16, (n, k), generator=g, device="cuda", dtype=torch.uint8)
     s1 = torch.rand(n, generator=g, device="cuda") * 0.001 + 0.0001
-    s2 = torch.randint(1, 9, (n, k // 64), generator=g, device="cuda").float()
-    zeros = torch.randint(0, 16, (n, k // 64), generator=g, device="cuda").float()
-    return prepare_weight(pack(codes, 4), 4, k, s1[:, None] * s2, zeros, 64, channel_scales=s1)
+    s2 = torch.randint(1, 9, (n, k // group), generator=g, device="cuda").float()
+    zeros = torch.randint(0, 16, (n, k // group), generator=g, device="cuda").float()
+    return prepare_weight(pack(codes, 4), 4, k, s1[:, None] * s2, zeros, group,
+                          channel_scales=s1)  # fmt: skip
 
 
 def bf16_weight(n, k, g):
@@ -221,7 +222,7 @@ def main() -> None:
         w_f8_t = w_bf16.to(torch.float8_e4m3fn).t()
         (w4, w4c), (w4g, w4gc), (w2g, w2gc) = (weight(n, k, 4, None, g),
                                                weight(n, k, 4, 128, g), weight(n, k, 2, 128, g))
-        w2l = two_level_weight(n, k, g)
+        w2l, w2l128 = two_level_weight(n, k, g), two_level_weight(n, k, g, 128)
         one = torch.ones((), device="cuda")
         # the split-nibble weight of cbq_kernels.gemm_tma4 (experimental: the prefill W4A8
         # without the expansion pass), per-channel scales and zero points
@@ -281,6 +282,8 @@ def main() -> None:
                      # two-level grouped W4A8 (groups of 64): at prefill the per-channel
                      # int8 product after expansion, with the Gluon kernel too
                      ("w4a8_g64_2lvl", lambda: gemm_w4a8(xq8, xs8, w2l), m * k + wbytes(w2l)),
+                     ("w4a8_g128_2lvl", lambda: gemm_w4a8(xq8, xs8, w2l128),
+                      m * k + wbytes(w2l128)),
                      *served[1:])  # fmt: skip
             if int4pack is not None:
                 cases += (
