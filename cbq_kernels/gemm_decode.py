@@ -51,8 +51,9 @@ TILE_N = 64  # output channels per n-tile (8 MMA subtiles of 8)
 # chunk-times (benchmarks/sweep_decode.py). M <= 8 runs the swapped-operand kernel (<= 105
 # registers, 50 KB of shared memory per block: 4 blocks per SM; its best split at 1 x 28672
 # x 8192 is S = 1, benchmarks/results/h200/sweep_decode_variants_1da67a5.txt), M = 9..16 the
-# other one (up to 168 registers, __launch_bounds__(128, 3): 3 blocks)
-BLOCKS_PER_SM = 3
+# other one (<= 128 registers, __launch_bounds__(128, 4): 4 blocks; 3 before session 14, when
+# its 16-bit-activation instances used 136-148 registers: csrc/gemm_decode.cu, CBQ_DEC_BLOCKS)
+BLOCKS_PER_SM = 4
 BLOCKS_PER_SM_SWAP = 4
 # M = 17..32 in one launch (two m-tiles, GemmPolicy.decode_mtiles = 2): 205-254 registers,
 # __launch_bounds__(128, 2)

@@ -75,8 +75,13 @@ constexpr int kSub = 8;           // 8-column MMA subtiles per block
 #ifndef CBQ_DEC_DEPTH
 #define CBQ_DEC_DEPTH 8
 #endif
+// Blocks per SM the one-m-tile instances with 16-bit activations (W4A16 / W2A16) are bounded
+// to; see min_blocks. 3 until session 14 (their unswapped M = 9..16 instances used 136-148
+// registers); 4 squeezes them into <= 128 (ptxas -v, nvcc 13.0, sm_90a: 125-128 registers, no
+// spills but for W2A16 g128, 12 bytes stored / 96 loaded). scripts/gpu_lease.sh `blk` times
+// both on one GPU.
 #ifndef CBQ_DEC_BLOCKS
-#define CBQ_DEC_BLOCKS 3
+#define CBQ_DEC_BLOCKS 4
 #endif
 // The split-K epilogue (S > 1: the warp reduction into the workspace and the last block's
 // reduction of the S partials): 0 one column per thread and loop pass, the S partials of a
@@ -110,6 +115,11 @@ enum AMode : int { kABf16 = 0, kAFp16 = 1, kAInt8 = 2, kAInt4 = 3 };
 // (register granularity 8: 136 x 128 threads), which took 70B gate/up W4A8 at M = 16 (448
 // blocks: one wave of 4 x 132, two of 3 x 132) from 52.7 to 82.6 us on an H100
 // (benchmarks/results/h100/sweep_decode_epi_2483d26); no spills at 4 (ptxas -warn-spills).
+// The 16-bit-activation instances: kMinBlocks (CBQ_DEC_BLOCKS). The swapped ones (M <= 8) use
+// 92-110 registers whatever the bound; the unswapped ones (M = 9..16) are the ones it moves,
+// from 136-148 registers (3 blocks per SM) to <= 128 (4), the step that took W4A8 from 82.6 to
+// 52.7 us above; their shared memory (50 KB per block) lets 4 blocks fit as the swapped
+// kernel's does.
 constexpr int min_blocks(int am, int mt) { return mt == 2 ? 2 : am >= kAInt8 ? 4 : kMinBlocks; }
 
 void check_cuda(cudaError_t err, const char* what) {

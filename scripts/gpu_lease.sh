@@ -23,14 +23,14 @@
 #   bash scripts/gpu_lease.sh OUT cold    # carry .cbq_commit: bench_gemm's decode rows with
 #       L2-cold weights (CBQ_BENCH_COLD=1) and hot beside them, M = 1 / 16
 #   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled / solo / split /
-#       s12 / abw / gtable:
+#       s12 / abw / gtable / blk:
 #       issue 13's table in two parts, issue 14's SmolLM2 rows and checks, GemmPolicy.
 #       prologue_pdl and the RMSNorm kernel, issue 14's greedy check with the reference's own
 #       agreement and the 70B rows, the compiled step, one bounded call for scarce machines
 #       (each stage's comment: its carry)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
-out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable}
+out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk}
 . "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -405,5 +405,35 @@ case $stage in
       --out "$out/gen70" 2>&1 \
       | grep -v Warning | grep -v "^{" | cut -c1-200 | tail -4
     pack ;;
-  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled, solo, split, s12, abw or gtable)"; exit 2 ;;
+  blk)  # carry .cbq_commit (session 14): the decode kernel's 16-bit-activation instances
+    # bounded to 4 blocks per SM (CBQ_DEC_BLOCKS 4, this tree) against 3 (a copy of this tree
+    # with the macro and gemm_decode.BLOCKS_PER_SM at 3, built beside it): the decode GPU tests,
+    # sweep_decode at M = CBQ_BLK_MS (16) new / old / new, then bench_gemm's decode rows (M =
+    # 1, 4, 16, the served kernels and peers, every shape) until CBQ_STAGE_S (560) seconds
+    environment
+    old=/tmp/blk3; rm -rf $old; mkdir -p $old
+    cp -r cbq_kernels csrc benchmarks setup.py CMakeLists.txt pyproject.toml README.md .cbq_commit $old/
+    rm -f $old/cbq_kernels/_C*.so
+    sed -i 's/^#define CBQ_DEC_BLOCKS 4$/#define CBQ_DEC_BLOCKS 3/' $old/csrc/gemm_decode.cu
+    sed -i 's/^BLOCKS_PER_SM = 4$/BLOCKS_PER_SM = 3/' $old/cbq_kernels/gemm_decode.py
+    grep -q "^#define CBQ_DEC_BLOCKS 3$" $old/csrc/gemm_decode.cu && \
+      grep -q "^BLOCKS_PER_SM = 3$" $old/cbq_kernels/gemm_decode.py || { echo "blk: no macro"; exit 2; }
+    (cd $old && CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ CBQ_CUDA_ARCHS=90a CBQ_REQUIRE_CUDA=1 \
+      python3 setup.py build_ext --inplace > "$out/old_build.log" 2>&1 || tail -5 "$out/old_build.log") &
+    bash scripts/gpu_gemm.sh "$out/g" build
+    wait; echo "builds done at ${SECONDS}s"
+    timeout ${CBQ_DECODE_TEST_S:-100} python3 -m pytest -q -p no:cacheprovider -x \
+      tests/kernels/test_gemm_decode_cuda.py 2>&1 | tee "$out/g/pytest_decode.txt" | tail -3
+    for run in new1 old new2; do
+      dir=.; [ $run = old ] && dir=$old
+      (cd $dir && timeout 150 python3 benchmarks/sweep_decode.py --ms ${CBQ_BLK_MS:-16} \
+        --shapes ${CBQ_BLK_SHAPES:-70b_gate_up,70b_down,70b_q_o,7b_gate_up,7b_qkvo,13b_gate_up} \
+        > "$out/sweep_$run.txt" 2>&1)
+      echo "== $run (${SECONDS}s)"; awk -F'|' '{print $1 "|" $3}' "$out/sweep_$run.txt"
+    done
+    CBQ_BENCH_MS=${CBQ_BENCH_MS:-1,4,16} CBQ_BENCH_KERNELS=$served \
+      timeout $(( ${CBQ_STAGE_S:-560} - SECONDS > 30 ? ${CBQ_STAGE_S:-560} - SECONDS : 30 )) \
+      python3 benchmarks/bench_gemm.py --out "$out/decode" 2>&1 | grep -v "done$" | tail -2
+    pack ;;
+  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled, solo, split, s12, abw, gtable or blk)"; exit 2 ;;
 esac
