@@ -92,8 +92,9 @@ FP8_W4A4 = GemmPolicy(fp8_w4a4_min_m=1)  # the w4a4_fp8 rows (M >= 256)
 TMA = GemmPolicy(tma_min_m=1, gluon_min_m=0)
 POINTER = GemmPolicy(tma_min_m=0, gluon_min_m=0)  # the *_ptr rows: the pointer kernel there
 # the *_gluon rows: the served call with the Gluon int8 kernel there at every M
-# (GemmPolicy.gluon_min_m / gluon_max_m; the default takes it at 1024..4096)
-GLUON = GemmPolicy(gluon_min_m=1, gluon_max_m=1 << 30)
+# (GemmPolicy.gluon_min_m / gluon_max_m / gluon_min_mn; the default takes it at M = 256..4096
+# where M x N >= 2^22)
+GLUON = GemmPolicy(gluon_min_m=1, gluon_max_m=1 << 30, gluon_min_mn=0)
 
 
 def weight(n, k, bits, group_size, g, canonical=True):

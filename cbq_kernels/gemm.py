@@ -24,9 +24,9 @@ measurements behind each threshold):
   expanded to an int8 scratch copy of ``q - z``, then the same kernel runs int8 x int8 with no
   unpacking in the K loop; from ``policy.tma_min_m`` (1024) a persistent kernel with TMA
   descriptor loads runs that product instead (per-channel weights;
-  :mod:`cbq_kernels.gemm_tma`), and at ``policy.gluon_min_m`` .. ``gluon_max_m`` (1024 ..
-  4096) the Gluon kernel that keeps its MMAs in flight (:mod:`cbq_kernels.gemm_gluon`; the
-  same bits). A two-level grouped weight (prepare_weight's ``channel_scales``) expands to
+  :mod:`cbq_kernels.gemm_tma`), and at ``policy.gluon_min_m`` .. ``gluon_max_m`` (256 ..
+  4096) with M x N >= ``gluon_min_mn`` (2^22) the Gluon kernel that keeps its MMAs in flight
+  (:mod:`cbq_kernels.gemm_gluon`; the same bits). A two-level grouped weight (prepare_weight's ``channel_scales``) expands to
   the int8 values ``s2 (q - z)`` and runs that per-channel product, scaled by ``s1``. W4A4
   from ``policy.fp8_w4a4_min_m`` (off by default: GemmPolicy says why; per-channel weights,
   bf16 out, no bias, a GPU with fp8 tensor cores): both
@@ -425,7 +425,7 @@ def linear(x: Tensor, weight: PreparedWeight, act_bits: int | None = None,
 
     * ``act_bits=None``: weight-only GEMM (the decode kernels at small M; at large M,
       dequantize + cuBLAS from ``policy.wonly_cublas_min_m``, measured in
-      benchmarks/results/h200/bench_gemm.csv).
+      benchmarks/results/h200/bench_gemm_7a9193f.csv).
     * ``act_bits`` 8 or 4: per-token activation quantization (:func:`act_quant`, keyword
       arguments passed on: ``norm_weight``, ``clip_ratio``, CrossQuant ``channel_factor`` /
       ``alpha``) then the W4A8 / W4A4 integer GEMM; with CrossQuant factors the quantized

@@ -19,7 +19,7 @@ class GemmPolicy:
     which the integer GEMMs expand the 4-bit weight (and int4 activations) to an int8 scratch
     copy before the K loop. wonly_cublas_min_m: M from which the weight-only GEMM dequantizes
     to a scratch bf16 / fp16 weight and calls cuBLAS. From the H200 table
-    (benchmarks/results/h200/bench_gemm.csv, DECISIONS.md): at M >= 1024 expansion wins
+    (benchmarks/results/h200/bench_gemm_7a9193f.csv, DECISIONS.md): at M >= 1024 expansion wins
     everywhere (1.2-1.9x over unpacking in the K loop), at M = 256 it ties on 70B gate/up and
     the in-loop kernel is 0.2-0.4x cuBLAS on the smaller layers; the expansion costs one pass
     over the weight (131 us for 28672 x 8192 at 2.7 TB/s), so 64 is where it starts to pay."""
@@ -98,9 +98,17 @@ class GemmPolicy:
     # benchmarks/results/h100/bench_gemm_prefill_served_gluon_2lvl_f8d3562_*.md, rows
     # w4a8_gluon against w4a8, 70b gate/up, 70b down, 7b gate/up): Gluon faster on 3 of 3 at
     # M = 1024 (5-9%) and 2048 (1-9%), 2 of 3 at 4096 (70b gate/up 1% slower), 1 of 3 at 8192
-    # (7b gate/up 9% and 70b gate/up 3.5% slower); below 1024 not timed. 0: off
-    gluon_min_m: int = 1024
+    # (7b gate/up 9% and 70b gate/up 3.5% slower). Session 14 timed M = 256 / 512 / 1024 on
+    # seven shapes (H200, b006aa3, benchmarks/results/h200/bench_gemm_gluon_low_b006aa3.md):
+    # whether Gluon wins there follows M x N (its tiles are 128 x 128 and larger, so a small
+    # output leaves SMs idle): faster on every row with M x N >= 2^22 (M = 512: 70b gate/up
+    # 415 -> 355 us, 70b down 394 -> 324, 70b q/o 114 -> 97, 13b gate/up 134 -> 128, 7b gate/up
+    # 86 -> 83; M = 256 70b gate/up 295 -> 262) and slower on the 2^21-element ones where it
+    # lost (7b down 74 -> 89 and 7b q/k/v/o 30 -> 37 at M = 512, 70b q/o 83 -> 99 at 256), so
+    # gluon_min_m 256 with gluon_min_mn 2^22 (M x N at least that). 0: off
+    gluon_min_m: int = 256
     gluon_max_m: int = 4096
+    gluon_min_mn: int = 1 << 22
 
     def __post_init__(self) -> None:
         for name in BOOL_FIELDS:

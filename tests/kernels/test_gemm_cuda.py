@@ -267,7 +267,7 @@ def assert_policies_agree(act_bits, shapes, seed, policy, reference):
 
 
 @pytest.mark.parametrize("act_bits", [8, 4])
-def test_gluon_served_call_equals_the_tma_path(act_bits):
+def test_gluon_served_call_equals_the_tma_path(act_bits, monkeypatch):
     """GemmPolicy.gluon_min_m: the served W4A8 / W4A4 call at prefill M through the Gluon int8
     kernel after expansion, bit-equal to the TMA kernel's (same epilogue on exact sums), with
     bias, a row count past every tile and K = 4160; its int32 sums exact; the first call of a
@@ -276,9 +276,14 @@ def test_gluon_served_call_equals_the_tma_path(act_bits):
 
     if torch.cuda.get_device_capability()[0] != 9 or gemm_gluon.gluon is None:
         pytest.skip("needs Hopper and Triton's Gluon")
-    gluon = gemm_module.GemmPolicy(gluon_min_m=64, tma_min_m=64)
+    gluon = gemm_module.GemmPolicy(gluon_min_m=64, tma_min_m=64, gluon_min_mn=0)
     tma = gemm_module.GemmPolicy(tma_min_m=64, gluon_min_m=0)
+    calls = []  # the Gluon kernel did run (these shapes are below the default gluon_min_mn)
+    launch = gemm_gluon.gemm_int8_gluon
+    monkeypatch.setattr(gemm_gluon, "gemm_int8_gluon",
+                        lambda *a, **kw: calls.append(a[0].shape) or launch(*a, **kw))
     assert_policies_agree(act_bits, ((300, 4096, 4096), (2051, 1024, 4160)), 14, gluon, tma)
+    assert len(calls) >= 2, calls
     fn = gemm_w4a8 if act_bits == 8 else gemm_w4a4
     # a shape no call above has timed (M bucket 1024), compiled for already (M % 16 != 0)
     m, n, k = 600, 4096, 4096
@@ -319,7 +324,7 @@ def test_two_level_weight_served_at_every_m(layout):
     policies = [gemm_module.GemmPolicy(gluon_min_m=0),  # the pointer kernel (M = 100)
                 gemm_module.GemmPolicy(tma_min_m=64, gluon_min_m=0)]
     if gemm_gluon.gluon is not None and torch.cuda.get_device_capability()[0] == 9:
-        policies.append(gemm_module.GemmPolicy(tma_min_m=64, gluon_min_m=64))
+        policies.append(gemm_module.GemmPolicy(tma_min_m=64, gluon_min_m=64, gluon_min_mn=0))
     for m in (100, 2048):
         xq, xs = act_quant(activations(m, k, seed=62), 8)
         want = gemm_tma.gemm_int8_tma(xq, xs, w8, s1, bias, torch.bfloat16)
