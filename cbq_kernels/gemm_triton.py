@@ -381,8 +381,8 @@ def _launch(x: Tensor, x_scales: Tensor | None, a_mode: int, weight: PreparedWei
             x, a_mode = _expand(x, m, k, 4, kw_x, 1, None, k, z_const=8), _A_INT8
     grouped = gs < k
     if (expand and a_mode == _A_INT8 and 0 < policy.gluon_min_m <= m <= policy.gluon_max_m
-            and m * n >= policy.gluon_min_mn and split == 1 and not grouped and gemm_gluon.available(x)
-            and gemm_tma.tma_operand(w_words)):  # fmt: skip
+            and m * n >= policy.gluon_min_mn and split == 1 and not grouped
+            and gemm_gluon.available(x) and gemm_tma.tma_operand(w_words)):  # fmt: skip
         return gemm_gluon.gemm_int8_gluon(x, xs, w_words, w_scales[:, 0], bias, out_dtype,
                                           debug=debug)  # fmt: skip
     if (expand and a_mode == _A_INT8 and 0 < policy.tma_min_m <= m and split == 1
