@@ -28,9 +28,9 @@ measurements behind each threshold):
   4096) with M x N >= ``gluon_min_mn`` (2^22) the Gluon kernel that keeps its MMAs in flight
   (:mod:`cbq_kernels.gemm_gluon`; the same bits). A two-level grouped weight
   (prepare_weight's ``channel_scales``) expands to the int8 values ``s2 (q - z)`` and runs
-  that per-channel product, scaled by ``s1``. W4A4 from ``policy.fp8_w4a4_min_m`` (off by default: GemmPolicy says why; per-channel weights,
-  bf16 out, no bias, a GPU with fp8 tensor cores): both
-  operands expanded to fp8 e4m3 (exact for these integers) and cuBLAS' fp8 GEMM
+  that per-channel product, scaled by ``s1``. W4A4 from ``policy.fp8_w4a4_min_m`` (off by
+  default: GemmPolicy says why; per-channel weights, bf16 out, no bias, a GPU with fp8 tensor
+  cores): both operands expanded to fp8 e4m3 (exact for these integers) and cuBLAS' fp8 GEMM
   (``torch._scaled_mm``, fp32 sums).
   Weight-only GEMMs from ``policy.wonly_cublas_min_m``: dequantize to a scratch bf16/fp16
   weight (Triton), then cuBLAS.
