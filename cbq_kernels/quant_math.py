@@ -196,6 +196,20 @@ def quantize_weight_two_level(w: Tensor, group_size: int = 64, protect: int = 11
     read, not copied). The canonical storage of the result is the grouped format with scales
     ``s1 * s2`` and zero points z. Returns (codes (N, K) uint8, s1 (N,) fp32, s2 (N, G) int32,
     z (N, G) int32); K must be a multiple of ``group_size``."""
+    w8, s1, s2, z = two_level_grid(w, group_size, protect)
+    with torch.no_grad():
+        n, k = w8.shape
+        g = w8.view(n, k // group_size, group_size)
+        q = torch.clamp(torch.round(g / s2[..., None]) + z[..., None], 0, 15)
+        return (q.view(n, k).to(torch.uint8), s1, s2.to(torch.int32), z.to(torch.int32))
+
+
+def two_level_grid(w: Tensor, group_size: int, protect: int = 119
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The two-level format's grid for ``w`` (N, K) (:func:`quantize_weight_two_level`'s
+    arithmetic, which also GPTQ's two-level form quantizes on: cbq_ptq.gptq.gptq_two_level):
+    (w8 (N, K) the int8 values round(w / s1) as fp32, s1 (N,) fp32, s2 (N, G) fp32 integer
+    steps 1..16, z (N, G) fp32 integer zero points 0..15)."""
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if w.dim() != 2 or w.shape[1] % group_size:
@@ -213,8 +227,16 @@ def quantize_weight_two_level(w: Tensor, group_size: int = 64, protect: int = 11
         hi = g.amax(-1).clamp(min=0.0)
         s2 = torch.ceil((hi - lo) / 15).clamp(1, 16)  # 15 steps of s2 cover the range
         z = torch.round(-lo / s2).clamp(0, 15)
-        q = torch.clamp(torch.round(g / s2[..., None]) + z[..., None], 0, 15)
-        return (q.view(n, k).to(torch.uint8), s1, s2.to(torch.int32), z.to(torch.int32))
+        return w8, s1, s2, z
+
+
+def two_level_code_bounds(s2: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """Per (row, group) code range (lo, hi) (fp32) on a two-level grid that keeps the int8
+    value s2 (q - z) inside [-127, 127] (what the served GEMM multiplies) as well as q in
+    0..15: round-to-nearest codes stay inside it by construction; codes that error feedback
+    moves (GPTQ) are clamped to it."""
+    reach = torch.floor(127.0 / s2)
+    return (z - reach).clamp(min=0.0), (z + reach).clamp(max=15.0)
 
 
 def act_step(r: Tensor, bits: int, ratio: Tensor | float = 1.0) -> Tensor:

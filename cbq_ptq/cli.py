@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--two-level", action="store_true",
                    help="W4A8 / W4A4 with groups (e.g. W4A8g64): the two-level format (int8 per "
                         "channel, then 4-bit codes per group with integer steps), served at "
-                        "prefill by the per-channel int8 GEMM; with --method rtn")  # fmt: skip
+                        "prefill by the per-channel int8 GEMM; with --method rtn or gptq")  # fmt: skip
     q.add_argument("--symmetric-weights", action="store_true",
                    help="signed codes without zero points (what vLLM's int8 W8A8 kernels and "
                         "transformers' compressed-tensors loader take; CBQ then starts from "
@@ -506,9 +506,10 @@ def cmd_quantize(args) -> int:
                                  two_level=args.two_level)
     except ValueError as exc:
         raise UsageError(f"argument --setting: {exc}") from None
-    if args.two_level and args.method != "rtn":
+    if args.two_level and args.method not in ("rtn", "gptq"):
         raise UsageError(f"argument --two-level: the two-level format is quantized "
-                         f"round-to-nearest: it needs --method rtn, not {args.method}")
+                         f"round-to-nearest or by GPTQ: it needs --method rtn or gptq, not "
+                         f"{args.method}")  # fmt: skip
     if args.overlap >= args.window:
         raise UsageError(f"argument --overlap: must be smaller than --window ({args.window}), "
                          f"got {args.overlap}")

@@ -26,8 +26,8 @@ class QuantSettings:
     two_level: 4-bit grouped weights with integer activations in the two-level format
     (cbq_kernels.quant_math.quantize_weight_two_level: int8 per output channel, then 4-bit
     codes per group with integer steps), which the integer GEMMs serve at prefill as a
-    per-channel int8 product; quantized round-to-nearest (the trained quantizers do not
-    produce it yet)."""
+    per-channel int8 product; quantized round-to-nearest or by GPTQ on the two-level grid
+    (cbq_ptq.gptq.gptq_two_level; the trained quantizers do not produce it yet)."""
 
     w_bits: int = 4
     group_size: int | None = None
@@ -251,11 +251,12 @@ class CBQConfig:
             raise ValueError(f"gptq_damp must be in [0, 1), got {self.gptq_damp}")
         if not 0.0 < self.act_clip <= 1.0:
             raise ValueError(f"act_clip must be in (0, 1], got {self.act_clip}")
-        if self.settings.two_level and (self.method != "cbq" or self.trains
-                                        or self.lora_rounding):  # fmt: skip
+        if self.settings.two_level and (self.trains or (self.method == "cbq"
+                                                        and self.lora_rounding)):  # fmt: skip
             raise ValueError("two-level weights (settings.two_level) are quantized "
-                             "round-to-nearest: method 'cbq' with no training steps and no "
-                             "lora_rounding (cbq quantize --method rtn)")  # fmt: skip
+                             "round-to-nearest or by GPTQ on the two-level grid, not trained: "
+                             "method 'gptq', or 'cbq' with no training steps and no "
+                             "lora_rounding (cbq quantize --method rtn / gptq)")  # fmt: skip
 
     @property
     def trains(self) -> bool:

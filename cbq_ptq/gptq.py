@@ -38,6 +38,8 @@ from cbq_kernels.quant_math import (
     round_codes,
     segment_index,
     segment_reduce,
+    two_level_code_bounds,
+    two_level_grid,
     weight_params,
 )
 from cbq_ptq import distributed
@@ -204,10 +206,34 @@ def gptq_to_grid(target: Tensor, hessian: Tensor, scales: Tensor, zeros: Tensor,
     return codes.to(torch.uint8)
 
 
+@torch.no_grad()
+def gptq_two_level(w: Tensor, hessian: Tensor, group_size: int, act_order: bool = True,
+                   damp: float = 0.01, block: int = 128,
+                   target: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """GPTQ on the two-level grid (QuantSettings.two_level; cbq_kernels.quant_math.
+    two_level_grid: s1 per row, integer steps s2 and zero points z per group, the grid
+    round-to-nearest uses), with each code kept where s2 (q - z) stays in int8
+    (two_level_code_bounds): (codes (N, K) uint8, s1 (N,), s2 (N, G), z (N, G)), the
+    weight s1 s2 (q - z). No clipping search: the grid is the format's (s1 from the row's
+    maximum, s2 covering each group's int8 range). ``target`` as in :func:`gptq`."""
+    k = w.shape[1]
+    if w.dim() != 2 or tuple(hessian.shape) != (k, k):
+        raise ValueError(f"gptq_two_level: w must be (N, K) and the Hessian (K, K); got w "
+                         f"{tuple(w.shape)}, Hessian {tuple(hessian.shape)}")  # fmt: skip
+    _, s1, s2, z = two_level_grid(w, group_size)
+    gid = segment_index(k, group_size, w.device)[0]
+    codes = _columns(w if target is None else target, hessian, s1[:, None] * s2, z, gid, 4,
+                     False, act_order, damp, block,
+                     bounds=two_level_code_bounds(s2, z))  # fmt: skip
+    return codes.to(torch.uint8), s1, s2, z
+
+
 def _columns(w: Tensor, hessian: Tensor, s: Tensor, z: Tensor, gid: Tensor, bits: int,
-             symmetric: bool, act_order: bool, damp: float, block: int) -> Tensor:  # fmt: skip
+             symmetric: bool, act_order: bool, damp: float, block: int,
+             bounds: tuple[Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
     """The column loop (module docstring) on the static grid (s, z) (N, G): codes (N, K) as
-    floats in the quantizer's range (signed when symmetric)."""
+    floats in the quantizer's range (signed when symmetric), or inside ``bounds`` (lo, hi)
+    (N, G) per row and group."""
     k = w.shape[1]
     W = w.detach().float().clone()
     H = hessian.detach().float().clone()
@@ -230,6 +256,8 @@ def _columns(w: Tensor, hessian: Tensor, s: Tensor, z: Tensor, gid: Tensor, bits
             g = col_group[i1 + i]
             col = W1[:, i]
             q = round_codes(col * inv_s[:, g], z[:, g], qlo, qhi)
+            if bounds is not None:
+                q = torch.minimum(torch.maximum(q, bounds[0][:, g]), bounds[1][:, g])
             err = (col - (q - z[:, g]) * s[:, g]) / Hi[i, i]
             W1[:, i:] -= err[:, None] * Hi[i, i:][None, :]
             E1[:, i] = err
@@ -289,6 +317,19 @@ def init_block(groups: list[list[tuple[str, torch.nn.Module]]], run: Callable[[]
             st = q.settings
             if not torch.isfinite(stats[name].sum).all():
                 raise FloatingPointError(f"non-finite inputs reach layer {q.name or name}")
+            if st.two_level:  # the format's own grid, no clipping factors (gptq_two_level)
+                entry = {"clip_mean": 1.0}
+                if mode == "gptq":
+                    goal = None
+                    if refs is not None:
+                        goal = asymmetric_target(q.w, stats[name].value,
+                                                 stats[name].cross_value, damp)  # fmt: skip
+                    codes, s1, s2, z = gptq_two_level(q.w, stats[name].value, q.gs, act_order,
+                                                      damp, block, target=goal)  # fmt: skip
+                    q.set_codes(codes, s1[:, None] * s2, z)
+                    q.channel_scales = s1
+                info[name] = entry
+                continue
             clip = search_clip(q.w, stats[name].diag, st.w_bits, q.gs, st.symmetric_weights)
             entry = {"clip_mean": round(float(clip.mean()), 4)}
             if mode == "gptq":

@@ -47,7 +47,7 @@ def test_quantize_then_eval(tmp_path, capsys):
        "--eval-windows", "1"], "does not divide in_features 172"),
      (["eval", "stories260K", "--corpus", "no-such-corpus"], "neither a file nor one of"),
      (["quantize", "--model", "stories260K", "--setting", "W4A8g64", "--two-level"],
-      "it needs --method rtn, not cbq"),
+      "it needs --method rtn or gptq, not cbq"),
      (["quantize", "--model", "stories260K", "--setting", "W4A16g64", "--two-level", "--method",
        "rtn"], "two_level is a format of 4-bit grouped weights with 4- or 8-bit activations")],
 )  # fmt: skip

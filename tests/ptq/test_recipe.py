@@ -6,11 +6,16 @@ import copy
 import pytest
 import torch
 
-from cbq_kernels.quant_math import dequantize_weight, quantize_weight, weight_params
+from cbq_kernels.quant_math import (
+    dequantize_weight,
+    quantize_weight,
+    quantize_weight_two_level,
+    weight_params,
+)
 from cbq_ptq.config import CBQConfig, parse_setting
 from cbq_ptq.data import calibration_data
 from cbq_ptq.evaluate import evaluate_perplexity
-from cbq_ptq.gptq import gptq, search_clip
+from cbq_ptq.gptq import gptq, gptq_two_level, search_clip
 from cbq_ptq.models import SHARED_MODELS, load_model
 from cbq_ptq.pipeline import quantize
 from cbq_ptq.qlinear import QLinear, clip_logit, quantized
@@ -58,6 +63,33 @@ def test_gptq_bad_shapes_are_clear_errors():
         gptq(w, torch.eye(16), 4, None)
     with pytest.raises(ValueError, match=r"clip must be \(N, groups\) = \(4, 2\)"):
         gptq(w, torch.eye(32), 4, 16, clip=torch.ones(4, 1))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_two_level_keeps_the_format_and_beats_its_round_to_nearest(act_order):
+    """GPTQ on the two-level grid (settings.two_level): the same s1, s2, z as the
+    round-to-nearest two-level quantizer, codes in 0..15 with s2 (q - z) inside int8 (what
+    the served GEMM multiplies; some rows get steps > 8, where the clamp can bind), and a
+    smaller output error on correlated inputs."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(32, 128, generator=g) * 0.05
+    w[:4, :64] *= 0.05  # small groups beside a large row maximum: steps 1..2
+    w[4:8, 64:] *= 4.0  # large groups: steps up to 16
+    x = correlated(k=128, seed=12)
+    h = x.t() @ x / x.shape[0]
+    codes, s1, s2, z = gptq_two_level(w, h, 64, act_order=act_order, damp=0.01, block=32)
+    rtn, rs1, rs2, rz = quantize_weight_two_level(w, 64)
+    assert torch.equal(s1, rs1) and torch.equal(s2, rs2.float()) and torch.equal(z, rz.float())
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    gid = torch.arange(128) // 64
+    w8 = s2[:, gid] * (codes.float() - z[:, gid])
+    assert float(w8.abs().max()) <= 127 and float(s2.max()) > 8
+    scales = s1[:, None] * s2
+    err = output_error(w, dequantize_weight(codes, scales, z, 64), h)
+    err_rtn = output_error(w, dequantize_weight(rtn, scales, rz.float(), 64), h)
+    assert err < 0.8 * err_rtn
+    with pytest.raises(ValueError, match=r"Hessian \(K, K\); got w \(32, 128\)"):
+        gptq_two_level(w, torch.eye(64), 64)
 
 
 def test_clip_search_picks_the_grid_minimum():

@@ -406,8 +406,10 @@ def test_fused_rope_changes_no_number(dtype):
     assert modeling_llama.apply_rotary_pos_emb is original
 
 
-def test_two_level_model_saves_loads_and_serves(tmp_path, monkeypatch):
-    """settings.two_level (round-to-nearest): every layer hardened to the two-level format
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_two_level_model_saves_loads_and_serves(tmp_path, monkeypatch, method):
+    """settings.two_level (round-to-nearest, or GPTQ on the two-level grid): every layer
+    hardened to the two-level format
     (scales s1 times integer steps 1..16, s1 in the artefact as NAME.channel_scales), loaded
     straight into kernel layers that keep the format (prepare_weight's channel_scales: the
     per-channel int8 product at prefill, 64 rows here), whose logits are the fake-quantized
@@ -425,8 +427,17 @@ def test_two_level_model_saves_loads_and_serves(tmp_path, monkeypatch):
         CBQConfig(settings=settings, epochs=1)
     model = random_llama(hidden=128, inter=256)
     x = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(3))
-    config = CBQConfig(settings=settings, epochs=0, lora_rounding=False, cfp=False)
+    w_down = model.get_submodule("model.layers.0.mlp.down_proj").weight.detach().clone()
+    if method == "gptq":
+        config = CBQConfig(settings=settings, method="gptq", cfp=False, window=1, overlap=0)
+    else:
+        config = CBQConfig(settings=settings, epochs=0, lora_rounding=False, cfp=False)
     q, _ = quantize(model, config, x, progress=False)
+    if method == "gptq":  # GPTQ's codes, not round-to-nearest's
+        from cbq_kernels.quant_math import quantize_weight_two_level
+
+        layer = q.get_submodule("model.layers.0.mlp.down_proj")
+        assert not torch.equal(layer.codes, quantize_weight_two_level(w_down, 64)[0])
     save(q, tmp_path / "q")
     tensors = load_file(tmp_path / "q" / "model.safetensors")
     name = "model.layers.0.mlp.down_proj"
