@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--two-level", action="store_true",
                    help="W4A8 / W4A4 with groups (e.g. W4A8g64): the two-level format (int8 per "
                         "channel, then 4-bit codes per group with integer steps), served at "
-                        "prefill by the per-channel int8 GEMM; with --method rtn or gptq")  # fmt: skip
+                        "prefill by the per-channel int8 GEMM; with --method rtn or "
+                        "gptq")  # fmt: skip
     q.add_argument("--symmetric-weights", action="store_true",
                    help="signed codes without zero points (what vLLM's int8 W8A8 kernels and "
                         "transformers' compressed-tensors loader take; CBQ then starts from "

@@ -208,8 +208,8 @@ def gptq_to_grid(target: Tensor, hessian: Tensor, scales: Tensor, zeros: Tensor,
 
 @torch.no_grad()
 def gptq_two_level(w: Tensor, hessian: Tensor, group_size: int, act_order: bool = True,
-                   damp: float = 0.01, block: int = 128,
-                   target: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+                   damp: float = 0.01, block: int = 128, target: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """GPTQ on the two-level grid (QuantSettings.two_level; cbq_kernels.quant_math.
     two_level_grid: s1 per row, integer steps s2 and zero points z per group, the grid
     round-to-nearest uses), with each code kept where s2 (q - z) stays in int8
