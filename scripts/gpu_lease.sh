@@ -23,14 +23,14 @@
 #   bash scripts/gpu_lease.sh OUT cold    # carry .cbq_commit: bench_gemm's decode rows with
 #       L2-cold weights (CBQ_BENCH_COLD=1) and hot beside them, M = 1 / 16
 #   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled / solo / split /
-#       s12 / abw / gtable / blk:
+#       s12 / abw / gtable / blk / pol:
 #       issue 13's table in two parts, issue 14's SmolLM2 rows and checks, GemmPolicy.
 #       prologue_pdl and the RMSNorm kernel, issue 14's greedy check with the reference's own
 #       agreement and the 70B rows, the compiled step, one bounded call for scarce machines
 #       (each stage's comment: its carry)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
-out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk}
+out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk|pol}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk|pol}
 . "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -435,5 +435,18 @@ case $stage in
       timeout $(( ${CBQ_STAGE_S:-560} - SECONDS > 30 ? ${CBQ_STAGE_S:-560} - SECONDS : 30 )) \
       python3 benchmarks/bench_gemm.py --out "$out/decode" 2>&1 | grep -v "done$" | tail -2
     pack ;;
-  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled, solo, split, s12, abw, gtable or blk)"; exit 2 ;;
+  pol)  # carry .cbq_commit (session 14, not yet run): what main holds untested on a GPU:
+    # GemmPolicy.gluon_min_m 256 / gluon_min_mn 2^22 (the served rows at M = 256 .. 2048 with
+    # the default policy beside w4a8_gluon / w4a8_tma), the Gluon GPU tests that now pin
+    # gluon_min_mn=0 and check the kernel ran, and the two-level served test
+    environment
+    bash scripts/gpu_gemm.sh "$out/g" build
+    t=tests/kernels/test_gemm_cuda.py
+    timeout 150 python3 -m pytest -q -p no:cacheprovider $t::test_gluon_served_call_equals_the_tma_path \
+      $t::test_two_level_weight_served_at_every_m 2>&1 | tee "$out/g/pytest_policy.txt" | tail -3
+    CBQ_BENCH_MS=${CBQ_BENCH_MS:-256,512,1024,2048} CBQ_BENCH_KERNELS=w4a8,w4a4,w4a8_gluon,w4a8_tma,w4a8_g128_2lvl \
+      timeout $(( ${CBQ_STAGE_S:-540} - SECONDS > 30 ? ${CBQ_STAGE_S:-540} - SECONDS : 30 )) \
+      python3 benchmarks/bench_gemm.py --out "$out/policy" 2>&1 | grep -v "done$" | tail -2
+    pack ;;
+  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled, solo, split, s12, abw, gtable, blk or pol)"; exit 2 ;;
 esac
