@@ -204,12 +204,14 @@ def quantize_weight_two_level(w: Tensor, group_size: int = 64, protect: int = 11
         return (q.view(n, k).to(torch.uint8), s1, s2.to(torch.int32), z.to(torch.int32))
 
 
-def two_level_grid(w: Tensor, group_size: int, protect: int = 119
+def two_level_grid(w: Tensor, group_size: int, protect: int = 119, clip: Tensor | None = None
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """The two-level format's grid for ``w`` (N, K) (:func:`quantize_weight_two_level`'s
     arithmetic, which also GPTQ's two-level form quantizes on: cbq_ptq.gptq.gptq_two_level):
     (w8 (N, K) the int8 values round(w / s1) as fp32, s1 (N,) fp32, s2 (N, G) fp32 integer
-    steps 1..16, z (N, G) fp32 integer zero points 0..15)."""
+    steps 1..16, z (N, G) fp32 integer zero points 0..15). ``clip`` (N, G): factors in (0, 1]
+    that shrink each group's int8 range before its step is chosen (a clipping search's
+    result, cbq_ptq.gptq.search_clip_two_level; None: 1)."""
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if w.dim() != 2 or w.shape[1] % group_size:
@@ -225,6 +227,8 @@ def two_level_grid(w: Tensor, group_size: int, protect: int = 119
         g = w8.view(n, k // group_size, group_size)
         lo = g.amin(-1).clamp(max=0.0)
         hi = g.amax(-1).clamp(min=0.0)
+        if clip is not None:
+            lo, hi = lo * clip, hi * clip
         s2 = torch.ceil((hi - lo) / 15).clamp(1, 16)  # 15 steps of s2 cover the range
         z = torch.round(-lo / s2).clamp(0, 15)
         return w8, s1, s2, z

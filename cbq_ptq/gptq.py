@@ -162,6 +162,36 @@ def search_clip(w: Tensor, diag: Tensor, bits: int, group_size: int | None,
 
 
 @torch.no_grad()
+def search_clip_two_level(w: Tensor, diag: Tensor, group_size: int,
+                          grid: list[float] | None = None) -> Tensor:  # fmt: skip
+    """:func:`search_clip` for the two-level grid (quant_math.two_level_grid): the factor
+    (N, G) per group that minimises ``sum_k diag_k (w_k - Q(w_k))^2`` over the group, with Q
+    round-to-nearest on the grid whose group ranges the factor shrinks (s1 stays the row's)."""
+    grid = grid or CLIP_GRID
+    n, k = w.shape
+    groups = k // group_size
+    d = diag.float().clamp_min(0).view(1, groups, group_size)
+    wg = w.detach().float().view(n, groups, group_size)
+    best = torch.ones(n, groups, device=w.device)
+    best_err = None
+    for f in grid:
+        _, s1, s2, z = two_level_grid(w, group_size,
+                                      clip=torch.full((n, groups), f, device=w.device))
+        s = (s1[:, None] * s2)[..., None]
+        lo, hi = two_level_code_bounds(s2, z)
+        q = torch.minimum(torch.maximum(torch.round(wg / s) + z[..., None], lo[..., None]),
+                          hi[..., None])  # fmt: skip
+        err = (d * (wg - (q - z[..., None]) * s) ** 2).sum(-1)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, f, best)
+    return best
+
+
+@torch.no_grad()
 def gptq(w: Tensor, hessian: Tensor, bits: int, group_size: int | None,
          symmetric: bool = False, clip: Tensor | None = None, act_order: bool = True,
          damp: float = 0.01, block: int = 128,
@@ -208,19 +238,20 @@ def gptq_to_grid(target: Tensor, hessian: Tensor, scales: Tensor, zeros: Tensor,
 
 @torch.no_grad()
 def gptq_two_level(w: Tensor, hessian: Tensor, group_size: int, act_order: bool = True,
-                   damp: float = 0.01, block: int = 128, target: Tensor | None = None
+                   damp: float = 0.01, block: int = 128, target: Tensor | None = None,
+                   clip: Tensor | None = None
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """GPTQ on the two-level grid (QuantSettings.two_level; cbq_kernels.quant_math.
     two_level_grid: s1 per row, integer steps s2 and zero points z per group, the grid
     round-to-nearest uses), with each code kept where s2 (q - z) stays in int8
     (two_level_code_bounds): (codes (N, K) uint8, s1 (N,), s2 (N, G), z (N, G)), the
-    weight s1 s2 (q - z). No clipping search: the grid is the format's (s1 from the row's
-    maximum, s2 covering each group's int8 range). ``target`` as in :func:`gptq`."""
+    weight s1 s2 (q - z). ``clip`` (N, G): factors on each group's int8 range
+    (:func:`search_clip_two_level`; None: the full range). ``target`` as in :func:`gptq`."""
     k = w.shape[1]
     if w.dim() != 2 or tuple(hessian.shape) != (k, k):
         raise ValueError(f"gptq_two_level: w must be (N, K) and the Hessian (K, K); got w "
                          f"{tuple(w.shape)}, Hessian {tuple(hessian.shape)}")  # fmt: skip
-    _, s1, s2, z = two_level_grid(w, group_size)
+    _, s1, s2, z = two_level_grid(w, group_size, clip=clip)
     gid = segment_index(k, group_size, w.device)[0]
     codes = _columns(w if target is None else target, hessian, s1[:, None] * s2, z, gid, 4,
                      False, act_order, damp, block,
@@ -317,15 +348,17 @@ def init_block(groups: list[list[tuple[str, torch.nn.Module]]], run: Callable[[]
             st = q.settings
             if not torch.isfinite(stats[name].sum).all():
                 raise FloatingPointError(f"non-finite inputs reach layer {q.name or name}")
-            if st.two_level:  # the format's own grid, no clipping factors (gptq_two_level)
-                entry = {"clip_mean": 1.0}
+            if st.two_level:  # the format's grid, its group ranges clipped (gptq_two_level)
+                clip = search_clip_two_level(q.w, stats[name].diag, q.gs)
+                entry = {"clip_mean": round(float(clip.mean()), 4)}
                 if mode == "gptq":
                     goal = None
                     if refs is not None:
                         goal = asymmetric_target(q.w, stats[name].value,
                                                  stats[name].cross_value, damp)  # fmt: skip
                     codes, s1, s2, z = gptq_two_level(q.w, stats[name].value, q.gs, act_order,
-                                                      damp, block, target=goal)  # fmt: skip
+                                                      damp, block, target=goal,
+                                                      clip=clip)  # fmt: skip
                     q.set_codes(codes, s1[:, None] * s2, z)
                     q.channel_scales = s1
                 info[name] = entry

@@ -15,7 +15,7 @@ from cbq_kernels.quant_math import (
 from cbq_ptq.config import CBQConfig, parse_setting
 from cbq_ptq.data import calibration_data
 from cbq_ptq.evaluate import evaluate_perplexity
-from cbq_ptq.gptq import gptq, gptq_two_level, search_clip
+from cbq_ptq.gptq import gptq, gptq_two_level, search_clip, search_clip_two_level
 from cbq_ptq.models import SHARED_MODELS, load_model
 from cbq_ptq.pipeline import quantize
 from cbq_ptq.qlinear import QLinear, clip_logit, quantized
@@ -90,6 +90,45 @@ def test_gptq_two_level_keeps_the_format_and_beats_its_round_to_nearest(act_orde
     assert err < 0.8 * err_rtn
     with pytest.raises(ValueError, match=r"Hessian \(K, K\); got w \(32, 128\)"):
         gptq_two_level(w, torch.eye(64), 64)
+    # with the clipping search's factors: still the format, and no worse on this problem
+    clip = search_clip_two_level(w, h.diagonal(), 64)
+    codes_c, s1_c, s2_c, z_c = gptq_two_level(w, h, 64, act_order=act_order, damp=0.01,
+                                              block=32, clip=clip)  # fmt: skip
+    assert torch.equal(s1_c, s1) and float(clip.min()) < 1.0  # s1 is the row's; some clipped
+    w8_c = s2_c[:, gid] * (codes_c.float() - z_c[:, gid])
+    assert float(w8_c.abs().max()) <= 127 and int(codes_c.max()) <= 15
+    err_c = output_error(w, dequantize_weight(codes_c, s1_c[:, None] * s2_c, z_c, 64), h)
+    assert err_c <= 1.05 * err
+
+
+def test_two_level_clip_search_picks_the_grid_minimum():
+    """search_clip_two_level: per group, the factor whose round-to-nearest two-level weight has
+    the smallest diag-weighted error among the grid's (an outlier on a quiet input channel
+    gets clipped)."""
+    from cbq_kernels.quant_math import two_level_code_bounds, two_level_grid
+
+    g = torch.Generator().manual_seed(13)
+    w = torch.randn(6, 64, generator=g) * 0.05
+    w[:, 3] = 0.5
+    w[:, 40] = 0.3
+    diag = torch.rand(64, generator=g) + 0.1
+    diag[3] = 1e-4
+    grid = [1.0, 0.8, 0.6, 0.4]
+    best = search_clip_two_level(w, diag, 32, grid=grid)
+
+    def errors(clip):
+        _, s1, s2, z = two_level_grid(w, 32, clip=clip)
+        s = (s1[:, None] * s2)[..., None]
+        lo, hi = two_level_code_bounds(s2, z)
+        wg = w.view(6, 2, 32)
+        q = torch.minimum(torch.maximum(torch.round(wg / s) + z[..., None], lo[..., None]),
+                          hi[..., None])  # fmt: skip
+        return (diag.view(1, 2, 32) * (wg - (q - z[..., None]) * s) ** 2).sum(-1)
+
+    got = errors(best)
+    for f in grid:
+        assert (got <= errors(torch.full((6, 2), f)) + 1e-12).all()
+    assert int((best[:, 0] < 1.0).sum()) >= 4  # the outlier's group is clipped in most rows
 
 
 def test_clip_search_picks_the_grid_minimum():
