@@ -103,9 +103,10 @@ class GemmPolicy:
     # whether Gluon wins there follows M x N (its tiles are 128 x 128 and larger, so a small
     # output leaves SMs idle): faster on every row with M x N >= 2^22 (M = 512: 70b gate/up
     # 415 -> 355 us, 70b down 394 -> 324, 70b q/o 114 -> 97, 13b gate/up 134 -> 128, 7b gate/up
-    # 86 -> 83; M = 256 70b gate/up 295 -> 262) and slower on the 2^21-element ones where it
-    # lost (7b down 74 -> 89 and 7b q/k/v/o 30 -> 37 at M = 512, 70b q/o 83 -> 99 at 256), so
-    # gluon_min_m 256 with gluon_min_mn 2^22 (M x N at least that). 0: off
+    # 86 -> 83; M = 256 70b gate/up 295 -> 262); below 2^22 it won 3 rows (70b down M = 256
+    # 292 -> 258, 7b and 13b gate/up at 256 by 6-11%) and lost all 5 others (7b down 74 -> 89
+    # and 7b q/k/v/o 30 -> 37 at M = 512, 70b q/o 83 -> 99 at 256, 7b down and q/k/v/o at 256),
+    # so gluon_min_m 256 with gluon_min_mn 2^22 (M x N at least that: no row lost). 0: off
     gluon_min_m: int = 256
     gluon_max_m: int = 4096
     gluon_min_mn: int = 1 << 22
