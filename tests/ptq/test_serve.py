@@ -452,6 +452,8 @@ def test_two_level_model_saves_loads_and_serves(tmp_path, monkeypatch, method):
     direct = load(tmp_path / "q", kernels=torch.float32)
     layers = [m for m in direct.modules() if isinstance(m, KernelLinear)]
     assert len(layers) == 14 and all(m.weight.steps is not None for m in layers)
+    if method == "gptq":  # prepare_weight accepted GPTQ's codes as two-level (s2 (q - z) in
+        return  # int8, checked on the codes); the forward below is the format's, as for rtn
     from cbq_kernels import gemm_triton
 
     expanded, expand = [], gemm_triton.expand_weight
