@@ -51,16 +51,14 @@ TILE_N = 64  # output channels per n-tile (8 MMA subtiles of 8)
 # chunk-times (benchmarks/sweep_decode.py). M <= 8 runs the swapped-operand kernel (<= 105
 # registers, 50 KB of shared memory per block: 4 blocks per SM; its best split at 1 x 28672
 # x 8192 is S = 1, benchmarks/results/h200/sweep_decode_variants_1da67a5.txt), M = 9..16 the
-# other one (<= 128 registers, __launch_bounds__(128, 4): 4 blocks; 3 before session 14, when
-# its 16-bit-activation instances used 136-148 registers: csrc/gemm_decode.cu, CBQ_DEC_BLOCKS)
+# other one (<= 128 registers, __launch_bounds__(128, 4): 4 blocks, with integer and with
+# 16-bit activations alike; the 16-bit ones had 3 before session 14, when they used 136-148
+# registers: csrc/gemm_decode.cu, min_blocks and CBQ_DEC_BLOCKS)
 BLOCKS_PER_SM = 4
 BLOCKS_PER_SM_SWAP = 4
 # M = 17..32 in one launch (two m-tiles, GemmPolicy.decode_mtiles = 2): 205-254 registers,
 # __launch_bounds__(128, 2)
 BLOCKS_PER_SM_MTILES = 2
-# M = 9..16 with integer activations (W4A8 / W4A4): <= 128 registers, __launch_bounds__(128, 4)
-# (csrc/gemm_decode.cu, min_blocks): 4 blocks
-BLOCKS_PER_SM_INT = 4
 SWAP_MAX_M = 8
 WAVE_COST = 32
 # M = 9..32 (the unswapped kernel): each split beyond the first adds SPLIT_ROW_COST chunk-times
@@ -387,7 +385,7 @@ def default_splits(n_tiles: int, chunks: int, device: torch.device, m: int = 1,
     For M > 8 the split reduction's cost and the cheaper integer chunks (``int_act``: W4A8 /
     W4A4) enter too (SPLIT_ROW_COST, INT_CHUNK_COST)."""
     per_sm = (BLOCKS_PER_SM_SWAP if m <= SWAP_MAX_M else
-              (BLOCKS_PER_SM_INT if int_act else BLOCKS_PER_SM) if m <= DECODE_MAX_M else
+              BLOCKS_PER_SM if m <= DECODE_MAX_M else
               BLOCKS_PER_SM_MTILES)  # fmt: skip
     slots = per_sm * _sm_count(device.index)
     unswapped = m > SWAP_MAX_M

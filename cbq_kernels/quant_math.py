@@ -149,8 +149,10 @@ def weight_params(x: Tensor, group_size: int | None, bits: int, symmetric: bool 
     return vmax, vmin, raw > floor, s, z, zt, gid
 
 
-def round_codes(u: Tensor, z: Tensor | float, qlo: float, qhi: float) -> Tensor:
-    """Integer codes ``clamp(round(u) + z, qlo, qhi)`` of ``u = w * (1/s)`` (fp32 integers)."""
+def round_codes(u: Tensor, z: Tensor | float, qlo: Tensor | float,
+                qhi: Tensor | float) -> Tensor:  # fmt: skip
+    """Integer codes ``clamp(round(u) + z, qlo, qhi)`` of ``u = w * (1/s)`` (fp32 integers);
+    the bounds scalars or tensors broadcast against u (per-group ranges)."""
     return (torch.round(u) + z).clamp(qlo, qhi)
 
 

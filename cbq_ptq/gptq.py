@@ -179,8 +179,7 @@ def search_clip_two_level(w: Tensor, diag: Tensor, group_size: int,
                                       clip=torch.full((n, groups), f, device=w.device))
         s = (s1[:, None] * s2)[..., None]
         lo, hi = two_level_code_bounds(s2, z)
-        q = torch.minimum(torch.maximum(torch.round(wg / s) + z[..., None], lo[..., None]),
-                          hi[..., None])  # fmt: skip
+        q = round_codes(wg / s, z[..., None], lo[..., None], hi[..., None])
         err = (d * (wg - (q - z[..., None]) * s) ** 2).sum(-1)
         if best_err is None:
             best_err = err
@@ -286,9 +285,8 @@ def _columns(w: Tensor, hessian: Tensor, s: Tensor, z: Tensor, gid: Tensor, bits
         for i in range(i2 - i1):
             g = col_group[i1 + i]
             col = W1[:, i]
-            q = round_codes(col * inv_s[:, g], z[:, g], qlo, qhi)
-            if bounds is not None:
-                q = torch.minimum(torch.maximum(q, bounds[0][:, g]), bounds[1][:, g])
+            lo, hi = (qlo, qhi) if bounds is None else (bounds[0][:, g], bounds[1][:, g])
+            q = round_codes(col * inv_s[:, g], z[:, g], lo, hi)
             err = (col - (q - z[:, g]) * s[:, g]) / Hi[i, i]
             W1[:, i:] -= err[:, None] * Hi[i, i:][None, :]
             E1[:, i] = err
@@ -350,20 +348,9 @@ def init_block(groups: list[list[tuple[str, torch.nn.Module]]], run: Callable[[]
                 raise FloatingPointError(f"non-finite inputs reach layer {q.name or name}")
             if st.two_level:  # the format's grid, its group ranges clipped (gptq_two_level)
                 clip = search_clip_two_level(q.w, stats[name].diag, q.gs)
-                entry = {"clip_mean": round(float(clip.mean()), 4)}
-                if mode == "gptq":
-                    goal = None
-                    if refs is not None:
-                        goal = asymmetric_target(q.w, stats[name].value,
-                                                 stats[name].cross_value, damp)  # fmt: skip
-                    codes, s1, s2, z = gptq_two_level(q.w, stats[name].value, q.gs, act_order,
-                                                      damp, block, target=goal,
-                                                      clip=clip)  # fmt: skip
-                    q.set_codes(codes, s1[:, None] * s2, z)
-                    q.channel_scales = s1
-                info[name] = entry
-                continue
-            clip = search_clip(q.w, stats[name].diag, st.w_bits, q.gs, st.symmetric_weights)
+            else:
+                clip = search_clip(q.w, stats[name].diag, st.w_bits, q.gs,
+                                   st.symmetric_weights)  # fmt: skip
             entry = {"clip_mean": round(float(clip.mean()), 4)}
             if mode == "gptq":
                 goal = None
@@ -371,11 +358,18 @@ def init_block(groups: list[list[tuple[str, torch.nn.Module]]], run: Callable[[]
                     goal = asymmetric_target(q.w, stats[name].value, stats[name].cross_value,
                                              damp)  # fmt: skip
                     entry["target_shift"] = round(float((goal - q.w).norm() / q.w.norm()), 5)
-                codes, _, _ = gptq(q.w, stats[name].value, st.w_bits, q.gs,
-                                   st.symmetric_weights, clip, act_order, damp, block,
-                                   target=goal)  # fmt: skip
-                q.start_from(codes, clip)
-            else:
+                if st.two_level:
+                    codes, s1, s2, z = gptq_two_level(q.w, stats[name].value, q.gs, act_order,
+                                                      damp, block, target=goal,
+                                                      clip=clip)  # fmt: skip
+                    q.set_codes(codes, s1[:, None] * s2, z)
+                    q.channel_scales = s1
+                else:
+                    codes, _, _ = gptq(q.w, stats[name].value, st.w_bits, q.gs,
+                                       st.symmetric_weights, clip, act_order, damp, block,
+                                       target=goal)  # fmt: skip
+                    q.start_from(codes, clip)
+            elif not st.two_level:  # (two-level layers are never trained: CBQConfig)
                 q.set_clip_factors(clip)
             info[name] = entry
     return info

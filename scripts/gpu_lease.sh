@@ -409,7 +409,9 @@ case $stage in
     # bounded to 4 blocks per SM (CBQ_DEC_BLOCKS 4, this tree) against 3 (a copy of this tree
     # with the macro and gemm_decode.BLOCKS_PER_SM at 3, built beside it): the decode GPU tests,
     # sweep_decode at M = CBQ_BLK_MS (16) new / old / new, then bench_gemm's decode rows (M =
-    # 1, 4, 16, the served kernels and peers, every shape) until CBQ_STAGE_S (560) seconds
+    # 1, 4, 16, the served kernels and peers, every shape) until CBQ_STAGE_S (560) seconds.
+    # (BLOCKS_PER_SM now covers the integer instances too, so the old copy's split model
+    # counts 3 for them as well: only the sweep's 'default' column differs from b006aa3's run)
     environment
     old=/tmp/blk3; rm -rf $old; mkdir -p $old
     cp -r cbq_kernels csrc benchmarks setup.py CMakeLists.txt pyproject.toml README.md .cbq_commit $old/
