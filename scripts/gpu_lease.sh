@@ -23,14 +23,14 @@
 #   bash scripts/gpu_lease.sh OUT cold    # carry .cbq_commit: bench_gemm's decode rows with
 #       L2-cold weights (CBQ_BENCH_COLD=1) and hot beside them, M = 1 / 16
 #   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled / solo / split /
-#       s12 / abw / gtable / blk / pol:
+#       s12 / abw / gtable / blk / pol / s15:
 #       issue 13's table in two parts, issue 14's SmolLM2 rows and checks, GemmPolicy.
 #       prologue_pdl and the RMSNorm kernel, issue 14's greedy check with the reference's own
 #       agreement and the 70B rows, the compiled step, one bounded call for scarce machines
 #       (each stage's comment: its carry)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
-out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk|pol}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk|pol}
+out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk|pol|s15}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk|pol|s15}
 . "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -450,5 +450,27 @@ case $stage in
       timeout $(( ${CBQ_STAGE_S:-540} - SECONDS > 30 ? ${CBQ_STAGE_S:-540} - SECONDS : 30 )) \
       python3 benchmarks/bench_gemm.py --out "$out/policy" 2>&1 | grep -v "done$" | tail -2
     pack ;;
-  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled, solo, split, s12, abw, gtable, blk or pol)"; exit 2 ;;
+  s15)  # carry .cbq_commit (session 15): build; Nsight Compute's full set on the decode kernel
+    # at 1 x 28672 x 8192 (W4A16 g128, W4A8, W2A16 g128, W4A4) with the warp-stall samples
+    # per SASS instruction (the report, its details and its source page); the exact-int32 GPU
+    # tests of every GEMM (the whole of test_gemm_decode_cuda.py and test_gemm_cuda.py: every
+    # kernel and autotuner configuration, the Gluon kernels and the two-level served test);
+    # then pol's policy rows until CBQ_STAGE_S (560) seconds
+    environment
+    bash scripts/gpu_gemm.sh "$out/g" build
+    timeout 150 ncu -k regex:decode_kernel -c 4 --set full --import-source no \
+      -o "$out/g/ncu_decode_full" python3 scripts/ncu_decode.py > "$out/g/ncu_full.log" 2>&1
+    tail -2 "$out/g/ncu_full.log"
+    ncu -i "$out/g/ncu_decode_full.ncu-rep" > "$out/g/ncu_decode_full.txt" 2>&1
+    ncu -i "$out/g/ncu_decode_full.ncu-rep" --page source --csv --print-source sass \
+      > "$out/g/ncu_decode_sass.csv" 2>&1; wc -c "$out/g/ncu_decode_sass.csv"
+    grep -E "decode_kernel|Duration|DRAM Throughput|Issue Slots Busy|Executed Ipc A|Warp Cycles Per Issued" \
+      "$out/g/ncu_decode_full.txt" | head -30
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemm_decode_cuda.py \
+      tests/kernels/test_gemm_cuda.py 2>&1 | tee "$out/g/pytest_gemm.txt" | tail -3
+    CBQ_BENCH_MS=${CBQ_BENCH_MS:-256,512,1024,2048} CBQ_BENCH_KERNELS=w4a8,w4a4,w4a8_gluon,w4a8_tma,w4a8_g128_2lvl \
+      timeout $(( ${CBQ_STAGE_S:-560} - SECONDS > 30 ? ${CBQ_STAGE_S:-560} - SECONDS : 30 )) \
+      python3 benchmarks/bench_gemm.py --out "$out/policy" 2>&1 | grep -v "done$" | tail -2
+    pack ;;
+  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled, solo, split, s12, abw, gtable, blk, pol or s15)"; exit 2 ;;
 esac
