@@ -97,6 +97,19 @@ constexpr int kSub = 8;           // 8-column MMA subtiles per block
 #ifndef CBQ_DEC_EPI
 #define CBQ_DEC_EPI 1
 #endif
+// Activation chunks loaded ahead into a per-lane register ring by the swapped instances (M <=
+// 8; 0: each chunk's x loaded where it is used). Why: Nsight Compute's warp-stall samples per
+// SASS instruction at 1 x 28672 x 8192 (H100, 0851fdf, benchmarks/results/h100/
+// ncu_decode_full_0851fdf.txt): the instruction waiting most is the first consumer of each
+// chunk's x load (the row-sum HMMA for W4A16, the PRMT / SHF of the integer fragments), on the
+// long scoreboard: 47% of all samples for W4A16 g128, 62% W4A8, 58% W4A4: x (in L2, 16 KB)
+// comes back behind the weight stream's queue, and nothing else of the warp can issue
+// meanwhile. v5 (053a7b8) prefetched x one chunk ahead when the weights were still in
+// registers and lost (the extra registers cost occupancy); the swapped instances now use
+// 78-110 registers against the 128 that 4 blocks per SM allow. A power of two <= kDepth.
+#ifndef CBQ_DEC_XPF
+#define CBQ_DEC_XPF 0
+#endif
 // chunks of weight copies in flight per warp (1 KB each, in the warp's shared-memory ring)
 constexpr int kDepth = CBQ_DEC_DEPTH;
 constexpr int kMinBlocks = CBQ_DEC_BLOCKS;  // blocks per SM the register budget is set for
@@ -417,6 +430,8 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel
   using ALd = ALoad<AM, CK>;
   static_assert(!kInt || BITS == 4, "integer activations take 4-bit containers");
   static_assert(MT >= 1 && MT <= kMaxMTiles && (MT == 1 || !SWAP), "m-tiles: 1, or 2 unswapped");
+  constexpr int kXpf = SWAP ? CBQ_DEC_XPF : 0;  // activation chunks in the register ring
+  static_assert(kXpf == 0 || (kDepth % kXpf == 0), "CBQ_DEC_XPF divides CBQ_DEC_DEPTH");
 
   constexpr int kSlots = kDepth + 1;  // group scales in flight per warp (one per chunk at most)
   // dynamic shared memory (decode_smem_bytes): the group scales and zero points of each warp,
@@ -601,6 +616,19 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+  // chunk c's activations take the vector loads (else ALd::slow, element by element)
+  auto x_fast = [&](int c) { return p.vec_x && (c + 1) * CK <= p.k; };
+  // the swapped instances' activation ring (CBQ_DEC_XPF): chunk c in slot (c - kb) % kXpf,
+  // which is d % kXpf in the loop below (kXpf divides kDepth)
+  uint32_t xr[kXpf > 0 ? kXpf : 1][ALd::kRegs];
+  if constexpr (kXpf > 0) {
+#pragma unroll
+    for (int j = 0; j < kXpf; ++j) {
+      if (kb + j < ke && x_fast(kb + j)) {
+        ALd::fast_at(xr[j], xb0[0] + static_cast<int64_t>(kb + j) * ALd::kChunkBytes);
+      }
+    }
+  }
 
   for (int kc = kb; kc < ke; kc += kDepth) {
 #pragma unroll
@@ -619,7 +647,10 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel
         const uint4 w0 = ring[warp][d][lane], w1 = ring[warp][d][32 + lane];
         const uint32_t w[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
         uint32_t r0[MT][ALd::kRegs], r1[MT][ALd::kRegs];
-        if (p.vec_x && (c + 1) * CK <= p.k) {
+        if (kXpf > 0 && x_fast(c)) {
+#pragma unroll
+          for (int i = 0; i < ALd::kRegs; ++i) r0[0][i] = xr[d % (kXpf > 0 ? kXpf : 1)][i];
+        } else if (x_fast(c)) {
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             ALd::fast_at(r0[mt], xb0[mt] + static_cast<int64_t>(c) * ALd::kChunkBytes);
@@ -695,6 +726,13 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel
 #pragma unroll
               for (int mt = 0; mt < MT; ++mt) ptx::mma16816<kBf16>(tmp[mt][s], a[mt], b0, b1);
             }
+          }
+        }
+        // the activations kXpf chunks ahead into the ring slot just consumed
+        if constexpr (kXpf > 0) {
+          const int cn = c + kXpf;
+          if (cn < ke && x_fast(cn)) {
+            ALd::fast_at(xr[d % kXpf], xb0[0] + static_cast<int64_t>(cn) * ALd::kChunkBytes);
           }
         }
         // refill the slot just consumed (after its last use: no register copies)

@@ -23,14 +23,14 @@
 #   bash scripts/gpu_lease.sh OUT cold    # carry .cbq_commit: bench_gemm's decode rows with
 #       L2-cold weights (CBQ_BENCH_COLD=1) and hot beside them, M = 1 / 16
 #   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled / solo / split /
-#       s12 / abw / gtable / blk / pol / s15:
+#       s12 / abw / gtable / blk / pol / s15 / xpf:
 #       issue 13's table in two parts, issue 14's SmolLM2 rows and checks, GemmPolicy.
 #       prologue_pdl and the RMSNorm kernel, issue 14's greedy check with the reference's own
 #       agreement and the 70B rows, the compiled step, one bounded call for scarce machines
 #       (each stage's comment: its carry)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
-out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk|pol|s15}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk|pol|s15}
+out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk|pol|s15|xpf}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk|pol|s15|xpf}
 . "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -472,5 +472,33 @@ case $stage in
       timeout $(( ${CBQ_STAGE_S:-560} - SECONDS > 30 ? ${CBQ_STAGE_S:-560} - SECONDS : 30 )) \
       python3 benchmarks/bench_gemm.py --out "$out/policy" 2>&1 | grep -v "done$" | tail -2
     pack ;;
-  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled, solo, split, s12, abw, gtable, blk, pol or s15)"; exit 2 ;;
+  xpf)  # carry .cbq_commit (session 15): the swapped decode instances (M <= 8) with the
+    # activations CBQ_DEC_XPF chunks ahead in a register ring, 2 and 4 (copies of this tree
+    # with the macro set, built beside it in parallel), against this tree (0): their decode
+    # GPU tests, then sweep_decode at M = CBQ_XPF_MS (1,8) main / xpf2 / xpf4 / main
+    environment
+    for v in 2 4; do
+      d=/tmp/xpf$v; rm -rf $d; mkdir -p $d
+      cp -r cbq_kernels csrc benchmarks tests setup.py CMakeLists.txt pyproject.toml README.md .cbq_commit $d/
+      rm -f $d/cbq_kernels/_C*.so
+      sed -i "s/^#define CBQ_DEC_XPF 0$/#define CBQ_DEC_XPF $v/" $d/csrc/gemm_decode.cu
+      grep -q "^#define CBQ_DEC_XPF $v$" $d/csrc/gemm_decode.cu || { echo "xpf: no macro"; exit 2; }
+      (cd $d && CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ CBQ_CUDA_ARCHS=90a CBQ_REQUIRE_CUDA=1 \
+        python3 setup.py build_ext --inplace > "$out/xpf${v}_build.log" 2>&1 || tail -5 "$out/xpf${v}_build.log") &
+    done
+    bash scripts/gpu_gemm.sh "$out/g" build
+    wait; echo "builds done at ${SECONDS}s"
+    for v in 2 4; do
+      (cd /tmp/xpf$v && timeout ${CBQ_DECODE_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -x \
+        tests/kernels/test_gemm_decode_cuda.py > "$out/pytest_decode_xpf$v.txt" 2>&1) &
+    done
+    wait; for v in 2 4; do tail -n 1 "$out/pytest_decode_xpf$v.txt"; done; echo "tests done at ${SECONDS}s"
+    for run in main1 xpf2 xpf4 main2; do
+      dir=.; case $run in xpf*) dir=/tmp/$run ;; esac
+      (cd $dir && timeout 120 python3 benchmarks/sweep_decode.py --ms ${CBQ_XPF_MS:-1,8} \
+        --shapes ${CBQ_XPF_SHAPES:-70b_gate_up,70b_down,7b_gate_up,7b_qkvo} > "$out/sweep_$run.txt" 2>&1)
+      echo "== $run (${SECONDS}s)"; awk -F'|' '{print $1 "|" $3}' "$out/sweep_$run.txt"
+    done
+    pack ;;
+  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled, solo, split, s12, abw, gtable, blk, pol, s15 or xpf)"; exit 2 ;;
 esac
