@@ -98,17 +98,28 @@ constexpr int kSub = 8;           // 8-column MMA subtiles per block
 #define CBQ_DEC_EPI 1
 #endif
 // Activation chunks loaded ahead into a per-lane register ring by the swapped instances (M <=
-// 8; 0: each chunk's x loaded where it is used). Why: Nsight Compute's warp-stall samples per
-// SASS instruction at 1 x 28672 x 8192 (H100, 0851fdf, benchmarks/results/h100/
-// ncu_decode_full_0851fdf.txt): the instruction waiting most is the first consumer of each
+// 8): CBQ_DEC_XPF for integer activations (W4A8 / W4A4), CBQ_DEC_XPF_FLOAT for bf16 / fp16
+// (0: each chunk's x loaded where it is used). Why: Nsight Compute's warp-stall samples per
+// SASS instruction at 1 x 28672 x 8192 (H100, 0851fdf; benchmarks/results/h100/
+// ncu_decode_sass_0851fdf.txt): the instructions waiting most are the first consumers of each
 // chunk's x load (the row-sum HMMA for W4A16, the PRMT / SHF of the integer fragments), on the
-// long scoreboard: 47% of all samples for W4A16 g128, 62% W4A8, 58% W4A4: x (in L2, 16 KB)
-// comes back behind the weight stream's queue, and nothing else of the warp can issue
-// meanwhile. v5 (053a7b8) prefetched x one chunk ahead when the weights were still in
-// registers and lost (the extra registers cost occupancy); the swapped instances now use
-// 78-110 registers against the 128 that 4 blocks per SM allow. A power of two <= kDepth.
+// long scoreboard: 47% of all samples for W4A16 g128, 62% W4A8, 58% W4A4. Measured on one H100
+// (benchmarks/results/h100/sweep_decode_xpf_85e81c7, main / 2 / 4 / main, best split, us):
+// W4A8 70b gate/up M = 1 46.9-47.1 -> 46.1 / 45.7, M = 8 49.1 -> 47.8 / 47.5; 7b gate/up
+// M = 1 12.9 -> 11.9 / 11.6, M = 8 13.6 -> 12.8 / 12.6; 70b down and 7b q/k/v/o within 1%.
+// bf16: W4A16 g128 within +-2% (52.6-53.0 -> 53.6 / 53.4 at 70b gate/up M = 1), W2A16 g128
+// 39.9 -> 43.4 / 42.1 (its 16-register ring at 4 is 8 more registers than the 2-bit chunk's
+// x, and its time is the conversions', not x's: long-scoreboard samples 22%). So 4 for the
+// integer instances (<= 94 registers, ptxas -v, nvcc 13.0), 0 for the 16-bit ones. The H100
+// reads at 82% of its read-only rate at M = 1 (W4A16 / W4A8 70b gate/up), where little
+// latency is left to hide; the H200 (68-75%) has not been measured with the ring. v5
+// (053a7b8) prefetched x when the weights were still held in registers and lost (the extra
+// registers cost occupancy). A power of two <= CBQ_DEC_DEPTH.
 #ifndef CBQ_DEC_XPF
-#define CBQ_DEC_XPF 0
+#define CBQ_DEC_XPF 4
+#endif
+#ifndef CBQ_DEC_XPF_FLOAT
+#define CBQ_DEC_XPF_FLOAT 0
 #endif
 // chunks of weight copies in flight per warp (1 KB each, in the warp's shared-memory ring)
 constexpr int kDepth = CBQ_DEC_DEPTH;
@@ -430,8 +441,10 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel
   using ALd = ALoad<AM, CK>;
   static_assert(!kInt || BITS == 4, "integer activations take 4-bit containers");
   static_assert(MT >= 1 && MT <= kMaxMTiles && (MT == 1 || !SWAP), "m-tiles: 1, or 2 unswapped");
-  constexpr int kXpf = SWAP ? CBQ_DEC_XPF : 0;  // activation chunks in the register ring
-  static_assert(kXpf == 0 || (kDepth % kXpf == 0), "CBQ_DEC_XPF divides CBQ_DEC_DEPTH");
+  // activation chunks in the register ring (the comment at CBQ_DEC_XPF)
+  constexpr int kXpf = !SWAP ? 0 : kInt ? CBQ_DEC_XPF : CBQ_DEC_XPF_FLOAT;
+  constexpr int kXpfSlots = kXpf > 0 ? kXpf : 1;
+  static_assert(kDepth % kXpfSlots == 0, "CBQ_DEC_XPF(_FLOAT) divides CBQ_DEC_DEPTH");
 
   constexpr int kSlots = kDepth + 1;  // group scales in flight per warp (one per chunk at most)
   // dynamic shared memory (decode_smem_bytes): the group scales and zero points of each warp,
@@ -620,7 +633,7 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel
   auto x_fast = [&](int c) { return p.vec_x && (c + 1) * CK <= p.k; };
   // the swapped instances' activation ring (CBQ_DEC_XPF): chunk c in slot (c - kb) % kXpf,
   // which is d % kXpf in the loop below (kXpf divides kDepth)
-  uint32_t xr[kXpf > 0 ? kXpf : 1][ALd::kRegs];
+  uint32_t xr[kXpfSlots][ALd::kRegs];
   if constexpr (kXpf > 0) {
 #pragma unroll
     for (int j = 0; j < kXpf; ++j) {
@@ -647,10 +660,16 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel
         const uint4 w0 = ring[warp][d][lane], w1 = ring[warp][d][32 + lane];
         const uint32_t w[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
         uint32_t r0[MT][ALd::kRegs], r1[MT][ALd::kRegs];
-        if (kXpf > 0 && x_fast(c)) {
+        bool from_ring = false;
+        if constexpr (kXpf > 0) {
+          if (x_fast(c)) {
 #pragma unroll
-          for (int i = 0; i < ALd::kRegs; ++i) r0[0][i] = xr[d % (kXpf > 0 ? kXpf : 1)][i];
-        } else if (x_fast(c)) {
+            for (int i = 0; i < ALd::kRegs; ++i) r0[0][i] = xr[d % kXpfSlots][i];
+            from_ring = true;
+          }
+        }
+        if (from_ring) {
+        } else if (p.vec_x && (c + 1) * CK <= p.k) {
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             ALd::fast_at(r0[mt], xb0[mt] + static_cast<int64_t>(c) * ALd::kChunkBytes);
@@ -732,7 +751,7 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks(AM, MT)) decode_kernel
         if constexpr (kXpf > 0) {
           const int cn = c + kXpf;
           if (cn < ke && x_fast(cn)) {
-            ALd::fast_at(xr[d % kXpf], xb0[0] + static_cast<int64_t>(cn) * ALd::kChunkBytes);
+            ALd::fast_at(xr[d % kXpfSlots], xb0[0] + static_cast<int64_t>(cn) * ALd::kChunkBytes);
           }
         }
         // refill the slot just consumed (after its last use: no register copies)

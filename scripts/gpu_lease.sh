@@ -23,14 +23,14 @@
 #   bash scripts/gpu_lease.sh OUT cold    # carry .cbq_commit: bench_gemm's decode rows with
 #       L2-cold weights (CBQ_BENCH_COLD=1) and hot beside them, M = 1 / 16
 #   bash scripts/gpu_lease.sh OUT t13a / t13b / t14s / qpdl / check14 / compiled / solo / split /
-#       s12 / abw / gtable / blk / pol / s15 / xpf:
+#       s12 / abw / gtable / blk / pol / s15 / xpf / fin:
 #       issue 13's table in two parts, issue 14's SmolLM2 rows and checks, GemmPolicy.
 #       prologue_pdl and the RMSNorm kernel, issue 14's greedy check with the reference's own
 #       agreement and the 70B rows, the compiled step, one bounded call for scarce machines
 #       (each stage's comment: its carry)
 # Everything under OUT ends in one archive (the device returns at most 8 files a call).
 set -uo pipefail
-out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk|pol|s15|xpf}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk|pol|s15|xpf}
+out=${1:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk|pol|s15|xpf|fin}; stage=${2:?usage: gpu_lease.sh OUT alone|gemm|table|wait|one|pending|pending_gen|epi|cold|t13a|t13b|t14s|qpdl|check14|compiled|solo|split|s12|abw|gtable|blk|pol|s15|xpf|fin}
 . "$(dirname "$0")/out_check.sh"
 mkdir -p "$out"; cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -500,5 +500,17 @@ case $stage in
       echo "== $run (${SECONDS}s)"; awk -F'|' '{print $1 "|" $3}' "$out/sweep_$run.txt"
     done
     pack ;;
-  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled, solo, split, s12, abw, gtable, blk, pol, s15 or xpf)"; exit 2 ;;
+  fin)  # carry .cbq_commit (session 15): what closes a session that changed the decode kernel:
+    # build; the exact-int32 GPU tests of every GEMM (the whole of test_gemm_decode_cuda.py
+    # and test_gemm_cuda.py); then bench_gemm's decode rows (M = CBQ_BENCH_MS, default 1, 4,
+    # 16; served kernels and peers; every shape) until CBQ_STAGE_S (560) seconds
+    environment
+    bash scripts/gpu_gemm.sh "$out/g" build
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemm_decode_cuda.py \
+      tests/kernels/test_gemm_cuda.py 2>&1 | tee "$out/g/pytest_gemm.txt" | tail -3
+    CBQ_BENCH_MS=${CBQ_BENCH_MS:-1,4,16} CBQ_BENCH_KERNELS=$served \
+      timeout $(( ${CBQ_STAGE_S:-560} - SECONDS > 30 ? ${CBQ_STAGE_S:-560} - SECONDS : 30 )) \
+      python3 benchmarks/bench_gemm.py --out "$out/decode" 2>&1 | grep -v "done$" | tail -2
+    pack ;;
+  *) echo "gpu_lease.sh: unknown stage '$stage' (alone, gemm, table, wait, one, pending, pending_gen, epi, cold, t13a, t13b, t14s, qpdl, check14, compiled, solo, split, s12, abw, gtable, blk, pol, s15, xpf or fin)"; exit 2 ;;
 esac
