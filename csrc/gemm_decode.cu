@@ -196,6 +196,14 @@ struct Args {
   bool pdl;        // launched with programmatic dependent launch (sm_90+, host side only)
 };
 
+// x is loaded with ld.global.ca, not through the non-coherent path (__ldg, ld.global.nc): the
+// kernel in front of a decode GEMM launched with PDL writes x while the GEMM runs its prologue,
+// and ptxas treats .nc loads as invariant for the whole kernel, free to move above
+// griddepcontrol.wait (ACQBULK in the SASS). It did so with the activation register ring
+// (CBQ_DEC_XPF): two LDG.E.64.CONSTANT of the ring's first chunks sat above ACQBULK
+// (cuobjdump -sass of the W4A8 swapped instance, c4e4657) and
+// test_prologue_launched_with_pdl_gives_the_same_bits failed in its CUDA graph on an H100.
+// .ca caches in L1 as .nc did (x is read by every block of an SM).
 // A lane's activations of one chunk for the rows it feeds (g and g + 8, clamped to M - 1: rows
 // >= M only produce output rows that are never stored): kRegs 32-bit registers per row, the
 // contiguous K positions kc + (CK / 4) t .. + CK / 4 - 1 (bf16 / fp16: pairs; int8: bytes;
@@ -220,18 +228,18 @@ struct ALoad {
     if constexpr (kFloat) {
 #pragma unroll
       for (int v = 0; v < kRegs / 4; ++v) {
-        const uint4 q = __ldg(reinterpret_cast<const uint4*>(src) + v);
+        const uint4 q = __ldca(reinterpret_cast<const uint4*>(src) + v);
         r[4 * v] = q.x;
         r[4 * v + 1] = q.y;
         r[4 * v + 2] = q.z;
         r[4 * v + 3] = q.w;
       }
     } else if constexpr (AM == kAInt8) {
-      const uint2 q = __ldg(reinterpret_cast<const uint2*>(src));
+      const uint2 q = __ldca(reinterpret_cast<const uint2*>(src));
       r[0] = q.x;
       r[1] = q.y;
     } else {
-      r[0] = __ldg(reinterpret_cast<const uint32_t*>(src));
+      r[0] = __ldca(reinterpret_cast<const uint32_t*>(src));
     }
   }
 
@@ -247,14 +255,14 @@ struct ALoad {
       const int col = col0 + i;
       if (col >= p.k) continue;
       if constexpr (kFloat) {
-        const uint32_t v = __ldg(static_cast<const uint16_t*>(p.x) + row * p.ldx + col);
+        const uint32_t v = __ldca(static_cast<const uint16_t*>(p.x) + row * p.ldx + col);
         r[i / 2] |= v << (16 * (i % 2));
       } else if constexpr (AM == kAInt8) {
         const uint32_t v =
-            static_cast<uint8_t>(__ldg(static_cast<const int8_t*>(p.x) + row * p.ldx + col));
+            static_cast<uint8_t>(__ldca(static_cast<const int8_t*>(p.x) + row * p.ldx + col));
         r[i / 4] |= v << (8 * (i % 4));
       } else {
-        const uint32_t word = __ldg(static_cast<const uint32_t*>(p.x) + row * p.ldx + col / 8);
+        const uint32_t word = __ldca(static_cast<const uint32_t*>(p.x) + row * p.ldx + col / 8);
         const uint32_t code = (word >> (4 * (col % 8))) & 0xF;
         r[0] = (r[0] & ~(0xFu << (4 * i))) | (code << (4 * i));
       }

@@ -501,11 +501,13 @@ case $stage in
     done
     pack ;;
   fin)  # carry .cbq_commit (session 15): what closes a session that changed the decode kernel:
-    # build; the exact-int32 GPU tests of every GEMM (the whole of test_gemm_decode_cuda.py
+    # build; no decode-kernel load above griddepcontrol.wait (scripts/check_pdl_order.py); the
+    # exact-int32 GPU tests of every GEMM (the whole of test_gemm_decode_cuda.py
     # and test_gemm_cuda.py); then bench_gemm's decode rows (M = CBQ_BENCH_MS, default 1, 4,
     # 16; served kernels and peers; every shape) until CBQ_STAGE_S (560) seconds
     environment
     bash scripts/gpu_gemm.sh "$out/g" build
+    PATH=$PATH:/usr/local/cuda/bin python3 scripts/check_pdl_order.py 2>&1 | tee "$out/g/pdl_order.txt" | tail -4
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemm_decode_cuda.py \
       tests/kernels/test_gemm_cuda.py 2>&1 | tee "$out/g/pytest_gemm.txt" | tail -3
     CBQ_BENCH_MS=${CBQ_BENCH_MS:-1,4,16} CBQ_BENCH_KERNELS=$served \
