@@ -78,6 +78,28 @@ split_kernels() {  # the experimental prefill kernels (cbq_kernels.gemm_gluon: t
     timeout $(( $3 - SECONDS > 60 ? $3 - SECONDS : 60 )) python3 benchmarks/bench_gemm.py \
     --out "$out/split" 2>&1 | grep -v "done$" | tail -2
 }
+copy_tree() {  # DIR: a copy of this tree's sources, tests and benchmarks, without the built
+  # extension (for a variant built beside this tree)
+  rm -rf "$1"; mkdir -p "$1"
+  cp -r cbq_kernels csrc benchmarks tests setup.py CMakeLists.txt pyproject.toml README.md .cbq_commit "$1"/
+  rm -f "$1"/cbq_kernels/_C*.so
+}
+build_tree() {  # DIR NAME: build DIR's extension (system g++, sm_90a) into $out/NAME_build.log;
+  # the caller runs it in the background beside gpu_gemm.sh's build of this tree, then waits
+  (cd "$1" && CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ CBQ_CUDA_ARCHS=90a CBQ_REQUIRE_CUDA=1 \
+    python3 setup.py build_ext --inplace > "$out/$2_build.log" 2>&1 || tail -5 "$out/$2_build.log")
+}
+gemm_suite() {  # SECONDS: the exact-int32 GPU tests of every GEMM (the whole of
+  # test_gemm_decode_cuda.py and test_gemm_cuda.py: every kernel and autotuner configuration)
+  timeout $1 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemm_decode_cuda.py \
+    tests/kernels/test_gemm_cuda.py 2>&1 | tee "$out/g/pytest_gemm.txt" | tail -3
+}
+policy_rows() {  # the served W4A8 / W4A4 at M = CBQ_BENCH_MS (256 .. 2048) beside the TMA and
+  # Gluon kernels and the two-level rows, every shape, until CBQ_STAGE_S ($1) seconds
+  CBQ_BENCH_MS=${CBQ_BENCH_MS:-256,512,1024,2048} CBQ_BENCH_KERNELS=w4a8,w4a4,w4a8_gluon,w4a8_tma,w4a8_g128_2lvl \
+    timeout $(( ${CBQ_STAGE_S:-$1} - SECONDS > 30 ? ${CBQ_STAGE_S:-$1} - SECONDS : 30 )) \
+    python3 benchmarks/bench_gemm.py --out "$out/policy" 2>&1 | grep -v "done$" | tail -2
+}
 case $stage in
   alone)
     CBQ_TEST_SECONDS=0 bash scripts/gpu_ptq.sh "$out/p" gguf-a > /dev/null 2>&1
@@ -186,8 +208,7 @@ case $stage in
     environment
     cp .carry/a/gguf.part.aa /tmp/
     bash scripts/gpu_gemm.sh "$out/g" build
-    timeout 280 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemm_decode_cuda.py \
-      tests/kernels/test_gemm_cuda.py 2>&1 | tee "$out/g/pytest_gemm.txt" | tail -3
+    gemm_suite 280
     timeout 100 bash scripts/gpu_gemm.sh "$out/g" ncu
     CBQ_BENCH_MS=1,4,16,32 CBQ_BENCH_KERNELS=$served timeout ${CBQ_BENCH_S:-220} \
       python3 benchmarks/bench_gemm.py --out "$out/decode" 2>&1 | grep -v "done$" | tail -2
@@ -308,9 +329,7 @@ case $stage in
     # builds first, in parallel; benchmarks/compare_runs.py reads the three CSVs). Session 12:
     # the scale words (branch scale-words) against 68dd228
     environment
-    (cd .carry/old && CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ CBQ_CUDA_ARCHS=90a \
-      CBQ_REQUIRE_CUDA=1 python3 setup.py build_ext --inplace > "$out/old_build.log" 2>&1 \
-      || tail -5 "$out/old_build.log") &
+    build_tree .carry/old old &
     bash scripts/gpu_gemm.sh "$out/g" build
     wait
     for run in new1 old new2; do
@@ -413,15 +432,12 @@ case $stage in
     # (BLOCKS_PER_SM now covers the integer instances too, so the old copy's split model
     # counts 3 for them as well: only the sweep's 'default' column differs from b006aa3's run)
     environment
-    old=/tmp/blk3; rm -rf $old; mkdir -p $old
-    cp -r cbq_kernels csrc benchmarks setup.py CMakeLists.txt pyproject.toml README.md .cbq_commit $old/
-    rm -f $old/cbq_kernels/_C*.so
+    old=/tmp/blk3; copy_tree $old
     sed -i 's/^#define CBQ_DEC_BLOCKS 4$/#define CBQ_DEC_BLOCKS 3/' $old/csrc/gemm_decode.cu
     sed -i 's/^BLOCKS_PER_SM = 4$/BLOCKS_PER_SM = 3/' $old/cbq_kernels/gemm_decode.py
     grep -q "^#define CBQ_DEC_BLOCKS 3$" $old/csrc/gemm_decode.cu && \
       grep -q "^BLOCKS_PER_SM = 3$" $old/cbq_kernels/gemm_decode.py || { echo "blk: no macro"; exit 2; }
-    (cd $old && CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ CBQ_CUDA_ARCHS=90a CBQ_REQUIRE_CUDA=1 \
-      python3 setup.py build_ext --inplace > "$out/old_build.log" 2>&1 || tail -5 "$out/old_build.log") &
+    build_tree $old old &
     bash scripts/gpu_gemm.sh "$out/g" build
     wait; echo "builds done at ${SECONDS}s"
     timeout ${CBQ_DECODE_TEST_S:-100} python3 -m pytest -q -p no:cacheprovider -x \
@@ -446,9 +462,7 @@ case $stage in
     t=tests/kernels/test_gemm_cuda.py
     timeout 150 python3 -m pytest -q -p no:cacheprovider $t::test_gluon_served_call_equals_the_tma_path \
       $t::test_two_level_weight_served_at_every_m 2>&1 | tee "$out/g/pytest_policy.txt" | tail -3
-    CBQ_BENCH_MS=${CBQ_BENCH_MS:-256,512,1024,2048} CBQ_BENCH_KERNELS=w4a8,w4a4,w4a8_gluon,w4a8_tma,w4a8_g128_2lvl \
-      timeout $(( ${CBQ_STAGE_S:-540} - SECONDS > 30 ? ${CBQ_STAGE_S:-540} - SECONDS : 30 )) \
-      python3 benchmarks/bench_gemm.py --out "$out/policy" 2>&1 | grep -v "done$" | tail -2
+    policy_rows 540
     pack ;;
   s15)  # carry .cbq_commit (session 15): build; Nsight Compute's full set on the decode kernel
     # at 1 x 28672 x 8192 (W4A16 g128, W4A8, W2A16 g128, W4A4) with the warp-stall samples
@@ -466,35 +480,31 @@ case $stage in
       > "$out/g/ncu_decode_sass.csv" 2>&1; wc -c "$out/g/ncu_decode_sass.csv"
     grep -E "decode_kernel|Duration|DRAM Throughput|Issue Slots Busy|Executed Ipc A|Warp Cycles Per Issued" \
       "$out/g/ncu_decode_full.txt" | head -30
-    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemm_decode_cuda.py \
-      tests/kernels/test_gemm_cuda.py 2>&1 | tee "$out/g/pytest_gemm.txt" | tail -3
-    CBQ_BENCH_MS=${CBQ_BENCH_MS:-256,512,1024,2048} CBQ_BENCH_KERNELS=w4a8,w4a4,w4a8_gluon,w4a8_tma,w4a8_g128_2lvl \
-      timeout $(( ${CBQ_STAGE_S:-560} - SECONDS > 30 ? ${CBQ_STAGE_S:-560} - SECONDS : 30 )) \
-      python3 benchmarks/bench_gemm.py --out "$out/policy" 2>&1 | grep -v "done$" | tail -2
+    gemm_suite 300
+    policy_rows 560
     pack ;;
-  xpf)  # carry .cbq_commit (session 15): the swapped decode instances (M <= 8) with the
-    # activations CBQ_DEC_XPF chunks ahead in a register ring, 2 and 4 (copies of this tree
-    # with the macro set, built beside it in parallel), against this tree (0): their decode
-    # GPU tests, then sweep_decode at M = CBQ_XPF_MS (1,8) main / xpf2 / xpf4 / main
+  xpf)  # carry .cbq_commit (session 15): the activation register ring of the swapped decode
+    # instances (M <= 8; csrc/gemm_decode.cu, CBQ_DEC_XPF) against this tree, in copies with
+    # one macro set each (CBQ_XPF_VARIANTS, "MACRO=VALUE ..."; default: the ring off for the
+    # integer instances, and on (4) for the bf16 / fp16 ones), built beside it in parallel:
+    # their decode GPU tests, then sweep_decode at M = CBQ_XPF_MS (1,8), main / variants / main
     environment
-    for v in 2 4; do
-      d=/tmp/xpf$v; rm -rf $d; mkdir -p $d
-      cp -r cbq_kernels csrc benchmarks tests setup.py CMakeLists.txt pyproject.toml README.md .cbq_commit $d/
-      rm -f $d/cbq_kernels/_C*.so
-      sed -i "s/^#define CBQ_DEC_XPF 0$/#define CBQ_DEC_XPF $v/" $d/csrc/gemm_decode.cu
-      grep -q "^#define CBQ_DEC_XPF $v$" $d/csrc/gemm_decode.cu || { echo "xpf: no macro"; exit 2; }
-      (cd $d && CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ CBQ_CUDA_ARCHS=90a CBQ_REQUIRE_CUDA=1 \
-        python3 setup.py build_ext --inplace > "$out/xpf${v}_build.log" 2>&1 || tail -5 "$out/xpf${v}_build.log") &
+    variants=${CBQ_XPF_VARIANTS:-CBQ_DEC_XPF=0 CBQ_DEC_XPF_FLOAT=4}
+    for v in $variants; do
+      d=/tmp/$v; copy_tree $d
+      sed -i "s/^#define ${v%%=*} [0-9]*$/#define ${v%%=*} ${v#*=}/" $d/csrc/gemm_decode.cu
+      grep -q "^#define ${v%%=*} ${v#*=}$" $d/csrc/gemm_decode.cu || { echo "xpf: no macro ${v%%=*}"; exit 2; }
+      build_tree $d $v &
     done
     bash scripts/gpu_gemm.sh "$out/g" build
     wait; echo "builds done at ${SECONDS}s"
-    for v in 2 4; do
-      (cd /tmp/xpf$v && timeout ${CBQ_DECODE_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -x \
-        tests/kernels/test_gemm_decode_cuda.py > "$out/pytest_decode_xpf$v.txt" 2>&1) &
+    for v in $variants; do
+      (cd /tmp/$v && timeout ${CBQ_DECODE_TEST_S:-150} python3 -m pytest -q -p no:cacheprovider -x \
+        tests/kernels/test_gemm_decode_cuda.py > "$out/pytest_decode_$v.txt" 2>&1) &
     done
-    wait; for v in 2 4; do tail -n 1 "$out/pytest_decode_xpf$v.txt"; done; echo "tests done at ${SECONDS}s"
-    for run in main1 xpf2 xpf4 main2; do
-      dir=.; case $run in xpf*) dir=/tmp/$run ;; esac
+    wait; for v in $variants; do tail -n 1 "$out/pytest_decode_$v.txt"; done; echo "tests done at ${SECONDS}s"
+    for run in main1 $variants main2; do
+      dir=.; case $run in main*) ;; *) dir=/tmp/$run ;; esac
       (cd $dir && timeout 120 python3 benchmarks/sweep_decode.py --ms ${CBQ_XPF_MS:-1,8} \
         --shapes ${CBQ_XPF_SHAPES:-70b_gate_up,70b_down,7b_gate_up,7b_qkvo} > "$out/sweep_$run.txt" 2>&1)
       echo "== $run (${SECONDS}s)"; awk -F'|' '{print $1 "|" $3}' "$out/sweep_$run.txt"
@@ -508,8 +518,7 @@ case $stage in
     environment
     bash scripts/gpu_gemm.sh "$out/g" build
     PATH=$PATH:/usr/local/cuda/bin python3 scripts/check_pdl_order.py 2>&1 | tee "$out/g/pdl_order.txt" | tail -4
-    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gemm_decode_cuda.py \
-      tests/kernels/test_gemm_cuda.py 2>&1 | tee "$out/g/pytest_gemm.txt" | tail -3
+    gemm_suite 300
     CBQ_BENCH_MS=${CBQ_BENCH_MS:-1,4,16} CBQ_BENCH_KERNELS=$served \
       timeout $(( ${CBQ_STAGE_S:-560} - SECONDS > 30 ? ${CBQ_STAGE_S:-560} - SECONDS : 30 )) \
       python3 benchmarks/bench_gemm.py --out "$out/decode" 2>&1 | grep -v "done$" | tail -2
