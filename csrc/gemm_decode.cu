@@ -111,8 +111,9 @@ constexpr int kSub = 8;           // 8-column MMA subtiles per block
 // 39.9 -> 43.4 / 42.1 (its 16-register ring at 4 is 8 more registers than the 2-bit chunk's
 // x, and its time is the conversions', not x's: long-scoreboard samples 22%). So 4 for the
 // integer instances (<= 94 registers, ptxas -v, nvcc 13.0), 0 for the 16-bit ones. The H100
-// reads at 82% of its read-only rate at M = 1 (W4A16 / W4A8 70b gate/up), where little
-// latency is left to hide; the H200 (68-75%) has not been measured with the ring. v5
+// reads at 82% of its read-only rate at M = 1 (W4A16 / W4A8 70b gate/up) before the ring,
+// which may be why it gains little there (not profiled with the ring on); the H200 (68-75%)
+// has not been measured with it. v5
 // (053a7b8) prefetched x when the weights were still held in registers and lost (the extra
 // registers cost occupancy). A power of two <= CBQ_DEC_DEPTH.
 #ifndef CBQ_DEC_XPF
